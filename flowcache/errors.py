@@ -1,0 +1,22 @@
+"""Errors that reach users: each names the file, node or widget and says what would be right."""
+from __future__ import annotations
+
+
+class FlowCacheError(Exception):
+    """Base class for every error the pack raises on purpose."""
+
+
+class CheckpointError(FlowCacheError):
+    """A model file is missing, unreadable, truncated, or not the kind of model expected."""
+
+
+class InputError(FlowCacheError):
+    """A widget value or an input tensor cannot work; raised before any sampling starts."""
+
+
+class OutputPathError(FlowCacheError):
+    """An output path would leave the allowed output folder."""
+
+
+class Cancelled(FlowCacheError):
+    """The host asked to stop; nothing partial is kept."""
