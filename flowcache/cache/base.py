@@ -1,0 +1,111 @@
+"""What every cache policy shares: per-unit state and the accumulated relative-L1 reuse rule.
+
+A *unit* is what one decision covers: a chunk (FlowCache) or the whole window (TeaCache). Units are keyed
+by ``(branch, unit_id)`` so the cond and uncond passes never share state. The pipeline asks
+``should_compute(key, signal, force)`` and stores/reads the reusable payload (a backbone residual, or a
+latent update for MAGI-1) with ``remember`` / ``recall``; it never looks at which policy it has.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Sequence
+
+import numpy as np
+import torch
+
+UnitKey = Hashable
+
+
+@dataclass
+class UnitState:
+    """Cache state of one unit in one branch."""
+
+    acc: float = 0.0                       # accumulated rescaled relative L1 since the last compute
+    prev_signal: torch.Tensor | None = None
+    payload: torch.Tensor | None = None    # what a reuse applies
+    steps: int = 0                         # decisions taken for this unit so far
+    computed: int = 0
+    reused: int = 0
+
+    def reset(self) -> None:
+        self.acc, self.prev_signal, self.payload = 0.0, None, None
+        self.steps = self.computed = self.reused = 0
+
+
+def relative_l1(signal: torch.Tensor, prev: torch.Tensor) -> float:
+    """mean|a − b| / mean|b| (no epsilon, as the reference code)."""
+    return float((signal - prev).abs().mean() / prev.abs().mean())
+
+
+class CachePolicy:
+    """Base policy: always compute. ``granularity`` says which units the pipeline asks about."""
+
+    granularity = "window"
+
+    def __init__(self, granularity: str | None = None):
+        if granularity is not None:
+            self.granularity = granularity
+        self.states: dict[UnitKey, UnitState] = {}
+
+    def reset(self) -> None:
+        """Drop all state: called at the start of every run and every long-video window."""
+        self.states.clear()
+
+    def state(self, key: UnitKey) -> UnitState:
+        return self.states.setdefault(key, UnitState())
+
+    def decide(self, st: UnitState, signal: torch.Tensor, force: bool) -> bool:
+        return True
+
+    def should_compute(self, key: UnitKey, signal: torch.Tensor, force: bool = False) -> bool:
+        """One decision for ``key``; ``force`` is the pipeline's own reason (e.g. the unit's last step)."""
+        st = self.state(key)
+        compute = self.decide(st, signal, force)
+        if not compute and st.payload is None:  # nothing to reuse yet (e.g. warmup 0)
+            compute, st.acc = True, 0.0
+        st.prev_signal = signal.detach()
+        st.steps += 1
+        st.computed += int(compute)
+        st.reused += int(not compute)
+        return compute
+
+    @property
+    def keeps_payload(self) -> bool:
+        return False
+
+    def remember(self, key: UnitKey, payload: torch.Tensor) -> None:
+        if self.keeps_payload:
+            self.state(key).payload = payload
+
+    def recall(self, key: UnitKey) -> torch.Tensor:
+        payload = self.state(key).payload
+        if payload is None:
+            raise RuntimeError(f"cache policy: reuse of {key!r} with nothing cached")
+        return payload
+
+
+class AccumulatedL1Policy(CachePolicy):
+    """TeaCache's rule: accumulate poly(relative L1 of the signal); reuse while the sum stays under the
+    threshold, recompute (and reset) when it reaches it. The first ``warmup`` decisions of a unit, and
+    forced ones, always compute. A threshold of 0 never reuses."""
+
+    def __init__(self, threshold: float, warmup: int, coefficients: Sequence[float] = (1.0, 0.0),
+                 granularity: str | None = None):
+        super().__init__(granularity)
+        self.threshold = float(threshold)
+        self.warmup = int(warmup)
+        self.rescale = np.poly1d(list(coefficients))
+
+    @property
+    def keeps_payload(self) -> bool:
+        return self.threshold > 0
+
+    def decide(self, st: UnitState, signal: torch.Tensor, force: bool) -> bool:
+        if force or st.steps < self.warmup or st.prev_signal is None or self.threshold <= 0:
+            st.acc = 0.0
+            return True
+        st.acc += float(self.rescale(relative_l1(signal, st.prev_signal)))
+        if st.acc < self.threshold:
+            return False
+        st.acc = 0.0
+        return True

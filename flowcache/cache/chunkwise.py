@@ -1,0 +1,29 @@
+"""FlowCache chunkwise adaptive caching: every chunk decides for itself from its own signal trajectory."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .base import AccumulatedL1Policy
+
+
+@dataclass
+class FlowCacheConfig:
+    """threshold: per-chunk reuse threshold on the accumulated rescaled change (0 = never reuse).
+        SkyReels-V2-1.3B: slow 0.1, fast 0.15; MAGI-1: slow 0.01, fast 0.015.
+    warmup: the chunk's own first steps that always compute (5 in both official codebases).
+    coefficients: poly1d rescale of the chunk's relative L1 (Wan: e0 polynomial; MAGI-1: identity [1, 0])."""
+
+    threshold: float = 0.1
+    warmup: int = 5
+    coefficients: list[float] = field(default_factory=lambda: [1.0, 0.0])
+
+
+class FlowCachePolicy(AccumulatedL1Policy):
+    """State per (branch, chunk): its own step counter, accumulator, last signal and cached payload.
+    The pipeline forces a chunk's last step (and MAGI-1's global first/last steps)."""
+
+    granularity = "chunk"
+
+    def __init__(self, config: FlowCacheConfig):
+        super().__init__(config.threshold, config.warmup, config.coefficients)
+        self.config = config

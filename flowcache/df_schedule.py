@@ -1,0 +1,50 @@
+"""SkyReels-V2's diffusion-forcing timestep matrix, at the granularity of causal blocks (chunks).
+
+Each block has a row counter: 0 means pure noise not yet started (fed t=999, not updated), 1..N means it
+is fed the N-step schedule's timestep and updated, N+1 means finished (fed t=0). Block i advances when it
+is block 0 or block i-1 has finished; otherwise it lags block i-1 by ``ar_step``. ``ar_step = 0`` makes
+every block move together (synchronous mode).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DFSchedule:
+    counters: torch.Tensor     # [iterations, blocks] row counters after each iteration's advance
+    timesteps: torch.Tensor    # [iterations, blocks] timestep fed to the model
+    update_mask: torch.Tensor  # [iterations, blocks] True where the block is stepped this iteration
+
+    @property
+    def iterations(self) -> int:
+        return self.counters.shape[0]
+
+    def max_active(self) -> int:
+        return int(self.update_mask.sum(1).max()) if self.iterations else 0
+
+
+def timestep_matrix(num_blocks: int, timesteps: list[int], ar_step: int, prefix_blocks: int = 0) -> DFSchedule:
+    """The schedule for ``num_blocks`` blocks of which the first ``prefix_blocks`` are clean."""
+    n = len(timesteps)
+    template = torch.tensor([999] + list(timesteps) + [0], dtype=torch.float32)
+    done = n  # a counter at n has taken its last step
+    prev = torch.zeros(num_blocks, dtype=torch.long)
+    prev[:prefix_blocks] = n + 1
+    rows, masks = [], []
+    while not bool((prev >= done).all()):
+        new = torch.zeros_like(prev)
+        for i in range(num_blocks):
+            if i == 0 or prev[i - 1] >= done:
+                new[i] = prev[i] + 1
+            else:
+                new[i] = new[i - 1] - ar_step
+        new = new.clamp(0, n + 1)
+        masks.append((new != prev) & (new != n + 1))
+        rows.append(new)
+        prev = new
+    counters = torch.stack(rows) if rows else torch.zeros(0, num_blocks, dtype=torch.long)
+    mask = torch.stack(masks) if masks else torch.zeros(0, num_blocks, dtype=torch.bool)
+    return DFSchedule(counters=counters, timesteps=template[counters], update_mask=mask)

@@ -1,0 +1,160 @@
+"""The KV store of a chunkwise forward: per layer, one preallocated buffer for one CFG branch.
+
+Layout of every layer's buffer (rows are tokens, per head):
+
+    [ compressed clean history (≤ budget) | chunk a | chunk a+1 | ... ]   (chunk ids ascending)
+
+A chunk forward of chunk ``c`` writes its K/V into its slot (registering it at the end the first time) and
+attends to the rows up to the end of its slot: the compressed history plus every registered chunk ``≤ c``.
+That is block-causal attention without a mask and without copying the context. When clean chunks
+(finished, or the clean prefix) hold more tokens than the budget, the clean rows are compressed per head to
+``budget`` tokens with the importance-minus-redundancy score, so the buffer never grows past
+``budget + active window``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .scoring import CompressionConfig, compress
+
+
+@dataclass
+class LayerKV:
+    k: torch.Tensor | None = None  # [B, H, capacity, D]
+    v: torch.Tensor | None = None
+    ranges: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk id -> rows, ascending
+    compressed: int = 0  # rows of compressed history at the front
+    kept: int = 0  # tokens kept by compressions (summed over events)
+    dropped: int = 0
+
+    @property
+    def used(self) -> int:
+        return max((e for _, e in self.ranges.values()), default=self.compressed)
+
+
+class KVStore:
+    """K/V of the chunks of one window for one CFG branch.
+
+    capacity_tokens: rows per layer and head, allocated on first write.
+    budget_tokens:   0 keeps every chunk; otherwise clean chunks are compressed to this many rows per head.
+    """
+
+    def __init__(self, num_layers: int, capacity_tokens: int, budget_tokens: int = 0,
+                 compression: CompressionConfig | None = None, tokens_per_frame: int | None = None):
+        self.num_layers = num_layers
+        self.capacity = capacity_tokens
+        self.budget = budget_tokens
+        self.compression = compression or CompressionConfig()
+        self.tokens_per_frame = tokens_per_frame
+        self.clean: set[int] = set()
+        self.layers = [LayerKV() for _ in range(num_layers)]
+        self.peak_rows = 0
+        self.compress_seconds = 0.0
+
+    def reset(self) -> None:
+        """Forget everything (buffers are freed)."""
+        self.clean.clear()
+        self.layers = [LayerKV() for _ in range(self.num_layers)]
+        self.peak_rows = 0
+        self.compress_seconds = 0.0
+
+    def mark_clean(self, chunk_id: int) -> None:
+        """The chunk will not change any more: it may be compressed."""
+        self.clean.add(chunk_id)
+
+    def view(self, chunk_id: int) -> "ChunkKV":
+        return ChunkKV(self, chunk_id)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for lay in self.layers for t in (lay.k, lay.v) if t is not None)
+
+    def used_bytes(self) -> int:
+        total = 0
+        for lay in self.layers:
+            if lay.k is not None:
+                per_row = lay.k.shape[0] * lay.k.shape[1] * lay.k.shape[3] * lay.k.element_size() * 2
+                total += lay.used * per_row
+        return total
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _clean_end(self, lay: LayerKV, current: int) -> int:
+        """End row of the clean prefix of the layout (compressed rows + leading clean chunks)."""
+        end = lay.compressed
+        for cid, (s, e) in lay.ranges.items():
+            if cid in self.clean and cid != current and s == end:
+                end = e
+            else:
+                break
+        return end
+
+    def _compress(self, lay: LayerKV, q: torch.Tensor, clean_end: int) -> None:
+        import time
+        t0 = time.perf_counter()
+        k_keep, v_keep, _ = compress(q, lay.k[:, :, :clean_end], lay.v[:, :, :clean_end], self.budget,
+                                     self.compression, self.tokens_per_frame)
+        n = k_keep.shape[2]
+        rest_end = lay.used
+        rest = slice(clean_end, rest_end)
+        k_rest, v_rest = lay.k[:, :, rest].clone(), lay.v[:, :, rest].clone()
+        lay.k[:, :, :n] = k_keep
+        lay.v[:, :, :n] = v_keep
+        lay.k[:, :, n:n + k_rest.shape[2]] = k_rest
+        lay.v[:, :, n:n + v_rest.shape[2]] = v_rest
+        shift = n - clean_end
+        lay.ranges = {c: (s + shift, e + shift) for c, (s, e) in lay.ranges.items() if s >= clean_end}
+        lay.dropped += clean_end - n
+        lay.kept += n
+        lay.compressed = n
+        self.compress_seconds += time.perf_counter() - t0
+
+    def extend(self, chunk_id: int, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        lay = self.layers[layer]
+        b, h, n, d = k.shape
+        if lay.k is None:
+            lay.k = k.new_zeros(b, h, self.capacity, d)
+            lay.v = v.new_zeros(b, h, self.capacity, v.shape[-1])
+        if self.budget > 0:
+            clean_end = self._clean_end(lay, chunk_id)
+            if clean_end > self.budget:
+                self._compress(lay, q, clean_end)
+        if chunk_id in lay.ranges:
+            s, e = lay.ranges[chunk_id]
+            if e - s != n:
+                raise RuntimeError(f"KV store: chunk {chunk_id} changed size from {e - s} to {n} tokens.")
+        else:
+            if lay.ranges and chunk_id < max(lay.ranges):
+                raise RuntimeError(f"KV store: chunk {chunk_id} registered after a later chunk.")
+            s = lay.used
+            e = s + n
+            if e > self.capacity:
+                raise RuntimeError(f"KV store overflow: {e} rows needed, {self.capacity} allocated "
+                                   f"(budget {self.budget}); the capacity plan is wrong.")
+            lay.ranges[chunk_id] = (s, e)
+        lay.k[:, :, s:e] = k
+        lay.v[:, :, s:e] = v
+        self.peak_rows = max(self.peak_rows, lay.used)
+        return lay.k[:, :, :e], lay.v[:, :, :e]
+
+    def stats(self) -> dict:
+        return {
+            "kept_per_layer": [lay.compressed for lay in self.layers],
+            "dropped_per_layer": [lay.dropped for lay in self.layers],
+            "peak_rows": self.peak_rows,
+            "capacity_rows": self.capacity,
+            "allocated_bytes": self.allocated_bytes,
+        }
+
+
+class ChunkKV:
+    """The KVContext one chunk forward sees (see ``flowcache.models.common.KVContext``)."""
+
+    def __init__(self, store: KVStore, chunk_id: int):
+        self.store = store
+        self.chunk_id = chunk_id
+
+    def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.extend(self.chunk_id, layer, q, k, v)

@@ -1,0 +1,60 @@
+"""Statistics of one sampling run: what was computed and reused, FLOPs, time and KV memory.
+
+Returned by the pipelines, logged at the end, sent to the web extension and kept in the Python API.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunStats:
+    mode: str = "off"
+    settings: dict = field(default_factory=dict)
+    windows: int = 0
+    iterations: list[int] = field(default_factory=list)   # per window
+    # per window, per chunk: iteration -> "C" computed, "R" reused (cond branch; uncond in maps_uncond)
+    maps: list[list[list[str]]] = field(default_factory=list)
+    maps_uncond: list[list[list[str]]] = field(default_factory=list)
+    computed: int = 0        # unit decisions that ran the transformer blocks
+    reused: int = 0          # unit decisions that reused a cached payload
+    forwards: int = 0        # transformer forwards (one per computed unit and branch)
+    flops: float = 0.0       # analytic FLOPs actually spent
+    flops_nocache: float = 0.0  # analytic FLOPs of the same run with every unit computed
+    wall_seconds: float = 0.0
+    kv_peak_bytes: int = 0
+    kv_allocated_bytes: int = 0
+    kv_kept_per_layer: list[int] = field(default_factory=list)
+    kv_dropped_per_layer: list[int] = field(default_factory=list)
+    compress_seconds: float = 0.0
+
+    @property
+    def flops_speedup(self) -> float:
+        return self.flops_nocache / self.flops if self.flops else 1.0
+
+    def chunk_counts(self) -> list[list[dict]]:
+        """Per window and chunk: steps computed and reused (both branches)."""
+        out = []
+        for w, chunks in enumerate(self.maps):
+            row = []
+            for c, cells in enumerate(chunks):
+                cells_u = self.maps_uncond[w][c] if w < len(self.maps_uncond) and c < len(self.maps_uncond[w]) else []
+                both = cells + cells_u
+                row.append({"computed": both.count("C"), "reused": both.count("R")})
+            out.append(row)
+        return out
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["flops_speedup"] = self.flops_speedup
+        d["chunk_counts"] = self.chunk_counts()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def summary(self) -> str:
+        return (f"{self.mode}: {self.forwards} forwards, computed {self.computed} / reused {self.reused} unit-steps, "
+                f"{self.flops / 1e12:.3f} TFLOPs ({self.flops_speedup:.2f}x fewer than no cache), "
+                f"{self.wall_seconds:.2f} s, peak KV {self.kv_peak_bytes / 2**20:.1f} MiB")
