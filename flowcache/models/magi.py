@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -467,8 +467,8 @@ def _looks_like(keys: set[str]) -> str:
     return ""
 
 
-def _few(names: Sequence[str], k: int = 6) -> str:
-    names = sorted(names)
+def _few(names: Iterable[str], k: int = 6) -> str:
+    names = list(names) if isinstance(names, (list, tuple)) else sorted(names)
     return ", ".join(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
 
 
