@@ -34,6 +34,7 @@ class LoadedModel:
     geometry: dict = field(default_factory=lambda: {"temporal_stride": 4, "spatial_stride": 8, "channels": 16})
     extra_presets: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    latent_format: str = "wan21"  # "wan21": ComfyUI LATENTs are raw Wan VAE latents; "demo": the demo codec's space
 
     def describe(self) -> dict:
         cfg = self.config.to_dict() if hasattr(self.config, "to_dict") else dict(self.config.__dict__)
@@ -62,6 +63,7 @@ def _build_wan(ck: Checkpoint, dtype: torch.dtype) -> LoadedModel:
                      text_len=int(meta.get("flowcache.text_len", 512)), extra_presets=extra, metadata=meta)
     if geometry:
         lm.geometry = geometry
+    lm.latent_format = meta.get("flowcache.latent_format", "demo" if key == "demo" else "wan21")
     return lm
 
 
