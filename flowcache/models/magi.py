@@ -30,8 +30,12 @@ TP_GROUPS = 8  # the output projection's input is interleaved for TP8 training, 
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 _LAYER = "videodit_blocks.layers."
 # Modules the official `_high_precision_promoter` keeps in fp32 (the *_xattn norms are deliberately not).
-_FP32_PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "rope.", "final_linear.", "videodit_blocks.final_layernorm.")
-_FP32_LAYER_PARTS = ("self_attention.q_layernorm.", "self_attention.k_layernorm.", "self_attn_post_norm.", "mlp_post_norm.")
+_FP32_PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "rope.", "final_linear.",
+                  "videodit_blocks.final_layernorm.")
+_FP8_LINEARS = {f"self_attention.linear_qkv.{n}" for n in ("q", "qx", "k", "v")} | {
+    "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"}  # fp8 in layers 1..L-2 of the fp8 release
+_FP32_LAYER_PARTS = ("self_attention.q_layernorm.", "self_attention.k_layernorm.", "self_attn_post_norm.",
+                     "mlp_post_norm.")
 
 
 @dataclass
@@ -133,7 +137,8 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, cfg: MagiConfig):
         super().__init__()
         self.freq_dim = cfg.freq_dim
-        self.mlp = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
+        d = cfg.cond_dim
+        self.mlp = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
@@ -304,9 +309,7 @@ def _param_dtype(cfg: MagiConfig, name: str, dtype: torch.dtype) -> torch.dtype:
         part = m.group(2)
         if part.startswith(_FP32_LAYER_PARTS):
             return torch.float32
-        if int(m.group(1)) in cfg.fp8_layers and (part.startswith("self_attention.linear_qkv.") or
-                                                   part.startswith("self_attention.linear_proj.") or
-                                                   part.startswith("mlp.linear_fc")):
+        if int(m.group(1)) in cfg.fp8_layers and part.rsplit(".", 1)[0] in _FP8_LINEARS:
             return _FP8 if part.endswith(".weight") else torch.float32
     return dtype
 
@@ -326,7 +329,8 @@ class MagiDiT(nn.Module):
         self.rope = Rope(cfg)
         self.videodit_blocks = MagiBlocks(cfg)
         self.final_linear = nn.Module()
-        self.final_linear.linear = nn.Linear(cfg.hidden_size, cfg.t_patch_size * cfg.patch_size ** 2 * cfg.out_channels, bias=False)
+        patch_out = cfg.t_patch_size * cfg.patch_size ** 2 * cfg.out_channels
+        self.final_linear.linear = nn.Linear(cfg.hidden_size, patch_out, bias=False)
         for name, p in self.named_parameters():
             p.data = p.data.to(_param_dtype(cfg, name, dtype))
         self.requires_grad_(False)
@@ -358,7 +362,8 @@ class MagiDiT(nn.Module):
         axes = [torch.arange(total, dtype=torch.float32, device=dev),
                 torch.arange(h, dtype=torch.float32, device=dev) - (h - 1) / 2,
                 torch.arange(w, dtype=torch.float32, device=dev) - (w - 1) / 2]
-        axes = [a / (f - 1) * (r - 1) if f > 1 else a for a, f, r in zip(axes, (total, h, w), (total, h / rescale, w / rescale))]
+        refs = (total, h / rescale, w / rescale)
+        axes = [a / (f - 1) * (r - 1) if f > 1 else a for a, f, r in zip(axes, (total, h, w), refs)]
         grid = torch.stack(torch.meshgrid(axes[0][frame_offset:], axes[1], axes[2], indexing="ij"), dim=-1)
         pos = (grid[..., None] * self.rope.bands.float()).reshape(T * h * w, -1)  # [L, 3·bands]: T, h, w bands
         return pos.sin(), pos.cos()
@@ -394,6 +399,11 @@ class MagiDiT(nn.Module):
                 out.append((b, slice(None), y[b][mask[b].bool()].to(self.dtype)))
         return out
 
+    def null_caption(self, valid: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+        """The null/negative caption: the stored rows [Lmax, Cc] with the first ``valid`` (50) marked valid."""
+        emb = self.y_embedder.null_caption_embedding
+        return emb, torch.arange(emb.shape[0], device=emb.device) < valid
+
     # -- forward --------------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor, caption: torch.Tensor, caption_mask: torch.Tensor,
@@ -414,7 +424,8 @@ class MagiDiT(nn.Module):
         """
         cfg = self.config
         if x.dim() != 5 or t.dim() != 2 or t.shape[0] != x.shape[0]:
-            raise InputError(f"expected x [B, C, T, H, W] and t [B, n_chunks], got {tuple(x.shape)} and {tuple(t.shape)}.")
+            raise InputError(f"expected x [B, C, T, H, W] and t [B, n_chunks], got {tuple(x.shape)} and "
+                             f"{tuple(t.shape)}.")
         B, _, T, H, W = x.shape
         n, p, pt = t.shape[1], cfg.patch_size, cfg.t_patch_size
         if T % pt or H % p or W % p or (T // pt) % n:
@@ -458,11 +469,13 @@ def is_magi_state_dict(keys: Iterable[str]) -> bool:
 
 
 def _looks_like(keys: set[str]) -> str:
-    if "patch_embedding.weight" in keys or any(k.startswith("blocks.0.self_attn.") for k in keys):
+    """A hint naming what a non-MAGI key set probably is (keys may still carry a prefix)."""
+    dotted = ["." + k for k in keys]
+    if any(k.endswith(".patch_embedding.weight") or ".blocks.0.self_attn." in k for k in dotted):
         return " It looks like a Wan2.1 / SkyReels-V2 DiT; load it with the Wan loader."
-    if any(k.startswith(("encoder.blocks.", "decoder.blocks.")) for k in keys):
+    if any(".encoder.blocks." in k or ".decoder.blocks." in k for k in dotted):
         return " It looks like the MAGI-1 VAE, not the DiT."
-    if any(k.startswith("encoder.block.") or k == "shared.weight" for k in keys):
+    if any(".encoder.block." in k or k.endswith(".shared.weight") for k in dotted):
         return " It looks like a T5 text encoder, not the DiT."
     return ""
 
