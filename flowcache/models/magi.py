@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import DTYPE_NAMES, compute_dtype, load_checkpoint
+from ..checkpoint import DTYPE_NAMES, Checkpoint, compute_dtype, load_checkpoint
 from ..errors import CheckpointError, InputError
 from .common import KVContext, attention
 
@@ -322,6 +322,7 @@ class MagiDiT(nn.Module):
         super().__init__()
         _check_config(cfg)
         self.config, self.dtype = cfg, dtype
+        self.cfg = cfg  # alias used by the family loader
         k = (cfg.t_patch_size, cfg.patch_size, cfg.patch_size)
         self.x_embedder = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=False)
         self.t_embedder = TimestepEmbedder(cfg)
@@ -541,6 +542,17 @@ def magi_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "chec
     return cfg
 
 
+def build_magi(ck: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu") -> MagiDiT:
+    """A MagiDiT from an already read checkpoint (bare keys), computing in ``dtype``; see ``load_magi``."""
+    cfg = magi_config_from_state_dict(ck.tensors, ck.name)
+    with torch.device("meta"):
+        model = MagiDiT(cfg, dtype=dtype)
+    params = dict(model.named_parameters())
+    sd = {k: v.to(device=device, dtype=params[k].dtype) for k, v in ck.tensors.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.requires_grad_(False).eval()
+
+
 def load_magi(path, dtype: str = "auto", device: str | torch.device = "cpu") -> MagiDiT:
     """Load a MAGI-1 DiT (one file, shard index json, or folder; any known key prefix; bf16/fp32/fp8).
 
@@ -548,17 +560,10 @@ def load_magi(path, dtype: str = "auto", device: str | torch.device = "cpu") -> 
     call; the modules the official code promotes (embedders, q/k norms, post-norms, head) are held in fp32.
     """
     ckpt = load_checkpoint(path, anchors=MAGI_ANCHORS)
-    cfg = magi_config_from_state_dict(ckpt.tensors, ckpt.name)
-    stored = DTYPE_NAMES.get(ckpt.tensors[_LAYER + "0.self_attention.linear_qkv.q.weight"].dtype, ckpt.main_dtype)
-    dt = compute_dtype(dtype, stored)
-    with torch.device("meta"):
-        model = MagiDiT(cfg, dtype=dt)
-    params = dict(model.named_parameters())
-    sd = {k: v.to(device=device, dtype=params[k].dtype) for k, v in ckpt.tensors.items()}
-    ckpt.tensors.clear()
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.requires_grad_(False).eval()
+    q = ckpt.tensors.get(_LAYER + "0.self_attention.linear_qkv.q.weight")
+    stored = DTYPE_NAMES.get(q.dtype, ckpt.main_dtype) if q is not None else ckpt.main_dtype
+    return build_magi(ckpt, compute_dtype(dtype, stored), device)
 
 
-__all__ = ["MagiConfig", "MagiDiT", "Fp8Linear", "LayerNorm1p", "MAGI_ANCHORS", "apply_rope", "distill_dt_for_steps",
-           "is_magi_state_dict", "load_magi", "magi_config_from_state_dict"]
+__all__ = ["MagiConfig", "MagiDiT", "Fp8Linear", "LayerNorm1p", "MAGI_ANCHORS", "apply_rope", "build_magi",
+           "distill_dt_for_steps", "is_magi_state_dict", "load_magi", "magi_config_from_state_dict"]

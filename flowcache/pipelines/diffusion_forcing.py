@@ -154,7 +154,7 @@ def plan_windows(s: DFSettings, geo: LatentGeometry, patch: tuple[int, int, int]
         new = min(left, base - overlap)
         if new % cbs:
             ok = total - left + (new // cbs) * cbs
-            raise InputError(f"num_frames={s.num_frames}: the last window would have {new} new latent frames, not whole "
+            raise InputError(f"num_frames={s.num_frames}: the last window would have {new} new latent frames, not whole causal_block_size "
                              f"chunks of {cbs}; try num_frames={geo.pixel_frames(ok)} or "
                              f"{geo.pixel_frames(ok + cbs)}.")
         windows.append(Window(length=overlap + new, prefix=overlap, index=len(windows)))

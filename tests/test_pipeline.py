@@ -1,0 +1,154 @@
+"""The diffusion-forcing pipeline: equivalences, determinism, cancel, and early input errors."""
+import numpy as np
+import pytest
+import torch
+
+from flowcache.cache import CacheSettings
+from flowcache.df_schedule import timestep_matrix
+from flowcache.errors import InputError
+from flowcache.kv.store import KVStore
+from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
+from flowcache.schedulers import flow_sigmas, make_solver
+from tiny_models import tiny_wan
+
+GEO = LatentGeometry(temporal_stride=1, spatial_stride=4, channels=16)
+
+
+def small(**kw) -> DFSettings:
+    base = dict(width=32, height=32, num_frames=12, steps=6, cfg=3.0, shift=5.0, seed=3, ar_step=2,
+                causal_block_size=3, base_num_frames=12, overlap_history=3, addnoise_condition=20)
+    return DFSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_wan(seed=1)
+
+
+@pytest.fixture(scope="module")
+def conds():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g)
+
+
+def run(model, conds, settings, mode, **cache):
+    pipe = DiffusionForcingPipeline(model, GEO, text_len=8)
+    return pipe(conds[0], conds[1], settings, CacheSettings(mode=mode, **cache))
+
+
+def test_chunk_forward_with_kv_equals_block_causal_window(model, conds):
+    """Per-chunk forwards against the KV store reproduce one block-causal forward of the window."""
+    x = torch.randn(1, 16, 9, 8, 8)
+    t = torch.tensor([[900.0] * 3 + [500.0] * 3 + [100.0] * 3])
+    with torch.no_grad():
+        ref = model(x, t, conds[0], fps=24, block_causal=3)
+        ctx = model.text_embed(conds[0])
+        store = KVStore(model.cfg.num_layers, capacity_tokens=9 * 16)
+        outs = []
+        for c in range(3):
+            fr = slice(3 * c, 3 * c + 3)
+            e, e0 = model.time_embed(t[:, fr], 24)
+            h = model.run_blocks(model.embed(x[:, :, fr]), e0, ctx, (3, 4, 4), 3 * c, store.view(c))
+            outs.append(model.head_out(h, e, (3, 4, 4)))
+    torch.testing.assert_close(torch.cat(outs, 2), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_flowcache_threshold_zero_is_bit_identical_to_chunked_off(model, conds):
+    a, sa = run(model, conds, small(), "off-chunked")
+    b, sb = run(model, conds, small(), "flowcache", threshold=0.0, warmup=2)
+    assert torch.equal(a, b) and sb.reused == 0 and sa.forwards == sb.forwards
+
+
+def test_budget_zero_threshold_zero_equals_uncached_chunked(model, conds):
+    a, _ = run(model, conds, small(num_frames=21), "off-chunked")
+    b, _ = run(model, conds, small(num_frames=21), "flowcache", threshold=0.0, kv_budget=0)
+    assert torch.equal(a, b)
+
+
+def test_off_reproduces_plain_vanilla_loop(model, conds):
+    """'off' is SkyReels vanilla: the whole window every step, CFG, one solver per chunk."""
+    s = small()
+    out, stats = run(model, conds, s, "off")
+    sigmas, ts = flow_sigmas(s.steps, s.shift)
+    sched = timestep_matrix(4, ts, s.ar_step)
+    g = torch.Generator().manual_seed(s.seed)
+    x = torch.randn(1, 16, 12, 8, 8, generator=g)
+    solvers = [make_solver("unipc", sigmas) for _ in range(4)]
+    with torch.no_grad():
+        for it in range(sched.iterations):
+            t = sched.timesteps[it].repeat_interleave(3)[None]
+            vc = model(x, t, torch.cat([conds[0], torch.zeros(1, 0, 32)], 1), fps=24)
+            vu = model(x, t, conds[1], fps=24)
+            v = vu + s.cfg * (vc - vu)
+            for b in range(4):
+                if sched.update_mask[it, b]:
+                    fr = slice(3 * b, 3 * b + 3)
+                    x[:, :, fr] = solvers[b].step(v[:, :, fr], x[:, :, fr])
+    torch.testing.assert_close(out, x, rtol=1e-5, atol=1e-5)
+    assert stats.forwards == 2 * sched.iterations
+
+
+def test_same_seed_same_video_and_runs_do_not_leak(model, conds):
+    s = small(num_frames=21)
+    a, _ = run(model, conds, s, "flowcache", threshold=0.5, warmup=1, kv_budget=1)
+    b, _ = run(model, conds, s, "flowcache", threshold=0.5, warmup=1, kv_budget=1)
+    assert torch.equal(a, b)
+    c, _ = run(model, conds, small(num_frames=21, seed=4), "flowcache", threshold=0.5, warmup=1, kv_budget=1)
+    assert not torch.equal(a, c)
+
+
+def test_run_after_cancel_equals_fresh_run(model, conds):
+    s = small(num_frames=21)
+    pipe = DiffusionForcingPipeline(model, GEO, text_len=8)
+    cache = CacheSettings(mode="flowcache", threshold=0.5, warmup=1)
+
+    class Stop(Exception):
+        pass
+
+    def cancel_at_7(info):
+        if info.done == 7:
+            raise Stop()
+    with pytest.raises(Stop):
+        pipe(conds[0], conds[1], s, cache, on_step=cancel_at_7)
+    after, _ = pipe(conds[0], conds[1], s, cache)
+    fresh, _ = DiffusionForcingPipeline(model, GEO, text_len=8)(conds[0], conds[1], s, cache)
+    assert torch.equal(after, fresh)
+
+
+def test_long_video_windows_and_latent_overlap(model, conds):
+    s = small(num_frames=21)  # 12 + 9 new latent frames over 2 windows, 3-frame overlap
+    out, stats = run(model, conds, s, "off")
+    assert out.shape == (1, 16, 21, 8, 8) and stats.windows == 2
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(num_frames=13, base_num_frames=15), "causal_block_size"),
+    (dict(num_frames=20), "last window"),
+    (dict(width=30), "width"),
+    (dict(num_frames=21, overlap_history=0), "overlap_history"),
+    (dict(solver="dpm"), "solver"),
+    (dict(steps=0), "steps"),
+])
+def test_impossible_settings_rejected_before_sampling(model, conds, kw, needle):
+    calls = []
+    pipe = DiffusionForcingPipeline(model, GEO, text_len=8)
+    with pytest.raises(InputError, match=needle):
+        pipe(conds[0], conds[1], small(**kw), CacheSettings(mode="off"), on_step=calls.append)
+    assert calls == []
+
+
+def test_wan_geometry_frame_rule():
+    with pytest.raises(InputError, match=r"4·k\+1"):
+        from flowcache.pipelines import plan_windows
+        plan_windows(DFSettings(num_frames=96), LatentGeometry())
+    from flowcache.pipelines import plan_windows
+    wins = plan_windows(DFSettings(num_frames=177), LatentGeometry())
+    assert [(w.length, w.prefix) for w in wins] == [(25, 0), (25, 5)]
+
+
+def test_conditioning_errors(model, conds):
+    pipe = DiffusionForcingPipeline(model, GEO, text_len=8)
+    with pytest.raises(InputError, match="positive.*width is 4096"):
+        pipe(torch.zeros(1, 8, 4096), conds[1], small(), CacheSettings(mode="off"))
+    with pytest.raises(InputError, match="negative.*12 tokens"):
+        pipe(conds[0], torch.zeros(1, 12, 32), small(), CacheSettings(mode="off"))
