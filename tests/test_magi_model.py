@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from flowcache.checkpoint import load_checkpoint
 from flowcache.errors import CheckpointError
-from flowcache.models.magi import (Fp8Linear, MagiDiT, distill_dt_for_steps, is_magi_state_dict, load_magi,
-                                   magi_config_from_state_dict)
+from flowcache.models.magi import (MAGI_ANCHORS, Fp8Linear, build_magi, distill_dt_for_steps, is_magi_state_dict,
+                                   load_magi, magi_config_from_state_dict)
 
 FP8 = torch.float8_e4m3fn
 SMALL = dict(layers=3, hidden=192, heads=6, kv=2, dh=32, ffn=384, in_ch=4, cap=64, cap_len=16, cond=48, gated=False)
@@ -364,8 +365,11 @@ def test_file_layouts(sd, model32, tmp_path, layout):
     ref = model32(x, t, cap, mask)
     tol = 0.05 if layout == "bf16" else 1e-5
     assert (out - ref).abs().max() <= tol * ref.abs().max()
-    if layout == "sharded":  # a folder holding the index works as well
+    if layout == "sharded":  # a folder holding the index works as well, and so does an already read checkpoint
         assert load_magi(tmp_path).config == model32.config
+        built = build_magi(load_checkpoint(path, anchors=MAGI_ANCHORS), torch.float32)
+        assert built.cfg == model32.config
+        torch.testing.assert_close(built(x, t, cap, mask), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fp8_variant(sd, tmp_path):
