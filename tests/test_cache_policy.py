@@ -1,0 +1,113 @@
+"""Cache decisions checked by arithmetic, per unit and per branch, on dummy signals and in the pipeline."""
+import numpy as np
+import pytest
+import torch
+
+from flowcache.cache import (AccumulatedL1Policy, CacheSettings, FlowCacheConfig, FlowCachePolicy, TeaCacheConfig,
+                             TeaCachePolicy, relative_l1, resolve_settings)
+from flowcache.df_schedule import timestep_matrix
+from flowcache.errors import InputError
+from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
+from flowcache.schedulers import flow_sigmas
+from tiny_models import tiny_wan
+
+
+def expected_decisions(rels, threshold, warmup, forced_last=True, poly=(1.0, 0.0)):
+    """The rule written out by hand: warm-up and last step compute; accumulate; reuse below threshold."""
+    out, acc = [], 0.0
+    for i, r in enumerate(rels):
+        if i < warmup or (forced_last and i == len(rels) - 1) or threshold <= 0:
+            acc = 0.0
+            out.append(True)
+            continue
+        acc += np.polyval(poly, r)
+        if acc < threshold:
+            out.append(False)
+        else:
+            acc = 0.0
+            out.append(True)
+    return out
+
+
+def test_rule_on_dummy_signals_per_unit_and_branch():
+    # signal s_k = 1 + k*0.1 for unit A, constant for unit B: relative L1s are known exactly
+    pol = FlowCachePolicy(FlowCacheConfig(threshold=0.25, warmup=2, coefficients=[1.0, 0.0]))
+    sa = [torch.full((4,), 1.0 + 0.1 * k) for k in range(10)]
+    rels = [0.0] + [relative_l1(sa[k], sa[k - 1]) for k in range(1, 10)]
+    got_cond = []
+    got_uncond = []
+    for k in range(10):
+        got_cond.append(pol.should_compute(("cond", 0), sa[k], force=(k == 9)))
+        if got_cond[-1]:
+            pol.remember(("cond", 0), torch.zeros(1))
+        got_uncond.append(pol.should_compute(("uncond", 0), torch.ones(4), force=(k == 9)))
+        if got_uncond[-1]:
+            pol.remember(("uncond", 0), torch.zeros(1))
+    assert got_cond == expected_decisions(rels, 0.25, 2)
+    # a constant signal accumulates nothing: reuse everything between warm-up and the forced last step
+    assert got_uncond == [True, True] + [False] * 7 + [True]
+    assert pol.state(("cond", 0)).computed + pol.state(("cond", 0)).reused == 10
+
+
+def test_polynomial_rescale_and_threshold_zero():
+    poly = [2.0, 0.0, 0.05]  # 2x^2 + 0.05
+    pol = AccumulatedL1Policy(threshold=0.2, warmup=1, coefficients=poly, granularity="chunk")
+    sig = [torch.full((3,), v) for v in (1.0, 1.1, 1.2, 1.25, 1.3, 2.0)]
+    rels = [0.0] + [relative_l1(sig[k], sig[k - 1]) for k in range(1, 6)]
+    got = []
+    for k, s in enumerate(sig):
+        got.append(pol.should_compute("u", s, force=False))
+        if got[-1]:
+            pol.remember("u", torch.zeros(1))
+    assert got == expected_decisions(rels, 0.2, 1, forced_last=False, poly=poly)
+    never = AccumulatedL1Policy(threshold=0.0, warmup=0, coefficients=[1.0, -1.0])  # negative rescale
+    assert all(never.should_compute("u", s) for s in sig)
+
+
+def test_pipeline_decisions_follow_rule_per_chunk_and_branch():
+    """Replays the rule from each chunk's own e0 trajectory (which depends only on its timesteps)."""
+    model = tiny_wan(seed=2)
+    s = DFSettings(width=32, height=32, num_frames=12, steps=8, cfg=2.0, shift=5.0, seed=0, ar_step=2,
+                   causal_block_size=3, base_num_frames=12)
+    thr, warm, poly = 1.2, 2, [1.0, 0.0]  # a random tiny model's e0 moves ~0.5-0.9 per step
+    pipe = DiffusionForcingPipeline(model, LatentGeometry(1, 4, 16), text_len=8)
+    cond = torch.randn(1, 8, 32)
+    _, stats = pipe(cond, torch.zeros(1, 8, 32), s, CacheSettings(mode="flowcache", threshold=thr, warmup=warm,
+                                                                 coefficients=poly))
+    _, ts = flow_sigmas(s.steps, s.shift)
+    with torch.no_grad():
+        e0s = [model.time_embed(torch.full((1, 3), float(t)), s.fps)[1] for t in ts]
+    rels = [0.0] + [relative_l1(e0s[k], e0s[k - 1]) for k in range(1, len(ts))]
+    want = "".join("C" if c else "R" for c in expected_decisions(rels, thr, warm))
+    assert "R" in want and want.endswith("C")
+    assert stats.maps[0] == [want] * 4          # every chunk walks the same schedule
+    assert stats.maps_uncond[0] == [want] * 4   # the uncond branch decides on its own, identically
+    counts = stats.chunk_counts()[0]
+    assert counts[0] == {"computed": 2 * want.count("C"), "reused": 2 * want.count("R")}
+
+
+def test_teacache_is_one_decision_per_window():
+    model = tiny_wan(seed=2)
+    s = DFSettings(width=32, height=32, num_frames=12, steps=8, cfg=2.0, shift=5.0, seed=0, ar_step=2,
+                   causal_block_size=3, base_num_frames=12)
+    pipe = DiffusionForcingPipeline(model, LatentGeometry(1, 4, 16), text_len=8)
+    _, stats = pipe(torch.randn(1, 8, 32), torch.zeros(1, 8, 32), s,
+                    CacheSettings(mode="teacache", threshold=1.2, warmup=3, coefficients=[1.0, 0.0]))
+    iters = timestep_matrix(4, flow_sigmas(8, 5.0)[1], 2).iterations
+    (row,) = stats.maps[0][:1]
+    assert len(row) == iters and row[:3] == "CCC" and row[-1] == "C" and "R" in row
+    assert stats.forwards == 2 * row.count("C")
+
+
+def test_presets_are_data():
+    slow = resolve_settings("wan-1.3B", "flowcache", "slow")
+    fast = resolve_settings("wan-1.3B", "flowcache", "fast", threshold=0.9)
+    custom = resolve_settings("wan-1.3B", "flowcache", "custom", threshold=0.123, warmup=3, kv_budget=2)
+    assert (slow.threshold, slow.warmup, fast.threshold) == (0.1, 5, 0.15)
+    assert (custom.threshold, custom.warmup, custom.kv_budget) == (0.123, 3, 2)
+    assert slow.coefficients[0] == pytest.approx(-5.21862437e04)
+    assert resolve_settings("wan-14B", "flowcache", "slow").coefficients[0] == pytest.approx(-3.03318725e05)
+    with pytest.raises(InputError, match="calibrate"):
+        resolve_settings("wan-dim64", "flowcache", "slow")
+    with pytest.raises(InputError, match="cache="):
+        resolve_settings("wan-1.3B", "fastest", "slow")
