@@ -73,7 +73,7 @@ def spec_from_prompt(prompt: str, seed: int = 0) -> VideoSpec:
 def _params(spec: VideoSpec) -> dict:
     """The continuous parameters a spec's seed fixes (start position, speed, size, phase)."""
     r = np.random.default_rng(spec.seed)
-    p = {"radius": float(r.uniform(7.0, 11.0)), "x0": float(r.uniform(14, SIZE - 14)),
+    p = {"radius": float(r.uniform(8.0, 12.0)), "x0": float(r.uniform(14, SIZE - 14)),
          "y0": float(r.uniform(14, SIZE - 14)), "speed": float(r.uniform(1.0, 1.6)),
          "angle": float(r.uniform(0.0, 2 * math.pi)), "period": float(r.uniform(12.0, 20.0)),
          "phase": float(r.uniform(0.0, 2 * math.pi)), "hue_frames": float(r.uniform(6.0, 9.0))}
@@ -99,7 +99,7 @@ def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.n
         qx, qy = np.abs(dx) - s, np.abs(dy) - s
         sd = np.sqrt(np.maximum(qx, 0) ** 2 + np.maximum(qy, 0) ** 2) + np.minimum(np.maximum(qx, qy), 0)
     elif shape == "triangle":  # equilateral, point up, centroid at the origin
-        sd = _tri_sd(dx, dy, r * 1.15)
+        sd = _tri_sd(dx, dy, r * 1.35)
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return np.clip(0.5 - sd, 0.0, 1.0)

@@ -1,0 +1,281 @@
+"""Train the demo diffusion-forcing model (a tiny Wan2.1 DiT) and its text embedding on procedural videos.
+
+    python -m flowcache.demo.train --minutes 30 --out flowcache/demo/assets
+
+Diffusion forcing with flow matching: x_t = (1−σ)·x0 + σ·ε, target v = ε − x0, timestep fed σ·1000, one σ
+per chunk of 4 latent frames in windows of 5 chunks. The per-chunk σ mostly come from the inference
+schedule itself (SkyReels' timestep matrix: shifted 50-step sigmas, chunk k lags chunk k−1 by ``ar_step``
+steps, finished chunks clean, unstarted chunks pure noise), sometimes with a clean first chunk fed at
+t=20 (the overlap prefix of the next window, addnoise_condition=20), sometimes free sorted σ. Chunks that
+inference never updates (clean or unstarted) carry no loss. 10% of prompts are empty (CFG). Most batches
+use the block-causal mask (FlowCache's chunk path), the rest full attention (the vanilla window path).
+
+The script is deterministic given its seed and step count, but it stops on wall time (``--minutes``),
+so the number of steps depends on the machine. It saves the EMA weights every few minutes and at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from ..models.wan import WanConfig, WanDiT
+from ..schedulers import flow_sigmas
+from .codec import DemoCodec
+from .data import VOCABULARY, prompt_of, render, sample_spec
+from .text import DemoTextEncoder, tokenize
+
+CHUNK = 4
+CHUNKS = 5
+WINDOW = CHUNK * CHUNKS
+TEXT_LEN = 16
+TEXT_DIM = 64
+DIT_FILE = "demo_dit.safetensors"
+TEXT_FILE = "demo_text.safetensors"
+
+
+def demo_config() -> WanConfig:
+    return WanConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, in_dim=16, out_dim=16, patch_size=(1, 2, 2),
+                     text_dim=TEXT_DIM, freq_dim=256, has_fps=False)
+
+
+def init_wan_(model: WanDiT) -> None:
+    """Wan's own init: xavier linears with zero bias, normal(0.02) embeddings, zero output head."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.xavier_uniform_(model.patch_embedding.weight.flatten(1))
+    for seq in (model.text_embedding, model.time_embedding):
+        for m in seq.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+    nn.init.zeros_(model.head.head.weight)
+
+
+# -- noise levels --------------------------------------------------------------------------------
+
+def chunk_sigmas(rng: np.random.Generator, sched_cache: dict) -> tuple[list[float], list[bool]]:
+    """Per-chunk (σ, has_loss) for one training window; σ = 1 means pure noise, 0 clean."""
+    prefix = 0
+    u = rng.random()
+    if u < 0.25:
+        prefix = 1
+    elif u < 0.30:
+        prefix = 2
+    sig, loss = [], []
+    for _ in range(prefix):  # overlap prefix: clean latents with addnoise_condition = 20
+        sig.append(0.02)
+        loss.append(False)
+    n_free = CHUNKS - prefix
+    if rng.random() < 0.7:  # the inference timestep matrix
+        steps = 50 if rng.random() < 0.8 else int(rng.integers(10, 50))
+        shift = float(rng.uniform(3.0, 9.0))
+        key = (steps, round(shift, 2))
+        if key not in sched_cache:
+            sched_cache[key] = flow_sigmas(steps, round(shift, 2))[0]
+        sigmas = sched_cache[key]
+        ar = 5 if rng.random() < 0.6 else int(rng.integers(0, 11))
+        c0 = int(rng.integers(1, steps + ar * (n_free - 1) + 1))
+        for k in range(n_free):
+            c = min(max(c0 - ar * k, 0), steps + 1)
+            if c == 0:
+                sig.append(1.0)
+                loss.append(False)
+            elif c == steps + 1:
+                sig.append(0.0)
+                loss.append(False)
+            else:
+                sig.append(float(sigmas[c - 1]))
+                loss.append(True)
+    else:  # free, sorted (non-decreasing along the chunks), shifted uniform
+        shift = float(rng.uniform(2.0, 8.0))
+        base = np.sort(rng.random(n_free))
+        for b in base:
+            sig.append(float(shift * b / (1 + (shift - 1) * b)))
+            loss.append(True)
+    if not any(loss):  # e.g. every chunk finished: train the last one anyway
+        sig[-1] = float(rng.uniform(0.02, 1.0))
+        loss[-1] = True
+    return sig, loss
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+def make_batch(rng: np.random.Generator, gen: torch.Generator, codec: DemoCodec, text: DemoTextEncoder, batch: int,
+               sched_cache: dict, null_p: float = 0.1):
+    specs = [sample_spec(rng) for _ in range(batch)]
+    starts = rng.integers(0, 48, size=batch)
+    pixels = torch.stack([render(s, int(st), WINDOW) for s, st in zip(specs, starts)])
+    x0 = codec.normalise(codec.encode_raw(pixels))  # [B, 16, F, h, w]
+    ids = [[] if rng.random() < null_p else text.ids(prompt_of(s)) for s in specs]
+    sig = torch.zeros(batch, CHUNKS)
+    lmask = torch.zeros(batch, CHUNKS)
+    for b in range(batch):
+        s, l = chunk_sigmas(rng, sched_cache)
+        sig[b], lmask[b] = torch.tensor(s), torch.tensor(l, dtype=torch.float32)
+    sig_f = sig.repeat_interleave(CHUNK, dim=1)  # [B, F]
+    eps = torch.randn(x0.shape, generator=gen)
+    s5 = sig_f[:, None, :, None, None]
+    xt = (1 - s5) * x0 + s5 * eps
+    target = eps - x0
+    t = sig_f * 1000.0
+    t = torch.where(sig_f >= 1.0, torch.full_like(t, 999.0), t)
+    return xt, t, ids, target, lmask.repeat_interleave(CHUNK, dim=1)
+
+
+def save_model(out: Path, model: WanDiT, text: DemoTextEncoder, codec: DemoCodec, facts: dict,
+               presets: str | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    nbytes = sum(v.numel() * 4 for v in sd.values())
+    if nbytes > 8 * 2**20:
+        sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    meta = {
+        "flowcache.num_heads": str(model.cfg.num_heads),
+        "flowcache.text_len": str(TEXT_LEN),
+        "flowcache.geometry": json.dumps({"temporal_stride": 1, "spatial_stride": 4, "channels": 16}),
+        "flowcache.model_key": "demo",
+        "flowcache.codec": codec.stats_json(),
+        "flowcache.training": json.dumps(facts),
+    }
+    if presets:
+        meta["flowcache.presets"] = presets
+    path = out / DIT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    text.save(out / TEXT_FILE, {"flowcache.training": json.dumps(facts)})
+    return path
+
+
+def existing_presets(out: Path) -> str | None:
+    p = out / DIT_FILE
+    if not p.exists():
+        return None
+    try:
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt") as f:
+            return (f.metadata() or {}).get("flowcache.presets")
+    except Exception:
+        return None
+
+
+def train(minutes: float, out: Path, seed: int = 0, batch: int = 8, lr: float = 1e-3, threads: int = 2,
+          log_every: int = 20, save_every_min: float = 5.0, max_steps: int | None = None) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    # codec normalisation measured once on training data
+    raw_codec = DemoCodec()
+    stats_rng = np.random.default_rng(seed + 1)
+    sample = torch.stack([render(s, int(stats_rng.integers(0, 48)), WINDOW)
+                          for s in (sample_spec(stats_rng) for _ in range(96))])
+    mean, std = DemoCodec.measure(raw_codec.encode_raw(sample))
+    codec = DemoCodec(mean, std)
+    print(f"codec stats: mean {np.round(mean, 3).tolist()}\n             std {np.round(std, 3).tolist()}", flush=True)
+
+    cfg = demo_config()
+    model = WanDiT(cfg)
+    init_wan_(model)
+    text = DemoTextEncoder(VOCABULARY, TEXT_DIM, TEXT_LEN)
+    ema_model = WanDiT(cfg)
+    ema_model.load_state_dict(model.state_dict())
+    ema_text = DemoTextEncoder(VOCABULARY, TEXT_DIM, TEXT_LEN)
+    ema_text.load_state_dict(text.state_dict())
+    for m in (ema_model, ema_text):
+        m.requires_grad_(False).eval()
+    params = list(model.parameters()) + list(text.parameters())
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"WanDiT {cfg.dim}d x {cfg.num_layers} layers, {cfg.num_heads} heads: {n_params / 1e6:.2f} M params; "
+          f"text {sum(p.numel() for p in text.parameters())} params; vocabulary {len(VOCABULARY)} words", flush=True)
+    decay, no_decay = [], []
+    for n, p in list(model.named_parameters()) + [("text." + n, p) for n, p in text.named_parameters()]:
+        (no_decay if p.dim() < 2 or "modulation" in n or "norm" in n else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.99))
+    ema_pairs = list(zip(list(ema_model.parameters()) + list(ema_text.parameters()), params))
+
+    budget = minutes * 60.0
+    warm = 100
+    sched_cache: dict = {}
+    t_start = time.perf_counter()
+    last_save = t_start
+    step, smooth, hist = 0, None, []
+    while True:
+        elapsed = time.perf_counter() - t_start
+        if elapsed >= budget or (max_steps is not None and step >= max_steps):
+            break
+        frac = min(1.0, elapsed / budget)
+        cur_lr = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        xt, t, ids, target, lmask = make_batch(rng, gen, codec, text, batch, sched_cache)
+        block = CHUNK if rng.random() < 0.75 else 0
+        ctx = text.encode_ids(ids)
+        model.train()
+        pred = model(xt, t, ctx, block_causal=block)
+        err = (pred - target).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+        loss = (err * lmask).sum() / lmask.sum().clamp_min(1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+        opt.step()
+        step += 1
+        d = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in ema_pairs:
+                pe.lerp_(p.detach(), 1 - d)
+        lv = float(loss)
+        smooth = lv if smooth is None else 0.97 * smooth + 0.03 * lv
+        hist.append(lv)
+        if step % log_every == 0 or step == 1:
+            print(f"step {step:5d}  {elapsed / 60:6.2f} min  loss {lv:.4f}  smooth {smooth:.4f}  lr {cur_lr:.2e}  "
+                  f"gnorm {gnorm:.2f}  mask {'block' if block else 'full'}", flush=True)
+        if time.perf_counter() - last_save > save_every_min * 60:
+            facts = _facts(seed, minutes, step, smooth, hist, t_start, batch, lr, n_params, final=False)
+            save_model(out, ema_model, ema_text, codec, facts, existing_presets(out))
+            last_save = time.perf_counter()
+            print(f"saved checkpoint at step {step}", flush=True)
+    facts = _facts(seed, minutes, step, smooth, hist, t_start, batch, lr, n_params, final=True)
+    path = save_model(out, ema_model, ema_text, codec, facts, existing_presets(out))
+    print(f"done: {json.dumps(facts)}\nwrote {path} and {out / TEXT_FILE}", flush=True)
+    return facts
+
+
+def _facts(seed, minutes, step, smooth, hist, t_start, batch, lr, n_params, final) -> dict:
+    tail = hist[-200:] if hist else [float("nan")]
+    return {"seed": seed, "minutes_budget": minutes, "minutes": round((time.perf_counter() - t_start) / 60, 2),
+            "steps": step, "batch": batch, "window_frames": WINDOW, "chunk_frames": CHUNK, "lr": lr,
+            "final_loss": round(float(np.mean(tail)), 5), "smoothed_loss": round(float(smooth or float("nan")), 5),
+            "params": n_params, "threads": torch.get_num_threads(), "complete": final,
+            "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flowcache.demo.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=30.0, help="wall-time budget (default 30)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "assets")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=None)
+    a = ap.parse_args(argv)
+    train(a.minutes, a.out, a.seed, a.batch, a.lr, a.threads, max_steps=a.max_steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
