@@ -1,0 +1,123 @@
+"""``python -m flowcache``: inspect, generate, demo (the main job), bench, calibrate."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import FlowCacheError
+
+
+def _inspect(a) -> int:
+    from .models import inspect_checkpoint
+    print(json.dumps(inspect_checkpoint(a.checkpoint), indent=2))
+    return 0
+
+
+def _demo(a) -> int:
+    from .jobs import run_demo
+    print(f"FlowCache demo ({a.preset} preset): generating; then the uncached run for comparison ...", flush=True)
+    r = run_demo(prompt=a.prompt, preset=a.preset, out=a.out, seed=a.seed, num_frames=a.frames, steps=a.steps,
+                 compare=not a.no_compare)
+    print(f"wrote {r['out']} ({r['frames']} frames, prompt {r['prompt']!r})")
+    print(f"flowcache {r['flowcache_seconds']} s, {r['forwards']} forwards, {r['flops_speedup']}x fewer FLOPs")
+    if "wall_speedup" in r:
+        print(f"uncached  {r['off_seconds']} s, {r['off_forwards']} forwards")
+        print(f"speedup {r['wall_speedup']}x wall, PSNR vs uncached {r['psnr_db']} dB")
+    return 0
+
+
+def _generate(a) -> int:
+    from .jobs import generate
+    extra = json.loads(a.settings) if a.settings else {}
+    r = generate(a.checkpoint, a.cond, a.out, a.uncond, a.vae, a.cache, a.preset, a.dtype, a.device, **extra)
+    print(json.dumps({"out": r["out"], "forwards": r["stats"]["forwards"], "reused": r["stats"]["reused"]}))
+    return 0
+
+
+def _bench(a) -> int:
+    from . import bench
+    if a.long_child:
+        n, budget = a.long_child
+        print(json.dumps(bench.long_child(int(n), int(budget), a.steps)))
+        return 0
+    if a.model != "demo":
+        raise FlowCacheError("bench --model: only the shipped demo model is wired here (its decoded videos give "
+                             "PSNR/SSIM); for a checkpoint use `generate` with --cache to time modes.")
+    from . import demo
+    prompts = demo.DEMO_PROMPTS[:a.prompts]
+    seeds = list(range(a.seeds))
+    over = {k: v for k, v in (("steps", a.steps), ("num_frames", a.frames)) if v}
+    out = {}
+    if not a.long or a.table:
+        res = bench.run_table(prompts, seeds, a.repeats, over, log=(lambda *_: None) if a.quiet else print)
+        print(bench.format_table(res))
+        out["table"] = res
+    if a.long:
+        rows = bench.run_long(steps=a.steps, window_counts=tuple(a.windows))
+        print(bench.format_long(rows))
+        out["long"] = rows
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    return 0
+
+
+def _calibrate(a, rest) -> int:
+    from .calibrate import main_calibrate
+    return main_calibrate(rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv[:1] == ["calibrate"]:
+        try:
+            return _calibrate(None, argv[1:])
+        except FlowCacheError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    p = argparse.ArgumentParser(prog="python -m flowcache", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("inspect", help="print a checkpoint's family, config, dtype and key layout")
+    i.add_argument("checkpoint")
+    d = sub.add_parser("demo", help="generate a video with the shipped demo model and FlowCache")
+    d.add_argument("--prompt")
+    d.add_argument("--preset", choices=["slow", "fast"], default="fast")
+    d.add_argument("--out", default="out/demo.mp4")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--frames", type=int, help="video frames (default: the demo's 2-window setting)")
+    d.add_argument("--steps", type=int)
+    d.add_argument("--no-compare", action="store_true", help="skip the uncached reference run")
+    g = sub.add_parser("generate", help="run the DF pipeline from a checkpoint and saved text states")
+    g.add_argument("checkpoint")
+    g.add_argument("--cond", required=True, help="safetensors with a 'context' tensor [1, tokens, text_dim]")
+    g.add_argument("--uncond")
+    g.add_argument("--vae", help="Wan2.1 VAE file; without it latents are written")
+    g.add_argument("--out", default="out/video.mp4")
+    g.add_argument("--cache", choices=["off", "teacache", "flowcache"], default="flowcache")
+    g.add_argument("--preset", choices=["slow", "fast"], default="slow")
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--settings", help='JSON of DFSettings fields, e.g. \'{"num_frames": 97, "steps": 30}\'')
+    b = sub.add_parser("bench", help="the paper's table on the demo model, measured side by side")
+    b.add_argument("--model", default="demo")
+    b.add_argument("--json")
+    b.add_argument("--prompts", type=int, default=3)
+    b.add_argument("--seeds", type=int, default=2)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--steps", type=int)
+    b.add_argument("--frames", type=int)
+    b.add_argument("--long", action="store_true", help="1, 2, 4, 8 windows with and without KV compression")
+    b.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8])
+    b.add_argument("--table", action="store_true", help="with --long, also print the main table")
+    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--long-child", nargs=2, help=argparse.SUPPRESS)
+    sub.add_parser("calibrate", help="fit a model's rescale polynomial and write a preset file (see --help)")
+    a = p.parse_args(argv)
+    try:
+        return {"inspect": _inspect, "demo": _demo, "generate": _generate, "bench": _bench}[a.cmd](a)
+    except FlowCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

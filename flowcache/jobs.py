@@ -1,0 +1,127 @@
+"""Headless jobs behind the CLI: the demo (the pack's main job) and generate."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .cache import CacheSettings, resolve_settings
+from .errors import InputError
+from .metrics import psnr
+from .models import LoadedModel, load_model
+from .pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
+from .stats import RunStats
+from .video import write_video
+
+
+@dataclass
+class DemoKit:
+    """The shipped demo model with its text encoder and latent codec."""
+
+    loaded: LoadedModel
+    text: object
+    codec: object
+    settings: DFSettings
+
+    def pipeline(self) -> DiffusionForcingPipeline:
+        return DiffusionForcingPipeline(self.loaded.model, LatentGeometry(**self.loaded.geometry),
+                                        self.loaded.text_len, codec=None)
+
+    def cache(self, mode: str, preset: str, **custom) -> CacheSettings:
+        return resolve_settings(self.loaded.preset_key, mode, preset, extra_presets=self.loaded.extra_presets,
+                                **custom)
+
+    def sample(self, prompt: str, seed: int, cache: CacheSettings, **overrides) -> tuple[torch.Tensor, RunStats]:
+        """Pixels [T, H, W, 3] in 0..1 and the run's stats."""
+        s = DFSettings(**{**self.settings.__dict__, **overrides, "seed": seed})
+        cond = self.text.encode(prompt)
+        uncond = self.text.encode("")
+        z, stats = self.pipeline()(cond, uncond, s, cache)
+        return self.codec.decode(z), stats
+
+
+def load_demo_kit() -> DemoKit:
+    from . import demo  # shipped assets; imported lazily so the core works without them
+
+    loaded = load_model(demo.demo_model_path(), dtype="fp32")
+    known = {f.name for f in fields(DFSettings)}
+    settings = DFSettings(**{k: v for k, v in demo.DEMO_SETTINGS.items() if k in known})
+    return DemoKit(loaded, demo.load_demo_text(), demo.load_demo_codec(), settings)
+
+
+def run_demo(prompt: str | None = None, preset: str = "fast", out: str | Path = "out/demo.mp4", seed: int = 0,
+             num_frames: int | None = None, steps: int | None = None, compare: bool = True) -> dict:
+    """Generate a demo video with FlowCache; with ``compare``, also run uncached and report speedup and PSNR."""
+    from . import demo
+
+    kit = load_demo_kit()
+    prompt = prompt or demo.DEMO_PROMPTS[0]
+    over = {k: v for k, v in (("num_frames", num_frames), ("steps", steps)) if v is not None}
+    cache = kit.cache("flowcache", preset)
+    t0 = time.perf_counter()
+    video, stats = kit.sample(prompt, seed, cache, **over)
+    t_fast = time.perf_counter() - t0
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".mp4": "video/h264-mp4", ".webm": "video/webm", ".gif": "image/gif", ".webp": "image/webp"}.get(out.suffix)
+    if fmt is None:
+        raise InputError(f"--out {out}: use a .mp4, .webm, .gif or .webp file name.")
+    write_video(video, out, fmt, fps=kit.settings.fps)
+    result = {"prompt": prompt, "preset": preset, "seed": seed, "frames": int(video.shape[0]), "out": str(out),
+              "flowcache_seconds": round(t_fast, 2), "forwards": stats.forwards,
+              "flops_speedup": round(stats.flops_speedup, 2)}
+    if compare:
+        t0 = time.perf_counter()
+        ref, ref_stats = kit.sample(prompt, seed, kit.cache("off", "slow"), **over)
+        t_off = time.perf_counter() - t0
+        result.update(off_seconds=round(t_off, 2), off_forwards=ref_stats.forwards,
+                      wall_speedup=round(t_off / t_fast, 2), psnr_db=round(psnr(video, ref), 2))
+    return result
+
+
+def generate(checkpoint: str, cond_path: str, out: str, uncond_path: str | None = None, vae_path: str | None = None,
+             cache_mode: str = "flowcache", preset: str = "slow", dtype: str = "auto", device: str = "cpu",
+             **settings) -> dict:
+    """Run the DF pipeline from a checkpoint and saved text states (safetensors with a 'context' tensor).
+
+    Writes a video when a VAE is given (or the model is the demo), else the latents as safetensors.
+    """
+    from safetensors.torch import load_file, save_file
+
+    lm = load_model(checkpoint, dtype=dtype, expect="wan")
+    lm.model.to(device)
+
+    def read_ctx(p: str) -> torch.Tensor:
+        d = load_file(p)
+        if "context" not in d:
+            raise InputError(f"{p}: expected a tensor named 'context' [1, tokens, {lm.config.text_dim}].")
+        return d["context"]
+    cond = read_ctx(cond_path)
+    uncond = read_ctx(uncond_path) if uncond_path else torch.zeros_like(cond)
+    known = {f.name for f in fields(DFSettings)}
+    bad = sorted(set(settings) - known)
+    if bad:
+        raise InputError(f"unknown setting(s) {bad}; known: {sorted(known)}")
+    s = DFSettings(**settings)
+    codec = None
+    if vae_path:
+        from .models.wan_vae import WanVAECodec, load_wan_vae
+        codec = WanVAECodec(load_wan_vae(vae_path).to(device))
+    elif lm.latent_format == "demo":
+        from . import demo
+        codec = demo.load_demo_codec()
+    pipe = DiffusionForcingPipeline(lm.model, LatentGeometry(**lm.geometry), lm.text_len,
+                                    codec=codec if vae_path else None)
+    cache = resolve_settings(lm.preset_key, cache_mode, preset, extra_presets=lm.extra_presets)
+    z, stats = pipe(cond.to(device), uncond.to(device), s, cache)
+    out_p = Path(out)
+    out_p.parent.mkdir(parents=True, exist_ok=True)
+    if codec is None:
+        out_p = out_p.with_suffix(".safetensors")
+        save_file({"latents": z.contiguous()}, str(out_p), metadata={"space": "model", "stats": stats.to_json()})
+    else:
+        write_video(codec.decode(z), out_p, "video/h264-mp4", fps=s.fps)
+    return {"out": str(out_p), "stats": json.loads(stats.to_json())}
