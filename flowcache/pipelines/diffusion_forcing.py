@@ -100,11 +100,15 @@ class StepInfo:
     active_chunks: list[int] = field(default_factory=list)
     computed: int = 0  # unit decisions so far in the run
     reused: int = 0
+    chunk_step: int = 0    # steps taken by the newest active chunk
+    chunk_steps: int = 0   # steps every chunk takes
 
     def text(self) -> str:
-        chunk = f", chunk {self.active_chunks[-1]}" if self.active_chunks else ""
-        return (f"window {self.window + 1}/{self.windows}{chunk}: step {self.iteration + 1}/{self.iterations}, "
-                f"reused {self.reused}")
+        if self.active_chunks:
+            where = f"chunk {self.active_chunks[-1]}: step {self.chunk_step}/{self.chunk_steps}"
+        else:
+            where = f"step {self.iteration + 1}/{self.iterations}"
+        return f"window {self.window + 1}/{self.windows}, {where}, reused {self.reused}"
 
 
 def plan_windows(s: DFSettings, geo: LatentGeometry, patch: tuple[int, int, int] = (1, 2, 2)) -> list[Window]:
@@ -320,8 +324,10 @@ class DiffusionForcingPipeline:
                             st.mark_clean(b)
             progress["done"] += 1
             if on_step is not None:
+                active = [b for b in range(nb) if bool(upd[b])]
                 on_step(StepInfo(win.index, n_windows, it, sched.iterations, progress["done"], progress["total"],
-                                 [b for b in range(nb) if bool(upd[b])], stats.computed, stats.reused))
+                                 active, stats.computed, stats.reused,
+                                 chunk_steps[active[-1]] if active else 0, s.steps))
         stats.iterations.append(sched.iterations)
         stats.maps.append(["".join(c) for c in maps["cond"]])
         if "uncond" in maps:
