@@ -1,0 +1,566 @@
+// FlowCache for ComfyUI: frontend extension.
+//
+// * FlowCache Sampler: when `preset` is slow/fast (and cache is not off) the threshold / warmup_steps /
+//   kv_budget / mix_lambda widgets show the preset's values and are locked; `custom` (or cache=off) unlocks them.
+//   The values come from flowcache_presets.json next to this file (kept equal to flowcache/presets.json and the
+//   demo model's embedded presets by tests/test_workflows.py). The Python node ignores these widgets for named
+//   presets, so this is display only: nothing breaks without the extension.
+// * Live progress text from the `flowcache.progress` websocket event, drawn on the sampler node.
+// * After a run (`executed` with output.flowcache_stats, or the `flowcache.stats` event): a per-chunk
+//   compute/reuse map (chunks x steps per window), with the FLOPs speedup, FLOPs saved and peak KV size.
+//
+// Every hook is wrapped in try/catch: a failure here is logged once and never breaks the node or the graph.
+// Debug/test hook: window.__flowcache (presets, progress, stats, drawn maps, errors) and
+// document.body.dataset.flowcacheMaps (number of maps drawn so far).
+import { app } from "../../scripts/app.js";
+
+const EXT_NAME = "FlowCache.UI";
+const SAMPLER = "FlowCacheSampler";
+const LOADER = "FlowCacheModelLoader";
+const DEMO_ENTRY_PREFIX = "flowcache-demo";
+const LOCKABLE = { threshold: "threshold", warmup_steps: "warmup", kv_budget: "kv_budget", mix_lambda: "mix_lambda" };
+const MAP_WIDGET = "flowcache_map";
+const COLORS = { computed: "#e8893a", reused: "#3bb273", empty: "#2a2a2a", prefix: "#444c56", text: "#ddd", dim: "#999" };
+
+const state = (window.__flowcache = window.__flowcache || {
+  version: 1,
+  presets: null, // flowcache_presets.json once loaded
+  progress: {}, // node id -> last progress event
+  stats: {}, // node id -> last stats dict
+  drawn: {}, // node id -> {windows, chunks, steps, at} of the last map drawn
+  errors: [],
+});
+
+function report(where, err) {
+  try {
+    const msg = `${where}: ${err && err.message ? err.message : err}`;
+    if (state.errors.length < 50) state.errors.push(msg);
+    console.warn(`[FlowCache] ${msg}`);
+  } catch (_) {
+    /* never throw from the error path */
+  }
+}
+
+function guard(where, fn) {
+  return function (...args) {
+    try {
+      return fn.apply(this, args);
+    } catch (err) {
+      report(where, err);
+      return undefined;
+    }
+  };
+}
+
+// ------------------------------------------------------------------------------------------------ presets
+
+async function loadPresets() {
+  try {
+    const url = new URL("./flowcache_presets.json", import.meta.url);
+    const resp = await fetch(url, { cache: "no-cache" });
+    if (!resp.ok) throw new Error(`HTTP ${resp.status} for ${url}`);
+    state.presets = await resp.json();
+  } catch (err) {
+    report("loading presets", err);
+  }
+  refreshAllSamplers();
+}
+
+function widget(node, name) {
+  return node?.widgets?.find((w) => w && w.name === name);
+}
+
+function inputLinkOrigin(node, inputName) {
+  const graph = node?.graph;
+  const input = node?.inputs?.find((i) => i && i.name === inputName);
+  if (!graph || !input || input.link == null) return null;
+  const link = graph.links?.get ? graph.links.get(input.link) : graph.links?.[input.link];
+  if (!link) return null;
+  return graph.getNodeById(link.origin_id) || null;
+}
+
+/** The presets-table key of the model feeding this sampler, from the loader's file name (null if unknown). */
+function modelKeyOf(sampler) {
+  const loader = inputLinkOrigin(sampler, "model");
+  if (!loader || (loader.comfyClass || loader.type) !== LOADER) return null;
+  const name = String(widget(loader, "model_name")?.value ?? "");
+  if (name.startsWith(DEMO_ENTRY_PREFIX)) return "demo";
+  const aliases = state.presets?.aliases || [];
+  for (const [pattern, key] of aliases) {
+    try {
+      if (new RegExp(pattern, "i").test(name)) return key;
+    } catch (_) {
+      /* bad pattern in the json: ignore it */
+    }
+  }
+  return null;
+}
+
+function presetValues(modelKey, cache, preset) {
+  const table = state.presets?.models;
+  const entry = table?.[modelKey]?.[cache]?.[preset];
+  if (!entry) return null;
+  return { ...entry, mix_lambda: state.presets?.mix_lambda ?? 0.07 };
+}
+
+function isLinked(node, w) {
+  try {
+    const slot = node.getSlotFromWidget?.(w);
+    return slot?.link != null;
+  } catch (_) {
+    return false;
+  }
+}
+
+function findGetter(obj, prop) {
+  let o = Object.getPrototypeOf(obj);
+  while (o) {
+    const d = Object.getOwnPropertyDescriptor(o, prop);
+    if (d && d.get) return d.get;
+    o = Object.getPrototypeOf(o);
+  }
+  return null;
+}
+
+/** Locked widgets are `disabled` (greyed, not clickable); litegraph hides a disabled widget's value, so show it. */
+function setLocked(node, w, locked) {
+  w.disabled = !!locked;
+  w.__fcLocked = !!locked;
+  if (locked && !w.__fcDisplayPatched) {
+    const base = findGetter(w, "_displayValue");
+    Object.defineProperty(w, "_displayValue", {
+      configurable: true,
+      get() {
+        try {
+          if (this.__fcLocked && !isLinked(node, this)) {
+            const p = this.options?.precision;
+            const v = Number(this.value);
+            return Number.isFinite(v) ? v.toFixed(p !== undefined ? p : 3) : String(this.value);
+          }
+        } catch (_) {
+          /* fall through */
+        }
+        return base ? base.call(this) : String(this.value);
+      },
+    });
+    w.__fcDisplayPatched = true;
+  }
+}
+
+function refreshSampler(node) {
+  try {
+    const cache = widget(node, "cache")?.value;
+    const preset = widget(node, "preset")?.value;
+    const named = preset === "slow" || preset === "fast";
+    const lock = named && cache !== "off";
+    const key = modelKeyOf(node);
+    const values = lock && key ? presetValues(key, cache, preset) : null;
+    for (const [wname, field] of Object.entries(LOCKABLE)) {
+      const w = widget(node, wname);
+      if (!w) continue;
+      if (values && values[field] !== undefined && w.value !== values[field]) {
+        w.value = values[field];
+      }
+      setLocked(node, w, lock);
+    }
+    node.__fcPreset = { lock, key, cache, preset, known: !!values };
+    node.setDirtyCanvas?.(true, false);
+  } catch (err) {
+    report("preset lock", err);
+  }
+}
+
+function samplers() {
+  const nodes = app.graph?._nodes || app.graph?.nodes || [];
+  return nodes.filter((n) => (n.comfyClass || n.type) === SAMPLER);
+}
+
+function refreshAllSamplers() {
+  try {
+    for (const n of samplers()) refreshSampler(n);
+  } catch (err) {
+    report("refresh", err);
+  }
+}
+
+function chainWidgetCallback(w, fn) {
+  if (!w || w.__fcChained) return;
+  const orig = w.callback;
+  w.callback = function (...args) {
+    let r;
+    try {
+      r = orig?.apply(this, args);
+    } finally {
+      try {
+        fn();
+      } catch (err) {
+        report("widget callback", err);
+      }
+    }
+    return r;
+  };
+  w.__fcChained = true;
+}
+
+// ------------------------------------------------------------------------------------------- formatting
+
+function fmtFlops(x) {
+  const units = [["P", 1e15], ["T", 1e12], ["G", 1e9], ["M", 1e6]];
+  for (const [u, v] of units) if (Math.abs(x) >= v) return `${(x / v).toFixed(x / v >= 100 ? 0 : 2)} ${u}FLOPs`;
+  return `${Math.round(x)} FLOPs`;
+}
+
+function fmtBytes(b) {
+  if (!b) return "0 B";
+  const units = [["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]];
+  for (const [u, v] of units) if (b >= v) return `${(b / v).toFixed(b / v >= 100 ? 0 : 1)} ${u}`;
+  return `${b} B`;
+}
+
+function summaryLines(stats) {
+  const speed = Number(stats.flops_speedup || 1);
+  const saved = Math.max(0, Number(stats.flops_nocache || 0) - Number(stats.flops || 0));
+  const pct = stats.flops_nocache ? (100 * saved) / stats.flops_nocache : 0;
+  const mode = stats.mode || stats.settings?.mode || "";
+  const line1 = `${speed.toFixed(2)}x fewer FLOPs · saved ${fmtFlops(saved)} (${pct.toFixed(0)}%)`;
+  const kv = stats.kv_peak_bytes ? `peak KV ${fmtBytes(stats.kv_peak_bytes)}` : "peak KV —";
+  const secs = stats.wall_seconds ? ` · ${Number(stats.wall_seconds).toFixed(1)} s` : "";
+  const line2 = `${mode} · computed ${stats.computed ?? 0} / reused ${stats.reused ?? 0} · ${kv}${secs}`;
+  return [line1, line2];
+}
+
+// --------------------------------------------------------------------------------------------- the map
+
+const PAD = 10;
+const LINE = 14;
+const MAX_MAP_H = 260;
+
+/** Grid of windows: picks how many windows per row so cells stay readable and the map stays short. */
+function layoutMap(maps, width) {
+  const windows = (maps || []).map((chunks) => (chunks || []).map((s) => String(s || "")));
+  const n = windows.length;
+  if (!n) return null;
+  const cols = Math.max(1, ...windows.map((w) => Math.max(1, ...w.map((s) => s.length))));
+  const rows = Math.max(1, ...windows.map((w) => w.length));
+  const avail = Math.max(40, width - 2 * PAD);
+  const gap = 6;
+  const labelH = 11;
+  let best = null;
+  for (let per = 1; per <= n; per++) {
+    const cellW = (avail - (per - 1) * gap) / (per * cols);
+    if (cellW < 1 && best) break;
+    const cellH = Math.max(3, Math.min(10, cellW * 1.5));
+    const lines = Math.ceil(n / per);
+    const height = lines * (labelH + rows * cellH + gap);
+    const cand = { per, cellW, cellH, lines, height, cols, rows, gap, labelH, windows };
+    if (!best || (best.height > MAX_MAP_H && height < best.height)) best = cand;
+    if (height <= MAX_MAP_H) break;
+  }
+  return best;
+}
+
+function mapHeight(node, width) {
+  const info = node.__fcInfo;
+  if (!info) return 0;
+  let h = 6;
+  if (info.progress) h += LINE + 8;
+  if (info.stats) {
+    const lay = layoutMap(info.stats.maps, width);
+    h += 2 * LINE + LINE; // two summary lines + legend
+    if (lay) h += Math.min(lay.height, MAX_MAP_H + 40) + 4;
+  }
+  return h;
+}
+
+function drawMapWidget(ctx, node, width, y) {
+  const info = node.__fcInfo;
+  if (!info) return;
+  ctx.save();
+  try {
+    let yy = y + 4;
+    ctx.font = "11px sans-serif";
+    ctx.textBaseline = "top";
+    ctx.textAlign = "left";
+    if (info.progress) {
+      const p = info.progress;
+      const frac = p.max ? Math.min(1, Math.max(0, p.value / p.max)) : 0;
+      ctx.fillStyle = "#1c1c1c";
+      ctx.fillRect(PAD, yy, width - 2 * PAD, LINE + 4);
+      ctx.fillStyle = "#2f5f8a";
+      ctx.fillRect(PAD, yy, (width - 2 * PAD) * frac, LINE + 4);
+      ctx.fillStyle = COLORS.text;
+      ctx.fillText(String(p.text ?? `${p.value}/${p.max}`), PAD + 4, yy + 3);
+      yy += LINE + 8;
+    }
+    const stats = info.stats;
+    if (!stats) return;
+    const [l1, l2] = summaryLines(stats);
+    ctx.fillStyle = COLORS.text;
+    ctx.font = "bold 11px sans-serif";
+    ctx.fillText(l1, PAD, yy);
+    yy += LINE;
+    ctx.font = "11px sans-serif";
+    ctx.fillStyle = COLORS.dim;
+    ctx.fillText(l2, PAD, yy);
+    yy += LINE;
+    // legend
+    const legend = [["computed", COLORS.computed], ["reused", COLORS.reused]];
+    if ((stats.maps || []).some((w) => (w || []).some((c) => !c) && (w || []).slice(1).some((c) => c))) {
+      legend.push(["overlap", COLORS.prefix]); // carried-over frames of a later window: never sampled, no decisions
+    }
+    let lx = PAD;
+    for (const [label, color] of legend) {
+      ctx.fillStyle = color;
+      ctx.fillRect(lx, yy + 2, 9, 9);
+      ctx.fillStyle = COLORS.dim;
+      ctx.fillText(label, lx + 12, yy);
+      lx += 14 + ctx.measureText(label).width + 10;
+    }
+    ctx.fillText("rows: chunks · columns: steps", lx, yy);
+    yy += LINE;
+    const lay = layoutMap(stats.maps, width);
+    if (!lay) return;
+    const { per, cellW, cellH, cols, rows, gap, labelH, windows } = lay;
+    const blockW = cols * cellW;
+    const blockH = labelH + rows * cellH + gap;
+    windows.forEach((chunks, wi) => {
+      const bx = PAD + (wi % per) * (blockW + gap);
+      const by = yy + Math.floor(wi / per) * blockH;
+      if (by - yy > MAX_MAP_H + 30) return; // very long runs: clip
+      ctx.fillStyle = COLORS.dim;
+      ctx.font = "9px sans-serif";
+      const single = chunks.length > 0 && chunks.slice(1).every((s) => !s);
+      ctx.fillText(`window ${wi + 1}${single && chunks.length > 1 ? " (whole window)" : ""}`, bx, by);
+      for (let r = 0; r < chunks.length; r++) {
+        const s = chunks[r];
+        const ry = by + labelH + r * cellH;
+        if (!s) {
+          ctx.fillStyle = COLORS.prefix; // overlap prefix / not cached: no decisions
+          ctx.fillRect(bx, ry, blockW, Math.max(1, cellH - 1));
+          continue;
+        }
+        ctx.fillStyle = COLORS.empty;
+        ctx.fillRect(bx, ry, blockW, Math.max(1, cellH - 1));
+        // runs of equal cells in one fillRect each
+        let start = 0;
+        for (let c = 1; c <= s.length; c++) {
+          if (c === s.length || s[c] !== s[start]) {
+            ctx.fillStyle = s[start] === "R" ? COLORS.reused : s[start] === "C" ? COLORS.computed : COLORS.empty;
+            const x0 = bx + start * cellW;
+            const w = Math.max(1, (c - start) * cellW - (cellW >= 4 ? 1 : 0));
+            ctx.fillRect(x0, ry, w, Math.max(1, cellH - 1));
+            start = c;
+          }
+        }
+      }
+    });
+    const key = String(node.id);
+    const drawn = { windows: windows.length, chunks: rows, steps: cols, at: Date.now(), speedup: stats.flops_speedup };
+    const first = !state.drawn[key];
+    state.drawn[key] = drawn;
+    if (first) {
+      document.body.dataset.flowcacheMaps = String(Object.keys(state.drawn).length);
+    }
+  } finally {
+    ctx.restore();
+  }
+}
+
+function ensureMapWidget(node) {
+  let w = widget(node, MAP_WIDGET);
+  if (w) return w;
+  w = {
+    name: MAP_WIDGET,
+    type: "flowcache_map",
+    value: null,
+    serialize: false, // never in widgets_values (kept last, so no hole either)
+    options: { serialize: false }, // never in the API prompt
+    draw: guard("draw map", function (ctx, n, width, y) {
+      drawMapWidget(ctx, n, width, y);
+    }),
+    computeSize: function (width) {
+      try {
+        return [width ?? node.size[0], mapHeight(node, width ?? node.size[0])];
+      } catch (err) {
+        report("map size", err);
+        return [width ?? 0, 0];
+      }
+    },
+    mouse: () => false,
+  };
+  node.addCustomWidget(w);
+  return w;
+}
+
+function fitNode(node) {
+  try {
+    const size = node.computeSize();
+    node.setSize([Math.max(node.size[0], size[0]), Math.max(size[1], 0)]);
+  } catch (err) {
+    report("resize", err);
+  }
+  node.setDirtyCanvas?.(true, true);
+  app.graph?.setDirtyCanvas?.(true, true);
+}
+
+function nodeForEvent(id) {
+  if (id == null) return null;
+  const sid = String(id);
+  const local = sid.includes(":") ? sid.split(":").pop() : sid;
+  const graph = app.graph;
+  const node = graph?.getNodeById?.(local) ?? graph?.getNodeById?.(Number(local));
+  return node && (node.comfyClass || node.type) === SAMPLER ? node : null;
+}
+
+function setProgress(node, detail) {
+  node.__fcInfo = node.__fcInfo || {};
+  if (node.__fcInfo.stale) {
+    node.__fcInfo.stats = null;
+    node.__fcInfo.stale = false;
+  }
+  const firstProgress = !node.__fcInfo.progress;
+  node.__fcInfo.progress = { text: detail.text, value: detail.value, max: detail.max };
+  ensureMapWidget(node);
+  if (firstProgress) fitNode(node);
+  else node.setDirtyCanvas?.(true, false);
+}
+
+function setStats(node, stats) {
+  if (!stats || typeof stats !== "object") return;
+  node.__fcInfo = node.__fcInfo || {};
+  node.__fcInfo.stats = stats;
+  node.__fcInfo.progress = null;
+  node.__fcInfo.stale = false;
+  state.stats[String(node.id)] = stats;
+  ensureMapWidget(node);
+  fitNode(node);
+}
+
+// --------------------------------------------------------------------------------------------- register
+
+// The pack's web folder can be served twice (WEB_DIRECTORY under the folder name and pyproject's [tool.comfy] web
+// under the project name, when the two differ): register once.
+const alreadyRegistered = (() => {
+  try {
+    return !!(state.registered || (app.extensions || []).some((e) => e && e.name === EXT_NAME));
+  } catch (_) {
+    return false;
+  }
+})();
+
+const extension = {
+  name: EXT_NAME,
+
+  async setup() {
+    try {
+      const api = app.api;
+      api.addEventListener(
+        "flowcache.progress",
+        guard("progress event", ({ detail }) => {
+          state.progress[String(detail?.node)] = detail;
+          const node = nodeForEvent(detail?.node);
+          if (node) setProgress(node, detail);
+        })
+      );
+      api.addEventListener(
+        "flowcache.stats",
+        guard("stats event", ({ detail }) => {
+          const node = nodeForEvent(detail?.node);
+          if (node) setStats(node, detail?.stats);
+        })
+      );
+      const clearProgress = guard("end of run", () => {
+        for (const n of samplers()) {
+          if (n.__fcInfo?.progress) {
+            n.__fcInfo.progress = null;
+            fitNode(n);
+          }
+        }
+      });
+      api.addEventListener(
+        "execution_start",
+        guard("execution_start event", () => {
+          for (const n of samplers()) if (n.__fcInfo) n.__fcInfo.stale = true; // a new run replaces the old map
+        })
+      );
+      api.addEventListener("execution_error", clearProgress);
+      api.addEventListener("execution_interrupted", clearProgress);
+      api.addEventListener(
+        "executing",
+        guard("executing event", ({ detail }) => {
+          // detail is the executing node's id, or null when the prompt is done
+          if (detail == null || (typeof detail === "object" && detail.node == null)) clearProgress();
+        })
+      );
+    } catch (err) {
+      report("setup", err);
+    }
+    loadPresets();
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    try {
+      if (nodeData?.name !== SAMPLER) return;
+      const onExecuted = nodeType.prototype.onExecuted;
+      nodeType.prototype.onExecuted = function (message) {
+        const r = onExecuted?.apply(this, arguments);
+        try {
+          const stats = message?.flowcache_stats?.[0];
+          if (stats) setStats(this, stats);
+        } catch (err) {
+          report("onExecuted", err);
+        }
+        return r;
+      };
+      const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+      nodeType.prototype.onConnectionsChange = function () {
+        const r = onConnectionsChange?.apply(this, arguments);
+        try {
+          const node = this;
+          setTimeout(() => refreshSampler(node), 0);
+        } catch (err) {
+          report("connections", err);
+        }
+        return r;
+      };
+    } catch (err) {
+      report("beforeRegisterNodeDef", err);
+    }
+  },
+
+  nodeCreated(node) {
+    try {
+      const cls = node.comfyClass || node.type;
+      if (cls === SAMPLER) {
+        for (const name of ["cache", "preset"]) chainWidgetCallback(widget(node, name), () => refreshSampler(node));
+        // values from a loaded workflow are applied after nodeCreated; refresh once they are in
+        setTimeout(() => refreshSampler(node), 0);
+      } else if (cls === LOADER) {
+        chainWidgetCallback(widget(node, "model_name"), refreshAllSamplers);
+      }
+    } catch (err) {
+      report("nodeCreated", err);
+    }
+  },
+
+  loadedGraphNode(node) {
+    try {
+      if ((node.comfyClass || node.type) === SAMPLER) refreshSampler(node);
+    } catch (err) {
+      report("loadedGraphNode", err);
+    }
+  },
+
+  async afterConfigureGraph() {
+    refreshAllSamplers();
+  },
+};
+
+if (!alreadyRegistered) {
+  try {
+    app.registerExtension(extension);
+    state.registered = import.meta.url;
+  } catch (err) {
+    report("registerExtension", err);
+  }
+}
