@@ -170,8 +170,24 @@ def existing_presets(out: Path) -> str | None:
         return None
 
 
+def load_previous(out: Path) -> tuple[dict, dict, dict, dict] | None:
+    """(model state, text state, codec stats, training facts) of the model already in ``out``, for --resume."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    p = out / DIT_FILE
+    if not p.exists() or not (out / TEXT_FILE).exists():
+        return None
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata() or {}
+    text_sd = load_file(str(out / TEXT_FILE))
+    return (load_file(str(p)), {"token.weight": text_sd["token.weight"], "position": text_sd["position"]},
+            json.loads(meta["flowcache.codec"]), json.loads(meta.get("flowcache.training", "{}")))
+
+
 def train(minutes: float, out: Path, seed: int = 0, batch: int = 8, lr: float = 1e-3, threads: int = 2,
-          log_every: int = 20, save_every_min: float = 5.0, max_steps: int | None = None) -> dict:
+          log_every: int = 20, save_every_min: float = 5.0, max_steps: int | None = None,
+          resume: bool = False) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -183,6 +199,13 @@ def train(minutes: float, out: Path, seed: int = 0, batch: int = 8, lr: float = 
     sample = torch.stack([render(s, int(stats_rng.integers(0, 48)), WINDOW)
                           for s in (sample_spec(stats_rng) for _ in range(96))])
     mean, std = DemoCodec.measure(raw_codec.encode_raw(sample))
+    prev = load_previous(out) if resume else None
+    if resume and prev is None:
+        raise SystemExit(f"--resume: no {DIT_FILE} / {TEXT_FILE} in {out}")
+    if prev is not None:  # keep the stats the saved model was trained with
+        mean, std = prev[2]["mean"], prev[2]["std"]
+        rng = np.random.default_rng(seed + 1000 * (1 + int(prev[3].get("runs", 1))))  # fresh data, still seeded
+        gen = torch.Generator().manual_seed(seed + 1000 * (1 + int(prev[3].get("runs", 1))))
     codec = DemoCodec(mean, std)
     print(f"codec stats: mean {np.round(mean, 3).tolist()}\n             std {np.round(std, 3).tolist()}", flush=True)
 
@@ -190,6 +213,11 @@ def train(minutes: float, out: Path, seed: int = 0, batch: int = 8, lr: float = 
     model = WanDiT(cfg)
     init_wan_(model)
     text = DemoTextEncoder(VOCABULARY, TEXT_DIM, TEXT_LEN)
+    if prev is not None:
+        model.load_state_dict({k: v.float() for k, v in prev[0].items()})
+        text.load_state_dict(prev[1])
+        print(f"resuming from {out / DIT_FILE}: {json.dumps(prev[3])}", flush=True)
+    previous = prev[3] if prev is not None else None
     ema_model = WanDiT(cfg)
     ema_model.load_state_dict(model.state_dict())
     ema_text = DemoTextEncoder(VOCABULARY, TEXT_DIM, TEXT_LEN)
@@ -233,30 +261,37 @@ def train(minutes: float, out: Path, seed: int = 0, batch: int = 8, lr: float = 
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         opt.step()
         step += 1
-        d = min(0.998, (1 + step) / (10 + step))
+        d = min(0.995, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, p in ema_pairs:
                 pe.lerp_(p.detach(), 1 - d)
-        lv = float(loss)
+        lv = float(loss.detach())
         smooth = lv if smooth is None else 0.97 * smooth + 0.03 * lv
         hist.append(lv)
         if step % log_every == 0 or step == 1:
             print(f"step {step:5d}  {elapsed / 60:6.2f} min  loss {lv:.4f}  smooth {smooth:.4f}  lr {cur_lr:.2e}  "
                   f"gnorm {gnorm:.2f}  mask {'block' if block else 'full'}", flush=True)
         if time.perf_counter() - last_save > save_every_min * 60:
-            facts = _facts(seed, minutes, step, smooth, hist, t_start, batch, lr, n_params, final=False)
+            facts = _facts(seed, minutes, step, smooth, hist, t_start, batch, lr, n_params, False, previous)
             save_model(out, ema_model, ema_text, codec, facts, existing_presets(out))
             last_save = time.perf_counter()
             print(f"saved checkpoint at step {step}", flush=True)
-    facts = _facts(seed, minutes, step, smooth, hist, t_start, batch, lr, n_params, final=True)
+    facts = _facts(seed, minutes, step, smooth, hist, t_start, batch, lr, n_params, True, previous)
     path = save_model(out, ema_model, ema_text, codec, facts, existing_presets(out))
     print(f"done: {json.dumps(facts)}\nwrote {path} and {out / TEXT_FILE}", flush=True)
     return facts
 
 
-def _facts(seed, minutes, step, smooth, hist, t_start, batch, lr, n_params, final) -> dict:
+def _facts(seed, minutes, step, smooth, hist, t_start, batch, lr, n_params, final, previous=None) -> dict:
     tail = hist[-200:] if hist else [float("nan")]
-    return {"seed": seed, "minutes_budget": minutes, "minutes": round((time.perf_counter() - t_start) / 60, 2),
+    mins = round((time.perf_counter() - t_start) / 60, 2)
+    runs = [dict(r) for r in (previous or {}).get("history", [])]
+    if previous and not runs:
+        runs = [{k: previous.get(k) for k in ("minutes", "steps", "batch", "lr", "final_loss")}]
+    runs.append({"minutes": mins, "steps": step, "batch": batch, "lr": lr, "final_loss": round(float(np.mean(tail)), 5)})
+    return {"runs": len(runs), "history": runs, "total_minutes": round(sum(r["minutes"] or 0 for r in runs), 2),
+            "total_steps": sum(r["steps"] or 0 for r in runs),
+            "seed": seed, "minutes_budget": minutes, "minutes": round((time.perf_counter() - t_start) / 60, 2),
             "steps": step, "batch": batch, "window_frames": WINDOW, "chunk_frames": CHUNK, "lr": lr,
             "final_loss": round(float(np.mean(tail)), 5), "smoothed_loss": round(float(smooth or float("nan")), 5),
             "params": n_params, "threads": torch.get_num_threads(), "complete": final,
@@ -272,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the model already in --out (new optimizer state, facts accumulate)")
     a = ap.parse_args(argv)
-    train(a.minutes, a.out, a.seed, a.batch, a.lr, a.threads, max_steps=a.max_steps)
+    train(a.minutes, a.out, a.seed, a.batch, a.lr, a.threads, max_steps=a.max_steps, resume=a.resume)
     return 0
 
 

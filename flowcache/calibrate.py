@@ -1,0 +1,375 @@
+"""Fit a Wan-architecture model's cache rescale polynomial and write a preset file (``python -m flowcache calibrate``).
+
+TeaCache-style calibration: run the model with the diffusion-forcing pipeline chunk by chunk with no cache
+(every chunk computes every step) and record, for every (CFG branch, chunk) and every pair of consecutive
+steps of that chunk,
+
+* x — the relative L1 change of the chunk's e0 signal (what FlowCache/TeaCache look at), and
+* y — the relative L1 change of the chunk's backbone residual ``h − h0`` (what a reuse replaces),
+
+then fit ``y ≈ poly(x)`` with ``numpy.polyfit`` (degree 4, highest power first, like TeaCache4Wan2.1's
+coefficients). The accumulated ``poly(x)`` is then in units of accumulated relative output change, the same
+units as the published Wan fits, so the paper's thresholds (FlowCache slow 0.1 / fast 0.15; TeaCache
+0.1 / 0.2) are written unchanged and are not tuned to hit a speed.
+
+Recording uses an observer cache policy (``ChunkSignalRecorder``, chunk granularity, always computes),
+registered as the pipeline's ``"calibrate"`` cache mode in ``flowcache.cache.presets.POLICY_FACTORIES``; the
+pipeline itself is not changed. The e0 signal reaches the policy through ``should_compute`` and the
+residual through ``remember``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .cache.base import CachePolicy, UnitKey, relative_l1
+from .cache.presets import POLICY_FACTORIES, CacheSettings
+from .errors import CheckpointError, InputError
+
+DEFAULT_DEGREE = 4
+PAPER_THRESHOLDS = {
+    "flowcache": {"slow": {"threshold": 0.1, "warmup": 5, "kv_budget": 0},
+                  "fast": {"threshold": 0.15, "warmup": 5, "kv_budget": 0}},
+    "teacache": {"slow": {"threshold": 0.1, "warmup": 5, "kv_budget": 0},
+                 "fast": {"threshold": 0.2, "warmup": 5, "kv_budget": 0}},
+}
+
+
+# -- recording ---------------------------------------------------------------------------------------
+
+@dataclass
+class CalibrationPoint:
+    x: float          # relative L1 change of the e0 signal between consecutive steps of a chunk
+    y: float          # relative L1 change of the chunk's backbone residual over the same steps
+    branch: str
+    chunk: int | str
+    step: int         # the chunk's own step index of the later of the two steps
+    run: int = 0
+
+
+class ChunkSignalRecorder(CachePolicy):
+    """An observer policy: chunk granularity, always computes, records (x, y) pairs per (branch, chunk).
+
+    ``should_compute`` sees the chunk's e0 and remembers its change since the previous step; ``remember``
+    sees the backbone residual just computed and pairs its change with that e0 change. State is reset per
+    window (the pipeline calls ``reset``), the recorded points are kept across windows and runs.
+    """
+
+    granularity = "chunk"
+
+    def __init__(self) -> None:
+        super().__init__("chunk")
+        self.points: list[CalibrationPoint] = []
+        self.run = 0
+        self._prev_signal: dict[UnitKey, torch.Tensor] = {}
+        self._prev_payload: dict[UnitKey, torch.Tensor] = {}
+        self._pending: dict[UnitKey, float | None] = {}
+        self._steps: dict[UnitKey, int] = {}
+
+    def reset(self) -> None:
+        super().reset()
+        self._prev_signal.clear()
+        self._prev_payload.clear()
+        self._pending.clear()
+        self._steps.clear()
+
+    def should_compute(self, key: UnitKey, signal: torch.Tensor, force: bool = False) -> bool:
+        prev = self._prev_signal.get(key)
+        self._pending[key] = relative_l1(signal.float(), prev) if prev is not None else None
+        self._prev_signal[key] = signal.detach().float().clone()
+        self._steps[key] = self._steps.get(key, -1) + 1
+        return True
+
+    @property
+    def keeps_payload(self) -> bool:
+        return False
+
+    def remember(self, key: UnitKey, payload: torch.Tensor) -> None:
+        payload = payload.detach().float()
+        prev = self._prev_payload.get(key)
+        x = self._pending.pop(key, None)
+        if prev is not None and x is not None:
+            y = relative_l1(payload, prev)
+            branch, chunk = key if isinstance(key, tuple) and len(key) == 2 else ("cond", key)
+            if math.isfinite(x) and math.isfinite(y):
+                self.points.append(CalibrationPoint(x, y, str(branch), chunk, self._steps.get(key, 0), self.run))
+        self._prev_payload[key] = payload.clone()
+
+
+@dataclass
+class RecordingSettings(CacheSettings):
+    """Cache settings for the ``calibrate`` mode: carries the recorder the policy factory hands out."""
+
+    recorder: ChunkSignalRecorder | None = None
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("recorder", None)
+        return d
+
+
+def _recorder_factory(s: CacheSettings) -> CachePolicy:
+    rec = getattr(s, "recorder", None)
+    return rec if rec is not None else ChunkSignalRecorder()
+
+
+POLICY_FACTORIES.setdefault("calibrate", _recorder_factory)
+
+
+# -- fitting -----------------------------------------------------------------------------------------
+
+def fit_rescale(x: Sequence[float], y: Sequence[float], degree: int = DEFAULT_DEGREE) -> tuple[list[float], dict]:
+    """``numpy.polyfit(x, y, degree)``: coefficients (highest power first, for ``np.poly1d``) and fit facts
+    (points, RMS residual, R², x range)."""
+    xa, ya = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xa.shape != ya.shape or xa.ndim != 1:
+        raise InputError("calibration: x and y must be 1-D sequences of the same length.")
+    if len(xa) < degree + 1:
+        raise InputError(f"calibration: {len(xa)} points cannot fit a degree-{degree} polynomial; "
+                         "use more prompts, seeds or steps.")
+    if np.ptp(xa) == 0:
+        raise InputError("calibration: the e0 signal never changed, nothing to fit.")
+    coef = np.polyfit(xa, ya, degree)
+    pred = np.polyval(coef, xa)
+    res = ya - pred
+    ss_tot = float(((ya - ya.mean()) ** 2).sum())
+    facts = {"points": int(len(xa)), "degree": degree, "rms_residual": float(np.sqrt((res ** 2).mean())),
+             "r2": float(1 - (res ** 2).sum() / ss_tot) if ss_tot > 0 else 1.0,
+             "x_range": [float(xa.min()), float(xa.max())], "y_mean": float(ya.mean())}
+    return [float(c) for c in coef], facts
+
+
+def preset_entry(coefficients: Sequence[float], calibration: dict) -> dict:
+    """One model's row of a preset file: the fitted polynomial and the paper's thresholds."""
+    entry = {"coefficients": [float(c) for c in coefficients]}
+    entry.update(json.loads(json.dumps(PAPER_THRESHOLDS)))
+    entry["calibration"] = calibration
+    return entry
+
+
+# -- running -----------------------------------------------------------------------------------------
+
+def _default_settings(model_key: str):
+    from .pipelines.diffusion_forcing import DFSettings
+
+    if model_key == "demo":
+        from .demo import DEMO_SETTINGS
+
+        d = dict(DEMO_SETTINGS)
+        d["num_frames"] = d["base_num_frames"]  # one window is enough: every chunk walks every step
+        return DFSettings(**{k: v for k, v in d.items() if k in DFSettings.__dataclass_fields__})
+    return DFSettings(width=480, height=272, num_frames=97, base_num_frames=97, overlap_history=17,
+                      causal_block_size=5)
+
+
+def _encoder_for(lm, prompts: Sequence[str], conditioning: str | None,
+                 random_conditioning: bool) -> tuple[Callable[[str], torch.Tensor], str]:
+    """How prompts become text states: the demo's own encoder, a file of saved states, or seeded noise."""
+    text_dim = lm.config.text_dim
+    if conditioning:
+        from safetensors.torch import load_file
+
+        states = load_file(conditioning)
+        missing = [p for p in prompts if p not in states]
+        if missing:
+            raise InputError(f"{conditioning}: no saved conditioning named {missing[0]!r}; it has "
+                             f"{', '.join(sorted(states)[:8])}. Name each tensor by its prompt ('' for the negative).")
+        return (lambda p: states[p].float().reshape(1, -1, text_dim)), f"file:{Path(conditioning).name}"
+    if lm.preset_key == "demo":
+        from .demo import load_demo_text
+
+        enc = load_demo_text()
+        return enc.encode, "demo_text"
+    if random_conditioning:
+        def rand(p: str) -> torch.Tensor:
+            if p == "":
+                return torch.zeros(1, min(lm.text_len, 16), text_dim)
+            g = torch.Generator().manual_seed(abs(hash(p)) % (2**31))
+            return torch.randn(1, min(lm.text_len, 16), text_dim, generator=g) * 0.2
+        return rand, "random"
+    raise InputError(f"calibration of {lm.checkpoint}: give text states with --conditioning FILE.safetensors "
+                     "(one [1, tokens, text_dim] tensor per prompt, named by the prompt, '' for the negative), "
+                     "or --random-conditioning for a prompt-free fit.")
+
+
+def calibrate(model_path: str | os.PathLike, prompts: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1),
+              out_path: str | os.PathLike | None = None, steps: int | None = None, degree: int = DEFAULT_DEGREE,
+              settings=None, negative: str = "", conditioning: str | None = None,
+              random_conditioning: bool = False, codec=None, dtype: str = "fp32",
+              log: Callable[[str], None] | None = print) -> dict:
+    """Calibrate the checkpoint at ``model_path``; returns ``{model_key: entry}`` and writes it to ``out_path``.
+
+    prompts: for the demo model defaults to ``DEMO_PROMPTS[:3]``; other models need ``conditioning``
+    (a safetensors file of saved text states) or ``random_conditioning``.
+    settings: a ``DFSettings`` (defaults: the demo's single window, or a small SkyReels window).
+    """
+    from .models import load_model
+    from .pipelines.diffusion_forcing import DiffusionForcingPipeline, LatentGeometry
+
+    lm = load_model(model_path, dtype=dtype, expect="wan")
+    key = lm.preset_key
+    if prompts is None or len(prompts) == 0:
+        if key != "demo":
+            raise InputError("calibration: give --prompts for a model other than the demo.")
+        from .demo import DEMO_PROMPTS
+
+        prompts = list(DEMO_PROMPTS[:3])
+    encode, text_source = _encoder_for(lm, list(prompts) + [negative], conditioning, random_conditioning)
+    s = settings or _default_settings(key)
+    if steps is not None:
+        s.steps = int(steps)
+    if codec is None and key == "demo":
+        from .demo import load_demo_codec
+
+        codec = load_demo_codec(model_path)
+    geo = LatentGeometry(**lm.geometry)
+    pipe = DiffusionForcingPipeline(lm.model, geo, text_len=lm.text_len, codec=codec)
+    recorder = ChunkSignalRecorder()
+    cache = RecordingSettings(mode="calibrate", threshold=0.0, warmup=0, model_key=key, recorder=recorder)
+    uncond = encode(negative) if s.cfg > 1.0 else None
+    t0 = time.perf_counter()
+    run = 0
+    for p in prompts:
+        cond = encode(p)
+        for seed in seeds:
+            s.seed = int(seed)
+            recorder.run = run
+            before = len(recorder.points)
+            pipe(cond, uncond, s, cache)
+            if log:
+                log(f"calibrate: {p!r} seed {seed}: {len(recorder.points) - before} points "
+                    f"({time.perf_counter() - t0:.1f} s)")
+            run += 1
+    pts = recorder.points
+    coef, facts = fit_rescale([q.x for q in pts], [q.y for q in pts], degree)
+    calib = {"prompts": list(prompts), "seeds": [int(x) for x in seeds], "negative": negative,
+             "text": text_source, "steps": s.steps, "shift": s.shift, "cfg": s.cfg, "ar_step": s.ar_step,
+             "causal_block_size": s.causal_block_size, "frames": s.num_frames, "size": [s.width, s.height],
+             "solver": s.solver, "signal": "e0 relative L1 (per chunk)",
+             "output": "relative L1 of the chunk's backbone residual h - h0",
+             "seconds": round(time.perf_counter() - t0, 1), **facts}
+    result = {key: preset_entry(coef, calib)}
+    if out_path is not None:
+        write_preset_file(out_path, result)
+        if log:
+            log(f"calibrate: wrote {out_path}")
+    if log:
+        log(f"calibrate: {key}: coefficients {coef}; {facts['points']} points, RMS residual "
+            f"{facts['rms_residual']:.4g}, R² {facts['r2']:.3f}")
+    return result
+
+
+def write_preset_file(path: str | os.PathLike, presets: dict) -> Path:
+    """Write (atomically) a preset json; entries already in the file for other models are kept."""
+    path = Path(path)
+    table = {}
+    if path.exists():
+        try:
+            table = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            table = {}
+    table.update(presets)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_preset_file(path: str | os.PathLike) -> dict:
+    """A preset file as ``load_presets(extra=...)`` takes it."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a readable preset file ({e}).") from e
+    table.pop("_doc", None)
+    for k, v in table.items():
+        if not isinstance(v, dict) or "coefficients" not in v:
+            raise InputError(f"{path}: entry {k!r} has no 'coefficients'.")
+    return table
+
+
+def embed_presets(checkpoint: str | os.PathLike, presets: dict) -> Path:
+    """Merge ``presets`` into a safetensors file's ``flowcache.presets`` metadata (other metadata kept).
+
+    The file is rewritten to a temporary file next to it and moved over the original with ``os.replace``,
+    so a crash never leaves a half-written checkpoint.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(checkpoint)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path.name}: presets can only be embedded in a .safetensors file.")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    table = json.loads(meta.get("flowcache.presets", "{}") or "{}")
+    table.update(presets)
+    meta["flowcache.presets"] = json.dumps(table)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+
+def main_calibrate(args: list[str]) -> int:
+    """``python -m flowcache calibrate CHECKPOINT [--prompts ...] [--seeds ...] [--steps N] [--out F] [--embed]``."""
+    ap = argparse.ArgumentParser(prog="python -m flowcache calibrate",
+                                 description="Fit a Wan-architecture model's cache rescale polynomial (TeaCache-style: "
+                                             "e0 change vs. the chunk's output change) and write a preset file.")
+    ap.add_argument("checkpoint", metavar="CHECKPOINT", help="a Wan2.1 / SkyReels-V2 DiT file (.safetensors)")
+    ap.add_argument("--prompts", nargs="+", default=None, help="prompts (default for the demo: 3 demo prompts)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's default, 50)")
+    ap.add_argument("--degree", type=int, default=DEFAULT_DEGREE)
+    ap.add_argument("--out", default=None, help="preset file to write (default: CHECKPOINT.presets.json)")
+    ap.add_argument("--embed", action="store_true", help="also store the presets in the checkpoint's metadata")
+    ap.add_argument("--conditioning", default=None,
+                    help="safetensors of saved text states, one per prompt ('' = negative); needed for non-demo models")
+    ap.add_argument("--random-conditioning", action="store_true", help="use seeded random text states (prompt-free fit)")
+    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--height", type=int, default=None)
+    ap.add_argument("--frames", type=int, default=None, help="num_frames (= base_num_frames: one window)")
+    ap.add_argument("--shift", type=float, default=None)
+    ap.add_argument("--cfg", type=float, default=None)
+    a = ap.parse_args(args)
+    try:
+        from .models import load_model
+
+        key = load_model(a.checkpoint, dtype="fp32", expect="wan").preset_key
+        s = _default_settings(key)
+        for name, val in (("width", a.width), ("height", a.height), ("shift", a.shift), ("cfg", a.cfg)):
+            if val is not None:
+                setattr(s, name, val)
+        if a.frames is not None:
+            s.num_frames = s.base_num_frames = a.frames
+        out = a.out or str(Path(a.checkpoint).with_suffix("")) + ".presets.json"
+        result = calibrate(a.checkpoint, a.prompts, a.seeds, out, a.steps, a.degree, settings=s,
+                           conditioning=a.conditioning, random_conditioning=a.random_conditioning)
+        if a.embed:
+            embed_presets(a.checkpoint, {k: v for k, v in result.items()})
+            print(f"calibrate: embedded presets in {a.checkpoint}")
+    except (InputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["ChunkSignalRecorder", "CalibrationPoint", "RecordingSettings", "fit_rescale", "preset_entry", "calibrate",
+           "write_preset_file", "read_preset_file", "embed_presets", "main_calibrate"]

@@ -1,0 +1,77 @@
+"""The shipped demo: a tiny SkyReels-style diffusion-forcing model in the Wan2.1 architecture.
+
+Trained by ``python -m flowcache.demo.train`` on procedural videos (``data.py``) of one coloured shape
+moving, bouncing, pulsing or changing colour, with a word-level text encoder (``text.py``) and a fixed
+DCT latent codec (``codec.py``: 64×64 RGB <-> 16×16×16 latents, temporal stride 1). The weights are in
+``assets/`` in the same checkpoint format as the real models (bare Wan keys, facts in ``flowcache.*``
+safetensors metadata), so ``flowcache.models.load_model`` and the pipeline run them unchanged.
+
+API used by the nodes and the CLI: ``ASSETS``, ``demo_model_path()``, ``load_demo_text()``,
+``load_demo_codec()``, ``DEMO_SETTINGS`` (default sampler settings), ``DEMO_PROMPTS``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .codec import DemoCodec
+from .text import DemoTextEncoder
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DIT_FILE = "demo_dit.safetensors"
+TEXT_FILE = "demo_text.safetensors"
+
+# SkyReels-like geometry, scaled down: chunks of 4 latent frames, 5 chunks per window, ar_step 5, 50 steps,
+# two windows of 20 latent frames with a 4-frame (one-chunk) overlap: 36 frames at 8 fps.
+DEMO_SETTINGS: dict = {
+    "width": 64, "height": 64, "num_frames": 36, "base_num_frames": 20, "overlap_history": 4,
+    "causal_block_size": 4, "ar_step": 5, "steps": 50, "cfg": 5.0, "shift": 5.0, "addnoise_condition": 20,
+    "fps": 8.0, "solver": "unipc", "seed": 0,
+}
+
+DEMO_PROMPTS: tuple[str, ...] = (
+    "a red circle bouncing on a blue background",
+    "a yellow square moving right on a black background",
+    "a white triangle moving down on a green background",
+    "a cyan circle pulsing on a gray background",
+    "a green square changing colour on a black background",
+    "a purple triangle moving left on a white background",
+)
+
+
+def demo_model_path() -> Path:
+    p = ASSETS / DIT_FILE
+    if not p.exists():
+        raise CheckpointError(f"{p}: the demo model file is missing; re-install the node pack or run "
+                              "`python -m flowcache.demo.train`.")
+    return p
+
+
+def load_demo_text() -> DemoTextEncoder:
+    return DemoTextEncoder.load(ASSETS / TEXT_FILE)
+
+
+def load_demo_codec(model_path: str | os.PathLike | None = None) -> DemoCodec:
+    """The codec with the normalisation stats stored in the demo model's metadata."""
+    from safetensors import safe_open
+
+    path = Path(model_path) if model_path is not None else demo_model_path()
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+    if "flowcache.codec" not in meta:
+        raise CheckpointError(f"{path.name}: has no 'flowcache.codec' metadata; it is not a demo model file.")
+    return DemoCodec.from_stats_json(meta["flowcache.codec"])
+
+
+def demo_df_settings(**overrides):
+    """``DEMO_SETTINGS`` (with overrides) as a pipeline ``DFSettings``."""
+    from ..pipelines.diffusion_forcing import DFSettings
+
+    d = dict(DEMO_SETTINGS)
+    d.update(overrides)
+    return DFSettings(**d)
+
+
+__all__ = ["ASSETS", "DEMO_SETTINGS", "DEMO_PROMPTS", "DemoCodec", "DemoTextEncoder", "demo_model_path",
+           "load_demo_text", "load_demo_codec", "demo_df_settings"]

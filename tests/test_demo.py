@@ -1,0 +1,178 @@
+"""The shipped demo model, its codec / text encoder / data, and calibration (fast: runs on a CPU in seconds)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from flowcache.cache import resolve_settings
+from flowcache.calibrate import (ChunkSignalRecorder, RecordingSettings, calibrate, embed_presets, fit_rescale,
+                                 read_preset_file)
+from flowcache.demo import (DEMO_PROMPTS, DEMO_SETTINGS, demo_df_settings, demo_model_path, load_demo_codec,
+                            load_demo_text)
+from flowcache.demo.codec import DemoCodec, projection_matrix
+from flowcache.demo.data import VOCABULARY, VideoSpec, render, sample_spec, spec_from_prompt
+from flowcache.errors import InputError
+from flowcache.metrics import psnr
+from flowcache.models import load_model
+from flowcache.models.wan import WanConfig, WanDiT
+from flowcache.pipelines.diffusion_forcing import DFSettings, DiffusionForcingPipeline, LatentGeometry
+
+
+# -- shipped model -----------------------------------------------------------------------------------
+
+def test_demo_model_loads_like_a_real_checkpoint():
+    lm = load_model(demo_model_path())
+    assert lm.family == "wan" and lm.preset_key == "demo" and lm.prefix == ""
+    assert lm.geometry == {"temporal_stride": 1, "spatial_stride": 4, "channels": 16}
+    assert lm.text_len == 16
+    cfg = lm.config
+    assert (cfg.dim, cfg.num_heads, cfg.num_layers, cfg.patch_size, cfg.text_dim) == (128, 2, 4, (1, 2, 2), 64)
+    assert sum(p.numel() for p in lm.model.parameters()) < 3_000_000
+    total = sum(p.stat().st_size for p in demo_model_path().parent.glob("*.safetensors"))
+    assert total <= 10 * 2**20
+    facts = json.loads(lm.metadata["flowcache.training"])
+    assert facts["seed"] == 0 and facts["steps"] > 0 and math.isfinite(facts["final_loss"])
+
+
+def test_demo_presets_are_embedded_and_resolve():
+    lm = load_model(demo_model_path())
+    assert "demo" in lm.extra_presets, "run calibration and embed its presets in demo_dit.safetensors"
+    entry = lm.extra_presets["demo"]
+    assert len(entry["coefficients"]) == 5 and entry["calibration"]["points"] > 0
+    s = resolve_settings("demo", "flowcache", "slow", extra_presets=lm.extra_presets)
+    assert s.threshold == 0.1 and s.warmup == 5 and s.coefficients == entry["coefficients"]
+    assert resolve_settings("demo", "teacache", "fast", extra_presets=lm.extra_presets).threshold == 0.2
+
+
+def test_demo_pipeline_short_run():
+    torch.manual_seed(0)
+    lm = load_model(demo_model_path(), dtype="fp32")
+    codec, text = load_demo_codec(), load_demo_text()
+    pipe = DiffusionForcingPipeline(lm.model, LatentGeometry(**lm.geometry), text_len=lm.text_len, codec=codec)
+    s = demo_df_settings(num_frames=20, steps=4, ar_step=1)
+    lat, stats = pipe(text.encode(DEMO_PROMPTS[0]), text.encode(""), s)
+    assert lat.shape == (1, 16, 20, 16, 16) and torch.isfinite(lat).all()
+    video = codec.decode(lat)
+    assert video.shape == (20, 64, 64, 3) and 0 <= float(video.min()) and float(video.max()) <= 1
+    assert stats.windows == 1
+
+
+def test_demo_settings_plan_two_windows():
+    from flowcache.pipelines.diffusion_forcing import plan_windows
+
+    wins = plan_windows(demo_df_settings(), LatentGeometry(1, 4, 16))
+    assert [(w.length, w.prefix) for w in wins] == [(20, 0), (20, 4)]
+    assert DEMO_SETTINGS["steps"] == 50 and DEMO_SETTINGS["ar_step"] == 5
+    assert DEMO_SETTINGS["base_num_frames"] // DEMO_SETTINGS["causal_block_size"] == 5
+
+
+# -- codec, text, data -------------------------------------------------------------------------------
+
+def test_codec_projection_is_orthonormal_and_round_trips():
+    p = projection_matrix()
+    assert p.shape == (16, 48)
+    assert torch.allclose(p @ p.T, torch.eye(16), atol=1e-5)
+    frames = render(VideoSpec("red", "circle", "bouncing", "blue", 3), 0, 6)
+    codec = DemoCodec([0.5] * 16, [2.0] * 16)
+    z = codec.encode(frames)
+    assert z.shape == (1, 16, 6, 16, 16)
+    assert psnr(codec.decode(z), frames) > 25.0
+
+
+def test_demo_codec_stats_give_unit_scale():
+    codec = load_demo_codec()
+    rng = np.random.default_rng(5)
+    vids = torch.cat([render(sample_spec(rng), 0, 4) for _ in range(8)])
+    z = codec.encode(vids)
+    assert abs(float(z.mean())) < 0.5 and 0.3 < float(z.std()) < 2.0
+
+
+def test_text_encoder_vocabulary():
+    enc = load_demo_text()
+    assert set(VOCABULARY) <= set(enc.vocabulary)
+    c = enc.encode(DEMO_PROMPTS[0])
+    assert c.shape == (1, 16, 64) and c.abs().sum() > 0
+    assert float(enc.encode("").abs().sum()) == 0.0
+    assert torch.equal(enc.encode("A RED circle, bouncing"), enc.encode("a red circle bouncing"))
+    with pytest.raises(InputError) as e:
+        enc.encode("a magenta dodecahedron")
+    assert "magenta" in str(e.value) and "circle" in str(e.value)
+
+
+def test_data_is_deterministic_and_continuous():
+    a = [sample_spec(np.random.default_rng(7)) for _ in range(2)]
+    assert a[0] == a[1]
+    spec = spec_from_prompt("a yellow square moving right on a black background", seed=11)
+    v1, v2 = render(spec, 0, 30), render(spec, 0, 30)
+    assert torch.equal(v1, v2)
+    assert torch.allclose(render(spec, 10, 5), v1[10:15])  # any stretch renders the same frames
+    assert v1.shape == (30, 64, 64, 3) and 0 <= float(v1.min()) and float(v1.max()) <= 1
+    assert float((v1[1:] - v1[:-1]).abs().mean()) < 0.05  # small frame-to-frame change: continuous motion
+    assert spec.prompt == "a yellow square moving right on a black background"
+    with pytest.raises(ValueError):
+        spec_from_prompt("two dogs")
+
+
+# -- calibration -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("coef", [[0.5, -2.0, 3.0], [12.0, -4.0, 0.8, 1.5, -0.01]])
+def test_fit_recovers_known_polynomial(coef):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 0.5, 200)
+    y = np.polyval(coef, x) + rng.normal(0, 1e-6, x.shape)
+    fit, facts = fit_rescale(x, y, degree=len(coef) - 1)
+    assert np.allclose(fit, coef, rtol=1e-3, atol=1e-3)
+    assert facts["points"] == 200 and facts["r2"] > 0.9999
+    with pytest.raises(InputError):
+        fit_rescale([0.1, 0.2], [1.0, 2.0], degree=4)
+
+
+def _tiny_checkpoint(path):
+    torch.manual_seed(1)
+    cfg = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_dim=8, freq_dim=32)
+    model = WanDiT(cfg)
+    for p in model.parameters():  # non-zero modulation so the blocks see the timestep
+        p.data.normal_(0, 0.1)
+    meta = {"flowcache.num_heads": "2", "flowcache.text_len": "4", "flowcache.model_key": "tiny",
+            "flowcache.geometry": json.dumps({"temporal_stride": 1, "spatial_stride": 4, "channels": 16})}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    return path
+
+
+def test_calibration_recorder_on_tiny_model(tmp_path):
+    ck = _tiny_checkpoint(tmp_path / "tiny.safetensors")
+    s = DFSettings(width=16, height=16, num_frames=8, base_num_frames=8, causal_block_size=4, ar_step=2,
+                   steps=6, cfg=2.0, shift=5.0, fps=8.0)
+    out = tmp_path / "tiny.presets.json"
+    res = calibrate(ck, ["a", "b"], [0], out, settings=s, random_conditioning=True, log=None)
+    entry = res["tiny"]
+    cal = entry["calibration"]
+    # 2 prompts x 1 seed x 2 branches x 2 chunks x (6 - 1) consecutive step pairs
+    assert cal["points"] == 2 * 2 * 2 * 5
+    assert len(entry["coefficients"]) == 5 and all(math.isfinite(c) for c in entry["coefficients"])
+    assert entry["flowcache"]["slow"]["threshold"] == 0.1 and entry["flowcache"]["fast"]["threshold"] == 0.15
+    assert entry["teacache"]["fast"]["threshold"] == 0.2
+    table = read_preset_file(out)
+    assert resolve_settings("tiny", "flowcache", "fast", extra_presets=table).threshold == 0.15
+
+    before = {k: v.clone() for k, v in load_model(ck).model.state_dict().items()}
+    embed_presets(ck, res)
+    lm = load_model(ck)
+    assert lm.extra_presets["tiny"]["coefficients"] == entry["coefficients"]
+    assert lm.preset_key == "tiny" and lm.text_len == 4
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_recorder_pairs_signal_and_output_changes():
+    rec = ChunkSignalRecorder()
+    key = ("cond", 0)
+    for i, (sig, out) in enumerate([(1.0, 2.0), (2.0, 3.0), (3.0, 6.0)]):
+        assert rec.should_compute(key, torch.full((4,), sig)) is True
+        rec.remember(key, torch.full((4,), out))
+    assert [(round(p.x, 6), round(p.y, 6)) for p in rec.points] == [(1.0, 0.5), (0.5, 1.0)]
+    assert RecordingSettings(mode="calibrate", recorder=rec).to_dict().get("recorder") is None
