@@ -139,6 +139,21 @@ class KVStore:
         self.peak_rows = max(self.peak_rows, lay.used)
         return lay.k[:, :, :e], lay.v[:, :, :e]
 
+    def compress_clean(self, queries) -> bool:
+        """Compress every layer's clean prefix to ``budget`` rows now, if it holds more, scoring with
+        ``queries[layer]`` ([B, Hq, Lq, D]). For loops that choose the moment and the queries themselves
+        (MAGI-1: once per stage, with the last computed chunk's queries) rather than letting ``extend`` do it
+        with the next writer's queries. Returns whether any layer was compressed."""
+        done = False
+        for layer, lay in enumerate(self.layers):
+            if self.budget <= 0 or lay.k is None:
+                continue
+            clean_end = self._clean_end(lay, None)
+            if clean_end > self.budget:
+                self._compress(lay, queries[layer], clean_end)
+                done = True
+        return done
+
     def stats(self) -> dict:
         return {
             "kept_per_layer": [lay.compressed for lay in self.layers],

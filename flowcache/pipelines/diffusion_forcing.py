@@ -197,6 +197,11 @@ class DiffusionForcingPipeline:
 
     def __init__(self, model: WanDiT, geometry: LatentGeometry | None = None, text_len: int = 512,
                  codec: LatentCodec | None = None):
+        if not isinstance(model, WanDiT):
+            hint = (" This is a MAGI-1 DiT: sample it with flowcache.pipelines.magi.MagiPipeline (the MAGI-1 sampler)."
+                    if type(model).__name__ == "MagiDiT" else "")
+            raise InputError(f"DiffusionForcingPipeline runs Wan2.1 / SkyReels-V2 DiTs (WanDiT, from the Wan loader); "
+                             f"got {type(model).__name__}.{hint}")
         self.model = model
         self.geometry = geometry or LatentGeometry()
         self.text_len = text_len
