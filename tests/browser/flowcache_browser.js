@@ -3,6 +3,7 @@
 // FlowCache pack loaded. Used by tests/test_browser.py; can also be run by hand.
 //
 //   node tests/browser/flowcache_browser.js check   # load every shipped workflow, optionally run the demo
+//   node tests/browser/flowcache_browser.js video   # FlowCache Video Combine alone: mp4 preview in a <video>
 //   node tests/browser/flowcache_browser.js export  # maintainers: re-save workflows through the frontend + thumbnails
 //
 // Environment:
@@ -51,6 +52,10 @@ async function openEditor(browser, logs) {
     if (m.type() === "warning" || m.type() === "error") logs.push(`console.${m.type()}: ${m.text().slice(0, 400)}`);
   });
   page.on("pageerror", (e) => logs.push(`pageerror: ${e.message}`));
+  page.on("response", (r) => {
+    if (r.status() >= 400) logs.push(`http ${r.status()} ${r.url()}`);
+  });
+  page.on("requestfailed", (r) => logs.push(`requestfailed ${r.url()} ${r.failure()?.errorText || ""}`));
   await page.goto(URL_BASE + "/", { waitUntil: "domcontentloaded" });
   await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas, null, { timeout: 90000 });
   // our extension is imported with the others; wait for it and for its preset table
@@ -267,11 +272,14 @@ async function check(browser) {
   const result = { pack: PACK, mode: "check" };
   result.extension = await page.evaluate(() => ({
     registered: window.app.extensions.filter((e) => e.name === "FlowCache.UI").length,
+    registeredFrom: window.__flowcache && window.__flowcache.registered,
     presets: !!(window.__flowcache && window.__flowcache.presets),
     errors: (window.__flowcache && window.__flowcache.errors) || [],
     types: ["FlowCacheSampler", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine", "FlowCacheDemoTextEncode"]
       .filter((t) => t in LiteGraph.registered_node_types),
   }));
+  const exts = await getJSON(page, "/extensions");
+  result.extensionUrls = exts.status === 200 ? JSON.parse(exts.body).filter((u) => /flowcache/i.test(u)) : [];
   const listing = await getJSON(page, "/api/workflow_templates");
   result.templates = listing.status === 200 ? JSON.parse(listing.body)[PACK] || [] : [];
   const names = process.env.WORKFLOWS ? process.env.WORKFLOWS.split(",").filter(Boolean) : result.templates;
@@ -296,6 +304,43 @@ async function check(browser) {
   }
   result.logs = logs.slice(0, 200);
   console.log("RESULT " + JSON.stringify(result));
+}
+
+/** FlowCache Video Combine alone (frames from core EmptyImage): the stock frontend previews its mp4 in a <video>. */
+async function videoSmoke(browser) {
+  const logs = [];
+  const page = await openEditor(browser, logs);
+  const prompt = {
+    1: { class_type: "EmptyImage", inputs: { width: 64, height: 48, batch_size: 12, color: 0x3366cc } },
+    2: { class_type: "FlowCacheVideoCombine", inputs: { images: ["1", 0], frame_rate: 8, loop_count: 0,
+      filename_prefix: "FlowCacheTest/smoke", format: "video/h264-mp4", crf: 19 } },
+  };
+  await page.evaluate(async (p) => {
+    window.__fcTest = { errors: [], executed: [] };
+    window.app.api.addEventListener("execution_error", ({ detail }) => window.__fcTest.errors.push(JSON.stringify(detail).slice(0, 2000)));
+    window.app.api.addEventListener("executed", ({ detail }) => window.__fcTest.executed.push(detail));
+    await window.app.loadApiJson(p, "flowcache_video_smoke");
+    await window.app.queuePrompt(0, 1);
+  }, prompt);
+  let state = null;
+  const deadline = Date.now() + 120000;
+  while (Date.now() < deadline) {
+    state = await page.evaluate(() => ({
+      errors: window.__fcTest.errors,
+      executed: window.__fcTest.executed,
+      videos: [...document.querySelectorAll("video")].map((v) => ({
+        src: v.currentSrc || v.src, ready: v.readyState, w: v.videoWidth, h: v.videoHeight,
+        visible: !!(v.offsetWidth && v.offsetHeight), controls: v.controls, loop: v.loop,
+      })),
+      previewWidgets: window.app.graph._nodes.filter((n) => n.type === "FlowCacheVideoCombine")
+        .map((n) => ({ media: n.previewMediaType, widgets: (n.widgets || []).map((w) => w.name) })),
+    }));
+    if (state.errors.length || state.videos.some((v) => v.ready >= 2)) break;
+    await page.waitForTimeout(500);
+  }
+  await page.waitForTimeout(800);
+  await page.screenshot({ path: path.join(OUT, "video_smoke.png") });
+  console.log("RESULT " + JSON.stringify({ mode: "video", ...state, logs }));
 }
 
 /** Maintainers: re-save each workflow as the frontend serialises it (canonical 0.4 format) and make thumbnails. */
@@ -332,6 +377,7 @@ async function exportWorkflows(browser) {
   });
   try {
     if (MODE === "export") await exportWorkflows(browser);
+    else if (MODE === "video") await videoSmoke(browser);
     else await check(browser);
   } finally {
     await browser.close();

@@ -1,0 +1,223 @@
+"""The pack in a real ComfyUI, driven through its frontend in headless Chromium (tests/browser/flowcache_browser.js).
+
+Runs only when COMFYUI_PATH points to a ComfyUI checkout (COMFYUI_PYTHON: its interpreter, default this one), and
+skips when chromium, node or playwright-core (PLAYWRIGHT_CORE_DIR, default /tmp/pw/node_modules) is missing:
+
+    COMFYUI_PATH=/tmp/comfyui COMFYUI_PYTHON=/tmp/comfyvenv/bin/python python -m pytest tests/test_browser.py -q
+
+The server is started with the pack symlinked into a temporary custom_nodes folder (--extra-model-paths-config),
+under a folder name different from the pyproject name so the web folder is served twice (see flowcache.js).
+Every shipped workflow is loaded the way the Templates dialog does (GET /api/workflow_templates/<pack>/<name>.json,
+app.loadGraphData) and checked for missing-node dialogs, warning toasts and widget mismatches; then the CPU demo
+workflow is queued and the test waits for the mp4 <video> preview and the per-chunk compute/reuse map.
+Screenshots go to tests/artifacts/browser/ (gitignored).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from comfy_helpers import ComfyServer, http_json
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "browser" / "flowcache_browser.js"
+ARTIFACTS = ROOT / "tests" / "artifacts" / "browser"
+PACK_NAME = "ComfyUI-FlowCache"
+EXPECTED = {"flowcache_demo_cpu", "skyreels_v2_df_1.3b_t2v_fast", "skyreels_v2_df_1.3b_t2v_slow",
+            "skyreels_v2_df_1.3b_long_kv"}
+NEEDS_MODEL_FILES = {"skyreels_v2_df_1.3b_t2v_fast", "skyreels_v2_df_1.3b_t2v_slow", "skyreels_v2_df_1.3b_long_kv"}
+NODE_TYPES = {"FlowCacheSampler", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine",
+              "FlowCacheDemoTextEncode"}
+DEMO_ASSETS = ROOT / "flowcache" / "demo" / "assets"
+# Page noise of frontend 1.27.10 with no network (comfyui-host.md §8.4): not ours, ignored.
+BENIGN = ("Cannot read properties of undefined (reading 'id')", "ERR_NAME_NOT_RESOLVED", "Error fetching file size",
+          "Failed to fetch", "status of 404", "ERR_INTERNET_DISCONNECTED", "api.comfy.org", "huggingface.co/",
+          "user.css", "/api/userdata", "comfy.templates.json")
+
+COMFY = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH to a ComfyUI checkout to run the browser tests")
+
+
+def _tools() -> dict:
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    node = shutil.which("node")
+    pw = Path(os.environ.get("PLAYWRIGHT_CORE_DIR", "/tmp/pw/node_modules"))
+    missing = [name for name, ok in (("chromium", chromium), ("node", node),
+                                     (f"playwright-core in {pw}", (pw / "playwright-core" / "package.json").is_file()))
+               if not ok]
+    if missing:
+        pytest.skip("missing " + ", ".join(missing))
+    return {"chromium": chromium, "node": node, "pw": str(pw)}
+
+
+@pytest.fixture(scope="module")
+def tools():
+    return _tools()
+
+
+@pytest.fixture(scope="module")
+def server(tools):
+    comfy = Path(COMFY)
+    if not (comfy / "main.py").is_file():
+        pytest.skip(f"COMFYUI_PATH={COMFY} has no main.py")
+    if not (ROOT / "__init__.py").is_file():
+        pytest.skip("the pack has no __init__.py yet")
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    work = Path(tempfile.mkdtemp(prefix="flowcache_browser_"))
+    (work / "custom_nodes").mkdir()
+    (work / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    (work / "output").mkdir()
+    extra = work / "extra_model_paths.yaml"
+    extra.write_text(f"flowcache_test:\n  custom_nodes: {work / 'custom_nodes'}\n")
+    srv = ComfyServer(comfy, python, work, extra, work / "output")
+    try:
+        srv.start(timeout=180)
+        # hide the first-run "Get Started with a Template" dialog (a per-user setting)
+        http_json(srv.url + "/api/settings/Comfy.TutorialCompleted", True)
+        srv.work = work
+        yield srv
+    finally:
+        srv.stop()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy(srv.log_path, ARTIFACTS / "comfyui.log")
+        except OSError:
+            pass
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def drive(server, tools, *, run_demo: bool = False, timeout: int = 1500, mode: str = "check", **env) -> dict:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    full_env = dict(os.environ, COMFY_URL=server.url, PACK_NAME=PACK_NAME, OUT_DIR=str(ARTIFACTS),
+                    PLAYWRIGHT_CORE_DIR=tools["pw"], CHROMIUM=tools["chromium"], RUN_DEMO="1" if run_demo else "0",
+                    **env)
+    r = subprocess.run([tools["node"], str(SCRIPT), mode], capture_output=True, text=True, timeout=timeout,
+                       env=full_env, cwd=ROOT)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, f"browser script failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    result = json.loads(lines[-1][len("RESULT "):])
+    (ARTIFACTS / f"result_{'demo' if run_demo else mode}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def ours(logs: list[str]) -> list[str]:
+    """Page errors, console warnings and failed requests that are not the frontend's known offline noise.
+
+    Failed requests are logged with their URL ("http 404 <url>"), so a 404 of one of our files is still caught.
+    """
+    return [ln for ln in logs if "flowcache" in ln.lower() or not any(b in ln for b in BENIGN)]
+
+
+def test_extension_and_workflows_in_the_editor(server, tools):
+    listing = http_json(server.url + "/workflow_templates")
+    assert set(listing.get(PACK_NAME, [])) == EXPECTED, listing
+    result = drive(server, tools, timeout=600)
+
+    ext = result["extension"]
+    assert ext["registered"] == 1, "FlowCache.UI must register exactly once even when web/ is served twice"
+    assert len(result["extensionUrls"]) >= 1, result["extensionUrls"]
+    assert ext["presets"] and not ext["errors"], ext
+    assert set(ext["types"]) == NODE_TYPES
+    assert set(result["templates"]) == EXPECTED
+
+    problems = []
+    for wf in result["workflows"]:
+        name = wf["name"]
+        if wf.get("error"):
+            problems.append(f"{name}: {wf['error']}")
+            continue
+        assert wf["thumb"]["status"] == 200 and "jpeg" in (wf["thumb"]["type"] or ""), (name, wf["thumb"])
+        for text in wf["popups"]["dialogs"]:
+            if "Missing Models" in text and name in NEEDS_MODEL_FILES:
+                continue  # the model files are not in this test's models folder; the dialog offers the downloads
+            problems.append(f"{name}: dialog {text[:160]!r}")
+        for toast in wf["popups"]["toasts"]:
+            if toast["severity"] in ("warn", "error"):
+                problems.append(f"{name}: {toast['severity']} toast {toast['text'][:160]!r}")
+        if wf["links"] != wf["fileLinks"]:
+            problems.append(f"{name}: {wf['links']} links in the editor, {wf['fileLinks']} in the file")
+        for node in wf["nodes"]:
+            problems += [f"{name}: node {node['id']} {node['type']}: {p}" for p in node["problems"]]
+            if node["type"] == "FlowCacheSampler":
+                named = node["preset"] in ("slow", "fast") and node["cache"] != "off"
+                if set(node["locked"].values()) != {named}:
+                    problems.append(f"{name}: preset {node['preset']} but locked={node['locked']}")
+                if named and not (node["fc"] or {}).get("known"):
+                    problems.append(f"{name}: the extension found no preset values for {node['fc']}")
+        prompt = wf["prompt"]
+        if "error" in prompt:
+            problems.append(f"{name}: graphToPrompt failed: {prompt['error']}")
+        else:
+            for nid, entry in prompt.items():
+                if entry["class_type"] == "FlowCacheSampler":
+                    inputs = set(entry["inputs"])
+                    if "flowcache_map" in inputs or not {"threshold", "kv_budget", "preset"} <= inputs:
+                        problems.append(f"{name}: sampler prompt inputs {sorted(inputs)}")
+    problems += [f"page: {ln}" for ln in ours(result["logs"])]
+    assert not problems, "\n".join(problems)
+    for name in EXPECTED:
+        assert (ARTIFACTS / f"loaded_{name}.png").is_file()
+
+
+def test_video_combine_mp4_plays_in_place(server, tools):
+    """No extension JS is involved: {"images": [mp4], "animated": [true]} gets the stock <video> preview."""
+    result = drive(server, tools, mode="video", timeout=300)
+    assert not result["errors"], result["errors"]
+    (out,) = [e["output"] for e in result["executed"] if e.get("output", {}).get("images")]
+    assert out["animated"] == [True] and out["images"][0]["filename"].endswith(".mp4"), out
+    videos = [v for v in result["videos"] if ".mp4" in (v["src"] or "")]
+    assert videos and videos[0]["ready"] >= 2 and videos[0]["visible"], result["videos"]
+    assert (videos[0]["w"], videos[0]["h"]) == (64, 48) and videos[0]["controls"], videos[0]
+    assert result["previewWidgets"] and result["previewWidgets"][0]["media"] == "video", result["previewWidgets"]
+    assert list((server.work / "output").rglob("smoke_*.mp4"))
+
+
+def _demo_ready() -> str | None:
+    dit, text = DEMO_ASSETS / "demo_dit.safetensors", DEMO_ASSETS / "demo_text.safetensors"
+    if not (dit.is_file() and text.is_file()):
+        return "the demo model assets are not there"
+    try:
+        from safetensors import safe_open
+        with safe_open(str(dit), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - an unreadable asset is reported as a skip reason
+        return f"the demo model cannot be read: {e}"
+    if "flowcache.presets" not in meta:
+        return "the demo model has no embedded cache presets yet (run `python -m flowcache calibrate --embed`)"
+    return None
+
+
+def test_demo_workflow_runs_with_video_and_map(server, tools):
+    why = _demo_ready()
+    if why:
+        pytest.skip(why)
+    result = drive(server, tools, run_demo=True, WORKFLOWS="flowcache_demo_cpu",
+                   RUN_TIMEOUT_S=os.environ.get("FLOWCACHE_DEMO_TIMEOUT_S", "1200"))
+    demo = result["demo"]
+    assert not demo["errors"], json.dumps(demo["errors"], indent=1)[:4000]
+    # live progress reached the node while sampling
+    assert demo["progressSeen"] and "window" in demo["progressSeen"]["text"], demo["progressSeen"]
+    assert demo["progressSeen"]["drawn"]
+    # the per-chunk map was drawn: 2 windows x 5 chunks x 50 steps for the demo settings
+    drawn = demo["drawn"]
+    assert drawn, f"no map drawn after {demo['seconds']} s: {demo}"
+    assert (drawn["windows"], drawn["chunks"], drawn["steps"]) == (2, 5, 50), drawn
+    assert demo["mapsAttr"] == "1"
+    stats = demo["stats"]
+    assert stats["windows"] == 2 and stats["computed"] > 0 and stats["flops_speedup"] >= 1.0, stats
+    # the mp4 plays in place in the stock <video> preview
+    videos = [v for v in demo["videos"] if ".mp4" in (v["src"] or "")]
+    assert videos, demo["videos"]
+    v = videos[0]
+    assert v["ready"] >= 2 and v["visible"] and (v["w"], v["h"]) == (64, 64), v
+    assert list((server.work / "output").rglob("*.mp4")), "no mp4 in the output folder"
+    assert not demo["extErrorsAfter"], demo["extErrorsAfter"]
+    assert Path(demo["screenshot"]).is_file()
+    assert not [ln for ln in ours(result["logs"]) if "FlowCache" in ln or "flowcache" in ln], result["logs"]
