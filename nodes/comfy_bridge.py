@@ -1,0 +1,163 @@
+"""Lazy, guarded access to the ComfyUI APIs the nodes use.
+
+Every function looks the ComfyUI module up when called (never at import), so the pack imports and its nodes
+run without ComfyUI: on the CPU, with no progress bar, no interrupt and no UI events. Inside ComfyUI the
+real modules are already in ``sys.modules`` and are used as they are.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+import torch
+
+log = logging.getLogger("FlowCache")
+
+
+def _module(name: str) -> ModuleType | None:
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    try:
+        return importlib.import_module(name)
+    except Exception:  # absent, or present but unusable outside a running ComfyUI (e.g. no CUDA)
+        return None
+
+
+def comfy_available() -> bool:
+    """Whether ComfyUI's model management can be used (i.e. we run inside ComfyUI)."""
+    return _module("comfy.model_management") is not None
+
+
+# ------------------------------------------------------------------------------------------- devices
+
+def torch_device() -> torch.device:
+    """The device ComfyUI runs models on (CPU without ComfyUI)."""
+    mm = _module("comfy.model_management")
+    return torch.device(mm.get_torch_device()) if mm is not None else torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    mm = _module("comfy.model_management")
+    return torch.device(mm.unet_offload_device()) if mm is not None else torch.device("cpu")
+
+
+class _PatchedModule(torch.nn.Module):
+    """What ModelPatcher wraps: the DiT plus a writable ``device`` attribute.
+
+    ModelPatcher assigns ``model.device``; WanDiT exposes ``device`` as a read-only property.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.diffusion_model = model
+        self.device = device
+
+    def get_dtype(self) -> torch.dtype:  # ModelPatcher.model_dtype() asks for it
+        return next(self.diffusion_model.parameters()).dtype
+
+
+class _PlainPatcher:
+    """Stand-in for ModelPatcher without ComfyUI: moves the module between the two devices."""
+
+    def __init__(self, model: torch.nn.Module, load_device: torch.device, offload: torch.device):
+        self.model = model
+        self.load_device = load_device
+        self.offload_device = offload
+
+
+def make_patcher(module: torch.nn.Module) -> Any:
+    """A ComfyUI ModelPatcher around ``module`` (so ComfyUI's memory manager can load/offload it)."""
+    load, offload = torch_device(), offload_device()
+    holder = _PatchedModule(module, offload)
+    mp = _module("comfy.model_patcher")
+    if mp is None or not hasattr(mp, "ModelPatcher"):
+        return _PlainPatcher(holder, load, offload)
+    return mp.ModelPatcher(holder, load_device=load, offload_device=offload)
+
+
+def load_to_device(patcher: Any) -> None:
+    """Load the model onto ComfyUI's device, unloading others as needed."""
+    mm = _module("comfy.model_management")
+    if mm is None or isinstance(patcher, _PlainPatcher):
+        patcher.model.to(patcher.load_device)
+        return
+    # Full load: the DiT's plain nn.Linear layers cannot run partially offloaded (no comfy cast ops).
+    mm.load_models_gpu([patcher], force_full_load=True)
+
+
+def offload(patcher: Any) -> None:
+    """Move this one model back to the offload device (other loaded models stay)."""
+    mm = _module("comfy.model_management")
+    if mm is None or isinstance(patcher, _PlainPatcher):
+        patcher.model.to(patcher.offload_device)
+        return
+    loaded = getattr(mm, "current_loaded_models", [])
+    for i, entry in enumerate(list(loaded)):
+        if entry.model is patcher:
+            loaded.pop(i)
+            entry.model_unload()
+            break
+    else:
+        patcher.detach()
+    mm.soft_empty_cache()
+
+
+# ---------------------------------------------------------------------------------- progress, cancel
+
+class _NoProgress:
+    def __init__(self, total: int, node_id: Any = None):
+        self.total, self.current = total, 0
+
+    def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
+        self.current = value
+
+
+def progress_bar(total: int, node_id: Any = None) -> Any:
+    """comfy.utils.ProgressBar; inside the server every update is also a cancel point."""
+    utils = _module("comfy.utils")
+    cls = getattr(utils, "ProgressBar", None) if utils is not None else None
+    return cls(total, node_id=node_id) if cls is not None else _NoProgress(total, node_id)
+
+
+def check_interrupted() -> None:
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel."""
+    mm = _module("comfy.model_management")
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+def send_event(event: str, data: dict) -> None:
+    """Broadcast a custom websocket event to the frontend (no-op without a running server)."""
+    server = _module("server")
+    prompt_server = getattr(server, "PromptServer", None) if server is not None else None
+    instance = getattr(prompt_server, "instance", None)
+    if instance is None:
+        return
+    try:
+        instance.send_sync(event, data)
+    except Exception as e:  # a UI message must never fail a run
+        log.debug("FlowCache: could not send %s: %s", event, e)
+
+
+# -------------------------------------------------------------------------------------------- paths
+
+def filename_list(folder: str) -> list[str]:
+    fp = _module("folder_paths")
+    return list(fp.get_filename_list(folder)) if fp is not None else []
+
+
+def full_path(folder: str, name: str) -> str | None:
+    fp = _module("folder_paths")
+    if fp is None:
+        return name if os.path.exists(name) else None
+    return fp.get_full_path(folder, name)
+
+
+def output_directory() -> str:
+    fp = _module("folder_paths")
+    return fp.get_output_directory() if fp is not None else os.path.abspath("output")

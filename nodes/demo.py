@@ -1,0 +1,109 @@
+"""The built-in CPU demo: its text encoder as a node, and a decoder for both demo and Wan latents."""
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from ..flowcache.errors import InputError
+
+log = logging.getLogger("FlowCache")
+
+DEMO_ENTRY = "flowcache-demo (built-in, runs on CPU)"
+DEMO_CODEC = "demo"  # value of a LATENT's "flowcache_codec" key for demo-space latents
+
+
+def demo_module() -> ModuleType | None:
+    """``flowcache.demo`` when it is installed and complete, else None (imported lazily: it is optional)."""
+    try:
+        mod = importlib.import_module("..flowcache.demo", __package__)
+    except ImportError:
+        return None
+    except Exception as e:  # a broken demo must not take the other nodes down with it
+        log.warning("FlowCache: the built-in demo failed to import: %s: %s", type(e).__name__, e)
+        return None
+    needed = ("demo_model_path", "load_demo_text", "load_demo_codec")
+    return mod if all(hasattr(mod, n) for n in needed) else None
+
+
+def _require_demo(widget: str) -> ModuleType:
+    demo = demo_module()
+    if demo is None:
+        raise InputError(f"{widget}: the built-in demo (flowcache/demo) is not installed with this copy of the pack.")
+    return demo
+
+
+def default_prompt() -> str:
+    demo = demo_module()
+    prompts: Any = getattr(demo, "DEMO_PROMPTS", None) if demo is not None else None
+    if isinstance(prompts, dict):
+        prompts = list(prompts.values())
+    if isinstance(prompts, str):
+        return prompts
+    if isinstance(prompts, (list, tuple)) and prompts:
+        return str(prompts[0])
+    return ""
+
+
+class FlowCacheDemoTextEncode:
+    """Encode a prompt with the demo's tiny text encoder (only for the built-in demo model)."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "prompt": ("STRING", {
+                "multiline": True, "default": default_prompt(),
+                "tooltip": "Text for the built-in demo model. It knows only the few scenes it was trained on; "
+                           "real Wan models need CLIP Text Encode with a umT5-XXL text encoder."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("Demo text conditioning, for FlowCache Sampler with the demo model.",)
+    FUNCTION = "encode"
+    CATEGORY = "FlowCache"
+    DESCRIPTION = "Text encoder of the built-in CPU demo model."
+
+    def encode(self, prompt: str) -> tuple[list]:
+        encoder = _require_demo("prompt").load_demo_text()
+        return ([[encoder.encode(prompt), {"pooled_output": None}]],)
+
+
+class FlowCacheDecode:
+    """LATENT -> IMAGE: demo latents through the demo codec, Wan latents through the connected VAE."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "samples": ("LATENT", {"tooltip": "Latents from FlowCache Sampler."}),
+            },
+            "optional": {
+                "vae": ("VAE", {"tooltip": "The Wan2.1 VAE (wan_2.1_vae). Needed for real models; the built-in "
+                                           "demo decodes without one."}),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("Decoded video frames.",)
+    FUNCTION = "decode"
+    CATEGORY = "FlowCache"
+    DESCRIPTION = "Decodes FlowCache latents to video frames (demo codec or the Wan VAE)."
+
+    def decode(self, samples: dict, vae: Any = None) -> tuple[torch.Tensor]:
+        latents = samples["samples"]
+        if samples.get("flowcache_codec") == DEMO_CODEC:
+            frames = _require_demo("samples").load_demo_codec().decode(latents)
+            return (frames.float().cpu(),)
+        if vae is None:
+            raise InputError("vae: these latents are Wan VAE latents; connect a Load VAE node with the Wan2.1 VAE "
+                             "(wan_2.1_vae) to the vae input.")
+        if latents.dim() != 5:
+            raise InputError(f"samples: expected video latents [B, 16, F, h, w], got {list(latents.shape)}.")
+        images = vae.decode(latents)
+        if images.dim() == 5:  # ComfyUI's VAE returns [B, T, H, W, 3] for video; IMAGE is a flat frame batch
+            images = images.reshape(-1, *images.shape[-3:])
+        return (images,)

@@ -1,0 +1,78 @@
+"""FlowCache Load Model: a Wan2.1 / SkyReels-V2 diffusion-forcing DiT as a FLOWCACHE_MODEL."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ..flowcache.errors import CheckpointError
+from ..flowcache.models import LoadedModel, load_model
+from . import comfy_bridge
+from .demo import DEMO_ENTRY, demo_module
+
+log = logging.getLogger("FlowCache")
+
+DTYPES = ["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class FlowCacheModel:
+    """What travels on a FLOWCACHE_MODEL link: the core's LoadedModel and ComfyUI's ModelPatcher around it."""
+
+    loaded: LoadedModel
+    patcher: Any
+    name: str
+    dtype: str
+
+    def __repr__(self) -> str:
+        return f"FlowCacheModel({self.name!r}, {self.loaded.family}, {self.dtype})"
+
+
+def resolve_dtype(choice: str, device_type: str) -> str:
+    """auto: the stored dtype on a GPU, fp32 on the CPU (half precision is slow there)."""
+    if choice not in DTYPES:
+        raise CheckpointError(f"dtype={choice!r}: must be one of {', '.join(DTYPES)}.")
+    if choice == "auto" and device_type == "cpu":
+        return "fp32"
+    return choice
+
+
+class FlowCacheModelLoader:
+    """Load a SkyReels-V2 / Wan2.1 diffusion-forcing model (or the built-in CPU demo) for the FlowCache sampler."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model_name": ([DEMO_ENTRY] + comfy_bridge.filename_list("diffusion_models"), {
+                "tooltip": "Diffusion-forcing DiT from models/diffusion_models (e.g. SkyReels-V2-DF-1.3B-540P), "
+                           "or the small built-in demo model that runs on a CPU."}),
+            "dtype": (DTYPES, {
+                "default": "auto",
+                "tooltip": "Compute precision. auto: the file's own precision on a GPU (fp8 is upcast to bf16), "
+                           "fp32 on the CPU where half precision is slow."}),
+        }}
+
+    RETURN_TYPES = ("FLOWCACHE_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The loaded model, for FlowCache Sampler.",)
+    FUNCTION = "load"
+    CATEGORY = "FlowCache"
+    DESCRIPTION = "Loads a Wan2.1 / SkyReels-V2 diffusion-forcing model for FlowCache Sampler."
+
+    def load(self, model_name: str, dtype: str = "auto") -> tuple[FlowCacheModel]:
+        if model_name == DEMO_ENTRY:
+            demo = demo_module()
+            if demo is None:
+                raise CheckpointError("model_name: the built-in demo model is not installed with this copy of the "
+                                      "pack (flowcache/demo is missing); pick a file from models/diffusion_models.")
+            path = str(demo.demo_model_path())
+        else:
+            path = comfy_bridge.full_path("diffusion_models", model_name)
+            if path is None:
+                raise CheckpointError(f"model_name: {model_name} was not found in models/diffusion_models.")
+        chosen = resolve_dtype(dtype, comfy_bridge.torch_device().type)
+        # CheckpointError messages from the core already name the file; they reach the user unchanged.
+        loaded = load_model(path, chosen, expect="wan")
+        log.info("FlowCache: loaded %s (%s, %s, presets %s)", loaded.checkpoint, loaded.family, chosen,
+                 loaded.preset_key)
+        return (FlowCacheModel(loaded, comfy_bridge.make_patcher(loaded.model), model_name, chosen),)

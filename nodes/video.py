@@ -1,0 +1,69 @@
+"""FlowCache Video Combine: frames -> an mp4/webm/gif/webp file in the output folder, with a preview."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..flowcache.errors import InputError
+from ..flowcache.video import FORMATS, VideoWriter, resolve_output_path
+from . import comfy_bridge
+
+log = logging.getLogger("FlowCache")
+
+DEFAULT_FORMAT = "video/h264-mp4"
+
+
+class FlowCacheVideoCombine:
+    """Write frames to a video file under ComfyUI's output folder and show it on the node."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "Frames to write, in order."}),
+            "frame_rate": ("FLOAT", {"default": 24.0, "min": 0.01, "max": 240.0, "step": 1.0,
+                                     "tooltip": "Frames per second (SkyReels-V2 models are trained at 24)."}),
+            "loop_count": ("INT", {"default": 0, "min": 0, "max": 100,
+                                   "tooltip": "gif/webp only: extra plays after the first (0 = loop forever)."}),
+            "filename_prefix": ("STRING", {"default": "FlowCache",
+                                           "tooltip": "File name, or a relative path such as 'video/flowcache', "
+                                                      "inside the output folder; a counter is appended."}),
+            "format": (list(FORMATS), {"default": DEFAULT_FORMAT,
+                                       "tooltip": "Container and codec: h264 mp4 plays everywhere; webm is "
+                                                  "VP9; gif/webp are animated images."}),
+            "crf": ("INT", {"default": 19, "min": 0, "max": 63,
+                            "tooltip": "mp4/webm quality: lower is better and bigger (mp4 0..51, webm 0..63)."}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("filename",)
+    OUTPUT_TOOLTIPS = ("Full path of the written file.",)
+    FUNCTION = "combine"
+    OUTPUT_NODE = True
+    CATEGORY = "FlowCache"
+    DESCRIPTION = "Saves frames as a video in the output folder and previews it."
+
+    def combine(self, images: torch.Tensor, frame_rate: float = 24.0, loop_count: int = 0,
+                filename_prefix: str = "FlowCache", format: str = DEFAULT_FORMAT, crf: int = 19) -> dict:
+        if format not in FORMATS:
+            raise InputError(f"format={format!r}: must be one of {', '.join(FORMATS)}.")
+        if not math.isfinite(frame_rate) or frame_rate <= 0:
+            raise InputError(f"frame_rate={frame_rate}: must be a positive number of frames per second.")
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
+            shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise InputError(f"images: expected an IMAGE batch [frames, H, W, C], got {shape}.")
+        fmt = FORMATS[format]
+        # OutputPathError names filename_prefix when it would leave the output folder.
+        path, subfolder, filename = resolve_output_path(comfy_bridge.output_directory(), filename_prefix,
+                                                        fmt.extension)
+        with VideoWriter(path, fmt, frame_rate, loop_count=loop_count, crf=crf) as writer:
+            for start in range(0, images.shape[0], 16):  # stream: never one uint8 copy of the whole clip
+                writer.write(images[start:start + 16, :, :, :3])
+        log.info("FlowCache: wrote %s (%d frames)", path, writer.frames_written)
+        entry = {"filename": filename, "subfolder": subfolder, "type": "output", "format": fmt.name,
+                 "frame_rate": frame_rate, "frames": writer.frames_written}
+        # The stock frontend plays {"images": [...], "animated": [True]} in a <video>, except names containing
+        # "webp"/"png" which it shows as an <img>; a gif in a <video> would not play, so it gets a still preview.
+        animated = fmt.is_video or fmt.extension == "webp"
+        return {"ui": {"images": [entry], "animated": [animated]}, "result": (str(path),)}

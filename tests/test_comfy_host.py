@@ -1,0 +1,222 @@
+"""The pack inside a real ComfyUI server (runs only when COMFYUI_PATH points to a ComfyUI checkout).
+
+    COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/its/python python -m pytest tests/test_comfy_host.py -q
+
+The pack is linked into a temporary custom_nodes folder given to ComfyUI with --extra-model-paths-config
+(together with a temporary diffusion_models folder); ``main.py --cpu`` runs as a subprocess, so this test
+process never imports ComfyUI (and never needs the pack root on sys.path).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_helpers import (NODE_IDS, ROOT, ComfyServer, MiniWebSocket, demo_available, demo_missing, http_json,
+                           import_pack, pack_submodule, write_tiny_wan)
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to a ComfyUI "
+                                                         "checkout to run the real-server test")
+
+PACK_DIR_NAME = "flowcache-pack"
+TINY_FILE = "tiny_demo_space.safetensors"
+DEMO_GEOMETRY = {"temporal_stride": 1, "spatial_stride": 4, "channels": 16}
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    """(server, pack, work dir): ComfyUI with this pack and a tiny model; killed afterwards."""
+    comfy = Path(COMFYUI_PATH)
+    if not (comfy / "main.py").is_file():
+        pytest.fail(f"COMFYUI_PATH={COMFYUI_PATH} has no main.py")
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    work = tmp_path_factory.mktemp("comfyhost")
+    (work / "custom_nodes").mkdir()
+    (work / "custom_nodes" / PACK_DIR_NAME).symlink_to(ROOT, target_is_directory=True)
+    (work / "diffusion_models").mkdir()
+    (work / "output").mkdir()
+    pack = import_pack()  # only to write the tiny model with the pack's own WanDiT; no ComfyUI import
+    if demo_available(pack):
+        # demo latent space and text width, so the demo text encoder and codec serve it without weights
+        write_tiny_wan(work / "diffusion_models" / TINY_FILE, pack, text_dim=64, text_len=16, dim=64, layers=3,
+                       heads=2, latent_format="demo", geometry=DEMO_GEOMETRY)
+    config = work / "extra_model_paths.yaml"
+    config.write_text(f"flowcache_test:\n    base_path: {work}\n    custom_nodes: custom_nodes\n"
+                      f"    diffusion_models: diffusion_models\n")
+    server = ComfyServer(comfy, python, work, config, work / "output")
+    try:
+        server.start()
+        yield server, pack, work
+    finally:
+        server.stop()
+
+
+def need_demo(pack) -> None:
+    if not demo_available(pack):
+        pytest.skip("flowcache.demo is not installed: without it there is no weight-free text encoder and "
+                    "decoder to drive a whole prompt on a CPU-only ComfyUI")
+
+
+def graph(model_name: str, prefix: str, *, dtype: str = "auto", steps: int = 6, seed: int = 3, **sampler) -> dict:
+    """Loader -> demo text encode (x2) -> sampler -> decode -> video combine, plus core SaveLatent."""
+    settings = dict(width=64, height=64, num_frames=36, steps=steps, cfg=5.0, shift=5.0, seed=seed, ar_step=5,
+                    causal_block_size=4, base_num_frames=20, overlap_history=4, addnoise_condition=20,
+                    solver="unipc", cache="flowcache", preset="slow", threshold=0.1, warmup_steps=5, kv_budget=0,
+                    mix_lambda=0.07, keep_model_loaded=False)
+    settings.update(sampler)
+    return {
+        "1": {"class_type": "FlowCacheModelLoader", "inputs": {"model_name": model_name, "dtype": dtype}},
+        "2": {"class_type": "FlowCacheDemoTextEncode", "inputs": {"prompt": "a red circle bouncing on a blue "
+                                                                            "background"}},
+        "3": {"class_type": "FlowCacheDemoTextEncode", "inputs": {"prompt": ""}},
+        "4": {"class_type": "FlowCacheSampler", "inputs": dict(settings, model=["1", 0], positive=["2", 0],
+                                                               negative=["3", 0])},
+        "5": {"class_type": "FlowCacheDecode", "inputs": {"samples": ["4", 0]}},
+        "6": {"class_type": "FlowCacheVideoCombine", "inputs": {"images": ["5", 0], "frame_rate": 8.0,
+                                                                "loop_count": 0, "filename_prefix": prefix,
+                                                                "format": "video/h264-mp4", "crf": 19}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": f"latents/{prefix}"}},
+    }
+
+
+def outputs_of(entry: dict, work: Path) -> tuple[Path, Path]:
+    """(mp4, .latent) paths from a finished run's history entry."""
+    errors = [m[1].get("exception_message") for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "success", errors or entry["status"]
+    out = entry["outputs"]
+    (video,) = out["6"]["images"]
+    assert out["6"]["animated"] == [True] and video["type"] == "output"
+    (latent,) = out["7"]["latents"]
+    root = work / "output"
+    return root / video["subfolder"] / video["filename"], root / latent["subfolder"] / latent["filename"]
+
+
+def read_latent(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["latent_tensor"]
+
+
+def test_nodes_are_listed(host):
+    server, pack, _ = host
+    info = http_json(server.url + "/object_info")
+    missing = [n for n in NODE_IDS if n not in info]
+    assert not missing, f"not registered: {missing}\n{server.log()[-3000:]}"
+    assert "IMPORT FAILED" not in "\n".join(l for l in server.log().splitlines() if PACK_DIR_NAME in l)
+    for node_id in NODE_IDS:
+        node = info[node_id]
+        assert node["category"] == "FlowCache" and node["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        cls = pack.NODE_CLASS_MAPPINGS[node_id]
+        assert node["output"] == list(cls.RETURN_TYPES)
+        assert list(node["input"]["required"]) == list(cls.INPUT_TYPES()["required"])
+        assert node["input_order"]["required"] == list(cls.INPUT_TYPES()["required"])
+    sampler = info["FlowCacheSampler"]
+    assert sampler["input"]["optional"]["vae"][0] == "VAE" and sampler["input"]["hidden"] == {"unique_id": "UNIQUE_ID"}
+    assert info["FlowCacheVideoCombine"]["output_node"] is True
+    # WEB_DIRECTORY serves web/ under the folder name; pyproject's [tool.comfy] web serves it again under the
+    # project name when the two differ (as here), which web/flowcache.js guards against (it registers once).
+    served = http_json(server.url + "/extensions")
+    for js in sorted((ROOT / "web").rglob("*.js")):
+        rel = js.relative_to(ROOT / "web").as_posix()
+        assert f"/extensions/{PACK_DIR_NAME}/{rel}" in served, served
+    demo_entry = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
+    models = info["FlowCacheModelLoader"]["input"]["required"]["model_name"][0]
+    assert models[0] == demo_entry
+    if demo_available(pack):
+        assert TINY_FILE in models  # found through the extra diffusion_models path
+
+
+def test_demo_prompt_writes_a_playable_video(host):
+    server, pack, work = host
+    need_demo(pack)
+    why = demo_missing(pack)
+    if why:
+        pytest.skip(why)
+    demo_entry = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
+    pid = server.queue(graph(demo_entry, "demo_run", steps=8), client_id=uuid.uuid4().hex)
+    entry = server.wait_done(pid)
+    video_path, latent_path = outputs_of(entry, work)
+    assert video_path.is_file() and video_path.suffix == ".mp4"
+    frames = pack_submodule(pack, "flowcache.video").read_video(video_path)
+    assert frames.shape == (36, 64, 64, 3)
+    stats = entry["outputs"]["4"]["flowcache_stats"][0]
+    assert stats["mode"] == "flowcache" and stats["windows"] == 2
+    assert read_latent(latent_path).shape == (1, 16, 36, 16, 16)
+
+
+TERMINAL = ("execution_success", "execution_error", "execution_interrupted")
+
+
+def events_until_done(ws: MiniWebSocket, prompt_id: str) -> list[tuple[str, dict]]:
+    """Websocket events up to this prompt's success, error or interruption."""
+    events = []
+    while True:
+        msg = ws.recv_json()
+        assert msg is not None, "websocket closed"
+        events.append((msg["type"], msg.get("data") or {}))
+        if msg["type"] in TERMINAL and (msg.get("data") or {}).get("prompt_id") == prompt_id:
+            return events
+
+
+def test_interrupt_then_next_run_equals_fresh_run(host):
+    server, pack, work = host
+    need_demo(pack)
+    client = uuid.uuid4().hex
+    ws = MiniWebSocket("127.0.0.1", server.port, f"/ws?clientId={client}")
+    try:
+        slow = dict(steps=20)
+        pid = server.queue(graph(TINY_FILE, "interrupted", **slow), client_id=client)
+        seen: list[dict] = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            msg = ws.recv_json()
+            assert msg is not None, "websocket closed"
+            if msg["type"] in TERMINAL and msg["data"].get("prompt_id") == pid:
+                pytest.fail(f"run ended before it could be interrupted: {msg}")
+            if msg["type"] == "flowcache.progress":
+                seen.append(msg["data"])
+                if msg["data"]["value"] >= 3:
+                    http_json(server.url + "/interrupt", {})
+                    break
+        assert seen and seen[0]["node"] == "4" and seen[0]["max"] > 3 and "window 1/2" in seen[0]["text"]
+        assert events_until_done(ws, pid)[-1][0] == "execution_interrupted"
+        interrupted = server.wait_done(pid)
+        assert interrupted["status"]["status_str"] == "error"
+        messages = dict(interrupted["status"]["messages"])
+        assert messages["execution_interrupted"]["node_id"] == "4"
+        assert not list((work / "output").rglob("interrupted*"))  # nothing half-written
+
+        # The same prompt again: the loader's model (cached by ComfyUI) is the one the interrupted run used.
+        pid = server.queue(graph(TINY_FILE, "after", **slow), client_id=client)
+        events = events_until_done(ws, pid)
+        after = server.wait_done(pid)
+        assert events[-1][0] == "execution_success"
+        kinds = [k for k, _ in events]
+        assert "execution_cached" in kinds and "1" in dict(events)["execution_cached"]["nodes"]  # loader reused
+        progress = [d for k, d in events if k == "progress" and d.get("node") == "4"]
+        assert progress and progress[-1]["value"] == progress[-1]["max"]
+        (stats_event,) = [d for k, d in events if k == "flowcache.stats"]
+        assert stats_event["node"] == "4" and stats_event["stats"]["windows"] == 2
+
+        # A fresh model object (another dtype widget value, the same fp32 weights on a CPU) for comparison.
+        fresh = server.wait_done(server.queue(graph(TINY_FILE, "fresh", dtype="fp32", **slow), client_id=client))
+        v_after, l_after = outputs_of(after, work)
+        v_fresh, l_fresh = outputs_of(fresh, work)
+        assert torch.equal(read_latent(l_after), read_latent(l_fresh))
+        # The latents are the bit-exact check; the videos go through the demo codec, whose stats are re-read
+        # from the demo model file each time (and change while someone retrains it), and a lossy encoder.
+        video = pack_submodule(pack, "flowcache.video")
+        fa, ff = video.read_video(v_after), video.read_video(v_fresh)
+        assert fa.shape == ff.shape == (36, 64, 64, 3)
+        assert abs(fa.astype(float) - ff.astype(float)).mean() < 2.0
+        a, f = after["outputs"]["4"]["flowcache_stats"][0], fresh["outputs"]["4"]["flowcache_stats"][0]
+        timing = ("wall_seconds", "compress_seconds")
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in f.items() if k not in timing}
+    finally:
+        ws.close()

@@ -1,0 +1,386 @@
+"""The ComfyUI nodes, without ComfyUI: the pack is imported by file path as ComfyUI does, and the few ComfyUI
+modules the nodes use are stubbed (``comfy`` fixture in conftest.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_helpers import (NODE_IDS, ROOT, StubInterrupt, demo_available, demo_missing, pack_submodule, run_node,
+                           widget_defaults, write_tiny_wan)
+
+SAMPLER_ORDER = ["model", "positive", "negative", "width", "height", "num_frames", "steps", "cfg", "shift", "seed",
+                 "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition",
+                 "solver", "cache", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda",
+                 "keep_model_loaded"]
+
+# Three SkyReels-style windows of 5 latent frames (2 carried over), 1-frame chunks, a few steps: well under 1 s.
+TINY = dict(width=32, height=32, num_frames=33, steps=3, cfg=2.0, shift=8.0, seed=7, ar_step=1,
+            causal_block_size=1, base_num_frames=17, overlap_history=5, addnoise_condition=20, solver="unipc",
+            cache="flowcache", preset="slow")
+
+
+def nodes(pack):
+    return pack.NODE_CLASS_MAPPINGS
+
+
+def cond(dim: int = 24, tokens: int = 5, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, dim, generator=g), {"pooled_output": None}]]
+
+
+def sampler_inputs(pack, model, **over) -> dict:
+    kw = widget_defaults(nodes(pack)["FlowCacheSampler"])
+    kw.update(TINY, model=model, positive=cond(seed=1), negative=cond(seed=2), unique_id="5")
+    kw.update(over)
+    return kw
+
+
+@pytest.fixture
+def tiny(pack, comfy):
+    """A random tiny Wan model in the stub diffusion_models folder, loaded through the loader node."""
+    write_tiny_wan(comfy.models_dir / "tiny_wan.safetensors", pack)
+    (model,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name="tiny_wan.safetensors", dtype="auto")
+    return model
+
+
+class FakeWanVAE:
+    """Shapes of comfy.sd.VAE with the Wan2.1 VAE: IMAGE [N,H,W,3] <-> raw latents [1,16,1+(N-1)//4,H/8,W/8]."""
+
+    def __init__(self):
+        self.encoded: list[tuple] = []
+        self.decoded: list[tuple] = []
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.encoded.append(tuple(pixels.shape))
+        t = 1 + (pixels.shape[0] - 1) // 4
+        x = torch.nn.functional.avg_pool2d(pixels[::4][:t].permute(0, 3, 1, 2).float(), 8)  # [t, 3, h, w]
+        return x.permute(1, 0, 2, 3)[None].repeat(1, 6, 1, 1, 1)[:, :16]
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        self.decoded.append(tuple(raw.shape))
+        f = raw.shape[2]
+        x = raw[0, :3].permute(1, 2, 3, 0).repeat_interleave(8, 1).repeat_interleave(8, 2)  # [F, H, W, 3]
+        idx = ((torch.arange(4 * f - 3) + 3) // 4).clamp(max=f - 1)
+        return torch.sigmoid(x[idx])[None]
+
+
+# ------------------------------------------------------------------------------------------ contract
+
+def test_pack_imports_like_comfyui_without_comfyui(pack):
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(NODE_IDS)
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_IDS)
+    assert pack.WEB_DIRECTORY == "./web" and (ROOT / "web").is_dir()
+    # The pack's nodes/ is only reachable relatively; it must never become the top-level `nodes` module.
+    top = sys.modules.get("nodes")
+    assert top is None or Path(getattr(top, "__file__", "") or "").resolve().parent != ROOT / "nodes"
+    assert pack.NODE_CLASS_MAPPINGS["FlowCacheSampler"].__module__.startswith(pack.__name__ + ".")
+    # Without ComfyUI the model list holds only the built-in demo entry.
+    demo_entry = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
+    if "folder_paths" not in sys.modules:
+        assert pack.NODE_CLASS_MAPPINGS["FlowCacheModelLoader"].INPUT_TYPES()["required"]["model_name"][0] == \
+            [demo_entry]
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_input_types_contract(pack, comfy, node_id):
+    cls = nodes(pack)[node_id]
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"} and spec["required"]
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            kind = entry[0]
+            opts = entry[1] if len(entry) > 1 else {}
+            assert isinstance(opts.get("tooltip"), str) and len(opts["tooltip"]) > 10, f"{node_id}.{name}: tooltip"
+            if isinstance(kind, list):
+                assert kind and all(isinstance(v, str) for v in kind), f"{node_id}.{name}"
+                assert opts.get("default", kind[0]) in kind, f"{node_id}.{name}: default not in list"
+            elif kind in ("INT", "FLOAT"):
+                pytype = int if kind == "INT" else float
+                assert isinstance(opts["default"], pytype), f"{node_id}.{name}: default type"
+                assert opts["min"] <= opts["default"] <= opts["max"], f"{node_id}.{name}: default out of range"
+                assert opts.get("step", 1) > 0
+            elif kind == "BOOLEAN":
+                assert isinstance(opts["default"], bool)
+            elif kind == "STRING":
+                assert isinstance(opts["default"], str)
+            else:
+                assert kind.isupper(), f"{node_id}.{name}: type {kind!r}"
+    assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
+    for attr in ("RETURN_NAMES", "OUTPUT_TOOLTIPS"):
+        if hasattr(cls, attr):
+            assert len(getattr(cls, attr)) == len(cls.RETURN_TYPES)
+    assert callable(getattr(cls, cls.FUNCTION))
+    assert cls.CATEGORY == "FlowCache"
+    assert isinstance(cls.DESCRIPTION, str) and cls.DESCRIPTION
+
+
+def test_sampler_and_other_widget_orders(pack):
+    spec = nodes(pack)["FlowCacheSampler"].INPUT_TYPES()
+    assert list(spec["required"]) == SAMPLER_ORDER  # UI workflows store widget values by position
+    assert list(spec["optional"]) == ["vae"] and spec["hidden"] == {"unique_id": "UNIQUE_ID"}
+    req = spec["required"]
+    assert req["model"][0] == "FLOWCACHE_MODEL"
+    assert req["positive"][0] == req["negative"][0] == "CONDITIONING"
+    assert req["solver"][0] == ["unipc", "euler"]
+    assert req["cache"][0] == ["off", "teacache", "flowcache"] and req["cache"][1]["default"] == "flowcache"
+    assert req["preset"][0] == ["slow", "fast", "custom"] and req["preset"][1]["default"] == "slow"
+    defaults = widget_defaults(nodes(pack)["FlowCacheSampler"])
+    assert {k: defaults[k] for k in ("width", "height", "num_frames", "steps", "cfg", "shift", "seed", "ar_step",
+                                     "causal_block_size", "base_num_frames", "overlap_history",
+                                     "addnoise_condition", "threshold", "warmup_steps", "kv_budget",
+                                     "mix_lambda", "keep_model_loaded")} == dict(
+        width=960, height=544, num_frames=97, steps=50, cfg=6.0, shift=8.0, seed=1024, ar_step=5,
+        causal_block_size=5, base_num_frames=97, overlap_history=17, addnoise_condition=20, threshold=0.1,
+        warmup_steps=5, kv_budget=0, mix_lambda=0.07, keep_model_loaded=False)
+    assert req["width"][1]["step"] == 16 and req["threshold"][1]["step"] == 0.005
+    assert list(nodes(pack)["FlowCacheModelLoader"].INPUT_TYPES()["required"]) == ["model_name", "dtype"]
+    vc = nodes(pack)["FlowCacheVideoCombine"].INPUT_TYPES()["required"]
+    assert list(vc) == ["images", "frame_rate", "loop_count", "filename_prefix", "format", "crf"]
+    assert vc["format"][1]["default"] == "video/h264-mp4"
+    assert list(nodes(pack)["FlowCacheDecode"].INPUT_TYPES()["optional"]) == ["vae"]
+    assert nodes(pack)["FlowCacheVideoCombine"].OUTPUT_NODE is True
+    assert nodes(pack)["FlowCacheModelLoader"].RETURN_TYPES == ("FLOWCACHE_MODEL",)
+    assert nodes(pack)["FlowCacheSampler"].RETURN_TYPES == ("LATENT",)
+    assert nodes(pack)["FlowCacheDecode"].RETURN_TYPES == ("IMAGE",)
+    assert nodes(pack)["FlowCacheDemoTextEncode"].RETURN_TYPES == ("CONDITIONING",)
+
+
+# -------------------------------------------------------------------------------------------- loader
+
+def test_loader_lists_and_loads_the_tiny_model(pack, comfy, tiny):
+    spec = nodes(pack)["FlowCacheModelLoader"].INPUT_TYPES()["required"]
+    assert spec["model_name"][0] == [pack_submodule(pack, "nodes.demo").DEMO_ENTRY, "tiny_wan.safetensors"]
+    assert tiny.loaded.family == "wan" and tiny.loaded.preset_key == "tiny-test"
+    assert tiny.dtype == "fp32"  # auto on a CPU device
+    assert next(tiny.loaded.model.parameters()).dtype == torch.float32
+    assert tiny.patcher.model.diffusion_model is tiny.loaded.model
+    assert tiny.patcher.load_device == torch.device("cpu")
+
+
+def test_loader_errors_name_the_file(pack, comfy):
+    errors = pack_submodule(pack, "flowcache.errors")
+    (comfy.models_dir / "broken_model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(errors.CheckpointError, match="broken_model.safetensors"):
+        run_node(nodes(pack)["FlowCacheModelLoader"], model_name="broken_model.safetensors", dtype="auto")
+    with pytest.raises(errors.CheckpointError, match="missing.safetensors"):
+        run_node(nodes(pack)["FlowCacheModelLoader"], model_name="missing.safetensors", dtype="auto")
+
+
+# ------------------------------------------------------------------------------------------- sampler
+
+def test_sampler_returns_latent_stats_progress_and_offloads(pack, comfy, tiny):
+    cls = nodes(pack)["FlowCacheSampler"]
+    before = dict(vars(cls))
+    out = run_node(cls, **sampler_inputs(pack, tiny))
+    assert set(out) == {"ui", "result"}
+    (latent,) = out["result"]
+    assert set(latent) == {"samples"}  # raw Wan latents: no codec tag, ComfyUI's VAE Decode takes them
+    assert latent["samples"].shape == (1, 16, 9, 4, 4) and latent["samples"].dtype == torch.float32
+    assert torch.isfinite(latent["samples"]).all()
+    (stats,) = out["ui"]["flowcache_stats"]
+    assert stats["mode"] == "flowcache" and stats["windows"] == 3 and stats["computed"] > 0
+    # progress: one ProgressBar for node 5 reaching its total; matching websocket events
+    assert comfy.progress and comfy.progress[-1][1] == comfy.progress[-1][2] and comfy.progress[-1][0] == "5"
+    names = comfy.event_names()
+    assert names.count("flowcache.progress") == len(comfy.progress) and names[-1] == "flowcache.stats"
+    first = next(d for e, d in comfy.events if e == "flowcache.progress")
+    assert first["node"] == "5" and first["value"] == 1 and "window 1/3" in first["text"]
+    assert comfy.events[-1][1]["stats"]["windows"] == 3
+    assert comfy.checks == len(comfy.progress)  # an interrupt check per step
+    assert comfy.loads == [tiny.patcher] and comfy.unloads == [tiny.patcher]
+    assert dict(vars(cls)) == before  # nothing kept on the class between runs
+
+    comfy.loads.clear(), comfy.unloads.clear()
+    out2 = run_node(cls, **sampler_inputs(pack, tiny, keep_model_loaded=True))
+    assert comfy.loads == [tiny.patcher] and comfy.unloads == []
+    assert torch.equal(out2["result"][0]["samples"], latent["samples"])
+
+
+def test_sampler_cache_modes_and_presets(pack, comfy, tiny):
+    cls = nodes(pack)["FlowCacheSampler"]
+    off = run_node(cls, **sampler_inputs(pack, tiny, cache="off"))["ui"]["flowcache_stats"][0]
+    assert off["reused"] == 0
+    fast = run_node(cls, **sampler_inputs(pack, tiny, cache="flowcache", preset="custom", threshold=10.0,
+                                          warmup_steps=1))["ui"]["flowcache_stats"][0]
+    assert fast["reused"] > 0 and fast["settings"]["threshold"] == 10.0
+    tea = run_node(cls, **sampler_inputs(pack, tiny, cache="teacache", preset="fast"))["ui"]["flowcache_stats"][0]
+    assert tea["mode"] == "teacache" and tea["settings"]["threshold"] == 0.2
+
+
+def test_cancel_stops_and_next_run_equals_fresh_run(pack, comfy, tiny):
+    cls = nodes(pack)["FlowCacheSampler"]
+    fresh = run_node(cls, **sampler_inputs(pack, tiny))["result"][0]["samples"]
+    comfy.loads.clear(), comfy.unloads.clear(), comfy.progress.clear()
+    comfy.checks, comfy.interrupt_after = 0, 3
+    with pytest.raises(StubInterrupt):
+        run_node(cls, **sampler_inputs(pack, tiny))
+    assert comfy.checks == 3 and len(comfy.progress) == 2  # stopped at the third step
+    assert comfy.unloads == [tiny.patcher]  # offloaded in the finally block
+    again = run_node(cls, **sampler_inputs(pack, tiny))["result"][0]["samples"]
+    assert torch.equal(again, fresh)
+    # ... and equal to a run on a freshly loaded copy of the model
+    (reloaded,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name="tiny_wan.safetensors", dtype="fp32")
+    assert torch.equal(run_node(cls, **sampler_inputs(pack, reloaded))["result"][0]["samples"], fresh)
+
+
+@pytest.mark.parametrize("over, widget", [
+    (dict(positive=cond(dim=23)), "positive"),
+    (dict(negative=cond(dim=23)), "negative"),
+    (dict(negative="not conditioning"), "negative"),
+    (dict(positive=cond(tokens=17)), "positive"),
+    (dict(num_frames=20), "num_frames"),
+    (dict(num_frames=17, base_num_frames=17, causal_block_size=2), "causal_block_size"),
+    (dict(num_frames=33, base_num_frames=17, overlap_history=17), "overlap_history"),
+    (dict(width=40), "width"),
+    (dict(height=8), "height"),
+    (dict(preset="custom", threshold=-1.0), "threshold"),
+    (dict(preset="custom", mix_lambda=2.0), "mix_lambda"),
+    (dict(cache="nope"), "cache"),
+    (dict(solver="ddim"), "solver"),
+])
+def test_bad_inputs_fail_before_sampling_naming_the_widget(pack, comfy, tiny, over, widget):
+    errors = pack_submodule(pack, "flowcache.errors")
+    with pytest.raises(errors.InputError, match=widget):
+        run_node(nodes(pack)["FlowCacheSampler"], **sampler_inputs(pack, tiny, **over))
+    assert comfy.loads == [] and comfy.progress == [] and comfy.checks == 0
+
+
+def test_cfg_one_needs_no_negative(pack, comfy, tiny):
+    out = run_node(nodes(pack)["FlowCacheSampler"], **sampler_inputs(pack, tiny, cfg=1.0, negative=None))
+    assert out["result"][0]["samples"].shape == (1, 16, 9, 4, 4)
+
+
+def test_sampler_reencodes_the_overlap_with_the_vae(pack, comfy, tiny):
+    vae = FakeWanVAE()
+    cls = nodes(pack)["FlowCacheSampler"]
+    with_vae = run_node(cls, **sampler_inputs(pack, tiny, vae=vae))["result"][0]["samples"]
+    # two window hand-overs: decode the 5-latent window, re-encode its last overlap_history=5 frames
+    assert vae.decoded == [(1, 16, 5, 4, 4)] * 2 and vae.encoded == [(5, 32, 32, 3)] * 2
+    without = run_node(cls, **sampler_inputs(pack, tiny))["result"][0]["samples"]
+    assert with_vae.shape == without.shape and not torch.equal(with_vae, without)
+    assert torch.equal(with_vae[:, :, :5], without[:, :, :5])  # the first window does not depend on the VAE
+
+
+def test_sampler_runs_without_comfyui(pack, tmp_path):
+    """No ComfyUI modules at all: plain CPU, no progress bar, no events."""
+    if "comfy.model_management" in sys.modules:
+        pytest.skip("a real ComfyUI is loaded in this process")
+    path = write_tiny_wan(tmp_path / "tiny.safetensors", pack)
+    bridge = pack_submodule(pack, "nodes.comfy_bridge")
+    loaded = pack_submodule(pack, "flowcache.models").load_model(str(path), "fp32")
+    model = pack_submodule(pack, "nodes.loader").FlowCacheModel(loaded, bridge.make_patcher(loaded.model),
+                                                                 "tiny", "fp32")
+    out = run_node(nodes(pack)["FlowCacheSampler"], **sampler_inputs(pack, model))
+    assert out["result"][0]["samples"].shape == (1, 16, 9, 4, 4)
+
+
+# --------------------------------------------------------------------------------------------- decode
+
+def test_decode_wan_latents_needs_the_vae(pack, comfy):
+    errors = pack_submodule(pack, "flowcache.errors")
+    latent = {"samples": torch.randn(1, 16, 3, 4, 5)}
+    with pytest.raises(errors.InputError, match="vae"):
+        run_node(nodes(pack)["FlowCacheDecode"], samples=latent)
+    (images,) = run_node(nodes(pack)["FlowCacheDecode"], samples=latent, vae=FakeWanVAE())
+    assert images.shape == (9, 32, 40, 3)
+
+
+# ---------------------------------------------------------------------------------------------- video
+
+def test_video_combine_writes_mp4_and_previews_it(pack, comfy):
+    video = pack_submodule(pack, "flowcache.video")
+    frames = torch.rand(10, 32, 48, 3)
+    out = run_node(nodes(pack)["FlowCacheVideoCombine"], images=frames, frame_rate=12.0, loop_count=0,
+                   filename_prefix="clips/flow", format="video/h264-mp4", crf=19)
+    (path,) = out["result"]
+    assert Path(path) == comfy.output_dir / "clips" / "flow_00001.mp4" and Path(path).is_file()
+    assert out["ui"]["animated"] == [True]
+    (entry,) = out["ui"]["images"]
+    assert entry["filename"] == "flow_00001.mp4" and entry["subfolder"] == "clips" and entry["type"] == "output"
+    assert entry["format"] == "video/h264-mp4"
+    back = video.read_video(path)
+    assert back.shape == (10, 32, 48, 3)
+    assert abs(back.astype(float) / 255 - frames.numpy()).mean() < 0.2
+    again = run_node(nodes(pack)["FlowCacheVideoCombine"], images=frames, frame_rate=12.0, loop_count=0,
+                     filename_prefix="clips/flow", format="video/h264-mp4", crf=19)
+    assert again["ui"]["images"][0]["filename"] == "flow_00002.mp4"
+
+
+@pytest.mark.parametrize("fmt, animated", [("image/gif", False), ("image/webp", True), ("video/webm", True)])
+def test_video_combine_other_formats(pack, comfy, fmt, animated):
+    out = run_node(nodes(pack)["FlowCacheVideoCombine"], images=torch.rand(4, 16, 16, 3), frame_rate=8.0,
+                   loop_count=1, filename_prefix="anim", format=fmt, crf=30)
+    assert Path(out["result"][0]).is_file() and out["ui"]["animated"] == [animated]
+
+
+@pytest.mark.parametrize("prefix", ["../x", "/etc/x", "a/../../b"])
+def test_video_combine_refuses_prefix_leaving_output(pack, comfy, prefix):
+    errors = pack_submodule(pack, "flowcache.errors")
+    with pytest.raises(errors.OutputPathError, match="filename_prefix"):
+        run_node(nodes(pack)["FlowCacheVideoCombine"], images=torch.rand(2, 16, 16, 3), frame_rate=8.0,
+                 loop_count=0, filename_prefix=prefix, format="video/h264-mp4", crf=19)
+    assert list(comfy.output_dir.iterdir()) == [] and not (comfy.output_dir.parent / "x").exists()
+
+
+def test_video_combine_bad_values_name_the_widget(pack, comfy):
+    errors = pack_submodule(pack, "flowcache.errors")
+    node = nodes(pack)["FlowCacheVideoCombine"]
+    base = dict(images=torch.rand(2, 16, 16, 3), frame_rate=8.0, loop_count=0, filename_prefix="v",
+                format="video/h264-mp4", crf=19)
+    with pytest.raises(errors.InputError, match="crf"):
+        run_node(node, **dict(base, crf=60))
+    with pytest.raises(errors.InputError, match="frame_rate"):
+        run_node(node, **dict(base, frame_rate=0.0))
+    with pytest.raises(errors.InputError, match="images"):
+        run_node(node, **dict(base, images=torch.rand(16, 16, 3)))
+    assert [p for p in comfy.output_dir.rglob("*") if p.is_file()] == []
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+@pytest.fixture
+def demo(pack):
+    if not demo_available(pack):
+        pytest.skip("flowcache.demo (with its model file) is not installed yet")
+    return pack_submodule(pack, "flowcache.demo")
+
+
+@pytest.fixture
+def demo_model(pack, demo):
+    why = demo_missing(pack)
+    if why:
+        pytest.skip(why)
+    return demo
+
+
+def test_demo_text_encode(pack, comfy, demo):
+    spec = nodes(pack)["FlowCacheDemoTextEncode"].INPUT_TYPES()["required"]["prompt"]
+    assert spec[1]["default"] in demo.DEMO_PROMPTS and spec[1]["multiline"] is True
+    (c,) = run_node(nodes(pack)["FlowCacheDemoTextEncode"], prompt=demo.DEMO_PROMPTS[0])
+    assert isinstance(c, list) and len(c) == 1 and c[0][1] == {"pooled_output": None}
+    assert c[0][0].shape == (1, 16, 64)
+
+
+def test_demo_end_to_end(pack, comfy, demo_model):
+    demo = demo_model
+    n = nodes(pack)
+    entry = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
+    (model,) = run_node(n["FlowCacheModelLoader"], model_name=entry, dtype="auto")
+    assert model.loaded.latent_format == "demo"
+    (pos,) = run_node(n["FlowCacheDemoTextEncode"], prompt=demo.DEMO_PROMPTS[0])
+    (neg,) = run_node(n["FlowCacheDemoTextEncode"], prompt="")
+    s = {k: v for k, v in demo.DEMO_SETTINGS.items() if k != "fps"}
+    s.update(steps=3)
+    kw = dict(widget_defaults(n["FlowCacheSampler"]), **s, model=model, positive=pos, negative=neg, unique_id="3")
+    out = run_node(n["FlowCacheSampler"], **kw)
+    (latent,) = out["result"]
+    assert latent["flowcache_codec"] == "demo"
+    (images,) = run_node(n["FlowCacheDecode"], samples=latent)
+    assert images.shape == (s["num_frames"], s["height"], s["width"], 3)
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    res = run_node(n["FlowCacheVideoCombine"], images=images, frame_rate=8.0, loop_count=0,
+                   filename_prefix="demo", format="video/h264-mp4", crf=19)
+    assert Path(res["result"][0]).is_file()
