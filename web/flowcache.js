@@ -1,7 +1,7 @@
 // FlowCache for ComfyUI: frontend extension.
 //
-// * FlowCache Sampler: when `preset` is slow/fast (and cache is not off) the threshold / warmup_steps /
-//   kv_budget / mix_lambda widgets show the preset's values and are locked; `custom` (or cache=off) unlocks them.
+// * FlowCache Sampler: when `preset` is slow/fast the threshold / warmup_steps / kv_budget / mix_lambda widgets
+//   are locked and show the preset's values (for cache flowcache/teacache); `custom` unlocks them.
 //   The values come from flowcache_presets.json next to this file (kept equal to flowcache/presets.json and the
 //   demo model's embedded presets by tests/test_workflows.py). The Python node ignores these widgets for named
 //   presets, so this is display only: nothing breaks without the extension.
@@ -151,10 +151,11 @@ function refreshSampler(node) {
   try {
     const cache = widget(node, "cache")?.value;
     const preset = widget(node, "preset")?.value;
-    const named = preset === "slow" || preset === "fast";
-    const lock = named && cache !== "off";
+    // slow/fast: the node takes these four from the preset and ignores the widgets (with cache=off nothing uses
+    // them at all), so they are locked; custom unlocks them. Values are filled in when the model's row is known.
+    const lock = preset === "slow" || preset === "fast";
     const key = modelKeyOf(node);
-    const values = lock && key ? presetValues(key, cache, preset) : null;
+    const values = lock && key && cache !== "off" ? presetValues(key, cache, preset) : null;
     for (const [wname, field] of Object.entries(LOCKABLE)) {
       const w = widget(node, wname);
       if (!w) continue;

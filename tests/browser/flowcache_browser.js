@@ -291,6 +291,32 @@ async function check(browser) {
     await fitView(page);
     await page.screenshot({ path: path.join(OUT, `loaded_${name}.png`), clip: await canvasClip(page) });
   }
+  if (names.includes("skyreels_v2_df_1.3b_t2v_fast")) {
+    await loadAndInspect(page, "skyreels_v2_df_1.3b_t2v_fast");
+    result.interaction = await page.evaluate(() => {
+      const n = window.app.graph._nodes.find((x) => x.type === "FlowCacheSampler");
+      const w = (k) => n.widgets.find((x) => x.name === k);
+      const set = (k, v) => {
+        const wd = w(k);
+        wd.value = v;
+        wd.callback?.(v); // what the canvas does when the user picks a value
+      };
+      const snap = () => ({ threshold: w("threshold").value, warmup: w("warmup_steps").value,
+        kv: w("kv_budget").value, locked: !!w("threshold").disabled, shown: w("threshold")._displayValue });
+      const out = { start: snap() };
+      set("preset", "custom");
+      out.custom = snap();
+      set("threshold", 0.3);
+      set("preset", "slow");
+      out.slow = snap();
+      set("cache", "teacache");
+      set("preset", "fast");
+      out.teacacheFast = snap();
+      set("cache", "flowcache");
+      out.flowcacheFast = snap();
+      return out;
+    });
+  }
   if (process.env.RUN_DEMO === "1") {
     await loadAndInspect(page, DEMO);
     await hideChrome(page);
