@@ -141,7 +141,7 @@ class FlowCacheSampler:
         cache_settings = resolve_settings(lm.preset_key, cache, preset, threshold, warmup_steps, kv_budget,
                                           mix_lambda, lm.extra_presets)
         geometry = LatentGeometry(**lm.geometry)
-        plan_windows(settings, geometry, lm.config.patch_size)
+        windows = plan_windows(settings, geometry, lm.config.patch_size)
         cond = check_conditioning(conditioning_tensor(positive, "positive"), lm.config.text_dim, lm.text_len,
                                   "positive")
         uncond = None
@@ -149,6 +149,9 @@ class FlowCacheSampler:
             uncond = check_conditioning(conditioning_tensor(negative, "negative"), lm.config.text_dim,
                                         lm.text_len, "negative")
         codec = self._codec(lm.latent_format, vae, model)
+        if len(windows) > 1 and codec is None and lm.latent_format == "wan21":
+            log.info("FlowCache: no vae connected; the %d-window video carries its overlap over in latent space "
+                     "(SkyReels re-encodes it with the VAE).", len(windows))
 
         log.info("FlowCache: sampling %dx%d, %d frames, %d steps, cache=%s (%s)", width, height, num_frames, steps,
                  cache, preset)
