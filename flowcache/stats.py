@@ -15,8 +15,8 @@ class RunStats:
     windows: int = 0
     iterations: list[int] = field(default_factory=list)   # per window
     # per window, per chunk: iteration -> "C" computed, "R" reused (cond branch; uncond in maps_uncond)
-    maps: list[list[list[str]]] = field(default_factory=list)
-    maps_uncond: list[list[list[str]]] = field(default_factory=list)
+    maps: list[list[str]] = field(default_factory=list)
+    maps_uncond: list[list[str]] = field(default_factory=list)
     computed: int = 0        # unit decisions that ran the transformer blocks
     reused: int = 0          # unit decisions that reused a cached payload
     forwards: int = 0        # transformer forwards (one per computed unit and branch)
@@ -39,7 +39,7 @@ class RunStats:
         for w, chunks in enumerate(self.maps):
             row = []
             for c, cells in enumerate(chunks):
-                cells_u = self.maps_uncond[w][c] if w < len(self.maps_uncond) and c < len(self.maps_uncond[w]) else []
+                cells_u = self.maps_uncond[w][c] if w < len(self.maps_uncond) and c < len(self.maps_uncond[w]) else ""
                 both = cells + cells_u
                 row.append({"computed": both.count("C"), "reused": both.count("R")})
             out.append(row)
