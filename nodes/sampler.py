@@ -46,21 +46,6 @@ def conditioning_tensor(cond: Any, name: str) -> torch.Tensor:
     return tensor
 
 
-def stats_to_dict(stats: Any) -> dict:
-    """RunStats.to_dict, tolerating a run without a negative branch.
-
-    flowcache.stats.RunStats.chunk_counts adds a missing uncond map as [] to a str map (TypeError at cfg <= 1).
-    """
-    try:
-        return stats.to_dict()
-    except TypeError:
-        d = dict(stats.__dict__)
-        d["flops_speedup"] = stats.flops_speedup
-        d["chunk_counts"] = [[{"computed": cells.count("C"), "reused": cells.count("R")} for cells in window]
-                             for window in stats.maps]
-        return d
-
-
 class FlowCacheSampler:
     """Generate a video with a diffusion-forcing model, reusing per-chunk computation (FlowCache)."""
 
@@ -165,7 +150,7 @@ class FlowCacheSampler:
 
         summary = stats.summary()
         log.info("FlowCache: %s", summary)
-        stats_dict = stats_to_dict(stats)
+        stats_dict = stats.to_dict()
         comfy_bridge.send_event("flowcache.stats", {"node": unique_id, "stats": stats_dict, "summary": summary})
         if lm.latent_format == "wan21":
             out = {"samples": wan_to_raw(latents)}
