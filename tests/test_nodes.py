@@ -259,6 +259,8 @@ def test_sampler_reencodes_the_overlap_with_the_vae(pack, comfy, tiny):
     with_vae = run_node(cls, **sampler_inputs(pack, tiny, vae=vae))["result"][0]["samples"]
     # two window hand-overs: decode the 5-latent window, re-encode its last overlap_history=5 frames
     assert vae.decoded == [(1, 16, 5, 4, 4)] * 2 and vae.encoded == [(5, 32, 32, 3)] * 2
+    # loading the VAE may push the DiT off the GPU: it is put back after each VAE call
+    assert comfy.loads == [tiny.patcher] * 5
     without = run_node(cls, **sampler_inputs(pack, tiny))["result"][0]["samples"]
     assert with_vae.shape == without.shape and not torch.equal(with_vae, without)
     assert torch.equal(with_vae[:, :, :5], without[:, :, :5])  # the first window does not depend on the VAE
