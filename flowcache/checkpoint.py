@@ -128,7 +128,24 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
         if missing:
             raise CheckpointError(f"{p.name}: shards missing next to the index: {', '.join(missing[:5])}.")
         return files
-    return [p]
+    index = shard_index_of(p)
+    return checkpoint_files(index) if index is not None else [p]
+
+
+def shard_index_of(path: Path) -> Path | None:
+    """The ``*.index.json`` beside ``path`` whose weight map names it, i.e. ``path`` is one shard of several.
+
+    ComfyUI lists every shard of a sharded model (e.g. ``model-00001-of-00002.safetensors``); picking any of
+    them loads the whole model.
+    """
+    for idx in sorted(path.parent.glob("*.index.json")):
+        try:
+            names = set(json.loads(idx.read_text()).get("weight_map", {}).values())
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if path.name in names and len(names) > 1:
+            return idx
+    return None
 
 
 def split_prefix(keys: Iterable[str], anchors: Iterable[str]) -> str:

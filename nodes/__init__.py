@@ -1,6 +1,8 @@
 """ComfyUI nodes of the FlowCache pack (V1 node API). Thin glue over ``flowcache``."""
+from .decode_save import FlowCacheDecodeSave
 from .demo import FlowCacheDecode, FlowCacheDemoTextEncode
 from .loader import FlowCacheModelLoader
+from .magi import FlowCacheMagiTextEncode, FlowCacheMagiVAELoader
 from .sampler import FlowCacheSampler
 from .video import FlowCacheVideoCombine
 
@@ -10,14 +12,20 @@ NODE_CLASS_MAPPINGS = {
     "FlowCacheDecode": FlowCacheDecode,
     "FlowCacheVideoCombine": FlowCacheVideoCombine,
     "FlowCacheDemoTextEncode": FlowCacheDemoTextEncode,
+    "FlowCacheDecodeSave": FlowCacheDecodeSave,
+    "FlowCacheMagiTextEncode": FlowCacheMagiTextEncode,
+    "FlowCacheMagiVAELoader": FlowCacheMagiVAELoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FlowCacheModelLoader": "FlowCache Load Model",
-    "FlowCacheSampler": "FlowCache Sampler (Diffusion Forcing)",
+    "FlowCacheSampler": "FlowCache Sampler",
     "FlowCacheDecode": "FlowCache Decode",
     "FlowCacheVideoCombine": "FlowCache Video Combine",
     "FlowCacheDemoTextEncode": "FlowCache Demo Text Encode",
+    "FlowCacheDecodeSave": "FlowCache Decode & Save Video",
+    "FlowCacheMagiTextEncode": "FlowCache MAGI-1 Text Encode",
+    "FlowCacheMagiVAELoader": "FlowCache Load MAGI-1 VAE",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

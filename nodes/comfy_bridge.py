@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -44,6 +45,29 @@ def torch_device() -> torch.device:
 def offload_device() -> torch.device:
     mm = _module("comfy.model_management")
     return torch.device(mm.unet_offload_device()) if mm is not None else torch.device("cpu")
+
+
+def text_encoder_device() -> torch.device:
+    mm = _module("comfy.model_management")
+    return torch.device(mm.text_encoder_device()) if mm is not None else torch.device("cpu")
+
+
+def vae_device() -> torch.device:
+    mm = _module("comfy.model_management")
+    return torch.device(mm.vae_device()) if mm is not None else torch.device("cpu")
+
+
+def soft_empty_cache() -> None:
+    mm = _module("comfy.model_management")
+    if mm is not None:
+        mm.soft_empty_cache()
+
+
+def comfy_package_dir() -> Path | None:
+    """ComfyUI's ``comfy`` package folder (it ships tokenizer files), or None outside ComfyUI."""
+    comfy = _module("comfy")
+    where = getattr(comfy, "__file__", None) or next(iter(getattr(comfy, "__path__", []) or []), None)
+    return Path(where).parent if where and where.endswith(".py") else (Path(where) if where else None)
 
 
 class _PatchedModule(torch.nn.Module):
@@ -156,6 +180,12 @@ def full_path(folder: str, name: str) -> str | None:
     if fp is None:
         return name if os.path.exists(name) else None
     return fp.get_full_path(folder, name)
+
+
+def folder_paths_of(folder: str) -> list[str]:
+    """Every directory ComfyUI searches for a model folder (models/<folder> plus extra_model_paths)."""
+    fp = _module("folder_paths")
+    return list(fp.get_folder_paths(folder)) if fp is not None else []
 
 
 def output_directory() -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..flowcache.errors import InputError
+from .magi import MAGI_CODEC
 
 log = logging.getLogger("FlowCache")
 
@@ -72,7 +73,8 @@ class FlowCacheDemoTextEncode:
 
 
 class FlowCacheDecode:
-    """LATENT -> IMAGE: demo latents through the demo codec, Wan latents through the connected VAE."""
+    """LATENT -> IMAGE: demo latents through the demo codec, MAGI-1 latents through MAGI-1's VAE, Wan latents
+    through the connected VAE."""
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -81,8 +83,9 @@ class FlowCacheDecode:
                 "samples": ("LATENT", {"tooltip": "Latents from FlowCache Sampler."}),
             },
             "optional": {
-                "vae": ("VAE", {"tooltip": "The Wan2.1 VAE (wan_2.1_vae). Needed for real models; the built-in "
-                                           "demo decodes without one."}),
+                "vae": ("VAE", {"tooltip": "The Wan2.1 VAE (wan_2.1_vae). Needed for SkyReels-V2 / Wan models; "
+                                           "the built-in demo decodes without one."}),
+                "magi_vae": ("FLOWCACHE_MAGI_VAE", {"tooltip": "MAGI-1's VAE, for MAGI-1 latents."}),
             },
         }
 
@@ -91,13 +94,20 @@ class FlowCacheDecode:
     OUTPUT_TOOLTIPS = ("Decoded video frames.",)
     FUNCTION = "decode"
     CATEGORY = "FlowCache"
-    DESCRIPTION = "Decodes FlowCache latents to video frames (demo codec or the Wan VAE)."
+    DESCRIPTION = ("Decodes FlowCache latents to video frames (demo codec, MAGI-1 VAE or the Wan VAE). For long "
+                   "videos prefer FlowCache Decode & Save Video, which never holds all frames at once.")
 
-    def decode(self, samples: dict, vae: Any = None) -> tuple[torch.Tensor]:
+    def decode(self, samples: dict, vae: Any = None, magi_vae: Any = None) -> tuple[torch.Tensor]:
         latents = samples["samples"]
         if samples.get("flowcache_codec") == DEMO_CODEC:
             frames = _require_demo("samples").load_demo_codec().decode(latents)
             return (frames.float().cpu(),)
+        if samples.get("flowcache_codec") == MAGI_CODEC:
+            if magi_vae is None:
+                raise InputError("magi_vae: these are MAGI-1 latents; connect FlowCache Load MAGI-1 VAE to magi_vae.")
+            piece = int(samples.get("flowcache_chunk_width", 6))  # MAGI-1 decodes each chunk on its own
+            decode = magi_vae.stream_decoder()
+            return (torch.cat([decode(latents[:, :, a:a + piece]) for a in range(0, latents.shape[2], piece)]),)
         if vae is None:
             raise InputError("vae: these latents are Wan VAE latents; connect a Load VAE node with the Wan2.1 VAE "
                              "(wan_2.1_vae) to the vae input.")

@@ -1,4 +1,4 @@
-"""FlowCache Load Model: a Wan2.1 / SkyReels-V2 diffusion-forcing DiT as a FLOWCACHE_MODEL."""
+"""FlowCache Load Model: a Wan2.1 / SkyReels-V2 diffusion-forcing DiT or a MAGI-1 DiT as a FLOWCACHE_MODEL."""
 from __future__ import annotations
 
 import logging
@@ -38,14 +38,16 @@ def resolve_dtype(choice: str, device_type: str) -> str:
 
 
 class FlowCacheModelLoader:
-    """Load a SkyReels-V2 / Wan2.1 diffusion-forcing model (or the built-in CPU demo) for the FlowCache sampler."""
+    """Load a SkyReels-V2 / Wan2.1 diffusion-forcing model, a MAGI-1 model (or the built-in CPU demo) for the
+    FlowCache sampler; the family is recognised from the file's keys."""
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model_name": ([DEMO_ENTRY] + comfy_bridge.filename_list("diffusion_models"), {
-                "tooltip": "Diffusion-forcing DiT from models/diffusion_models (e.g. SkyReels-V2-DF-1.3B-540P), "
-                           "or the small built-in demo model that runs on a CPU."}),
+                "tooltip": "Video DiT from models/diffusion_models: SkyReels-V2-DF (1.3B, 14B), Wan2.1 T2V or "
+                           "MAGI-1 (any shard of a sharded model loads all of it; a MAGI-1 folder named '…distill…' "
+                           "is the distilled model), or the small built-in demo model that runs on a CPU."}),
             "dtype": (DTYPES, {
                 "default": "auto",
                 "tooltip": "Compute precision. auto: the file's own precision on a GPU (fp8 is upcast to bf16), "
@@ -57,7 +59,7 @@ class FlowCacheModelLoader:
     OUTPUT_TOOLTIPS = ("The loaded model, for FlowCache Sampler.",)
     FUNCTION = "load"
     CATEGORY = "FlowCache"
-    DESCRIPTION = "Loads a Wan2.1 / SkyReels-V2 diffusion-forcing model for FlowCache Sampler."
+    DESCRIPTION = "Loads a SkyReels-V2 / Wan2.1 or MAGI-1 video model for FlowCache Sampler."
 
     def load(self, model_name: str, dtype: str = "auto") -> tuple[FlowCacheModel]:
         if model_name == DEMO_ENTRY:
@@ -72,7 +74,7 @@ class FlowCacheModelLoader:
                 raise CheckpointError(f"model_name: {model_name} was not found in models/diffusion_models.")
         chosen = resolve_dtype(dtype, comfy_bridge.torch_device().type)
         # CheckpointError messages from the core already name the file; they reach the user unchanged.
-        loaded = load_model(path, chosen, expect="wan")
+        loaded = load_model(path, chosen)
         log.info("FlowCache: loaded %s (%s, %s, presets %s)", loaded.checkpoint, loaded.family, chosen,
                  loaded.preset_key)
         return (FlowCacheModel(loaded, comfy_bridge.make_patcher(loaded.model), model_name, chosen),)

@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
-from ..flowcache.cache.presets import CACHE_MODES, PRESET_NAMES, resolve_settings
+from ..flowcache.cache.presets import CACHE_MODES, PRESET_NAMES, CacheSettings, resolve_settings
 from ..flowcache.errors import InputError
 from ..flowcache.latent_format import wan_to_raw
 from ..flowcache.pipelines.diffusion_forcing import (DFSettings, DiffusionForcingPipeline, LatentGeometry, StepInfo,
                                                      check_conditioning, plan_windows)
+from ..flowcache.pipelines.magi import MagiPipeline, MagiSettings
 from ..flowcache.schedulers import SOLVERS
+from ..flowcache.stats import RunStats
 from . import comfy_bridge
 from .demo import DEMO_CODEC
 from .loader import FlowCacheModel
+from .magi import MAGI_CODEC, magi_caption
 from .vae_codec import ComfyVAECodec
 
 log = logging.getLogger("FlowCache")
@@ -63,13 +67,15 @@ class FlowCacheSampler:
                                                  "runs several overlapping windows."),
                 "steps": _int(50, 1, 1000, "Denoising steps per chunk."),
                 "cfg": _float(6.0, 0.0, 30.0, 0.1, "Classifier-free guidance scale; ≤ 1 skips the negative "
-                                                   "pass (twice as fast)."),
+                                                   "pass (twice as fast). Not used by MAGI-1 (its guidance is "
+                                                   "built in)."),
                 "shift": _float(8.0, 0.0, 100.0, 0.1, "Flow-matching sigma shift (SkyReels uses 8 for "
-                                                      "text-to-video)."),
+                                                      "text-to-video, MAGI-1 3)."),
                 "seed": _int(1024, 0, MAX_SEED, "Noise seed; the same seed and settings give the same video."),
                 "ar_step": _int(5, 0, 100, "Steps by which each chunk lags the previous one (0 = all chunks "
                                            "denoise together; 5 = SkyReels' asynchronous mode)."),
-                "causal_block_size": _int(5, 1, 100, "Latent frames per chunk (the unit FlowCache caches)."),
+                "causal_block_size": _int(5, 1, 100, "Latent frames per chunk (the unit FlowCache caches); "
+                                                             "SkyReels uses 5, MAGI-1 6."),
                 "base_num_frames": _int(97, 1, 10001, "Frames per window (the model's native length); 4·k+1 "
                                                       "for Wan."),
                 "overlap_history": _int(17, 1, 10001, "Frames each new window re-uses from the previous one; "
@@ -100,6 +106,10 @@ class FlowCacheSampler:
             "optional": {
                 "vae": ("VAE", {"tooltip": "Wan2.1 VAE: re-encodes the overlap between windows as SkyReels does. "
                                            "Without it the overlap is carried over in latent space."}),
+                "magi_vae": ("FLOWCACHE_MAGI_VAE", {"tooltip": "MAGI-1 only: its VAE, needed to encode "
+                                                               "prefix_images."}),
+                "prefix_images": ("IMAGE", {"tooltip": "MAGI-1 only: one image (image-to-video) or the frames of "
+                                                       "a video to continue (a multiple of 4 frames)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -109,41 +119,33 @@ class FlowCacheSampler:
     OUTPUT_TOOLTIPS = ("Video latents; decode with FlowCache Decode (or VAE Decode for Wan models).",)
     FUNCTION = "sample"
     CATEGORY = "FlowCache"
-    DESCRIPTION = ("SkyReels-V2 diffusion forcing with FlowCache: each chunk of frames decides per step whether "
-                   "to recompute or reuse its cached result.")
+    DESCRIPTION = ("SkyReels-V2 diffusion forcing (or MAGI-1 chunk-wise autoregression, chosen from the loaded "
+                   "model) with FlowCache: each chunk of frames decides per step whether to recompute or reuse its "
+                   "cached result. ar_step, base_num_frames, overlap_history, addnoise_condition, solver and cfg "
+                   "apply to diffusion forcing only.")
 
     def sample(self, model: FlowCacheModel, positive: Any, negative: Any, width: int, height: int, num_frames: int,
                steps: int, cfg: float, shift: float, seed: int, ar_step: int, causal_block_size: int,
                base_num_frames: int, overlap_history: int, addnoise_condition: int, solver: str, cache: str,
                preset: str, threshold: float, warmup_steps: int, kv_budget: int, mix_lambda: float,
-               keep_model_loaded: bool = False, vae: Any = None, unique_id: Any = None) -> dict:
+               keep_model_loaded: bool = False, vae: Any = None, magi_vae: Any = None, prefix_images: Any = None,
+               unique_id: Any = None) -> dict:
         lm = model.loaded
-        settings = DFSettings(width=width, height=height, num_frames=num_frames, steps=steps, cfg=cfg, shift=shift,
-                              seed=seed, ar_step=ar_step, causal_block_size=causal_block_size,
-                              base_num_frames=base_num_frames, overlap_history=overlap_history,
-                              addnoise_condition=addnoise_condition, solver=solver)
-        # Everything that can be wrong is checked here, before the model is moved or any step runs.
+        run = FAMILY_RUNS.get(lm.family)
+        if run is None:
+            raise InputError(f"model: {lm.family!r} models cannot be sampled here (supported: "
+                             f"{', '.join(FAMILY_RUNS)}).")
+        w = SamplerWidgets(width, height, num_frames, steps, cfg, shift, seed, ar_step, causal_block_size,
+                           base_num_frames, overlap_history, addnoise_condition, solver)
+        # Everything that can be wrong is checked before the model is moved or any step runs.
         cache_settings = resolve_settings(lm.preset_key, cache, preset, threshold, warmup_steps, kv_budget,
                                           mix_lambda, lm.extra_presets)
-        geometry = LatentGeometry(**lm.geometry)
-        windows = plan_windows(settings, geometry, lm.config.patch_size)
-        cond = check_conditioning(conditioning_tensor(positive, "positive"), lm.config.text_dim, lm.text_len,
-                                  "positive")
-        uncond = None
-        if cfg > 1.0:
-            uncond = check_conditioning(conditioning_tensor(negative, "negative"), lm.config.text_dim,
-                                        lm.text_len, "negative")
-        codec = self._codec(lm.latent_format, vae, model)
-        if len(windows) > 1 and codec is None and lm.latent_format == "wan21":
-            log.info("FlowCache: no vae connected; the %d-window video carries its overlap over in latent space "
-                     "(SkyReels re-encodes it with the VAE).", len(windows))
-
-        log.info("FlowCache: sampling %dx%d, %d frames, %d steps, cache=%s (%s)", width, height, num_frames, steps,
-                 cache, preset)
+        job = run(model, w, positive, negative, cache_settings, vae, magi_vae, prefix_images)
+        log.info("FlowCache: sampling %s %dx%d, %d frames, %d steps, cache=%s (%s)", lm.family, width, height,
+                 num_frames, steps, cache, preset)
         comfy_bridge.load_to_device(model.patcher)
         try:
-            pipe = DiffusionForcingPipeline(lm.model, geometry, lm.text_len, codec)
-            latents, stats = pipe(cond, uncond, settings, cache_settings, self._on_step(unique_id))
+            latents, stats = job(self._on_step(unique_id))
         finally:
             if not keep_model_loaded:
                 comfy_bridge.offload(model.patcher)
@@ -152,24 +154,7 @@ class FlowCacheSampler:
         log.info("FlowCache: %s", summary)
         stats_dict = stats.to_dict()
         comfy_bridge.send_event("flowcache.stats", {"node": unique_id, "stats": stats_dict, "summary": summary})
-        if lm.latent_format == "wan21":
-            out = {"samples": wan_to_raw(latents)}
-        else:
-            out = {"samples": latents, "flowcache_codec": lm.latent_format}
-        return {"ui": {"flowcache_stats": [stats_dict]}, "result": (out,)}
-
-    @staticmethod
-    def _codec(latent_format: str, vae: Any, model: FlowCacheModel) -> Any:
-        if latent_format == DEMO_CODEC:
-            # The demo carries the overlap over in latent space, as the CLI's demo job does (same videos).
-            if vae is not None:
-                log.warning("FlowCache: the demo model has its own codec; the connected vae is not used.")
-            return None
-        if latent_format != "wan21":
-            raise InputError(f"model: latent format {latent_format!r} is not supported by this sampler.")
-        if vae is None:
-            return None
-        return ComfyVAECodec(vae, after_call=lambda: comfy_bridge.load_to_device(model.patcher))
+        return {"ui": {"flowcache_stats": [stats_dict]}, "result": (latents,)}
 
     @staticmethod
     def _on_step(unique_id: Any):
@@ -185,3 +170,103 @@ class FlowCacheSampler:
 
         return on_step
 
+
+
+# -- one run per model family: check the inputs, then return the job the sampler runs on the device --------
+
+@dataclass
+class SamplerWidgets:
+    width: int
+    height: int
+    num_frames: int
+    steps: int
+    cfg: float
+    shift: float
+    seed: int
+    ar_step: int
+    causal_block_size: int
+    base_num_frames: int
+    overlap_history: int
+    addnoise_condition: int
+    solver: str
+
+
+Job = Callable[[Callable[[StepInfo], None]], "tuple[dict, RunStats]"]
+
+
+def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
+             vae: Any, magi_vae: Any, prefix_images: Any) -> Job:
+    """SkyReels-V2 diffusion forcing (Wan2.1 DiTs and the built-in demo)."""
+    lm = model.loaded
+    if prefix_images is not None or magi_vae is not None:
+        raise InputError("prefix_images / magi_vae: only MAGI-1 models take these; disconnect them for a "
+                         f"{lm.family} model.")
+    settings = DFSettings(width=w.width, height=w.height, num_frames=w.num_frames, steps=w.steps, cfg=w.cfg,
+                          shift=w.shift, seed=w.seed, ar_step=w.ar_step, causal_block_size=w.causal_block_size,
+                          base_num_frames=w.base_num_frames, overlap_history=w.overlap_history,
+                          addnoise_condition=w.addnoise_condition, solver=w.solver)
+    geometry = LatentGeometry(**lm.geometry)
+    windows = plan_windows(settings, geometry, lm.config.patch_size)
+    cond = check_conditioning(conditioning_tensor(positive, "positive"), lm.config.text_dim, lm.text_len, "positive")
+    uncond = None
+    if w.cfg > 1.0:
+        uncond = check_conditioning(conditioning_tensor(negative, "negative"), lm.config.text_dim, lm.text_len,
+                                    "negative")
+    codec = None
+    if lm.latent_format == DEMO_CODEC:
+        # The demo carries the overlap over in latent space, as the CLI's demo job does (same videos).
+        if vae is not None:
+            log.warning("FlowCache: the demo model has its own codec; the connected vae is not used.")
+    elif lm.latent_format != "wan21":
+        raise InputError(f"model: latent format {lm.latent_format!r} is not supported by this sampler.")
+    elif vae is not None:
+        codec = ComfyVAECodec(vae, after_call=lambda: comfy_bridge.load_to_device(model.patcher))
+    elif len(windows) > 1:
+        log.info("FlowCache: no vae connected; the %d-window video carries its overlap over in latent space "
+                 "(SkyReels re-encodes it with the VAE).", len(windows))
+
+    def job(on_step):
+        pipe = DiffusionForcingPipeline(lm.model, geometry, lm.text_len, codec)
+        latents, stats = pipe(cond, uncond, settings, cache, on_step)
+        if lm.latent_format == "wan21":
+            return {"samples": wan_to_raw(latents)}, stats
+        return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
+
+    return job
+
+
+def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
+              vae: Any, magi_vae: Any, prefix_images: Any) -> Job:
+    """MAGI-1 chunk-wise autoregression: width, height, num_frames, steps, shift, seed and causal_block_size
+    (MAGI's chunk_width) apply; the diffusion-forcing widgets (cfg, ar_step, windows, solver) do not: distilled
+    MAGI-1 has guidance built in and the base model uses MAGI's own guidance schedule."""
+    lm = model.loaded
+    if vae is not None:
+        log.warning("FlowCache: MAGI-1 has its own VAE; the connected Wan vae is not used (use magi_vae).")
+    settings = MagiSettings(num_frames=w.num_frames, width=w.width, height=w.height, num_steps=w.steps,
+                            chunk_width=w.causal_block_size, shift=w.shift, seed=w.seed)
+    pipe = MagiPipeline(lm.model, LatentGeometry(**lm.geometry), magi_vae)
+    prefix = None
+    if prefix_images is not None:
+        if magi_vae is None:
+            raise InputError("prefix_images: encoding the prefix needs the MAGI-1 VAE; connect FlowCache Load "
+                             "MAGI-1 VAE to magi_vae.")
+        prefix = prefix_images[..., :3].float()
+    plan = pipe.plan(settings, _prefix_latent_frames(prefix, magi_vae))
+    caption, mask = magi_caption(positive, "positive", lm.config.caption_channels, plan.chunk_num)
+
+    def job(on_step):
+        latents, stats = pipe(caption, mask, settings, cache, prefix, on_step)
+        return {"samples": latents, "flowcache_codec": MAGI_CODEC, "flowcache_chunk_width": settings.chunk_width}, stats
+
+    return job
+
+
+def _prefix_latent_frames(prefix: torch.Tensor | None, codec: Any) -> int:
+    if prefix is None:
+        return 0
+    n = prefix.shape[0]
+    return 1 if n == 1 else n // codec.temporal_stride
+
+
+FAMILY_RUNS: dict[str, Callable[..., Job]] = {"wan": _wan_run, "magi": _magi_run}

@@ -1,18 +1,59 @@
-"""FlowCache Video Combine: frames -> an mp4/webm/gif/webp file in the output folder, with a preview."""
+"""FlowCache Video Combine: frames -> an mp4/webm/gif/webp file in the output folder, with a preview.
+
+``FILE_WIDGETS``, ``open_output`` and ``preview`` are shared with FlowCache Decode & Save Video.
+"""
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 
 from ..flowcache.errors import InputError
-from ..flowcache.video import FORMATS, VideoWriter, resolve_output_path
+from ..flowcache.video import FORMATS, VideoFormat, VideoWriter, resolve_output_path
 from . import comfy_bridge
 
 log = logging.getLogger("FlowCache")
 
 DEFAULT_FORMAT = "video/h264-mp4"
+
+FILE_WIDGETS: dict = {
+    "frame_rate": ("FLOAT", {"default": 24.0, "min": 0.01, "max": 240.0, "step": 1.0,
+                             "tooltip": "Frames per second (SkyReels-V2 and MAGI-1 are trained at 24)."}),
+    "loop_count": ("INT", {"default": 0, "min": 0, "max": 100,
+                           "tooltip": "gif/webp only: extra plays after the first (0 = loop forever)."}),
+    "filename_prefix": ("STRING", {"default": "FlowCache",
+                                   "tooltip": "File name, or a relative path such as 'video/flowcache', "
+                                              "inside the output folder; a counter is appended."}),
+    "format": (list(FORMATS), {"default": DEFAULT_FORMAT,
+                               "tooltip": "Container and codec: h264 mp4 plays everywhere; webm is "
+                                          "VP9; gif/webp are animated images."}),
+    "crf": ("INT", {"default": 19, "min": 0, "max": 63,
+                    "tooltip": "mp4/webm quality: lower is better and bigger (mp4 0..51, webm 0..63)."}),
+}
+
+
+def open_output(filename_prefix: str, format: str, frame_rate: float) -> tuple[VideoFormat, Path, str, str]:
+    """Check the file widgets and pick the output file: (format, full path, subfolder, file name)."""
+    if format not in FORMATS:
+        raise InputError(f"format={format!r}: must be one of {', '.join(FORMATS)}.")
+    if not math.isfinite(frame_rate) or frame_rate <= 0:
+        raise InputError(f"frame_rate={frame_rate}: must be a positive number of frames per second.")
+    fmt = FORMATS[format]
+    # OutputPathError names filename_prefix when it would leave the output folder.
+    path, subfolder, filename = resolve_output_path(comfy_bridge.output_directory(), filename_prefix, fmt.extension)
+    return fmt, path, subfolder, filename
+
+
+def preview(fmt: VideoFormat, subfolder: str, filename: str, frame_rate: float, frames: int, path: Path) -> dict:
+    """The node's result in ComfyUI's core preview format, plus the file path as its STRING output."""
+    entry = {"filename": filename, "subfolder": subfolder, "type": "output", "format": fmt.name,
+             "frame_rate": frame_rate, "frames": frames}
+    # The stock frontend plays {"images": [...], "animated": [True]} in a <video>, except names containing
+    # "webp"/"png" which it shows as an <img>; a gif in a <video> would not play, so it gets a still preview.
+    animated = fmt.is_video or fmt.extension == "webp"
+    return {"ui": {"images": [entry], "animated": [animated]}, "result": (str(path),)}
 
 
 class FlowCacheVideoCombine:
@@ -20,21 +61,7 @@ class FlowCacheVideoCombine:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "images": ("IMAGE", {"tooltip": "Frames to write, in order."}),
-            "frame_rate": ("FLOAT", {"default": 24.0, "min": 0.01, "max": 240.0, "step": 1.0,
-                                     "tooltip": "Frames per second (SkyReels-V2 models are trained at 24)."}),
-            "loop_count": ("INT", {"default": 0, "min": 0, "max": 100,
-                                   "tooltip": "gif/webp only: extra plays after the first (0 = loop forever)."}),
-            "filename_prefix": ("STRING", {"default": "FlowCache",
-                                           "tooltip": "File name, or a relative path such as 'video/flowcache', "
-                                                      "inside the output folder; a counter is appended."}),
-            "format": (list(FORMATS), {"default": DEFAULT_FORMAT,
-                                       "tooltip": "Container and codec: h264 mp4 plays everywhere; webm is "
-                                                  "VP9; gif/webp are animated images."}),
-            "crf": ("INT", {"default": 19, "min": 0, "max": 63,
-                            "tooltip": "mp4/webm quality: lower is better and bigger (mp4 0..51, webm 0..63)."}),
-        }}
+        return {"required": {"images": ("IMAGE", {"tooltip": "Frames to write, in order."}), **FILE_WIDGETS}}
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("filename",)
@@ -46,24 +73,12 @@ class FlowCacheVideoCombine:
 
     def combine(self, images: torch.Tensor, frame_rate: float = 24.0, loop_count: int = 0,
                 filename_prefix: str = "FlowCache", format: str = DEFAULT_FORMAT, crf: int = 19) -> dict:
-        if format not in FORMATS:
-            raise InputError(f"format={format!r}: must be one of {', '.join(FORMATS)}.")
-        if not math.isfinite(frame_rate) or frame_rate <= 0:
-            raise InputError(f"frame_rate={frame_rate}: must be a positive number of frames per second.")
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
             shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise InputError(f"images: expected an IMAGE batch [frames, H, W, C], got {shape}.")
-        fmt = FORMATS[format]
-        # OutputPathError names filename_prefix when it would leave the output folder.
-        path, subfolder, filename = resolve_output_path(comfy_bridge.output_directory(), filename_prefix,
-                                                        fmt.extension)
+        fmt, path, subfolder, filename = open_output(filename_prefix, format, frame_rate)
         with VideoWriter(path, fmt, frame_rate, loop_count=loop_count, crf=crf) as writer:
             for start in range(0, images.shape[0], 16):  # stream: never one uint8 copy of the whole clip
                 writer.write(images[start:start + 16, :, :, :3])
         log.info("FlowCache: wrote %s (%d frames)", path, writer.frames_written)
-        entry = {"filename": filename, "subfolder": subfolder, "type": "output", "format": fmt.name,
-                 "frame_rate": frame_rate, "frames": writer.frames_written}
-        # The stock frontend plays {"images": [...], "animated": [True]} in a <video>, except names containing
-        # "webp"/"png" which it shows as an <img>; a gif in a <video> would not play, so it gets a still preview.
-        animated = fmt.is_video or fmt.extension == "webp"
-        return {"ui": {"images": [entry], "animated": [animated]}, "result": (str(path),)}
+        return preview(fmt, subfolder, filename, frame_rate, writer.frames_written, path)

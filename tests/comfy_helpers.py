@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_IDS = ("FlowCacheModelLoader", "FlowCacheSampler", "FlowCacheDecode", "FlowCacheVideoCombine",
-            "FlowCacheDemoTextEncode")
+            "FlowCacheDemoTextEncode", "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader")
 
 
 # ----------------------------------------------------------------------------------------- importing
@@ -161,6 +161,8 @@ class ComfyStubs:
         mm.current_loaded_models = []
         mm.get_torch_device = lambda: torch.device("cpu")
         mm.unet_offload_device = lambda: torch.device("cpu")
+        mm.text_encoder_device = lambda: torch.device("cpu")
+        mm.vae_device = lambda: torch.device("cpu")
         mm.soft_empty_cache = lambda force=False: None
 
         class LoadedEntry:
@@ -216,14 +218,22 @@ class ComfyStubs:
         mp.ModelPatcher = ModelPatcher
 
         fp = types.ModuleType("folder_paths")
-        fp.get_filename_list = lambda folder: (sorted(p.name for p in stubs.models_dir.iterdir())
-                                               if folder == "diffusion_models" else [])
+
+        def folder_dir(folder):  # diffusion_models is models_dir; other model folders sit beside it
+            return stubs.models_dir if folder == "diffusion_models" else stubs.models_dir.parent / folder
+
+        def get_filename_list(folder):
+            root = folder_dir(folder)
+            return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) \
+                if root.is_dir() else []
 
         def get_full_path(folder, name):
-            p = stubs.models_dir / name
-            return str(p) if folder == "diffusion_models" and p.is_file() else None
+            p = folder_dir(folder) / name
+            return str(p) if p.is_file() else None
 
+        fp.get_filename_list = get_filename_list
         fp.get_full_path = get_full_path
+        fp.get_folder_paths = lambda folder: [str(folder_dir(folder))]
         fp.get_output_directory = lambda: str(stubs.output_dir)
 
         server = types.ModuleType("server")

@@ -95,8 +95,11 @@ def test_input_types_contract(pack, comfy, node_id):
             opts = entry[1] if len(entry) > 1 else {}
             assert isinstance(opts.get("tooltip"), str) and len(opts["tooltip"]) > 10, f"{node_id}.{name}: tooltip"
             if isinstance(kind, list):
-                assert kind and all(isinstance(v, str) for v in kind), f"{node_id}.{name}"
-                assert opts.get("default", kind[0]) in kind, f"{node_id}.{name}: default not in list"
+                assert all(isinstance(v, str) for v in kind), f"{node_id}.{name}"
+                # a model-file list is empty until the user adds files; every other list has its default
+                assert kind or "models/" in opts["tooltip"], f"{node_id}.{name}: empty list"
+                if kind:
+                    assert opts.get("default", kind[0]) in kind, f"{node_id}.{name}: default not in list"
             elif kind in ("INT", "FLOAT"):
                 pytype = int if kind == "INT" else float
                 assert isinstance(opts["default"], pytype), f"{node_id}.{name}: default type"
@@ -113,14 +116,15 @@ def test_input_types_contract(pack, comfy, node_id):
         if hasattr(cls, attr):
             assert len(getattr(cls, attr)) == len(cls.RETURN_TYPES)
     assert callable(getattr(cls, cls.FUNCTION))
-    assert cls.CATEGORY == "FlowCache"
+    assert cls.CATEGORY in ("FlowCache", "FlowCache/MAGI-1")
     assert isinstance(cls.DESCRIPTION, str) and cls.DESCRIPTION
 
 
 def test_sampler_and_other_widget_orders(pack):
     spec = nodes(pack)["FlowCacheSampler"].INPUT_TYPES()
     assert list(spec["required"]) == SAMPLER_ORDER  # UI workflows store widget values by position
-    assert list(spec["optional"]) == ["vae"] and spec["hidden"] == {"unique_id": "UNIQUE_ID"}
+    assert list(spec["optional"]) == ["vae", "magi_vae", "prefix_images"]
+    assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
     req = spec["required"]
     assert req["model"][0] == "FLOWCACHE_MODEL"
     assert req["positive"][0] == req["negative"][0] == "CONDITIONING"
@@ -140,7 +144,12 @@ def test_sampler_and_other_widget_orders(pack):
     vc = nodes(pack)["FlowCacheVideoCombine"].INPUT_TYPES()["required"]
     assert list(vc) == ["images", "frame_rate", "loop_count", "filename_prefix", "format", "crf"]
     assert vc["format"][1]["default"] == "video/h264-mp4"
-    assert list(nodes(pack)["FlowCacheDecode"].INPUT_TYPES()["optional"]) == ["vae"]
+    assert list(nodes(pack)["FlowCacheDecode"].INPUT_TYPES()["optional"]) == ["vae", "magi_vae"]
+    ds = nodes(pack)["FlowCacheDecodeSave"].INPUT_TYPES()
+    assert list(ds["required"]) == ["samples", "frame_rate", "loop_count", "filename_prefix", "format", "crf"]
+    assert list(ds["optional"]) == ["vae", "magi_vae"] and nodes(pack)["FlowCacheDecodeSave"].OUTPUT_NODE is True
+    assert list(nodes(pack)["FlowCacheMagiTextEncode"].INPUT_TYPES()["required"]) == ["t5_name", "prompt"]
+    assert nodes(pack)["FlowCacheMagiVAELoader"].RETURN_TYPES == ("FLOWCACHE_MAGI_VAE",)
     assert nodes(pack)["FlowCacheVideoCombine"].OUTPUT_NODE is True
     assert nodes(pack)["FlowCacheModelLoader"].RETURN_TYPES == ("FLOWCACHE_MODEL",)
     assert nodes(pack)["FlowCacheSampler"].RETURN_TYPES == ("LATENT",)

@@ -54,8 +54,10 @@ def test_shards_with_index(tmp_path, model):
     save_file({k: sd[k] for k in keys[half:]}, str(tmp_path / names[1]), metadata={"flowcache.num_heads": "2"})
     index = {"weight_map": {k: names[0] if i < half else names[1] for i, k in enumerate(keys)}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    for target in (tmp_path / "model.safetensors.index.json", tmp_path):
-        assert load_model(target).config.num_layers == 2
+    # the index, the folder, or any one shard (what ComfyUI's file list offers) loads the whole model
+    for target in (tmp_path / "model.safetensors.index.json", tmp_path, tmp_path / names[0], tmp_path / names[1]):
+        lm = load_model(target)
+        assert lm.config.num_layers == 2 and lm.checkpoint.endswith("(2 shards)")
 
 
 def test_self_forcing_pt_generator_dict(tmp_path, model):

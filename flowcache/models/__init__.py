@@ -70,9 +70,14 @@ def _build_wan(ck: Checkpoint, dtype: torch.dtype) -> LoadedModel:
 def _build_magi(ck: Checkpoint, dtype: torch.dtype) -> LoadedModel:
     from . import magi  # optional family; imported only when such a file is loaded
 
-    model = magi.build_magi(ck, dtype) if hasattr(magi, "build_magi") else magi.load_magi_from_checkpoint(ck, dtype)
+    model = magi.build_magi(ck, dtype)
+    # The released distilled weights are told apart from the base ones only by their folder name
+    # (inference_weight.distill, 4.5B_distill); metadata may say it explicitly.
+    flag = ck.metadata.get("flowcache.distill")
+    model.distill = flag == "1" if flag is not None else any("distill" in str(f).lower() for f in ck.files)
+    geometry = {"temporal_stride": 4, "spatial_stride": 8, "channels": model.cfg.latent_channels}
     return LoadedModel("magi", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, "magi-4.5B", text_len=800,
-                       metadata=ck.metadata)
+                       geometry=geometry, metadata=ck.metadata)
 
 
 @dataclass

@@ -552,6 +552,11 @@ class MagiVAECodec:
         z = self.vae.encode(x, fps=self.fps, tiled=self.tiled)
         return z.float() * self.scale_factor
 
+    def stream_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Decoding a video chunk by chunk: MAGI-1 itself decodes every chunk on its own as soon as it is clean
+        (``post_chunk_process``), so feeding chunk_width-latent pieces reproduces its output in flat memory."""
+        return self.decode
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if latents.dim() == 4:

@@ -345,7 +345,13 @@ def load_wan_vae(path: str | os.PathLike, dtype: str = "auto", device: str | tor
     Raises CheckpointError naming the file when the keys or shapes are not the Wan2.1 VAE's.
     """
     ck = load_checkpoint(path, anchors=("decoder.conv1.weight", "encoder.conv1.weight"))
-    sd, name = ck.tensors, ck.name
+    return build_wan_vae(ck.tensors, ck.name, dtype, device)
+
+
+def build_wan_vae(sd: dict[str, torch.Tensor], name: str = "Wan VAE", dtype: str = "auto",
+                  device: str | torch.device = "cpu") -> WanVAE:
+    """A ``WanVAE`` from a state dict in the released layout (e.g. ComfyUI's ``vae.first_stage_model.state_dict()``,
+    whose module names are the original Wan ones); ``name`` is used in error messages."""
     for pre in VAE_PREFIXES:
         if pre + "decoder.conv1.weight" in sd:
             sd = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}

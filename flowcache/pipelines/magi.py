@@ -238,7 +238,8 @@ class MagiPipeline:
             raise InputError(f"MagiPipeline runs MAGI-1 DiTs (MagiDiT, from load_magi / the MAGI-1 loader); "
                              f"got {type(model).__name__}.{hint}")
         self.model = model
-        self.geometry = geometry or LatentGeometry(temporal_stride=4, spatial_stride=8, channels=16)
+        self.geometry = geometry or LatentGeometry(temporal_stride=4, spatial_stride=8,
+                                                   channels=model.config.latent_channels)
         self.codec = codec
         if model.config.latent_channels != self.geometry.channels:
             raise InputError(f"geometry has {self.geometry.channels} latent channels but the MAGI-1 model takes "

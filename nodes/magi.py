@@ -1,0 +1,122 @@
+"""MAGI-1's own text encoder (T5-v1.1-XXL + MAGI's special tokens) and ViT VAE, as ComfyUI nodes."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..flowcache.errors import CheckpointError, InputError
+from ..flowcache.models.magi_vae import MagiVAECodec, load_magi_vae
+from ..flowcache.text import (SPECIAL_TOKENS_FILENAME, SPECIAL_TOKENS_HELP, MagiSpecialTokens, T5Tokenizer,
+                              encode_magi_prompt, find_magi_special_tokens, load_magi_special_tokens,
+                              load_t5_encoder, magi_chunk_captions)
+from . import comfy_bridge
+
+log = logging.getLogger("FlowCache")
+
+MAGI_CODEC = "magi"  # value of a LATENT's "flowcache_codec" key for MAGI-1 latents (raw VAE latents x 0.18215)
+TOKENS_KEY = "flowcache_magi_special_tokens"  # where the text node leaves the special tokens in CONDITIONING
+
+
+def magi_caption(cond: Any, name: str, width: int, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CONDITIONING -> MAGI-1's per-chunk captions ``([1, chunks, L, width], [1, chunks, L])``.
+
+    From FlowCache MAGI-1 Text Encode the states carry their mask and special tokens, and every chunk gets
+    ``[DURATION, HQ, caption]`` as MAGI-1 builds it. Other T5-XXL conditioning is used as it is (no special
+    tokens, every row valid), which MAGI-1 allows but its official runs never do.
+    """
+    try:
+        states, extra = cond[0][0], cond[0][1]
+    except (TypeError, IndexError, KeyError):
+        states, extra = None, None
+    if not isinstance(states, torch.Tensor) or not isinstance(extra, dict):
+        raise InputError(f"{name}: expected CONDITIONING from FlowCache MAGI-1 Text Encode, got {type(cond).__name__}.")
+    if states.dim() != 3 or states.shape[0] != 1 or states.shape[-1] != width:
+        raise InputError(f"{name}: MAGI-1 takes T5-XXL states [1, tokens, {width}]; got {list(states.shape)}. "
+                         "Use FlowCache MAGI-1 Text Encode.")
+    mask = extra.get("attention_mask")
+    mask = torch.ones(states.shape[:2], dtype=torch.long) if mask is None else mask.reshape(1, -1)
+    tokens = extra.get(TOKENS_KEY)
+    if tokens is None:
+        log.warning("FlowCache: %s has no MAGI-1 special tokens (not from FlowCache MAGI-1 Text Encode); the "
+                    "captions go in without the HQ/duration tokens.", name)
+    return magi_chunk_captions(states.float().cpu(), mask.cpu(), chunks, tokens)
+
+
+def _tokenizer_json() -> Path:
+    """ComfyUI ships the T5 v1.1 tokenizer; MAGI-1 uses the same vocabulary."""
+    root = comfy_bridge.comfy_package_dir()
+    if root is None:
+        raise CheckpointError("MAGI-1 text encoding needs ComfyUI's comfy/text_encoders/t5_tokenizer/tokenizer.json; "
+                              "ComfyUI was not found.")
+    return root / "text_encoders" / "t5_tokenizer" / "tokenizer.json"
+
+
+class FlowCacheMagiTextEncode:
+    """Encode a prompt for MAGI-1: T5-v1.1-XXL states at length 800, plus MAGI's special tokens."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "t5_name": (comfy_bridge.filename_list("text_encoders"), {
+                "tooltip": "T5-v1.1-XXL from models/text_encoders: t5xxl_fp16.safetensors or "
+                           "t5xxl_fp8_e4m3fn.safetensors, the files Flux and SD3 use."}),
+            "prompt": ("STRING", {"multiline": True, "default": "",
+                                  "tooltip": "What the video shows. MAGI-1 cleans the text (lower case, no URLs) "
+                                             "and reads up to 800 tokens."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("MAGI-1 text conditioning (with its mask and special tokens), for FlowCache Sampler.",)
+    FUNCTION = "encode"
+    CATEGORY = "FlowCache/MAGI-1"
+    DESCRIPTION = (f"T5-XXL text encoder for MAGI-1. Needs MAGI-1's special tokens: {SPECIAL_TOKENS_FILENAME} "
+                   "in models/text_encoders.")
+
+    def encode(self, t5_name: str, prompt: str) -> tuple[list]:
+        path = comfy_bridge.full_path("text_encoders", t5_name)
+        if path is None:
+            raise CheckpointError(f"t5_name: {t5_name} was not found in models/text_encoders.")
+        tokens_path = find_magi_special_tokens(comfy_bridge.folder_paths_of("text_encoders"))
+        if tokens_path is None:
+            raise CheckpointError(f"MAGI-1 special tokens: no {SPECIAL_TOKENS_FILENAME} in models/text_encoders. "
+                                  f"{SPECIAL_TOKENS_HELP}")
+        special: MagiSpecialTokens = load_magi_special_tokens(tokens_path)
+        device = comfy_bridge.text_encoder_device()
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+        encoder = load_t5_encoder(path, dtype, device)
+        try:
+            states, mask = encode_magi_prompt(prompt, encoder, T5Tokenizer(_tokenizer_json()))
+        finally:
+            del encoder
+            comfy_bridge.soft_empty_cache()
+        return ([[states.cpu(), {"attention_mask": mask.cpu(), TOKENS_KEY: special, "pooled_output": None}]],)
+
+
+class FlowCacheMagiVAELoader:
+    """Load MAGI-1's ViT VAE (8x spatial, 4x temporal, 16 channels)."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "vae_name": (comfy_bridge.filename_list("vae"), {
+                "tooltip": "MAGI-1's VAE from models/vae (the release's ckpt/vae/diffusion_pytorch_model.safetensors, "
+                           "e.g. renamed magi1_vae.safetensors)."}),
+        }}
+
+    RETURN_TYPES = ("FLOWCACHE_MAGI_VAE",)
+    RETURN_NAMES = ("magi_vae",)
+    OUTPUT_TOOLTIPS = ("MAGI-1's VAE, for FlowCache Decode, FlowCache Decode & Save Video and prefix images.",)
+    FUNCTION = "load"
+    CATEGORY = "FlowCache/MAGI-1"
+    DESCRIPTION = "Loads MAGI-1's own VAE; decoding tiles the video as MAGI-1 does."
+
+    def load(self, vae_name: str) -> tuple[MagiVAECodec]:
+        path = comfy_bridge.full_path("vae", vae_name)
+        if path is None:
+            raise CheckpointError(f"vae_name: {vae_name} was not found in models/vae.")
+        device = comfy_bridge.vae_device()
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # MAGI-1 runs its VAE in bf16
+        return (MagiVAECodec(load_magi_vae(path, dtype).to(device), device=device),)
