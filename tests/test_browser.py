@@ -31,10 +31,10 @@ SCRIPT = ROOT / "tests" / "browser" / "flowcache_browser.js"
 ARTIFACTS = ROOT / "tests" / "artifacts" / "browser"
 PACK_NAME = "ComfyUI-FlowCache"
 EXPECTED = {"flowcache_demo_cpu", "skyreels_v2_df_1.3b_t2v_fast", "skyreels_v2_df_1.3b_t2v_slow",
-            "skyreels_v2_df_1.3b_long_kv"}
-NEEDS_MODEL_FILES = {"skyreels_v2_df_1.3b_t2v_fast", "skyreels_v2_df_1.3b_t2v_slow", "skyreels_v2_df_1.3b_long_kv"}
+            "skyreels_v2_df_1.3b_long_kv", "magi1_4.5b_distill_t2v_fast"}
+NEEDS_MODEL_FILES = EXPECTED - {"flowcache_demo_cpu"}
 NODE_TYPES = {"FlowCacheSampler", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine",
-              "FlowCacheDemoTextEncode"}
+              "FlowCacheDemoTextEncode", "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader"}
 DEMO_ASSETS = ROOT / "flowcache" / "demo" / "assets"
 # Page noise of frontend 1.27.10 with no network (comfyui-host.md §8.4): not ours, ignored.
 BENIGN = ("Cannot read properties of undefined (reading 'id')", "ERR_NAME_NOT_RESOLVED", "Error fetching file size",

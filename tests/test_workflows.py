@@ -29,7 +29,7 @@ PRESETS = ROOT / "flowcache" / "presets.json"
 DEMO_DIT = ROOT / "flowcache" / "demo" / "assets" / "demo_dit.safetensors"
 DEMO_ENTRY = "flowcache-demo (built-in, runs on CPU)"
 EXPECTED = {"flowcache_demo_cpu", "skyreels_v2_df_1.3b_t2v_fast", "skyreels_v2_df_1.3b_t2v_slow",
-            "skyreels_v2_df_1.3b_long_kv"}
+            "skyreels_v2_df_1.3b_long_kv", "magi1_4.5b_distill_t2v_fast"}
 
 # Core nodes used by the workflows, as ComfyUI 0.3.64 declares them (nodes.py). "FILES" marks a combo filled from
 # a model folder: any model file name is accepted (the user's folder decides what exists).
@@ -54,6 +54,7 @@ CORE_NODES = {
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = ["fixed", "increment", "decrement", "randomize"]
+MODEL_FILE_WIDGETS = ("model_name", "t5_name", "vae_name")  # the pack's own combos listing a model folder
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 # JS regexes (case-insensitive) the extension uses to map a model file name to a presets row.
 ALIASES = [["1[._-]?3b", "wan-1.3B"], ["14b", "wan-14B"], ["magi", "magi-4.5B"]]
@@ -198,7 +199,7 @@ def link_inputs(node_def: dict) -> dict[str, tuple[str, bool]]:
 
 def check_widget_value(node_type: str, name: str, kind, opts: dict, value) -> list[str]:
     where = f"{node_type}.{name}={value!r}"
-    if kind == FILES or (isinstance(kind, (list, tuple)) and name == "model_name"):
+    if kind == FILES or (isinstance(kind, (list, tuple)) and name in MODEL_FILE_WIDGETS):
         ok = isinstance(value, str) and (value in (kind if isinstance(kind, (list, tuple)) else ())
                                          or value.endswith(MODEL_SUFFIXES))
         return [] if ok else [f"{where}: not a model file name"]
@@ -357,11 +358,16 @@ def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
                 geometry = json.loads((f.metadata() or {}).get("flowcache.geometry", json.dumps(geometry)))
     else:
         geometry = {"temporal_stride": 4, "spatial_stride": 8, "channels": 16}
-    fields = set(df.DFSettings.__dataclass_fields__)
-    settings = df.DFSettings(**{k: v for k, v in s.items() if k in fields})
-    windows = df.plan_windows(settings, df.LatentGeometry(**geometry))
-    assert windows
     key = alias_key(name)
+    if key == "magi-4.5B":  # MAGI-1: whole chunks over a staggered window, steps split evenly over the stages
+        magi = pack_submodule(pack, "flowcache.pipelines.magi")
+        assert s["width"] % 16 == 0 and s["height"] % 16 == 0 and s["num_frames"] % 4 == 0
+        chunk = s["causal_block_size"]
+        assert magi.stage_schedule(s["num_frames"] // 4, chunk, 4, s["steps"])
+    else:
+        fields = set(df.DFSettings.__dataclass_fields__)
+        settings = df.DFSettings(**{k: v for k, v in s.items() if k in fields})
+        assert df.plan_windows(settings, df.LatentGeometry(**geometry))
     assert key is not None, f"{name}: the web extension cannot tell which presets apply"
     if s["cache"] != "off" and s["preset"] in ("slow", "fast"):
         row = _read_json(WEB_PRESETS)["models"][key][s["cache"]][s["preset"]]
@@ -418,11 +424,34 @@ def test_long_video_workflow(node_defs, pack):
     assert vae_in["link"] is not None, "the sampler's vae input re-encodes the overlap between windows"
     src = next(link[1] for link in wf["links"] if link[0] == vae_in["link"])
     assert next(n for n in wf["nodes"] if n["id"] == src)["type"] == "VAELoader"
+    # long videos are decoded piece by piece into the file, never as one IMAGE batch
+    (save,) = nodes_of(wf, "FlowCacheDecodeSave")
+    assert not nodes_of(wf, "VAEDecode") and not nodes_of(wf, "FlowCacheVideoCombine")
+    linked = {i["name"] for i in save["inputs"] if i.get("link") is not None}
+    assert linked == {"samples", "vae"}
     from comfy_helpers import pack_submodule
     df = pack_submodule(pack, "flowcache.pipelines.diffusion_forcing")
     fields = set(df.DFSettings.__dataclass_fields__)
     windows = df.plan_windows(df.DFSettings(**{k: v for k, v in s.items() if k in fields}), df.LatentGeometry(4, 8, 16))
     assert len(windows) >= 3
+
+
+def test_magi_workflow(node_defs, pack):
+    wf = load_workflow(ROOT / "workflows" / "magi1_4.5b_distill_t2v_fast.json")
+    s = _sampler(wf, node_defs)
+    assert (s["width"], s["height"], s["num_frames"], s["steps"], s["shift"], s["seed"]) == (720, 720, 96, 64, 3.0, 1234)
+    assert (s["causal_block_size"], s["cache"], s["preset"]) == (6, "flowcache", "fast")
+    name = _loader_name(wf, node_defs)
+    assert name == "magi/4.5B_distill/inference_weight.distill/model-00001-of-00002.safetensors"
+    assert "distill" in name  # what marks the distilled model for the loader
+    types = {n["type"] for n in wf["nodes"]}
+    assert {"FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader", "FlowCacheDecodeSave"} <= types
+    assert not types & {"CLIPLoader", "VAELoader", "VAEDecode"}, "MAGI-1 uses its own T5 path and VAE"
+    (te,) = nodes_of(wf, "FlowCacheMagiTextEncode")
+    assert te["widgets_values"][0] == "t5xxl_fp16.safetensors" and te["widgets_values"][1]
+    note = nodes_of(wf, "Note")[0]["widgets_values"][0]
+    for fact in ("sand-ai/MAGI-1", "special_tokens.npz", "magi1_special_tokens.npz", "models/vae/magi1_vae"):
+        assert fact in note
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

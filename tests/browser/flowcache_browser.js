@@ -275,7 +275,8 @@ async function check(browser) {
     registeredFrom: window.__flowcache && window.__flowcache.registered,
     presets: !!(window.__flowcache && window.__flowcache.presets),
     errors: (window.__flowcache && window.__flowcache.errors) || [],
-    types: ["FlowCacheSampler", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine", "FlowCacheDemoTextEncode"]
+    types: ["FlowCacheSampler", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine", "FlowCacheDemoTextEncode",
+      "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader"]
       .filter((t) => t in LiteGraph.registered_node_types),
   }));
   const exts = await getJSON(page, "/extensions");
