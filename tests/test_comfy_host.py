@@ -46,9 +46,14 @@ def host(tmp_path_factory):
         # demo latent space and text width, so the demo text encoder and codec serve it without weights
         write_tiny_wan(work / "diffusion_models" / TINY_FILE, pack, text_dim=64, text_len=16, dim=64, layers=3,
                        heads=2, latent_format="demo", geometry=DEMO_GEOMETRY)
+    try:  # tiny MAGI-1 files; the T5 has the real vocabulary size, for ComfyUI's own T5 tokenizer file
+        from test_nodes_magi import write_tiny_magi_files
+        write_tiny_magi_files(work, vocab=32128)
+    except ImportError:  # no `tokenizers` here: the MAGI-1 test skips
+        pass
     config = work / "extra_model_paths.yaml"
     config.write_text(f"flowcache_test:\n    base_path: {work}\n    custom_nodes: custom_nodes\n"
-                      f"    diffusion_models: diffusion_models\n")
+                      f"    diffusion_models: diffusion_models\n    text_encoders: text_encoders\n    vae: vae\n")
     server = ComfyServer(comfy, python, work, config, work / "output")
     try:
         server.start()
@@ -221,3 +226,38 @@ def test_interrupt_then_next_run_equals_fresh_run(host):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in f.items() if k not in timing}
     finally:
         ws.close()
+
+
+def test_magi_text_to_video_in_the_server(host):
+    """Loader -> MAGI-1 text encode (ComfyUI's T5 tokenizer file, our T5) -> the one sampler in MAGI-1 mode ->
+    Decode & Save Video with MAGI-1's VAE, on tiny models in the released layouts."""
+    server, pack, work = host
+    if not (work / "text_encoders" / "t5_tiny.safetensors").is_file():
+        pytest.skip("the tiny MAGI-1 files need the `tokenizers` package in the test environment")
+    sampler = dict(width=32, height=32, num_frames=24, steps=8, cfg=1.0, shift=3.0, seed=5, ar_step=5,
+                   causal_block_size=2, base_num_frames=97, overlap_history=17, addnoise_condition=20,
+                   solver="unipc", cache="flowcache", preset="fast", threshold=0.015, warmup_steps=5, kv_budget=1,
+                   mix_lambda=0.07, keep_model_loaded=False)
+    prompt = {
+        "1": {"class_type": "FlowCacheModelLoader",
+              "inputs": {"model_name": "magi_4.5B_distill/model.safetensors", "dtype": "auto"}},
+        "2": {"class_type": "FlowCacheMagiTextEncode",
+              "inputs": {"t5_name": "t5_tiny.safetensors", "prompt": "A red fox runs through the snow."}},
+        "3": {"class_type": "FlowCacheMagiVAELoader", "inputs": {"vae_name": "magi1/diffusion_pytorch_model.safetensors"}},
+        "4": {"class_type": "FlowCacheSampler", "inputs": dict(sampler, model=["1", 0], positive=["2", 0],
+                                                               negative=["2", 0])},
+        "5": {"class_type": "FlowCacheDecodeSave", "inputs": {"samples": ["4", 0], "magi_vae": ["3", 0],
+                                                              "frame_rate": 24.0, "loop_count": 0,
+                                                              "filename_prefix": "magi/tiny", "format": "video/h264-mp4",
+                                                              "crf": 19}},
+    }
+    entry = server.wait_done(server.queue(prompt, client_id=uuid.uuid4().hex))
+    errors = [m[1].get("exception_message") for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "success", errors or server.log()[-3000:]
+    stats = entry["outputs"]["4"]["flowcache_stats"][0]
+    assert stats["mode"] == "flowcache" and stats["settings"]["magi"]["chunks"] == 3
+    assert stats["settings"]["magi"]["distill"] is True  # from the folder name
+    (video,) = entry["outputs"]["5"]["images"]
+    path = work / "output" / video["subfolder"] / video["filename"]
+    frames = pack_submodule(pack, "flowcache.video").read_video(path)
+    assert frames.shape == (24, 32, 32, 3) and video["frames"] == 24

@@ -3,6 +3,7 @@ Decode & Save Video node, with ComfyUI stubbed. Tiny random models in the releas
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,18 +30,33 @@ def nodes(pack):
     return pack.NODE_CLASS_MAPPINGS
 
 
-@pytest.fixture
-def magi_files(comfy, tmp_path):
-    """A tiny distilled MAGI-1 DiT, T5 encoder, special tokens, tokenizer and MAGI-1 VAE where ComfyUI keeps them."""
-    folder = comfy.models_dir / "magi_4.5B_distill"
-    folder.mkdir()
+def write_tiny_magi_files(models_root: Path, vocab: int | None = None) -> None:
+    """A tiny distilled MAGI-1 DiT, T5 encoder (``vocab`` rows of embeddings), special tokens and MAGI-1 VAE
+    under ``models_root`` (diffusion_models/, text_encoders/, vae/) in the released layouts."""
+    folder = models_root / "diffusion_models" / "magi_4.5B_distill"
+    folder.mkdir(parents=True)
     save_file(make_sd(**MAGI, seed=3), str(folder / "model.safetensors"))
-    te = comfy.models_dir.parent / "text_encoders"
-    te.mkdir()
-    save_file({k: v.half() for k, v in _tiny_t5_sd().items()}, str(te / "t5_tiny.safetensors"))
+    te = models_root / "text_encoders"
+    te.mkdir(exist_ok=True)
+    t5 = _tiny_t5_sd()
+    if vocab:
+        t5["shared.weight"] = torch.randn(vocab, D, generator=torch.Generator().manual_seed(2))
+    save_file({k: v.half() for k, v in t5.items()}, str(te / "t5_tiny.safetensors"))
     rng = np.random.default_rng(0)
     np.savez(te / "magi1_special_tokens.npz", caption_token=rng.normal(0, 0.125, (1, D)),
              logo_token=rng.normal(0, 0.125, (1, D)), other_tokens=rng.normal(0, 0.125, (100, D)))
+    vae_dir = models_root / "vae" / "magi1"
+    vae_dir.mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    sd = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in _vae_shapes().items()}
+    save_file(sd, str(vae_dir / "diffusion_pytorch_model.safetensors"))
+    (vae_dir / "config.json").write_text(json.dumps({"_class_name": "ViTVAE", "ddconfig": VAE_DD}))
+
+
+@pytest.fixture
+def magi_files(comfy, tmp_path):
+    """The tiny MAGI-1 files where the stubbed ComfyUI keeps models, and a word-level T5-style tokenizer."""
+    write_tiny_magi_files(comfy.models_dir.parent)
     tok_dir = tmp_path / "comfy" / "text_encoders" / "t5_tokenizer"
     tok_dir.mkdir(parents=True)
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
@@ -48,20 +64,11 @@ def magi_files(comfy, tmp_path):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tok_dir / "tokenizer.json"))
     comfy.modules["comfy"].__path__ = [str(tmp_path / "comfy")]
-    vae_dir = comfy.models_dir.parent / "vae" / "magi1"
-    vae_dir.mkdir(parents=True)
-    from flowcache.models.magi_vae import MagiVAE, magi_vae_config_from_state_dict
-
-    cfg = magi_vae_config_from_state_dict(_vae_shapes(), "vae", ddconfig=VAE_DD)
-    g = torch.Generator().manual_seed(1)
-    sd = {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in MagiVAE(cfg).state_dict().items()}
-    save_file(sd, str(vae_dir / "diffusion_pytorch_model.safetensors"))
-    (vae_dir / "config.json").write_text(json.dumps({"_class_name": "ViTVAE", "ddconfig": VAE_DD}))
     return comfy
 
 
 def _vae_shapes() -> dict:
-    """A state dict of the right shapes for VAE_DD, from a model built with the config MAGI's code would use."""
+    """A MAGI-1 VAE state dict's shapes for VAE_DD (8x spatial, 4x temporal, like the released one)."""
     from flowcache.models.magi_vae import MagiVAE, MagiVAEConfig
 
     cfg = MagiVAEConfig(embed_dim=32, enc_depth=1, dec_depth=1, num_heads=2, mlp_hidden=64, patch_size=8,
