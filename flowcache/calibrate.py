@@ -34,6 +34,7 @@ import torch
 
 from .cache.base import CachePolicy, UnitKey, relative_l1
 from .cache.presets import POLICY_FACTORIES, CacheSettings
+from .checkpoint import checkpoint_files
 from .errors import CheckpointError, InputError
 
 DEFAULT_DEGREE = 4
@@ -338,7 +339,8 @@ def main_calibrate(args: list[str]) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's default, 50)")
     ap.add_argument("--degree", type=int, default=DEFAULT_DEGREE)
-    ap.add_argument("--out", default=None, help="preset file to write (default: CHECKPOINT.presets.json)")
+    ap.add_argument("--out", default=None, help="preset file to write (default: <checkpoint name>.presets.json beside "
+                                                "it, which the loader then reads by itself)")
     ap.add_argument("--embed", action="store_true", help="also store the presets in the checkpoint's metadata")
     ap.add_argument("--conditioning", default=None,
                     help="safetensors of saved text states, one per prompt ('' = negative); needed for non-demo models")
@@ -359,7 +361,9 @@ def main_calibrate(args: list[str]) -> int:
                 setattr(s, name, val)
         if a.frames is not None:
             s.num_frames = s.base_num_frames = a.frames
-        out = a.out or str(Path(a.checkpoint).with_suffix("")) + ".presets.json"
+        from .models import preset_sidecar
+
+        out = a.out or str(preset_sidecar(checkpoint_files(a.checkpoint)[0]))
         result = calibrate(a.checkpoint, a.prompts, a.seeds, out, a.steps, a.degree, settings=s,
                            conditioning=a.conditioning, random_conditioning=a.random_conditioning)
         if a.embed:

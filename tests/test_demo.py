@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from flowcache.cache import resolve_settings
 from flowcache.calibrate import (ChunkSignalRecorder, RecordingSettings, calibrate, embed_presets, fit_rescale,
-                                 read_preset_file)
+                                 read_preset_file, write_preset_file)
 from flowcache.demo import (DEMO_PROMPTS, DEMO_SETTINGS, demo_df_settings, demo_model_path, load_demo_codec,
                             load_demo_text)
 from flowcache.demo.codec import DemoCodec, projection_matrix
@@ -166,6 +166,15 @@ def test_calibration_recorder_on_tiny_model(tmp_path):
     assert lm.preset_key == "tiny" and lm.text_len == 4
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())
     assert not list(tmp_path.glob("*.tmp"))
+
+    # A preset file beside the checkpoint (calibrate's default output) is read by the loader and wins.
+    sidecar = tmp_path / "tiny.presets.json"
+    assert out == sidecar and sidecar.is_file()
+    newer = {"tiny": {**entry, "coefficients": [2.0, 0.0]}}
+    write_preset_file(sidecar, newer)
+    lm = load_model(ck)
+    assert lm.extra_presets["tiny"]["coefficients"] == [2.0, 0.0]
+    assert resolve_settings("tiny", "flowcache", "slow", extra_presets=lm.extra_presets).coefficients == [2.0, 0.0]
 
 
 def test_recorder_pairs_signal_and_output_changes():

@@ -127,7 +127,23 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None 
     if expect and family != expect:
         raise CheckpointError(f"{ck.name}: this is a {FAMILIES[family].title} checkpoint, but this loader expects a "
                               f"{FAMILIES[expect].title}. Use the matching loader node.")
-    return FAMILIES[family].build(ck, compute_dtype(dtype, ck.main_dtype))
+    lm = FAMILIES[family].build(ck, compute_dtype(dtype, ck.main_dtype))
+    sidecar = preset_sidecar(ck.files[0])
+    if sidecar.is_file():  # `python -m flowcache calibrate` output beside the file: it wins over older presets
+        from ..calibrate import read_preset_file
+
+        lm.extra_presets = {**lm.extra_presets, **read_preset_file(sidecar)}
+        lm.metadata = {**lm.metadata, "flowcache.preset_file": str(sidecar)}
+    return lm
+
+
+def preset_sidecar(checkpoint_file: str | os.PathLike) -> "os.PathLike":
+    """Where ``python -m flowcache calibrate`` writes a model's presets by default: ``<file stem>.presets.json``
+    beside the checkpoint. ``load_model`` reads it, so a calibrated model gets its presets in every node."""
+    from pathlib import Path
+
+    p = Path(checkpoint_file)
+    return p.with_name(p.name.split(".")[0] + ".presets.json")
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
@@ -145,4 +161,4 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     return info
 
 
-__all__ = ["LoadedModel", "load_model", "inspect_checkpoint", "detect_family", "FAMILIES", "WanDiT"]
+__all__ = ["LoadedModel", "load_model", "preset_sidecar", "inspect_checkpoint", "detect_family", "FAMILIES", "WanDiT"]
