@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from .video import write_video
 
 
 @dataclass
-class DemoKit:
-    """The shipped demo model with its text encoder and latent codec."""
+class SamplingKit:
+    """A model with what sampling it needs: a text encoder (``encode(prompt) -> [1, S, text_dim]``), a codec
+    (``decode(latents) -> frames``) and default settings. The demo's, or a checkpoint's for ``bench``."""
 
     loaded: LoadedModel
     text: object
@@ -43,13 +45,79 @@ class DemoKit:
         return self.codec.decode(z), stats
 
 
-def load_demo_kit() -> DemoKit:
+DemoKit = SamplingKit
+
+
+def load_demo_kit() -> SamplingKit:
     from . import demo  # shipped assets; imported lazily so the core works without them
 
     loaded = load_model(demo.demo_model_path(), dtype="fp32")
     known = {f.name for f in fields(DFSettings)}
     settings = DFSettings(**{k: v for k, v in demo.DEMO_SETTINGS.items() if k in known})
-    return DemoKit(loaded, demo.load_demo_text(), demo.load_demo_codec(), settings)
+    return SamplingKit(loaded, demo.load_demo_text(), demo.load_demo_codec(), settings)
+
+
+class SeededTextStates:
+    """Stand-in text states for benchmarking a checkpoint without its text encoder: a prompt's states are
+    seeded by its text (the same prompt gives the same states), the empty prompt gives zeros like padding.
+    The cache schedule depends only on the timestep embedding, so timings stay representative."""
+
+    def __init__(self, text_dim: int, tokens: int = 64):
+        self.text_dim, self.tokens = text_dim, tokens
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        if not prompt:
+            return torch.zeros(1, self.tokens, self.text_dim)
+        gen = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
+        return torch.randn(1, self.tokens, self.text_dim, generator=gen)
+
+
+class LatentPreview:
+    """Frames for quality metrics when no VAE is given: the first three latent channels through one fixed
+    affine map to 0..1. The same map for every mode, so PSNR/SSIM compare runs in latent space."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[1, C, F, h, w] -> [F, h, w, 3] in 0..1."""
+        return (latents[0, :3].float().permute(1, 2, 3, 0).cpu() * 0.25 + 0.5).clamp(0, 1)
+
+
+RANDOM_WAN = {"random-wan-1.3B": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, has_fps=True),
+              "random-wan-14B": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, has_fps=True)}
+
+
+def load_checkpoint_kit(model: str, device: str = "cpu", dtype: str = "auto", vae: str | None = None,
+                        **settings) -> SamplingKit:
+    """A ``SamplingKit`` for a Wan/SkyReels checkpoint, or for ``random-wan-1.3B`` / ``random-wan-14B`` (the
+    released architectures with random weights, built on ``device``: no download needed to time them).
+    Text states are seeded stand-ins; ``vae`` (a Wan2.1 VAE file) decodes for PSNR/SSIM, else latents are
+    compared. ``settings`` override SkyReels' defaults (540P, 177 frames)."""
+    from .models.wan import WanConfig, WanDiT
+
+    known = {f.name for f in fields(DFSettings)}
+    bad = sorted(set(settings) - known)
+    if bad:
+        raise InputError(f"unknown setting(s) {bad}; known: {sorted(known)}")
+    dev = torch.device(device)
+    if model in RANDOM_WAN:
+        dt = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "fp32": torch.float32,
+              "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        torch.manual_seed(0)
+        with dev:
+            net = WanDiT(WanConfig(**RANDOM_WAN[model]))
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        net = net.to(dt).eval().requires_grad_(False)
+        loaded = LoadedModel("wan", net, net.cfg, model, "", "random", f"wan-{net.cfg.size_name}")
+    else:
+        loaded = load_model(model, dtype=dtype, expect="wan")
+        loaded.model.to(dev)
+    codec: object = LatentPreview()
+    if vae:
+        from .models.wan_vae import WanVAECodec, load_wan_vae
+
+        codec = WanVAECodec(load_wan_vae(vae, device=dev))
+    text = SeededTextStates(loaded.config.text_dim, min(64, loaded.text_len))
+    return SamplingKit(loaded, text, codec, DFSettings(**settings))
 
 
 def run_demo(prompt: str | None = None, preset: str = "fast", out: str | Path = "out/demo.mp4", seed: int = 0,

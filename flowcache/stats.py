@@ -21,7 +21,7 @@ class RunStats:
     reused: int = 0          # unit decisions that reused a cached payload
     forwards: int = 0        # transformer forwards (one per computed unit and branch)
     flops: float = 0.0       # analytic FLOPs actually spent
-    flops_nocache: float = 0.0  # analytic FLOPs of the same run with every unit computed
+    flops_nocache: float = 0.0  # analytic FLOPs of the vanilla loop (cache off) with the same settings
     wall_seconds: float = 0.0
     kv_peak_bytes: int = 0
     kv_allocated_bytes: int = 0
@@ -56,5 +56,5 @@ class RunStats:
 
     def summary(self) -> str:
         return (f"{self.mode}: {self.forwards} forwards, computed {self.computed} / reused {self.reused} unit-steps, "
-                f"{self.flops / 1e12:.3f} TFLOPs ({self.flops_speedup:.2f}x fewer than no cache), "
+                f"{self.flops / 1e12:.3f} TFLOPs ({self.flops_speedup:.2f}x fewer than cache off), "
                 f"{self.wall_seconds:.2f} s, peak KV {self.kv_peak_bytes / 2**20:.1f} MiB")

@@ -1,0 +1,115 @@
+"""``python -m flowcache bench`` on cut-down settings: every row of the paper's table, with sane values.
+
+Timings are not asserted (they are the benchmark's job, measured side by side in one run); the counts,
+FLOPs, KV sizes and quality columns are.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from flowcache.cli import main
+from tiny_models import save_wan, tiny_wan
+
+ROWS = ["off", "teacache-slow", "teacache-fast", "flowcache-slow", "flowcache-fast", "flowcache-fast+kv"]
+PRESETS = {"tiny-bench": {"coefficients": [1.0, 0.0],
+                          "flowcache": {"slow": {"threshold": 0.3, "warmup": 2, "kv_budget": 0},
+                                        "fast": {"threshold": 0.6, "warmup": 2, "kv_budget": 0}},
+                          "teacache": {"slow": {"threshold": 0.3, "warmup": 2, "kv_budget": 0},
+                                       "fast": {"threshold": 0.6, "warmup": 2, "kv_budget": 0}}}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def check_table(table: dict) -> dict:
+    rows = {r["mode"]: r for r in table["rows"]}
+    assert list(rows) == ROWS
+    off = rows["off"]
+    assert off["speedup"] == 1.0 and off["flops_speedup"] == 1.0 and off["psnr_db"] == math.inf
+    assert off["peak_kv_bytes"] == 0 and off["ssim"] == pytest.approx(1.0)
+    for name in ROWS[1:]:
+        r = rows[name]
+        assert r["forwards"] > 0 and r["tflops"] > 0 and r["wall_s"] > 0 and r["speedup"] > 0
+        assert r["psnr_db"] > 0 and -1.0 <= r["ssim"] <= 1.0 + 1e-6
+    # caching spends fewer FLOPs than the vanilla loop (the paper's accounting); TeaCache skips whole windows
+    for name in ("teacache-fast", "flowcache-slow", "flowcache-fast", "flowcache-fast+kv"):
+        r = rows[name]
+        assert r["flops_speedup"] > 1.0
+        assert r["flops_speedup"] == pytest.approx(off["tflops"] / r["tflops"], rel=1e-9)
+    assert rows["teacache-fast"]["forwards"] < off["forwards"]  # forwards of the whole window
+    assert rows["flowcache-fast"]["forwards"] <= rows["flowcache-slow"]["forwards"]  # forwards of one chunk
+    # the chunk path keeps a KV store, never larger with a budget
+    assert rows["flowcache-fast"]["peak_kv_bytes"] > 0
+    assert rows["flowcache-fast+kv"]["peak_kv_bytes"] <= rows["flowcache-fast"]["peak_kv_bytes"]
+    o = table["overhead"]
+    assert o["chunked_s"] > 0 and o["flowcache_threshold0_s"] > 0 and math.isfinite(o["fraction"])
+    return rows
+
+
+def test_bench_json_on_a_checkpoint(tmp_path):
+    model = tiny_wan(seed=3)
+    path = save_wan(model, tmp_path / "tiny.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update({"flowcache.model_key": "tiny-bench", "flowcache.presets": json.dumps(PRESETS)})
+    save_file(sd, str(path), metadata=meta)
+    out = tmp_path / "bench.json"
+    # 57 frames = 15 latent frames = 3 chunks of SkyReels' 5; 96x96 pixels (12x12 latents, enough for SSIM)
+    assert main(["bench", "--model", str(path), "--prompts", "2", "--seeds", "1", "--repeats", "1", "--frames", "57",
+                 "--steps", "12", "--width", "96", "--height", "96", "--json", str(out), "--quiet"]) == 0
+    table = json.loads(out.read_text())["table"]
+    check_table(table)
+    s = table["setting"]
+    assert s["quality_on"] == "LatentPreview" and s["num_frames"] == 57 and s["device"] == "cpu"
+    assert s["prompts"] == ["benchmark prompt 0", "benchmark prompt 1"]
+
+
+def test_bench_random_architecture_is_built_without_a_file():
+    from flowcache.jobs import RANDOM_WAN, load_checkpoint_kit
+
+    assert set(RANDOM_WAN) == {"random-wan-1.3B", "random-wan-14B"}
+    with torch.device("meta"):  # the 1.3B config is what a GPU run builds; check it without allocating it
+        from flowcache.models.wan import WanConfig, WanDiT
+        n = sum(p.numel() for p in WanDiT(WanConfig(**RANDOM_WAN["random-wan-1.3B"])).parameters())
+    assert 1.2e9 < n < 1.5e9
+    from flowcache.errors import InputError
+    with pytest.raises(InputError, match="unknown setting"):
+        load_checkpoint_kit("random-wan-1.3B", dtype="fp32", bogus=1)
+
+
+def test_off_spends_exactly_the_vanilla_flops_of_the_paper_accounting(tmp_path):
+    """Stats count the vanilla loop as the paper does: every iteration, every branch, one whole-window forward
+    with chunk j attending to j chunks. ``off`` spends exactly that; FlowCache's speedup is measured against it."""
+    from flowcache.cache import CacheSettings
+    from flowcache.flops import paper_window_flops
+    from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry, plan_windows
+
+    model = tiny_wan(seed=1)
+    s = DFSettings(width=32, height=32, num_frames=37, base_num_frames=21, overlap_history=9, steps=4, ar_step=1,
+                   causal_block_size=1, cfg=3.0)  # windows of 6 latent frames, later ones with 3 carried over
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(1, 5, 32, generator=g), torch.zeros(1, 5, 32)
+    pipe = DiffusionForcingPipeline(model, text_len=8)
+    _, off = pipe(cond, uncond, s, CacheSettings(mode="off"))
+    _, fc = pipe(cond, uncond, s, CacheSettings(mode="flowcache", threshold=0.0))
+    c = model.cfg
+    windows = plan_windows(s, LatentGeometry())
+    assert len(windows) == len(off.iterations) == 3
+    # chunks of 1 latent frame of 2x2 tokens; every chunk of the window, prefix included, is forwarded
+    per = [paper_window_flops(4, w.length, c.dim, c.ffn_dim, c.num_layers, 8) for w in windows]
+    expected = sum(it * 2 * f for it, f in zip(off.iterations, per))
+    assert off.flops == pytest.approx(expected, rel=1e-12) and off.flops_nocache == pytest.approx(expected)
+    assert fc.flops_nocache == pytest.approx(expected) and fc.flops < expected  # finished chunks are not run
