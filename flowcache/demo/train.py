@@ -77,9 +77,9 @@ def chunk_sigmas(rng: np.random.Generator, sched_cache: dict) -> tuple[list[floa
         sig.append(0.02)
         loss.append(False)
     n_free = CHUNKS - prefix
-    if rng.random() < 0.7:  # the inference timestep matrix
+    if rng.random() < 0.6:  # the inference timestep matrix
         steps = 50 if rng.random() < 0.8 else int(rng.integers(10, 50))
-        shift = float(rng.uniform(3.0, 9.0))
+        shift = float(rng.uniform(1.0, 9.0))
         key = (steps, round(shift, 2))
         if key not in sched_cache:
             sched_cache[key] = flow_sigmas(steps, round(shift, 2))[0]
@@ -98,7 +98,7 @@ def chunk_sigmas(rng: np.random.Generator, sched_cache: dict) -> tuple[list[floa
                 sig.append(float(sigmas[c - 1]))
                 loss.append(True)
     else:  # free, sorted (non-decreasing along the chunks), shifted uniform
-        shift = float(rng.uniform(2.0, 8.0))
+        shift = float(rng.uniform(1.0, 4.0))  # low noise levels too: they shape the final frames
         base = np.sort(rng.random(n_free))
         for b in base:
             sig.append(float(shift * b / (1 + (shift - 1) * b)))
