@@ -98,6 +98,8 @@ def test_magi_through_the_nodes_matches_the_pipeline(pack, magi_files):
     assert latent["flowcache_codec"] == "magi" and latent["samples"].shape == (1, 4, 6, 4, 4)
     stats = out["ui"]["flowcache_stats"][0]
     assert stats["reused"] > 0 and stats["settings"]["magi"]["chunks"] == 3
+    texts = [d["text"] for e, d in magi_files.events if e == "flowcache.progress"]
+    assert texts[0] == "window 1/1, chunk 0: step 1/8, reused 0" and texts[-1].startswith("window 1/1, chunk 2: step 8/8")
 
     # The same run straight through the core: the nodes add nothing and lose nothing.
     magi = pack_submodule(pack, "flowcache.pipelines.magi")  # the pack's own copy, as the nodes use it

@@ -508,7 +508,8 @@ class MagiPipeline:
                         store.compress_clean([q[i] for i in range(cfgm.num_layers)])
 
             if on_step is not None:
-                on_step(StepInfo(0, 1, k, total, k + 1, total, ids, stats.computed, stats.reused))
+                on_step(StepInfo(0, 1, k, total, k + 1, total, ids, stats.computed, stats.reused,
+                                 counts[ids[-1]], s.num_steps))
 
         stats.wall_seconds = time.perf_counter() - t_start
         stats.iterations.append(total)
