@@ -235,6 +235,19 @@ def test_cancel_stops_and_next_run_equals_fresh_run(pack, comfy, tiny):
     assert torch.equal(run_node(cls, **sampler_inputs(pack, reloaded))["result"][0]["samples"], fresh)
 
 
+def test_two_samplers_in_one_graph_share_no_state(pack, comfy, tiny):
+    """Two sampler nodes on one model, one after the other as ComfyUI runs them: the second is what it would be
+    alone, whatever the first did (another cache mode, a KV budget, another seed)."""
+    cls = nodes(pack)["FlowCacheSampler"]
+    second = dict(cache="flowcache", preset="fast", seed=11)
+    alone = run_node(cls, **sampler_inputs(pack, tiny, **second))["result"][0]["samples"]
+    for first in (dict(cache="teacache", preset="fast"), dict(cache="flowcache", preset="custom", threshold=0.5,
+                                                             warmup_steps=0, kv_budget=1, seed=3)):
+        run_node(cls, **sampler_inputs(pack, tiny, **first))
+        after = run_node(cls, **sampler_inputs(pack, tiny, **second))["result"][0]["samples"]
+        assert torch.equal(after, alone), first
+
+
 @pytest.mark.parametrize("over, widget", [
     (dict(positive=cond(dim=23)), "positive"),
     (dict(negative=cond(dim=23)), "negative"),
