@@ -171,7 +171,6 @@ class FlowCacheSampler:
         return on_step
 
 
-
 # -- one run per model family: check the inputs, then return the job the sampler runs on the device --------
 
 @dataclass

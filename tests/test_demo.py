@@ -61,6 +61,19 @@ def test_demo_pipeline_short_run():
     assert stats.windows == 1
 
 
+def test_demo_command_end_to_end_on_a_short_setting(tmp_path, capsys):
+    """The README's main job, cut down: one window, 8 steps; it writes the video and reports speed and PSNR."""
+    from flowcache.cli import main
+    from flowcache.video import read_video
+
+    out = tmp_path / "demo.mp4"
+    assert main(["demo", "--preset", "fast", "--frames", "20", "--steps", "8", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out} (20 frames" in text and "speedup" in text and "PSNR vs uncached" in text
+    assert read_video(out).shape == (20, 64, 64, 3)
+    assert main(["demo", "--out", str(tmp_path / "x.avi"), "--no-compare", "--steps", "2"]) == 2  # named error
+
+
 def test_demo_settings_plan_two_windows():
     from flowcache.pipelines.diffusion_forcing import plan_windows
 
