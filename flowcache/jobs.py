@@ -125,6 +125,10 @@ def run_demo(prompt: str | None = None, preset: str = "fast", out: str | Path = 
     """Generate a demo video with FlowCache; with ``compare``, also run uncached and report speedup and PSNR."""
     from . import demo
 
+    out = Path(out)
+    fmt = {".mp4": "video/h264-mp4", ".webm": "video/webm", ".gif": "image/gif", ".webp": "image/webp"}.get(out.suffix)
+    if fmt is None:  # checked before any sampling
+        raise InputError(f"--out {out}: use a .mp4, .webm, .gif or .webp file name.")
     kit = load_demo_kit()
     prompt = prompt or demo.DEMO_PROMPTS[0]
     over = {k: v for k, v in (("num_frames", num_frames), ("steps", steps)) if v is not None}
@@ -132,11 +136,7 @@ def run_demo(prompt: str | None = None, preset: str = "fast", out: str | Path = 
     t0 = time.perf_counter()
     video, stats = kit.sample(prompt, seed, cache, **over)
     t_fast = time.perf_counter() - t0
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fmt = {".mp4": "video/h264-mp4", ".webm": "video/webm", ".gif": "image/gif", ".webp": "image/webp"}.get(out.suffix)
-    if fmt is None:
-        raise InputError(f"--out {out}: use a .mp4, .webm, .gif or .webp file name.")
     write_video(video, out, fmt, fps=kit.settings.fps)
     result = {"prompt": prompt, "preset": preset, "seed": seed, "frames": int(video.shape[0]), "out": str(out),
               "flowcache_seconds": round(t_fast, 2), "forwards": stats.forwards,
