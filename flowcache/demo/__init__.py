@@ -2,7 +2,7 @@
 
 Trained by ``python -m flowcache.demo.train`` on procedural videos (``data.py``) of one coloured shape
 moving, bouncing, pulsing or changing colour, with a word-level text encoder (``text.py``) and a fixed
-DCT latent codec (``codec.py``: 64×64 RGB <-> 16×16×16 latents, temporal stride 1). The weights are in
+DCT latent codec (``codec.py``: 64×64 RGB <-> 32 channels of 8×8 latents, temporal stride 1). The weights are in
 ``assets/`` in the same checkpoint format as the real models (bare Wan keys, facts in ``flowcache.*``
 safetensors metadata), so ``flowcache.models.load_model`` and the pipeline run them unchanged.
 

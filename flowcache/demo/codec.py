@@ -1,10 +1,10 @@
 """DemoCodec: a fixed (not learned) latent map standing in for a VAE in the demo model.
 
-Pixels [T, 64, 64, 3] in 0..1 become latents [1, 16, T, 16, 16]: 4x spatial, temporal stride 1.
-Per 4×4 patch the RGB values go through an orthonormal colour transform (luma + 2 chroma), then an
-orthonormal 2-D DCT-II of each 4×4 plane; the 10 lowest-frequency luma coefficients (zig-zag order) and 3
-per chroma plane are kept: 16 channels. Because the kept rows of an orthonormal map are orthonormal, the
-encoder is one [16, 48] matrix ``P`` and the decoder is its transpose (the discarded coefficients are zero).
+Pixels [T, 64, 64, 3] in 0..1 become latents [1, 32, T, 8, 8]: 8x spatial like the Wan VAE, temporal stride 1.
+Per 8×8 patch the RGB values go through an orthonormal colour transform (luma + 2 chroma), then an
+orthonormal 2-D DCT-II of each 8×8 plane; the 4×4 lowest luma frequencies and the 8 lowest of each chroma
+plane are kept: 32 channels, about a 32-pixel picture's worth of detail. Because the kept rows of an orthonormal map are orthonormal, the
+encoder is one [32, 192] matrix ``P`` and the decoder is its transpose (the discarded coefficients are zero).
 Then a normalisation (per-channel mean, one shared scale; measured once on training data by ``train.py`` and
 stored in the model file's metadata) makes model space roughly unit variance.
 """
@@ -16,10 +16,11 @@ from typing import Sequence
 
 import torch
 
-PATCH = 4
-CHANNELS = 16
-LUMA_KEEP = 10
-CHROMA_KEEP = 3
+PATCH = 8
+CHANNELS = 32
+LUMA_KEEP = 16
+CHROMA_KEEP = 8
+# the 4x4 lowest frequencies in zig-zag order (luma keeps all 16, chroma the first 8)
 ZIGZAG = [(0, 0), (0, 1), (1, 0), (2, 0), (1, 1), (0, 2), (0, 3), (1, 2), (2, 1), (3, 0),
           (3, 1), (2, 2), (1, 3), (2, 3), (3, 2), (3, 3)]
 
@@ -41,7 +42,7 @@ def colour_matrix() -> torch.Tensor:
 
 
 def projection_matrix() -> torch.Tensor:
-    """P [16, 48]: a patch vector ordered (y, x, rgb) -> the 16 kept coefficients; rows orthonormal."""
+    """P [32, 192]: a patch vector ordered (y, x, rgb) -> the 32 kept coefficients; rows orthonormal."""
     d, c = dct_matrix(), colour_matrix()
     rows = []
     for plane, keep in ((0, LUMA_KEEP), (1, CHROMA_KEEP), (2, CHROMA_KEEP)):
@@ -79,7 +80,7 @@ class DemoCodec:
 
     @staticmethod
     def measure(raw: torch.Tensor) -> tuple[list[float], list[float]]:
-        """Per-channel mean and ONE shared scale (the RMS over channels) of raw latents [..., 16, F, h, w].
+        """Per-channel mean and ONE shared scale (the RMS over channels) of raw latents [..., 32, F, h, w].
 
         One scale, like a VAE's scale factor, keeps the channels' natural proportions: the block colours (DC)
         carry the picture and dominate the loss, the sparse edge detail (AC) stays small. Per-channel
@@ -92,7 +93,7 @@ class DemoCodec:
 
     # -- raw transforms (batched) -----------------------------------------------------------------
     def encode_raw(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [..., T, H, W, 3] -> raw coefficients [..., 16, T, H/4, W/4]."""
+        """pixels [..., T, H, W, 3] -> raw coefficients [..., 32, T, H/8, W/8]."""
         *lead, t, h, w, c = pixels.shape
         if h % PATCH or w % PATCH or c != 3:
             raise ValueError(f"DemoCodec: pixels must be [T, H, W, 3] with H, W multiples of {PATCH}, got "
@@ -100,12 +101,12 @@ class DemoCodec:
         x = pixels.float().reshape(*lead, t, h // PATCH, PATCH, w // PATCH, PATCH, 3)
         x = x.movedim(-4, -3)  # [..., T, hb, wb, 4y, 4x, 3]
         x = x.reshape(*lead, t, h // PATCH, w // PATCH, PATCH * PATCH * 3)
-        z = x @ self.P.T  # [..., T, hb, wb, 16]
-        return z.movedim(-1, -4)  # [..., 16, T, hb, wb]
+        z = x @ self.P.T  # [..., T, hb, wb, 32]
+        return z.movedim(-1, -4)  # [..., 32, T, hb, wb]
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
-        """raw coefficients [..., 16, F, h, w] -> pixels [..., F, 4h, 4w, 3] (unclamped)."""
-        z = z.float().movedim(-4, -1)  # [..., F, h, w, 16]
+        """raw coefficients [..., 32, F, h, w] -> pixels [..., F, 8h, 8w, 3] (unclamped)."""
+        z = z.float().movedim(-4, -1)  # [..., F, h, w, 32]
         *lead, f, h, w, _ = z.shape
         x = (z @ self.P).reshape(*lead, f, h, w, PATCH, PATCH, 3)
         return x.movedim(-3, -4).reshape(*lead, f, h * PATCH, w * PATCH, 3)
@@ -120,7 +121,7 @@ class DemoCodec:
 
     # -- LatentCodec protocol ---------------------------------------------------------------------
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [T, H, W, 3] in 0..1 -> model-space latents [1, 16, T, H/4, W/4]."""
+        """pixels [T, H, W, 3] in 0..1 -> model-space latents [1, 32, T, H/8, W/8]."""
         pixels = torch.as_tensor(pixels)
         if pixels.dtype == torch.uint8:
             pixels = pixels.float() / 255.0
@@ -129,7 +130,7 @@ class DemoCodec:
         return self.normalise(self.encode_raw(pixels.cpu()))[None]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """model-space latents [1, 16, F, h, w] -> pixels [F, 4h, 4w, 3] clamped to 0..1."""
+        """model-space latents [1, 32, F, h, w] -> pixels [F, 8h, 8w, 3] clamped to 0..1."""
         if latents.dim() == 5:
             if latents.shape[0] != 1:
                 raise ValueError(f"DemoCodec.decode: batch must be 1, got {latents.shape[0]}")

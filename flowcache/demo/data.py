@@ -42,7 +42,7 @@ class VideoSpec:
     shape: str
     motion: str
     background: str
-    seed: int = 0
+    seed: int | None = None  # None: the prompt's canonical video (what the demo model is trained on)
 
     @property
     def prompt(self) -> str:
@@ -54,15 +54,14 @@ def prompt_of(spec: VideoSpec) -> str:
 
 
 def sample_spec(rng: np.random.Generator) -> VideoSpec:
-    """A random spec; the shape colour never equals the background."""
+    """A random prompt's spec (its canonical video); the shape colour never equals the background."""
     colour = str(rng.choice(list(COLOURS)))
     bgs = [b for b in BACKGROUNDS if b != colour]
-    return VideoSpec(colour, str(rng.choice(SHAPES)), str(rng.choice(MOTIONS)), str(rng.choice(bgs)),
-                     int(rng.integers(0, 2**31 - 1)))
+    return VideoSpec(colour, str(rng.choice(SHAPES)), str(rng.choice(MOTIONS)), str(rng.choice(bgs)))
 
 
-def spec_from_prompt(prompt: str, seed: int = 0) -> VideoSpec:
-    """Parse a prompt of the grammar above back into a spec (for tests and reference renders)."""
+def spec_from_prompt(prompt: str, seed: int | None = None) -> VideoSpec:
+    """Parse a prompt of the grammar above back into a spec (seed None: the prompt's canonical video)."""
     m = re.fullmatch(r"\s*a (\w+) (\w+) (.+?) on a (\w+) background\s*", prompt.lower())
     if not m or m.group(1) not in COLOURS or m.group(2) not in SHAPES or m.group(3) not in MOTIONS \
             or m.group(4) not in BACKGROUNDS:
@@ -70,8 +69,19 @@ def spec_from_prompt(prompt: str, seed: int = 0) -> VideoSpec:
     return VideoSpec(m.group(1), m.group(2), m.group(3), m.group(4), seed)
 
 
+# The canonical video of a prompt: centred, one size, one speed. Its content then follows from the words alone
+# (colour, shape, motion, background), a mapping a tiny model learns on a CPU in minutes; shapes at random
+# places and sizes would have to be conjured out of pure noise by the sampler, which such a model does not do
+# (tried: right backgrounds, no shapes). Later windows may start anywhere in the video: the model reads the
+# position and phase from the frames carried over.
+CANONICAL = {"radius": 10.0, "x0": 32.0, "y0": 32.0, "speed": 1.25, "angle": 0.0, "period": 16.0, "phase": 0.0,
+             "hue_frames": 7.0, "vx": 1.7 * math.cos(0.6), "vy": 1.7 * math.sin(0.6)}
+
+
 def _params(spec: VideoSpec) -> dict:
-    """The continuous parameters a spec's seed fixes (start position, speed, size, phase)."""
+    """The continuous parameters (start position, speed, size, phase): canonical, or drawn from ``spec.seed``."""
+    if spec.seed is None:
+        return dict(CANONICAL)
     r = np.random.default_rng(spec.seed)
     p = {"radius": float(r.uniform(8.0, 12.0)), "x0": float(r.uniform(14, SIZE - 14)),
          "y0": float(r.uniform(14, SIZE - 14)), "speed": float(r.uniform(1.0, 1.6)),
@@ -182,5 +192,5 @@ def render(spec: VideoSpec, start: int = 0, length: int = 60, size: int = SIZE) 
     return torch.from_numpy(frames.astype(np.float32))
 
 
-__all__ = ["VideoSpec", "render", "sample_spec", "spec_from_prompt", "prompt_of", "VOCABULARY", "COLOURS",
+__all__ = ["VideoSpec", "render", "sample_spec", "spec_from_prompt", "prompt_of", "CANONICAL", "VOCABULARY", "COLOURS",
            "BACKGROUNDS", "SHAPES", "MOTIONS", "SIZE"]

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from ..models.wan import WanConfig, WanDiT
 from ..schedulers import flow_sigmas
-from .codec import DemoCodec
+from .codec import CHANNELS, PATCH, DemoCodec
 from .data import VOCABULARY, prompt_of, render, sample_spec
 from .text import DemoTextEncoder, tokenize
 
@@ -39,27 +39,68 @@ CHUNKS = 5
 WINDOW = CHUNK * CHUNKS
 TEXT_LEN = 16
 TEXT_DIM = 64
+PREFIX_SIGMA = 0.02  # addnoise_condition 20: the overlap prefix of a later window, nearly clean
 DIT_FILE = "demo_dit.safetensors"
 TEXT_FILE = "demo_text.safetensors"
 
 
 def demo_config() -> WanConfig:
-    return WanConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, in_dim=16, out_dim=16, patch_size=(1, 2, 2),
-                     text_dim=TEXT_DIM, freq_dim=256, has_fps=False)
+    return WanConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, in_dim=CHANNELS, out_dim=CHANNELS,
+                     patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=256, has_fps=False)
 
 
-def init_wan_(model: WanDiT) -> None:
-    """Wan's own init: xavier linears with zero bias, normal(0.02) embeddings, zero output head."""
+def init_wan_(model: WanDiT, carrier: float = 16.0) -> None:
+    """Wan's init (xavier linears, zero biases, normal(0.02) time embedding), then an identity path.
+
+    A flow model's output at high noise is mostly its own input (v = ε − x0 ≈ x_t − x0). A DiT has to learn to
+    copy its input through patchify, LayerNorm and the head; until it does, every sample keeps a layer of noise
+    (seen here: after 800 steps, x0 predicted from pure noise was still noise). So the patch embedding copies
+    each patch into the first dims of its token and puts a constant ``carrier`` in the others, which makes the
+    head's LayerNorm nearly linear in the patch; the head maps it back; the blocks' output projections start
+    at zero. At init the model outputs v ≈ x_t, i.e. predicts x0 ≈ 0, the data mean; training learns the rest.
+    """
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
-    nn.init.xavier_uniform_(model.patch_embedding.weight.flatten(1))
-    for seq in (model.text_embedding, model.time_embedding):
-        for m in seq.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-    nn.init.zeros_(model.head.head.weight)
+    for m in model.time_embedding.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+    # the text projection keeps xavier (Wan draws it from normal(0.02), tuned for 4096-d umT5 states): from
+    # 64-d demo embeddings that would make the text a whisper the model takes too long to hear
+    cfg = model.cfg
+    c, (pt, ph, pw), d = cfg.in_dim, cfg.patch_size, cfg.dim
+    n = c * pt * ph * pw
+    if 2 * n > d or cfg.out_dim != c:
+        raise ValueError(f"identity init needs in_dim == out_dim and 2 x patch values ({n}) <= dim ({d})")
+    with torch.no_grad():
+        # token = [x, carrier - x, 0...]: its mean is the same for every x, so LayerNorm only rescales
+        w = torch.zeros(d, n)
+        w[:n, :n] = torch.eye(n)  # token dim i <- conv input (c, t, y, x) flattened
+        w[n:2 * n, :n] = -torch.eye(n)
+        bias = torch.zeros(d)
+        bias[n:2 * n] = carrier
+        model.patch_embedding.weight.copy_(w.view(d, c, pt, ph, pw))
+        model.patch_embedding.bias.copy_(bias)
+        mu = float(bias.mean())
+        sd = float(((bias - mu) ** 2).mean().sqrt())
+        # LayerNorm(token)_i ~ (x_i - mu) / sd for the copied dims: undo it in the head, whose outputs are
+        # ordered (t, y, x, c) while the conv's inputs are (c, t, y, x)
+        head = model.head.head
+        head.weight.zero_()
+        for ci in range(c):
+            for ti in range(pt):
+                for yi in range(ph):
+                    for xi in range(pw):
+                        src = ((ci * pt + ti) * ph + yi) * pw + xi
+                        dst = ((ti * ph + yi) * pw + xi) * c + ci
+                        head.weight[dst, src] = sd
+        head.bias.fill_(mu)
+        # the blocks start as identities; their gates (driven by the time embedding) are non-zero, so the
+        # zeroed output projections still get gradients
+        for block in model.blocks:
+            for proj in (block.self_attn.o, block.cross_attn.o, block.ffn[2]):
+                proj.weight.zero_()
 
 
 # -- noise levels --------------------------------------------------------------------------------
@@ -74,7 +115,7 @@ def chunk_sigmas(rng: np.random.Generator, sched_cache: dict) -> tuple[list[floa
         prefix = 2
     sig, loss = [], []
     for _ in range(prefix):  # overlap prefix: clean latents with addnoise_condition = 20
-        sig.append(0.02)
+        sig.append(PREFIX_SIGMA)
         loss.append(False)
     n_free = CHUNKS - prefix
     if rng.random() < 0.6:  # the inference timestep matrix
@@ -114,15 +155,18 @@ def chunk_sigmas(rng: np.random.Generator, sched_cache: dict) -> tuple[list[floa
 def make_batch(rng: np.random.Generator, gen: torch.Generator, codec: DemoCodec, text: DemoTextEncoder, batch: int,
                sched_cache: dict, null_p: float = 0.1):
     specs = [sample_spec(rng) for _ in range(batch)]
-    starts = rng.integers(0, 48, size=batch)
-    pixels = torch.stack([render(s, int(st), WINDOW) for s, st in zip(specs, starts)])
-    x0 = codec.normalise(codec.encode_raw(pixels))  # [B, 16, F, h, w]
-    ids = [[] if rng.random() < null_p else text.ids(prompt_of(s)) for s in specs]
     sig = torch.zeros(batch, CHUNKS)
     lmask = torch.zeros(batch, CHUNKS)
+    starts = []
     for b in range(batch):
         s, l = chunk_sigmas(rng, sched_cache)
         sig[b], lmask[b] = torch.tensor(s), torch.tensor(l, dtype=torch.float32)
+        # A window without a clean prefix is the video's first (inference starts every video at frame 0); one
+        # with a prefix continues the video from anywhere, so the model reads the motion from the history.
+        starts.append(int(rng.integers(1, 48)) if s[0] == PREFIX_SIGMA and not l[0] else 0)
+    pixels = torch.stack([render(sp, st, WINDOW) for sp, st in zip(specs, starts)])
+    x0 = codec.normalise(codec.encode_raw(pixels))  # [B, C, F, h, w]
+    ids = [[] if rng.random() < null_p else text.ids(prompt_of(sp)) for sp in specs]
     sig_f = sig.repeat_interleave(CHUNK, dim=1)  # [B, F]
     eps = torch.randn(x0.shape, generator=gen)
     s5 = sig_f[:, None, :, None, None]
@@ -143,7 +187,7 @@ def save_model(out: Path, model: WanDiT, text: DemoTextEncoder, codec: DemoCodec
     meta = {
         "flowcache.num_heads": str(model.cfg.num_heads),
         "flowcache.text_len": str(TEXT_LEN),
-        "flowcache.geometry": json.dumps({"temporal_stride": 1, "spatial_stride": 4, "channels": 16}),
+        "flowcache.geometry": json.dumps({"temporal_stride": 1, "spatial_stride": PATCH, "channels": CHANNELS}),
         "flowcache.model_key": "demo",
         "flowcache.codec": codec.stats_json(),
         "flowcache.training": json.dumps(facts),
