@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and 
 
 PACK_DIR_NAME = "flowcache-pack"
 TINY_FILE = "tiny_demo_space.safetensors"
-DEMO_GEOMETRY = {"temporal_stride": 1, "spatial_stride": 4, "channels": 16}
+DEMO_GEOMETRY = {"temporal_stride": 1, "spatial_stride": 8, "channels": 32}
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_demo_prompt_writes_a_playable_video(host):
     assert frames.shape == (36, 64, 64, 3)
     stats = entry["outputs"]["4"]["flowcache_stats"][0]
     assert stats["mode"] == "flowcache" and stats["windows"] == 2
-    assert read_latent(latent_path).shape == (1, 16, 36, 16, 16)
+    assert read_latent(latent_path).shape == (1, 32, 36, 8, 8)
 
 
 TERMINAL = ("execution_success", "execution_error", "execution_interrupted")
