@@ -29,6 +29,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..models.wan import WanConfig, WanDiT
+from ..pipelines.diffusion_forcing import LatentGeometry
 from ..schedulers import flow_sigmas
 from .codec import CHANNELS, PATCH, DemoCodec
 from .data import VOCABULARY, prompt_of, render, sample_spec
@@ -39,14 +40,20 @@ CHUNKS = 5
 WINDOW = CHUNK * CHUNKS
 TEXT_LEN = 16
 TEXT_DIM = 64
+POSITION_CHANNELS = 2  # each latent pixel's (y, x), an extra input like Wan's image-to-video conditioning
 PREFIX_SIGMA = 0.02  # addnoise_condition 20: the overlap prefix of a later window, nearly clean
 DIT_FILE = "demo_dit.safetensors"
 TEXT_FILE = "demo_text.safetensors"
 
 
 def demo_config() -> WanConfig:
-    return WanConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, in_dim=CHANNELS, out_dim=CHANNELS,
-                     patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=256, has_fps=False)
+    return WanConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, in_dim=CHANNELS + POSITION_CHANNELS,
+                     out_dim=CHANNELS, patch_size=(1, 2, 2), text_dim=TEXT_DIM, freq_dim=256, has_fps=False)
+
+
+def demo_geometry() -> LatentGeometry:
+    return LatentGeometry(temporal_stride=1, spatial_stride=PATCH, channels=CHANNELS,
+                          position_channels=POSITION_CHANNELS)
 
 
 def init_wan_(model: WanDiT, carrier: float = 16.0) -> None:
@@ -69,18 +76,20 @@ def init_wan_(model: WanDiT, carrier: float = 16.0) -> None:
     # the text projection keeps xavier (Wan draws it from normal(0.02), tuned for 4096-d umT5 states): from
     # 64-d demo embeddings that would make the text a whisper the model takes too long to hear
     cfg = model.cfg
-    c, (pt, ph, pw), d = cfg.in_dim, cfg.patch_size, cfg.dim
+    c, (pt, ph, pw), d = cfg.out_dim, cfg.patch_size, cfg.dim
     n = c * pt * ph * pw
-    if 2 * n > d or cfg.out_dim != c:
-        raise ValueError(f"identity init needs in_dim == out_dim and 2 x patch values ({n}) <= dim ({d})")
+    if 2 * n > d or cfg.in_dim < c:
+        raise ValueError(f"identity init needs 2 x patch values ({n}) <= dim ({d}) and in_dim >= out_dim")
     with torch.no_grad():
-        # token = [x, carrier - x, 0...]: its mean is the same for every x, so LayerNorm only rescales
-        w = torch.zeros(d, n)
-        w[:n, :n] = torch.eye(n)  # token dim i <- conv input (c, t, y, x) flattened
-        w[n:2 * n, :n] = -torch.eye(n)
+        # token = [x, carrier - x, 0...]: its mean is the same for every x, so LayerNorm only rescales; extra
+        # input channels (positions) come in through small random weights
+        w = torch.zeros(d, cfg.in_dim, pt, ph, pw)
+        w.view(d, -1)[:n, :n] = torch.eye(n)  # token dim i <- conv input (c, t, y, x) flattened
+        w.view(d, -1)[n:2 * n, :n] = -torch.eye(n)
+        nn.init.normal_(w[:, c:], std=0.02)
         bias = torch.zeros(d)
         bias[n:2 * n] = carrier
-        model.patch_embedding.weight.copy_(w.view(d, c, pt, ph, pw))
+        model.patch_embedding.weight.copy_(w)
         model.patch_embedding.bias.copy_(bias)
         mu = float(bias.mean())
         sd = float(((bias - mu) ** 2).mean().sqrt())
@@ -166,6 +175,7 @@ def make_batch(rng: np.random.Generator, gen: torch.Generator, codec: DemoCodec,
         starts.append(int(rng.integers(1, 48)) if s[0] == PREFIX_SIGMA and not l[0] else 0)
     pixels = torch.stack([render(sp, st, WINDOW) for sp, st in zip(specs, starts)])
     x0 = codec.normalise(codec.encode_raw(pixels))  # [B, C, F, h, w]
+    pos = demo_geometry().positions(*x0.shape[2:]).expand(batch, -1, -1, -1, -1)
     ids = [[] if rng.random() < null_p else text.ids(prompt_of(sp)) for sp in specs]
     sig_f = sig.repeat_interleave(CHUNK, dim=1)  # [B, F]
     eps = torch.randn(x0.shape, generator=gen)
@@ -174,7 +184,21 @@ def make_batch(rng: np.random.Generator, gen: torch.Generator, codec: DemoCodec,
     target = eps - x0
     t = sig_f * 1000.0
     t = torch.where(sig_f >= 1.0, torch.full_like(t, 999.0), t)
-    return xt, t, ids, target, lmask.repeat_interleave(CHUNK, dim=1)
+    return xt, t, ids, target, lmask.repeat_interleave(CHUNK, dim=1), pos
+
+
+def fg_weight(xt: torch.Tensor, target: torch.Tensor, t: torch.Tensor, weight: float = 4.0) -> torch.Tensor:
+    """Per latent pixel loss weight [B, 1, F, h, w]: ``weight`` where the shape is, 1 on the background.
+
+    The shape covers a few percent of a frame, so under a plain MSE the model learns the background long before
+    the shape. The clean latent, recovered from the training pair (x0 = x_t - sigma * v), marks the shape as
+    what stands out from its frame's median. The targets are deterministic given the prompt and the history,
+    so the weighting does not move the optimum, only how soon the model gets there."""
+    sigma = (t / 1000.0)[:, None, :, None, None]
+    x0 = xt - sigma * target
+    med = x0.flatten(3).median(dim=3).values[..., None, None]
+    fg = (x0 - med).abs().sum(dim=1, keepdim=True) > 0.5
+    return 1.0 + (weight - 1.0) * fg.float()
 
 
 def save_model(out: Path, model: WanDiT, text: DemoTextEncoder, codec: DemoCodec, facts: dict,
@@ -187,7 +211,7 @@ def save_model(out: Path, model: WanDiT, text: DemoTextEncoder, codec: DemoCodec
     meta = {
         "flowcache.num_heads": str(model.cfg.num_heads),
         "flowcache.text_len": str(TEXT_LEN),
-        "flowcache.geometry": json.dumps({"temporal_stride": 1, "spatial_stride": PATCH, "channels": CHANNELS}),
+        "flowcache.geometry": json.dumps(demo_geometry().__dict__),
         "flowcache.model_key": "demo",
         "flowcache.codec": codec.stats_json(),
         "flowcache.training": json.dumps(facts),
@@ -293,15 +317,15 @@ def train(minutes: float, out: Path, seed: int = 0, batch: int = 8, lr: float = 
         cur_lr = lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = cur_lr
-        xt, t, ids, target, lmask = make_batch(rng, gen, codec, text, batch, sched_cache)
+        xt, t, ids, target, lmask, pos = make_batch(rng, gen, codec, text, batch, sched_cache)
         block = CHUNK if rng.random() < 0.75 else 0
         ctx = text.encode_ids(ids)
         model.train()
         # bf16 autocast: the matmuls and attention run on AMX/AVX512-bf16 where the CPU has it (~1.7x here);
         # weights, optimizer state and the loss stay fp32.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            pred = model(xt, t, ctx, block_causal=block).float()
-        err = (pred - target).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+            pred = model(xt, t, ctx, block_causal=block, y=pos).float()
+        err = ((pred - target).pow(2) * fg_weight(xt, target, t)).mean(dim=(1, 3, 4))  # [B, F]
         loss = (err * lmask).sum() / lmask.sum().clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -251,8 +251,11 @@ class WanDiT(nn.Module):
         pt, ph, pw = self.cfg.patch_size
         return x_shape[2] // pt, x_shape[3] // ph, x_shape[4] // pw
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, F, H, W] -> tokens [B, L, D], ordered (f, h, w)."""
+    def embed(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents [B, C, F, H, W] (plus conditioning channels y [B, in_dim - C, F, H, W], concatenated as
+        Wan's image-to-video input is) -> tokens [B, L, D], ordered (f, h, w)."""
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
         return self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2)
 
     def time_embed(self, t: torch.Tensor, fps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,8 +299,9 @@ class WanDiT(nn.Module):
 
     # -- whole window ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, fps: float | None = None,
-                block_causal: int = 0) -> torch.Tensor:
-        """The plain window forward: x [B, C, F, H, W], t [B, F] or [B], context [B, S, text_dim].
+                block_causal: int = 0, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The plain window forward: x [B, C, F, H, W], t [B, F] or [B], context [B, S, text_dim], optional
+        conditioning channels y (see ``embed``).
 
         ``block_causal`` > 0 lets a frame attend only to frame blocks of that size at or before its own.
         Returns the flow (velocity) prediction [B, C, F, H, W] in fp32.
@@ -307,7 +311,7 @@ class WanDiT(nn.Module):
         grid = self.grid(x.shape)
         e, e0 = self.time_embed(t, fps)
         mask = block_causal_mask(grid, block_causal, x.device) if block_causal else None
-        h = self.run_blocks(self.embed(x), e0, self.text_embed(context), grid, 0, None, mask)
+        h = self.run_blocks(self.embed(x, y), e0, self.text_embed(context), grid, 0, None, mask)
         return self.head_out(h, e, grid)
 
 

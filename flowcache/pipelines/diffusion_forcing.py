@@ -34,11 +34,26 @@ from ..stats import RunStats
 
 @dataclass
 class LatentGeometry:
-    """How pixels map to latents for a model family (Wan VAE: 4x time, 8x space, 16 channels)."""
+    """How pixels map to latents for a model family (Wan VAE: 4x time, 8x space, 16 channels).
+
+    position_channels: 2 for a model that takes each latent pixel's (y, x) position in -1..1 as extra input
+    channels (Wan's image-to-video conditioning input, used by the shipped demo: RoPE alone tells a token
+    where it is only relative to others, which a tiny model cannot turn into "the shape starts centred").
+    """
 
     temporal_stride: int = 4
     spatial_stride: int = 8
     channels: int = 16
+    position_channels: int = 0
+
+    def positions(self, frames: int, height: int, width: int, device: torch.device | str = "cpu"
+                  ) -> torch.Tensor | None:
+        """The position channels [1, 2, frames, height, width] (None for models without them)."""
+        if not self.position_channels:
+            return None
+        ys = torch.linspace(-1, 1, height, device=device)[:, None].expand(height, width)
+        xs = torch.linspace(-1, 1, width, device=device)[None, :].expand(height, width)
+        return torch.stack([ys, xs])[None, :, None].expand(1, 2, frames, height, width)
 
     def latent_frames(self, num_frames: int) -> int:
         return (num_frames - 1) // self.temporal_stride + 1
@@ -366,7 +381,7 @@ class DiffusionForcingPipeline:
         xs, ts = x_in[:, :, u.frames], t_frames[:, u.frames]
         grid = (xs.shape[2] // cfgm.patch_size[0],) + grid_hw
         e, e0 = model.time_embed(ts, self._settings.fps)
-        h0 = model.embed(xs)
+        h0 = model.embed(xs, self.geometry.positions(xs.shape[2], xs.shape[3], xs.shape[4], xs.device))
         key = (branch, u.id)
         compute = policy.should_compute(key, e0, u.force) if u.cacheable else True
         tokens = h0.shape[1]
