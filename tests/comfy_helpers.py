@@ -115,8 +115,9 @@ def write_tiny_wan(path: Path, pack: types.ModuleType, *, text_dim: int = 24, te
 
     wan = pack_submodule(pack, "flowcache.models.wan")
     channels = (geometry or {}).get("channels", 16)
+    extra = (geometry or {}).get("position_channels", 0)
     cfg = wan.WanConfig(dim=dim, ffn_dim=2 * dim, num_heads=heads, num_layers=layers, text_dim=text_dim,
-                        freq_dim=16, in_dim=channels, out_dim=channels)
+                        freq_dim=16, in_dim=channels + extra, out_dim=channels)
     gen = torch.Generator().manual_seed(seed)
     model = wan.WanDiT(cfg)
     sd = {k: (torch.randn(v.shape, generator=gen) * 0.05).contiguous() for k, v in model.state_dict().items()}

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and 
 
 PACK_DIR_NAME = "flowcache-pack"
 TINY_FILE = "tiny_demo_space.safetensors"
-DEMO_GEOMETRY = {"temporal_stride": 1, "spatial_stride": 8, "channels": 32}
+DEMO_GEOMETRY = {"temporal_stride": 1, "spatial_stride": 8, "channels": 32, "position_channels": 2}
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from flowcache.pipelines.diffusion_forcing import DFSettings, DiffusionForcingPi
 def test_demo_model_loads_like_a_real_checkpoint():
     lm = load_model(demo_model_path())
     assert lm.family == "wan" and lm.preset_key == "demo" and lm.prefix == ""
-    assert lm.geometry == {"temporal_stride": 1, "spatial_stride": 8, "channels": 32}
+    assert lm.geometry == {"temporal_stride": 1, "spatial_stride": 8, "channels": 32, "position_channels": 2}
+    assert lm.config.in_dim == 34 and lm.config.out_dim == 32  # latents plus the (y, x) position channels
     assert lm.text_len == 16
     cfg = lm.config
     assert (cfg.dim, cfg.num_heads, cfg.num_layers, cfg.patch_size, cfg.text_dim) == (128, 2, 4, (1, 2, 2), 64)
@@ -77,7 +78,7 @@ def test_demo_command_end_to_end_on_a_short_setting(tmp_path, capsys):
 def test_demo_settings_plan_two_windows():
     from flowcache.pipelines.diffusion_forcing import plan_windows
 
-    wins = plan_windows(demo_df_settings(), LatentGeometry(1, 8, 32))
+    wins = plan_windows(demo_df_settings(), LatentGeometry(1, 8, 32, 2))
     assert [(w.length, w.prefix) for w in wins] == [(20, 0), (20, 4)]
     assert DEMO_SETTINGS["steps"] == 50 and DEMO_SETTINGS["ar_step"] == 5
     assert DEMO_SETTINGS["base_num_frames"] // DEMO_SETTINGS["causal_block_size"] == 5

@@ -152,3 +152,30 @@ def test_conditioning_errors(model, conds):
         pipe(torch.zeros(1, 8, 4096), conds[1], small(), CacheSettings(mode="off"))
     with pytest.raises(InputError, match="negative.*12 tokens"):
         pipe(conds[0], torch.zeros(1, 12, 32), small(), CacheSettings(mode="off"))
+
+
+def test_position_channels_reach_the_model_in_every_path(conds):
+    """A model with extra input channels (Wan's image-to-video conditioning input; the demo feeds each latent
+    pixel's (y, x)) gets them in the window path and in every chunk forward, at the chunk's own frames."""
+    geo = LatentGeometry(1, 4, 16, position_channels=2)
+    pos = geo.positions(3, 8, 8)
+    assert pos.shape == (1, 2, 3, 8, 8) and float(pos[0, 0, 0, 0, 0]) == -1 and float(pos[0, 1, 2, 7, 7]) == 1
+    assert torch.equal(pos[0, 0, 1, :, 3], torch.linspace(-1, 1, 8)) and LatentGeometry().positions(1, 2, 2) is None
+    model = tiny_wan(seed=2, in_dim=18)
+    seen = []
+    embed = model.embed
+
+    def spy(x, y=None):
+        seen.append(None if y is None else (tuple(x.shape), tuple(y.shape)))
+        return embed(x, y)
+
+    model.embed = spy
+    pipe = DiffusionForcingPipeline(model, geo, text_len=8)
+    for mode in ("off", "flowcache"):
+        seen.clear()
+        out, _ = pipe(conds[0], conds[1], small(), CacheSettings(mode=mode, threshold=0.0))
+        assert out.shape == (1, 16, 12, 8, 8) and torch.isfinite(out).all()
+        assert seen and all(s is not None and s[1] == (1, 2) + s[0][2:] for s in seen), (mode, seen[:3])
+    a, _ = pipe(conds[0], conds[1], small(), CacheSettings(mode="off-chunked"))
+    b, _ = pipe(conds[0], conds[1], small(), CacheSettings(mode="flowcache", threshold=0.0))
+    assert torch.equal(a, b)
