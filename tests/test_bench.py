@@ -52,6 +52,7 @@ def check_table(table: dict) -> dict:
     assert rows["flowcache-fast+kv"]["peak_kv_bytes"] <= rows["flowcache-fast"]["peak_kv_bytes"]
     o = table["overhead"]
     assert o["chunked_s"] > 0 and o["flowcache_threshold0_s"] > 0 and math.isfinite(o["fraction"])
+    assert o["threshold0_psnr_db"] > 0
     return rows
 
 
