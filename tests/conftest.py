@@ -36,3 +36,13 @@ def comfy(tmp_path):
     stubs.install()
     yield stubs
     stubs.remove()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are all per-op overhead: on a busy 2-core machine two OpenMP threads make them several times
+    slower. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

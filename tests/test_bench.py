@@ -22,12 +22,7 @@ PRESETS = {"tiny-bench": {"coefficients": [1.0, 0.0],
                                        "fast": {"threshold": 0.6, "warmup": 2, "kv_budget": 0}}}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def check_table(table: dict) -> dict:

@@ -54,13 +54,7 @@ def tiny_vae(seed: int = 0, dim: int = 8) -> WanVAE:
     return vae
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is all per-op overhead; on a busy 2-core box two OpenMP threads make it ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
