@@ -12,6 +12,7 @@ import torch
 from .cache import CacheSettings, resolve_settings
 from .errors import InputError
 from .metrics import psnr
+from .checkpoint import compute_dtype
 from .models import LoadedModel, load_model
 from .pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from .stats import RunStats
@@ -43,9 +44,6 @@ class SamplingKit:
         uncond = self.text.encode("")
         z, stats = self.pipeline()(cond, uncond, s, cache)
         return self.codec.decode(z), stats
-
-
-DemoKit = SamplingKit
 
 
 def load_demo_kit() -> SamplingKit:
@@ -99,8 +97,7 @@ def load_checkpoint_kit(model: str, device: str = "cpu", dtype: str = "auto", va
         raise InputError(f"unknown setting(s) {bad}; known: {sorted(known)}")
     dev = torch.device(device)
     if model in RANDOM_WAN:
-        dt = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "fp32": torch.float32,
-              "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        dt = compute_dtype(dtype, "bf16" if dev.type == "cuda" else "fp32")  # as if stored in the usual dtype
         torch.manual_seed(0)
         with dev:
             net = WanDiT(WanConfig(**RANDOM_WAN[model]))

@@ -3,8 +3,9 @@
 Pixels [T, 64, 64, 3] in 0..1 become latents [1, 32, T, 8, 8]: 8x spatial like the Wan VAE, temporal stride 1.
 Per 8×8 patch the RGB values go through an orthonormal colour transform (luma + 2 chroma), then an
 orthonormal 2-D DCT-II of each 8×8 plane; the 4×4 lowest luma frequencies and the 8 lowest of each chroma
-plane are kept: 32 channels, about a 32-pixel picture's worth of detail. Because the kept rows of an orthonormal map are orthonormal, the
-encoder is one [32, 192] matrix ``P`` and the decoder is its transpose (the discarded coefficients are zero).
+plane are kept: 32 channels, about a 32-pixel picture's worth of detail. Because the kept rows of an
+orthonormal map are orthonormal, the encoder is one [32, 192] matrix ``P`` and the decoder is its transpose
+(the discarded coefficients are zero).
 Then a normalisation (per-channel mean, one shared scale; measured once on training data by ``train.py`` and
 stored in the model file's metadata) makes model space roughly unit variance.
 """

@@ -192,5 +192,5 @@ def render(spec: VideoSpec, start: int = 0, length: int = 60, size: int = SIZE) 
     return torch.from_numpy(frames.astype(np.float32))
 
 
-__all__ = ["VideoSpec", "render", "sample_spec", "spec_from_prompt", "prompt_of", "CANONICAL", "VOCABULARY", "COLOURS",
-           "BACKGROUNDS", "SHAPES", "MOTIONS", "SIZE"]
+__all__ = ["VideoSpec", "render", "sample_spec", "spec_from_prompt", "prompt_of", "CANONICAL", "VOCABULARY",
+           "COLOURS", "BACKGROUNDS", "SHAPES", "MOTIONS", "SIZE"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -137,11 +138,9 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None 
     return lm
 
 
-def preset_sidecar(checkpoint_file: str | os.PathLike) -> "os.PathLike":
+def preset_sidecar(checkpoint_file: str | os.PathLike) -> Path:
     """Where ``python -m flowcache calibrate`` writes a model's presets by default: ``<file stem>.presets.json``
     beside the checkpoint. ``load_model`` reads it, so a calibrated model gets its presets in every node."""
-    from pathlib import Path
-
     p = Path(checkpoint_file)
     return p.with_name(p.name.split(".")[0] + ".presets.json")
 

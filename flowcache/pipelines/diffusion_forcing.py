@@ -315,6 +315,9 @@ class DiffusionForcingPipeline:
         solvers = [make_solver(s.solver, sigmas) for _ in range(nb)]
         chunk_steps = [0] * nb
         maps = {b: [[] for _ in range(nb)] for b, _ in ctxs}
+        pos = self.geometry.positions(f, hl, wl, x.device)  # None unless the model takes position channels
+        # one whole-window forward per branch: what the vanilla loop (cache off) spends every iteration
+        window_flops = {b: self._window_flops(nb, cbs * tok_frame, ctx.shape[1]) for b, ctx in ctxs}
         for it in range(sched.iterations):
             upd = sched.update_mask[it]
             t_frames = sched.timesteps[it].repeat_interleave(cbs)[None].to(x.device)
@@ -327,15 +330,14 @@ class DiffusionForcingPipeline:
                 t_frames[:, :win.prefix] = float(s.addnoise_condition)
             units = self._units(policy.granularity, upd, it, sched.iterations, pb, chunk_steps, s.steps, cbs,
                                 win.length)
-            # the vanilla loop (cache off) forwards the whole window every iteration, for every branch
-            stats.flops_nocache += sum(self._window_flops(nb, cbs * tok_frame, ctx.shape[1]) for _, ctx in ctxs)
+            stats.flops_nocache += sum(window_flops.values())
             preds = {}
             for branch, ctx in ctxs:
                 out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
                 for u in units:
-                    out[:, :, u.frames] = self._unit_forward(x_in, t_frames, u, branch, ctx, policy,
+                    out[:, :, u.frames] = self._unit_forward(x_in, t_frames, pos, u, branch, ctx, policy,
                                                              stores.get(branch), mask_full, grid_hw, stats,
-                                                             maps[branch], it, tok_frame)
+                                                             maps[branch], window_flops[branch])
                 preds[branch] = out
             v = preds["cond"] if len(ctxs) == 1 else preds["uncond"] + s.cfg * (preds["cond"] - preds["uncond"])
             for b in range(nb):
@@ -375,13 +377,13 @@ class DiffusionForcingPipeline:
         c = self.model.cfg
         return paper_window_flops(tokens_per_chunk, chunks, c.dim, c.ffn_dim, c.num_layers, text_len)
 
-    def _unit_forward(self, x_in, t_frames, u: _Unit, branch: str, ctx, policy, store, mask, grid_hw, stats,
-                      maps, it: int, tok_frame: int) -> torch.Tensor:
+    def _unit_forward(self, x_in, t_frames, pos, u: _Unit, branch: str, ctx, policy, store, mask, grid_hw, stats,
+                      maps, window_flops: float) -> torch.Tensor:
         model, cfgm = self.model, self.model.cfg
         xs, ts = x_in[:, :, u.frames], t_frames[:, u.frames]
         grid = (xs.shape[2] // cfgm.patch_size[0],) + grid_hw
         e, e0 = model.time_embed(ts, self._settings.fps)
-        h0 = model.embed(xs, self.geometry.positions(xs.shape[2], xs.shape[3], xs.shape[4], xs.device))
+        h0 = model.embed(xs, None if pos is None else pos[:, :, u.frames])
         key = (branch, u.id)
         compute = policy.should_compute(key, e0, u.force) if u.cacheable else True
         tokens = h0.shape[1]
@@ -391,8 +393,7 @@ class DiffusionForcingPipeline:
         else:
             ctx_rows = tokens
         if u.id == "window":
-            unit_flops = self._window_flops(tokens // tok_frame // self._settings.causal_block_size,
-                                            self._settings.causal_block_size * tok_frame, ctx.shape[1])
+            unit_flops = window_flops
         else:
             unit_flops = forward_flops(tokens, ctx_rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, ctx.shape[1])
         if compute:
