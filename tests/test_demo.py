@@ -204,3 +204,21 @@ def test_recorder_pairs_signal_and_output_changes():
         rec.remember(key, torch.full((4,), out))
     assert [(round(p.x, 6), round(p.y, 6)) for p in rec.points] == [(1.0, 0.5), (0.5, 1.0)]
     assert RecordingSettings(mode="calibrate", recorder=rec).to_dict().get("recorder") is None
+
+
+def test_training_is_a_fixed_number_of_steps_and_deterministic(tmp_path, one_thread):
+    """The training script runs its step count (not a wall-time budget), writes a model the loader reads,
+    and the same seed and steps give the same weights."""
+    from safetensors.torch import load_file
+
+    from flowcache.demo.train import train
+
+    facts = [train(2, tmp_path / run, batch=2, threads=1, log_every=1) for run in ("a", "b")]
+    assert [f["steps"] for f in facts] == [2, 2] and all(f["complete"] for f in facts)
+    lm = load_model(tmp_path / "a" / "demo_dit.safetensors")
+    assert lm.preset_key == "demo" and lm.geometry["position_channels"] == 2
+    wa, wb = (load_file(str(tmp_path / r / "demo_dit.safetensors")) for r in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    train(0, tmp_path / "init", batch=2, threads=1)  # zero steps: the initial weights
+    init = load_file(str(tmp_path / "init" / "demo_dit.safetensors"))
+    assert any(not torch.equal(wa[k], init[k]) for k in wa)  # the two steps trained something

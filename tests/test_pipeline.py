@@ -179,3 +179,49 @@ def test_position_channels_reach_the_model_in_every_path(conds):
     a, _ = pipe(conds[0], conds[1], small(), CacheSettings(mode="off-chunked"))
     b, _ = pipe(conds[0], conds[1], small(), CacheSettings(mode="flowcache", threshold=0.0))
     assert torch.equal(a, b)
+
+
+def test_batched_chunks_and_branches_equal_one_forward_each(model, conds):
+    """One forward over chunks 0 and 2 for two CFG branches (chunk 1 stale in the store, written earlier)
+    gives what a forward per chunk and branch gives, and stores the same keys/values."""
+    from flowcache.models.wan import rope_angles
+
+    cos, sin = rope_angles(16, (6, 4, 4), (0, 6), torch.device("cpu"))
+    cos_a, _ = rope_angles(16, (3, 4, 4), 0, torch.device("cpu"))
+    cos_b, _ = rope_angles(16, (3, 4, 4), 6, torch.device("cpu"))
+    assert torch.equal(cos, torch.cat([cos_a, cos_b])) and sin.shape == cos.shape
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 16, 9, 8, 8, generator=g)
+    t = torch.tensor([[900.0] * 3 + [500.0] * 3 + [100.0] * 3])
+    with torch.no_grad():
+        ctxs = [model.text_embed(c) for c in conds]
+        e, e0 = model.time_embed(t, 24)
+        h = model.embed(x)  # [1, 9*16, D]; chunk c is tokens 48c..48c+48
+        tok = [slice(48 * c, 48 * c + 48) for c in range(3)]
+        fr = [slice(3 * c, 3 * c + 3) for c in range(3)]
+
+        def stores_with_chunk1():
+            out = []
+            for ctx in ctxs:  # every chunk written once, as an earlier step would have
+                st = KVStore(model.cfg.num_layers, capacity_tokens=9 * 16)
+                for c in range(3):
+                    model.run_blocks(h[:, tok[c]], e0[:, fr[c]], ctx, (3, 4, 4), 3 * c, st.view(c))
+                out.append(st)
+            return out
+
+        one = stores_with_chunk1()
+        ref = [[model.run_blocks(h[:, tok[c]], e0[:, fr[c]], ctx, (3, 4, 4), 3 * c, st.view(c)) for c in (0, 2)]
+               for ctx, st in zip(ctxs, one)]
+        batch = stores_with_chunk1()
+        kv = KVStore.batch_view(batch, [0, 2], [48, 48])
+        got = model.run_blocks(torch.cat([h[:, tok[0]], h[:, tok[2]]], 1).expand(2, -1, -1),
+                               torch.cat([e0[:, fr[0]], e0[:, fr[2]]], 1).expand(2, -1, -1, -1),
+                               torch.cat(ctxs), (6, 4, 4), (0, 6), kv)
+    for b in range(2):
+        torch.testing.assert_close(got[b:b + 1], torch.cat(ref[b], 1), rtol=1e-4, atol=1e-5)
+        for la, lb in zip(one[b].layers, batch[b].layers):
+            assert la.ranges == lb.ranges
+            torch.testing.assert_close(la.k, lb.k, rtol=1e-4, atol=1e-5)
+    assert kv.context_rows == {(0, 0): 48, (1, 0): 48, (0, 2): 144, (1, 2): 144}
+    assert not torch.allclose(ref[0][1], ref[1][1])  # the branches really differ

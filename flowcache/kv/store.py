@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models.common import attention
 from .scoring import CompressionConfig, compress
 
 
@@ -66,6 +67,12 @@ class KVStore:
 
     def view(self, chunk_id: int) -> "ChunkKV":
         return ChunkKV(self, chunk_id)
+
+    @staticmethod
+    def batch_view(stores: list["KVStore"], chunk_ids: list[int], tokens: list[int]) -> "ChunkBatchKV":
+        """The context of one forward over several chunks (ascending ids, ``tokens`` each) and several
+        CFG branches (batch row i is ``stores[i]``'s branch)."""
+        return ChunkBatchKV(stores, chunk_ids, tokens)
 
     @property
     def allocated_bytes(self) -> int:
@@ -165,7 +172,7 @@ class KVStore:
 
 
 class ChunkKV:
-    """The KVContext one chunk forward sees (see ``flowcache.models.common.KVContext``)."""
+    """What one chunk forward sees (``KVContext`` and ``ChunkAttention`` of ``flowcache.models.common``)."""
 
     def __init__(self, store: KVStore, chunk_id: int):
         self.store = store
@@ -173,3 +180,36 @@ class ChunkKV:
 
     def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.store.extend(self.chunk_id, layer, q, k, v)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q, *self.extend(layer, q, k, v))
+
+
+class ChunkBatchKV:
+    """``ChunkAttention`` of one batched forward: chunks laid end to end along the tokens, CFG branches along
+    the batch. Chunk by chunk in ascending order, each branch's K/V go into its own store and the chunk's
+    queries attend to that store up to the chunk's slot: exactly what one forward per chunk and branch would
+    compute, while the linear layers (most of the work) run once over every token of the step."""
+
+    def __init__(self, stores: list[KVStore], chunk_ids: list[int], tokens: list[int]):
+        if len(chunk_ids) != len(tokens) or list(chunk_ids) != sorted(chunk_ids):
+            raise ValueError(f"chunk ids {chunk_ids} must ascend, one token count each ({tokens}).")
+        self.stores, self.chunk_ids, self.tokens = stores, list(chunk_ids), list(tokens)
+        self.context_rows: dict[tuple[int, int], int] = {}  # (batch row, chunk id) -> keys attended, layer 0
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if q.shape[0] != len(self.stores) or q.shape[2] != sum(self.tokens):
+            raise ValueError(f"batched chunk forward: q {list(q.shape)} does not match {len(self.stores)} branches "
+                             f"x {sum(self.tokens)} tokens.")
+        out = q.new_empty(q.shape[:3] + (v.shape[-1],))
+        start = 0
+        for cid, n in zip(self.chunk_ids, self.tokens):
+            rows = slice(start, start + n)
+            for b, store in enumerate(self.stores):
+                qb = q[b:b + 1, :, rows]
+                keys, vals = store.extend(cid, layer, qb, k[b:b + 1, :, rows], v[b:b + 1, :, rows])
+                out[b:b + 1, :, rows] = attention(qb, keys, vals)
+                if layer == 0:
+                    self.context_rows[(b, cid)] = keys.shape[2]
+            start += n
+        return out

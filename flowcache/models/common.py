@@ -1,4 +1,4 @@
-"""Pieces shared by the model definitions: the KV-context protocol that chunk forwards talk to."""
+"""Pieces shared by the model definitions: the KV-context protocols that chunk forwards talk to."""
 from __future__ import annotations
 
 from typing import Protocol
@@ -21,6 +21,15 @@ class KVContext(Protocol):
         Returns (keys, values) [B, Hkv, L_ctx + L, D]: the stored context of earlier chunks, then k, v.
         ``q`` is passed so that a compressing store can score the context with the current queries.
         """
+        ...
+
+
+class ChunkAttention(Protocol):
+    """The self-attention of a chunkwise forward (Wan): the pipeline passes an object that stores the chunks'
+    keys/values and attends each chunk's queries to its context, so a model never owns a cache."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v [B, H, L, D] (after RoPE) of one or more chunks laid end to end -> outputs [B, H, L, D]."""
         ...
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError
-from .common import KVContext, attention
+from .common import ChunkAttention, attention
 
 
 @dataclass
@@ -108,16 +108,22 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cos(ang), torch.sin(ang)], dim=1)
 
 
-def rope_angles(head_dim: int, grid: tuple[int, int, int], frame_offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [L, head_dim/2] for a (f, h, w) patch grid; frames start at the absolute ``frame_offset``.
+def rope_angles(head_dim: int, grid: tuple[int, int, int], frame_offset: int | tuple[int, ...],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [L, head_dim/2] for a (f, h, w) patch grid whose frames start at the absolute ``frame_offset``.
 
+    A tuple of offsets describes several equal chunks laid end to end (f/n frames each, chunk i starting at
+    frame offsets[i]): the tokens of a batched forward over chunks that need not be neighbours.
     The head dim is split (d - 4·(d//6), 2·(d//6), 2·(d//6)) over time, height and width, theta 10000.
     """
     d = head_dim
     parts = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
     f, h, w = grid
+    offsets = (frame_offset,) if isinstance(frame_offset, int) else tuple(frame_offset)
+    per_chunk = f // len(offsets)
+    frames = torch.cat([torch.arange(o, o + per_chunk) for o in offsets])
     axes = []
-    for n, pos in zip(parts, (torch.arange(frame_offset, frame_offset + f), torch.arange(h), torch.arange(w))):
+    for n, pos in zip(parts, (frames, torch.arange(h), torch.arange(w))):
         inv = 1.0 / torch.pow(10000.0, torch.arange(0, n, 2, dtype=torch.float64) / n)
         axes.append(torch.outer(pos.to(torch.float64), inv))
     ang = torch.cat([
@@ -175,7 +181,7 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                layer: int, kv: KVContext | None, mask: torch.Tensor | None) -> torch.Tensor:
+                layer: int, kv: ChunkAttention | None, mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, L, D]; e0 [B, F, 6, D] fp32 per-frame modulation; ctx [B, S, D] embedded text."""
         b, n, d = x.shape
         f = e0.shape[1]
@@ -192,9 +198,7 @@ class WanBlock(nn.Module):
         q, k, v = self.self_attn.project(h, h)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if kv is not None:
-            k, v = kv.extend(layer, q, k, v)
-        y = attention(q, k, v, mask).transpose(1, 2).flatten(2)
+        y = (attention(q, k, v, mask) if kv is None else kv.attend(layer, q, k, v)).transpose(1, 2).flatten(2)
         x = (x.float() + gate(self.self_attn.o(y), m[2])).to(x.dtype)
 
         q, k, v = (t.transpose(1, 2) for t in self.cross_attn.project(self.norm3(x), ctx))
@@ -273,7 +277,7 @@ class WanDiT(nn.Module):
         """Text states [B, S, text_dim] (zero padded, no mask) -> [B, S, D]."""
         return self.text_embedding(context.to(self.dtype))
 
-    def rope(self, grid: tuple[int, int, int], frame_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, grid: tuple[int, int, int], frame_offset: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid, frame_offset, self.device)
         if key not in self._rope_cache:
             if len(self._rope_cache) > 64:
@@ -282,8 +286,11 @@ class WanDiT(nn.Module):
         return self._rope_cache[key]
 
     def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor, grid: tuple[int, int, int],
-                   frame_offset: int = 0, kv: KVContext | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """All transformer blocks on tokens x [B, L, D]; RoPE frames start at ``frame_offset``."""
+                   frame_offset: int | tuple[int, ...] = 0, kv: ChunkAttention | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        """All transformer blocks on tokens x [B, L, D]; RoPE frames start at ``frame_offset`` (a tuple: the
+        first frames of equal chunks laid end to end, see ``rope_angles``). With ``kv`` the self-attention is
+        the context's (chunk by chunk against stored K/V), otherwise plain attention under ``mask``."""
         rope = self.rope(grid, frame_offset)
         for i, block in enumerate(self.blocks):
             x = block(x, e0, ctx, rope, i, kv, mask)

@@ -4,10 +4,16 @@ One pipeline, two forward granularities chosen by the cache policy's ``granulari
 
 * ``window`` — SkyReels vanilla: the whole window (every latent frame, started or not) every step, full
   attention (or block-causal with ``attention="block_causal"``). TeaCache decides once per window.
-* ``chunk``  — FlowCache's path: only the active chunks (started, not finished) are forwarded, one at a
-  time in ascending order, each attending to the stored K/V of earlier chunks plus its own. Each chunk
-  decides for itself whether to recompute or reuse its cached backbone residual (the head still runs
-  with the current timestep). A reused chunk keeps its old K/V.
+* ``chunk``  — FlowCache's path: only the active chunks (started, not finished) are forwarded, each
+  attending to the stored K/V of earlier chunks plus its own (block-causal, as the reference's per-chunk
+  loop). Each chunk decides for itself whether to recompute or reuse its cached backbone residual (the
+  head still runs with the current timestep). A reused chunk keeps its old K/V.
+
+Per iteration the units are embedded once (latents and timesteps are the same for cond and uncond), and
+every computed unit of every branch runs in one batched forward: chunks end to end along the tokens, CFG
+branches along the batch, attention chunk by chunk against each branch's store (``ChunkBatchKV``). That is
+the reference's one-forward-per-chunk-and-branch arithmetic with a few large matmuls instead of many small
+ones, which is what small chunks (the demo, or small causal models) need to turn saved FLOPs into time.
 
 All cache and KV state is created inside ``__call__`` and dropped with it, so nothing leaks between runs,
 between two sampler nodes, or out of a cancelled run.
@@ -331,14 +337,8 @@ class DiffusionForcingPipeline:
             units = self._units(policy.granularity, upd, it, sched.iterations, pb, chunk_steps, s.steps, cbs,
                                 win.length)
             stats.flops_nocache += sum(window_flops.values())
-            preds = {}
-            for branch, ctx in ctxs:
-                out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-                for u in units:
-                    out[:, :, u.frames] = self._unit_forward(x_in, t_frames, pos, u, branch, ctx, policy,
-                                                             stores.get(branch), mask_full, grid_hw, stats,
-                                                             maps[branch], window_flops[branch])
-                preds[branch] = out
+            preds = self._step(x_in, t_frames, pos, units, ctxs, policy, stores, mask_full, grid_hw, stats, maps,
+                               window_flops)
             v = preds["cond"] if len(ctxs) == 1 else preds["uncond"] + s.cfg * (preds["cond"] - preds["uncond"])
             for b in range(nb):
                 if bool(upd[b]):
@@ -377,37 +377,81 @@ class DiffusionForcingPipeline:
         c = self.model.cfg
         return paper_window_flops(tokens_per_chunk, chunks, c.dim, c.ffn_dim, c.num_layers, text_len)
 
-    def _unit_forward(self, x_in, t_frames, pos, u: _Unit, branch: str, ctx, policy, store, mask, grid_hw, stats,
-                      maps, window_flops: float) -> torch.Tensor:
+    def _step(self, x_in: torch.Tensor, t_frames: torch.Tensor, pos: torch.Tensor | None, units: list[_Unit],
+              ctxs: list, policy, stores: dict, mask: torch.Tensor | None, grid_hw: tuple[int, int],
+              stats: RunStats, maps: dict, window_flops: dict) -> dict[str, torch.Tensor]:
+        """One iteration: every unit's prediction [1, C, F, h, w] per branch (zeros outside the units).
+
+        Latents and timesteps do not depend on the text, so the units are embedded once for all branches.
+        Each branch decides per unit; branches that computed the same units (always, when they see the same
+        e0) run as one batch, and all computed units of a step run as one forward (``ChunkBatchKV``).
+        """
         model, cfgm = self.model, self.model.cfg
-        xs, ts = x_in[:, :, u.frames], t_frames[:, u.frames]
-        grid = (xs.shape[2] // cfgm.patch_size[0],) + grid_hw
-        e, e0 = model.time_embed(ts, self._settings.fps)
-        h0 = model.embed(xs, None if pos is None else pos[:, :, u.frames])
-        key = (branch, u.id)
-        compute = policy.should_compute(key, e0, u.force) if u.cacheable else True
-        tokens = h0.shape[1]
-        if store is not None:
-            lay = store.layers[0]
-            ctx_rows = (lay.ranges[u.id][1] if u.id in lay.ranges else lay.used + tokens)
-        else:
-            ctx_rows = tokens
-        if u.id == "window":
-            unit_flops = window_flops
-        else:
-            unit_flops = forward_flops(tokens, ctx_rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, ctx.shape[1])
-        if compute:
-            kv = store.view(u.id) if store is not None else None
-            h = model.run_blocks(h0, e0, ctx, grid, u.frame_offset, kv, mask)
-            if u.cacheable:
-                policy.remember(key, h - h0)
-            stats.forwards += 1
-            stats.flops += unit_flops
-        else:
-            h = h0 + policy.recall(key)
-        if u.cacheable:
-            stats.computed += int(compute)
-            stats.reused += int(not compute)
-            cells = maps[0] if u.id == "window" else maps[u.id]
-            cells.append("C" if compute else "R")
-        return model.head_out(h, e, grid)
+        if not units:
+            return {b: torch.zeros(x_in.shape, dtype=torch.float32, device=x_in.device) for b, _ in ctxs}
+        pt, tok_frame = cfgm.patch_size[0], grid_hw[0] * grid_hw[1]
+        idx = torch.cat([torch.arange(u.frames.start, u.frames.stop) for u in units]).to(x_in.device)
+        e, e0 = model.time_embed(t_frames.index_select(1, idx), self._settings.fps)
+        h0 = model.embed(x_in.index_select(2, idx), None if pos is None else pos.index_select(2, idx))
+        spans, f0 = [], 0  # per unit: (frames, tokens) slices of the concatenation
+        for u in units:
+            nf = u.frames.stop - u.frames.start
+            spans.append((slice(f0, f0 + nf), slice(f0 // pt * tok_frame, (f0 + nf) // pt * tok_frame)))
+            f0 += nf
+        names = [b for b, _ in ctxs]
+        compute = {b: [policy.should_compute((b, u.id), e0[:, fr], u.force) if u.cacheable else True
+                       for u, (fr, _) in zip(units, spans)] for b in names}
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for row, b in enumerate(names):
+            groups.setdefault(tuple(i for i, c in enumerate(compute[b]) if c), []).append(row)
+        h = h0.expand(len(names), -1, -1).clone()
+        for which, rows in groups.items():
+            if which:
+                self._forward_units([units[i] for i in which], [spans[i] for i in which], rows, h0, e0, ctxs,
+                                    policy, stores, mask, grid_hw, stats, window_flops, h)
+        for row, b in enumerate(names):
+            for i, (u, (_, tok)) in enumerate(zip(units, spans)):
+                if not compute[b][i]:
+                    h[row:row + 1, tok] = h0[:, tok] + policy.recall((b, u.id))
+                if u.cacheable:
+                    stats.computed += int(compute[b][i])
+                    stats.reused += int(not compute[b][i])
+                    cells = maps[b][0] if u.id == "window" else maps[b][u.id]
+                    cells.append("C" if compute[b][i] else "R")
+        pred = model.head_out(h, e.expand(len(names), -1, -1), (f0 // pt,) + tuple(grid_hw))
+        preds = {}
+        for row, b in enumerate(names):
+            out = torch.zeros(x_in.shape, dtype=torch.float32, device=x_in.device)
+            preds[b] = out.index_copy_(2, idx, pred[row:row + 1])
+        return preds
+
+    def _forward_units(self, units: list[_Unit], spans: list, rows: list[int], h0: torch.Tensor, e0: torch.Tensor,
+                       ctxs: list, policy, stores: dict, mask: torch.Tensor | None, grid_hw: tuple[int, int],
+                       stats: RunStats, window_flops: dict, h: torch.Tensor) -> None:
+        """One batched forward of ``units`` for the branches at ``rows``; writes their tokens into ``h``
+        [branches, L, D] and remembers each cacheable unit's backbone residual per branch."""
+        model, cfgm = self.model, self.model.cfg
+        tokens = torch.cat([h0[:, tok] for _, tok in spans], dim=1).expand(len(rows), -1, -1)
+        mod = torch.cat([e0[:, fr] for fr, _ in spans], dim=1).expand(len(rows), -1, -1, -1)
+        ctx = torch.cat([ctxs[r][1] for r in rows], dim=0)
+        branches = [ctxs[r][0] for r in rows]
+        sizes = [tok.stop - tok.start for _, tok in spans]
+        grid = (sum(fr.stop - fr.start for fr, _ in spans) // cfgm.patch_size[0],) + tuple(grid_hw)
+        chunked = units[0].id != "window"
+        kv = KVStore.batch_view([stores[b] for b in branches], [u.id for u in units], sizes) if chunked else None
+        offsets = tuple(u.frame_offset for u in units)
+        out = model.run_blocks(tokens, mod, ctx, grid, offsets[0] if len(offsets) == 1 else offsets, kv, mask)
+        start = 0
+        for u, (_, tok), n in zip(units, spans, sizes):
+            for i, (r, b) in enumerate(zip(rows, branches)):
+                res = out[i:i + 1, start:start + n]
+                h[r:r + 1, tok] = res
+                if u.cacheable:
+                    policy.remember((b, u.id), res - h0[:, tok])
+                stats.forwards += 1
+                if chunked:
+                    ctx_rows = kv.context_rows[(i, u.id)]
+                    stats.flops += forward_flops(n, ctx_rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, ctx.shape[1])
+                else:
+                    stats.flops += window_flops[b]
+            start += n
