@@ -62,8 +62,8 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
     overrides = overrides or {}
     fast = kit.cache("flowcache", "fast")
     modes = table_modes(fast.threshold)
-    per_mode: dict[str, dict] = {m.name: {"wall": [], "psnr": [], "ssim": [], "forwards": [], "flops": [],
-                                          "flops_nocache": [], "kv": []} for m in modes}
+    per_mode: dict[str, dict] = {m.name: {"wall": [], "psnr": [], "ssim": [], "forwards": [], "calls": [],
+                                          "flops": [], "flops_nocache": [], "kv": []} for m in modes}
     overhead = {"chunked": [], "flowcache-t0": [], "t0_psnr": []}
     torch.manual_seed(0)
     for prompt in prompts:
@@ -79,6 +79,7 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
                 r["psnr"].append(psnr(video, ref))
                 r["ssim"].append(ssim(video, ref))
                 r["forwards"].append(stats.forwards)
+                r["calls"].append(stats.model_calls)
                 r["flops"].append(stats.flops)
                 r["flops_nocache"].append(stats.flops_nocache)
                 r["kv"].append(stats.kv_peak_bytes)
@@ -99,6 +100,7 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
         rows.append({
             "mode": m.name,
             "forwards": statistics.mean(r["forwards"]),
+            "model_calls": statistics.mean(r["calls"]),  # batched calls those forwards ran in
             "tflops": statistics.mean(r["flops"]) / 1e12,
             "wall_s": statistics.median(r["wall"]),
             "speedup": off_wall / sum(r["wall"]),

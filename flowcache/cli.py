@@ -21,9 +21,10 @@ def _demo(a) -> int:
     r = run_demo(prompt=a.prompt, preset=a.preset, out=a.out, seed=a.seed, num_frames=a.frames, steps=a.steps,
                  compare=not a.no_compare)
     print(f"wrote {r['out']} ({r['frames']} frames, prompt {r['prompt']!r})")
-    print(f"flowcache {r['flowcache_seconds']} s, {r['forwards']} forwards, {r['flops_speedup']}x fewer FLOPs")
+    print(f"flowcache {r['flowcache_seconds']} s, {r['forwards']} chunk forwards in {r['model_calls']} batched calls, "
+          f"{r['flops_speedup']}x fewer FLOPs")
     if "wall_speedup" in r:
-        print(f"uncached  {r['off_seconds']} s, {r['off_forwards']} forwards")
+        print(f"uncached  {r['off_seconds']} s, {r['off_forwards']} window forwards in {r['off_model_calls']} batched calls")
         print(f"speedup {r['wall_speedup']}x wall, PSNR vs uncached {r['psnr_db']} dB")
     return 0
 

@@ -136,13 +136,13 @@ def run_demo(prompt: str | None = None, preset: str = "fast", out: str | Path = 
     out.parent.mkdir(parents=True, exist_ok=True)
     write_video(video, out, fmt, fps=kit.settings.fps)
     result = {"prompt": prompt, "preset": preset, "seed": seed, "frames": int(video.shape[0]), "out": str(out),
-              "flowcache_seconds": round(t_fast, 2), "forwards": stats.forwards,
+              "flowcache_seconds": round(t_fast, 2), "forwards": stats.forwards, "model_calls": stats.model_calls,
               "flops_speedup": round(stats.flops_speedup, 2)}
     if compare:
         t0 = time.perf_counter()
         ref, ref_stats = kit.sample(prompt, seed, kit.cache("off", "slow"), **over)
         t_off = time.perf_counter() - t0
-        result.update(off_seconds=round(t_off, 2), off_forwards=ref_stats.forwards,
+        result.update(off_seconds=round(t_off, 2), off_forwards=ref_stats.forwards, off_model_calls=ref_stats.model_calls,
                       wall_speedup=round(t_off / t_fast, 2), psnr_db=round(psnr(video, ref), 2))
     return result
 

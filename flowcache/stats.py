@@ -20,6 +20,7 @@ class RunStats:
     computed: int = 0        # unit decisions that ran the transformer blocks
     reused: int = 0          # unit decisions that reused a cached payload
     forwards: int = 0        # transformer forwards (one per computed unit and branch)
+    model_calls: int = 0     # calls into the transformer blocks (one batched call may cover many forwards)
     flops: float = 0.0       # analytic FLOPs actually spent
     flops_nocache: float = 0.0  # analytic FLOPs of the vanilla loop (cache off) with the same settings
     wall_seconds: float = 0.0

@@ -3,6 +3,7 @@ from .decode_save import FlowCacheDecodeSave
 from .demo import FlowCacheDecode, FlowCacheDemoTextEncode
 from .loader import FlowCacheModelLoader
 from .magi import FlowCacheMagiTextEncode, FlowCacheMagiVAELoader
+from .presets_route import register_routes
 from .sampler import FlowCacheSampler
 from .video import FlowCacheVideoCombine
 
@@ -27,5 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FlowCacheMagiTextEncode": "FlowCache MAGI-1 Text Encode",
     "FlowCacheMagiVAELoader": "FlowCache Load MAGI-1 VAE",
 }
+
+register_routes()  # GET /flowcache/model_presets, inside a running ComfyUI only
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

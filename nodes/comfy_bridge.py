@@ -155,11 +155,16 @@ def check_interrupted() -> None:
         mm.throw_exception_if_processing_interrupted()
 
 
+def server_instance() -> Any:
+    """ComfyUI's running PromptServer, or None outside the server."""
+    server = sys.modules.get("server")  # only ever ComfyUI's own: never import a stray module of that name
+    prompt_server = getattr(server, "PromptServer", None) if server is not None else None
+    return getattr(prompt_server, "instance", None)
+
+
 def send_event(event: str, data: dict) -> None:
     """Broadcast a custom websocket event to the frontend (no-op without a running server)."""
-    server = _module("server")
-    prompt_server = getattr(server, "PromptServer", None) if server is not None else None
-    instance = getattr(prompt_server, "instance", None)
+    instance = server_instance()
     if instance is None:
         return
     try:

@@ -37,6 +37,20 @@ def resolve_dtype(choice: str, device_type: str) -> str:
     return choice
 
 
+def model_path(model_name: str) -> str:
+    """The file behind a ``model_name`` choice (the demo entry or a file in models/diffusion_models)."""
+    if model_name == DEMO_ENTRY:
+        demo = demo_module()
+        if demo is None:
+            raise CheckpointError("model_name: the built-in demo model is not installed with this copy of the "
+                                  "pack (flowcache/demo is missing); pick a file from models/diffusion_models.")
+        return str(demo.demo_model_path())
+    path = comfy_bridge.full_path("diffusion_models", model_name)
+    if path is None:
+        raise CheckpointError(f"model_name: {model_name} was not found in models/diffusion_models.")
+    return path
+
+
 class FlowCacheModelLoader:
     """Load a SkyReels-V2 / Wan2.1 diffusion-forcing model, a MAGI-1 model (or the built-in CPU demo) for the
     FlowCache sampler; the family is recognised from the file's keys."""
@@ -62,16 +76,7 @@ class FlowCacheModelLoader:
     DESCRIPTION = "Loads a SkyReels-V2 / Wan2.1 or MAGI-1 video model for FlowCache Sampler."
 
     def load(self, model_name: str, dtype: str = "auto") -> tuple[FlowCacheModel]:
-        if model_name == DEMO_ENTRY:
-            demo = demo_module()
-            if demo is None:
-                raise CheckpointError("model_name: the built-in demo model is not installed with this copy of the "
-                                      "pack (flowcache/demo is missing); pick a file from models/diffusion_models.")
-            path = str(demo.demo_model_path())
-        else:
-            path = comfy_bridge.full_path("diffusion_models", model_name)
-            if path is None:
-                raise CheckpointError(f"model_name: {model_name} was not found in models/diffusion_models.")
+        path = model_path(model_name)
         chosen = resolve_dtype(dtype, comfy_bridge.torch_device().type)
         # CheckpointError messages from the core already name the file; they reach the user unchanged.
         loaded = load_model(path, chosen)

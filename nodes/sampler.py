@@ -251,7 +251,7 @@ def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative:
             raise InputError("prefix_images: encoding the prefix needs the MAGI-1 VAE; connect FlowCache Load "
                              "MAGI-1 VAE to magi_vae.")
         prefix = prefix_images[..., :3].float()
-    plan = pipe.plan(settings, _prefix_latent_frames(prefix, magi_vae))
+    plan = pipe.plan(settings, pipe.prefix_latent_frames(prefix))
     caption, mask = magi_caption(positive, "positive", lm.config.caption_channels, plan.chunk_num)
 
     def job(on_step):
@@ -259,13 +259,6 @@ def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative:
         return {"samples": latents, "flowcache_codec": MAGI_CODEC, "flowcache_chunk_width": settings.chunk_width}, stats
 
     return job
-
-
-def _prefix_latent_frames(prefix: torch.Tensor | None, codec: Any) -> int:
-    if prefix is None:
-        return 0
-    n = prefix.shape[0]
-    return 1 if n == 1 else n // codec.temporal_stride
 
 
 FAMILY_RUNS: dict[str, Callable[..., Job]] = {"wan": _wan_run, "magi": _magi_run}

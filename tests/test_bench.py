@@ -42,6 +42,9 @@ def check_table(table: dict) -> dict:
         assert r["flops_speedup"] == pytest.approx(off["tflops"] / r["tflops"], rel=1e-9)
     assert rows["teacache-fast"]["forwards"] < off["forwards"]  # forwards of the whole window
     assert rows["flowcache-fast"]["forwards"] <= rows["flowcache-slow"]["forwards"]  # forwards of one chunk
+    # off runs cond and uncond as one batch per iteration; FlowCache batches a step's chunks and branches
+    assert off["model_calls"] * 2 == off["forwards"]
+    assert rows["flowcache-fast"]["model_calls"] < rows["flowcache-fast"]["forwards"] / 2
     # the chunk path keeps a KV store, never larger with a budget
     assert rows["flowcache-fast"]["peak_kv_bytes"] > 0
     assert rows["flowcache-fast+kv"]["peak_kv_bytes"] <= rows["flowcache-fast"]["peak_kv_bytes"]

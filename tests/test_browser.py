@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_helpers import ComfyServer, http_json
+from comfy_helpers import TINY_KEY, TINY_PRESETS, ComfyServer, http_json, import_pack, write_tiny_wan
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "browser" / "flowcache_browser.js"
@@ -41,6 +41,8 @@ BENIGN = ("Cannot read properties of undefined (reading 'id')", "ERR_NAME_NOT_RE
           "Failed to fetch", "status of 404", "ERR_INTERNET_DISCONNECTED", "api.comfy.org", "huggingface.co/",
           "user.css", "/api/userdata", "comfy.templates.json")
 
+CALIBRATED = "my_finetune.safetensors"
+CALIBRATED_FAST = {"threshold": 0.123, "warmup": 2, "kv_budget": 1}
 COMFY = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH to a ComfyUI checkout to run the browser tests")
 
@@ -76,8 +78,16 @@ def server(tools):
     (work / "custom_nodes").mkdir()
     (work / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
     (work / "output").mkdir()
+    # a calibrated model under a name the static preset table does not know: the sampler must show the values
+    # of its .presets.json, which only the server can read (GET /flowcache/model_presets)
+    write_tiny_wan(work / "diffusion_models" / CALIBRATED, import_pack())
+    row = json.loads(json.dumps(TINY_PRESETS[TINY_KEY]))
+    row["flowcache"]["fast"] = CALIBRATED_FAST
+    (work / "diffusion_models" / CALIBRATED.replace(".safetensors", ".presets.json")).write_text(
+        json.dumps({TINY_KEY: row}))
     extra = work / "extra_model_paths.yaml"
-    extra.write_text(f"flowcache_test:\n  custom_nodes: {work / 'custom_nodes'}\n")
+    extra.write_text(f"flowcache_test:\n  base_path: {work}\n  custom_nodes: custom_nodes\n"
+                     f"  diffusion_models: diffusion_models\n")
     srv = ComfyServer(comfy, python, work, extra, work / "output")
     try:
         srv.start(timeout=180)
@@ -168,6 +178,10 @@ def test_extension_and_workflows_in_the_editor(server, tools):
     assert not it["custom"]["locked"] and it["custom"]["threshold"] == 0.15, it
     assert it["slow"]["locked"] and it["slow"]["threshold"] == 0.1, it
     assert it["teacacheFast"]["threshold"] == 0.2 and it["flowcacheFast"]["threshold"] == 0.15, it
+    # a calibrated file: the values come from its .presets.json through the server
+    ff = it["fromFile"]
+    assert ff["answer"]["key"] == TINY_KEY and ff["fc"]["source"] == "file", ff
+    assert (ff["threshold"], ff["warmup"], ff["kv"], ff["locked"]) == (0.123, 2, 1, True), ff
     problems += [f"page: {ln}" for ln in ours(result["logs"])]
     assert not problems, "\n".join(problems)
     for name in EXPECTED:

@@ -138,6 +138,23 @@ def test_nodes_are_listed(host):
         assert TINY_FILE in models  # found through the extra diffusion_models path
 
 
+def test_model_presets_route(host):
+    """The frontend's read-ahead of a model's preset values, served by the pack's route."""
+    server, pack, _ = host
+    need_demo(pack)
+    from urllib.parse import quote
+
+    def ask(name: str) -> dict:
+        return http_json(f"{server.url}/flowcache/model_presets?model_name={quote(name)}")
+
+    tiny = ask(TINY_FILE)
+    assert tiny["known"] and tiny["key"] == "tiny-test" and tiny["rows"]["flowcache"]["fast"]["kv_budget"] == 1
+    demo = ask(pack_submodule(pack, "nodes.demo").DEMO_ENTRY)
+    assert demo["key"] == "demo" and demo["rows"]["flowcache"]["slow"]["threshold"] == 0.1
+    missing = ask("no_such_model.safetensors")
+    assert missing["known"] is False and "not found in models/diffusion_models" in missing["error"]
+
+
 def test_demo_prompt_writes_a_playable_video(host):
     server, pack, work = host
     need_demo(pack)

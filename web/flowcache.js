@@ -2,9 +2,11 @@
 //
 // * FlowCache Sampler: when `preset` is slow/fast the threshold / warmup_steps / kv_budget / mix_lambda widgets
 //   are locked and show the preset's values (for cache flowcache/teacache); `custom` unlocks them.
-//   The values come from flowcache_presets.json next to this file (kept equal to flowcache/presets.json and the
-//   demo model's embedded presets by tests/test_workflows.py). The Python node ignores these widgets for named
-//   presets, so this is display only: nothing breaks without the extension.
+//   The values come from the server (GET /flowcache/model_presets?model_name=…, read from the chosen file's
+//   headers and a calibrated .presets.json beside it, so a calibrated or renamed model shows its own numbers),
+//   and until that answers or without it from flowcache_presets.json next to this file (kept equal to
+//   flowcache/presets.json and the demo model's embedded presets by tests/test_workflows.py). The Python node
+//   ignores these widgets for named presets, so this is display only: nothing breaks without the extension.
 // * Live progress text from the `flowcache.progress` websocket event, drawn on the sampler node.
 // * After a run (`executed` with output.flowcache_stats, or the `flowcache.stats` event): a per-chunk
 //   compute/reuse map (chunks x steps per window), with the FLOPs speedup, FLOPs saved and peak KV size.
@@ -13,6 +15,7 @@
 // Debug/test hook: window.__flowcache (presets, progress, stats, drawn maps, errors) and
 // document.body.dataset.flowcacheMaps (number of maps drawn so far).
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 
 const EXT_NAME = "FlowCache.UI";
 const SAMPLER = "FlowCacheSampler";
@@ -25,6 +28,7 @@ const COLORS = { computed: "#e8893a", reused: "#3bb273", empty: "#2a2a2a", prefi
 const state = (window.__flowcache = window.__flowcache || {
   version: 1,
   presets: null, // flowcache_presets.json once loaded
+  filePresets: {}, // model_name -> the server's answer for that file (or "pending")
   progress: {}, // node id -> last progress event
   stats: {}, // node id -> last stats dict
   drawn: {}, // node id -> {windows, chunks, steps, at} of the last map drawn
@@ -79,11 +83,36 @@ function inputLinkOrigin(node, inputName) {
   return graph.getNodeById(link.origin_id) || null;
 }
 
-/** The presets-table key of the model feeding this sampler, from the loader's file name (null if unknown). */
-function modelKeyOf(sampler) {
+/** The model_name chosen on the loader feeding this sampler (null when no FlowCache loader feeds it). */
+function modelNameOf(sampler) {
   const loader = inputLinkOrigin(sampler, "model");
   if (!loader || (loader.comfyClass || loader.type) !== LOADER) return null;
-  const name = String(widget(loader, "model_name")?.value ?? "");
+  return String(widget(loader, "model_name")?.value ?? "");
+}
+
+/** The server's preset rows for a file, fetched once per name; refreshes the samplers when they arrive. */
+function filePresets(name) {
+  const known = state.filePresets[name];
+  if (known !== undefined) return known === "pending" ? null : known;
+  state.filePresets[name] = "pending";
+  api
+    .fetchApi(`/flowcache/model_presets?model_name=${encodeURIComponent(name)}`, { cache: "no-cache" })
+    .then((resp) => (resp.ok ? resp.json() : null))
+    .then((data) => {
+      state.filePresets[name] = data && data.known ? data : null;
+      refreshAllSamplers();
+    })
+    .catch((err) => {
+      state.filePresets[name] = null; // an older server without the route: the static table stays in use
+      report("model presets", err);
+    });
+  return null;
+}
+
+/** The presets-table key of the model feeding this sampler, from the loader's file name (null if unknown). */
+function modelKeyOf(sampler) {
+  const name = modelNameOf(sampler);
+  if (name === null) return null;
   if (name.startsWith(DEMO_ENTRY_PREFIX)) return "demo";
   const aliases = state.presets?.aliases || [];
   for (const [pattern, key] of aliases) {
@@ -96,7 +125,9 @@ function modelKeyOf(sampler) {
   return null;
 }
 
-function presetValues(modelKey, cache, preset) {
+function presetValues(modelKey, cache, preset, fromFile) {
+  const row = fromFile?.rows?.[cache]?.[preset];
+  if (row) return { ...row };
   const table = state.presets?.models;
   const entry = table?.[modelKey]?.[cache]?.[preset];
   if (!entry) return null;
@@ -154,8 +185,10 @@ function refreshSampler(node) {
     // slow/fast: the node takes these four from the preset and ignores the widgets (with cache=off nothing uses
     // them at all), so they are locked; custom unlocks them. Values are filled in when the model's row is known.
     const lock = preset === "slow" || preset === "fast";
-    const key = modelKeyOf(node);
-    const values = lock && key && cache !== "off" ? presetValues(key, cache, preset) : null;
+    const name = modelNameOf(node);
+    const fromFile = name ? filePresets(name) : null;
+    const key = fromFile?.key || modelKeyOf(node);
+    const values = lock && key && cache !== "off" ? presetValues(key, cache, preset, fromFile) : null;
     for (const [wname, field] of Object.entries(LOCKABLE)) {
       const w = widget(node, wname);
       if (!w) continue;
@@ -164,7 +197,7 @@ function refreshSampler(node) {
       }
       setLocked(node, w, lock);
     }
-    node.__fcPreset = { lock, key, cache, preset, known: !!values };
+    node.__fcPreset = { lock, key, cache, preset, known: !!values, source: fromFile?.rows?.[cache] ? "file" : "table" };
     node.setDirtyCanvas?.(true, false);
   } catch (err) {
     report("preset lock", err);

@@ -17,9 +17,15 @@ import torch
 
 from ..checkpoint import Checkpoint, compute_dtype, load_checkpoint
 from ..errors import CheckpointError
-from .wan import WAN_ANCHORS, WanDiT, build_wan, wan_config_from_state_dict
+from .wan import WAN_ANCHORS, WAN_SIZES, WanDiT, build_wan, wan_config_from_state_dict
 
 MAGI_ANCHORS = ("x_embedder.weight", "final_linear.linear.weight", "t_embedder.mlp.0.weight")
+MAGI_PRESET_KEY = "magi-4.5B"
+
+
+def wan_preset_key(metadata: dict, dim: int) -> str:
+    """The presets-table row of a Wan model: its metadata's ``flowcache.model_key`` or its released size."""
+    return metadata.get("flowcache.model_key") or f"wan-{WAN_SIZES.get(dim, f'dim{dim}')}"
 
 
 @dataclass
@@ -58,7 +64,7 @@ def _build_wan(ck: Checkpoint, dtype: torch.dtype) -> LoadedModel:
     model = build_wan(ck.tensors, dtype, ck.name, heads)
     cfg = model.cfg
     extra = json.loads(meta["flowcache.presets"]) if "flowcache.presets" in meta else {}
-    key = meta.get("flowcache.model_key") or f"wan-{cfg.size_name}"
+    key = wan_preset_key(meta, cfg.dim)
     geometry = json.loads(meta["flowcache.geometry"]) if "flowcache.geometry" in meta else None
     lm = LoadedModel("wan", model, cfg, ck.name, ck.prefix, ck.main_dtype, key,
                      text_len=int(meta.get("flowcache.text_len", 512)), extra_presets=extra, metadata=meta)
@@ -77,7 +83,7 @@ def _build_magi(ck: Checkpoint, dtype: torch.dtype) -> LoadedModel:
     flag = ck.metadata.get("flowcache.distill")
     model.distill = flag == "1" if flag is not None else any("distill" in str(f).lower() for f in ck.files)
     geometry = {"temporal_stride": 4, "spatial_stride": 8, "channels": model.cfg.latent_channels}
-    return LoadedModel("magi", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, "magi-4.5B", text_len=800,
+    return LoadedModel("magi", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, MAGI_PRESET_KEY, text_len=800,
                        geometry=geometry, metadata=ck.metadata)
 
 
@@ -131,11 +137,15 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None 
     lm = FAMILIES[family].build(ck, compute_dtype(dtype, ck.main_dtype))
     sidecar = preset_sidecar(ck.files[0])
     if sidecar.is_file():  # `python -m flowcache calibrate` output beside the file: it wins over older presets
-        from ..calibrate import read_preset_file
-
-        lm.extra_presets = {**lm.extra_presets, **read_preset_file(sidecar)}
+        lm.extra_presets = with_sidecar_presets(lm.extra_presets, sidecar)
         lm.metadata = {**lm.metadata, "flowcache.preset_file": str(sidecar)}
     return lm
+
+
+def with_sidecar_presets(extra: dict, sidecar: Path) -> dict:
+    from ..calibrate import read_preset_file
+
+    return {**extra, **read_preset_file(sidecar)}
 
 
 def preset_sidecar(checkpoint_file: str | os.PathLike) -> Path:
@@ -160,4 +170,4 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     return info
 
 
-__all__ = ["LoadedModel", "load_model", "preset_sidecar", "inspect_checkpoint", "detect_family", "FAMILIES", "WanDiT"]
+__all__ = ["LoadedModel", "load_model", "preset_sidecar", "wan_preset_key", "MAGI_PRESET_KEY", "inspect_checkpoint", "detect_family", "FAMILIES", "WanDiT"]

@@ -19,6 +19,9 @@ from ..errors import CheckpointError
 from .common import ChunkAttention, attention
 
 
+WAN_SIZES = {1536: "1.3B", 5120: "14B"}  # model dim -> released size name
+
+
 @dataclass
 class WanConfig:
     dim: int = 1536
@@ -42,7 +45,7 @@ class WanConfig:
     @property
     def size_name(self) -> str:
         """The released size this config matches ('1.3B', '14B'), used to pick presets."""
-        return {1536: "1.3B", 5120: "14B"}.get(self.dim, f"dim{self.dim}")
+        return WAN_SIZES.get(self.dim, f"dim{self.dim}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -441,6 +441,7 @@ class DiffusionForcingPipeline:
         kv = KVStore.batch_view([stores[b] for b in branches], [u.id for u in units], sizes) if chunked else None
         offsets = tuple(u.frame_offset for u in units)
         out = model.run_blocks(tokens, mod, ctx, grid, offsets[0] if len(offsets) == 1 else offsets, kv, mask)
+        stats.model_calls += 1
         start = 0
         for u, (_, tok), n in zip(units, spans, sizes):
             for i, (r, b) in enumerate(zip(rows, branches)):

@@ -310,6 +310,16 @@ class MagiPipeline:
             return None, (null, null_mask)
         return (caption.to(device), mask.bool().to(device)), (null, null_mask)
 
+    def prefix_latent_frames(self, prefix: torch.Tensor | None) -> int:
+        """Latent frames a prefix becomes: pixels [T, H, W, 3] give 1 for an image (I2V) and T // temporal
+        stride otherwise (V2V); latents [1, C, P, h, w] give P. For planning before the prefix is encoded."""
+        if prefix is None:
+            return 0
+        if prefix.dim() == 4:
+            stride = getattr(self.codec, "temporal_stride", self.geometry.temporal_stride)  # what encode() does
+            return 1 if prefix.shape[0] == 1 else prefix.shape[0] // stride
+        return prefix.shape[2]
+
     def _prefix_latents(self, prefix: torch.Tensor | None, plan_hw: tuple[int, int]) -> torch.Tensor | None:
         if prefix is None:
             return None

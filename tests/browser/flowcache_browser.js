@@ -317,6 +317,21 @@ async function check(browser) {
       out.flowcacheFast = snap();
       return out;
     });
+    // the same sampler fed a calibrated file the static table does not know (flowcache, fast)
+    result.interaction.fromFile = await page.evaluate(async (name) => {
+      const n = window.app.graph._nodes.find((x) => x.type === "FlowCacheSampler");
+      const loader = window.app.graph._nodes.find((x) => x.type === "FlowCacheModelLoader");
+      const lw = loader.widgets.find((x) => x.name === "model_name");
+      lw.value = name;
+      lw.callback?.(name);
+      const cache = window.__flowcache.filePresets;
+      for (let i = 0; i < 200 && (cache[name] === undefined || cache[name] === "pending"); i++) {
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      const w = (k) => n.widgets.find((x) => x.name === k);
+      return { threshold: w("threshold").value, warmup: w("warmup_steps").value, kv: w("kv_budget").value,
+        locked: !!w("threshold").disabled, fc: n.__fcPreset, answer: cache[name] };
+    }, process.env.CALIBRATED_MODEL || "my_finetune.safetensors");
   }
   if (process.env.RUN_DEMO === "1") {
     await loadAndInspect(page, DEMO);

@@ -1,0 +1,75 @@
+"""The slow/fast preset values a checkpoint file gets, read from its headers only (no weights loaded).
+
+The loader resolves presets after loading; the frontend wants the same numbers before anything runs, for
+a file that may hold 28 GB. This reads what decides them: the key names (family), one tensor shape (the
+Wan size), the safetensors metadata (a model key or embedded presets) and a calibrated ``.presets.json``
+beside the file, then asks ``resolve_settings`` exactly as the sampler will.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .cache import resolve_settings
+from .cache.presets import load_presets
+from .checkpoint import checkpoint_files, split_prefix
+from .errors import CheckpointError, InputError
+from .models import FAMILIES, MAGI_PRESET_KEY, detect_family, preset_sidecar, wan_preset_key, with_sidecar_presets
+
+SHOWN_MODES = ("teacache", "flowcache")
+SHOWN_PRESETS = ("slow", "fast")
+
+
+def _headers(path: str | os.PathLike) -> tuple[list[Path], dict[str, tuple[Path, list[int]]], dict[str, str]]:
+    """(files, key -> (file, shape), merged metadata) of a safetensors checkpoint."""
+    files = checkpoint_files(path)
+    shapes: dict[str, tuple[Path, list[int]]] = {}
+    meta: dict[str, str] = {}
+    for f in files:
+        if f.suffix != ".safetensors" and not f.name.endswith(".sft"):
+            raise CheckpointError(f"{f.name}: presets can be read ahead only from .safetensors files.")
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            meta.update(sf.metadata() or {})
+            for k in sf.keys():
+                shapes[k] = (f, list(sf.get_slice(k).get_shape()))
+    return files, shapes, meta
+
+
+def preset_key_of_file(path: str | os.PathLike) -> tuple[str, dict]:
+    """(presets-table key, extra preset entries) that ``load_model`` would give this checkpoint."""
+    files, shapes, meta = _headers(path)
+    anchors = tuple(a for fam in FAMILIES.values() for a in fam.anchors)
+    prefix = split_prefix(shapes.keys(), anchors)
+    bare = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    family = detect_family(bare.keys())
+    if family is None:
+        raise CheckpointError(f"{files[0].name}: not a supported video model (no Wan2.1 or MAGI-1 keys).")
+    extra = json.loads(meta["flowcache.presets"]) if family == "wan" and "flowcache.presets" in meta else {}
+    key = wan_preset_key(meta, bare["head.modulation"][1][-1]) if family == "wan" else MAGI_PRESET_KEY
+    sidecar = preset_sidecar(files[0])
+    if sidecar.is_file():
+        extra = with_sidecar_presets(extra, sidecar)
+    return key, extra
+
+
+def preset_rows(path: str | os.PathLike) -> dict:
+    """``{"key", "known", "rows": {mode: {preset: {threshold, warmup, kv_budget, mix_lambda}}}}`` for a
+    checkpoint: what FlowCache Sampler will use for each named preset. ``known`` is False (and ``rows``
+    empty) for a model with no presets yet; ``hint`` then says how to make them."""
+    key, extra = preset_key_of_file(path)
+    if key not in load_presets(extra):
+        return {"key": key, "known": False, "rows": {},
+                "hint": "no presets for this model yet: run `python -m flowcache calibrate CHECKPOINT`."}
+    rows: dict = {}
+    for mode in SHOWN_MODES:
+        for preset in SHOWN_PRESETS:
+            try:
+                s = resolve_settings(key, mode, preset, extra_presets=extra)
+            except (InputError, KeyError):
+                continue
+            rows.setdefault(mode, {})[preset] = {"threshold": s.threshold, "warmup": s.warmup,
+                                                 "kv_budget": s.kv_budget, "mix_lambda": s.mix_lambda}
+    return {"key": key, "known": True, "rows": rows}
