@@ -15,7 +15,6 @@
 // Debug/test hook: window.__flowcache (presets, progress, stats, drawn maps, errors) and
 // document.body.dataset.flowcacheMaps (number of maps drawn so far).
 import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
 
 const EXT_NAME = "FlowCache.UI";
 const SAMPLER = "FlowCacheSampler";
@@ -95,6 +94,11 @@ function filePresets(name) {
   const known = state.filePresets[name];
   if (known !== undefined) return known === "pending" ? null : known;
   state.filePresets[name] = "pending";
+  const api = app.api;
+  if (!api?.fetchApi) {
+    state.filePresets[name] = null; // no API object: the static table stays in use
+    return null;
+  }
   api
     .fetchApi(`/flowcache/model_presets?model_name=${encodeURIComponent(name)}`, { cache: "no-cache" })
     .then((resp) => (resp.ok ? resp.json() : null))
