@@ -37,7 +37,7 @@ def test_demo_model_loads_like_a_real_checkpoint():
     assert total <= 10_000_000  # shipped in the repo: at most 10 MB
     facts = json.loads(lm.metadata["flowcache.training"])
     assert facts["seed"] == 0 and facts["steps"] > 0 and math.isfinite(facts["final_loss"])
-    assert facts["complete"] and facts["total_minutes"] <= 45.5 and facts["threads"] == 2
+    assert facts["complete"] and facts["total_minutes"] <= 45.0 and facts["threads"] == 2  # 45 min on 2 cores
 
 
 def test_demo_presets_are_embedded_and_resolve():
@@ -48,6 +48,24 @@ def test_demo_presets_are_embedded_and_resolve():
     s = resolve_settings("demo", "flowcache", "slow", extra_presets=lm.extra_presets)
     assert s.threshold == 0.1 and s.warmup == 5 and s.coefficients == entry["coefficients"]
     assert resolve_settings("demo", "teacache", "fast", extra_presets=lm.extra_presets).threshold == 0.2
+
+
+def test_demo_videos_follow_their_prompts():
+    """Sampled with FlowCache (fast) at the demo's full settings, each video is closer to the procedural video
+    its prompt describes than to the other prompts' videos, in every window (by ≥ 1 dB; the closest call is
+    the yellow square's second window against the other black-background square, 15.5 vs 14.2 dB)."""
+    from flowcache.jobs import load_demo_kit
+    from flowcache.metrics import psnr
+
+    kit = load_demo_kit()
+    prompts = [DEMO_PROMPTS[i] for i in (0, 1, 2, 5)]  # four backgrounds, three shapes, four motions
+    truth = [render(spec_from_prompt(p), 0, 36) for p in prompts]
+    for i, p in enumerate(prompts):
+        video, _ = kit.sample(p, 0, kit.cache("flowcache", "fast"))
+        for frames in (slice(0, 20), slice(20, 36)):  # the first window, then the continuation
+            own = psnr(video[frames], truth[i][frames])
+            others = [psnr(video[frames], t[frames]) for j, t in enumerate(truth) if j != i]
+            assert own > max(others) + 1.0, (p, frames, own, others)
 
 
 def test_demo_pipeline_short_run():
