@@ -574,7 +574,10 @@ const extension = {
         // values from a loaded workflow are applied after nodeCreated; refresh once they are in
         setTimeout(() => refreshSampler(node), 0);
       } else if (cls === LOADER) {
-        chainWidgetCallback(widget(node, "model_name"), refreshAllSamplers);
+        chainWidgetCallback(widget(node, "model_name"), () => {
+          state.filePresets = {}; // picking a model asks the server again: a re-calibrated file shows its new rows
+          refreshAllSamplers();
+        });
       }
     } catch (err) {
       report("nodeCreated", err);
