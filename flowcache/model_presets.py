@@ -7,7 +7,6 @@ beside the file, then asks ``resolve_settings`` exactly as the sampler will.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,24 +16,24 @@ from .cache import resolve_settings
 from .cache.presets import load_presets
 from .checkpoint import checkpoint_files, split_prefix
 from .errors import CheckpointError, InputError
-from .models import FAMILIES, MAGI_PRESET_KEY, detect_family, preset_sidecar, wan_preset_key, with_sidecar_presets
+from .models import (FAMILIES, MAGI_PRESET_KEY, detect_family, embedded_presets, preset_sidecar, wan_preset_key,
+                     with_sidecar_presets)
 
 SHOWN_MODES = ("teacache", "flowcache")
 SHOWN_PRESETS = ("slow", "fast")
 
 
-def _headers(path: str | os.PathLike) -> tuple[list[Path], dict[str, tuple[Path, list[int]]], dict[str, str]]:
-    """(files, key -> (file, shape), merged metadata) of a safetensors checkpoint."""
+def _headers(path: str | os.PathLike) -> tuple[list[Path], dict[str, list[int]], dict[str, str]]:
+    """(files, key -> shape, merged metadata) of a safetensors checkpoint."""
     files = checkpoint_files(path)
-    shapes: dict[str, tuple[Path, list[int]]] = {}
+    shapes: dict[str, list[int]] = {}
     meta: dict[str, str] = {}
     for f in files:
         if f.suffix != ".safetensors" and not f.name.endswith(".sft"):
             raise CheckpointError(f"{f.name}: presets can be read ahead only from .safetensors files.")
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             meta.update(sf.metadata() or {})
-            for k in sf.keys():
-                shapes[k] = (f, list(sf.get_slice(k).get_shape()))
+            shapes.update((k, list(sf.get_slice(k).get_shape())) for k in sf.keys())
     return files, shapes, meta
 
 
@@ -47,8 +46,9 @@ def preset_key_of_file(path: str | os.PathLike) -> tuple[str, dict]:
     family = detect_family(bare.keys())
     if family is None:
         raise CheckpointError(f"{files[0].name}: not a supported video model (no Wan2.1 or MAGI-1 keys).")
-    extra = json.loads(meta["flowcache.presets"]) if family == "wan" and "flowcache.presets" in meta else {}
-    key = wan_preset_key(meta, bare["head.modulation"][1][-1]) if family == "wan" else MAGI_PRESET_KEY
+    # as the family builders in flowcache.models do: Wan reads embedded presets and its size, MAGI-1 neither
+    extra = embedded_presets(meta) if family == "wan" else {}
+    key = wan_preset_key(meta, bare["head.modulation"][-1]) if family == "wan" else MAGI_PRESET_KEY
     sidecar = preset_sidecar(files[0])
     if sidecar.is_file():
         extra = with_sidecar_presets(extra, sidecar)

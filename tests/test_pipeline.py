@@ -6,7 +6,7 @@ import torch
 from flowcache.cache import CacheSettings
 from flowcache.df_schedule import timestep_matrix
 from flowcache.errors import InputError
-from flowcache.kv.store import KVStore
+from flowcache.kv.store import ChunkBatchKV, KVStore
 from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from flowcache.schedulers import flow_sigmas, make_solver
 from tiny_models import tiny_wan
@@ -214,7 +214,7 @@ def test_batched_chunks_and_branches_equal_one_forward_each(model, conds):
         ref = [[model.run_blocks(h[:, tok[c]], e0[:, fr[c]], ctx, (3, 4, 4), 3 * c, st.view(c)) for c in (0, 2)]
                for ctx, st in zip(ctxs, one)]
         batch = stores_with_chunk1()
-        kv = KVStore.batch_view(batch, [0, 2], [48, 48])
+        kv = ChunkBatchKV(batch, [0, 2], [48, 48])
         got = model.run_blocks(torch.cat([h[:, tok[0]], h[:, tok[2]]], 1).expand(2, -1, -1),
                                torch.cat([e0[:, fr[0]], e0[:, fr[2]]], 1).expand(2, -1, -1, -1),
                                torch.cat(ctxs), (6, 4, 4), (0, 6), kv)

@@ -494,13 +494,17 @@ def test_web_extension_parses_as_an_es_module(tmp_path):
     stub_dir.mkdir()
     (stub_dir / "app.js").write_text("export const app = { registered: [], extensions: [],"
                                      " registerExtension(e) { this.registered.push(e); } };\n")
-    mod = tmp_path / "extensions" / "pack" / "flowcache.mjs"  # same depth as /extensions/<pack>/flowcache.js
-    mod.parent.mkdir(parents=True)
-    mod.write_text(src, encoding="utf-8")
+    pack = tmp_path / "extensions" / "pack"  # same depth as /extensions/<pack>/flowcache.js
+    pack.mkdir(parents=True)
+    (pack / "package.json").write_text('{"type": "module"}')  # node: .js files here are ES modules, as in a browser
+    (pack / "flowcache.js").write_text(src, encoding="utf-8")
+    for sibling in WEB.glob("*.js"):  # modules flowcache.js imports from its own folder
+        if sibling.name != "flowcache.js":
+            (pack / sibling.name).write_text(sibling.read_text(encoding="utf-8"), encoding="utf-8")
     (tmp_path / "run.mjs").write_text(
         "globalThis.window = globalThis; globalThis.document = { body: { dataset: {} } };\n"
         "const { app } = await import('./scripts/app.js');\n"
-        "await import('./extensions/pack/flowcache.mjs');\n"
+        "await import('./extensions/pack/flowcache.js');\n"
         "if (app.registered.length !== 1) throw new Error('expected one registered extension');\n"
         "const e = app.registered[0];\n"
         "for (const k of ['setup', 'beforeRegisterNodeDef', 'nodeCreated', 'loadedGraphNode']) {\n"
@@ -509,6 +513,15 @@ def test_web_extension_parses_as_an_es_module(tmp_path):
         "e.nodeCreated({ comfyClass: 'FlowCacheSampler', widgets: null });\n"
         "e.loadedGraphNode({ type: 'KSampler' });\n"
         "await e.beforeRegisterNodeDef(function () {}, { name: 'FlowCacheSampler' });\n"
+        "// the map module draws a run's stats on any canvas context\n"
+        "const m = await import('./extensions/pack/flowcache_map.js');\n"
+        "const calls = [];\n"
+        "const ctx = new Proxy({}, { get: (t, k) => (k === 'measureText' ? () => ({ width: 10 }) : k in t ? t[k]"
+        " : (...a) => calls.push(k)), set: (t, k, v) => ((t[k] = v), true) });\n"
+        "const info = { stats: { maps: [['CCR', 'CRR'], ['', 'CC']], flops_speedup: 2, flops: 1, flops_nocache: 2 } };\n"
+        "const shown = m.drawMap(ctx, info, 300, 0);\n"
+        "if (!shown || shown.windows !== 2 || shown.chunks !== 2 || shown.steps !== 3 || !(m.mapHeight(info, 300) > 0)"
+        " || !calls.includes('fillRect')) throw new Error('map ' + JSON.stringify(shown));\n"
         "console.log('ok', e.name);\n", encoding="utf-8")
     r = subprocess.run([node, str(tmp_path / "run.mjs")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "ok FlowCache.UI" in r.stdout, r.stdout + r.stderr

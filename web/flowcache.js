@@ -9,12 +9,14 @@
 //   ignores these widgets for named presets, so this is display only: nothing breaks without the extension.
 // * Live progress text from the `flowcache.progress` websocket event, drawn on the sampler node.
 // * After a run (`executed` with output.flowcache_stats, or the `flowcache.stats` event): a per-chunk
-//   compute/reuse map (chunks x steps per window), with the FLOPs speedup, FLOPs saved and peak KV size.
+//   compute/reuse map (chunks x steps per window), with the FLOPs speedup, FLOPs saved and peak KV size
+//   (drawn by flowcache_map.js).
 //
 // Every hook is wrapped in try/catch: a failure here is logged once and never breaks the node or the graph.
 // Debug/test hook: window.__flowcache (presets, progress, stats, drawn maps, errors) and
 // document.body.dataset.flowcacheMaps (number of maps drawn so far).
 import { app } from "../../scripts/app.js";
+import { drawMap, mapHeight } from "./flowcache_map.js";
 
 const EXT_NAME = "FlowCache.UI";
 const SAMPLER = "FlowCacheSampler";
@@ -22,7 +24,6 @@ const LOADER = "FlowCacheModelLoader";
 const DEMO_ENTRY_PREFIX = "flowcache-demo";
 const LOCKABLE = { threshold: "threshold", warmup_steps: "warmup", kv_budget: "kv_budget", mix_lambda: "mix_lambda" };
 const MAP_WIDGET = "flowcache_map";
-const COLORS = { computed: "#e8893a", reused: "#3bb273", empty: "#2a2a2a", prefix: "#444c56", text: "#ddd", dim: "#999" };
 
 const state = (window.__flowcache = window.__flowcache || {
   version: 1,
@@ -240,167 +241,16 @@ function chainWidgetCallback(w, fn) {
   w.__fcChained = true;
 }
 
-// ------------------------------------------------------------------------------------------- formatting
-
-function fmtFlops(x) {
-  const units = [["P", 1e15], ["T", 1e12], ["G", 1e9], ["M", 1e6]];
-  for (const [u, v] of units) if (Math.abs(x) >= v) return `${(x / v).toFixed(x / v >= 100 ? 0 : 2)} ${u}FLOPs`;
-  return `${Math.round(x)} FLOPs`;
-}
-
-function fmtBytes(b) {
-  if (!b) return "0 B";
-  const units = [["GiB", 2 ** 30], ["MiB", 2 ** 20], ["KiB", 2 ** 10]];
-  for (const [u, v] of units) if (b >= v) return `${(b / v).toFixed(b / v >= 100 ? 0 : 1)} ${u}`;
-  return `${b} B`;
-}
-
-function summaryLines(stats) {
-  const speed = Number(stats.flops_speedup || 1);
-  const saved = Math.max(0, Number(stats.flops_nocache || 0) - Number(stats.flops || 0));
-  const pct = stats.flops_nocache ? (100 * saved) / stats.flops_nocache : 0;
-  const mode = stats.mode || stats.settings?.mode || "";
-  const line1 = `${speed.toFixed(2)}x fewer FLOPs · saved ${fmtFlops(saved)} (${pct.toFixed(0)}%)`;
-  const kv = stats.kv_peak_bytes ? `peak KV ${fmtBytes(stats.kv_peak_bytes)}` : "peak KV —";
-  const secs = stats.wall_seconds ? ` · ${Number(stats.wall_seconds).toFixed(1)} s` : "";
-  const line2 = `${mode} · computed ${stats.computed ?? 0} / reused ${stats.reused ?? 0} · ${kv}${secs}`;
-  return [line1, line2];
-}
-
 // --------------------------------------------------------------------------------------------- the map
 
-const PAD = 10;
-const LINE = 14;
-const MAX_MAP_H = 260;
-
-/** Grid of windows: picks how many windows per row so cells stay readable and the map stays short. */
-function layoutMap(maps, width) {
-  const windows = (maps || []).map((chunks) => (chunks || []).map((s) => String(s || "")));
-  const n = windows.length;
-  if (!n) return null;
-  const cols = Math.max(1, ...windows.map((w) => Math.max(1, ...w.map((s) => s.length))));
-  const rows = Math.max(1, ...windows.map((w) => w.length));
-  const avail = Math.max(40, width - 2 * PAD);
-  const gap = 6;
-  const labelH = 11;
-  let best = null;
-  for (let per = 1; per <= n; per++) {
-    const cellW = (avail - (per - 1) * gap) / (per * cols);
-    if (cellW < 1 && best) break;
-    const cellH = Math.max(3, Math.min(10, cellW * 1.5));
-    const lines = Math.ceil(n / per);
-    const height = lines * (labelH + rows * cellH + gap);
-    const cand = { per, cellW, cellH, lines, height, cols, rows, gap, labelH, windows };
-    if (!best || (best.height > MAX_MAP_H && height < best.height)) best = cand;
-    if (height <= MAX_MAP_H) break;
-  }
-  return best;
-}
-
-function mapHeight(node, width) {
-  const info = node.__fcInfo;
-  if (!info) return 0;
-  let h = 6;
-  if (info.progress) h += LINE + 8;
-  if (info.stats) {
-    const lay = layoutMap(info.stats.maps, width);
-    h += 2 * LINE + LINE; // two summary lines + legend
-    if (lay) h += Math.min(lay.height, MAX_MAP_H + 40) + 4;
-  }
-  return h;
-}
-
 function drawMapWidget(ctx, node, width, y) {
-  const info = node.__fcInfo;
-  if (!info) return;
-  ctx.save();
-  try {
-    let yy = y + 4;
-    ctx.font = "11px sans-serif";
-    ctx.textBaseline = "top";
-    ctx.textAlign = "left";
-    if (info.progress) {
-      const p = info.progress;
-      const frac = p.max ? Math.min(1, Math.max(0, p.value / p.max)) : 0;
-      ctx.fillStyle = "#1c1c1c";
-      ctx.fillRect(PAD, yy, width - 2 * PAD, LINE + 4);
-      ctx.fillStyle = "#2f5f8a";
-      ctx.fillRect(PAD, yy, (width - 2 * PAD) * frac, LINE + 4);
-      ctx.fillStyle = COLORS.text;
-      ctx.fillText(String(p.text ?? `${p.value}/${p.max}`), PAD + 4, yy + 3);
-      yy += LINE + 8;
-    }
-    const stats = info.stats;
-    if (!stats) return;
-    const [l1, l2] = summaryLines(stats);
-    ctx.fillStyle = COLORS.text;
-    ctx.font = "bold 11px sans-serif";
-    ctx.fillText(l1, PAD, yy);
-    yy += LINE;
-    ctx.font = "11px sans-serif";
-    ctx.fillStyle = COLORS.dim;
-    ctx.fillText(l2, PAD, yy);
-    yy += LINE;
-    // legend
-    const legend = [["computed", COLORS.computed], ["reused", COLORS.reused]];
-    if ((stats.maps || []).some((w) => (w || []).some((c) => !c) && (w || []).slice(1).some((c) => c))) {
-      legend.push(["overlap", COLORS.prefix]); // carried-over frames of a later window: never sampled, no decisions
-    }
-    let lx = PAD;
-    for (const [label, color] of legend) {
-      ctx.fillStyle = color;
-      ctx.fillRect(lx, yy + 2, 9, 9);
-      ctx.fillStyle = COLORS.dim;
-      ctx.fillText(label, lx + 12, yy);
-      lx += 14 + ctx.measureText(label).width + 10;
-    }
-    ctx.fillText("rows: chunks · columns: steps", lx, yy);
-    yy += LINE;
-    const lay = layoutMap(stats.maps, width);
-    if (!lay) return;
-    const { per, cellW, cellH, cols, rows, gap, labelH, windows } = lay;
-    const blockW = cols * cellW;
-    const blockH = labelH + rows * cellH + gap;
-    windows.forEach((chunks, wi) => {
-      const bx = PAD + (wi % per) * (blockW + gap);
-      const by = yy + Math.floor(wi / per) * blockH;
-      if (by - yy > MAX_MAP_H + 30) return; // very long runs: clip
-      ctx.fillStyle = COLORS.dim;
-      ctx.font = "9px sans-serif";
-      const single = chunks.length > 0 && chunks.slice(1).every((s) => !s);
-      ctx.fillText(`window ${wi + 1}${single && chunks.length > 1 ? " (whole window)" : ""}`, bx, by);
-      for (let r = 0; r < chunks.length; r++) {
-        const s = chunks[r];
-        const ry = by + labelH + r * cellH;
-        if (!s) {
-          ctx.fillStyle = COLORS.prefix; // overlap prefix / not cached: no decisions
-          ctx.fillRect(bx, ry, blockW, Math.max(1, cellH - 1));
-          continue;
-        }
-        ctx.fillStyle = COLORS.empty;
-        ctx.fillRect(bx, ry, blockW, Math.max(1, cellH - 1));
-        // runs of equal cells in one fillRect each
-        let start = 0;
-        for (let c = 1; c <= s.length; c++) {
-          if (c === s.length || s[c] !== s[start]) {
-            ctx.fillStyle = s[start] === "R" ? COLORS.reused : s[start] === "C" ? COLORS.computed : COLORS.empty;
-            const x0 = bx + start * cellW;
-            const w = Math.max(1, (c - start) * cellW - (cellW >= 4 ? 1 : 0));
-            ctx.fillRect(x0, ry, w, Math.max(1, cellH - 1));
-            start = c;
-          }
-        }
-      }
-    });
-    const key = String(node.id);
-    const drawn = { windows: windows.length, chunks: rows, steps: cols, at: Date.now(), speedup: stats.flops_speedup };
-    const first = !state.drawn[key];
-    state.drawn[key] = drawn;
-    if (first) {
-      document.body.dataset.flowcacheMaps = String(Object.keys(state.drawn).length);
-    }
-  } finally {
-    ctx.restore();
+  const shown = drawMap(ctx, node.__fcInfo, width, y);
+  if (!shown) return;
+  const key = String(node.id);
+  const first = !state.drawn[key];
+  state.drawn[key] = { ...shown, at: Date.now(), speedup: node.__fcInfo.stats.flops_speedup };
+  if (first) {
+    document.body.dataset.flowcacheMaps = String(Object.keys(state.drawn).length);
   }
 }
 
@@ -418,7 +268,7 @@ function ensureMapWidget(node) {
     }),
     computeSize: function (width) {
       try {
-        return [width ?? node.size[0], mapHeight(node, width ?? node.size[0])];
+        return [width ?? node.size[0], mapHeight(node.__fcInfo, width ?? node.size[0])];
       } catch (err) {
         report("map size", err);
         return [width ?? 0, 0];

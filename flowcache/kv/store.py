@@ -68,12 +68,6 @@ class KVStore:
     def view(self, chunk_id: int) -> "ChunkKV":
         return ChunkKV(self, chunk_id)
 
-    @staticmethod
-    def batch_view(stores: list["KVStore"], chunk_ids: list[int], tokens: list[int]) -> "ChunkBatchKV":
-        """The context of one forward over several chunks (ascending ids, ``tokens`` each) and several
-        CFG branches (batch row i is ``stores[i]``'s branch)."""
-        return ChunkBatchKV(stores, chunk_ids, tokens)
-
     @property
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for lay in self.layers for t in (lay.k, lay.v) if t is not None)
@@ -189,7 +183,9 @@ class ChunkBatchKV:
     """``ChunkAttention`` of one batched forward: chunks laid end to end along the tokens, CFG branches along
     the batch. Chunk by chunk in ascending order, each branch's K/V go into its own store and the chunk's
     queries attend to that store up to the chunk's slot: exactly what one forward per chunk and branch would
-    compute, while the linear layers (most of the work) run once over every token of the step."""
+    compute, while the linear layers (most of the work) run once over every token of the step.
+
+    stores: one per batch row (CFG branch); chunk_ids: ascending, laid end to end with ``tokens`` rows each."""
 
     def __init__(self, stores: list[KVStore], chunk_ids: list[int], tokens: list[int]):
         if len(chunk_ids) != len(tokens) or list(chunk_ids) != sorted(chunk_ids):

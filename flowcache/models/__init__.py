@@ -23,6 +23,11 @@ MAGI_ANCHORS = ("x_embedder.weight", "final_linear.linear.weight", "t_embedder.m
 MAGI_PRESET_KEY = "magi-4.5B"
 
 
+def embedded_presets(metadata: dict) -> dict:
+    """Preset entries stored in a checkpoint's metadata (``calibrate --embed``), keyed by model key."""
+    return json.loads(metadata["flowcache.presets"]) if "flowcache.presets" in metadata else {}
+
+
 def wan_preset_key(metadata: dict, dim: int) -> str:
     """The presets-table row of a Wan model: its metadata's ``flowcache.model_key`` or its released size."""
     return metadata.get("flowcache.model_key") or f"wan-{WAN_SIZES.get(dim, f'dim{dim}')}"
@@ -63,7 +68,7 @@ def _build_wan(ck: Checkpoint, dtype: torch.dtype) -> LoadedModel:
     heads = int(meta["flowcache.num_heads"]) if "flowcache.num_heads" in meta else None
     model = build_wan(ck.tensors, dtype, ck.name, heads)
     cfg = model.cfg
-    extra = json.loads(meta["flowcache.presets"]) if "flowcache.presets" in meta else {}
+    extra = embedded_presets(meta)
     key = wan_preset_key(meta, cfg.dim)
     geometry = json.loads(meta["flowcache.geometry"]) if "flowcache.geometry" in meta else None
     lm = LoadedModel("wan", model, cfg, ck.name, ck.prefix, ck.main_dtype, key,
@@ -170,4 +175,4 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     return info
 
 
-__all__ = ["LoadedModel", "load_model", "preset_sidecar", "wan_preset_key", "MAGI_PRESET_KEY", "inspect_checkpoint", "detect_family", "FAMILIES", "WanDiT"]
+__all__ = ["LoadedModel", "load_model", "preset_sidecar", "wan_preset_key", "embedded_presets", "MAGI_PRESET_KEY", "inspect_checkpoint", "detect_family", "FAMILIES", "WanDiT"]

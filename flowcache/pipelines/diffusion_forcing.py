@@ -32,7 +32,7 @@ from ..df_schedule import timestep_matrix
 from ..errors import InputError
 from ..flops import forward_flops, paper_window_flops
 from ..kv.scoring import CompressionConfig
-from ..kv.store import KVStore
+from ..kv.store import ChunkBatchKV, KVStore
 from ..models.wan import WanDiT, block_causal_mask
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
@@ -387,8 +387,6 @@ class DiffusionForcingPipeline:
         e0) run as one batch, and all computed units of a step run as one forward (``ChunkBatchKV``).
         """
         model, cfgm = self.model, self.model.cfg
-        if not units:
-            return {b: torch.zeros(x_in.shape, dtype=torch.float32, device=x_in.device) for b, _ in ctxs}
         pt, tok_frame = cfgm.patch_size[0], grid_hw[0] * grid_hw[1]
         idx = torch.cat([torch.arange(u.frames.start, u.frames.stop) for u in units]).to(x_in.device)
         e, e0 = model.time_embed(t_frames.index_select(1, idx), self._settings.fps)
@@ -438,9 +436,8 @@ class DiffusionForcingPipeline:
         sizes = [tok.stop - tok.start for _, tok in spans]
         grid = (sum(fr.stop - fr.start for fr, _ in spans) // cfgm.patch_size[0],) + tuple(grid_hw)
         chunked = units[0].id != "window"
-        kv = KVStore.batch_view([stores[b] for b in branches], [u.id for u in units], sizes) if chunked else None
-        offsets = tuple(u.frame_offset for u in units)
-        out = model.run_blocks(tokens, mod, ctx, grid, offsets[0] if len(offsets) == 1 else offsets, kv, mask)
+        kv = ChunkBatchKV([stores[b] for b in branches], [u.id for u in units], sizes) if chunked else None
+        out = model.run_blocks(tokens, mod, ctx, grid, tuple(u.frame_offset for u in units), kv, mask)
         stats.model_calls += 1
         start = 0
         for u, (_, tok), n in zip(units, spans, sizes):
