@@ -173,7 +173,7 @@ def _default_settings(model_key: str):
                       causal_block_size=5)
 
 
-def _encoder_for(lm, prompts: Sequence[str], conditioning: str | None,
+def _encoder_for(lm, model_path, prompts: Sequence[str], conditioning: str | None,
                  random_conditioning: bool) -> tuple[Callable[[str], torch.Tensor], str]:
     """How prompts become text states: the demo's own encoder, a file of saved states, or seeded noise."""
     text_dim = lm.config.text_dim
@@ -189,7 +189,7 @@ def _encoder_for(lm, prompts: Sequence[str], conditioning: str | None,
     if lm.preset_key == "demo":
         from .demo import load_demo_text
 
-        enc = load_demo_text()
+        enc = load_demo_text(checkpoint_files(model_path)[0])
         return enc.encode, "demo_text"
     if random_conditioning:
         def rand(p: str) -> torch.Tensor:
@@ -225,7 +225,7 @@ def calibrate(model_path: str | os.PathLike, prompts: Sequence[str] | None = Non
         from .demo import DEMO_PROMPTS
 
         prompts = list(DEMO_PROMPTS[:3])
-    encode, text_source = _encoder_for(lm, list(prompts) + [negative], conditioning, random_conditioning)
+    encode, text_source = _encoder_for(lm, model_path, list(prompts) + [negative], conditioning, random_conditioning)
     s = settings or _default_settings(key)
     if steps is not None:
         s.steps = int(steps)

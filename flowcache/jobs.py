@@ -46,13 +46,19 @@ class SamplingKit:
         return self.codec.decode(z), stats
 
 
-def load_demo_kit() -> SamplingKit:
+def load_demo_kit(model_path: str | Path | None = None) -> SamplingKit:
+    """The demo model (default: the shipped one; or a demo-format file, e.g. one just trained elsewhere, with
+    its text embedding beside it) at the demo's settings."""
     from . import demo  # shipped assets; imported lazily so the core works without them
 
-    loaded = load_model(demo.demo_model_path(), dtype="fp32")
+    path = Path(model_path) if model_path is not None else demo.demo_model_path()
+    loaded = load_model(path, dtype="fp32")
+    if loaded.preset_key != "demo":
+        raise InputError(f"{path.name}: not a demo model file (its preset key is {loaded.preset_key!r}); "
+                         "demo files come from python -m flowcache.demo.train.")
     known = {f.name for f in fields(DFSettings)}
     settings = DFSettings(**{k: v for k, v in demo.DEMO_SETTINGS.items() if k in known})
-    return SamplingKit(loaded, demo.load_demo_text(), demo.load_demo_codec(), settings)
+    return SamplingKit(loaded, demo.load_demo_text(path), demo.load_demo_codec(path), settings)
 
 
 class SeededTextStates:

@@ -112,3 +112,45 @@ def test_off_spends_exactly_the_vanilla_flops_of_the_paper_accounting(tmp_path):
     expected = sum(it * 2 * f for it, f in zip(off.iterations, per))
     assert off.flops == pytest.approx(expected, rel=1e-12) and off.flops_nocache == pytest.approx(expected)
     assert fc.flops_nocache == pytest.approx(expected) and fc.flops < expected  # finished chunks are not run
+
+
+def test_bench_on_a_retrained_demo_file_uses_its_own_text_embedding(tmp_path):
+    """A demo model trained elsewhere (``python -m flowcache.demo.train --out DIR``) is benched and calibrated
+    at the demo's settings with the text embedding beside it, not the shipped one."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from flowcache import demo
+    from flowcache.calibrate import _encoder_for
+    from flowcache.demo.text import DemoTextEncoder
+    from flowcache.errors import CheckpointError
+    from flowcache.jobs import load_demo_kit
+    from flowcache.models import load_model
+
+    model = tmp_path / demo.DIT_FILE
+    shutil.copy(demo.demo_model_path(), model)
+    with pytest.raises(CheckpointError, match=r"demo_text\.safetensors.*same folder"):
+        load_demo_kit(model)
+    shipped_text = demo.ASSETS / demo.TEXT_FILE
+    with safe_open(str(shipped_text), framework="pt") as f:
+        meta = f.metadata()
+    text = load_file(str(shipped_text))
+    text["token.weight"] = text["token.weight"].flip(0).contiguous()  # a different embedding than the shipped one
+    save_file(text, str(tmp_path / demo.TEXT_FILE), metadata=meta)
+    prompt = demo.DEMO_PROMPTS[0]
+    own = DemoTextEncoder.load(tmp_path / demo.TEXT_FILE).encode(prompt)
+    assert not torch.equal(own, demo.load_demo_text().encode(prompt))
+    assert torch.equal(load_demo_kit(model).text.encode(prompt), own)
+    encode, source = _encoder_for(load_model(model, dtype="fp32"), model, [prompt], None, False)
+    assert source == "demo_text" and torch.equal(encode(prompt), own)
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(model), "--prompts", "1", "--seeds", "1", "--repeats", "1", "--steps", "6",
+                 "--json", str(out), "--quiet"]) == 0
+    table = json.loads(out.read_text())["table"]
+    check_table(table)
+    s = table["setting"]
+    assert s["prompts"] == [prompt] and s["num_frames"] == demo.DEMO_SETTINGS["num_frames"]
+    assert s["quality_on"] == "DemoCodec"

@@ -48,8 +48,15 @@ def demo_model_path() -> Path:
     return p
 
 
-def load_demo_text() -> DemoTextEncoder:
-    return DemoTextEncoder.load(ASSETS / TEXT_FILE)
+def load_demo_text(model_path: str | os.PathLike | None = None) -> DemoTextEncoder:
+    """The demo's text embedding: the ``demo_text.safetensors`` beside ``model_path`` (default: the shipped
+    model), since each trained demo model has its own."""
+    folder = Path(model_path).parent if model_path is not None else ASSETS
+    p = folder / TEXT_FILE
+    if not p.exists():
+        raise CheckpointError(f"{p}: missing. A demo model file needs the text embedding it was trained with, "
+                              f"{TEXT_FILE}, in the same folder (python -m flowcache.demo.train writes both).")
+    return DemoTextEncoder.load(p)
 
 
 def load_demo_codec(model_path: str | os.PathLike | None = None) -> DemoCodec:
