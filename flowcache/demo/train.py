@@ -9,7 +9,8 @@ steps, finished chunks clean, unstarted chunks pure noise), sometimes with a cle
 t=20 (the overlap prefix of the next window, addnoise_condition=20), sometimes free sorted σ. Chunks that
 inference never updates (clean or unstarted) carry no loss. 10% of prompts are empty (CFG). Half the batches
 use full attention over the window (the vanilla path), half the block-causal mask (FlowCache's chunk path):
-the model has to serve both, and with a quarter full attention the two paths disagreed by 3 dB more.
+the model has to serve both. (With a quarter in full attention, a 6,000-step run's chunk path without reuse
+matched the full-attention window at 22.8 dB PSNR; with half, 27.0 dB.)
 
 The run is a fixed number of steps (the learning-rate schedule is over steps), so a seed and a step count
 give the same model on any machine with the same torch; ``--minutes`` is only a safety cap that stops early
