@@ -44,21 +44,18 @@ def _bench(a) -> int:
         print(json.dumps(bench.long_child(int(n), int(budget), a.steps)))
         return 0
     from . import demo
-    from .jobs import RANDOM_WAN, load_demo_kit
+    from .jobs import RANDOM_WAN, load_checkpoint_kit, load_demo_kit
     from .model_presets import preset_key_of_file
     over = {k: v for k, v in (("steps", a.steps), ("num_frames", a.frames), ("width", a.width),
                               ("height", a.height)) if v}
+    if a.long and a.model != "demo":
+        raise FlowCacheError("bench --long runs on the shipped demo model only (it decodes and writes every window); "
+                             f"drop --long for {a.model}.")
     if a.model == "demo":
         kit, prompts = None, list(demo.DEMO_PROMPTS[:a.prompts])
     elif a.model not in RANDOM_WAN and preset_key_of_file(a.model)[0] == "demo":
-        if a.long:
-            raise FlowCacheError("bench --long runs on the shipped demo model only; drop --long for "
-                                 f"{a.model}, or copy it into flowcache/demo/assets.")
         kit, prompts = load_demo_kit(a.model), list(demo.DEMO_PROMPTS[:a.prompts])  # a retrained demo model
     else:
-        if a.long:
-            raise FlowCacheError("bench --long runs on the demo model only (it decodes and writes every window).")
-        from .jobs import load_checkpoint_kit
         if a.frames:  # one window of that length, as the paper's 97-frame runs
             over["base_num_frames"] = a.frames
         kit = load_checkpoint_kit(a.model, a.device, a.dtype, a.vae, **over)

@@ -146,6 +146,7 @@ def test_bench_on_a_retrained_demo_file_uses_its_own_text_embedding(tmp_path):
     encode, source = _encoder_for(load_model(model, dtype="fp32"), model, [prompt], None, False)
     assert source == "demo_text" and torch.equal(encode(prompt), own)
 
+    assert main(["bench", "--model", str(model), "--long"]) == 2  # --long decodes the shipped model only
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", str(model), "--prompts", "1", "--seeds", "1", "--repeats", "1", "--steps", "6",
                  "--json", str(out), "--quiet"]) == 0
