@@ -61,7 +61,7 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
     kit = kit or load_demo_kit()
     overrides = overrides or {}
     fast = kit.cache("flowcache", "fast")
-    modes = table_modes(fast.threshold)
+    modes = table_modes(fast.config.threshold)
     per_mode: dict[str, dict] = {m.name: {"wall": [], "psnr": [], "ssim": [], "forwards": [], "calls": [],
                                           "flops": [], "flops_nocache": [], "kv": []} for m in modes}
     overhead = {"chunked": [], "flowcache-t0": [], "t0_psnr": []}
@@ -87,9 +87,8 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
             # bookkeeping cost: threshold-0 FlowCache against the same per-chunk path without a policy
             for name, cache in (("chunked", kit.cache("off", "slow")),
                                 ("flowcache-t0", kit.cache("flowcache", "custom", threshold=0.0))):
-                if name == "chunked":
-                    cache.mode = "off-chunked"
-                wall, (video, _) = _median_run(lambda: kit.sample(prompt, seed, cache, **overrides), repeats)
+                chunk_path = {**overrides, "path": "chunk"}  # the chunk path, with no policy / a threshold-0 one
+                wall, (video, _) = _median_run(lambda: kit.sample(prompt, seed, cache, **chunk_path), repeats)
                 overhead[name].append(wall)
                 if name == "flowcache-t0":  # the per-chunk path with no reuse: what the attention change alone costs
                     overhead["t0_psnr"].append(psnr(video, ref))
@@ -149,7 +148,8 @@ def long_child(windows: int, budget: int, steps: int | None) -> dict:
     base = s.base_num_frames
     new = base - s.overlap_history
     frames = base + (windows - 1) * new
-    cache = kit.cache("flowcache", "custom", threshold=kit.cache("flowcache", "fast").threshold, kv_budget=budget)
+    cache = kit.cache("flowcache", "custom", threshold=kit.cache("flowcache", "fast").config.threshold,
+                       kv_budget=budget)
     over = {"num_frames": frames, **({"steps": steps} if steps else {})}
     t0 = time.perf_counter()
     from . import demo

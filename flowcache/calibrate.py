@@ -12,20 +12,19 @@ coefficients). The accumulated ``poly(x)`` is then in units of accumulated relat
 units as the published Wan fits, so the paper's thresholds (FlowCache slow 0.1 / fast 0.15; TeaCache
 0.1 / 0.2) are written unchanged and are not tuned to hit a speed.
 
-Recording uses an observer cache policy (``ChunkSignalRecorder``, chunk granularity, always computes),
-registered as the pipeline's ``"calibrate"`` cache mode in ``flowcache.cache.presets.POLICY_FACTORIES``; the
-pipeline itself is not changed. The e0 signal reaches the policy through ``should_compute`` and the
-residual through ``remember``.
+Recording uses an observer cache policy (``ChunkSignalRecorder``: always computes) that ``calibrate`` hands to
+the pipeline explicitly (``policy=``) on the chunk path; the e0 signal reaches it through ``should_compute`` and
+the residual through ``remember``. The fitted polynomial goes into the model's presets row, which starts from
+its family's released row (the paper's thresholds).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -33,17 +32,12 @@ import numpy as np
 import torch
 
 from .cache.base import CachePolicy, UnitKey, relative_l1
-from .cache.presets import POLICY_FACTORIES, CacheSettings
 from .checkpoint import checkpoint_files
 from .errors import CheckpointError, InputError
+from .presets import calibrated_entry, embed_presets, preset_sidecar, write_preset_file
 
 DEFAULT_DEGREE = 4
-PAPER_THRESHOLDS = {
-    "flowcache": {"slow": {"threshold": 0.1, "warmup": 5, "kv_budget": 0},
-                  "fast": {"threshold": 0.15, "warmup": 5, "kv_budget": 0}},
-    "teacache": {"slow": {"threshold": 0.1, "warmup": 5, "kv_budget": 0},
-                 "fast": {"threshold": 0.2, "warmup": 5, "kv_budget": 0}},
-}
+BASE_ROWS = {"wan": "wan-1.3B"}  # the released row a calibrated model's entry starts from
 
 
 # -- recording ---------------------------------------------------------------------------------------
@@ -59,17 +53,15 @@ class CalibrationPoint:
 
 
 class ChunkSignalRecorder(CachePolicy):
-    """An observer policy: chunk granularity, always computes, records (x, y) pairs per (branch, chunk).
+    """An observer policy: always computes, records (x, y) pairs per (branch, chunk) on the chunk path.
 
     ``should_compute`` sees the chunk's e0 and remembers its change since the previous step; ``remember``
     sees the backbone residual just computed and pairs its change with that e0 change. State is reset per
     window (the pipeline calls ``reset``), the recorded points are kept across windows and runs.
     """
 
-    granularity = "chunk"
-
     def __init__(self) -> None:
-        super().__init__("chunk")
+        super().__init__()
         self.points: list[CalibrationPoint] = []
         self.run = 0
         self._prev_signal: dict[UnitKey, torch.Tensor] = {}
@@ -107,26 +99,6 @@ class ChunkSignalRecorder(CachePolicy):
         self._prev_payload[key] = payload.clone()
 
 
-@dataclass
-class RecordingSettings(CacheSettings):
-    """Cache settings for the ``calibrate`` mode: carries the recorder the policy factory hands out."""
-
-    recorder: ChunkSignalRecorder | None = None
-
-    def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d.pop("recorder", None)
-        return d
-
-
-def _recorder_factory(s: CacheSettings) -> CachePolicy:
-    rec = getattr(s, "recorder", None)
-    return rec if rec is not None else ChunkSignalRecorder()
-
-
-POLICY_FACTORIES.setdefault("calibrate", _recorder_factory)
-
-
 # -- fitting -----------------------------------------------------------------------------------------
 
 def fit_rescale(x: Sequence[float], y: Sequence[float], degree: int = DEFAULT_DEGREE) -> tuple[list[float], dict]:
@@ -148,14 +120,6 @@ def fit_rescale(x: Sequence[float], y: Sequence[float], degree: int = DEFAULT_DE
              "r2": float(1 - (res ** 2).sum() / ss_tot) if ss_tot > 0 else 1.0,
              "x_range": [float(xa.min()), float(xa.max())], "y_mean": float(ya.mean())}
     return [float(c) for c in coef], facts
-
-
-def preset_entry(coefficients: Sequence[float], calibration: dict) -> dict:
-    """One model's row of a preset file: the fitted polynomial and the paper's thresholds."""
-    entry = {"coefficients": [float(c) for c in coefficients]}
-    entry.update(json.loads(json.dumps(PAPER_THRESHOLDS)))
-    entry["calibration"] = calibration
-    return entry
 
 
 # -- running -----------------------------------------------------------------------------------------
@@ -203,63 +167,72 @@ def _encoder_for(lm, model_path, prompts: Sequence[str], conditioning: str | Non
                      "or --random-conditioning for a prompt-free fit.")
 
 
-def calibrate(model_path: str | os.PathLike, prompts: Sequence[str] | None = None, seeds: Sequence[int] = (0, 1),
-              out_path: str | os.PathLike | None = None, steps: int | None = None, degree: int = DEFAULT_DEGREE,
-              settings=None, negative: str = "", conditioning: str | None = None,
-              random_conditioning: bool = False, codec=None, dtype: str = "fp32",
-              log: Callable[[str], None] | None = print) -> dict:
-    """Calibrate the checkpoint at ``model_path``; returns ``{model_key: entry}`` and writes it to ``out_path``.
+@dataclass
+class CalibrationRun:
+    """What to sample while recording. prompts: for the demo model defaults to ``DEMO_PROMPTS[:3]``; other
+    models need ``conditioning`` (a safetensors file of saved text states, one tensor per prompt named by it,
+    '' for the negative) or ``random_conditioning``. settings: a ``DFSettings`` (defaults: the demo's single
+    window, or a small SkyReels window); steps overrides its steps; degree: of the fitted polynomial."""
 
-    prompts: for the demo model defaults to ``DEMO_PROMPTS[:3]``; other models need ``conditioning``
-    (a safetensors file of saved text states) or ``random_conditioning``.
-    settings: a ``DFSettings`` (defaults: the demo's single window, or a small SkyReels window).
-    """
+    prompts: Sequence[str] | None = None
+    seeds: Sequence[int] = (0, 1)
+    steps: int | None = None
+    degree: int = DEFAULT_DEGREE
+    settings: object = None
+    negative: str = ""
+    conditioning: str | None = None
+    random_conditioning: bool = False
+    dtype: str = "fp32"
+
+
+def calibrate(model_path: str | os.PathLike, run: CalibrationRun | None = None,
+              out_path: str | os.PathLike | None = None, codec=None,
+              log: Callable[[str], None] | None = print) -> dict:
+    """Calibrate the checkpoint at ``model_path``; returns ``{model_key: entry}`` and writes it to ``out_path``."""
     from .models import load_model
     from .pipelines.diffusion_forcing import DiffusionForcingPipeline, LatentGeometry
 
-    lm = load_model(model_path, dtype=dtype, expect="wan")
+    run = run or CalibrationRun()
+    lm = load_model(model_path, dtype=run.dtype, expect="wan")
     key = lm.preset_key
-    if prompts is None or len(prompts) == 0:
+    prompts = list(run.prompts or [])
+    if not prompts:
         if key != "demo":
             raise InputError("calibration: give --prompts for a model other than the demo.")
         from .demo import DEMO_PROMPTS
 
         prompts = list(DEMO_PROMPTS[:3])
-    encode, text_source = _encoder_for(lm, model_path, list(prompts) + [negative], conditioning, random_conditioning)
-    s = settings or _default_settings(key)
-    if steps is not None:
-        s.steps = int(steps)
+    encode, text_source = _encoder_for(lm, model_path, prompts + [run.negative], run.conditioning,
+                                       run.random_conditioning)
+    s = run.settings or _default_settings(key)
+    s.path = "chunk"  # every chunk's own signal and residual, every step
+    if run.steps is not None:
+        s.steps = int(run.steps)
     if codec is None and key == "demo":
         from .demo import load_demo_codec
 
         codec = load_demo_codec(model_path)
-    geo = LatentGeometry(**lm.geometry)
-    pipe = DiffusionForcingPipeline(lm.model, geo, text_len=lm.text_len, codec=codec)
+    pipe = DiffusionForcingPipeline(lm.model, LatentGeometry(**lm.geometry), text_len=lm.text_len, codec=codec)
     recorder = ChunkSignalRecorder()
-    cache = RecordingSettings(mode="calibrate", threshold=0.0, warmup=0, model_key=key, recorder=recorder)
-    uncond = encode(negative) if s.cfg > 1.0 else None
+    uncond = encode(run.negative) if s.cfg > 1.0 else None
     t0 = time.perf_counter()
-    run = 0
-    for p in prompts:
-        cond = encode(p)
-        for seed in seeds:
-            s.seed = int(seed)
-            recorder.run = run
-            before = len(recorder.points)
-            pipe(cond, uncond, s, cache)
-            if log:
-                log(f"calibrate: {p!r} seed {seed}: {len(recorder.points) - before} points "
-                    f"({time.perf_counter() - t0:.1f} s)")
-            run += 1
+    for i, (p, seed) in enumerate((p, seed) for p in prompts for seed in run.seeds):
+        s.seed = int(seed)
+        recorder.run = i
+        before = len(recorder.points)
+        pipe(encode(p), uncond, s, policy=recorder)
+        if log:
+            log(f"calibrate: {p!r} seed {seed}: {len(recorder.points) - before} points "
+                f"({time.perf_counter() - t0:.1f} s)")
     pts = recorder.points
-    coef, facts = fit_rescale([q.x for q in pts], [q.y for q in pts], degree)
-    calib = {"prompts": list(prompts), "seeds": [int(x) for x in seeds], "negative": negative,
+    coef, facts = fit_rescale([q.x for q in pts], [q.y for q in pts], run.degree)
+    calib = {"prompts": prompts, "seeds": [int(x) for x in run.seeds], "negative": run.negative,
              "text": text_source, "steps": s.steps, "shift": s.shift, "cfg": s.cfg, "ar_step": s.ar_step,
              "causal_block_size": s.causal_block_size, "frames": s.num_frames, "size": [s.width, s.height],
              "solver": s.solver, "signal": "e0 relative L1 (per chunk)",
              "output": "relative L1 of the chunk's backbone residual h - h0",
              "seconds": round(time.perf_counter() - t0, 1), **facts}
-    result = {key: preset_entry(coef, calib)}
+    result = {key: calibrated_entry(BASE_ROWS[lm.family], {"coefficients": coef}, calib)}
     if out_path is not None:
         write_preset_file(out_path, result)
         if log:
@@ -268,63 +241,6 @@ def calibrate(model_path: str | os.PathLike, prompts: Sequence[str] | None = Non
         log(f"calibrate: {key}: coefficients {coef}; {facts['points']} points, RMS residual "
             f"{facts['rms_residual']:.4g}, R² {facts['r2']:.3f}")
     return result
-
-
-def write_preset_file(path: str | os.PathLike, presets: dict) -> Path:
-    """Write (atomically) a preset json; entries already in the file for other models are kept."""
-    path = Path(path)
-    table = {}
-    if path.exists():
-        try:
-            table = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            table = {}
-    table.update(presets)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(table, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_preset_file(path: str | os.PathLike) -> dict:
-    """A preset file as ``load_presets(extra=...)`` takes it."""
-    try:
-        table = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a readable preset file ({e}).") from e
-    table.pop("_doc", None)
-    for k, v in table.items():
-        if not isinstance(v, dict) or "coefficients" not in v:
-            raise InputError(f"{path}: entry {k!r} has no 'coefficients'.")
-    return table
-
-
-def embed_presets(checkpoint: str | os.PathLike, presets: dict) -> Path:
-    """Merge ``presets`` into a safetensors file's ``flowcache.presets`` metadata (other metadata kept).
-
-    The file is rewritten to a temporary file next to it and moved over the original with ``os.replace``,
-    so a crash never leaves a half-written checkpoint.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    path = Path(checkpoint)
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path.name}: presets can only be embedded in a .safetensors file.")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    table = json.loads(meta.get("flowcache.presets", "{}") or "{}")
-    table.update(presets)
-    meta["flowcache.presets"] = json.dumps(table)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
@@ -361,11 +277,10 @@ def main_calibrate(args: list[str]) -> int:
                 setattr(s, name, val)
         if a.frames is not None:
             s.num_frames = s.base_num_frames = a.frames
-        from .models import preset_sidecar
-
         out = a.out or str(preset_sidecar(checkpoint_files(a.checkpoint)[0]))
-        result = calibrate(a.checkpoint, a.prompts, a.seeds, out, a.steps, a.degree, settings=s,
-                           conditioning=a.conditioning, random_conditioning=a.random_conditioning)
+        result = calibrate(a.checkpoint, CalibrationRun(a.prompts, a.seeds, a.steps, a.degree, s,
+                                                        conditioning=a.conditioning,
+                                                        random_conditioning=a.random_conditioning), out)
         if a.embed:
             embed_presets(a.checkpoint, {k: v for k, v in result.items()})
             print(f"calibrate: embedded presets in {a.checkpoint}")
@@ -375,5 +290,4 @@ def main_calibrate(args: list[str]) -> int:
     return 0
 
 
-__all__ = ["ChunkSignalRecorder", "CalibrationPoint", "RecordingSettings", "fit_rescale", "preset_entry", "calibrate",
-           "write_preset_file", "read_preset_file", "embed_presets", "main_calibrate"]
+__all__ = ["ChunkSignalRecorder", "CalibrationPoint", "CalibrationRun", "fit_rescale", "calibrate", "main_calibrate"]

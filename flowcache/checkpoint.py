@@ -194,3 +194,20 @@ def compute_dtype(choice: str, stored: str) -> torch.dtype:
     if choice not in table:
         raise CheckpointError(f"dtype {choice!r} is not one of auto, fp32, bf16, fp16.")
     return table[choice]
+
+
+def read_headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """(key -> shape, merged metadata) of safetensors files, from their headers only (no tensor is read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    meta: dict[str, str] = {}
+    for f in files:
+        if f.suffix != ".safetensors" and not f.name.endswith(".sft"):
+            raise CheckpointError(f"{f.name}: presets can be read ahead only from .safetensors files.")
+        _check_safetensors_header(f)
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                meta.update(sf.metadata() or {})
+                shapes.update((k, tuple(sf.get_slice(k).get_shape())) for k in sf.keys())
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{f.name}: could not be read as safetensors: {e}") from e
+    return shapes, meta

@@ -45,7 +45,7 @@ def _bench(a) -> int:
         return 0
     from . import demo
     from .jobs import RANDOM_WAN, load_checkpoint_kit, load_demo_kit
-    from .model_presets import preset_key_of_file
+    from .models import header_facts
     over = {k: v for k, v in (("steps", a.steps), ("num_frames", a.frames), ("width", a.width),
                               ("height", a.height)) if v}
     if a.long and a.model != "demo":
@@ -53,7 +53,7 @@ def _bench(a) -> int:
                              f"drop --long for {a.model}.")
     if a.model == "demo":
         kit, prompts = None, list(demo.DEMO_PROMPTS[:a.prompts])
-    elif a.model not in RANDOM_WAN and preset_key_of_file(a.model)[0] == "demo":
+    elif a.model not in RANDOM_WAN and header_facts(a.model).preset_key == "demo":
         kit, prompts = load_demo_kit(a.model), list(demo.DEMO_PROMPTS[:a.prompts])  # a retrained demo model
     else:
         if a.frames:  # one window of that length, as the paper's 97-frame runs

@@ -16,7 +16,3 @@ class InputError(FlowCacheError):
 
 class OutputPathError(FlowCacheError):
     """An output path would leave the allowed output folder."""
-
-
-class Cancelled(FlowCacheError):
-    """The host asked to stop; nothing partial is kept."""

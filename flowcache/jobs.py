@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from .cache import CacheSettings, resolve_settings
+from .cache import CacheSettings
 from .errors import InputError
 from .metrics import psnr
 from .checkpoint import compute_dtype
 from .models import LoadedModel, load_model
 from .pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
+from .presets import resolve_cache
 from .stats import RunStats
 from .video import write_video
 
@@ -33,9 +34,8 @@ class SamplingKit:
         return DiffusionForcingPipeline(self.loaded.model, LatentGeometry(**self.loaded.geometry),
                                         self.loaded.text_len, codec=None)
 
-    def cache(self, mode: str, preset: str, **custom) -> CacheSettings:
-        return resolve_settings(self.loaded.preset_key, mode, preset, extra_presets=self.loaded.extra_presets,
-                                **custom)
+    def cache(self, method: str, preset: str, **custom) -> CacheSettings:
+        return resolve_cache(self.loaded.preset_key, method, preset, self.loaded.extra_presets, **custom)
 
     def sample(self, prompt: str, seed: int, cache: CacheSettings, **overrides) -> tuple[torch.Tensor, RunStats]:
         """Pixels [T, H, W, 3] in 0..1 and the run's stats."""
@@ -186,7 +186,7 @@ def generate(checkpoint: str, cond_path: str, out: str, uncond_path: str | None 
         codec = demo.load_demo_codec()
     pipe = DiffusionForcingPipeline(lm.model, LatentGeometry(**lm.geometry), lm.text_len,
                                     codec=codec if vae_path else None)
-    cache = resolve_settings(lm.preset_key, cache_mode, preset, extra_presets=lm.extra_presets)
+    cache = resolve_cache(lm.preset_key, cache_mode, preset, lm.extra_presets)
     z, stats = pipe(cond.to(device), uncond.to(device), s, cache)
     out_p = Path(out)
     out_p.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """ComfyUI nodes of the FlowCache pack (V1 node API). Thin glue over ``flowcache``."""
+from .cache import FlowCacheCache
 from .decode_save import FlowCacheDecodeSave
 from .demo import FlowCacheDecode, FlowCacheDemoTextEncode
 from .loader import FlowCacheModelLoader
@@ -10,6 +11,7 @@ from .video import FlowCacheVideoCombine
 NODE_CLASS_MAPPINGS = {
     "FlowCacheModelLoader": FlowCacheModelLoader,
     "FlowCacheSampler": FlowCacheSampler,
+    "FlowCacheCache": FlowCacheCache,
     "FlowCacheDecode": FlowCacheDecode,
     "FlowCacheVideoCombine": FlowCacheVideoCombine,
     "FlowCacheDemoTextEncode": FlowCacheDemoTextEncode,
@@ -21,6 +23,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FlowCacheModelLoader": "FlowCache Load Model",
     "FlowCacheSampler": "FlowCache Sampler",
+    "FlowCacheCache": "FlowCache Cache",
     "FlowCacheDecode": "FlowCache Decode",
     "FlowCacheVideoCombine": "FlowCache Video Combine",
     "FlowCacheDemoTextEncode": "FlowCache Demo Text Encode",

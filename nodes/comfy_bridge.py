@@ -29,11 +29,6 @@ def _module(name: str) -> ModuleType | None:
         return None
 
 
-def comfy_available() -> bool:
-    """Whether ComfyUI's model management can be used (i.e. we run inside ComfyUI)."""
-    return _module("comfy.model_management") is not None
-
-
 # ------------------------------------------------------------------------------------------- devices
 
 def torch_device() -> torch.device:

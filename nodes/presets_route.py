@@ -1,17 +1,17 @@
-"""``GET /flowcache/model_presets?model_name=…``: the slow/fast values FlowCache Sampler will use for a model.
+"""``GET /flowcache/model_presets?model_name=…``: the slow/fast values a model's cache presets hold.
 
-The frontend locks the threshold / warm-up / KV-budget widgets of a named preset and shows its values. Its
-static table knows the released models by file name only; this route reads the chosen file's headers (and a
-calibrated ``.presets.json`` beside it) so a calibrated or renamed model shows its own numbers. Registered
-only inside a running ComfyUI server.
+FlowCache Cache locks the threshold / warm-up / KV-budget widgets of a named preset and shows its values. Only
+the server can read the chosen file's headers (family, size, embedded presets) and a calibrated
+``.presets.json`` beside it, so the frontend asks here. Registered only inside a running ComfyUI server.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from ..flowcache.errors import CheckpointError, InputError
-from ..flowcache.model_presets import preset_rows
+from ..flowcache.errors import FlowCacheError
+from ..flowcache.models import header_facts
+from ..flowcache.presets import preset_rows
 from . import comfy_bridge
 from .loader import model_path
 
@@ -21,11 +21,16 @@ _registered = False
 
 
 def model_presets(model_name: str) -> dict:
-    """The route's answer: ``preset_rows`` of the file, or ``{"known": False, "error": …}``."""
+    """The route's answer: ``preset_rows`` of the file, or ``{"known": False, "error": …}``; never raises."""
     try:
-        return {"model_name": model_name, **preset_rows(model_path(model_name))}
-    except (CheckpointError, InputError, OSError) as e:
+        facts = header_facts(model_path(model_name))
+        return {"model_name": model_name, "family": facts.family, **preset_rows(facts.preset_key, facts.extra_presets)}
+    except (FlowCacheError, OSError) as e:
         return {"model_name": model_name, "known": False, "rows": {}, "error": str(e)}
+    except Exception as e:  # a damaged file must never turn into an HTTP 500
+        log.warning("FlowCache: presets of %s could not be read: %s: %s", model_name, type(e).__name__, e)
+        return {"model_name": model_name, "known": False, "rows": {},
+                "error": f"{model_name}: could not be read ({type(e).__name__})."}
 
 
 def register_routes() -> bool:

@@ -7,12 +7,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..flowcache.cache.presets import CACHE_MODES, PRESET_NAMES, CacheSettings, resolve_settings
+from ..flowcache.cache import CacheSettings
 from ..flowcache.errors import InputError
 from ..flowcache.latent_format import wan_to_raw
-from ..flowcache.pipelines.diffusion_forcing import (DFSettings, DiffusionForcingPipeline, LatentGeometry, StepInfo,
-                                                     check_conditioning, plan_windows)
+from ..flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry, plan_windows
 from ..flowcache.pipelines.magi import MagiPipeline, MagiSettings
+from ..flowcache.pipelines.wan_step import check_conditioning
+from ..flowcache.presets import DEFAULT_REQUEST, CacheRequest
+from ..flowcache.runner import RunHooks, StepInfo
 from ..flowcache.schedulers import SOLVERS
 from ..flowcache.stats import RunStats
 from . import comfy_bridge
@@ -84,26 +86,14 @@ class FlowCacheSampler:
                                                         "(SkyReels suggests 20; ≤ 50)."),
                 "solver": (SOLVER_NAMES, {"default": "unipc",
                                           "tooltip": "Sampler: unipc (SkyReels' default) or euler."}),
-                "cache": (list(CACHE_MODES), {"default": "flowcache",
-                                              "tooltip": "off: compute every step; teacache: skip whole "
-                                                         "steps; flowcache: decide per chunk."}),
-                "preset": (list(PRESET_NAMES), {"default": "slow",
-                                                "tooltip": "slow: best quality; fast: more reuse. custom uses "
-                                                           "the threshold, warmup_steps, kv_budget and "
-                                                           "mix_lambda widgets below."}),
-                "threshold": _float(0.1, 0.0, 10.0, 0.005, "custom preset: accumulated change below which a "
-                                                           "chunk reuses its cache (higher = faster)."),
-                "warmup_steps": _int(5, 0, 1000, "custom preset: first steps of each chunk that are always "
-                                                 "computed."),
-                "kv_budget": _int(0, 0, 1000, "custom preset: chunks of clean history kept in the KV cache "
-                                              "(0 = keep all, no compression)."),
-                "mix_lambda": _float(0.07, 0.0, 1.0, 0.01, "custom preset: weight of attention importance "
-                                                           "against redundancy when compressing the KV cache."),
                 "keep_model_loaded": ("BOOLEAN", {"default": False,
                                                   "tooltip": "Keep the model on the GPU after sampling (faster "
                                                              "next run, less memory for other nodes)."}),
             },
             "optional": {
+                "cache": ("FLOWCACHE_CACHE", {"tooltip": "From FlowCache Cache: off, teacache or flowcache and "
+                                                         "their preset. Not connected: FlowCache with the model's "
+                                                         "slow preset."}),
                 "vae": ("VAE", {"tooltip": "Wan2.1 VAE: re-encodes the overlap between windows as SkyReels does. "
                                            "Without it the overlap is carried over in latent space."}),
                 "magi_vae": ("FLOWCACHE_MAGI_VAE", {"tooltip": "MAGI-1 only: its VAE, needed to encode "
@@ -126,10 +116,9 @@ class FlowCacheSampler:
 
     def sample(self, model: FlowCacheModel, positive: Any, negative: Any, width: int, height: int, num_frames: int,
                steps: int, cfg: float, shift: float, seed: int, ar_step: int, causal_block_size: int,
-               base_num_frames: int, overlap_history: int, addnoise_condition: int, solver: str, cache: str,
-               preset: str, threshold: float, warmup_steps: int, kv_budget: int, mix_lambda: float,
-               keep_model_loaded: bool = False, vae: Any = None, magi_vae: Any = None, prefix_images: Any = None,
-               unique_id: Any = None) -> dict:
+               base_num_frames: int, overlap_history: int, addnoise_condition: int, solver: str,
+               keep_model_loaded: bool = False, cache: CacheRequest | None = None, vae: Any = None,
+               magi_vae: Any = None, prefix_images: Any = None, unique_id: Any = None) -> dict:
         lm = model.loaded
         run = FAMILY_RUNS.get(lm.family)
         if run is None:
@@ -137,22 +126,25 @@ class FlowCacheSampler:
                              f"{', '.join(FAMILY_RUNS)}).")
         w = SamplerWidgets(width, height, num_frames, steps, cfg, shift, seed, ar_step, causal_block_size,
                            base_num_frames, overlap_history, addnoise_condition, solver)
+        note = "" if cache is not None else "no cache node connected: FlowCache, the model's slow preset"
+        request = cache if cache is not None else DEFAULT_REQUEST
+        if not isinstance(request, CacheRequest):
+            raise InputError(f"cache: expected the output of FlowCache Cache, got {type(request).__name__}.")
         # Everything that can be wrong is checked before the model is moved or any step runs.
-        cache_settings = resolve_settings(lm.preset_key, cache, preset, threshold, warmup_steps, kv_budget,
-                                          mix_lambda, lm.extra_presets)
+        cache_settings = request.resolve(lm.preset_key, lm.extra_presets)
         job = run(model, w, positive, negative, cache_settings, vae, magi_vae, prefix_images)
-        log.info("FlowCache: sampling %s %dx%d, %d frames, %d steps, cache=%s (%s)", lm.family, width, height,
-                 num_frames, steps, cache, preset)
+        log.info("FlowCache: sampling %s %dx%d, %d frames, %d steps, cache %s%s", lm.family, width, height,
+                 num_frames, steps, request.describe(), f" ({note})" if note else "")
         comfy_bridge.load_to_device(model.patcher)
         try:
-            latents, stats = job(self._on_step(unique_id))
+            latents, stats = job(RunHooks(self._on_step(unique_id), comfy_bridge.check_interrupted))
         finally:
             if not keep_model_loaded:
                 comfy_bridge.offload(model.patcher)
 
         summary = stats.summary()
         log.info("FlowCache: %s", summary)
-        stats_dict = stats.to_dict()
+        stats_dict = {**stats.to_dict(), "note": note}
         comfy_bridge.send_event("flowcache.stats", {"node": unique_id, "stats": stats_dict, "summary": summary})
         return {"ui": {"flowcache_stats": [stats_dict]}, "result": (latents,)}
 
@@ -190,7 +182,7 @@ class SamplerWidgets:
     solver: str
 
 
-Job = Callable[[Callable[[StepInfo], None]], "tuple[dict, RunStats]"]
+Job = Callable[[RunHooks], "tuple[dict, RunStats]"]
 
 
 def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
@@ -224,9 +216,9 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
         log.info("FlowCache: no vae connected; the %d-window video carries its overlap over in latent space "
                  "(SkyReels re-encodes it with the VAE).", len(windows))
 
-    def job(on_step):
+    def job(hooks: RunHooks):
         pipe = DiffusionForcingPipeline(lm.model, geometry, lm.text_len, codec)
-        latents, stats = pipe(cond, uncond, settings, cache, on_step)
+        latents, stats = pipe(cond, uncond, settings, cache, hooks)
         if lm.latent_format == "wan21":
             return {"samples": wan_to_raw(latents)}, stats
         return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
@@ -254,8 +246,8 @@ def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative:
     plan = pipe.plan(settings, pipe.prefix_latent_frames(prefix))
     caption, mask = magi_caption(positive, "positive", lm.config.caption_channels, plan.chunk_num)
 
-    def job(on_step):
-        latents, stats = pipe(caption, mask, settings, cache, prefix, on_step)
+    def job(hooks: RunHooks):
+        latents, stats = pipe(caption, mask, settings, cache, prefix, hooks)
         return {"samples": latents, "flowcache_codec": MAGI_CODEC, "flowcache_chunk_width": settings.chunk_width}, stats
 
     return job

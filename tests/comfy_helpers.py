@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-NODE_IDS = ("FlowCacheModelLoader", "FlowCacheSampler", "FlowCacheDecode", "FlowCacheVideoCombine",
+NODE_IDS = ("FlowCacheModelLoader", "FlowCacheSampler", "FlowCacheCache", "FlowCacheDecode", "FlowCacheVideoCombine",
             "FlowCacheDemoTextEncode", "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader")
 
 
@@ -78,8 +78,8 @@ def demo_missing(pack: types.ModuleType) -> str | None:
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
     key = meta.get("flowcache.model_key", "demo")
-    presets = pack_submodule(pack, "flowcache.cache.presets")
-    if key not in presets.load_presets(json.loads(meta.get("flowcache.presets", "{}"))):
+    presets = pack_submodule(pack, "flowcache.presets")
+    if key not in {**presets.builtin_presets(), **presets.embedded_presets(meta, path.name)}:
         return f"the demo model has no cache presets for {key!r} yet (not calibrated)"
     return None
 

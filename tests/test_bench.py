@@ -102,8 +102,8 @@ def test_off_spends_exactly_the_vanilla_flops_of_the_paper_accounting(tmp_path):
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(1, 5, 32, generator=g), torch.zeros(1, 5, 32)
     pipe = DiffusionForcingPipeline(model, text_len=8)
-    _, off = pipe(cond, uncond, s, CacheSettings(mode="off"))
-    _, fc = pipe(cond, uncond, s, CacheSettings(mode="flowcache", threshold=0.0))
+    _, off = pipe(cond, uncond, s, CacheSettings())
+    _, fc = pipe(cond, uncond, s, CacheSettings.of("flowcache", threshold=0.0))
     c = model.cfg
     windows = plan_windows(s, LatentGeometry())
     assert len(windows) == len(off.iterations) == 3

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from flowcache.cache import (AccumulatedL1Policy, CacheSettings, FlowCacheConfig, FlowCachePolicy, TeaCacheConfig,
-                             TeaCachePolicy, relative_l1, resolve_settings)
+                             TeaCachePolicy, relative_l1)
+from flowcache.presets import resolve_cache
 from flowcache.df_schedule import timestep_matrix
 from flowcache.errors import InputError
 from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
@@ -51,7 +52,7 @@ def test_rule_on_dummy_signals_per_unit_and_branch():
 
 def test_polynomial_rescale_and_threshold_zero():
     poly = [2.0, 0.0, 0.05]  # 2x^2 + 0.05
-    pol = AccumulatedL1Policy(threshold=0.2, warmup=1, coefficients=poly, granularity="chunk")
+    pol = AccumulatedL1Policy(threshold=0.2, warmup=1, coefficients=poly)
     sig = [torch.full((3,), v) for v in (1.0, 1.1, 1.2, 1.25, 1.3, 2.0)]
     rels = [0.0] + [relative_l1(sig[k], sig[k - 1]) for k in range(1, 6)]
     got = []
@@ -72,7 +73,7 @@ def test_pipeline_decisions_follow_rule_per_chunk_and_branch():
     thr, warm, poly = 1.2, 2, [1.0, 0.0]  # a random tiny model's e0 moves ~0.5-0.9 per step
     pipe = DiffusionForcingPipeline(model, LatentGeometry(1, 4, 16), text_len=8)
     cond = torch.randn(1, 8, 32)
-    _, stats = pipe(cond, torch.zeros(1, 8, 32), s, CacheSettings(mode="flowcache", threshold=thr, warmup=warm,
+    _, stats = pipe(cond, torch.zeros(1, 8, 32), s, CacheSettings.of("flowcache", threshold=thr, warmup=warm,
                                                                  coefficients=poly))
     _, ts = flow_sigmas(s.steps, s.shift)
     with torch.no_grad():
@@ -92,7 +93,7 @@ def test_teacache_is_one_decision_per_window():
                    causal_block_size=3, base_num_frames=12)
     pipe = DiffusionForcingPipeline(model, LatentGeometry(1, 4, 16), text_len=8)
     _, stats = pipe(torch.randn(1, 8, 32), torch.zeros(1, 8, 32), s,
-                    CacheSettings(mode="teacache", threshold=1.2, warmup=3, coefficients=[1.0, 0.0]))
+                    CacheSettings.of("teacache", threshold=1.2, warmup=3, coefficients=[1.0, 0.0]))
     iters = timestep_matrix(4, flow_sigmas(8, 5.0)[1], 2).iterations
     (row,) = stats.maps[0][:1]
     assert len(row) == iters and row[:3] == "CCC" and row[-1] == "C" and "R" in row
@@ -100,14 +101,30 @@ def test_teacache_is_one_decision_per_window():
 
 
 def test_presets_are_data():
-    slow = resolve_settings("wan-1.3B", "flowcache", "slow")
-    fast = resolve_settings("wan-1.3B", "flowcache", "fast", threshold=0.9)
-    custom = resolve_settings("wan-1.3B", "flowcache", "custom", threshold=0.123, warmup=3, kv_budget=2)
-    assert (slow.threshold, slow.warmup, fast.threshold) == (0.1, 5, 0.15)
-    assert (custom.threshold, custom.warmup, custom.kv_budget) == (0.123, 3, 2)
-    assert slow.coefficients[0] == pytest.approx(-5.21862437e04)
-    assert resolve_settings("wan-14B", "flowcache", "slow").coefficients[0] == pytest.approx(-3.03318725e05)
-    with pytest.raises(InputError, match="calibrate"):
-        resolve_settings("wan-dim64", "flowcache", "slow")
-    with pytest.raises(InputError, match="cache="):
-        resolve_settings("wan-1.3B", "fastest", "slow")
+    slow = resolve_cache("wan-1.3B", "flowcache", "slow")
+    fast = resolve_cache("wan-1.3B", "flowcache", "fast", threshold=0.9)  # named presets ignore the widgets
+    custom = resolve_cache("wan-1.3B", "flowcache", "custom", threshold=0.123, warmup=3, kv_budget=2)
+    assert (slow.config.threshold, slow.config.warmup, fast.config.threshold) == (0.1, 5, 0.15)
+    assert (custom.config.threshold, custom.config.warmup, custom.kv_budget) == (0.123, 3, 2)
+    assert slow.config.coefficients[0] == pytest.approx(-5.21862437e04)
+    assert resolve_cache("wan-14B", "flowcache", "slow").config.coefficients[0] == pytest.approx(-3.03318725e05)
+    with pytest.raises(InputError, match="wan-dim64.*calibrate"):
+        resolve_cache("wan-dim64", "flowcache", "slow")
+    with pytest.raises(InputError, match="method="):
+        resolve_cache("wan-1.3B", "fastest", "slow")
+    # off needs no presets; custom runs an uncalibrated model with the identity rescale
+    assert resolve_cache("wan-dim64", "off", "slow").method == "off"
+    assert resolve_cache("wan-dim64", "flowcache", "custom", threshold=0.2).config.coefficients == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("widget,value", [("threshold", float("nan")), ("threshold", float("inf")),
+                                          ("warmup_steps", -1), ("threshold", -0.1)])
+def test_config_knobs_are_validated_naming_the_widget(widget, value):
+    field = {"warmup_steps": "warmup"}.get(widget, widget)
+    for method in ("teacache", "flowcache"):
+        with pytest.raises(InputError, match=widget):
+            CacheSettings.of(method, **{field: value})
+    with pytest.raises(InputError, match="kv_budget"):
+        CacheSettings.of("flowcache", kv_budget=-1)
+    with pytest.raises(InputError, match="mix_lambda"):
+        CacheSettings.of("flowcache", mix_lambda=float("nan"))

@@ -8,10 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flowcache.cache import resolve_settings
-from flowcache.calibrate import (ChunkSignalRecorder, RecordingSettings, calibrate, embed_presets, fit_rescale,
-                                 read_preset_file, write_preset_file)
-from flowcache.demo import (DEMO_PROMPTS, DEMO_SETTINGS, demo_df_settings, demo_model_path, load_demo_codec,
+from flowcache.calibrate import CalibrationRun, ChunkSignalRecorder, calibrate, fit_rescale
+from flowcache.presets import embed_presets, read_preset_file, resolve_cache, write_preset_file
+from flowcache.demo import (DEMO_PROMPTS, DEMO_SETTINGS, demo_model_path, load_demo_codec,
                             load_demo_text)
 from flowcache.demo.codec import DemoCodec, projection_matrix
 from flowcache.demo.data import VOCABULARY, VideoSpec, render, sample_spec, spec_from_prompt
@@ -49,9 +48,9 @@ def test_demo_presets_are_embedded_and_resolve():
     assert "demo" in lm.extra_presets, "run calibration and embed its presets in demo_dit.safetensors"
     entry = lm.extra_presets["demo"]
     assert len(entry["coefficients"]) == 5 and entry["calibration"]["points"] > 0
-    s = resolve_settings("demo", "flowcache", "slow", extra_presets=lm.extra_presets)
-    assert s.threshold == 0.1 and s.warmup == 5 and s.coefficients == entry["coefficients"]
-    assert resolve_settings("demo", "teacache", "fast", extra_presets=lm.extra_presets).threshold == 0.2
+    s = resolve_cache("demo", "flowcache", "slow", lm.extra_presets)
+    assert s.config.threshold == 0.1 and s.config.warmup == 5 and s.config.coefficients == entry["coefficients"]
+    assert resolve_cache("demo", "teacache", "fast", lm.extra_presets).config.threshold == 0.2
 
 
 def test_demo_videos_follow_their_prompts():
@@ -77,7 +76,7 @@ def test_demo_pipeline_short_run():
     lm = load_model(demo_model_path(), dtype="fp32")
     codec, text = load_demo_codec(), load_demo_text()
     pipe = DiffusionForcingPipeline(lm.model, LatentGeometry(**lm.geometry), text_len=lm.text_len, codec=codec)
-    s = demo_df_settings(num_frames=20, steps=4, ar_step=1)
+    s = DFSettings(**{**DEMO_SETTINGS, "num_frames": 20, "steps": 4, "ar_step": 1})
     lat, stats = pipe(text.encode(DEMO_PROMPTS[0]), text.encode(""), s)
     assert lat.shape == (1, 32, 20, 8, 8) and torch.isfinite(lat).all()
     video = codec.decode(lat)
@@ -101,7 +100,7 @@ def test_demo_command_end_to_end_on_a_short_setting(tmp_path, capsys):
 def test_demo_settings_plan_two_windows():
     from flowcache.pipelines.diffusion_forcing import plan_windows
 
-    wins = plan_windows(demo_df_settings(), LatentGeometry(1, 8, 32, 2))
+    wins = plan_windows(DFSettings(**DEMO_SETTINGS), LatentGeometry(1, 8, 32, 2))
     assert [(w.length, w.prefix) for w in wins] == [(20, 0), (20, 4)]
     assert DEMO_SETTINGS["steps"] == 50 and DEMO_SETTINGS["ar_step"] == 5
     assert DEMO_SETTINGS["base_num_frames"] // DEMO_SETTINGS["causal_block_size"] == 5
@@ -189,7 +188,7 @@ def test_calibration_recorder_on_tiny_model(tmp_path):
     s = DFSettings(width=16, height=16, num_frames=8, base_num_frames=8, causal_block_size=4, ar_step=2,
                    steps=6, cfg=2.0, shift=5.0, fps=8.0)
     out = tmp_path / "tiny.presets.json"
-    res = calibrate(ck, ["a", "b"], [0], out, settings=s, random_conditioning=True, log=None)
+    res = calibrate(ck, CalibrationRun(["a", "b"], [0], settings=s, random_conditioning=True), out, log=None)
     entry = res["tiny"]
     cal = entry["calibration"]
     # 2 prompts x 1 seed x 2 branches x 2 chunks x (6 - 1) consecutive step pairs
@@ -198,7 +197,7 @@ def test_calibration_recorder_on_tiny_model(tmp_path):
     assert entry["flowcache"]["slow"]["threshold"] == 0.1 and entry["flowcache"]["fast"]["threshold"] == 0.15
     assert entry["teacache"]["fast"]["threshold"] == 0.2
     table = read_preset_file(out)
-    assert resolve_settings("tiny", "flowcache", "fast", extra_presets=table).threshold == 0.15
+    assert resolve_cache("tiny", "flowcache", "fast", table).config.threshold == 0.15
 
     before = {k: v.clone() for k, v in load_model(ck).model.state_dict().items()}
     embed_presets(ck, res)
@@ -215,7 +214,7 @@ def test_calibration_recorder_on_tiny_model(tmp_path):
     write_preset_file(sidecar, newer)
     lm = load_model(ck)
     assert lm.extra_presets["tiny"]["coefficients"] == [2.0, 0.0]
-    assert resolve_settings("tiny", "flowcache", "slow", extra_presets=lm.extra_presets).coefficients == [2.0, 0.0]
+    assert resolve_cache("tiny", "flowcache", "slow", lm.extra_presets).config.coefficients == [2.0, 0.0]
 
 
 def test_recorder_pairs_signal_and_output_changes():
@@ -225,7 +224,6 @@ def test_recorder_pairs_signal_and_output_changes():
         assert rec.should_compute(key, torch.full((4,), sig)) is True
         rec.remember(key, torch.full((4,), out))
     assert [(round(p.x, 6), round(p.y, 6)) for p in rec.points] == [(1.0, 0.5), (0.5, 1.0)]
-    assert RecordingSettings(mode="calibrate", recorder=rec).to_dict().get("recorder") is None
 
 
 def test_training_is_a_fixed_number_of_steps_and_deterministic(tmp_path, one_thread):

@@ -56,8 +56,8 @@ def test_compression_bounds_kv_and_composes_with_caching():
                    causal_block_size=3, base_num_frames=30)
     cond = torch.randn(1, 8, 32)
     pipe = DiffusionForcingPipeline(model, geo, text_len=8)
-    full, st_full = pipe(cond, torch.zeros(1, 8, 32), s, CacheSettings(mode="flowcache", threshold=1.2, warmup=2))
-    comp, st_comp = pipe(cond, torch.zeros(1, 8, 32), s, CacheSettings(mode="flowcache", threshold=1.2, warmup=2,
+    full, st_full = pipe(cond, torch.zeros(1, 8, 32), s, CacheSettings.of("flowcache", threshold=1.2, warmup=2))
+    comp, st_comp = pipe(cond, torch.zeros(1, 8, 32), s, CacheSettings.of("flowcache", threshold=1.2, warmup=2,
                                                                        kv_budget=1))
     assert st_comp.kv_peak_bytes < st_full.kv_peak_bytes
     assert sum(st_comp.kv_dropped_per_layer) > 0 and sum(st_full.kv_dropped_per_layer) == 0

@@ -17,6 +17,7 @@ from flowcache.models.magi import MagiConfig, MagiDiT, magi_config_from_state_di
 from flowcache.pipelines import DiffusionForcingPipeline, LatentGeometry
 from flowcache.pipelines import magi as magi_mod
 from flowcache.pipelines.magi import MagiPipeline, MagiSettings, stage_schedule, time_schedule
+from flowcache.runner import RunHooks
 from test_magi_model import SMALL, make_sd
 from tiny_models import tiny_wan
 
@@ -77,7 +78,7 @@ def test_time_schedule_hand_formula():
 
 
 def test_guidance_buckets():
-    w = MagiPipeline._cfg_weights
+    w = magi_mod.cfg_weights
     s = MagiSettings()
     assert w(s, 0.0) == (7.5, 1.5 - 7.5, 1 - 1.5)
     assert w(s, 0.2999) == (7.5, -6.0, -0.5)
@@ -98,14 +99,16 @@ class FakeMagi(MagiDiT):
         self.seen.append(x.clone())
         return x.clone()
 
-    def forward(self, x, t, caption, caption_mask, chunk_start=0, kv=None, distill_dt=None, uncond=False):
+    def forward(self, x, t, caption, caption_mask, chunk_start=0, kv=None, distill_dt=None, uncond=False, between=None):
         self.calls.append((chunk_start, float(t), kv is None, distill_dt))
         return -(0.5 + 0.25 * chunk_start) * x
 
 
 def fake_settings(**kw):
+    """FlowCache's MAGI loop on both paths (full causal history, no clean refresh): the arithmetic below is
+    about the cache rules; MAGI-1's own key ranges and refresh have their own tests."""
     base = dict(num_frames=40, width=16, height=16, num_steps=16, window_size=4, chunk_width=2, seed=5,
-                distill=True)
+                distill=True, noise2clean_kvrange=(), clean_refresh=False)
     return MagiSettings(**{**base, **kw})
 
 
@@ -132,7 +135,7 @@ def test_flowcache_rule_on_magi_by_arithmetic(warm):
     s = fake_settings()
     thr = 0.03
     cap = torch.randn(1, 3, 8)
-    out, stats = MagiPipeline(model, GEO)(cap, None, s, CacheSettings(mode="flowcache", threshold=thr, warmup=warm))
+    out, stats = MagiPipeline(model, GEO)(cap, None, s, CacheSettings.of("flowcache", threshold=thr, warmup=warm))
     sched = stage_schedule(10, 2, 4, 16)
     total = len(sched)
     ts = time_schedule(16)
@@ -174,7 +177,7 @@ def test_teacache_is_one_whole_window_decision_on_magi():
     model = FakeMagi()
     thr, warm = 0.03, 3
     out, stats = MagiPipeline(model, GEO)(torch.randn(1, 3, 8), None, fake_settings(),
-                                          CacheSettings(mode="teacache", threshold=thr, warmup=warm))
+                                          CacheSettings.of("teacache", threshold=thr, warmup=warm))
     sched = stage_schedule(10, 2, 4, 16)
     assert len(model.seen) == len(sched)  # one whole-window signal per step
     forced = [k in (0, len(sched) - 1) or (k > 0 and [c for c, _ in sched[k]] != [c for c, _ in sched[k - 1]])
@@ -199,7 +202,7 @@ def test_teacache_is_one_whole_window_decision_on_magi():
 def test_nearly_clean_blend_on_fake_model():
     model = FakeMagi()
     s = fake_settings(discard_nearly_clean_chunk=False)
-    out, _ = MagiPipeline(model, GEO)(torch.randn(1, 3, 8), None, s, CacheSettings(mode="off"))
+    out, _ = MagiPipeline(model, GEO)(torch.randn(1, 3, 8), None, s, CacheSettings())
     sched = stage_schedule(10, 2, 4, 16)
     ts = time_schedule(16)
     extra = [k for k, w in enumerate(sched) if float(ts[w[0][1]]) > 0.3]  # the oldest chunk is past t = 0.3
@@ -211,19 +214,19 @@ def test_nearly_clean_blend_on_fake_model():
     x_in = model.seen[-1]
     v = 0.7 * (-(0.5 + 0.25 * c) * x_in) + 0.3 * (-(0.5 + 0.25 * (c + 1)) * x_in)
     torch.testing.assert_close(out[:, :, 2 * c:], x_in + v * float(ts[i + 1] - ts[i]), rtol=0, atol=1e-7)
-    plain, _ = MagiPipeline(FakeMagi(), GEO)(torch.randn(1, 3, 8), None, fake_settings(), CacheSettings(mode="off"))
+    plain, _ = MagiPipeline(FakeMagi(), GEO)(torch.randn(1, 3, 8), None, fake_settings(), CacheSettings())
     assert not torch.equal(out, plain)
 
 
 def test_distill_step_size_embedding_and_12_step_shortcut():
     model = FakeMagi()
-    MagiPipeline(model, GEO)(torch.randn(1, 3, 8), None, fake_settings(num_steps=12), CacheSettings(mode="off"))
+    MagiPipeline(model, GEO)(torch.randn(1, 3, 8), None, fake_settings(num_steps=12), CacheSettings())
     sched = stage_schedule(10, 2, 4, 12)
     ts = time_schedule(12)
     want = [(c, float(ts[i]), [4.0, 8.0, 8.0][k % 3]) for k, w in enumerate(sched) for c, i in w]  # intervals 2,1,1
     assert [(c, t, dd) for c, t, _, dd in model.calls] == want
     base = FakeMagi()
-    MagiPipeline(base, GEO)(torch.randn(1, 3, 8), None, fake_settings(distill=False), CacheSettings(mode="off"))
+    MagiPipeline(base, GEO)(torch.randn(1, 3, 8), None, fake_settings(distill=False), CacheSettings())
     assert all(dd is None for *_, dd in base.calls)
 
 
@@ -251,19 +254,23 @@ def tiny_settings(**kw):
 
 
 def run(model, caption, s, mode="off", prefix=None, on_step=None, **cache):
-    return MagiPipeline(model, GEO)(caption[0], caption[1], s, CacheSettings(mode=mode, **cache), prefix=prefix,
-                                    on_step=on_step)
+    return MagiPipeline(model, GEO)(caption[0], caption[1], s, CacheSettings.of(mode, **cache), prefix=prefix,
+                                    hooks=RunHooks(on_step=on_step))
 
 
 def test_threshold_zero_equals_uncached_bit_for_bit(tiny, caption):
+    """A threshold of 0 never reuses: FlowCache equals its own loop uncached (the chunk path), TeaCache equals
+    MAGI-1's own loop (``off``), bit for bit."""
     s = tiny_settings()
     ref, st0 = run(tiny, caption, s, "off")
+    chunk, stc = run(tiny, caption, tiny_settings(path="chunk"), "off")
     fc, st1 = run(tiny, caption, s, "flowcache", threshold=0.0, warmup=5)
     tc, st2 = run(tiny, caption, s, "teacache", threshold=0.0, warmup=5)
     assert ref.shape == (1, 4, 12, 4, 4) and torch.isfinite(ref).all()
-    assert torch.equal(ref, fc) and torch.equal(ref, tc)
-    assert st1.reused == st2.reused == 0 and st0.forwards == st1.forwards == st2.forwards == 6 * 8
-    assert st0.flops == st0.flops_nocache
+    assert torch.equal(chunk, fc) and torch.equal(ref, tc) and not torch.equal(ref, fc)
+    assert st1.reused == st2.reused == 0 and stc.forwards == st1.forwards == 6 * 8
+    assert st0.forwards == st2.forwards == 6 * 8 + 5  # MAGI-1's loop refreshes chunks 0..4 once each
+    assert st0.flops == st0.flops_nocache and stc.flops == stc.flops_nocache
 
 
 def test_two_runs_identical_and_run_after_cancel_equals_fresh(tiny, caption):
@@ -282,8 +289,8 @@ def test_two_runs_identical_and_run_after_cancel_equals_fresh(tiny, caption):
             raise Stop()
     pipe = MagiPipeline(tiny, GEO)
     with pytest.raises(Stop):
-        pipe(caption[0], caption[1], s, CacheSettings(mode="flowcache", **cache), on_step=stop)
-    after, _ = pipe(caption[0], caption[1], s, CacheSettings(mode="flowcache", **cache))
+        pipe(caption[0], caption[1], s, CacheSettings.of("flowcache", **cache), hooks=RunHooks(on_step=stop))
+    after, _ = pipe(caption[0], caption[1], s, CacheSettings.of("flowcache", **cache))
     assert torch.equal(after, a)
 
 
@@ -335,18 +342,18 @@ def test_kv_store_bounded_with_compression(tiny, caption, stores, monkeypatch):
 
     # base model (3-pass guidance): two stores that see previous chunks, both bounded
     made.clear()
-    run(tiny, caption, tiny_settings(num_frames=64, distill=False), "off", kv_budget=1)
+    run(tiny, caption, tiny_settings(num_frames=64, distill=False, path="chunk"), "off", kv_budget=1)
     assert len(made) == 2 and all(m.peak_rows <= 5 * tok for m in made)
 
 
 def test_base_guidance_passes(tiny, caption):
-    s = tiny_settings(distill=False)
+    s = tiny_settings(distill=False, path="chunk")
     out, st = run(tiny, caption, s, "off")
     ts = time_schedule(8)
     sched = stage_schedule(12, 2, 4, 8)
     want = sum(2 + (float(ts[i]) < 0.3 - 1e-7) for w in sched for _, i in w)  # chunk-alone pass only when p ≠ 1
     assert st.forwards == want and torch.isfinite(out).all()
-    distilled, _ = run(tiny, caption, tiny_settings(), "off")
+    distilled, _ = run(tiny, caption, tiny_settings(path="chunk"), "off")
     assert not torch.equal(out, distilled)
 
 
@@ -361,7 +368,7 @@ def test_i2v_and_v2v_prefix(tiny, caption, stores):
     g = torch.Generator().manual_seed(3)
     # V2V: 5 clean latent frames = 2 clean chunks + 1 frame padded into chunk 2 at every step
     pre = torch.randn(1, 4, 5, 4, 4, generator=g)
-    s = tiny_settings(num_frames=28)  # 7 new latent frames; ceil((7 + 5) / 2) = 6 chunks
+    s = tiny_settings(num_frames=28, path="chunk")  # 7 new latent frames; ceil((7 + 5) / 2) = 6 chunks
     out, st = run(tiny, caption, s, "off", prefix=pre)
     assert out.shape == (1, 4, 12 - 5, 4, 4)
     assert st.forwards == 2 + 4 * 8  # the 2 prefix chunks once, then 8 steps for each of the 4 new chunks
@@ -390,7 +397,7 @@ def test_per_chunk_captions_and_distill_flag_from_model(tiny, caption):
     cap = caption[0][:, None].expand(1, 6, 6, SMALL["cap"])
     mask = caption[1][:, None].expand(1, 6, 6)
     shared, _ = run(tiny, caption, tiny_settings(), "off")
-    per, _ = MagiPipeline(tiny, GEO)(cap, mask, tiny_settings(), CacheSettings(mode="off"))
+    per, _ = MagiPipeline(tiny, GEO)(cap, mask, tiny_settings(), CacheSettings())
     torch.testing.assert_close(per, shared)
 
 
@@ -406,7 +413,7 @@ def test_impossible_settings_rejected_before_sampling(tiny, caption, kw, needle)
         run(tiny, caption, tiny_settings(**kw), "off", on_step=calls.append)
     assert calls == []
     with pytest.raises(InputError, match="caption width"):
-        MagiPipeline(tiny, GEO)(torch.zeros(1, 4, 4096), None, tiny_settings(), CacheSettings(mode="off"))
+        MagiPipeline(tiny, GEO)(torch.zeros(1, 4, 4096), None, tiny_settings(), CacheSettings())
 
 
 def test_model_family_mismatch_is_explained(tiny, tmp_path):
@@ -419,3 +426,42 @@ def test_model_family_mismatch_is_explained(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="loader"):
         load_model(path, expect="wan")
     assert math.isfinite(magi_mod.magi_forward_flops(tiny.config, 8, 16, 4))
+
+
+def test_off_is_magi_own_loop_key_ranges_and_clean_refresh(tiny, caption, monkeypatch):
+    """``off`` (the window path) is the released loop: noise2clean_kvrange [5, 4, 3, 2] and, at the first step of
+    each stage, the just-finished chunk forwarded again at clean_t, seeing only itself. Checked call by call."""
+    calls = []
+    extend = magi_mod._ChunkContext.extend
+
+    def spy(self, layer, q, k, v):
+        keys, vals = extend(self, layer, q, k, v)
+        if layer == 0:
+            calls.append((self.view.chunk_id, keys.shape[2]))
+        return keys, vals
+    monkeypatch.setattr(magi_mod._ChunkContext, "extend", spy)
+    seen_t = []
+    forward = tiny.forward
+
+    def spy_forward(x, t, *a, **kw):
+        seen_t.append(float(t))
+        return forward(x, t, *a, **kw)
+    monkeypatch.setattr(tiny, "forward", spy_forward)
+    s = tiny_settings(num_frames=64, num_steps=8)  # 16 latent frames = 8 chunks of 8 tokens, 2 steps a stage
+    out, st = run(tiny, caption, s, "off")
+    tok, per = 8, 2
+    want = []
+    for k, window in enumerate(stage_schedule(16, 2, 4, 8)):
+        ids = [c for c, _ in window]
+        if k % per == 0 and ids[0] > 0:
+            want.append((ids[0] - 1, tok, 0.9999))  # the clean refresh of the chunk that just left
+        for c, i in window:
+            r = (5, 4, 3, 2)[i // 2]  # 8 steps over 4 ranges
+            want.append((c, min(r, c + 1) * tok, float(time_schedule(8)[i])))
+    assert [(c, n) for c, n in calls] == [(c, n) for c, n, _ in want]
+    assert seen_t == pytest.approx([t for _, _, t in want])
+    assert st.forwards == len(want) == 8 * 8 + 7 and torch.isfinite(out).all()
+    # the FlowCache loop is the other choice: full causal history, no refresh
+    calls.clear()
+    run(tiny, caption, tiny_settings(num_frames=64, num_steps=8, path="chunk"), "off")
+    assert len(calls) == 8 * 8 and all(n == (c + 1) * tok for c, n in calls)

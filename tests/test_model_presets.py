@@ -5,20 +5,23 @@ import pytest
 from safetensors.torch import save_file
 
 from comfy_helpers import TINY_PRESETS, demo_available, pack_submodule, write_tiny_wan
-from flowcache.cache import resolve_settings
-from flowcache.calibrate import write_preset_file
 from flowcache.errors import CheckpointError
-from flowcache.model_presets import preset_key_of_file, preset_rows
-from flowcache.models import load_model
+from flowcache.models import header_facts, load_model
+from flowcache.presets import preset_rows, resolve_cache, write_preset_file
 from tiny_models import tiny_wan
 
 
+def rows_of(path):
+    facts = header_facts(path)
+    return preset_rows(facts.preset_key, facts.extra_presets)
+
+
 def test_rows_match_what_the_loaded_model_resolves(tmp_path):
-    path = tmp_path / "my_finetune.safetensors"  # a name no alias of the web table matches
+    path = tmp_path / "my_finetune.safetensors"
     model = tiny_wan(seed=0)
     save_file({"model.diffusion_model." + k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
               metadata={"flowcache.num_heads": "2"})  # ComfyUI-packaged key prefix
-    info = preset_rows(path)
+    info = rows_of(path)
     assert info == {"key": "wan-dim64", "known": False, "rows": {}, "hint": info["hint"]} and "calibrate" in info["hint"]
 
     entry = {"coefficients": [2.0, 0.0],
@@ -27,26 +30,26 @@ def test_rows_match_what_the_loaded_model_resolves(tmp_path):
              "teacache": {"slow": {"threshold": 0.09, "warmup": 4, "kv_budget": 0},
                           "fast": {"threshold": 0.3, "warmup": 4, "kv_budget": 0}}}
     write_preset_file(tmp_path / "my_finetune.presets.json", {"wan-dim64": entry})  # calibrate's default output
-    info = preset_rows(path)
+    info = rows_of(path)
     lm = load_model(path)
     assert info["known"] and info["key"] == lm.preset_key == "wan-dim64"
-    for mode in ("flowcache", "teacache"):
+    for method in ("flowcache", "teacache"):
         for preset in ("slow", "fast"):
-            s = resolve_settings(lm.preset_key, mode, preset, extra_presets=lm.extra_presets)
-            assert info["rows"][mode][preset] == {"threshold": s.threshold, "warmup": s.warmup,
-                                                  "kv_budget": s.kv_budget, "mix_lambda": s.mix_lambda}
+            s = resolve_cache(lm.preset_key, method, preset, lm.extra_presets)
+            assert info["rows"][method][preset] == {"threshold": s.config.threshold, "warmup": s.config.warmup,
+                                                    "kv_budget": s.kv_budget, "mix_lambda": s.mix_lambda}
     assert info["rows"]["flowcache"]["slow"]["threshold"] == 0.07
 
 
 def test_embedded_presets_and_errors(tmp_path, pack):
     path = write_tiny_wan(tmp_path / "tiny.safetensors", pack)
-    key, extra = preset_key_of_file(path)
-    assert key == "tiny-test" and extra == TINY_PRESETS
-    assert preset_rows(path)["rows"]["flowcache"]["fast"]["kv_budget"] == 1
+    facts = header_facts(path)
+    assert facts.preset_key == "tiny-test" and facts.extra_presets == TINY_PRESETS and facts.family == "wan"
+    assert rows_of(path)["rows"]["flowcache"]["fast"]["kv_budget"] == 1
     other = tmp_path / "vae.safetensors"
     save_file({"encoder.conv.weight": __import__("torch").zeros(2)}, str(other))
     with pytest.raises(CheckpointError, match="vae.safetensors: not a supported video model"):
-        preset_rows(other)
+        header_facts(other)
 
 
 def test_node_side_answer(pack, comfy):

@@ -8,18 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_helpers import (NODE_IDS, ROOT, StubInterrupt, demo_available, demo_missing, pack_submodule, run_node,
-                           widget_defaults, write_tiny_wan)
+from comfy_helpers import (NODE_IDS, ROOT, TINY_KEY, TINY_PRESETS, StubInterrupt, demo_available, demo_missing,
+                           pack_submodule, run_node, widget_defaults, write_tiny_wan)
 
 SAMPLER_ORDER = ["model", "positive", "negative", "width", "height", "num_frames", "steps", "cfg", "shift", "seed",
                  "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition",
-                 "solver", "cache", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda",
-                 "keep_model_loaded"]
+                 "solver", "keep_model_loaded"]
+CACHE_ORDER = ["method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda"]
 
 # Three SkyReels-style windows of 5 latent frames (2 carried over), 1-frame chunks, a few steps: well under 1 s.
 TINY = dict(width=32, height=32, num_frames=33, steps=3, cfg=2.0, shift=8.0, seed=7, ar_step=1,
             causal_block_size=1, base_num_frames=17, overlap_history=5, addnoise_condition=20, solver="unipc",
-            cache="flowcache", preset="slow")
+            method="flowcache", preset="slow")
 
 
 def nodes(pack):
@@ -31,10 +31,21 @@ def cond(dim: int = 24, tokens: int = 5, seed: int = 0) -> list:
     return [[torch.randn(1, tokens, dim, generator=g), {"pooled_output": None}]]
 
 
+def cache_node(pack, **widgets):
+    """The FlowCache Cache node's output for these widget values (defaults for the rest)."""
+    kw = widget_defaults(nodes(pack)["FlowCacheCache"])
+    kw.update(widgets)
+    return run_node(nodes(pack)["FlowCacheCache"], **kw)[0]
+
+
 def sampler_inputs(pack, model, **over) -> dict:
+    """Sampler inputs; the cache node's widgets (method, preset, threshold, ...) become its ``cache`` input."""
     kw = widget_defaults(nodes(pack)["FlowCacheSampler"])
     kw.update(TINY, model=model, positive=cond(seed=1), negative=cond(seed=2), unique_id="5")
     kw.update(over)
+    widgets = {k: kw.pop(k) for k in CACHE_ORDER if k in kw}
+    if widgets:
+        kw["cache"] = cache_node(pack, **widgets)
     return kw
 
 
@@ -123,23 +134,27 @@ def test_input_types_contract(pack, comfy, node_id):
 def test_sampler_and_other_widget_orders(pack):
     spec = nodes(pack)["FlowCacheSampler"].INPUT_TYPES()
     assert list(spec["required"]) == SAMPLER_ORDER  # UI workflows store widget values by position
-    assert list(spec["optional"]) == ["vae", "magi_vae", "prefix_images"]
+    assert list(spec["optional"]) == ["cache", "vae", "magi_vae", "prefix_images"]
+    assert spec["optional"]["cache"][0] == "FLOWCACHE_CACHE"
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
     req = spec["required"]
     assert req["model"][0] == "FLOWCACHE_MODEL"
     assert req["positive"][0] == req["negative"][0] == "CONDITIONING"
     assert req["solver"][0] == ["unipc", "euler"]
-    assert req["cache"][0] == ["off", "teacache", "flowcache"] and req["cache"][1]["default"] == "flowcache"
-    assert req["preset"][0] == ["slow", "fast", "custom"] and req["preset"][1]["default"] == "slow"
     defaults = widget_defaults(nodes(pack)["FlowCacheSampler"])
     assert {k: defaults[k] for k in ("width", "height", "num_frames", "steps", "cfg", "shift", "seed", "ar_step",
                                      "causal_block_size", "base_num_frames", "overlap_history",
-                                     "addnoise_condition", "threshold", "warmup_steps", "kv_budget",
-                                     "mix_lambda", "keep_model_loaded")} == dict(
+                                     "addnoise_condition", "keep_model_loaded")} == dict(
         width=960, height=544, num_frames=97, steps=50, cfg=6.0, shift=8.0, seed=1024, ar_step=5,
-        causal_block_size=5, base_num_frames=97, overlap_history=17, addnoise_condition=20, threshold=0.1,
-        warmup_steps=5, kv_budget=0, mix_lambda=0.07, keep_model_loaded=False)
-    assert req["width"][1]["step"] == 16 and req["threshold"][1]["step"] == 0.005
+        causal_block_size=5, base_num_frames=97, overlap_history=17, addnoise_condition=20, keep_model_loaded=False)
+    assert req["width"][1]["step"] == 16
+    cache = nodes(pack)["FlowCacheCache"].INPUT_TYPES()["required"]
+    assert list(cache) == CACHE_ORDER and nodes(pack)["FlowCacheCache"].RETURN_TYPES == ("FLOWCACHE_CACHE",)
+    assert cache["method"][0] == ["off", "teacache", "flowcache"] and cache["method"][1]["default"] == "flowcache"
+    assert cache["preset"][0] == ["slow", "fast", "custom"] and cache["preset"][1]["default"] == "slow"
+    assert {k: widget_defaults(nodes(pack)["FlowCacheCache"])[k] for k in CACHE_ORDER[2:]} == dict(
+        threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07)
+    assert cache["threshold"][1]["step"] == 0.005
     assert list(nodes(pack)["FlowCacheModelLoader"].INPUT_TYPES()["required"]) == ["model_name", "dtype"]
     vc = nodes(pack)["FlowCacheVideoCombine"].INPUT_TYPES()["required"]
     assert list(vc) == ["images", "frame_rate", "loop_count", "filename_prefix", "format", "crf"]
@@ -198,7 +213,8 @@ def test_sampler_returns_latent_stats_progress_and_offloads(pack, comfy, tiny):
     first = next(d for e, d in comfy.events if e == "flowcache.progress")
     assert first["node"] == "5" and first["value"] == 1 and "window 1/3" in first["text"]
     assert comfy.events[-1][1]["stats"]["windows"] == 3
-    assert comfy.checks == len(comfy.progress)  # an interrupt check per step
+    # a cancel check per step and after every transformer block: 3 windows x 2 branches, 3 blocks per forward
+    assert comfy.checks > 2 * len(comfy.progress)
     assert comfy.loads == [tiny.patcher] and comfy.unloads == [tiny.patcher]
     assert dict(vars(cls)) == before  # nothing kept on the class between runs
 
@@ -210,23 +226,31 @@ def test_sampler_returns_latent_stats_progress_and_offloads(pack, comfy, tiny):
 
 def test_sampler_cache_modes_and_presets(pack, comfy, tiny):
     cls = nodes(pack)["FlowCacheSampler"]
-    off = run_node(cls, **sampler_inputs(pack, tiny, cache="off"))["ui"]["flowcache_stats"][0]
-    assert off["reused"] == 0
-    fast = run_node(cls, **sampler_inputs(pack, tiny, cache="flowcache", preset="custom", threshold=10.0,
+    off = run_node(cls, **sampler_inputs(pack, tiny, method="off"))["ui"]["flowcache_stats"][0]
+    assert off["reused"] == 0 and off["settings"]["path"] == "window" and off["note"] == ""
+    fast = run_node(cls, **sampler_inputs(pack, tiny, method="flowcache", preset="custom", threshold=10.0,
                                           warmup_steps=1))["ui"]["flowcache_stats"][0]
-    assert fast["reused"] > 0 and fast["settings"]["threshold"] == 10.0
-    tea = run_node(cls, **sampler_inputs(pack, tiny, cache="teacache", preset="fast"))["ui"]["flowcache_stats"][0]
+    assert fast["reused"] > 0 and fast["settings"]["threshold"] == 10.0 and fast["settings"]["path"] == "chunk"
+    tea = run_node(cls, **sampler_inputs(pack, tiny, method="teacache", preset="fast"))["ui"]["flowcache_stats"][0]
     assert tea["mode"] == "teacache" and tea["settings"]["threshold"] == 0.2
+    # no cache node: FlowCache with the model's slow preset, and the node says so
+    kw = sampler_inputs(pack, tiny)
+    del kw["cache"]
+    default = run_node(cls, **kw)["ui"]["flowcache_stats"][0]
+    assert default["mode"] == "flowcache" and default["settings"]["preset"] == "slow"
+    slow = TINY_PRESETS[TINY_KEY]["flowcache"]["slow"]
+    assert "no cache node" in default["note"] and default["settings"]["threshold"] == slow["threshold"]
 
 
 def test_cancel_stops_and_next_run_equals_fresh_run(pack, comfy, tiny):
     cls = nodes(pack)["FlowCacheSampler"]
     fresh = run_node(cls, **sampler_inputs(pack, tiny))["result"][0]["samples"]
+    steps = len(comfy.progress)
     comfy.loads.clear(), comfy.unloads.clear(), comfy.progress.clear()
-    comfy.checks, comfy.interrupt_after = 0, 3
+    comfy.checks, comfy.interrupt_after = 0, 8  # inside the second step's forward, between transformer blocks
     with pytest.raises(StubInterrupt):
         run_node(cls, **sampler_inputs(pack, tiny))
-    assert comfy.checks == 3 and len(comfy.progress) == 2  # stopped at the third step
+    assert comfy.checks == 8 and 1 <= len(comfy.progress) < steps
     assert comfy.unloads == [tiny.patcher]  # offloaded in the finally block
     again = run_node(cls, **sampler_inputs(pack, tiny))["result"][0]["samples"]
     assert torch.equal(again, fresh)
@@ -239,9 +263,9 @@ def test_two_samplers_in_one_graph_share_no_state(pack, comfy, tiny):
     """Two sampler nodes on one model, one after the other as ComfyUI runs them: the second is what it would be
     alone, whatever the first did (another cache mode, a KV budget, another seed)."""
     cls = nodes(pack)["FlowCacheSampler"]
-    second = dict(cache="flowcache", preset="fast", seed=11)
+    second = dict(method="flowcache", preset="fast", seed=11)
     alone = run_node(cls, **sampler_inputs(pack, tiny, **second))["result"][0]["samples"]
-    for first in (dict(cache="teacache", preset="fast"), dict(cache="flowcache", preset="custom", threshold=0.5,
+    for first in (dict(method="teacache", preset="fast"), dict(method="flowcache", preset="custom", threshold=0.5,
                                                              warmup_steps=0, kv_budget=1, seed=3)):
         run_node(cls, **sampler_inputs(pack, tiny, **first))
         after = run_node(cls, **sampler_inputs(pack, tiny, **second))["result"][0]["samples"]
@@ -260,7 +284,11 @@ def test_two_samplers_in_one_graph_share_no_state(pack, comfy, tiny):
     (dict(height=8), "height"),
     (dict(preset="custom", threshold=-1.0), "threshold"),
     (dict(preset="custom", mix_lambda=2.0), "mix_lambda"),
-    (dict(cache="nope"), "cache"),
+    (dict(method="nope"), "method"),
+    (dict(cfg=float("nan")), "cfg"),
+    (dict(shift=float("inf")), "shift"),
+    (dict(preset="custom", threshold=float("nan")), "threshold"),
+    (dict(preset="slow", mix_lambda=float("nan")), "mix_lambda"),
     (dict(solver="ddim"), "solver"),
 ])
 def test_bad_inputs_fail_before_sampling_naming_the_widget(pack, comfy, tiny, over, widget):

@@ -22,8 +22,8 @@ VAE_DD = {"video_size": 16, "video_length": 8, "patch_size": 8, "patch_length": 
           "conv_last_layer": True, "with_cls_token": True, "use_rope": False, "norm_code": False}
 WORDS = ["a", "red", "fox", "runs", "in", "snow"]
 # 24 frames = 6 latent frames = 3 chunks of 2; 8 steps over a window of 4 chunks: 2 steps per stage.
-SETTINGS = dict(width=32, height=32, num_frames=24, steps=8, shift=3.0, seed=5, causal_block_size=2,
-                cache="flowcache", preset="custom", threshold=0.05, warmup_steps=1, kv_budget=0)
+SETTINGS = dict(width=32, height=32, num_frames=24, steps=8, shift=3.0, seed=5, causal_block_size=2)
+CACHE = dict(method="flowcache", preset="custom", threshold=0.05, warmup_steps=1, kv_budget=0, mix_lambda=0.07)
 
 
 def nodes(pack):
@@ -82,8 +82,9 @@ def _graph(pack, prompt: str = "a red fox runs in snow", **over):
     (model,) = run_node(n["FlowCacheModelLoader"], model_name="magi_4.5B_distill/model.safetensors", dtype="fp32")
     (cond,) = run_node(n["FlowCacheMagiTextEncode"], t5_name="t5_tiny.safetensors", prompt=prompt)
     (vae,) = run_node(n["FlowCacheMagiVAELoader"], vae_name="magi1/diffusion_pytorch_model.safetensors")
+    (cache,) = run_node(n["FlowCacheCache"], **CACHE)
     kw = widget_defaults(n["FlowCacheSampler"])
-    kw.update(SETTINGS, model=model, positive=cond, negative=cond, unique_id="9")
+    kw.update(SETTINGS, model=model, positive=cond, negative=cond, cache=cache, unique_id="9")
     kw.update(over)
     out = run_node(n["FlowCacheSampler"], **kw)
     return model, cond, vae, out
@@ -103,12 +104,12 @@ def test_magi_through_the_nodes_matches_the_pipeline(pack, magi_files):
 
     # The same run straight through the core: the nodes add nothing and lose nothing.
     magi = pack_submodule(pack, "flowcache.pipelines.magi")  # the pack's own copy, as the nodes use it
-    resolve_settings = pack_submodule(pack, "flowcache.cache").resolve_settings
+    resolve_cache = pack_submodule(pack, "flowcache.presets").resolve_cache
     magi_chunk_captions = pack_submodule(pack, "flowcache.text").magi_chunk_captions
     MagiPipeline, MagiSettings = magi.MagiPipeline, magi.MagiSettings
     caption, mask = magi_chunk_captions(states, extra["attention_mask"], 3, extra["flowcache_magi_special_tokens"])
     s = MagiSettings(num_frames=24, width=32, height=32, num_steps=8, chunk_width=2, shift=3.0, seed=5)
-    cache = resolve_settings("magi-4.5B", "flowcache", "custom", 0.05, 1, 0, 0.07)
+    cache = resolve_cache("magi-4.5B", "flowcache", "custom", threshold=0.05, warmup=1, kv_budget=0)
     ref, _ = MagiPipeline(model.loaded.model)(caption, mask, s, cache)
     assert torch.equal(latent["samples"], ref)
 

@@ -8,6 +8,7 @@ from flowcache.df_schedule import timestep_matrix
 from flowcache.errors import InputError
 from flowcache.kv.store import ChunkBatchKV, KVStore
 from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
+from flowcache.runner import RunHooks
 from flowcache.schedulers import flow_sigmas, make_solver
 from tiny_models import tiny_wan
 
@@ -31,9 +32,12 @@ def conds():
     return torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g)
 
 
-def run(model, conds, settings, mode, **cache):
+def run(model, conds, settings, method, **cache):
+    """``method`` "off-chunked" is the chunk path with no cache: FlowCache's loop without reuse."""
     pipe = DiffusionForcingPipeline(model, GEO, text_len=8)
-    return pipe(conds[0], conds[1], settings, CacheSettings(mode=mode, **cache))
+    if method == "off-chunked":
+        settings.path, method = "chunk", "off"
+    return pipe(conds[0], conds[1], settings, CacheSettings.of(method, **cache))
 
 
 def test_chunk_forward_with_kv_equals_block_causal_window(model, conds):
@@ -100,7 +104,7 @@ def test_same_seed_same_video_and_runs_do_not_leak(model, conds):
 def test_run_after_cancel_equals_fresh_run(model, conds):
     s = small(num_frames=21)
     pipe = DiffusionForcingPipeline(model, GEO, text_len=8)
-    cache = CacheSettings(mode="flowcache", threshold=0.5, warmup=1)
+    cache = CacheSettings.of("flowcache", threshold=0.5, warmup=1)
 
     class Stop(Exception):
         pass
@@ -109,7 +113,7 @@ def test_run_after_cancel_equals_fresh_run(model, conds):
         if info.done == 7:
             raise Stop()
     with pytest.raises(Stop):
-        pipe(conds[0], conds[1], s, cache, on_step=cancel_at_7)
+        pipe(conds[0], conds[1], s, cache, RunHooks(on_step=cancel_at_7))
     after, _ = pipe(conds[0], conds[1], s, cache)
     fresh, _ = DiffusionForcingPipeline(model, GEO, text_len=8)(conds[0], conds[1], s, cache)
     assert torch.equal(after, fresh)
@@ -133,7 +137,7 @@ def test_impossible_settings_rejected_before_sampling(model, conds, kw, needle):
     calls = []
     pipe = DiffusionForcingPipeline(model, GEO, text_len=8)
     with pytest.raises(InputError, match=needle):
-        pipe(conds[0], conds[1], small(**kw), CacheSettings(mode="off"), on_step=calls.append)
+        pipe(conds[0], conds[1], small(**kw), CacheSettings(), RunHooks(on_step=calls.append))
     assert calls == []
 
 
@@ -149,9 +153,9 @@ def test_wan_geometry_frame_rule():
 def test_conditioning_errors(model, conds):
     pipe = DiffusionForcingPipeline(model, GEO, text_len=8)
     with pytest.raises(InputError, match="positive.*width is 4096"):
-        pipe(torch.zeros(1, 8, 4096), conds[1], small(), CacheSettings(mode="off"))
+        pipe(torch.zeros(1, 8, 4096), conds[1], small(), CacheSettings())
     with pytest.raises(InputError, match="negative.*12 tokens"):
-        pipe(conds[0], torch.zeros(1, 12, 32), small(), CacheSettings(mode="off"))
+        pipe(conds[0], torch.zeros(1, 12, 32), small(), CacheSettings())
 
 
 def test_position_channels_reach_the_model_in_every_path(conds):
@@ -171,13 +175,13 @@ def test_position_channels_reach_the_model_in_every_path(conds):
 
     model.embed = spy
     pipe = DiffusionForcingPipeline(model, geo, text_len=8)
-    for mode in ("off", "flowcache"):
+    for cache in (CacheSettings(), CacheSettings.of("flowcache", threshold=0.0)):
         seen.clear()
-        out, _ = pipe(conds[0], conds[1], small(), CacheSettings(mode=mode, threshold=0.0))
+        out, _ = pipe(conds[0], conds[1], small(), cache)
         assert out.shape == (1, 16, 12, 8, 8) and torch.isfinite(out).all()
-        assert seen and all(s is not None and s[1] == (1, 2) + s[0][2:] for s in seen), (mode, seen[:3])
-    a, _ = pipe(conds[0], conds[1], small(), CacheSettings(mode="off-chunked"))
-    b, _ = pipe(conds[0], conds[1], small(), CacheSettings(mode="flowcache", threshold=0.0))
+        assert seen and all(s is not None and s[1] == (1, 2) + s[0][2:] for s in seen), (cache.method, seen[:3])
+    a, _ = pipe(conds[0], conds[1], small(path="chunk"), CacheSettings())
+    b, _ = pipe(conds[0], conds[1], small(), CacheSettings.of("flowcache", threshold=0.0))
     assert torch.equal(a, b)
 
 

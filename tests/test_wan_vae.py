@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 import flowcache.decode_save as ds
 from flowcache.decode_save import framewise_decoder, stream_decode_to_video, wan_stream_decoder
 from flowcache.demo.codec import DemoCodec
-from flowcache.errors import Cancelled, CheckpointError, InputError
+from flowcache.errors import CheckpointError, InputError
 from flowcache.latent_format import wan_to_model_space, wan_to_raw
 from flowcache.models.wan_vae import WanVAE, WanVAECodec, load_wan_vae
 from flowcache.video import VideoWriter, read_video
@@ -166,6 +166,9 @@ def test_stream_to_mp4_and_cancel_leaves_nothing(vae, tmp_path):
 
     cancel_dir = tmp_path / "cancel"
     cancel_dir.mkdir()
+
+    class Cancelled(Exception):  # what a host's cancel raises (ComfyUI: InterruptProcessingException)
+        pass
 
     def cancel(done, total):
         if done >= 2:

@@ -1,17 +1,20 @@
-"""What every cache policy shares: per-unit state and the accumulated relative-L1 reuse rule.
+"""What every cache method shares: the decision protocol, per-unit state, and the accumulated relative-L1 rule.
 
-A *unit* is what one decision covers: a chunk (FlowCache) or the whole window (TeaCache). Units are keyed
-by ``(branch, unit_id)`` so the cond and uncond passes never share state. The pipeline asks
+A *unit* is what one decision covers: a chunk, or the whole window, as the pipeline's execution path says.
+Units are keyed by ``(branch, unit_id)`` so the cond and uncond passes never share state. The runner asks
 ``should_compute(key, signal, force)`` and stores/reads the reusable payload (a backbone residual, or a
 latent update for MAGI-1) with ``remember`` / ``recall``; it never looks at which policy it has.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Hashable, Sequence
 
 import numpy as np
 import torch
+
+from ..errors import InputError
+from ..validate import finite, whole
 
 UnitKey = Hashable
 
@@ -20,16 +23,13 @@ UnitKey = Hashable
 class UnitState:
     """Cache state of one unit in one branch."""
 
-    acc: float = 0.0                       # accumulated rescaled relative L1 since the last compute
+    acc: float = 0.0                       # accumulated rescaled change since the last compute
     prev_signal: torch.Tensor | None = None
     payload: torch.Tensor | None = None    # what a reuse applies
     steps: int = 0                         # decisions taken for this unit so far
     computed: int = 0
     reused: int = 0
-
-    def reset(self) -> None:
-        self.acc, self.prev_signal, self.payload = 0.0, None, None
-        self.steps = self.computed = self.reused = 0
+    skips: int = 0                         # reuses since the last compute (MagCache's K)
 
 
 def relative_l1(signal: torch.Tensor, prev: torch.Tensor) -> float:
@@ -38,13 +38,9 @@ def relative_l1(signal: torch.Tensor, prev: torch.Tensor) -> float:
 
 
 class CachePolicy:
-    """Base policy: always compute. ``granularity`` says which units the pipeline asks about."""
+    """The ``off`` policy and every policy's base: always compute. Subclasses override ``decide``."""
 
-    granularity = "window"
-
-    def __init__(self, granularity: str | None = None):
-        if granularity is not None:
-            self.granularity = granularity
+    def __init__(self) -> None:
         self.states: dict[UnitKey, UnitState] = {}
 
     def reset(self) -> None:
@@ -67,6 +63,7 @@ class CachePolicy:
         st.steps += 1
         st.computed += int(compute)
         st.reused += int(not compute)
+        st.skips = 0 if compute else st.skips + 1
         return compute
 
     @property
@@ -89,9 +86,8 @@ class AccumulatedL1Policy(CachePolicy):
     threshold, recompute (and reset) when it reaches it. The first ``warmup`` decisions of a unit, and
     forced ones, always compute. A threshold of 0 never reuses."""
 
-    def __init__(self, threshold: float, warmup: int, coefficients: Sequence[float] = (1.0, 0.0),
-                 granularity: str | None = None):
-        super().__init__(granularity)
+    def __init__(self, threshold: float, warmup: int, coefficients: Sequence[float] = (1.0, 0.0)):
+        super().__init__()
         self.threshold = float(threshold)
         self.warmup = int(warmup)
         self.rescale = np.poly1d(list(coefficients))
@@ -109,3 +105,26 @@ class AccumulatedL1Policy(CachePolicy):
             return False
         st.acc = 0.0
         return True
+
+
+def knob(default: float | int, widget: str, lo: float | None = None, hi: float | None = None, integer: bool = False,
+         doc: str = ""):
+    """A config field shown as a widget: ``check_knobs`` validates it and its errors name ``widget``."""
+    return field(default=default, metadata={"widget": widget, "lo": lo, "hi": hi, "integer": integer, "doc": doc})
+
+
+def check_knobs(config: object) -> None:
+    """Validate (and coerce) every ``knob`` field of a config dataclass; raises InputError naming the widget."""
+    for f in fields(config):
+        meta = f.metadata
+        if "widget" not in meta:
+            continue
+        check = whole if meta["integer"] else finite
+        setattr(config, f.name, check(getattr(config, f.name), meta["widget"], meta["lo"], meta["hi"]))
+
+
+def check_coefficients(values: Sequence[float], where: str) -> list[float]:
+    """A rescale polynomial (highest power first) as a list of finite floats."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
+        raise InputError(f"{where}: coefficients must be a non-empty list of numbers, got {values!r}.")
+    return [finite(v, f"{where} coefficient") for v in values]

@@ -71,14 +71,5 @@ def load_demo_codec(model_path: str | os.PathLike | None = None) -> DemoCodec:
     return DemoCodec.from_stats_json(meta["flowcache.codec"])
 
 
-def demo_df_settings(**overrides):
-    """``DEMO_SETTINGS`` (with overrides) as a pipeline ``DFSettings``."""
-    from ..pipelines.diffusion_forcing import DFSettings
-
-    d = dict(DEMO_SETTINGS)
-    d.update(overrides)
-    return DFSettings(**d)
-
-
 __all__ = ["ASSETS", "DEMO_SETTINGS", "DEMO_PROMPTS", "DemoCodec", "DemoTextEncoder", "demo_model_path",
-           "load_demo_text", "load_demo_codec", "demo_df_settings"]
+           "load_demo_text", "load_demo_codec"]

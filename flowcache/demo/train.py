@@ -33,7 +33,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from ..models.wan import WanConfig, WanDiT
-from ..pipelines.diffusion_forcing import LatentGeometry
+from ..pipelines.common import LatentGeometry
 from ..schedulers import flow_sigmas
 from .codec import CHANNELS, PATCH, DemoCodec
 from .data import VOCABULARY, prompt_of, render, sample_spec

@@ -13,6 +13,7 @@ That is block-causal attention without a mask and without copying the context. W
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -54,31 +55,22 @@ class KVStore:
         self.peak_rows = 0
         self.compress_seconds = 0.0
 
-    def reset(self) -> None:
-        """Forget everything (buffers are freed)."""
-        self.clean.clear()
-        self.layers = [LayerKV() for _ in range(self.num_layers)]
-        self.peak_rows = 0
-        self.compress_seconds = 0.0
-
     def mark_clean(self, chunk_id: int) -> None:
         """The chunk will not change any more: it may be compressed."""
         self.clean.add(chunk_id)
 
-    def view(self, chunk_id: int) -> "ChunkKV":
-        return ChunkKV(self, chunk_id)
+    def view(self, chunk_id: int, first: int | None = None) -> "ChunkKV":
+        """What chunk ``chunk_id``'s forward sees: its own rows and everything stored before them, or, with
+        ``first``, only the chunks ``first..chunk_id`` (MAGI-1's key ranges)."""
+        return ChunkKV(self, chunk_id, first)
+
+    def first_row(self, layer: int, chunk_id: int) -> int:
+        """The first row of a registered chunk (0 when it is not registered separately any more)."""
+        return self.layers[layer].ranges.get(chunk_id, (0, 0))[0]
 
     @property
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for lay in self.layers for t in (lay.k, lay.v) if t is not None)
-
-    def used_bytes(self) -> int:
-        total = 0
-        for lay in self.layers:
-            if lay.k is not None:
-                per_row = lay.k.shape[0] * lay.k.shape[1] * lay.k.shape[3] * lay.k.element_size() * 2
-                total += lay.used * per_row
-        return total
 
     # -- internals ---------------------------------------------------------------------------------
     def _clean_end(self, lay: LayerKV, current: int) -> int:
@@ -92,7 +84,6 @@ class KVStore:
         return end
 
     def _compress(self, lay: LayerKV, q: torch.Tensor, clean_end: int) -> None:
-        import time
         t0 = time.perf_counter()
         k_keep, v_keep, _ = compress(q, lay.k[:, :, :clean_end], lay.v[:, :, :clean_end], self.budget,
                                      self.compression, self.tokens_per_frame)
@@ -168,12 +159,17 @@ class KVStore:
 class ChunkKV:
     """What one chunk forward sees (``KVContext`` and ``ChunkAttention`` of ``flowcache.models.common``)."""
 
-    def __init__(self, store: KVStore, chunk_id: int):
+    def __init__(self, store: KVStore, chunk_id: int, first: int | None = None):
         self.store = store
         self.chunk_id = chunk_id
+        self.first = first
 
     def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.store.extend(self.chunk_id, layer, q, k, v)
+        keys, vals = self.store.extend(self.chunk_id, layer, q, k, v)
+        if self.first is None:
+            return keys, vals
+        start = self.store.first_row(layer, self.first)
+        return keys[:, :, start:], vals[:, :, start:]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return attention(q, *self.extend(layer, q, k, v))

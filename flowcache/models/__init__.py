@@ -1,36 +1,29 @@
-"""Model families and loading: a table of families, each with a key-based detector and a builder.
+"""Model families and loading: one table of families, each entry holding all of that family's facts.
 
 ``load_model`` reads any supported checkpoint, recognises its family from the key names (so a MAGI-1 file
 given where a Wan model is expected is explained, not fed to a matmul), infers the config from shapes, and
-returns a ``LoadedModel``. Small models (the shipped demo) may carry extra facts in safetensors metadata
-under ``flowcache.*``: head count, text length, latent geometry, presets.
+returns a ``LoadedModel`` with its presets (``flowcache.presets``: the built-in table, embedded metadata, a
+calibrated sidecar). ``header_facts`` answers the same questions from the file headers alone, for the
+frontend's preset display. Small models (the shipped demo) carry extra facts in safetensors metadata under
+``flowcache.*``: head count, text length, latent geometry, presets.
 """
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 
-from ..checkpoint import Checkpoint, compute_dtype, load_checkpoint
+from ..checkpoint import Checkpoint, checkpoint_files, compute_dtype, load_checkpoint, read_headers, split_prefix
 from ..errors import CheckpointError
+from ..presets import model_presets
 from .wan import WAN_ANCHORS, WAN_SIZES, WanDiT, build_wan, wan_config_from_state_dict
 
-MAGI_ANCHORS = ("x_embedder.weight", "final_linear.linear.weight", "t_embedder.mlp.0.weight")
-MAGI_PRESET_KEY = "magi-4.5B"
-
-
-def embedded_presets(metadata: dict) -> dict:
-    """Preset entries stored in a checkpoint's metadata (``calibrate --embed``), keyed by model key."""
-    return json.loads(metadata["flowcache.presets"]) if "flowcache.presets" in metadata else {}
-
-
-def wan_preset_key(metadata: dict, dim: int) -> str:
-    """The presets-table row of a Wan model: its metadata's ``flowcache.model_key`` or its released size."""
-    return metadata.get("flowcache.model_key") or f"wan-{WAN_SIZES.get(dim, f'dim{dim}')}"
+MAGI_ANCHORS = ("x_embedder.weight", "y_embedder.null_caption_embedding", "rope.bands")
+WAN_GEOMETRY = {"temporal_stride": 4, "spatial_stride": 8, "channels": 16}
 
 
 @dataclass
@@ -43,68 +36,134 @@ class LoadedModel:
     stored_dtype: str
     preset_key: str             # row of the presets table
     text_len: int = 512
-    geometry: dict = field(default_factory=lambda: {"temporal_stride": 4, "spatial_stride": 8, "channels": 16})
+    geometry: dict = field(default_factory=lambda: dict(WAN_GEOMETRY))
     extra_presets: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
     latent_format: str = "wan21"  # "wan21": ComfyUI LATENTs are raw Wan VAE latents; "demo": the demo codec's space
+    notes: list[str] = field(default_factory=list)  # decisions the loader took, shown on the node
 
     def describe(self) -> dict:
         cfg = self.config.to_dict() if hasattr(self.config, "to_dict") else dict(self.config.__dict__)
         return {"family": self.family, "checkpoint": self.checkpoint, "key_prefix": self.prefix or "(none)",
                 "stored_dtype": self.stored_dtype, "preset": self.preset_key, "text_len": self.text_len,
-                "geometry": self.geometry, "config": cfg}
+                "geometry": self.geometry, "config": cfg, "notes": self.notes}
 
 
-def _is_wan(keys) -> bool:
+def _meta_int(meta: Mapping[str, str], key: str, source: str) -> int | None:
+    """An integer ``flowcache.*`` metadata field, or a CheckpointError naming the file and the field."""
+    if key not in meta:
+        return None
+    try:
+        value = int(meta[key])
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: metadata {key!r} = {meta[key]!r} is not a whole number.") from None
+    if value < 1:
+        raise CheckpointError(f"{source}: metadata {key!r} = {value} must be at least 1.")
+    return value
+
+
+def _meta_geometry(meta: Mapping[str, str], source: str) -> dict | None:
+    if "flowcache.geometry" not in meta:
+        return None
+    try:
+        geo = json.loads(meta["flowcache.geometry"])
+    except (TypeError, json.JSONDecodeError):
+        geo = None
+    keys = {"temporal_stride", "spatial_stride", "channels", "position_channels"}
+    if (not isinstance(geo, dict) or not set(geo) <= keys or not {"temporal_stride", "spatial_stride", "channels"} <= set(geo)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in geo.values())):
+        raise CheckpointError(f"{source}: metadata 'flowcache.geometry' must be a JSON object of whole numbers "
+                              f"with temporal_stride, spatial_stride and channels.")
+    return geo
+
+
+# ----------------------------------------------------------------------------------------------- Wan
+def _wan_keys(keys) -> bool:
     return "head.modulation" in keys and "patch_embedding.weight" in keys
 
 
-def _is_magi(keys) -> bool:
-    return "x_embedder.weight" in keys and any(k.startswith("videodit_blocks.") for k in keys)
+def _wan_preset_key(meta: Mapping[str, str], shapes: Mapping[str, tuple]) -> str:
+    """A Wan model's presets row: its metadata's ``flowcache.model_key`` or its released size."""
+    dim = shapes["head.modulation"][-1]
+    return meta.get("flowcache.model_key") or f"wan-{WAN_SIZES.get(dim, f'dim{dim}')}"
 
 
 def _build_wan(ck: Checkpoint, dtype: torch.dtype) -> LoadedModel:
     meta = ck.metadata
-    heads = int(meta["flowcache.num_heads"]) if "flowcache.num_heads" in meta else None
-    model = build_wan(ck.tensors, dtype, ck.name, heads)
-    cfg = model.cfg
-    extra = embedded_presets(meta)
-    key = wan_preset_key(meta, cfg.dim)
-    geometry = json.loads(meta["flowcache.geometry"]) if "flowcache.geometry" in meta else None
-    lm = LoadedModel("wan", model, cfg, ck.name, ck.prefix, ck.main_dtype, key,
-                     text_len=int(meta.get("flowcache.text_len", 512)), extra_presets=extra, metadata=meta)
-    if geometry:
-        lm.geometry = geometry
+    model = build_wan(ck.tensors, dtype, ck.name, _meta_int(meta, "flowcache.num_heads", ck.name))
+    key = _wan_preset_key(meta, {k: tuple(v.shape) for k, v in ck.tensors.items() if k == "head.modulation"})
+    lm = LoadedModel("wan", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, key,
+                     text_len=_meta_int(meta, "flowcache.text_len", ck.name) or 512, metadata=meta,
+                     geometry=_meta_geometry(meta, ck.name) or dict(WAN_GEOMETRY))
     lm.latent_format = meta.get("flowcache.latent_format", "demo" if key == "demo" else "wan21")
     return lm
 
 
+def _wan_config(ck: Checkpoint) -> dict:
+    return wan_config_from_state_dict(ck.tensors, ck.name, _meta_int(ck.metadata, "flowcache.num_heads",
+                                                                      ck.name)).to_dict()
+
+
+# ---------------------------------------------------------------------------------------------- MAGI-1
+def _magi_keys(keys) -> bool:
+    return "x_embedder.weight" in keys and any(k.startswith("videodit_blocks.") for k in keys)
+
+
+def magi_distill_decision(files: list[Path], meta: Mapping[str, str]) -> tuple[bool, str]:
+    """(distilled?, why). The released weights tell distill from base only by their folder names
+    (``4.5B_distill/inference_weight.distill``), so the checkpoint's own folder and its parent decide,
+    unless metadata ``flowcache.distill`` says it; never folders further up the path."""
+    flag = meta.get("flowcache.distill")
+    if flag is not None:
+        return flag == "1", f"metadata flowcache.distill = {flag}"
+    folder = files[0].parent
+    for name in (folder.name, folder.parent.name):
+        if "distill" in name.lower():
+            return True, f"its folder {name!r} names a distilled model"
+    return False, f"neither {folder.name!r} nor {folder.parent.name!r} says 'distill'"
+
+
 def _build_magi(ck: Checkpoint, dtype: torch.dtype) -> LoadedModel:
-    from . import magi  # optional family; imported only when such a file is loaded
+    from . import magi  # imported only when such a file is loaded
 
     model = magi.build_magi(ck, dtype)
-    # The released distilled weights are told apart from the base ones only by their folder name
-    # (inference_weight.distill, 4.5B_distill); metadata may say it explicitly.
-    flag = ck.metadata.get("flowcache.distill")
-    model.distill = flag == "1" if flag is not None else any("distill" in str(f).lower() for f in ck.files)
-    geometry = {"temporal_stride": 4, "spatial_stride": 8, "channels": model.cfg.latent_channels}
-    return LoadedModel("magi", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, MAGI_PRESET_KEY, text_len=800,
-                       geometry=geometry, metadata=ck.metadata)
+    distill, why = magi_distill_decision(ck.files, ck.metadata)
+    model.distill = distill
+    lm = LoadedModel("magi", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, "magi-4.5B", text_len=800,
+                     geometry={**WAN_GEOMETRY, "channels": model.cfg.latent_channels}, metadata=ck.metadata)
+    lm.notes.append(f"{'distilled' if distill else 'base'} MAGI-1 ({why})")
+    return lm
+
+
+def _magi_config(ck: Checkpoint) -> dict:
+    from . import magi
+
+    return dict(magi.magi_config_from_state_dict(ck.tensors, ck.name).__dict__)
 
 
 @dataclass
 class Family:
+    """Everything the pack knows about a model family, in one place.
+
+    anchors: bare keys every checkpoint of the family has (they locate a key prefix); detect: whether a set of
+    bare keys is this family; preset_key: the presets row from metadata and tensor shapes; build: the model
+    from a read checkpoint; config: the inferred config as a dict (``inspect``)."""
+
     name: str
     title: str
     anchors: tuple[str, ...]
     detect: Callable[[set], bool]
+    preset_key: Callable[[Mapping[str, str], Mapping[str, tuple]], str]
     build: Callable[[Checkpoint, torch.dtype], LoadedModel]
+    config: Callable[[Checkpoint], dict]
 
 
 FAMILIES: dict[str, Family] = {
-    "wan": Family("wan", "Wan2.1 / SkyReels-V2 DiT", WAN_ANCHORS, _is_wan, _build_wan),
-    "magi": Family("magi", "MAGI-1 DiT", MAGI_ANCHORS, _is_magi, _build_magi),
+    "wan": Family("wan", "Wan2.1 / SkyReels-V2 DiT", WAN_ANCHORS, _wan_keys, _wan_preset_key, _build_wan, _wan_config),
+    "magi": Family("magi", "MAGI-1 DiT", MAGI_ANCHORS, _magi_keys, lambda meta, shapes: "magi-4.5B", _build_magi,
+                   _magi_config),
 }
+ALL_ANCHORS = tuple(a for fam in FAMILIES.values() for a in fam.anchors)
 
 
 def detect_family(keys) -> str | None:
@@ -115,17 +174,20 @@ def detect_family(keys) -> str | None:
     return None
 
 
+def _not_a_model(name: str, keys) -> CheckpointError:
+    sample = ", ".join(sorted(keys)[:4])
+    return CheckpointError(
+        f"{name}: not a supported video model. Expected a Wan2.1/SkyReels-V2 DiT (keys like 'head.modulation', "
+        f"'blocks.0.self_attn.q.weight') or a MAGI-1 DiT (keys like 'x_embedder.weight'); found keys like {sample}. "
+        "A VAE or text encoder goes in its own loader.")
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[Checkpoint, str]:
     """Read a checkpoint and find its family; raise CheckpointError saying what the file is not."""
-    anchors = tuple(a for fam in FAMILIES.values() for a in fam.anchors)
-    ck = load_checkpoint(path, anchors)
+    ck = load_checkpoint(path, ALL_ANCHORS)
     family = detect_family(ck.tensors.keys())
     if family is None:
-        sample = ", ".join(sorted(ck.tensors)[:4])
-        raise CheckpointError(
-            f"{ck.name}: not a supported video model. Expected a Wan2.1/SkyReels-V2 DiT (keys like 'head.modulation', "
-            f"'blocks.0.self_attn.q.weight') or a MAGI-1 DiT (keys like 'x_embedder.weight'); found keys like {sample}. "
-            "A VAE or text encoder goes in its own loader.")
+        raise _not_a_model(ck.name, ck.tensors)
     return ck, family
 
 
@@ -140,39 +202,44 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None 
         raise CheckpointError(f"{ck.name}: this is a {FAMILIES[family].title} checkpoint, but this loader expects a "
                               f"{FAMILIES[expect].title}. Use the matching loader node.")
     lm = FAMILIES[family].build(ck, compute_dtype(dtype, ck.main_dtype))
-    sidecar = preset_sidecar(ck.files[0])
-    if sidecar.is_file():  # `python -m flowcache calibrate` output beside the file: it wins over older presets
-        lm.extra_presets = with_sidecar_presets(lm.extra_presets, sidecar)
+    lm.extra_presets, sidecar = model_presets(ck.files, ck.metadata)
+    if sidecar is not None:  # `python -m flowcache calibrate` output beside the file
         lm.metadata = {**lm.metadata, "flowcache.preset_file": str(sidecar)}
     return lm
 
 
-def with_sidecar_presets(extra: dict, sidecar: Path) -> dict:
-    from ..calibrate import read_preset_file
+@dataclass
+class HeaderFacts:
+    """What a checkpoint's headers say without loading a weight: family, presets row and extra presets."""
 
-    return {**extra, **read_preset_file(sidecar)}
+    files: list[Path]
+    family: str
+    preset_key: str
+    extra_presets: dict
+    metadata: dict
 
 
-def preset_sidecar(checkpoint_file: str | os.PathLike) -> Path:
-    """Where ``python -m flowcache calibrate`` writes a model's presets by default: ``<file stem>.presets.json``
-    beside the checkpoint. ``load_model`` reads it, so a calibrated model gets its presets in every node."""
-    p = Path(checkpoint_file)
-    return p.with_name(p.name.split(".")[0] + ".presets.json")
+def header_facts(path: str | os.PathLike) -> HeaderFacts:
+    """``load_model``'s family and presets for a checkpoint, from its headers only (a 28 GB model is not read)."""
+    files = checkpoint_files(path)
+    shapes, meta = read_headers(files)
+    prefix = split_prefix(shapes.keys(), ALL_ANCHORS)
+    bare = {k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix)}
+    family = detect_family(bare.keys())
+    if family is None:
+        raise _not_a_model(files[0].name, bare)
+    key = FAMILIES[family].preset_key(meta, bare)
+    extra, _ = model_presets(files, meta)
+    return HeaderFacts(files, family, key, extra, meta)
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict:
     """What ``python -m flowcache inspect`` prints: family, config, dtype and key layout."""
     ck, family = read_checkpoint(path)
-    info = {"file": ck.name, "family": FAMILIES[family].title, "key_prefix": ck.prefix or "(none)",
+    return {"file": ck.name, "family": FAMILIES[family].title, "key_prefix": ck.prefix or "(none)",
             "tensors": len(ck.tensors), "dtypes": ck.dtypes,
-            "parameters": sum(t.numel() for t in ck.tensors.values())}
-    if family == "wan":
-        heads = int(ck.metadata["flowcache.num_heads"]) if "flowcache.num_heads" in ck.metadata else None
-        info["config"] = wan_config_from_state_dict(ck.tensors, ck.name, heads).to_dict()
-    else:
-        from . import magi
-        info["config"] = dict(magi.magi_config_from_state_dict(ck.tensors).__dict__)
-    return info
+            "parameters": sum(t.numel() for t in ck.tensors.values()), "config": FAMILIES[family].config(ck)}
 
 
-__all__ = ["LoadedModel", "load_model", "preset_sidecar", "wan_preset_key", "embedded_presets", "MAGI_PRESET_KEY", "inspect_checkpoint", "detect_family", "FAMILIES", "WanDiT"]
+__all__ = ["LoadedModel", "load_model", "header_facts", "HeaderFacts", "inspect_checkpoint", "detect_family",
+           "FAMILIES", "Family", "WanDiT", "magi_distill_decision"]

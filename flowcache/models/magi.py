@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -409,14 +409,15 @@ class MagiDiT(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor, caption: torch.Tensor, caption_mask: torch.Tensor,
                 chunk_start: int = 0, kv: KVContext | None = None, distill_dt: float | None = None,
-                uncond: bool | torch.Tensor = False) -> torch.Tensor:
+                uncond: bool | torch.Tensor = False, between: Callable[[], None] | None = None) -> torch.Tensor:
         """Velocity for n consecutive chunks.
 
         x [B, C, T, H, W], T = n·frames_per_chunk; t [B, n] per-chunk timesteps (0 noise … 1 clean);
         caption [B, Ly, 4096] (shared by the chunks) or [B, n, Ly, 4096] (per chunk), caption_mask the same
         without the last dim; chunk_start: absolute index of the first chunk (temporal RoPE positions);
         distill_dt: ``distill_dt_for_steps(...)`` for distilled checkpoints, None for base ones; uncond picks
-        the null AdaLN row (per batch item or for all). Returns [B, C, T, H, W] fp32.
+        the null AdaLN row (per batch item or for all); between: called after every layer (a cancel point).
+        Returns [B, C, T, H, W] fp32.
 
         Self-attention: with ``kv`` every layer calls ``kv.extend(layer, q, k, v)`` (q [B, Hq, L, Dh],
         k/v [B, G, L, Dh] after RoPE) and chunk c of this forward attends to all returned context tokens plus
@@ -439,6 +440,8 @@ class MagiDiT(nn.Module):
         captions = self._captions(caption, caption_mask, B, n, Lc)
         for layer in self.videodit_blocks.layers:
             tokens = layer(tokens, cond, rope, captions, kv)
+            if between is not None:  # a cancel point inside long forwards (it raises to stop)
+                between()
         out = self.final_linear.linear(self.videodit_blocks.final_layernorm(tokens.float()))
         # Unpatchify: channels are patch-position-major, channel-minor: (pT pH pW C).
         out = out.view(B, Tt, h, w, pt, p, p, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)

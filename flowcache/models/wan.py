@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -52,12 +53,6 @@ class WanConfig:
 
 
 WAN_ANCHORS = ("head.modulation", "patch_embedding.weight", "blocks.0.self_attn.q.weight")
-_BLOCK_KEYS = (
-    "self_attn.q.weight", "self_attn.q.bias", "self_attn.k.weight", "self_attn.k.bias", "self_attn.v.weight",
-    "self_attn.v.bias", "self_attn.o.weight", "self_attn.o.bias", "cross_attn.q.weight", "cross_attn.q.bias",
-    "cross_attn.k.weight", "cross_attn.k.bias", "cross_attn.v.weight", "cross_attn.v.bias", "cross_attn.o.weight",
-    "cross_attn.o.bias", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight", "ffn.2.bias", "modulation",
-)
 
 
 def wan_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "checkpoint",
@@ -290,13 +285,16 @@ class WanDiT(nn.Module):
 
     def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor, grid: tuple[int, int, int],
                    frame_offset: int | tuple[int, ...] = 0, kv: ChunkAttention | None = None,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
+                   mask: torch.Tensor | None = None, between: Callable[[], None] | None = None) -> torch.Tensor:
         """All transformer blocks on tokens x [B, L, D]; RoPE frames start at ``frame_offset`` (a tuple: the
         first frames of equal chunks laid end to end, see ``rope_angles``). With ``kv`` the self-attention is
-        the context's (chunk by chunk against stored K/V), otherwise plain attention under ``mask``."""
+        the context's (chunk by chunk against stored K/V), otherwise plain attention under ``mask``.
+        ``between`` runs after every block: a cancel point inside long forwards (it raises to stop)."""
         rope = self.rope(grid, frame_offset)
         for i, block in enumerate(self.blocks):
             x = block(x, e0, ctx, rope, i, kv, mask)
+            if between is not None:
+                between()
         return x
 
     def head_out(self, x: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

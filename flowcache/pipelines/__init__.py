@@ -1,2 +1,5 @@
-"""Denoising loops. Each pipeline owns its loop and asks a cache policy 'compute or reuse?'."""
-from .diffusion_forcing import DFSettings, DiffusionForcingPipeline, LatentGeometry, StepInfo, plan_windows
+"""Family pipelines over the shared runner (``flowcache.runner``): each supplies its schedule and model call."""
+from .common import LatentCodec, LatentGeometry
+from .diffusion_forcing import DFSettings, DiffusionForcingPipeline, StepInfo, plan_windows
+
+__all__ = ["LatentCodec", "LatentGeometry", "DFSettings", "DiffusionForcingPipeline", "StepInfo", "plan_windows"]

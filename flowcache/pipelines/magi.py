@@ -1,17 +1,26 @@
-"""MAGI-1 chunk-wise autoregressive sampling with FlowCache (SandAI-org/MAGI-1 @ 6ff822e, mikeallen39/FlowCache).
+"""MAGI-1 chunk-wise autoregressive sampling on the shared runner (SandAI-org/MAGI-1 @ 6ff822e, mikeallen39/FlowCache).
 
 The video is split into chunks of ``chunk_width`` latent frames. Up to ``window_size`` chunks are denoised at
 once, staggered: every stage of ``num_steps / window_size`` steps a new chunk enters at the noisiest end and
 the oldest one leaves clean, so each chunk takes exactly ``num_steps`` Euler steps
 (``x += v · (t[i+1] − t[i])``, MAGI's time: 0 = noise, 1 = clean; ``t = sd3_shift(linspace², 3)``).
 
-Every step forwards the window one chunk at a time in ascending order (FlowCache's MAGI path): chunk ``c``
-runs at absolute RoPE positions and attends, through a ``KVStore``, to the stored K/V of every earlier chunk
-(clean history, possibly compressed, and the window's earlier chunks as of their last compute) plus its own.
-That is the block-causal window forward of the reference with ``noise2clean_kvrange = []``, without the
-vanilla "clean refresh" forward at ``clean_t`` (FlowCache turns it off: a finished chunk keeps the K/V of
-its last denoising forward). Clean prefix chunks (V2V) are forwarded once at ``clean_t`` with the null caption,
-each seeing only itself (``clean_chunk_kvrange = 1``).
+Every step forwards the window one chunk at a time in ascending order: chunk ``c`` runs at absolute RoPE
+positions and attends, through a ``KVStore``, to the stored K/V of earlier chunks (clean history, possibly
+compressed, and the window's earlier chunks as of their last compute) plus its own. Two loops, chosen by
+``MagiSettings.path`` ("auto": the cache method's own):
+
+* ``window`` — MAGI-1's own loop, the ``off`` baseline: the released key ranges (``noise2clean_kvrange =
+  [5, 4, 3, 2]``: a chunk in the first quarter of its steps sees itself and 4 earlier chunks, ... the last
+  quarter 1 earlier chunk) and, at the first step of each stage, the clean refresh: the chunk that just finished
+  is forwarded again at ``clean_t`` with the null caption, seeing only itself, and its K/V become its permanent
+  cache entry. One cache decision covers the whole window (TeaCache's all-chunk reuse).
+* ``chunk`` — FlowCache's loop: ``noise2clean_kvrange = []`` (full causal history) and no refresh (a finished
+  chunk keeps the K/V of its last denoising forward), as the FlowCache code runs MAGI-1; every chunk decides
+  for itself.
+
+``noise2clean_kvrange`` / ``clean_refresh`` set explicitly override the path's choice. Clean prefix chunks
+(V2V) are forwarded once at ``clean_t`` with the null caption, each seeing only itself (``clean_chunk_kvrange``).
 
 Guidance: distilled checkpoints run one conditional pass (``distill_dt`` step-size embedding, CFG distilled
 in), optionally with the nearly-clean extra (``0.7·out + 0.3·out_self_only`` for the oldest chunk once its
@@ -20,58 +29,45 @@ text + previous chunks, null text + previous chunks, null text alone (chunk-loca
 ``(1−p)·uncond + (p−s)·cond_pre + s·cond_text`` with (p, s) looked up from the chunk's t. Each pass that
 sees previous chunks has its own KV store.
 
-Caching (the policy decides; the loop never looks at its type, only at ``policy.granularity``):
+Caching: per chunk (or per window), the relative L1 between steps of the patch-embedded noisy input
+``embed_input(x)`` (no rescale); a reuse skips the model entirely and adds the latent update of the unit's last
+computed step. The global first and last step are forced; on the window path so is a step whose window differs
+from the previous one (a stage boundary), since the signals are not comparable there.
 
-* ``chunk`` (FlowCache): per chunk, the relative L1 between steps of the patch-embedded noisy input
-  ``embed_input(x_chunk)`` (no rescale) is accumulated; under the threshold the chunk is *reused*: no model
-  call at all, ``x_chunk += Δx`` where Δx is the latent update of its last computed step; its K/V stay as they
-  were. The global first and last step are forced; a chunk's warm-up (its own first ``warmup`` decisions,
-  counted by the policy) and a newly entered chunk (no previous signal) always compute.
-* ``window`` (TeaCache baseline / no cache): one decision for the whole window from the embedded window;
-  reuse adds the stored whole-window Δx. A step whose window differs from the previous one (a stage
-  boundary) is forced, since the signals are not comparable.
+KV compression (``cache.kv_budget`` chunks of compressed clean history; FlowCache's MAGI presets: fast 1, slow
+2): once per stage, right before a new chunk enters, finished chunks are marked clean and, if the clean rows
+exceed the budget, compressed per KV head with the importance/redundancy score using the queries of the last
+computed chunk forward. The store never holds more than ``budget + window`` chunks of rows.
 
-KV compression (``cache.kv_budget`` chunks of compressed clean history; presets: fast 1, slow 2, i.e.
-FlowCache's ``total_cache_chunk_nums`` 5 / 6 with window 4): once per stage, right before a new chunk enters,
-the finished chunks are marked clean and, if the clean rows exceed the budget, compressed per KV head with
-the importance/redundancy score using the queries of the last computed chunk forward. The store therefore
-never holds more than ``budget + window`` chunks of rows (``prefix + 1`` at the first stage of V2V).
-
-Statistics: one "window" (the whole video); ``maps[0][c]`` is chunk c's C/R string over the steps it was
-active (a window decision is written into every chunk it covers), ``computed``/``reused`` count chunk-steps,
-``forwards`` DiT calls (passes, prefix and nearly-clean extras included), FLOPs from ``magi_forward_flops``.
-
-Known differences from the references, by choice: key ranges are full-causal (the released MAGI configs use
-``noise2clean_kvrange = [5, 4, 3, 2]``; FlowCache's T2V config uses ``[]``); the TeaCache baseline forces a
-compute at stage boundaries where FlowCache's ``TeaCache`` compares position-aligned slices of different
-windows and may advance only the new chunk; base-model guidance keeps one store per context pass (the
-reference has one cache written by the null-text pass and refreshed at ``clean_t``), and skips the chunk-alone
-pass when its weight ``1 − p`` is 0, which leaves the result unchanged.
-
-All state (noise, policy, stores, counters) is created inside ``__call__``: runs never share anything, and
-a callback that raises cancels the run without leaving state behind.
+Known differences from the references, by choice: the TeaCache baseline forces a compute at stage boundaries
+where FlowCache's ``TeaCache`` compares position-aligned slices of different windows; base-model guidance keeps
+one store per context pass, each refreshed by its own pass (the reference has one cache written by the
+null-text pass), and skips the chunk-alone pass when its weight ``1 − p`` is 0, which leaves the result
+unchanged.
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from ..cache import CacheSettings, make_policy
+from ..cache.base import CachePolicy
 from ..errors import InputError
 from ..kv.scoring import CompressionConfig, select_queries
 from ..kv.store import KVStore
 from ..models.magi import MagiConfig, MagiDiT, distill_dt_for_steps
-from ..models.wan import WanDiT
+from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
 from ..stats import RunStats
-from .diffusion_forcing import LatentCodec, LatentGeometry, StepInfo
+from ..validate import finite, whole
+from .common import LatentCodec, LatentGeometry
 
 CFG_T_RANGE = (0.0, 0.0217, 0.1, 0.3, 0.999)
 PREV_CHUNK_SCALES = (1.5, 1.5, 1.5, 1.0, 1.0)
 TEXT_SCALES = (7.5, 7.5, 7.5, 0.0, 0.0)
+RELEASED_KVRANGE = (5, 4, 3, 2)  # noise2clean_kvrange of every released MAGI-1 config
+PATHS = ("auto", "window", "chunk")
 
 
 @dataclass
@@ -82,6 +78,8 @@ class MagiSettings:
         rounded up to whole chunks. distill: None takes ``model.distill`` (or ``model.config.distill``) and
         falls back to a base checkpoint (3-pass guidance). discard_nearly_clean_chunk: FlowCache's default
         (True) drops the distill nearly-clean extra forward; False runs it as the reference does.
+    path: "auto" (the cache method's own), "window" (MAGI-1's loop) or "chunk" (FlowCache's), see the module
+        docstring. noise2clean_kvrange / clean_refresh: None takes the path's choice.
     """
 
     num_frames: int = 96
@@ -102,6 +100,11 @@ class MagiSettings:
     cfg_t_range: tuple = CFG_T_RANGE
     prev_chunk_scales: tuple = PREV_CHUNK_SCALES
     text_scales: tuple = TEXT_SCALES
+    path: str = "auto"
+    noise2clean_kvrange: tuple[int, ...] | None = None
+    clean_refresh: bool | None = None
+
+
 
 
 # ------------------------------------------------------------------------------------------------- schedule
@@ -189,16 +192,19 @@ class _Plan:
 
 
 @dataclass
-class _Branch:
+class _Pass:
+    """One guidance pass. caption: "text" or "null"; uncond: AdaLN null row; stored: sees earlier chunks through
+    its own KV store (else the chunk alone, chunk-local RoPE); weight_index: 0 text, 1 cond_pre, 2 uncond."""
+
     name: str
-    caption: str           # "text" or "null"
-    uncond: bool           # AdaLN null row −1
-    stored: bool           # sees previous chunks through its own KV store
-    weight_index: int      # 0 text, 1 cond_pre, 2 uncond (guidance combination)
+    caption: str
+    uncond: bool
+    stored: bool
+    weight_index: int
 
 
 class _QueryTap:
-    """The scoring queries of the last computed chunk forward of one branch, per layer."""
+    """The scoring queries of the last computed chunk forward of one pass, per layer."""
 
     def __init__(self, cfg: CompressionConfig, tokens_per_frame: int):
         self.cfg, self.tpf = cfg, tokens_per_frame
@@ -209,22 +215,236 @@ class _QueryTap:
 
 
 class _ChunkContext:
-    """KVContext of one chunk forward: the store's view (optionally self-only) and a query tap."""
+    """KVContext of one chunk forward: the store's view (from chunk ``first`` on, when given) and a query tap."""
 
-    def __init__(self, store: KVStore | None, chunk_id: int, tap: _QueryTap | None, self_only: bool = False):
-        self.view = store.view(chunk_id) if store is not None else None
-        self.tap, self.self_only = tap, self_only
+    def __init__(self, store: KVStore | None, chunk_id: int, tap: _QueryTap | None, first: int | None = None):
+        self.view = store.view(chunk_id, first) if store is not None else None
+        self.tap = tap
 
     def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if self.tap is not None:
             self.tap.record(layer, q)
         if self.view is None:
             return k, v
-        keys, vals = self.view.extend(layer, q, k, v)
-        if self.self_only:
-            n = k.shape[2]
-            return keys[:, :, -n:], vals[:, :, -n:]
-        return keys, vals
+        return self.view.extend(layer, q, k, v)
+
+
+def cfg_weights(s: MagiSettings, t: float) -> tuple[float, float, float]:
+    """Weights of (cond_text, cond_pre, uncond): (s, p − s, 1 − p), with (p, s) = (prev_chunk_scale,
+    text_scale) from the reference's ``get_cfg_scale``, i.e. the bucket of t in ``cfg_t_range``."""
+    rng = torch.tensor(s.cfg_t_range, dtype=torch.float32) - 1e-7
+    i = int(torch.searchsorted(rng, torch.tensor([t], dtype=torch.float32))[0]) - 1
+    i = min(max(i, 0), len(s.cfg_t_range) - 1)
+    p, sc = float(s.prev_chunk_scales[i]), float(s.text_scales[i])
+    return sc, p - sc, 1.0 - p
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+class _MagiLoop:
+    """The ``ChunkLoop`` of one MAGI-1 run: one segment (the whole video), a step per global forward step."""
+
+    def __init__(self, pipe: "MagiPipeline", s: MagiSettings, plan: _Plan, inputs: dict, path: str,
+                 cache: CacheSettings):
+        self.pipe, self.s, self.plan, self.path = pipe, s, plan, path
+        self.model, self.cfgm = pipe.model, pipe.model.config
+        self.text, self.null, self.pre = inputs["text"], inputs["null"], inputs["prefix"]
+        self.distill = inputs["distill"]
+        self.kvrange = tuple(s.noise2clean_kvrange if s.noise2clean_kvrange is not None
+                             else (RELEASED_KVRANGE if path == "window" else ()))
+        self.refresh = s.clean_refresh if s.clean_refresh is not None else path == "window"
+        self.passes = ([_Pass("cond", "text", False, True, 0)] if self.distill else
+                       [_Pass("cond", "text", False, True, 0), _Pass("pre", "null", True, True, 1),
+                        _Pass("uncond", "null", True, False, 2)])
+        self.budget = cache.kv_budget * plan.tokens
+        self.comp = CompressionConfig(mix_lambda=cache.mix_lambda)
+        self.ts = time_schedule(s.num_steps, s.shift, s.shortcut_mode)
+        self.intervals = step_intervals(s.num_steps, s.shortcut_mode)
+        self.per = s.num_steps // s.window_size
+        self.taps: dict[str, _QueryTap] = {}
+        self.counts = [0] * plan.chunk_num
+        self.finished: list[int] = []
+        self.x: torch.Tensor | None = None
+
+    def segments(self) -> list[Segment]:
+        return [Segment(0, self.plan.chunk_num, len(self.plan.schedule))]
+
+    def start(self, seg: Segment, run: RunState) -> None:
+        s, plan, geo = self.s, self.plan, self.pipe.geometry
+        device = self.model.x_embedder.weight.device
+        gen = torch.Generator(device="cpu").manual_seed(int(s.seed))
+        self.x = torch.randn(1, geo.channels, plan.frames, plan.h, plan.w, generator=gen).to(device)
+        if self.pre is not None:
+            self.pre = self.pre.to(device)
+            self.x[:, :, :plan.prefix_frames] = self.pre
+        if self.budget > 0:
+            cap_chunks = min(plan.chunk_num, max(plan.offset + 1, self.budget // plan.tokens + s.window_size))
+        else:
+            cap_chunks = plan.chunk_num
+        for p in self.passes:
+            if p.stored:
+                run.stores[p.name] = KVStore(self.cfgm.num_layers, cap_chunks * plan.tokens, self.budget, self.comp,
+                                             plan.tokens_per_frame)
+        if self.budget > 0:
+            self.taps = {name: _QueryTap(self.comp, plan.tokens_per_frame) for name in run.stores}
+        dt = self._dt(0)
+        for c in range(plan.offset):  # clean prefix chunks: fill their K/V once, each seeing only itself
+            self._clean_forward(self.pre[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], c, dt, run)
+
+    def steps(self, seg: Segment):
+        plan, cw = self.plan, self.s.chunk_width
+        total, prev_ids = len(plan.schedule), None
+        for k, window in enumerate(plan.schedule):
+            ids = [c for c, _ in window]
+            cs, ce = ids[0], ids[-1] + 1
+            x_win = self.x[:, :, cs * cw:ce * cw].clone()
+            if self.pre is not None and plan.prefix_frames > cs * cw:  # re-pad the prefix frames inside the window
+                n_pad = min(plan.prefix_frames - cs * cw, x_win.shape[2])
+                x_win[:, :, :n_pad] = self.pre[:, :, cs * cw:cs * cw + n_pad]
+            force = k == 0 or k == total - 1
+            if self.path == "chunk":
+                units = [Unit(c, (c,), force) for c in ids]
+            else:
+                units = [Unit("window", tuple(ids), force or ids != prev_ids)]
+            prev_ids = ids
+            yield Step(k, units, ids, data={"window": window, "x_win": x_win, "cs": cs, "ce": ce})
+
+    def signals(self, step: Step) -> dict:
+        d, cw, model = step.data, self.s.chunk_width, self.model
+        x_win, cs = d["x_win"], d["cs"]
+        d["chunk_x"] = {c: x_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] for c, _ in d["window"]}
+        if self.path == "chunk":
+            return {c: model.embed_input(d["chunk_x"][c]).to(model.dtype) for c in step.active}
+        return {"window": model.embed_input(x_win).to(model.dtype)}
+
+    def compute(self, step: Step, decisions: Decisions, run: RunState) -> dict[int, torch.Tensor]:
+        """Velocities of the chunks that compute this step (ascending; the refresh first at a stage start)."""
+        s, d, k = self.s, step.data, step.index
+        dt = self._dt(k)
+        decide = {c: decisions[("cond", c if self.path == "chunk" else "window")] for c in step.active}
+        cs, ce = d["cs"], d["ce"]
+        if self.refresh and cs > self.plan.offset and k % self.per == 0 and decide[cs]:
+            # MAGI-1's clean refresh: the chunk that just finished, at clean_t, null caption, seeing itself only
+            c = cs - 1
+            self._clean_forward(self.x[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], c, dt, run)
+        t_of = {c: float(self.ts[i]) for c, i in d["window"]}
+        idx_of = dict(d["window"])
+        v: dict[int, torch.Tensor] = {}
+        for c in step.active:
+            outs: dict[int, torch.Tensor] = {}
+            weights = (1.0,) if self.distill else cfg_weights(s, t_of[c])
+            for p in self.passes:
+                if p.weight_index >= len(weights) or (not p.stored and weights[p.weight_index] == 0.0):
+                    continue  # the chunk-alone pass has weight 0 for t >= 0.3: skipping it is exact
+                cm, store = self._caption(p, c), run.stores.get(p.name)
+                first = self._first_chunk(c, idx_of[c]) if p.stored else None
+                f = magi_forward_flops(self.cfgm, self.plan.tokens, self._context_rows(store, c, first), _tokens(cm))
+                run.count_vanilla(f)
+                if decide[c]:
+                    kv = _ChunkContext(store, c, self.taps.get(p.name), first) if p.stored else None
+                    outs[p.weight_index] = self._forward(d["chunk_x"][c], t_of[c], p, kv, c if p.stored else 0,
+                                                         dt, cm, run)
+                    run.count_forward(f)
+            if decide[c]:
+                # reference order: (1 - p)·uncond + (p - s)·cond_pre + s·cond_text
+                v[c] = sum(weights[i] * outs[i] for i in sorted(outs, reverse=True)) if not self.distill else outs[0]
+        if self.distill and not s.discard_nearly_clean_chunk and t_of[cs] > s.nearly_clean_threshold:
+            cm = self._caption(self.passes[0], cs)
+            f = magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens, _tokens(cm))
+            run.count_vanilla(f)
+            if decide[cs]:  # the oldest chunk again, self-only, RoPE after the window; blended 0.7 / 0.3
+                tap = self.taps.get("cond")
+                v_self = self._forward(d["chunk_x"][cs], t_of[cs], self.passes[0],
+                                       _ChunkContext(None, cs, tap) if tap is not None else None, ce, dt, cm, run)
+                v[cs] = s.nearly_clean_scale * v[cs] + (1 - s.nearly_clean_scale) * v_self
+                run.count_forward(f)
+        return v
+
+    def update(self, step: Step, v: dict[int, torch.Tensor], run: RunState) -> None:
+        """Euler for computed units; a reused unit adds its last computed update."""
+        d, cw = step.data, self.s.chunk_width
+        x_win, cs, ce = d["x_win"], d["cs"], d["ce"]
+        dt_of = {c: float(self.ts[i + 1] - self.ts[i]) for c, i in d["window"]}
+        new_win = x_win.clone()
+        if self.path == "chunk":
+            for c in step.active:
+                sl = slice((c - cs) * cw, (c - cs + 1) * cw)
+                if c in v:
+                    new_win[:, :, sl] = d["chunk_x"][c] + v[c] * dt_of[c]
+                    run.remember("cond", c, new_win[:, :, sl] - d["chunk_x"][c])
+                else:
+                    new_win[:, :, sl] = d["chunk_x"][c] + run.recall("cond", c)
+        elif cs in v:
+            for c in step.active:
+                sl = slice((c - cs) * cw, (c - cs + 1) * cw)
+                new_win[:, :, sl] = d["chunk_x"][c] + v[c] * dt_of[c]
+            run.remember("cond", "window", new_win - x_win)
+        else:
+            new_win = x_win + run.recall("cond", "window")
+        self.x[:, :, cs * cw:ce * cw] = new_win
+        for c in step.active:
+            self.counts[c] += 1
+            if self.counts[c] == self.s.num_steps:
+                self.finished.append(c)
+        step.chunk_step = self.counts[step.active[-1]]
+        sched, k = self.plan.schedule, step.index
+        if self.budget > 0 and k + 1 < len(sched) and sched[k + 1][-1][0] > step.active[-1]:
+            # once per stage, before a new chunk enters: compress the clean history
+            for name, store in run.stores.items():
+                for c in list(range(self.plan.offset)) + self.finished:
+                    store.mark_clean(c)
+                q = self.taps[name].q
+                if len(q) == self.cfgm.num_layers:
+                    store.compress_clean([q[i] for i in range(self.cfgm.num_layers)])
+
+    def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
+        pf = self.plan.prefix_frames
+        return self.x[:, :, 0 if pf <= 1 else pf:].float().cpu()
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _dt(self, k: int) -> float | None:
+        return distill_dt_for_steps(self.s.num_steps, self.intervals[k % self.per]) if self.distill else None
+
+    def _caption(self, p: _Pass, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if p.caption == "null" or self.text is None:
+            return self.null
+        cap, m = self.text
+        return (cap[:, c], m[:, c]) if cap.dim() == 4 else (cap, m)
+
+    def _first_chunk(self, c: int, step_index: int) -> int | None:
+        """The first chunk a stored pass of chunk ``c`` at its step ``step_index`` sees (None: all history)."""
+        if not self.kvrange:
+            return None
+        r = self.kvrange[step_index // (self.s.num_steps // len(self.kvrange))]
+        return max(0, c + 1 - r)
+
+    def _context_rows(self, store: KVStore | None, c: int, first: int | None) -> int:
+        tok = self.plan.tokens
+        if store is None:
+            return tok
+        lay = store.layers[0]
+        end = lay.ranges[c][1] if c in lay.ranges else lay.used + tok
+        return end - (store.first_row(0, first) if first is not None else 0)
+
+    def _clean_forward(self, xc: torch.Tensor, c: int, dt: float | None, run: RunState) -> None:
+        """A clean chunk's K/V into every stored pass: t = clean_t, null caption, seeing only itself."""
+        for p in self.passes:
+            if p.stored:
+                f = magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens, _tokens(self.null))
+                run.count_vanilla(f)
+                self._forward(xc, self.s.clean_t, p, _ChunkContext(run.stores[p.name], c, None, first=c), c, dt,
+                              self.null, run)
+                run.count_forward(f)
+
+    def _forward(self, xc: torch.Tensor, t: float, p: _Pass, kv, rope_chunk: int, dt: float | None, cm,
+                 run: RunState) -> torch.Tensor:
+        run.count_call()
+        tt = torch.full((1, 1), float(t), device=xc.device)
+        return self.model(xc, tt, cm[0], cm[1], chunk_start=rope_chunk, kv=kv, distill_dt=dt, uncond=p.uncond,
+                          between=run.check_cancel)
+
+
+def _tokens(cap_mask) -> int:
+    return int(cap_mask[1].sum())
 
 
 class MagiPipeline:
@@ -234,8 +454,8 @@ class MagiPipeline:
         if not isinstance(model, MagiDiT):
             hint = (" This is a Wan2.1 / SkyReels-V2 DiT: sample it with DiffusionForcingPipeline "
                     "(flowcache.pipelines.diffusion_forcing, the FlowCache DF sampler)."
-                    if isinstance(model, WanDiT) else "")
-            raise InputError(f"MagiPipeline runs MAGI-1 DiTs (MagiDiT, from load_magi / the MAGI-1 loader); "
+                    if type(model).__name__ == "WanDiT" else "")
+            raise InputError(f"MagiPipeline runs MAGI-1 DiTs (MagiDiT, from FlowCache Load Model); "
                              f"got {type(model).__name__}.{hint}")
         self.model = model
         self.geometry = geometry or LatentGeometry(temporal_stride=4, spatial_stride=8,
@@ -255,9 +475,21 @@ class MagiPipeline:
                 return bool(flag)
         return False
 
+
+
     def plan(self, s: MagiSettings, prefix_frames: int = 0) -> _Plan:
         """Check the settings and lay out chunks and schedule; raises InputError before any sampling."""
         cfgm, geo = self.model.config, self.geometry
+        s.shift = finite(s.shift, "shift")
+        for name in ("width", "height", "num_frames", "num_steps", "window_size", "chunk_width", "seed"):
+            setattr(s, name, whole(getattr(s, name), name))
+        if s.path not in PATHS:
+            raise InputError(f"path={s.path!r}: must be one of {', '.join(PATHS)}.")
+        if s.noise2clean_kvrange is not None and (
+                any(int(r) < 1 for r in s.noise2clean_kvrange)
+                or (s.noise2clean_kvrange and s.num_steps % len(s.noise2clean_kvrange))):
+            raise InputError(f"noise2clean_kvrange={list(s.noise2clean_kvrange)}: ranges must be ≥ 1 and their "
+                             f"count must divide num_steps={s.num_steps} (MAGI-1 uses [5, 4, 3, 2]).")
         unit = geo.spatial_stride * cfgm.patch_size
         for name, val in (("width", s.width), ("height", s.height)):
             if val <= 0 or val % unit:
@@ -343,209 +575,30 @@ class MagiPipeline:
     @torch.inference_mode()
     def __call__(self, caption: torch.Tensor, caption_mask: torch.Tensor | None, settings: MagiSettings,
                  cache: CacheSettings | None = None, prefix: torch.Tensor | None = None,
-                 on_step: Callable[[StepInfo], None] | None = None) -> tuple[torch.Tensor, RunStats]:
+                 hooks: RunHooks | None = None, policy: CachePolicy | None = None) -> tuple[torch.Tensor, RunStats]:
         """Returns model-space latents [1, C, F, h, w] (fp32, CPU) and the run's statistics.
 
         caption [1, L, 4096] (or per chunk [1, chunks, L, 4096]) with caption_mask [1, L] (None: all valid);
         prefix: clean latents [1, C, P, h, w] (I2V: P = 1, V2V: P ≥ chunk_width) or pixels with a codec.
         T2V and I2V return every chunk (I2V keeps the image frame); V2V returns the frames after the prefix.
+        hooks: progress and cancel; policy: use this policy instead of the one ``cache`` names.
         """
-        cache = cache or CacheSettings(mode="off")
-        s, model, geo = settings, self.model, self.geometry
-        cfgm = model.config
-        device = model.x_embedder.weight.device
-        h0, w0 = s.height // geo.spatial_stride, s.width // geo.spatial_stride
-        pre = self._prefix_latents(prefix, (h0, w0)) if prefix is not None else None
+        cache = cache or CacheSettings()
+        s, geo = settings, self.geometry
+        device = self.model.x_embedder.weight.device
+        pre = self._prefix_latents(prefix, (s.height // geo.spatial_stride, s.width // geo.spatial_stride)
+                                   ) if prefix is not None else None
         plan = self.plan(s, 0 if pre is None else pre.shape[2])
         text, null = self._captions(caption, caption_mask, plan.chunk_num, device)
         distill = self.is_distill(s)
-        policy = make_policy(cache)
-        stats = RunStats(mode=cache.mode, settings=cache.to_dict(), windows=1)
+        path = cache.path if s.path == "auto" else s.path
+        stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": path})
         stats.settings["magi"] = {"distill": distill, "passes": 1 if distill else 3, "chunks": plan.chunk_num,
                                   "prefix_chunks": plan.offset, "forward_steps": len(plan.schedule)}
-        ts = time_schedule(s.num_steps, s.shift, s.shortcut_mode)
-        intervals = step_intervals(s.num_steps, s.shortcut_mode)
-        per = s.num_steps // s.window_size
-        sched, cw, tok, P = plan.schedule, s.chunk_width, plan.tokens, plan.prefix_frames
-        total = len(sched)
-
-        gen = torch.Generator(device="cpu").manual_seed(int(s.seed))
-        x = torch.randn(1, geo.channels, plan.frames, plan.h, plan.w, generator=gen).to(device)
-        if pre is not None:
-            pre = pre.to(device)
-            x[:, :, :P] = pre
-
-        if distill:
-            branches = [_Branch("cond", "text", False, True, 0)]
-        else:
-            branches = [_Branch("cond", "text", False, True, 0), _Branch("pre", "null", True, True, 1),
-                        _Branch("uncond", "null", True, False, 2)]
-        budget = cache.kv_budget * tok
-        if budget > 0:
-            cap_chunks = min(plan.chunk_num, max(plan.offset + 1, cache.kv_budget + s.window_size))
-        else:
-            cap_chunks = plan.chunk_num
-        comp = CompressionConfig(mix_lambda=cache.mix_lambda)
-        stores = {b.name: KVStore(cfgm.num_layers, cap_chunks * tok, budget, comp, plan.tokens_per_frame)
-                  for b in branches if b.stored}
-        taps = {name: _QueryTap(comp, plan.tokens_per_frame) for name in stores} if budget > 0 else {}
-
-        def caption_for(branch: _Branch, c: int):
-            if branch.caption == "null" or text is None:
-                return null
-            cap, m = text
-            return (cap[:, c], m[:, c]) if cap.dim() == 4 else (cap, m)
-
-        def text_tokens(cap_mask) -> int:
-            return int(cap_mask[1].sum())
-
-        def ctx_rows(store: KVStore | None, c: int) -> int:
-            if store is None:
-                return tok
-            lay = store.layers[0]
-            return lay.ranges[c][1] if c in lay.ranges else lay.used + tok
-
-        def forward(xc, t_val: float, branch: _Branch, kv, rope_chunk: int, dt, cap_mask) -> torch.Tensor:
-            tt = torch.full((1, 1), float(t_val), device=device)
-            stats.forwards += 1
-            return model(xc, tt, cap_mask[0], cap_mask[1], chunk_start=rope_chunk, kv=kv, distill_dt=dt,
-                         uncond=branch.uncond)
-
-        maps = [[] for _ in range(plan.chunk_num)]
-        counts = [0] * plan.chunk_num
-        finished: list[int] = []
-        prev_ids: list[int] | None = None
-        t_start = time.perf_counter()
-        for k, window in enumerate(sched):
-            ids = [c for c, _ in window]
-            d = k % per
-            dt_embed = distill_dt_for_steps(s.num_steps, intervals[d]) if distill else None
-            if k == 0 and plan.offset > 0:  # clean prefix chunks: fill their K/V once, each seeing only itself
-                for c in range(plan.offset):
-                    xc = pre[:, :, c * cw:(c + 1) * cw]
-                    for b in branches:
-                        if b.stored:
-                            cm = null
-                            flops = magi_forward_flops(cfgm, tok, tok, text_tokens(cm))
-                            stats.flops += flops
-                            stats.flops_nocache += flops
-                            forward(xc, s.clean_t, b, _ChunkContext(stores[b.name], c, None, self_only=True),
-                                    c, dt_embed, cm)
-            cs, ce = ids[0], ids[-1] + 1
-            x_win = x[:, :, cs * cw:ce * cw].clone()
-            if pre is not None and P > cs * cw:  # re-pad the prefix frames inside the window before every step
-                n_pad = min(P - cs * cw, x_win.shape[2])
-                x_win[:, :, :n_pad] = pre[:, :, cs * cw:cs * cw + n_pad]
-            chunk_x = {c: x_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] for c in ids}
-            t_of = {c: float(ts[i]) for c, i in window}
-            dt_of = {c: float(ts[i + 1] - ts[i]) for c, i in window}
-
-            # decisions
-            force = k == 0 or k == total - 1
-            if policy.granularity == "chunk":
-                decide = {c: policy.should_compute(c, model.embed_input(chunk_x[c]).to(model.dtype), force)
-                          for c in ids}
-            else:
-                sig = model.embed_input(x_win).to(model.dtype)
-                one = policy.should_compute("window", sig, force or ids != prev_ids)
-                decide = {c: one for c in ids}
-            prev_ids = ids
-
-            # forwards, ascending chunk id (then the nearly-clean extra, as FlowCache's artifact chunk max id + 1)
-            v: dict[int, torch.Tensor] = {}
-            for c in ids:
-                outs: dict[int, torch.Tensor] = {}
-                weights = (1.0,) if distill else self._cfg_weights(s, t_of[c])
-                for b in branches:
-                    if b.weight_index >= len(weights) or (not b.stored and weights[b.weight_index] == 0.0):
-                        continue  # the chunk-alone pass has weight 0 for t >= 0.3: skipping it is exact
-                    cm, store = caption_for(b, c), stores.get(b.name)
-                    f = magi_forward_flops(cfgm, tok, ctx_rows(store, c), text_tokens(cm))
-                    stats.flops_nocache += f
-                    if decide[c]:
-                        kv = _ChunkContext(store, c, taps.get(b.name)) if b.stored else None
-                        outs[b.weight_index] = forward(chunk_x[c], t_of[c], b, kv, c if b.stored else 0,
-                                                       dt_embed, cm)
-                        stats.flops += f
-                if decide[c]:
-                    # reference order: (1 - p)·uncond + (p - s)·cond_pre + s·cond_text
-                    v[c] = sum(weights[i] * outs[i] for i in sorted(outs, reverse=True)) if not distill else outs[0]
-            if distill and not s.discard_nearly_clean_chunk and t_of[cs] > s.nearly_clean_threshold:
-                cm = caption_for(branches[0], cs)
-                f = magi_forward_flops(cfgm, tok, tok, text_tokens(cm))
-                stats.flops_nocache += f
-                if decide[cs]:  # the oldest chunk again, self-only, RoPE after the window; blended 0.7 / 0.3
-                    tap = taps.get("cond")
-                    v_self = forward(chunk_x[cs], t_of[cs], branches[0],
-                                     _ChunkContext(None, cs, tap) if tap is not None else None, ce, dt_embed, cm)
-                    v[cs] = s.nearly_clean_scale * v[cs] + (1 - s.nearly_clean_scale) * v_self
-                    stats.flops += f
-
-            # integrate (Euler) or reuse the stored update
-            new_win = x_win.clone()
-            if policy.granularity == "chunk":
-                for c in ids:
-                    sl = slice((c - cs) * cw, (c - cs + 1) * cw)
-                    if decide[c]:
-                        new_win[:, :, sl] = chunk_x[c] + v[c] * dt_of[c]
-                        policy.remember(c, new_win[:, :, sl] - chunk_x[c])
-                    else:
-                        new_win[:, :, sl] = chunk_x[c] + policy.recall(c)
-            else:
-                if decide[cs]:
-                    for c in ids:
-                        sl = slice((c - cs) * cw, (c - cs + 1) * cw)
-                        new_win[:, :, sl] = chunk_x[c] + v[c] * dt_of[c]
-                    policy.remember("window", new_win - x_win)
-                else:
-                    new_win = x_win + policy.recall("window")
-            x[:, :, cs * cw:ce * cw] = new_win
-            for c in ids:
-                maps[c].append("C" if decide[c] else "R")
-                stats.computed += int(decide[c])
-                stats.reused += int(not decide[c])
-                counts[c] += 1
-                if counts[c] == s.num_steps:
-                    finished.append(c)
-
-            # once per stage, before a new chunk enters: compress the clean history
-            if budget > 0 and k + 1 < total and sched[k + 1][-1][0] > ids[-1]:
-                for name, store in stores.items():
-                    for c in list(range(plan.offset)) + finished:
-                        store.mark_clean(c)
-                    q = taps[name].q
-                    if len(q) == cfgm.num_layers:
-                        store.compress_clean([q[i] for i in range(cfgm.num_layers)])
-
-            if on_step is not None:
-                on_step(StepInfo(0, 1, k, total, k + 1, total, ids, stats.computed, stats.reused,
-                                 counts[ids[-1]], s.num_steps))
-
-        stats.wall_seconds = time.perf_counter() - t_start
-        stats.iterations.append(total)
-        stats.maps.append(["".join(m) for m in maps])
-        kept = [0] * cfgm.num_layers
-        dropped = [0] * cfgm.num_layers
-        for store in stores.values():
-            kv = store.stats()
-            kept = [a + b for a, b in zip(kept, kv["kept_per_layer"])]
-            dropped = [a + b for a, b in zip(dropped, kv["dropped_per_layer"])]
-            stats.kv_allocated_bytes = max(stats.kv_allocated_bytes, store.allocated_bytes)
-            stats.compress_seconds += store.compress_seconds
-        stats.kv_peak_bytes = sum(st.allocated_bytes for st in stores.values())
-        stats.kv_kept_per_layer, stats.kv_dropped_per_layer = kept, dropped
-        out_start = 0 if P <= 1 else P
-        return x[:, :, out_start:].float().cpu(), stats
-
-    @staticmethod
-    def _cfg_weights(s: MagiSettings, t: float) -> tuple[float, float, float]:
-        """Weights of (cond_text, cond_pre, uncond): (s, p − s, 1 − p), with (p, s) = (prev_chunk_scale,
-        text_scale) from the reference's ``get_cfg_scale``, i.e. the bucket of t in ``cfg_t_range``."""
-        rng = torch.tensor(s.cfg_t_range, dtype=torch.float32) - 1e-7
-        i = int(torch.searchsorted(rng, torch.tensor([t], dtype=torch.float32))[0]) - 1
-        i = min(max(i, 0), len(s.cfg_t_range) - 1)
-        p, sc = float(s.prev_chunk_scales[i]), float(s.text_scales[i])
-        return sc, p - sc, 1.0 - p
+        run = RunState(policy or make_policy(cache), stats, ("cond",), s.num_steps, hooks)
+        inputs = {"text": text, "null": null, "prefix": pre, "distill": distill}
+        return run_loop(_MagiLoop(self, s, plan, inputs, path, cache), run), stats
 
 
-__all__ = ["MagiPipeline", "MagiSettings", "stage_schedule", "time_schedule", "step_intervals", "magi_forward_flops"]
+__all__ = ["MagiPipeline", "MagiSettings", "stage_schedule", "time_schedule", "step_intervals", "magi_forward_flops",
+           "cfg_weights"]

@@ -1,0 +1,88 @@
+"""The cache methods by name, and the settings a run is given. Adding a method touches its own file, this table
+and ``flowcache/presets.json``; nothing registers itself at import time."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ..errors import InputError
+from ..validate import finite, whole
+from .base import CachePolicy
+from .flowcache import FlowCacheConfig, FlowCachePolicy
+from .off import OffConfig, OffPolicy
+from .teacache import TeaCacheConfig, TeaCachePolicy
+
+
+@dataclass(frozen=True)
+class CacheMethod:
+    """name: the ``method`` widget value. config/policy: the method's dataclass and policy class.
+    path: the execution path the method is made for ("window": one decision for the whole window each step;
+    "chunk": only the active chunks are forwarded, each deciding for itself); pipelines take it as default.
+    summary: one line for tooltips and --help."""
+
+    name: str
+    config: type
+    policy: type
+    path: str
+    summary: str
+
+
+METHODS: dict[str, CacheMethod] = {m.name: m for m in (
+    CacheMethod("off", OffConfig, OffPolicy, "window", "compute every step: the model's vanilla loop"),
+    CacheMethod("teacache", TeaCacheConfig, TeaCachePolicy, "window", "skip whole steps of the window"),
+    CacheMethod("flowcache", FlowCacheConfig, FlowCachePolicy, "chunk", "each chunk decides for itself"),
+)}
+
+
+def method(name: str) -> CacheMethod:
+    if name not in METHODS:
+        raise InputError(f"method={name!r}: must be one of {', '.join(METHODS)}.")
+    return METHODS[name]
+
+
+def config_fields(name: str) -> list[str]:
+    return [f.name for f in fields(method(name).config)]
+
+
+@dataclass
+class CacheSettings:
+    """Everything a run needs to build its policy and KV store; plain data, shown in the UI and stats.
+
+    method: a ``METHODS`` name; config: that method's dataclass; preset: the preset it came from (slow / fast /
+    custom); kv_budget: chunks of clean history kept per head on the chunk path (0 = no compression);
+    mix_lambda: importance weight of the KV score; model_key: the presets-table row it was resolved from."""
+
+    method: str = "off"
+    config: Any = field(default_factory=OffConfig)
+    preset: str = "custom"
+    kv_budget: int = 0
+    mix_lambda: float = 0.07
+    model_key: str = ""
+
+    def __post_init__(self) -> None:
+        m = method(self.method)
+        if not isinstance(self.config, m.config):
+            raise InputError(f"cache settings for {self.method!r} need a {m.config.__name__}, "
+                             f"got {type(self.config).__name__}.")
+        self.kv_budget = whole(self.kv_budget, "kv_budget", 0, 100000)
+        self.mix_lambda = finite(self.mix_lambda, "mix_lambda", 0.0, 1.0)
+
+    @classmethod
+    def of(cls, method_name: str = "off", *, preset: str = "custom", kv_budget: int = 0, mix_lambda: float = 0.07,
+           model_key: str = "", **knobs: Any) -> "CacheSettings":
+        """Settings from plain values, e.g. ``CacheSettings.of("flowcache", threshold=0.1, warmup=2)``."""
+        config = method(method_name).config(**knobs)
+        return cls(method_name, config, preset, kv_budget, mix_lambda, model_key)
+
+    @property
+    def path(self) -> str:
+        return METHODS[self.method].path
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "preset": self.preset, **asdict(self.config), "kv_budget": self.kv_budget,
+                "mix_lambda": self.mix_lambda, "model_key": self.model_key}
+
+
+def make_policy(settings: CacheSettings) -> CachePolicy:
+    """A fresh policy for one run."""
+    return METHODS[settings.method].policy(settings.config)

@@ -1,0 +1,142 @@
+"""One step of a Wan2.1 DiT over some units, for every text branch: the model call that the diffusion-forcing
+and causal Wan loops share.
+
+The units' latents and timesteps do not depend on the text, so they are embedded once for all branches.
+Each branch decides per unit; branches that computed the same units (always, when they see the same e0)
+run as one batch, and all computed units of a step run as one forward: on the chunk path chunks are laid end
+to end along the tokens and attend chunk by chunk against each branch's KV store (``ChunkBatchKV``), on the
+window path the window runs plain attention under an optional mask. A reused unit takes its cached backbone
+residual ``h − h0``; the head always runs with the current timestep.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InputError
+from ..flops import forward_flops
+from ..kv.store import ChunkBatchKV
+from ..models.wan import WanDiT
+from ..runner import Decisions, RunState, Unit
+
+
+@dataclass
+class UnitSpan:
+    """Where a unit's latents are: ``frames`` of the segment's latent, first RoPE frame ``frame_offset``."""
+
+    frames: slice
+    frame_offset: int
+
+
+@dataclass
+class Embedded:
+    """A step's units embedded once: e [1, F, D], e0 [1, F, 6, D] per unit frame, h0 [1, L, D] tokens,
+    idx the segment frames they came from, spans per unit (frames, tokens) of the concatenation."""
+
+    e: torch.Tensor
+    e0: torch.Tensor
+    h0: torch.Tensor
+    idx: torch.Tensor
+    spans: list[tuple[slice, slice]]
+    grid_hw: tuple[int, int]
+
+
+def check_conditioning(ctx: torch.Tensor, text_dim: int, text_len: int, name: str) -> torch.Tensor:
+    """[1, S, text_dim] text states, zero-padded to ``text_len`` rows."""
+    if ctx.dim() == 2:
+        ctx = ctx[None]
+    if ctx.dim() != 3 or ctx.shape[0] != 1:
+        raise InputError(f"{name}: conditioning must be [1, tokens, {text_dim}], got {list(ctx.shape)}.")
+    if ctx.shape[2] != text_dim:
+        raise InputError(f"{name}: conditioning width is {ctx.shape[2]} but the model takes {text_dim} "
+                         f"(Wan needs umT5-XXL states: CLIPLoader type 'wan').")
+    if ctx.shape[1] == 0 or ctx.shape[1] > text_len:
+        raise InputError(f"{name}: conditioning has {ctx.shape[1]} tokens; this model takes 1..{text_len}. "
+                         "Shorten the prompt.")
+    if ctx.shape[1] < text_len:
+        ctx = torch.cat([ctx, ctx.new_zeros(1, text_len - ctx.shape[1], text_dim)], dim=1)
+    return ctx
+
+
+class WanStep:
+    """The Wan model call of one step. contexts: embedded text per branch, in the run's branch order."""
+
+    def __init__(self, model: WanDiT, contexts: dict[str, torch.Tensor], fps: float | None):
+        self.model, self.contexts, self.fps = model, contexts, fps
+        self.branches = list(contexts)
+
+    def embed(self, x_in: torch.Tensor, t_frames: torch.Tensor, pos: torch.Tensor | None,
+              spans: list[UnitSpan]) -> Embedded:
+        """x_in [1, C, F, h, w] and per-frame timesteps t_frames [1, F] of the segment -> the units' embedding."""
+        model, pt = self.model, self.model.cfg.patch_size[0]
+        grid_hw = (x_in.shape[3] // model.cfg.patch_size[1], x_in.shape[4] // model.cfg.patch_size[2])
+        tok_frame = grid_hw[0] * grid_hw[1]
+        idx = torch.cat([torch.arange(s.frames.start, s.frames.stop) for s in spans]).to(x_in.device)
+        e, e0 = model.time_embed(t_frames.index_select(1, idx), self.fps)
+        h0 = model.embed(x_in.index_select(2, idx), None if pos is None else pos.index_select(2, idx))
+        out, f0 = [], 0
+        for s in spans:
+            nf = s.frames.stop - s.frames.start
+            out.append((slice(f0, f0 + nf), slice(f0 // pt * tok_frame, (f0 + nf) // pt * tok_frame)))
+            f0 += nf
+        return Embedded(e, e0, h0, idx, out, grid_hw)
+
+    def signals(self, emb: Embedded, units: list[Unit]) -> dict:
+        """Each unit's e0 slice: the FlowCache / TeaCache signal."""
+        return {u.id: emb.e0[:, fr] for u, (fr, _) in zip(units, emb.spans)}
+
+    def predict(self, emb: Embedded, units: list[Unit], spans: list[UnitSpan], decisions: Decisions,
+                run: RunState, window: dict | None = None) -> dict[str, torch.Tensor]:
+        """Every branch's prediction for the units' frames [1, C, F_units, h, w] (fp32).
+
+        window: None on the chunk path (attention through ``run.stores``); on the window path
+        ``{"mask": bool mask or None, "flops": {branch: FLOPs of one window forward}}``.
+        """
+        names = self.branches
+        compute = {b: [decisions[(b, u.id)] for u in units] for b in names}
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for row, b in enumerate(names):
+            groups.setdefault(tuple(i for i, c in enumerate(compute[b]) if c), []).append(row)
+        h = emb.h0.expand(len(names), -1, -1).clone()
+        for which, rows in groups.items():
+            if which:
+                self._forward([units[i] for i in which], [spans[i] for i in which], [emb.spans[i] for i in which],
+                              rows, emb, run, window, h)
+        for row, b in enumerate(names):
+            for i, (u, (_, tok)) in enumerate(zip(units, emb.spans)):
+                if not compute[b][i]:
+                    h[row:row + 1, tok] = emb.h0[:, tok] + run.recall(b, u.id)
+        pt = self.model.cfg.patch_size[0]
+        pred = self.model.head_out(h, emb.e.expand(len(names), -1, -1), (emb.idx.numel() // pt,) + emb.grid_hw)
+        return {b: pred[row:row + 1] for row, b in enumerate(names)}
+
+    def _forward(self, units: list[Unit], spans: list[UnitSpan], tok_spans: list[tuple[slice, slice]],
+                 rows: list[int], emb: Embedded, run: RunState, window: dict | None, h: torch.Tensor) -> None:
+        """One batched forward of ``units`` for the branches at ``rows``; writes their tokens into ``h``
+        [branches, L, D] and remembers each cacheable unit's backbone residual per branch."""
+        model, cfgm = self.model, self.model.cfg
+        tokens = torch.cat([emb.h0[:, tok] for _, tok in tok_spans], dim=1).expand(len(rows), -1, -1)
+        mod = torch.cat([emb.e0[:, fr] for fr, _ in tok_spans], dim=1).expand(len(rows), -1, -1, -1)
+        ctx = torch.cat([self.contexts[self.branches[r]] for r in rows], dim=0)
+        branches = [self.branches[r] for r in rows]
+        sizes = [tok.stop - tok.start for _, tok in tok_spans]
+        grid = (sum(fr.stop - fr.start for fr, _ in tok_spans) // cfgm.patch_size[0],) + tuple(emb.grid_hw)
+        offsets = tuple(s.frame_offset for s in spans)
+        kv = ChunkBatchKV([run.stores[b] for b in branches], [u.id for u in units], sizes) if window is None else None
+        out = model.run_blocks(tokens, mod, ctx, grid, offsets, kv, None if window is None else window["mask"],
+                               between=run.check_cancel)
+        run.count_call()
+        start = 0
+        for u, (_, tok), n in zip(units, tok_spans, sizes):
+            for i, b in enumerate(branches):
+                res = out[i:i + 1, start:start + n]
+                h[rows[i]:rows[i] + 1, tok] = res
+                if u.cacheable:
+                    run.remember(b, u.id, res - emb.h0[:, tok])
+                if window is None:
+                    run.count_forward(forward_flops(n, kv.context_rows[(i, u.id)], cfgm.dim, cfgm.ffn_dim,
+                                                    cfgm.num_layers, ctx.shape[1]))
+                else:
+                    run.count_forward(window["flops"][b])
+            start += n

@@ -1,0 +1,247 @@
+"""The shared chunk-loop runner: one denoising loop under every model family.
+
+A model family is a ``ChunkLoop``: it says which segments the video has (long-video windows; the whole video
+for MAGI-1 and causal Wan), which units are active at each step and at which timesteps, how their inputs are
+built, how the model is called for the units that compute, and how the solver moves the latents. The runner
+owns everything else, written once: the cache policy and its decisions, the KV stores, the statistics and
+FLOP totals, the compute/reuse maps, progress, and the cancel point. All of it lives in one ``RunState``
+made per call and dropped with it, so nothing leaks between runs, between two sampler nodes, or out of a
+cancelled run.
+
+One step, as ``run_loop`` drives it::
+
+    signals = loop.signals(step)                 # the cache signal of each unit (e.g. a chunk's e0)
+    decisions = run.decide(step, signals)        # per (branch, unit): compute or reuse
+    out = loop.compute(step, decisions, run)     # model calls for what computes; reuse via run.recall
+    loop.update(step, out, run)                  # the solver
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterable, Protocol
+
+import torch
+
+from .cache.base import CachePolicy
+from .kv.store import KVStore
+from .stats import RunStats
+
+UnitId = Hashable
+Decisions = dict[tuple[str, UnitId], bool]
+
+
+@dataclass
+class Unit:
+    """What one cache decision covers in one step.
+
+    id: the chunk's index in its segment, or ``"window"``; chunks: the map rows the decision is written to;
+    force: compute whatever the policy says (a chunk's last step, a global first/last step, ...);
+    cacheable: False for work that is always done and never decided or counted (a clean prefix writing its K/V).
+    """
+
+    id: UnitId
+    chunks: tuple[int, ...]
+    force: bool = False
+    cacheable: bool = True
+
+
+@dataclass
+class Step:
+    """One iteration of a family's loop. ``data`` holds what the family computed for it (inputs, embeddings)."""
+
+    index: int
+    units: list[Unit]
+    active: list[int] = field(default_factory=list)  # chunks being denoised, for progress
+    chunk_step: int = 0                               # steps taken by the newest active chunk
+    data: dict = field(default_factory=dict)
+
+
+@dataclass
+class Segment:
+    """A stretch of the video with its own latents and KV stores (a long-video window)."""
+
+    index: int
+    chunks: int
+    steps: int
+
+
+@dataclass
+class StepInfo:
+    """What a progress callback sees after each step."""
+
+    window: int
+    windows: int
+    iteration: int
+    iterations: int
+    done: int          # steps finished over the whole run
+    total: int         # steps in the whole run
+    active_chunks: list[int] = field(default_factory=list)
+    computed: int = 0  # chunk-steps computed so far in the run
+    reused: int = 0
+    chunk_step: int = 0    # steps taken by the newest active chunk
+    chunk_steps: int = 0   # steps every chunk takes
+    preview: Callable[[], torch.Tensor] | None = None  # latents finished so far [1, C, F, h, w], on demand
+
+    def text(self) -> str:
+        if self.active_chunks:
+            where = f"chunk {self.active_chunks[-1]}: step {self.chunk_step}/{self.chunk_steps}"
+        else:
+            where = f"step {self.iteration + 1}/{self.iterations}"
+        return f"window {self.window + 1}/{self.windows}, {where}, reused {self.reused}"
+
+
+@dataclass
+class RunHooks:
+    """What the host hands a run: ``on_step`` after every step (progress; it may raise to cancel) and ``cancel``,
+    a cheap check called between steps and between transformer blocks that raises to stop the run."""
+
+    on_step: Callable[[StepInfo], None] | None = None
+    cancel: Callable[[], None] | None = None
+
+
+class RunState:
+    """Everything one sampling run owns besides its latents: see the module docstring.
+
+    policy: the cache policy (``make_policy``, or an observer such as calibration's recorder).
+    branches: the decision branches (``("cond", "uncond")`` with CFG; one name without).
+    chunk_steps: steps every chunk takes (for progress). hooks: the host's progress and cancel.
+    """
+
+    def __init__(self, policy: CachePolicy, stats: RunStats, branches: tuple[str, ...], chunk_steps: int,
+                 hooks: RunHooks | None = None):
+        self.policy, self.stats, self.branches = policy, stats, branches
+        hooks = hooks or RunHooks()
+        self.chunk_steps, self.on_step, self.cancel = chunk_steps, hooks.on_step, hooks.cancel
+        self.stores: dict[str, KVStore] = {}
+        self.maps: dict[str, list[list[str]]] = {}
+        self.segment: Segment | None = None
+        self.segments = 0
+        self.done = 0
+        self.total = 0
+        self.preview: Callable[[], torch.Tensor] | None = None
+
+    # -- the cancel point --------------------------------------------------------------------------
+    def check_cancel(self) -> None:
+        if self.cancel is not None:
+            self.cancel()
+
+    # -- segments ----------------------------------------------------------------------------------
+    def begin_segment(self, seg: Segment) -> None:
+        self.segment = seg
+        self.policy.reset()
+        self.stores = {}
+        self.maps = {b: [[] for _ in range(seg.chunks)] for b in self.branches}
+
+    def end_segment(self) -> None:
+        """Per-segment statistics: iterations, maps, and the KV stores' sizes and compression."""
+        s = self.stats
+        s.iterations.append(self.segment.steps)
+        for i, b in enumerate(self.branches[:2]):
+            (s.maps if i == 0 else s.maps_uncond).append(["".join(c) for c in self.maps[b]])
+        stores = list(self.stores.values())
+        if stores:
+            s.kv_peak_bytes = max(s.kv_peak_bytes, sum(st.allocated_bytes for st in stores))
+        for st in stores:
+            s.kv_allocated_bytes = max(s.kv_allocated_bytes, st.allocated_bytes)
+            kv = st.stats()
+            if not s.kv_kept_per_layer:
+                s.kv_kept_per_layer = [0] * len(kv["kept_per_layer"])
+                s.kv_dropped_per_layer = [0] * len(kv["dropped_per_layer"])
+            s.kv_kept_per_layer = [a + b for a, b in zip(s.kv_kept_per_layer, kv["kept_per_layer"])]
+            s.kv_dropped_per_layer = [a + b for a, b in zip(s.kv_dropped_per_layer, kv["dropped_per_layer"])]
+            s.compress_seconds += st.compress_seconds
+        self.stores = {}
+
+    # -- decisions and payloads --------------------------------------------------------------------
+    def decide(self, step: Step, signals: dict[UnitId, torch.Tensor]) -> Decisions:
+        """One decision per (branch, unit); units that are not cacheable always compute."""
+        out: Decisions = {}
+        for b in self.branches:
+            for u in step.units:
+                out[(b, u.id)] = (self.policy.should_compute((b, u.id), signals[u.id], u.force)
+                                  if u.cacheable else True)
+        return out
+
+    def remember(self, branch: str, unit: UnitId, payload: torch.Tensor) -> None:
+        self.policy.remember((branch, unit), payload)
+
+    def recall(self, branch: str, unit: UnitId) -> torch.Tensor:
+        return self.policy.recall((branch, unit))
+
+    # -- accounting --------------------------------------------------------------------------------
+    def count_forward(self, flops: float, forwards: int = 1) -> None:
+        """Work actually done: ``forwards`` transformer forwards costing ``flops`` in total."""
+        self.stats.forwards += forwards
+        self.stats.flops += flops
+
+    def count_vanilla(self, flops: float) -> None:
+        """What the vanilla loop (cache off) spends on this step, the reference of the FLOPs speedup."""
+        self.stats.flops_nocache += flops
+
+    def count_call(self) -> None:
+        """One call into the transformer blocks (it may batch several forwards)."""
+        self.stats.model_calls += 1
+
+    def end_step(self, step: Step, decisions: Decisions) -> None:
+        for u in step.units:
+            if not u.cacheable:
+                continue
+            for b in self.branches:
+                c = decisions[(b, u.id)]
+                for chunk in u.chunks:
+                    self.maps[b][chunk].append("C" if c else "R")
+                    self.stats.computed += int(c)
+                    self.stats.reused += int(not c)
+        self.done += 1
+        if self.on_step is not None:
+            seg = self.segment
+            self.on_step(StepInfo(seg.index, self.segments, step.index, seg.steps, self.done, self.total,
+                                  list(step.active), self.stats.computed, self.stats.reused, step.chunk_step,
+                                  self.chunk_steps, self.preview))
+
+
+class ChunkLoop(Protocol):
+    """What a model family supplies to ``run_loop``; see the module docstring. One object per run."""
+
+    def segments(self) -> list[Segment]:
+        """The segments of the video, planned (and validated) before anything runs."""
+
+    def start(self, seg: Segment, run: RunState) -> None:
+        """Set up the segment: its noise, prefix, solvers, and KV stores (into ``run.stores``)."""
+
+    def steps(self, seg: Segment) -> Iterable[Step]:
+        """The segment's steps, each with its units."""
+
+    def signals(self, step: Step) -> dict[UnitId, torch.Tensor]:
+        """Each unit's cache signal (and whatever the step's model call will reuse, into ``step.data``)."""
+
+    def compute(self, step: Step, decisions: Decisions, run: RunState) -> Any:
+        """The model call(s) for the units that compute; reused units take ``run.recall``."""
+
+    def update(self, step: Step, out: Any, run: RunState) -> None:
+        """Move the latents by the solver."""
+
+    def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
+        """The segment's new latents [1, C, F, h, w] (fp32, CPU)."""
+
+
+def run_loop(loop: ChunkLoop, run: RunState) -> torch.Tensor:
+    """Drive ``loop`` to the end; returns the latents of every segment, concatenated along frames."""
+    segments = loop.segments()
+    run.segments, run.total = len(segments), sum(s.steps for s in segments)
+    run.stats.windows = len(segments)
+    t0 = time.perf_counter()
+    pieces = []
+    for seg in segments:
+        run.begin_segment(seg)
+        loop.start(seg, run)
+        for step in loop.steps(seg):
+            run.check_cancel()
+            decisions = run.decide(step, loop.signals(step))
+            loop.update(step, loop.compute(step, decisions, run), run)
+            run.end_step(step, decisions)
+        pieces.append(loop.finish(seg, run))
+        run.end_segment()
+    run.stats.wall_seconds = time.perf_counter() - t0
+    return torch.cat(pieces, dim=2)

@@ -1,0 +1,59 @@
+"""FlowCache Cache: the cache method and its preset as a node of its own, plugged into FlowCache Sampler's
+``cache`` input (as ComfyUI's EasyCache and the TeaCache/MagCache packs do)."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..flowcache.cache import METHODS
+from ..flowcache.presets import PRESET_NAMES, CacheRequest
+from ..flowcache.validate import finite
+
+# Widgets of the custom preset: widget name -> (config field it sets, widget spec). Order is the saved
+# workflows' widgets_values order: new knobs go at the end.
+CUSTOM_WIDGETS: dict[str, tuple[str, tuple]] = {
+    "threshold": ("threshold", ("FLOAT", {
+        "default": 0.1, "min": 0.0, "max": 10.0, "step": 0.005, "round": 0.0005,
+        "tooltip": "custom preset: accumulated change below which a chunk (or, for teacache, the window) reuses "
+                   "its cached result; higher = faster. Locked to the preset's value for slow/fast."})),
+    "warmup_steps": ("warmup", ("INT", {
+        "default": 5, "min": 0, "max": 1000, "step": 1,
+        "tooltip": "custom preset: first steps of each chunk that are always computed. Locked for slow/fast."})),
+    "kv_budget": ("kv_budget", ("INT", {
+        "default": 0, "min": 0, "max": 1000, "step": 1,
+        "tooltip": "custom preset: chunks of clean history kept in the KV cache on the chunk path (0 = keep "
+                   "all, no compression; 1-2 bound memory for long videos). Locked for slow/fast."})),
+    "mix_lambda": ("mix_lambda", ("FLOAT", {
+        "default": 0.07, "min": 0.0, "max": 1.0, "step": 0.01, "round": 0.001,
+        "tooltip": "custom preset: weight of attention importance against redundancy when the KV cache is "
+                   "compressed. Locked for slow/fast."})),
+}
+
+
+class FlowCacheCache:
+    """Choose how FlowCache Sampler reuses work: off, TeaCache (whole steps) or FlowCache (per chunk)."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        methods = "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+        required: dict[str, Any] = {
+            "method": (list(METHODS), {"default": "flowcache", "tooltip": methods + "."}),
+            "preset": (list(PRESET_NAMES), {
+                "default": "slow",
+                "tooltip": "slow: best quality; fast: more reuse (values from the model's presets, shown locked "
+                           "below). custom: use the widgets below."}),
+        }
+        required.update({name: spec for name, (_, spec) in CUSTOM_WIDGETS.items()})
+        return {"required": required}
+
+    RETURN_TYPES = ("FLOWCACHE_CACHE",)
+    RETURN_NAMES = ("cache",)
+    OUTPUT_TOOLTIPS = ("The cache settings, for FlowCache Sampler's cache input.",)
+    FUNCTION = "build"
+    CATEGORY = "FlowCache"
+    DESCRIPTION = ("How FlowCache Sampler reuses work between steps. Without this node the sampler runs FlowCache "
+                   "with the model's slow preset.")
+
+    def build(self, method: str, preset: str, **custom: Any) -> tuple[CacheRequest]:
+        # every number is checked, used or not: NaN passes ComfyUI's own min/max checks
+        values = tuple((CUSTOM_WIDGETS[k][0], finite(v, k)) for k, v in custom.items() if k in CUSTOM_WIDGETS)
+        return (CacheRequest(method, preset, values),)

@@ -1,0 +1,113 @@
+"""Bit-identical latents and identical statistics before and after the move onto the shared runner.
+
+``tests/data/refactor_golden.*`` were recorded by the pipelines as they were at commit c87be27 (each family with
+its own loop): latents, forwards, FLOPs and the reference FLOPs of every case below. The same cases, written in
+today's API, must give the same tensors bit for bit. Cases whose loop the refactor kept: the demo model, tiny
+SkyReels on the window and chunk paths, with and without a KV budget, and tiny MAGI-1 distill and base (MAGI-1's
+``off`` is now its own released loop, so the old one is asked for explicitly: no key ranges, no refresh).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowcache.cache import CacheSettings
+from flowcache.models.magi import MagiDiT, magi_config_from_state_dict
+from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
+from flowcache.pipelines.magi import MagiPipeline, MagiSettings
+from test_magi_model import SMALL, make_sd
+from tiny_models import tiny_wan
+
+DATA = Path(__file__).resolve().parent / "data"
+GOLD = load_file(str(DATA / "refactor_golden.safetensors"))
+FACTS = json.loads((DATA / "refactor_golden.json").read_text())
+pytestmark = pytest.mark.usefixtures("one_thread")  # the recording ran on one thread
+
+
+def check(name: str, z: torch.Tensor, stats) -> None:
+    gold, facts = GOLD[name], FACTS[name]
+    assert z.shape == gold.shape and torch.equal(z, gold), f"{name}: max diff {(z - gold).abs().max():.3g}"
+    assert stats.forwards == facts["forwards"]
+    assert stats.flops == facts["flops"] and stats.flops_nocache == facts["flops_nocache"]
+    assert stats.maps[0][0] == facts["maps"][0][0]  # the first chunk's (or window's) decisions
+
+
+WAN = dict(width=32, height=32, num_frames=21, steps=6, cfg=3.0, shift=5.0, seed=3, ar_step=2, causal_block_size=3,
+           base_num_frames=12, overlap_history=3, addnoise_condition=20)
+C = dict(threshold=1.5, warmup=1, coefficients=[1.0, 0.0])
+WAN_CASES = {
+    "wan_off": ({}, CacheSettings()),
+    "wan_off_blockcausal": ({"attention": "block_causal"}, CacheSettings()),
+    "wan_off_chunked": ({"path": "chunk"}, CacheSettings()),
+    "wan_teacache": ({}, CacheSettings.of("teacache", **C)),
+    "wan_flowcache": ({}, CacheSettings.of("flowcache", **C)),
+    "wan_flowcache_kv": ({}, CacheSettings.of("flowcache", **C, kv_budget=1)),
+    "wan_flowcache_kv_t0": ({"num_frames": 36, "base_num_frames": 18},
+                            CacheSettings.of("flowcache", threshold=0.0, warmup=1, kv_budget=1)),
+    "wan_flowcache_nocfg_euler": ({"cfg": 1.0, "solver": "euler"},
+                                  CacheSettings.of("flowcache", threshold=1.5, warmup=1)),
+}
+
+
+@pytest.mark.parametrize("name", WAN_CASES)
+def test_tiny_skyreels(name):
+    model = tiny_wan(seed=1)
+    g = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g)
+    over, cache = WAN_CASES[name]
+    s = DFSettings(**{**WAN, **over})
+    pipe = DiffusionForcingPipeline(model, LatentGeometry(temporal_stride=1, spatial_stride=4, channels=16), 8)
+    check(name, *pipe(cond, uncond if s.cfg > 1 else None, s, cache))
+
+
+@pytest.mark.parametrize("method,preset,custom", [("off", "slow", {}), ("teacache", "fast", {}),
+                                                  ("flowcache", "slow", {}), ("flowcache", "fast", {}),
+                                                  ("flowcache", "custom", {"threshold": 0.15, "kv_budget": 1})])
+def test_demo_model(method, preset, custom):
+    from flowcache.jobs import load_demo_kit
+
+    kit = load_demo_kit()
+    s = DFSettings(**{**kit.settings.__dict__, "steps": 16, "seed": 1})
+    z, stats = kit.pipeline()(kit.text.encode("a red circle bouncing on a blue background"), kit.text.encode(""), s,
+                              kit.cache(method, preset, **custom))
+    check(f"demo_{method}_{preset}" + ("_kv" if custom else ""), z, stats)
+
+
+OLD_MAGI_LOOP = {"noise2clean_kvrange": (), "clean_refresh": False}
+MAGI = dict(num_frames=48, width=32, height=32, num_steps=8, window_size=4, chunk_width=2, seed=11)
+M = dict(threshold=0.02, warmup=2)
+MAGI_CASES = {
+    "magi_distill_off": ({"distill": True, **OLD_MAGI_LOOP}, CacheSettings()),
+    "magi_distill_teacache": ({"distill": True, **OLD_MAGI_LOOP}, CacheSettings.of("teacache", **M)),
+    "magi_distill_flowcache": ({"distill": True}, CacheSettings.of("flowcache", **M)),
+    "magi_distill_flowcache_kv": ({"distill": True}, CacheSettings.of("flowcache", **M, kv_budget=1)),
+    "magi_distill_nearly_clean": ({"distill": True, "discard_nearly_clean_chunk": False},
+                                  CacheSettings.of("flowcache", **M)),
+    "magi_base_off": ({"distill": False, **OLD_MAGI_LOOP}, CacheSettings()),
+    "magi_base_flowcache_kv": ({"distill": False}, CacheSettings.of("flowcache", threshold=0.1, warmup=2, kv_budget=1)),
+    "magi_v2v_flowcache_kv": ({"distill": True}, CacheSettings.of("flowcache", **M, kv_budget=1)),
+}
+
+
+@pytest.fixture(scope="module")
+def magi():
+    sd = make_sd(**SMALL, seed=4)
+    model = MagiDiT(magi_config_from_state_dict(sd), dtype=torch.float32)
+    model.load_state_dict(sd)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("name", MAGI_CASES)
+def test_tiny_magi(magi, name):
+    g = torch.Generator().manual_seed(7)
+    cap = torch.randn(1, 6, SMALL["cap"], generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    over, cache = MAGI_CASES[name]
+    prefix = (torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+              if name.startswith("magi_v2v") else None)
+    pipe = MagiPipeline(magi, LatentGeometry(temporal_stride=4, spatial_stride=8, channels=4))
+    check(name, *pipe(cap, mask, MagiSettings(**{**MAGI, **over}), cache, prefix=prefix))
