@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..flowcache.errors import CheckpointError, InputError
+from ..flowcache.errors import FlowCacheError
 from ..flowcache.model_presets import preset_rows
 from . import comfy_bridge
 from .loader import model_path
@@ -21,11 +21,20 @@ _registered = False
 
 
 def model_presets(model_name: str) -> dict:
-    """The route's answer: ``preset_rows`` of the file, or ``{"known": False, "error": …}``."""
+    """The route's answer: ``preset_rows`` of the file, or ``{"known": False, "error": …}``; never raises.
+
+    The frontend asks for whatever file is picked, so a damaged or hostile file must give an answer the
+    widgets can show, not an HTTP 500.
+    """
     try:
         return {"model_name": model_name, **preset_rows(model_path(model_name))}
-    except (CheckpointError, InputError, OSError) as e:
-        return {"model_name": model_name, "known": False, "rows": {}, "error": str(e)}
+    except (FlowCacheError, OSError) as e:
+        error = str(e)
+    except Exception as e:  # a bug, or a file no check foresaw: log it for a report, answer all the same
+        log.exception("FlowCache: reading presets of %r failed", model_name)
+        error = (f"model_name: could not read presets from {model_name} ({type(e).__name__}: {str(e)[:200]}); "
+                 "the sampler will report the problem when it loads the model.")
+    return {"model_name": model_name, "known": False, "rows": {}, "error": error}
 
 
 def register_routes() -> bool:
