@@ -7,7 +7,10 @@ import json
 import logging
 import struct
 
-from comfy_helpers import pack_submodule, write_tiny_wan
+import pytest
+import torch
+
+from comfy_helpers import pack_submodule, run_node, write_tiny_wan
 
 
 def raw(path, header: bytes, data: bytes = b"\0" * 8):
@@ -64,3 +67,69 @@ def test_presets_route_answers_unforeseen_errors_too(pack, comfy, monkeypatch, c
         got = route.model_presets("tiny.safetensors")
     assert got["known"] is False and "RuntimeError: something nobody foresaw" in got["error"]
     assert "model_name" in got["error"] and any(r.exc_info for r in caplog.records)  # logged with its traceback
+
+
+# ----------------------------------------------------------------------------------------- filename_prefix
+
+def nodes(pack):
+    return pack.NODE_CLASS_MAPPINGS
+
+
+def combine(pack, prefix: str, **over):
+    kw = dict(images=torch.rand(2, 16, 16, 3), frame_rate=8.0, loop_count=0, filename_prefix=prefix,
+              format="video/h264-mp4", crf=19)
+    return run_node(nodes(pack)["FlowCacheVideoCombine"], **{**kw, **over})
+
+
+def decode_save(pack, prefix: str, **over):
+    # Wan latents without a VAE: the node would refuse them, so reaching that error means the prefix passed.
+    kw = dict(samples={"samples": torch.zeros(1, 16, 2, 4, 4)}, frame_rate=8.0, loop_count=0,
+              filename_prefix=prefix, format="video/h264-mp4", crf=19)
+    return run_node(nodes(pack)["FlowCacheDecodeSave"], **{**kw, **over})
+
+
+def files_under(folder) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("node", [combine, decode_save])
+def test_long_or_odd_prefix_is_refused_before_any_work(pack, comfy, node):
+    errors = pack_submodule(pack, "flowcache.errors")
+    for prefix, match in (("a" * 300, "filename_prefix: the file name 'aaa.* is 300 bytes long; at most 200"),
+                          ("d" * 300 + "/x", "filename_prefix: the folder name 'ddd.* is 300 bytes long"),
+                          ("ok/" * 400 + "x", "filename_prefix is 1201 bytes long"),
+                          ("line\nbreak", "filename_prefix 'line\\\\nbreak' contains a control character")):
+        with pytest.raises(errors.FlowCacheError, match=match):
+            node(pack, prefix)
+        assert files_under(comfy.output_dir) == []
+
+
+@pytest.mark.parametrize("node", [combine, decode_save])
+def test_prefix_that_turns_a_file_into_a_folder_is_refused(pack, comfy, node):
+    errors = pack_submodule(pack, "flowcache.errors")
+    existing = comfy.output_dir / "FlowCache" / "demo_00001.mp4"
+    existing.parent.mkdir()
+    existing.write_bytes(b"a video")
+    with pytest.raises(errors.OutputPathError,
+                       match="filename_prefix 'FlowCache/demo_00001.mp4/x': FlowCache/demo_00001.mp4 is an "
+                             "existing file in the output folder, not a folder"):
+        node(pack, "FlowCache/demo_00001.mp4/x")
+    with pytest.raises(errors.OutputPathError, match="is an existing file"):
+        node(pack, "FlowCache/demo_00001.mp4/deeper/x")
+    assert files_under(comfy.output_dir) == ["FlowCache", "FlowCache/demo_00001.mp4"]
+    assert existing.read_bytes() == b"a video"
+
+
+def test_decode_save_checks_the_file_widgets_before_the_vae(pack, comfy):
+    errors = pack_submodule(pack, "flowcache.errors")
+    with pytest.raises(errors.InputError, match="vae: these are Wan2.1 latents"):
+        decode_save(pack, "sub/fine")  # a good prefix gets as far as the missing VAE
+    with pytest.raises(errors.InputError, match="crf for video/h264-mp4 must be a whole number in 0..51"):
+        decode_save(pack, "sub/fine", crf=60)
+    assert files_under(comfy.output_dir) == []  # not even the subfolder
+
+
+def test_a_long_but_legal_prefix_still_writes(pack, comfy):
+    out = combine(pack, "v/" + "b" * 200)
+    (path,) = out["result"]
+    assert path.endswith("b" * 200 + "_00001.mp4") and files_under(comfy.output_dir)[-1].endswith(".mp4")
