@@ -82,6 +82,10 @@ def _generate(a) -> int:
     for flag, path in (("CHECKPOINT", a.checkpoint), ("--cond", a.cond), ("--uncond", a.uncond), ("--vae", a.vae)):
         if path is not None and not os.path.exists(path):
             raise InputError(f"{flag}: {path}: no such file.")
+    from .checkpoint import read_safetensors_header
+    for path in (a.cond, a.uncond):  # read by safetensors directly later: its header gets the loader's checks now
+        if path is not None:
+            read_safetensors_header(path)
     r = generate(a.checkpoint, a.cond, a.out, a.uncond, a.vae, a.cache, a.preset, a.dtype, a.device, **extra)
     print(json.dumps({"out": r["out"], "forwards": r["stats"]["forwards"], "reused": r["stats"]["reused"]}))
     return 0
@@ -120,9 +124,15 @@ def _bench(a) -> int:
         rows = bench.run_long(steps=a.steps, window_counts=tuple(a.windows))
         print(bench.format_long(rows))
         out["long"] = rows
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1, default=str)
+    if a.json:  # complete or not at all: a temporary file beside it, renamed
+        tmp = f"{a.json}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=1, default=str)
+            os.replace(tmp, a.json)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return 0
 
 

@@ -41,6 +41,9 @@ def test_generate_input_errors(tmp_path, capsys):
     assert "--cond: " in one_line_error(capsys, ["generate", ckpt, "--cond", str(tmp_path / "none.safetensors")])
     assert "--vae: " in one_line_error(capsys, gen + ["--vae", str(tmp_path / "no_vae.safetensors")])
     assert "CHECKPOINT: " in one_line_error(capsys, ["generate", str(tmp_path / "gone.pt"), "--cond", ckpt])
+    (tmp_path / "cond.safetensors").write_bytes(b"\x07\0\0\0\0\0\0\0[1,2,3]")
+    err = one_line_error(capsys, ["generate", ckpt, "--cond", str(tmp_path / "cond.safetensors")])
+    assert "cond.safetensors: damaged safetensors header" in err
 
 
 @pytest.mark.parametrize("argv,needle", [
