@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -49,27 +51,92 @@ class Checkpoint:
         return max(self.dtypes.items(), key=lambda kv: kv[1])[0] if self.dtypes else "unknown"
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Fail early, with the file's name, on files that are not safetensors or are cut short."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path.name}: file is only {size} bytes; it is not a safetensors file (truncated or empty).")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 1 or n > min(size - 8, 100 * 1024 * 1024):
-            raise CheckpointError(
-                f"{path.name}: not a safetensors file (bad header length). Use a .safetensors checkpoint, "
-                "or a torch file that loads with weights_only=True.")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path.name}: safetensors header is not valid JSON ({e}); the file is damaged.") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
+# safetensors dtype names -> bytes per element (whole-byte types only: torch reads no others).
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                        "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_INDEX_BYTES = 64 * 1024 * 1024  # a 40-layer model's weight map is well under 1 MB
+
+
+def _entry(name: str) -> str:
+    """A header or index entry for an error message, shortened: the file may be hostile."""
+    r = repr(name)
+    return r if len(r) <= 200 else r[:197] + "..."
+
+
+def _json_kind(v: object) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_safetensors_header(path: Path) -> dict:
+    """Read and validate a safetensors header; return it (tensor name -> {dtype, shape, data_offsets}, plus
+    ``__metadata__``). Fail with the file's name and the bad entry on anything that is not a well-formed
+    safetensors file, so no reader ever meets a header it would trip over."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            raw = f.read(n) if 1 < n <= min(size - 8, MAX_HEADER_BYTES) else b""
+    except OSError as e:
+        raise CheckpointError(f"{path.name}: cannot be read ({e.strerror or type(e).__name__}).") from None
+    if len(head) < 8:
+        raise CheckpointError(f"{path.name}: file is only {size} bytes; it is not a safetensors file (truncated or empty).")
+    if n <= 1 or n > min(size - 8, MAX_HEADER_BYTES) or len(raw) != n:
         raise CheckpointError(
-            f"{path.name}: truncated: the header promises {8 + n + end} bytes but the file has {size}. "
-            "Download it again.")
+            f"{path.name}: not a safetensors file (bad header length). Use a .safetensors checkpoint, "
+            "or a torch file that loads with weights_only=True.")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(
+            f"{path.name}: safetensors header is not valid JSON ({str(e)[:120]}); the file is damaged.") from e
+    bad = f"{path.name}: damaged safetensors header"
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad}: expected a JSON object of tensors, got {_json_kind(header)}.")
+    data_size = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            if info is not None and (not isinstance(info, dict)
+                                     or not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items())):
+                raise CheckpointError(f"{bad}: '__metadata__' must map names to strings.")
+            continue
+        what = f"{bad}: tensor {_entry(key)}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{what} is {_json_kind(info)}, expected an object {{dtype, shape, data_offsets}}.")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE:
+            raise CheckpointError(f"{what} has dtype {_entry(dtype) if isinstance(dtype, str) else str(dtype)[:40]}; "
+                                  f"expected one of {', '.join(SAFETENSORS_ITEMSIZE)}.")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{what} has shape {str(shape)[:80]}; expected a list of non-negative integers.")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{what} has data_offsets {str(offsets)[:80]}; expected [begin, end] with "
+                                  "0 <= begin <= end.")
+        if offsets[1] > data_size:
+            raise CheckpointError(
+                f"{path.name}: truncated: the header promises {8 + n + offsets[1]} bytes (tensor {_entry(key)}) "
+                f"but the file has {size}. Download it again.")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * SAFETENSORS_ITEMSIZE[dtype]:
+            raise CheckpointError(f"{what} has {offsets[1] - offsets[0]} bytes of data, but {dtype} {shape} needs "
+                                  f"{numel * SAFETENSORS_ITEMSIZE[dtype]}.")
+    return header
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """(tensor name -> shape, metadata) of a safetensors file, validated, without reading any weights."""
+    header = _check_safetensors_header(Path(path))
+    meta = header.pop("__metadata__", None) or {}
+    return {k: list(v["shape"]) for k, v in header.items()}, meta
 
 
 def _read_safetensors(path: Path, out: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -87,29 +154,102 @@ def _read_safetensors(path: Path, out: dict[str, torch.Tensor], meta: dict[str, 
         raise CheckpointError(f"{path.name}: could not be read as safetensors: {e}") from e
 
 
+def _unpickling_reason(e: BaseException) -> str:
+    """What torch's weights-only refusal refused, without the rest of its message, which suggests
+    weights_only=False: exactly what must not be done with an untrusted file."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].split(" Please ", 1)[0].strip()
+        if line.startswith(("Unsupported", "Trying to load unsupported")):
+            return f"it holds a Python object that is not plain data: {line[:160].rstrip('.')}"
+    return "it holds Python objects that are not plain data"
+
+
 def _read_torch(path: Path, out: dict[str, torch.Tensor]) -> None:
+    how = (f"{path.name}: not loadable as a weights-only torch file ({{}}). Only safetensors and plain tensor "
+           "dicts are accepted; code stored in a torch file is never run.")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        # mmap needs the zip format; files saved with _use_new_zipfile_serialization=False are read whole.
+        mmap = zipfile.is_zipfile(path)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(how.format(_unpickling_reason(e))) from e
     except Exception as e:
-        raise CheckpointError(
-            f"{path.name}: not loadable as a weights-only torch file ({type(e).__name__}: {str(e)[:200]}). "
-            "Only safetensors and plain tensor dicts are accepted.") from e
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise CheckpointError(how.format(f"{type(e).__name__}: {first}")) from e
     # Self-Forcing / CausVid wrap the weights: prefer the EMA copy when present.
     for wrapper in ("generator_ema", "generator", "state_dict", "model"):
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
             obj = obj[wrapper]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path.name}: does not hold a flat dict of tensors.")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{path.name}: does not hold a flat dict of named tensors.")
     out.update(obj)
 
 
+def _index_names(index: Path) -> dict[str, str]:
+    """The weight map (tensor key -> shard name) of a ``*.index.json``; CheckpointError when it is not one."""
+    try:
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise ValueError("too large")
+        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{index.name}: not a shard index (expected a json with a 'weight_map').") from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index.name}: 'weight_map' must map tensor names to shard file names.")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{index.name}: weight_map entry {_entry(key)} is {str(name)[:80]!r}, "
+                                  "expected a shard file name.")
+    return weight_map
+
+
+def _shard_files(index: Path, weight_map: dict[str, str]) -> list[Path]:
+    """The shard files an index names, each resolved (symlinks too) and required to lie inside the index's folder.
+
+    The check is made on the path alone, before anything is opened, and its message is the same whether or not
+    something exists at the named path, so a hostile index can neither read nor probe files elsewhere.
+    """
+    folder = index.parent.resolve()
+    files: dict[str, Path] = {}
+    for key, name in weight_map.items():
+        if name in files:
+            continue
+        try:
+            target = (index.parent / name).resolve()
+            inside = target != folder and target.is_relative_to(folder)
+        except (OSError, ValueError, RuntimeError):  # NUL bytes, symlink loops, over-long names
+            inside = False
+        if not inside:
+            raise CheckpointError(
+                f"{index.name}: weight_map entry {_entry(key)} names the shard {_entry(name)}, which is not a file "
+                f"inside the index's folder ({index.parent.name}/). Shards must sit beside their index; "
+                "refusing to load this model.")
+        # The checked file, under the folder path as the user gave it: MAGI-1's "distill" folder name or a
+        # symlinked models folder stay visible.
+        files[name] = index.parent / target.relative_to(folder)
+    return sorted(set(files.values()))
+
+
+def _is(test, path: Path) -> bool:
+    """``path.exists()`` / ``is_file()`` / ``is_dir()`` that answers False for names the OS cannot even look up
+    (too long, NUL bytes) instead of raising."""
+    try:
+        return test(path)
+    except (OSError, ValueError):
+        return False
+
+
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
-    """The files that make up a checkpoint: a file, a shard index json, or a folder of shards."""
+    """The files that make up a checkpoint: a file, a shard index json, or a folder of shards.
+
+    Shards named by an index must lie inside the index's folder (after resolving symlinks).
+    """
     p = Path(path)
-    if not p.exists():
+    if not _is(Path.exists, p):
         raise CheckpointError(f"{p}: no such file or folder.")
-    if p.is_dir():
+    if _is(Path.is_dir, p):
         idx = sorted(p.glob("*.safetensors.index.json"))
         if idx:
             return checkpoint_files(idx[0])
@@ -118,13 +258,8 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
             raise CheckpointError(f"{p}: folder holds no .safetensors files.")
         return files
     if p.name.endswith(".index.json"):
-        try:
-            index = json.loads(p.read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{p.name}: not a shard index (expected a json with a 'weight_map').") from e
-        files = [p.parent / n for n in names]
-        missing = [f.name for f in files if not f.exists()]
+        files = _shard_files(p, _index_names(p))
+        missing = [_entry(f.name) for f in files if not _is(Path.is_file, f)]
         if missing:
             raise CheckpointError(f"{p.name}: shards missing next to the index: {', '.join(missing[:5])}.")
         return files
@@ -136,14 +271,18 @@ def shard_index_of(path: Path) -> Path | None:
     """The ``*.index.json`` beside ``path`` whose weight map names it, i.e. ``path`` is one shard of several.
 
     ComfyUI lists every shard of a sharded model (e.g. ``model-00001-of-00002.safetensors``); picking any of
-    them loads the whole model.
+    them loads the whole model. An index that names this shard is held to ``checkpoint_files``' rule: all its
+    shards inside its folder, or CheckpointError.
     """
     for idx in sorted(path.parent.glob("*.index.json")):
         try:
-            names = set(json.loads(idx.read_text()).get("weight_map", {}).values())
-        except (OSError, json.JSONDecodeError, AttributeError):
+            weight_map = _index_names(idx)
+        except CheckpointError:
+            continue  # some other json that happens to end in .index.json
+        if path.name not in {Path(n).name for n in weight_map.values()}:
             continue
-        if path.name in names and len(names) > 1:
+        files = _shard_files(idx, weight_map)
+        if len(files) > 1 and path.resolve() in {f.resolve() for f in files}:
             return idx
     return None
 
@@ -197,17 +336,13 @@ def compute_dtype(choice: str, stored: str) -> torch.dtype:
 
 
 def read_headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """(key -> shape, merged metadata) of safetensors files, from their headers only (no tensor is read)."""
+    """(key -> shape, merged metadata) of safetensors files, from their validated headers only."""
     shapes: dict[str, tuple[int, ...]] = {}
     meta: dict[str, str] = {}
     for f in files:
         if f.suffix != ".safetensors" and not f.name.endswith(".sft"):
             raise CheckpointError(f"{f.name}: presets can be read ahead only from .safetensors files.")
-        _check_safetensors_header(f)
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                meta.update(sf.metadata() or {})
-                shapes.update((k, tuple(sf.get_slice(k).get_shape())) for k in sf.keys())
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{f.name}: could not be read as safetensors: {e}") from e
+        file_shapes, file_meta = read_safetensors_header(f)
+        meta.update(file_meta)
+        shapes.update((k, tuple(v)) for k, v in file_shapes.items())
     return shapes, meta

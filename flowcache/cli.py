@@ -2,11 +2,37 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+from typing import Callable, Iterator, NoReturn
 
-from .errors import FlowCacheError
+from .errors import FlowCacheError, InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: …`` and exit 2, no usage block (``--help`` still has it)."""
+
+    def error(self, message: str) -> NoReturn:
+        _one_line_usage_error(self, message)
+
+
+def _one_line_usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    print(f"error: {message} (see {parser.prog} --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+@contextlib.contextmanager
+def _one_line_argparse_errors() -> Iterator[None]:
+    """The same for parsers built elsewhere (calibrate's own), while they parse."""
+    original = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _one_line_usage_error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
 
 
 def _inspect(a) -> int:
@@ -29,9 +55,37 @@ def _demo(a) -> int:
     return 0
 
 
+def _settings(text: str | None) -> dict:
+    """--settings as DFSettings fields, checked before anything is loaded."""
+    from dataclasses import fields
+
+    from .pipelines.diffusion_forcing import DFSettings
+    if not text:
+        return {}
+    example = """e.g. '{"num_frames": 97, "steps": 30}'"""
+    try:
+        extra = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"--settings: not valid JSON ({str(e)[:100]}); {example}.") from None
+    if not isinstance(extra, dict):
+        raise InputError(f"--settings: expected a JSON object of setting names to values, {example}.")
+    known = sorted(f.name for f in fields(DFSettings))
+    unknown = sorted(set(extra) - set(known))
+    if unknown:
+        raise InputError(f"--settings: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}.")
+    return extra
+
+
 def _generate(a) -> int:
     from .jobs import generate
-    extra = json.loads(a.settings) if a.settings else {}
+    extra = _settings(a.settings)
+    for flag, path in (("CHECKPOINT", a.checkpoint), ("--cond", a.cond), ("--uncond", a.uncond), ("--vae", a.vae)):
+        if path is not None and not os.path.exists(path):
+            raise InputError(f"{flag}: {path}: no such file.")
+    from .checkpoint import read_safetensors_header
+    for path in (a.cond, a.uncond):  # read by safetensors directly later: its header gets the loader's checks now
+        if path is not None:
+            read_safetensors_header(path)
     r = generate(a.checkpoint, a.cond, a.out, a.uncond, a.vae, a.cache, a.preset, a.dtype, a.device, **extra)
     print(json.dumps({"out": r["out"], "forwards": r["stats"]["forwards"], "reused": r["stats"]["reused"]}))
     return 0
@@ -70,9 +124,15 @@ def _bench(a) -> int:
         rows = bench.run_long(steps=a.steps, window_counts=tuple(a.windows))
         print(bench.format_long(rows))
         out["long"] = rows
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1, default=str)
+    if a.json:  # complete or not at all: a temporary file beside it, renamed
+        tmp = f"{a.json}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=1, default=str)
+            os.replace(tmp, a.json)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return 0
 
 
@@ -85,12 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if argv[:1] == ["calibrate"]:
-        try:
-            return _calibrate(None, argv[1:])
-        except FlowCacheError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    p = argparse.ArgumentParser(prog="python -m flowcache", description=__doc__)
+        with _one_line_argparse_errors():
+            return _run(_calibrate, None, argv[1:])
+    p = _Parser(prog="python -m flowcache", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("inspect", help="print a checkpoint's family, config, dtype and key layout")
     i.add_argument("checkpoint")
@@ -134,8 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--long-child", nargs=2, help=argparse.SUPPRESS)
     sub.add_parser("calibrate", help="fit a model's rescale polynomial and write a preset file (see --help)")
     a = p.parse_args(argv)
+    return _run({"inspect": _inspect, "demo": _demo, "generate": _generate, "bench": _bench}[a.cmd], a)
+
+
+def _run(command: Callable[..., int], *args: object) -> int:
+    """Run a command; every failure is one line on stderr: exit 2 for bad input, 1 for an unforeseen error."""
     try:
-        return {"inspect": _inspect, "demo": _demo, "generate": _generate, "bench": _bench}[a.cmd](a)
-    except FlowCacheError as e:
-        print(f"error: {e}", file=sys.stderr)
+        return command(*args)
+    except (FlowCacheError, OSError) as e:  # OSError: a file or folder named on the command line
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: still no traceback for the user, but say it is one
+        print(f"error: internal error ({type(e).__name__}: {_one_line(e)}); please report it.", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

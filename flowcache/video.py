@@ -98,12 +98,28 @@ _PREFIX_HELP = ("Use a plain name such as 'flowcache' or a relative path inside 
                 "'video/flowcache'; absolute paths, drive letters and '..' that climb out of it are not allowed.")
 
 
+MAX_NAME_BYTES = 255  # one path component, on every common file system
+MAX_STEM_BYTES = 200  # leaves room for "_00001", ".<8 hex>.partial" and the extension
+MAX_PREFIX_BYTES = 1024  # folders included; far below PATH_MAX once the output folder is in front
+
+
+def _short(text: str) -> str:
+    r = repr(text)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def _split_prefix(output_dir: Path, filename_prefix: str) -> tuple[list[str], str]:
     """Validate ``filename_prefix`` and return (subfolder parts, file name stem); raise OutputPathError."""
     if not isinstance(filename_prefix, str) or not filename_prefix.strip():
         raise OutputPathError(f"filename_prefix is empty. {_PREFIX_HELP}")
     if "\x00" in filename_prefix:
         raise OutputPathError(f"filename_prefix {filename_prefix!r} contains a NUL character. {_PREFIX_HELP}")
+    if re.search(r"[\x01-\x1f\x7f]", filename_prefix):
+        raise InputError(f"filename_prefix {_short(filename_prefix)} contains a control character (a line break, "
+                         "tab, ...); use letters, digits, '-', '_' and '/'.")
+    if len(os.fsencode(filename_prefix)) > MAX_PREFIX_BYTES:
+        raise InputError(f"filename_prefix is {len(os.fsencode(filename_prefix))} bytes long; at most "
+                         f"{MAX_PREFIX_BYTES} are allowed. Use a shorter name.")
     # Both separators count on every host so a workflow made on Windows cannot escape on Linux and vice versa.
     win = PureWindowsPath(filename_prefix)
     if PurePosixPath(filename_prefix).is_absolute() or win.drive or win.root:
@@ -122,18 +138,21 @@ def _split_prefix(output_dir: Path, filename_prefix: str) -> tuple[list[str], st
     # "video/" or "a/b/.." name a folder, not a file; do not silently write "_00001.mp4" or "a_00001.mp4".
     if not parts or re.split(r"[\\/]+", filename_prefix.rstrip())[-1] in ("", ".", ".."):
         raise OutputPathError(f"filename_prefix {filename_prefix!r} does not end in a file name. {_PREFIX_HELP}")
+    # File systems cap a name at 255 bytes; the writer's hidden temp name adds ~30 to the stem.
+    for part in parts[:-1]:
+        if len(os.fsencode(part)) > MAX_NAME_BYTES:
+            raise InputError(f"filename_prefix: the folder name {_short(part)} is {len(os.fsencode(part))} bytes "
+                             f"long; file systems allow {MAX_NAME_BYTES}. Use a shorter name.")
+    if len(os.fsencode(parts[-1])) > MAX_STEM_BYTES:
+        raise InputError(f"filename_prefix: the file name {_short(parts[-1])} is {len(os.fsencode(parts[-1]))} bytes "
+                         f"long; at most {MAX_STEM_BYTES} are allowed (the counter and extension are added to it).")
     return parts[:-1], parts[-1]
 
 
-def resolve_output_path(output_dir: str | os.PathLike[str], filename_prefix: str,
-                        extension: str) -> tuple[Path, str, str]:
-    """Pick the next free ``<prefix>_00001.<ext>`` name under ``output_dir``, ComfyUI style.
-
-    Returns (full path, subfolder relative to ``output_dir`` with '/' separators or '', file name). Subfolders
-    in the prefix are created; the file itself is not. The counter is one more than the highest counter of any
-    existing ``<prefix>_NNNNN*.*`` file (any extension, like ComfyUI and VideoHelperSuite), then skips names
-    that exist. Raises OutputPathError, creating nothing, when the prefix would leave ``output_dir``.
-    """
+def _output_folder(output_dir: str | os.PathLike[str], filename_prefix: str,
+                   extension: str) -> tuple[Path, Path, list[str], str, str]:
+    """Check ``filename_prefix`` against ``output_dir`` without creating anything: (root, folder, subfolder parts,
+    stem, extension). Raises OutputPathError or InputError naming the widget."""
     ext = extension.lstrip(".")
     if not ext or re.search(r"[\\/\x00]", ext):
         raise InputError(f"extension {extension!r} is not a plain file extension such as 'mp4'")
@@ -143,14 +162,44 @@ def resolve_output_path(output_dir: str | os.PathLike[str], filename_prefix: str
     folder = root.joinpath(*sub_parts)
     if os.path.commonpath([root, os.path.abspath(folder)]) != str(root):
         raise OutputPathError(f"filename_prefix {filename_prefix!r} leaves the output folder {root}. {_PREFIX_HELP}")
-    folder.mkdir(parents=True, exist_ok=True)
+    # A prefix like "FlowCache/demo_00001.mp4/x" would need an existing file to become a folder.
+    for i in range(1, len(sub_parts) + 1):
+        here = root.joinpath(*sub_parts[:i])
+        if here.exists() and not here.is_dir():
+            raise OutputPathError(f"filename_prefix {_short(filename_prefix)}: {'/'.join(sub_parts[:i])} is an "
+                                  "existing file in the output folder, not a folder. Pick another name.")
+    return root, folder, sub_parts, stem, ext
+
+
+def check_output_prefix(output_dir: str | os.PathLike[str], filename_prefix: str, extension: str) -> None:
+    """Raise, creating nothing, when ``resolve_output_path`` would refuse this prefix; call it before any work."""
+    _output_folder(output_dir, filename_prefix, extension)
+
+
+def resolve_output_path(output_dir: str | os.PathLike[str], filename_prefix: str,
+                        extension: str) -> tuple[Path, str, str]:
+    """Pick the next free ``<prefix>_00001.<ext>`` name under ``output_dir``, ComfyUI style.
+
+    Returns (full path, subfolder relative to ``output_dir`` with '/' separators or '', file name). Subfolders
+    in the prefix are created; the file itself is not. The counter is one more than the highest counter of any
+    existing ``<prefix>_NNNNN*.*`` file (any extension, like ComfyUI and VideoHelperSuite), then skips names
+    that exist. Raises OutputPathError, creating nothing, when the prefix would leave ``output_dir``, names an
+    existing file as a folder, or is too long for the file system (InputError).
+    """
+    root, folder, sub_parts, stem, ext = _output_folder(output_dir, filename_prefix, extension)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        existing = os.listdir(folder)
+    except OSError as e:
+        raise OutputPathError(f"filename_prefix {_short(filename_prefix)}: cannot use the folder {folder} "
+                              f"({e.strerror or type(e).__name__}).") from None
 
     pattern = re.compile(rf"^{re.escape(stem)}_(\d+)\D*\..+$", re.IGNORECASE)
-    counter = 1 + max((int(m.group(1)) for m in map(pattern.match, os.listdir(folder)) if m), default=0)
+    counter = 1 + max((int(m.group(1)) for m in map(pattern.match, existing) if m), default=0)
     while True:
         filename = f"{stem}_{counter:05d}.{ext}"
         full = folder / filename
-        if not full.exists():
+        if not os.path.lexists(full):
             return full, "/".join(sub_parts), filename
         counter += 1
 
@@ -189,6 +238,20 @@ def _durations_ms(n: int, fps: float, step_ms: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- writer
 
+def check_writer_options(fmt: str | VideoFormat, fps: float, loop_count: int = 0, crf: int = 19) -> None:
+    """Raise InputError for options ``VideoWriter`` would refuse; lets callers fail before any work."""
+    fmt = get_format(fmt)
+    fps = float(fps)
+    if not math.isfinite(fps) or fps <= 0:
+        raise InputError(f"fps must be a positive number, got {fps}")
+    if int(loop_count) != loop_count or loop_count < 0:
+        raise InputError(f"loop_count must be a whole number >= 0 (0 loops forever), got {loop_count}")
+    if fmt.crf_range is not None:
+        lo, hi = fmt.crf_range
+        if int(crf) != crf or not lo <= crf <= hi:
+            raise InputError(f"crf for {fmt.name} must be a whole number in {lo}..{hi}, got {crf}")
+
+
 class VideoWriter:
     """Streaming writer for one output file; use as a context manager.
 
@@ -203,15 +266,8 @@ class VideoWriter:
                  loop_count: int = 0, crf: int = 19) -> None:
         self.format = get_format(fmt)
         self.path = Path(path)
+        check_writer_options(self.format, fps, loop_count, crf)
         fps = float(fps)
-        if not math.isfinite(fps) or fps <= 0:
-            raise InputError(f"fps must be a positive number, got {fps}")
-        if int(loop_count) != loop_count or loop_count < 0:
-            raise InputError(f"loop_count must be a whole number >= 0 (0 loops forever), got {loop_count}")
-        if self.format.crf_range is not None:
-            lo, hi = self.format.crf_range
-            if int(crf) != crf or not lo <= crf <= hi:
-                raise InputError(f"crf for {self.format.name} must be a whole number in {lo}..{hi}, got {crf}")
         self.fps = fps
         self.loop_count = int(loop_count)
         self.crf = int(crf)

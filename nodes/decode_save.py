@@ -15,7 +15,7 @@ from ..flowcache.models.wan_vae import build_wan_vae
 from . import comfy_bridge
 from .demo import DEMO_CODEC, _require_demo
 from .magi import MAGI_CODEC
-from .video import DEFAULT_FORMAT, FILE_WIDGETS, open_output, preview
+from .video import DEFAULT_FORMAT, FILE_WIDGETS, check_output, open_output, preview
 
 log = logging.getLogger("FlowCache")
 
@@ -73,11 +73,12 @@ class FlowCacheDecodeSave:
     def save(self, samples: dict, frame_rate: float = 24.0, loop_count: int = 0, filename_prefix: str = "FlowCache",
              format: str = DEFAULT_FORMAT, crf: int = 19, vae: Any = None, magi_vae: Any = None,
              unique_id: Any = None) -> dict:
+        check_output(filename_prefix, format, frame_rate, loop_count, crf)  # before the VAE is even built
         decode, piece = latent_stream(samples, vae, magi_vae)
         latents = samples["samples"]
         if latents.dim() != 5 or latents.shape[0] != 1:
             raise InputError(f"samples: expected one video's latents [1, C, F, h, w], got {list(latents.shape)}.")
-        fmt, path, subfolder, filename = open_output(filename_prefix, format, frame_rate)
+        fmt, path, subfolder, filename = open_output(filename_prefix, format, frame_rate, loop_count, crf)
         total = int(latents.shape[2])
         pbar = comfy_bridge.progress_bar(total, unique_id)
 

@@ -21,16 +21,22 @@ _registered = False
 
 
 def model_presets(model_name: str) -> dict:
-    """The route's answer: ``preset_rows`` of the file, or ``{"known": False, "error": …}``; never raises."""
+    """The route's answer: ``preset_rows`` of the file, or ``{"known": False, "error": …}``; never raises.
+
+    The frontend asks for whatever file is picked, so a damaged or hostile file must give an answer the
+    widgets can show, not an HTTP 500.
+    """
     try:
         facts = header_facts(model_path(model_name))
-        return {"model_name": model_name, "family": facts.family, **preset_rows(facts.preset_key, facts.extra_presets)}
+        return {"model_name": model_name, "family": facts.family,
+                **preset_rows(facts.preset_key, facts.extra_presets)}
     except (FlowCacheError, OSError) as e:
-        return {"model_name": model_name, "known": False, "rows": {}, "error": str(e)}
-    except Exception as e:  # a damaged file must never turn into an HTTP 500
-        log.warning("FlowCache: presets of %s could not be read: %s: %s", model_name, type(e).__name__, e)
-        return {"model_name": model_name, "known": False, "rows": {},
-                "error": f"{model_name}: could not be read ({type(e).__name__})."}
+        error = str(e)
+    except Exception as e:  # a bug, or a file no check foresaw: log it for a report, answer all the same
+        log.exception("FlowCache: reading presets of %r failed", model_name)
+        error = (f"model_name: could not read presets from {model_name} ({type(e).__name__}: {str(e)[:200]}); "
+                 "the sampler will report the problem when it loads the model.")
+    return {"model_name": model_name, "known": False, "rows": {}, "error": error}
 
 
 def register_routes() -> bool:

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..flowcache.errors import InputError
-from ..flowcache.video import FORMATS, VideoFormat, VideoWriter, resolve_output_path
+from ..flowcache.video import (FORMATS, VideoFormat, VideoWriter, check_output_prefix, check_writer_options,
+                               resolve_output_path)
 from . import comfy_bridge
 
 log = logging.getLogger("FlowCache")
@@ -34,14 +35,25 @@ FILE_WIDGETS: dict = {
 }
 
 
-def open_output(filename_prefix: str, format: str, frame_rate: float) -> tuple[VideoFormat, Path, str, str]:
-    """Check the file widgets and pick the output file: (format, full path, subfolder, file name)."""
+def check_output(filename_prefix: str, format: str, frame_rate: float, loop_count: int = 0,
+                 crf: int = 19) -> VideoFormat:
+    """Check the file widgets, creating nothing, so a bad value fails before any decoding or encoding."""
     if format not in FORMATS:
         raise InputError(f"format={format!r}: must be one of {', '.join(FORMATS)}.")
     if not math.isfinite(frame_rate) or frame_rate <= 0:
         raise InputError(f"frame_rate={frame_rate}: must be a positive number of frames per second.")
     fmt = FORMATS[format]
-    # OutputPathError names filename_prefix when it would leave the output folder.
+    check_writer_options(fmt, frame_rate, loop_count, crf)
+    # OutputPathError / InputError name filename_prefix when it would leave the output folder, turn an existing
+    # file into a folder, or be too long for the file system.
+    check_output_prefix(comfy_bridge.output_directory(), filename_prefix, fmt.extension)
+    return fmt
+
+
+def open_output(filename_prefix: str, format: str, frame_rate: float, loop_count: int = 0,
+                crf: int = 19) -> tuple[VideoFormat, Path, str, str]:
+    """Check the file widgets and pick the output file: (format, full path, subfolder, file name)."""
+    fmt = check_output(filename_prefix, format, frame_rate, loop_count, crf)
     path, subfolder, filename = resolve_output_path(comfy_bridge.output_directory(), filename_prefix, fmt.extension)
     return fmt, path, subfolder, filename
 
@@ -76,7 +88,7 @@ class FlowCacheVideoCombine:
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
             shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise InputError(f"images: expected an IMAGE batch [frames, H, W, C], got {shape}.")
-        fmt, path, subfolder, filename = open_output(filename_prefix, format, frame_rate)
+        fmt, path, subfolder, filename = open_output(filename_prefix, format, frame_rate, loop_count, crf)
         with VideoWriter(path, fmt, frame_rate, loop_count=loop_count, crf=crf) as writer:
             for start in range(0, images.shape[0], 16):  # stream: never one uint8 copy of the whole clip
                 writer.write(images[start:start + 16, :, :, :3])

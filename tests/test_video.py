@@ -157,3 +157,32 @@ def test_resolve_rejects_escapes(tmp_path, prefix):
         resolve_output_path(out, prefix, "mp4")
     assert "relative path inside the output folder" in str(e.value)
     assert listing(out) == [] and listing(tmp_path) == ["output"]
+
+
+@pytest.mark.parametrize("prefix,error,match", [
+    ("a" * 300, InputError, "file name 'aaa.* is 300 bytes long"),
+    ("é" * 101, InputError, "is 202 bytes long"),  # bytes, not characters, are what the file system counts
+    ("d" * 256 + "/x", InputError, "folder name 'ddd.* is 256 bytes long"),
+    ("x/" * 600 + "y", InputError, "filename_prefix is 1201 bytes long"),
+    ("tab\there", InputError, "control character"),
+    ("demo_00001.mp4/x", OutputPathError, "demo_00001.mp4 is an existing file in the output folder, not a folder"),
+    ("demo_00001.mp4/a/b", OutputPathError, "demo_00001.mp4 is an existing file"),
+])
+def test_resolve_refuses_names_the_file_system_cannot_take(tmp_path, prefix, error, match):
+    (tmp_path / "demo_00001.mp4").write_bytes(b"x")
+    with pytest.raises(error, match=match) as e:
+        resolve_output_path(tmp_path, prefix, "mp4")
+    assert "filename_prefix" in str(e.value)
+    assert listing(tmp_path) == ["demo_00001.mp4"]
+
+
+def test_resolve_reports_a_folder_it_cannot_create(tmp_path):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "deeper")
+    with pytest.raises(OutputPathError, match="filename_prefix 'dangling/x': cannot use the folder"):
+        resolve_output_path(tmp_path, "dangling/x", "mp4")
+
+
+def test_longest_allowed_prefix_writes(tmp_path):
+    path, _, name = resolve_output_path(tmp_path, "s" * 200, "webm")
+    write_video(moving_square(n=2), path, "video/webm", fps=8)
+    assert listing(tmp_path) == [name] and name == "s" * 200 + "_00001.webm"
