@@ -184,7 +184,7 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
     custom = {k: v for k, v in custom.items() if v is not None}
     names = [f.name for f in fields(m.config)]
     values: dict[str, Any] = {}
-    kv = {"kv_budget": 0, "mix_lambda": 0.07}
+    kv: dict[str, Any] = {"kv_budget": 0, "mix_lambda": 0.07, "attention": "block_causal"}
     if names:  # methods with settings need the model's presets
         table = {**builtin_presets(), **(extra or {})}
         entry = table.get(model_key)
@@ -206,10 +206,13 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
                 values[k] = v
             elif k in kv:
                 kv[k] = v
+        if isinstance(entry.get("attention"), str):  # the model's chunk-path attention, chosen by the benchmark
+            kv["attention"] = entry["attention"]
     if preset == "custom" or not names:
         values.update({k: v for k, v in custom.items() if k in names and k not in SHARED_VALUES})
         kv.update({k: v for k, v in custom.items() if k in kv})
-    return CacheSettings(method_name, m.config(**values), preset, kv["kv_budget"], kv["mix_lambda"], model_key)
+    return CacheSettings(method_name, m.config(**values), preset, kv["kv_budget"], kv["mix_lambda"], model_key,
+                         kv["attention"])
 
 
 def preset_rows(model_key: str, extra: dict | None = None) -> dict:

@@ -170,14 +170,17 @@ class RunState:
         return self.policy.recall((branch, unit))
 
     # -- accounting --------------------------------------------------------------------------------
-    def count_forward(self, flops: float, forwards: int = 1) -> None:
-        """Work actually done: ``forwards`` transformer forwards costing ``flops`` in total."""
-        self.stats.forwards += forwards
+    def count_forward(self, flops: float, paper: float | None = None) -> None:
+        """One transformer forward actually done: ``flops`` as computed, ``paper`` in the paper's accounting
+        (default: the same)."""
+        self.stats.forwards += 1
         self.stats.flops += flops
+        self.stats.flops_paper += flops if paper is None else paper
 
-    def count_vanilla(self, flops: float) -> None:
-        """What the vanilla loop (cache off) spends on this step, the reference of the FLOPs speedup."""
+    def count_vanilla(self, flops: float, paper: float | None = None) -> None:
+        """What the vanilla loop (cache off) spends on this step, the reference of the FLOPs speedups."""
         self.stats.flops_nocache += flops
+        self.stats.flops_nocache_paper += flops if paper is None else paper
 
     def count_call(self) -> None:
         """One call into the transformer blocks (it may batch several forwards)."""
