@@ -113,6 +113,7 @@ class RunState:
         self.policy, self.stats, self.branches = policy, stats, branches
         hooks = hooks or RunHooks()
         self.chunk_steps, self.on_step, self.cancel = chunk_steps, hooks.on_step, hooks.cancel
+        policy.prepare(chunk_steps)
         self.stores: dict[str, KVStore] = {}
         self.maps: dict[str, list[list[str]]] = {}
         self.segment: Segment | None = None
@@ -154,13 +155,20 @@ class RunState:
         self.stores = {}
 
     # -- decisions and payloads --------------------------------------------------------------------
-    def decide(self, step: Step, signals: dict[UnitId, torch.Tensor]) -> Decisions:
-        """One decision per (branch, unit); units that are not cacheable always compute."""
+    def decide(self, step: Step, signals: dict[UnitId, Any]) -> Decisions:
+        """One decision per (branch, unit) (or one per unit for every branch, for a policy with shared decisions);
+        units that are not cacheable always compute."""
         out: Decisions = {}
-        for b in self.branches:
-            for u in step.units:
-                out[(b, u.id)] = (self.policy.should_compute((b, u.id), signals[u.id], u.force)
-                                  if u.cacheable else True)
+        shared = getattr(self.policy, "shared_decision", False)
+        for u in step.units:
+            if not u.cacheable:
+                out.update({(b, u.id): True for b in self.branches})
+            elif shared:
+                c = self.policy.should_compute(("*", u.id), signals[u.id], u.force)
+                out.update({(b, u.id): c for b in self.branches})
+            else:
+                for b in self.branches:
+                    out[(b, u.id)] = self.policy.should_compute((b, u.id), signals[u.id], u.force)
         return out
 
     def remember(self, branch: str, unit: UnitId, payload: torch.Tensor) -> None:

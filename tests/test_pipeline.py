@@ -1,5 +1,4 @@
 """The diffusion-forcing pipeline: equivalences, determinism, cancel, and early input errors."""
-import numpy as np
 import pytest
 import torch
 

@@ -8,7 +8,9 @@ from typing import Any
 from ..errors import InputError
 from ..validate import finite, whole
 from .base import CachePolicy
+from .easycache import EasyCacheConfig, EasyCachePolicy
 from .flowcache import FlowCacheConfig, FlowCachePolicy
+from .magcache import MagCacheConfig, MagCachePolicy
 from .off import OffConfig, OffPolicy
 from .teacache import TeaCacheConfig, TeaCachePolicy
 
@@ -32,6 +34,10 @@ METHODS: dict[str, CacheMethod] = {m.name: m for m in (
     CacheMethod("off", OffConfig, OffPolicy, "window", "compute every step: the model's vanilla loop"),
     CacheMethod("teacache", TeaCacheConfig, TeaCachePolicy, "window", "skip whole steps of the window"),
     CacheMethod("flowcache", FlowCacheConfig, FlowCachePolicy, "chunk", "each chunk decides for itself"),
+    CacheMethod("magcache", MagCacheConfig, MagCachePolicy, "chunk",
+                "each chunk decides from calibrated residual-magnitude ratios"),
+    CacheMethod("easycache", EasyCacheConfig, EasyCachePolicy, "chunk",
+                "each chunk decides from its own output/input change rate, no calibration"),
 )}
 
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import CacheSettings, make_policy
-from ..cache.base import CachePolicy
+from ..cache.base import CachePolicy, UnitSignal
 from ..errors import InputError
 from ..kv.scoring import CompressionConfig, select_queries
 from ..kv.store import KVStore
@@ -315,8 +315,9 @@ class _MagiLoop:
         x_win, cs = d["x_win"], d["cs"]
         d["chunk_x"] = {c: x_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] for c, _ in d["window"]}
         if self.path == "chunk":
-            return {c: model.embed_input(d["chunk_x"][c]).to(model.dtype) for c in step.active}
-        return {"window": model.embed_input(x_win).to(model.dtype)}
+            return {c: UnitSignal(model.embed_input(d["chunk_x"][c]).to(model.dtype), d["chunk_x"][c])
+                    for c in step.active}
+        return {"window": UnitSignal(model.embed_input(x_win).to(model.dtype), x_win)}
 
     def compute(self, step: Step, decisions: Decisions, run: RunState) -> dict[int, torch.Tensor]:
         """Velocities of the chunks that compute this step (ascending; the refresh first at a stage start)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache.base import UnitSignal
 from ..errors import InputError
 from ..flops import forward_flops
 from ..kv.store import StepAttention
@@ -84,9 +85,9 @@ class WanStep:
             f0 += nf
         return Embedded(e, e0, h0, idx, out, grid_hw)
 
-    def signals(self, emb: Embedded, units: list[Unit]) -> dict:
-        """Each unit's e0 slice: the FlowCache / TeaCache signal."""
-        return {u.id: emb.e0[:, fr] for u, (fr, _) in zip(units, emb.spans)}
+    def signals(self, emb: Embedded, units: list[Unit]) -> dict[object, UnitSignal]:
+        """Each unit's e0 slice (the FlowCache / TeaCache signal) and its embedded tokens (its input)."""
+        return {u.id: UnitSignal(emb.e0[:, fr], emb.h0[:, tok]) for u, (fr, tok) in zip(units, emb.spans)}
 
     def predict(self, emb: Embedded, units: list[Unit], spans: list[UnitSpan], decisions: Decisions,
                 run: RunState, window: dict | None = None) -> dict[str, torch.Tensor]:
