@@ -37,7 +37,7 @@ def _one_line_argparse_errors() -> Iterator[None]:
 
 def _inspect(a) -> int:
     from .models import inspect_checkpoint
-    print(json.dumps(inspect_checkpoint(a.checkpoint), indent=2))
+    print(json.dumps(inspect_checkpoint(a.checkpoint, a.weights), indent=2))
     return 0
 
 
@@ -165,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_calibrate, None, argv[1:])
     p = _Parser(prog="python -m flowcache", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    i = sub.add_parser("inspect", help="print a checkpoint's family, config, dtype and key layout")
+    i = sub.add_parser("inspect", help="print a checkpoint's family, the loop it runs, config, dtype and key layout")
     i.add_argument("checkpoint")
+    i.add_argument("--weights", choices=["generator_ema", "generator"],
+                   help="a Self-Forcing / CausVid .pt: which generator to read (default generator_ema)")
     d = sub.add_parser("demo", help="generate a video with the shipped demo model and FlowCache")
     d.add_argument("--prompt")
     d.add_argument("--preset", choices=["slow", "fast"], default="fast")

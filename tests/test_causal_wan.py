@@ -165,3 +165,77 @@ def test_a_magi_model_is_refused():
     magi = MagiDiT(magi_config_from_state_dict(make_sd(**SMALL)), dtype=torch.float32)
     with pytest.raises(InputError, match="loop: the causal loop runs Wan2.1"):
         CausalWanPipeline(magi)
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def _wan_sd(model, prefix=""):
+    return {prefix + k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_release_layouts_load_and_say_which_loop(model, tmp_path):
+    """Self-Forcing's .pt (generator, critic, generator_ema; keys 'model.'-prefixed), CausVid's ['generator'],
+    and safetensors conversions bare, 'model.' and 'model.diffusion_model.'-prefixed."""
+    from safetensors.torch import save_file
+
+    from flowcache.models import inspect_checkpoint, load_model
+
+    ema = tiny_wan(seed=8, has_fps=False)
+    sf = {"generator": _wan_sd(model, "model."), "critic": {"model.x": torch.zeros(2)},
+          "generator_ema": _wan_sd(ema, "model.")}
+    torch.save(sf, tmp_path / "self_forcing_dmd.pt")
+    lm = load_model(tmp_path / "self_forcing_dmd.pt", "fp32")
+    assert lm.loop == "causal" and "generator_ema" in lm.notes[-1] and lm.preset_key == "wan-dim64-causal"
+    assert torch.equal(lm.model.patch_embedding.weight, ema.patch_embedding.weight)
+    chosen = load_model(tmp_path / "self_forcing_dmd.pt", "fp32", weights="generator")
+    assert torch.equal(chosen.model.patch_embedding.weight, model.patch_embedding.weight)
+    torch.save({"generator": _wan_sd(model, "model.")}, tmp_path / "model.pt")  # CausVid
+    assert load_model(tmp_path / "model.pt", "fp32").loop == "causal"
+    with pytest.raises(Exception, match="weights='generator_ema' is not in this file; it holds generator"):
+        load_model(tmp_path / "model.pt", "fp32", weights="generator_ema")
+    for prefix in ("", "model.", "model.diffusion_model."):
+        path = tmp_path / f"causal_forcing_{len(prefix)}.safetensors"
+        save_file(_wan_sd(model, prefix), str(path))
+        lm = load_model(path, "fp32")
+        assert lm.loop == "causal" and lm.prefix == prefix and "file name" in lm.notes[-1]
+    plain = tmp_path / "wan_t2v.safetensors"
+    save_file(_wan_sd(model), str(plain), metadata={"flowcache.loop": "causal"})
+    assert load_model(plain, "fp32").loop == "causal"
+    save_file(_wan_sd(model), str(plain))
+    assert load_model(plain, "fp32").loop == "diffusion_forcing"
+    assert load_model(plain, "fp32", loop="causal").loop == "causal"  # the loader's choice wins
+    info = inspect_checkpoint(tmp_path / "self_forcing_dmd.pt")
+    assert info["loop"] == "causal" and info["torch_layout"] == "generator_ema" and "Self-Forcing" in info["loop_reason"]
+
+
+def test_hostile_or_foreign_torch_files_are_refused(tmp_path):
+    from flowcache.errors import CheckpointError
+    from flowcache.models import load_model
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"generator_ema": {"model.x": Payload()}}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_model(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.save({"optimizer": {"lr": 0.1}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt: not a model checkpoint.*generator"):
+        load_model(tmp_path / "other.pt")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="list.pt: not a model checkpoint"):
+        load_model(tmp_path / "list.pt")
+
+
+def test_a_causal_loop_is_not_asked_of_magi(tmp_path):
+    from safetensors.torch import save_file
+
+    from flowcache.errors import CheckpointError
+    from flowcache.models import load_model
+    from test_magi_model import SMALL, make_sd
+
+    save_file(make_sd(**SMALL), str(tmp_path / "magi.safetensors"))
+    with pytest.raises(CheckpointError, match="loop='causal'.*MAGI-1 DiT, which runs its own chunk-wise loop"):
+        load_model(tmp_path / "magi.safetensors", loop="causal")

@@ -155,7 +155,7 @@ class _CausalLoop:
         return [Segment(0, self.plan.blocks, self.plan.blocks * (len(self.ts) + 1))]
 
     def start(self, seg: Segment, run: RunState) -> None:
-        p, model, cfgm = self.plan, self.pipe.model, self.pipe.model.cfg
+        p, cfgm = self.plan, self.pipe.model.cfg
         block_tok = p.block_frames * p.tokens_per_frame
         budget = self.cache.kv_budget * block_tok if self.s.kv_mode == "compressed" else 0
         rows = {"global": p.blocks, "rolling": min(p.blocks, p.window_blocks),
@@ -240,7 +240,7 @@ class CausalWanPipeline:
         ``settings.seed``)."""
         cache = cache or CacheSettings()
         model = self.model
-        plan = plan_causal(settings, self.geometry, model.cfg.patch_size, cache.kv_budget)
+        plan = plan_causal(settings, self.geometry, model.cfg.patch_size, cache.kv_budget)  # errors before any work
         text = check_conditioning(cond, model.cfg.text_dim, self.text_len, "positive")
         contexts = {"cond": model.text_embed(text.to(model.device))}
         stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": "chunk", "loop": "causal",
