@@ -239,3 +239,24 @@ def test_a_causal_loop_is_not_asked_of_magi(tmp_path):
     save_file(make_sd(**SMALL), str(tmp_path / "magi.safetensors"))
     with pytest.raises(CheckpointError, match="loop='causal'.*MAGI-1 DiT, which runs its own chunk-wise loop"):
         load_model(tmp_path / "magi.safetensors", loop="causal")
+
+
+def test_magi_distill_is_decided_by_its_own_folder_and_can_be_overridden(tmp_path):
+    """The same base file is not distilled under /x/distill_lab/base_model/ (only the file's own folder counts),
+    is under .../inference_weight.distill/, and the loader's magi_variant wins either way."""
+    from safetensors.torch import save_file
+
+    from flowcache.models import load_model
+    from test_magi_model import SMALL, make_sd
+
+    sd = make_sd(**SMALL)
+    lab = tmp_path / "distill_lab" / "base_model"
+    rel = tmp_path / "4.5B_distill" / "inference_weight.distill"
+    for folder in (lab, rel):
+        folder.mkdir(parents=True)
+        save_file(sd, str(folder / "model.safetensors"))
+    base = load_model(lab / "model.safetensors", "fp32")
+    assert base.model.distill is False and "'base_model' does not say 'distill'" in base.notes[-1]
+    assert load_model(rel / "model.safetensors", "fp32").model.distill is True
+    assert load_model(lab / "model.safetensors", "fp32", magi_variant="distill").model.distill is True
+    assert load_model(rel / "model.safetensors", "fp32", magi_variant="base").model.distill is False

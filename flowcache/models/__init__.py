@@ -114,8 +114,8 @@ def wan_loop(ck: Checkpoint, keys, choice: str = "auto") -> tuple[str, str]:
     return "diffusion_forcing", "a Wan2.1 / SkyReels-V2 DiT with nothing marking it causal"
 
 
-def _build_wan(ck: Checkpoint, dtype: torch.dtype, loop: str = "auto") -> LoadedModel:
-    meta = ck.metadata
+def _build_wan(ck: Checkpoint, dtype: torch.dtype, options: Mapping[str, str]) -> LoadedModel:
+    meta, loop = ck.metadata, options.get("loop", "auto")
     model = build_wan(ck.tensors, dtype, ck.name, _meta_int(meta, "flowcache.num_heads", ck.name))
     chosen, why = wan_loop(ck, ck.tensors.keys(), loop)
     key = _wan_preset_key(meta, {k: tuple(v.shape) for k, v in ck.tensors.items() if k == "head.modulation"})
@@ -139,28 +139,36 @@ def _magi_keys(keys) -> bool:
     return "x_embedder.weight" in keys and any(k.startswith("videodit_blocks.") for k in keys)
 
 
-def magi_distill_decision(files: list[Path], meta: Mapping[str, str]) -> tuple[bool, str]:
-    """(distilled?, why). The released weights tell distill from base only by their folder names
-    (``4.5B_distill/inference_weight.distill``), so the checkpoint's own folder and its parent decide,
-    unless metadata ``flowcache.distill`` says it; never folders further up the path."""
+MAGI_VARIANTS = ("auto", "distill", "base")
+
+
+def magi_distill_decision(files: list[Path], meta: Mapping[str, str], choice: str = "auto") -> tuple[bool, str]:
+    """(distilled?, why). The released weights tell distill from base only by the name of the folder holding
+    them (``inference_weight.distill``), so that folder decides, unless metadata ``flowcache.distill`` says it or
+    the loader's ``magi_variant`` is set; never a folder further up the path (``/x/distill_lab/base_model/``
+    holds a base model)."""
+    if choice not in MAGI_VARIANTS:
+        raise CheckpointError(f"magi_variant={choice!r}: must be one of {', '.join(MAGI_VARIANTS)}.")
+    if choice != "auto":
+        return choice == "distill", "chosen on the loader"
     flag = meta.get("flowcache.distill")
     if flag is not None:
         return flag == "1", f"metadata flowcache.distill = {flag}"
-    folder = files[0].parent
-    for name in (folder.name, folder.parent.name):
-        if "distill" in name.lower():
-            return True, f"its folder {name!r} names a distilled model"
-    return False, f"neither {folder.name!r} nor {folder.parent.name!r} says 'distill'"
+    folder = files[0].parent.name
+    if "distill" in folder.lower():
+        return True, f"its folder {folder!r} names a distilled model"
+    return False, f"its folder {folder!r} does not say 'distill' (set magi_variant to override)"
 
 
-def _build_magi(ck: Checkpoint, dtype: torch.dtype, loop: str = "auto") -> LoadedModel:
+def _build_magi(ck: Checkpoint, dtype: torch.dtype, options: Mapping[str, str]) -> LoadedModel:
     from . import magi  # imported only when such a file is loaded
 
+    loop = options.get("loop", "auto")
     if loop not in ("auto", "magi"):
         raise CheckpointError(f"loop={loop!r}: {ck.name} is a MAGI-1 DiT, which runs its own chunk-wise loop; "
                               "pick loop = auto for it.")
     model = magi.build_magi(ck, dtype)
-    distill, why = magi_distill_decision(ck.files, ck.metadata)
+    distill, why = magi_distill_decision(ck.files, ck.metadata, options.get("magi_variant", "auto"))
     model.distill = distill
     lm = LoadedModel("magi", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, "magi-4.5B", text_len=800,
                      geometry={**WAN_GEOMETRY, "channels": model.cfg.latent_channels}, metadata=ck.metadata,
@@ -195,7 +203,7 @@ class Family:
     anchors: tuple[str, ...]
     detect: Callable[[set], bool]
     preset_key: Callable[[Mapping[str, str], Mapping[str, tuple]], str]
-    build: Callable[[Checkpoint, torch.dtype, str], LoadedModel]
+    build: Callable[[Checkpoint, torch.dtype, Mapping[str, str]], LoadedModel]
     config: Callable[[Checkpoint], dict]
     stored_dtype: Callable[[Checkpoint], str] = lambda ck: ck.main_dtype
 
@@ -234,20 +242,21 @@ def read_checkpoint(path: str | os.PathLike, weights: str | None = None) -> tupl
 
 
 def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None = None, loop: str = "auto",
-               weights: str | None = None) -> LoadedModel:
+               weights: str | None = None, magi_variant: str = "auto") -> LoadedModel:
     """Load a checkpoint of any supported family on the CPU.
 
     dtype: auto (keep fp32/bf16/fp16 as stored, fp8 upcast to bf16), fp32, bf16 or fp16.
     expect: a family name; a file of another family raises an error that says so.
     loop: auto, diffusion_forcing or causal (Wan-architecture files; see ``wan_loop``).
     weights: a Self-Forcing / CausVid .pt's generator entry (default generator_ema when present).
+    magi_variant: auto, distill or base (MAGI-1 files; see ``magi_distill_decision``).
     """
     ck, family = read_checkpoint(path, weights)
     if expect and family != expect:
         raise CheckpointError(f"{ck.name}: this is a {FAMILIES[family].title} checkpoint, but this loader expects a "
                               f"{FAMILIES[expect].title}. Use the matching loader node.")
     fam = FAMILIES[family]
-    lm = fam.build(ck, compute_dtype(dtype, fam.stored_dtype(ck)), loop)
+    lm = fam.build(ck, compute_dtype(dtype, fam.stored_dtype(ck)), {"loop": loop, "magi_variant": magi_variant})
     lm.extra_presets, sidecar = model_presets(ck.files, ck.metadata)
     if sidecar is not None:  # `python -m flowcache calibrate` output beside the file
         lm.metadata = {**lm.metadata, "flowcache.preset_file": str(sidecar)}
@@ -293,5 +302,5 @@ def inspect_checkpoint(path: str | os.PathLike, weights: str | None = None) -> d
             "config": FAMILIES[family].config(ck)}
 
 
-__all__ = ["MAGI_ANCHORS", "LOOPS", "wan_loop", "LoadedModel", "load_model", "header_facts", "HeaderFacts", "inspect_checkpoint", "detect_family",
+__all__ = ["MAGI_ANCHORS", "MAGI_VARIANTS", "LOOPS", "wan_loop", "LoadedModel", "load_model", "header_facts", "HeaderFacts", "inspect_checkpoint", "detect_family",
            "FAMILIES", "Family", "WanDiT", "magi_distill_decision"]
