@@ -304,3 +304,66 @@ def format_long(rows: list[dict]) -> str:
         lines.append(f"{r['windows']:7d} {r['frames']:6d} {r['kv_budget']:9d} {r['peak_kv_bytes'] / 2**20:11.3f} "
                      f"{r['peak_rss_mib']:12.0f} {r['wall_s']:7.1f} {100 * r['compress_fraction']:9.2f}%")
     return "\n".join(lines)
+
+
+# -- the causal loop: per-block time and memory by eviction mode -------------------------------------------------
+CAUSAL_MODES = ("global", "rolling", "compressed")
+
+
+def causal_child(model: str, blocks: int, kv_mode: str, device: str = "cpu", budget: int = 1) -> dict:
+    """One causal run (in a fresh process, so peak RSS is its own): ``blocks`` blocks of the causal loop, decoded
+    block by block into an mp4 as they are written (frames never all in memory). ``model``: "demo" (the demo
+    model's weights in the causal loop: memory and time only, it was not trained causal) or a Wan kit name."""
+    from .cache import CacheSettings
+    from .pipelines.causal_wan import CausalSettings, CausalWanPipeline
+    from .pipelines.common import LatentGeometry
+    from .video import VideoWriter
+
+    if model == "demo":
+        from .jobs import load_demo_kit
+
+        kit = load_demo_kit()
+        w, h, fpb, window, sink = 64, 64, 4, 20, 4  # the demo's chunks of 4 latent frames, a 5-block window
+    else:
+        from .jobs import load_checkpoint_kit
+
+        kit = load_checkpoint_kit(model, device)
+        w, h, fpb, window, sink = 832, 480, 3, 21, 3  # Self-Forcing's geometry and trained horizon
+    geo = LatentGeometry(**kit.loaded.geometry)
+    s = CausalSettings(width=w, height=h, num_frames=geo.pixel_frames(blocks * fpb), num_frame_per_block=fpb,
+                       kv_mode=kv_mode, local_attn_frames=window, sink_frames=sink)
+    cond = kit.text.encode("a red circle bouncing on a blue background")
+    pipe = CausalWanPipeline(kit.loaded.model, geo, kit.loaded.text_len)
+    t0 = time.perf_counter()
+    z, stats = pipe(cond, s, CacheSettings(kv_budget=budget if kv_mode == "compressed" else 0))
+    sample_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as d:
+        with VideoWriter(Path(d) / "causal.mp4", "video/h264-mp4", fps=s.fps) as writer:
+            for i in range(0, z.shape[2], fpb):  # block by block
+                writer.write(kit.codec.decode(z[:, :, i:i + fpb]))
+    return {"blocks": blocks, "kv_mode": kv_mode, "frames": int(z.shape[2]), "sample_s": sample_s,
+            "block_s": sample_s / blocks, "peak_kv_bytes": stats.kv_peak_bytes,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_causal(model: str = "demo", block_counts=(1, 2, 4, 8), device: str = "cpu", log=print) -> list[dict]:
+    rows = []
+    for n in block_counts:
+        for mode in CAUSAL_MODES:
+            cmd = [sys.executable, "-m", "flowcache", "bench", "--causal-child", model, str(n), mode, "--device", device]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            log(f"  causal {model} blocks {n} {mode}: {row['block_s']:.2f} s a block, peak KV "
+                f"{row['peak_kv_bytes'] / 2**20:.2f} MiB, RSS {row['peak_rss_mib']:.0f} MiB")
+    return rows
+
+
+def format_causal(rows: list[dict]) -> str:
+    head = (f"{'blocks':>6s} {'frames':>6s} {'kv_mode':>10s} {'s/block':>8s} {'peak KV MiB':>11s} "
+            f"{'peak RSS MiB':>12s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['blocks']:6d} {r['frames']:6d} {r['kv_mode']:>10s} {r['block_s']:8.3f} "
+                     f"{r['peak_kv_bytes'] / 2**20:11.3f} {r['peak_rss_mib']:12.0f}")
+    return "\n".join(lines)

@@ -99,6 +99,15 @@ def _bench(a) -> int:
         n, budget = a.long_child
         print(json.dumps(bench.long_child(int(n), int(budget), a.steps)))
         return 0
+    if a.causal_child:
+        model, n, mode = a.causal_child
+        print(json.dumps(bench.causal_child(model, int(n), mode, a.device)))
+        return 0
+    if a.loop == "causal":
+        rows = bench.run_causal(a.model, tuple(a.windows), a.device, log=(lambda *_: None) if a.quiet else print)
+        print(bench.format_causal(rows))
+        _write_json(a.json, {"causal": rows})
+        return 0
     from . import demo
     from .jobs import RANDOM_WAN, load_checkpoint_kit, load_demo_kit
     from .models import header_facts
@@ -140,16 +149,25 @@ def _bench(a) -> int:
         rows = bench.run_long(steps=a.steps, window_counts=tuple(a.windows))
         print(bench.format_long(rows))
         out["long"] = rows
-    if a.json:  # complete or not at all: a temporary file beside it, renamed
-        tmp = f"{a.json}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(out, f, indent=1, default=str)
-            os.replace(tmp, a.json)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        causal = bench.run_causal("demo", (4, 16, 64, 250), log=log)  # 16 to 1,000 frames in the causal loop
+        print(bench.format_causal(causal))
+        out["causal"] = causal
+    _write_json(a.json, out)
     return 0
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    """Complete or not at all: a temporary file beside it, renamed."""
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _calibrate(a, rest) -> int:
@@ -212,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--calibration-prompts", action="store_true",
                    help="the demo's calibration prompts instead of the benchmark's (to pick presets from data)")
     b.add_argument("--long-child", nargs=2, help=argparse.SUPPRESS)
+    b.add_argument("--causal-child", nargs=3, help=argparse.SUPPRESS)
+    b.add_argument("--loop", choices=["diffusion_forcing", "causal"], default="diffusion_forcing",
+                   help="causal: per-block time, KV bytes and peak RSS of the causal loop for global, rolling and "
+                        "compressed eviction (--windows gives the block counts)")
     sub.add_parser("calibrate", help="fit a model's rescale polynomial and write a preset file (see --help)")
     a = p.parse_args(argv)
     return _run({"inspect": _inspect, "demo": _demo, "generate": _generate, "bench": _bench}[a.cmd], a)

@@ -183,7 +183,8 @@ class _CausalLoop:
         d["x_in"] = x_in.to(self.pipe.model.device)
         t = torch.full((1, p.block_frames), float(d["t"]), device=d["x_in"].device)
         d["spans"] = [UnitSpan(slice(0, p.block_frames), b * p.block_frames)]
-        d["emb"] = self.call.embed(d["x_in"], t, None, d["spans"])
+        pos = self.pipe.geometry.positions(p.block_frames, p.h, p.w, d["x_in"].device)  # None unless the model takes them
+        d["emb"] = self.call.embed(d["x_in"], t, pos, d["spans"])
         return self.call.signals(d["emb"], step.units)
 
     def compute(self, step: Step, decisions: Decisions, run: RunState) -> torch.Tensor:
