@@ -20,6 +20,7 @@ import torch
 from ..checkpoint import Checkpoint, checkpoint_files, compute_dtype, load_checkpoint, read_headers, split_prefix
 from ..errors import CheckpointError
 from ..presets import model_presets
+from .common import TORCH_OPERATIONS, Operations
 from .wan import WAN_ANCHORS, WAN_SIZES, WanDiT, build_wan, wan_config_from_state_dict
 
 MAGI_ANCHORS = ("x_embedder.weight", "y_embedder.null_caption_embedding", "rope.bands")
@@ -88,9 +89,9 @@ def _wan_preset_key(meta: Mapping[str, str], shapes: Mapping[str, tuple]) -> str
     return meta.get("flowcache.model_key") or f"wan-{WAN_SIZES.get(dim, f'dim{dim}')}"
 
 
-def _build_wan(ck: Checkpoint, dtype: torch.dtype) -> LoadedModel:
+def _build_wan(ck: Checkpoint, dtype: torch.dtype, operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
     meta = ck.metadata
-    model = build_wan(ck.tensors, dtype, ck.name, _meta_int(meta, "flowcache.num_heads", ck.name))
+    model = build_wan(ck.tensors, dtype, ck.name, _meta_int(meta, "flowcache.num_heads", ck.name), operations)
     key = _wan_preset_key(meta, {k: tuple(v.shape) for k, v in ck.tensors.items() if k == "head.modulation"})
     lm = LoadedModel("wan", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, key,
                      text_len=_meta_int(meta, "flowcache.text_len", ck.name) or 512, metadata=meta,
@@ -123,10 +124,10 @@ def magi_distill_decision(files: list[Path], meta: Mapping[str, str]) -> tuple[b
     return False, f"neither {folder.name!r} nor {folder.parent.name!r} says 'distill'"
 
 
-def _build_magi(ck: Checkpoint, dtype: torch.dtype) -> LoadedModel:
+def _build_magi(ck: Checkpoint, dtype: torch.dtype, operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
     from . import magi  # imported only when such a file is loaded
 
-    model = magi.build_magi(ck, dtype)
+    model = magi.build_magi(ck, dtype, operations=operations)
     distill, why = magi_distill_decision(ck.files, ck.metadata)
     model.distill = distill
     lm = LoadedModel("magi", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, "magi-4.5B", text_len=800,
@@ -147,14 +148,15 @@ class Family:
 
     anchors: bare keys every checkpoint of the family has (they locate a key prefix); detect: whether a set of
     bare keys is this family; preset_key: the presets row from metadata and tensor shapes; build: the model
-    from a read checkpoint; config: the inferred config as a dict (``inspect``)."""
+    from a read checkpoint, its compute dtype and the layer operations to build it from; config: the inferred
+    config as a dict (``inspect``)."""
 
     name: str
     title: str
     anchors: tuple[str, ...]
     detect: Callable[[set], bool]
     preset_key: Callable[[Mapping[str, str], Mapping[str, tuple]], str]
-    build: Callable[[Checkpoint, torch.dtype], LoadedModel]
+    build: Callable[[Checkpoint, torch.dtype, Operations], LoadedModel]
     config: Callable[[Checkpoint], dict]
 
 
@@ -191,17 +193,22 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Checkpoint, str]:
     return ck, family
 
 
-def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None = None) -> LoadedModel:
+def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None = None,
+               operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
     """Load a checkpoint of any supported family on the CPU.
 
-    dtype: auto (keep fp32/bf16/fp16 as stored, fp8 upcast to bf16), fp32, bf16 or fp16.
+    dtype: the compute dtype: auto (fp32/bf16/fp16 as stored, bf16 for fp8), fp32, bf16 or fp16.
     expect: a family name; a file of another family raises an error that says so.
+    operations: the layers to build the model from (torch's; inside ComfyUI its casting layers, with which fp8
+        weights stay fp8 in memory and the host may load the model partially).
     """
     ck, family = read_checkpoint(path)
     if expect and family != expect:
         raise CheckpointError(f"{ck.name}: this is a {FAMILIES[family].title} checkpoint, but this loader expects a "
                               f"{FAMILIES[expect].title}. Use the matching loader node.")
-    lm = FAMILIES[family].build(ck, compute_dtype(dtype, ck.main_dtype))
+    lm = FAMILIES[family].build(ck, compute_dtype(dtype, ck.main_dtype), operations)
+    if operations is not TORCH_OPERATIONS:
+        lm.notes.append(f"layers: {operations.name}")
     lm.extra_presets, sidecar = model_presets(ck.files, ck.metadata)
     if sidecar is not None:  # `python -m flowcache calibrate` output beside the file
         lm.metadata = {**lm.metadata, "flowcache.preset_file": str(sidecar)}
