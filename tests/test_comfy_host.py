@@ -68,20 +68,26 @@ def need_demo(pack) -> None:
                     "decoder to drive a whole prompt on a CPU-only ComfyUI")
 
 
+# FlowCache Cache's widgets: the sampler takes them through its ``cache`` input
+CACHE_WIDGETS = ("method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda")
+
+
 def graph(model_name: str, prefix: str, *, dtype: str = "auto", steps: int = 6, seed: int = 3, **sampler) -> dict:
     """Loader -> demo text encode (x2) -> sampler -> decode -> video combine, plus core SaveLatent."""
     settings = dict(width=64, height=64, num_frames=36, steps=steps, cfg=5.0, shift=5.0, seed=seed, ar_step=5,
                     causal_block_size=4, base_num_frames=20, overlap_history=4, addnoise_condition=20,
-                    solver="unipc", cache="flowcache", preset="slow", threshold=0.1, warmup_steps=5, kv_budget=0,
+                    solver="unipc", method="flowcache", preset="slow", threshold=0.1, warmup_steps=5, kv_budget=0,
                     mix_lambda=0.07, keep_model_loaded=False)
     settings.update(sampler)
+    cache = {k: settings.pop(k) for k in CACHE_WIDGETS}
     return {
+        "8": {"class_type": "FlowCacheCache", "inputs": cache},
         "1": {"class_type": "FlowCacheModelLoader", "inputs": {"model_name": model_name, "dtype": dtype}},
         "2": {"class_type": "FlowCacheDemoTextEncode", "inputs": {"prompt": "a red circle bouncing on a blue "
                                                                             "background"}},
         "3": {"class_type": "FlowCacheDemoTextEncode", "inputs": {"prompt": ""}},
         "4": {"class_type": "FlowCacheSampler", "inputs": dict(settings, model=["1", 0], positive=["2", 0],
-                                                               negative=["3", 0])},
+                                                               negative=["3", 0], cache=["8", 0])},
         "5": {"class_type": "FlowCacheDecode", "inputs": {"samples": ["4", 0]}},
         "6": {"class_type": "FlowCacheVideoCombine", "inputs": {"images": ["5", 0], "frame_rate": 8.0,
                                                                 "loop_count": 0, "filename_prefix": prefix,
@@ -123,7 +129,8 @@ def test_nodes_are_listed(host):
         assert list(node["input"]["required"]) == list(cls.INPUT_TYPES()["required"])
         assert node["input_order"]["required"] == list(cls.INPUT_TYPES()["required"])
     sampler = info["FlowCacheSampler"]
-    assert sampler["input"]["optional"]["vae"][0] == "VAE" and sampler["input"]["hidden"] == {"unique_id": "UNIQUE_ID"}
+    assert sampler["input"]["optional"]["vae"][0] == "VAE"
+    assert sampler["input"]["hidden"] == {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}
     assert info["FlowCacheVideoCombine"]["output_node"] is True
     # WEB_DIRECTORY serves web/ under the folder name; pyproject's [tool.comfy] web serves it again under the
     # project name when the two differ (as here), which web/flowcache.js guards against (it registers once).
@@ -253,16 +260,17 @@ def test_magi_text_to_video_in_the_server(host):
         pytest.skip("the tiny MAGI-1 files need the `tokenizers` package in the test environment")
     sampler = dict(width=32, height=32, num_frames=24, steps=8, cfg=1.0, shift=3.0, seed=5, ar_step=5,
                    causal_block_size=2, base_num_frames=97, overlap_history=17, addnoise_condition=20,
-                   solver="unipc", cache="flowcache", preset="fast", threshold=0.015, warmup_steps=5, kv_budget=1,
-                   mix_lambda=0.07, keep_model_loaded=False)
+                   solver="unipc", keep_model_loaded=False)
+    cache = dict(method="flowcache", preset="fast", threshold=0.015, warmup_steps=5, kv_budget=1, mix_lambda=0.07)
     prompt = {
         "1": {"class_type": "FlowCacheModelLoader",
               "inputs": {"model_name": "magi_4.5B_distill/model.safetensors", "dtype": "auto"}},
         "2": {"class_type": "FlowCacheMagiTextEncode",
               "inputs": {"t5_name": "t5_tiny.safetensors", "prompt": "A red fox runs through the snow."}},
         "3": {"class_type": "FlowCacheMagiVAELoader", "inputs": {"vae_name": "magi1/diffusion_pytorch_model.safetensors"}},
+        "6": {"class_type": "FlowCacheCache", "inputs": cache},
         "4": {"class_type": "FlowCacheSampler", "inputs": dict(sampler, model=["1", 0], positive=["2", 0],
-                                                               negative=["2", 0])},
+                                                               negative=["2", 0], cache=["6", 0])},
         "5": {"class_type": "FlowCacheDecodeSave", "inputs": {"samples": ["4", 0], "magi_vae": ["3", 0],
                                                               "frame_rate": 24.0, "loop_count": 0,
                                                               "filename_prefix": "magi/tiny", "format": "video/h264-mp4",
