@@ -26,21 +26,49 @@ from .metrics import psnr, ssim
 
 @dataclass
 class Mode:
+    """One row: a cache method and preset (``custom`` values for custom), optionally another chunk-path
+    attention than the preset's."""
+
     name: str
-    cache: str
+    method: str
     preset: str
     custom: dict | None = None
+    attention: str | None = None
 
 
-def table_modes(fast_threshold: float) -> list[Mode]:
-    return [
-        Mode("off", "off", "slow"),
-        Mode("teacache-slow", "teacache", "slow"),
-        Mode("teacache-fast", "teacache", "fast"),
-        Mode("flowcache-slow", "flowcache", "slow"),
-        Mode("flowcache-fast", "flowcache", "fast"),
-        Mode("flowcache-fast+kv", "flowcache", "custom", {"threshold": fast_threshold, "kv_budget": 1}),
-    ]
+def table_modes(kit) -> list[Mode]:
+    """off, then every method with settings × slow/fast the model has presets for; FlowCache with window and
+    block-causal attention side by side; and FlowCache fast with a one-chunk KV budget."""
+    from .cache import METHODS
+    from .errors import InputError
+
+    modes = [Mode("off", "off", "slow")]
+    for name in METHODS:
+        if name == "off":
+            continue
+        for preset in ("slow", "fast"):
+            try:
+                s = kit.cache(name, preset)
+            except InputError:  # no presets for this method on this model
+                continue
+            if name == "flowcache":
+                other = "block_causal" if s.attention == "window" else "window"
+                modes.append(Mode(f"{name}-{preset}", name, preset))
+                modes.append(Mode(f"{name}-{preset}/{'bc' if other == 'block_causal' else 'win'}", name, preset,
+                                  attention=other))
+            else:
+                modes.append(Mode(f"{name}-{preset}", name, preset))
+    fast = kit.cache("flowcache", "fast")
+    modes.append(Mode("flowcache-fast+kv", "flowcache", "custom", {"threshold": fast.config.threshold,
+                                                                   "warmup": fast.config.warmup, "kv_budget": 1}))
+    return modes
+
+
+def _cache_of(kit, m: Mode):
+    cache = kit.cache(m.method, m.preset, **(m.custom or {}))
+    if m.attention is not None:
+        cache.attention = m.attention
+    return cache
 
 
 def _median_run(fn, repeats: int):
@@ -60,80 +88,163 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
 
     kit = kit or load_demo_kit()
     overrides = overrides or {}
-    fast = kit.cache("flowcache", "fast")
-    modes = table_modes(fast.config.threshold)
-    per_mode: dict[str, dict] = {m.name: {"wall": [], "psnr": [], "ssim": [], "forwards": [], "calls": [],
-                                          "flops": [], "flops_nocache": [], "kv": []} for m in modes}
-    overhead = {"chunked": [], "flowcache-t0": [], "t0_psnr": []}
+    modes = table_modes(kit)
+    keys = ("wall", "psnr", "ssim", "forwards", "calls", "flops", "flops_nocache", "flops_paper",
+            "flops_nocache_paper", "kv")
+    per_mode: dict[str, dict] = {m.name: {k: [] for k in keys} for m in modes}
+    t0_rows = {a: {"plain": [], "t0": [], "psnr": []} for a in ("window", "block_causal")}
     torch.manual_seed(0)
     for prompt in prompts:
         for seed in seeds:
             ref = None
             for m in modes:
-                cache = kit.cache(m.cache, m.preset, **(m.custom or {}))
+                cache = _cache_of(kit, m)
                 wall, (video, stats) = _median_run(lambda: kit.sample(prompt, seed, cache, **overrides), repeats)
                 if m.name == "off":
                     ref = video
                 r = per_mode[m.name]
-                r["wall"].append(wall)
-                r["psnr"].append(psnr(video, ref))
-                r["ssim"].append(ssim(video, ref))
-                r["forwards"].append(stats.forwards)
-                r["calls"].append(stats.model_calls)
-                r["flops"].append(stats.flops)
-                r["flops_nocache"].append(stats.flops_nocache)
-                r["kv"].append(stats.kv_peak_bytes)
-                log(f"  {prompt[:40]!r} seed {seed} {m.name:18s} {wall:7.2f} s  forwards {stats.forwards:5d}")
-            # bookkeeping cost: threshold-0 FlowCache against the same per-chunk path without a policy
-            for name, cache in (("chunked", kit.cache("off", "slow")),
-                                ("flowcache-t0", kit.cache("flowcache", "custom", threshold=0.0))):
-                chunk_path = {**overrides, "path": "chunk"}  # the chunk path, with no policy / a threshold-0 one
-                wall, (video, _) = _median_run(lambda: kit.sample(prompt, seed, cache, **chunk_path), repeats)
-                overhead[name].append(wall)
-                if name == "flowcache-t0":  # the per-chunk path with no reuse: what the attention change alone costs
-                    overhead["t0_psnr"].append(psnr(video, ref))
+                for k, v in (("wall", wall), ("psnr", psnr(video, ref)), ("ssim", ssim(video, ref)),
+                             ("forwards", stats.forwards), ("calls", stats.model_calls), ("flops", stats.flops),
+                             ("flops_nocache", stats.flops_nocache), ("flops_paper", stats.flops_paper),
+                             ("flops_nocache_paper", stats.flops_nocache_paper), ("kv", stats.kv_peak_bytes)):
+                    r[k].append(v)
+                log(f"  {prompt[:40]!r} seed {seed} {m.name:22s} {wall:7.2f} s  forwards {stats.forwards:5d}")
+            # the chunk path with no reuse, per attention: its distance to off, and the policy's bookkeeping
+            for attention, rows in t0_rows.items():
+                chunk_path = {**overrides, "path": "chunk"}
+                plain = kit.cache("off", "slow")
+                plain.attention = attention
+                t0 = kit.cache("flowcache", "custom", threshold=0.0)
+                t0.attention = attention
+                wall, _ = _median_run(lambda: kit.sample(prompt, seed, plain, **chunk_path), repeats)
+                rows["plain"].append(wall)
+                wall, (video, _) = _median_run(lambda: kit.sample(prompt, seed, t0, **chunk_path), repeats)
+                rows["t0"].append(wall)
+                rows["psnr"].append(psnr(video, ref))
     off_wall = sum(per_mode["off"]["wall"])
     rows = []
     for m in modes:
         r = per_mode[m.name]
+        mean = {k: statistics.mean(v) for k, v in r.items() if k not in ("wall", "kv")}
         rows.append({
-            "mode": m.name,
-            "forwards": statistics.mean(r["forwards"]),
-            "model_calls": statistics.mean(r["calls"]),  # batched calls those forwards ran in
-            "tflops": statistics.mean(r["flops"]) / 1e12,
+            "mode": m.name, "method": m.method, "preset": m.preset,
+            "attention": _cache_of(kit, m).attention,
+            "forwards": mean["forwards"],
+            "model_calls": mean["calls"],  # batched calls those forwards ran in
+            "tflops": mean["flops"] / 1e12,
             "wall_s": statistics.median(r["wall"]),
             "speedup": off_wall / sum(r["wall"]),
-            # against the vanilla loop in the paper's accounting (the same for every mode of a run)
-            "flops_speedup": statistics.mean(r["flops_nocache"]) / statistics.mean(r["flops"]),
-            "psnr_db": statistics.mean(r["psnr"]) if m.name != "off" else float("inf"),
-            "ssim": statistics.mean(r["ssim"]),
+            # against the real vanilla loop, and in the paper's accounting
+            "flops_speedup": mean["flops_nocache"] / mean["flops"],
+            "flops_speedup_paper": mean["flops_nocache_paper"] / mean["flops_paper"],
+            "psnr_db": mean["psnr"] if m.name != "off" else float("inf"),
+            "ssim": mean["ssim"],
             "peak_kv_bytes": max(r["kv"]),
         })
-    chunk_t, t0_t = sum(overhead["chunked"]), sum(overhead["flowcache-t0"])
     setting = {**kit.settings.__dict__, **overrides, "prompts": prompts, "seeds": seeds, "repeats": repeats,
                "model": kit.loaded.checkpoint, "torch_threads": torch.get_num_threads(),
                "device": str(kit.loaded.model.device), "dtype": str(kit.loaded.model.dtype).replace("torch.", ""),
                "quality_on": type(kit.codec).__name__}
-    return {"rows": rows, "setting": setting,
-            "overhead": {"chunked_s": chunk_t, "flowcache_threshold0_s": t0_t,
-                         "fraction": (t0_t - chunk_t) / chunk_t if chunk_t else 0.0,
-                         "threshold0_psnr_db": statistics.mean(overhead["t0_psnr"])}}
+    overhead = {}
+    for attention, r in t0_rows.items():
+        plain, t0 = sum(r["plain"]), sum(r["t0"])
+        overhead[attention] = {"chunked_s": plain, "flowcache_threshold0_s": t0,
+                               "fraction": (t0 - plain) / plain if plain else 0.0,
+                               "threshold0_psnr_db": statistics.mean(r["psnr"])}
+    return {"rows": rows, "setting": setting, "overhead": overhead}
 
 
 def format_table(result: dict) -> str:
-    head = (f"{'mode':18s} {'forwards':>8s} {'TFLOPs':>8s} {'wall s':>8s} {'speedup':>8s} {'FLOPs x':>8s} "
-            f"{'PSNR dB':>8s} {'SSIM':>6s} {'peak KV':>10s}")
-    lines = [head, "-" * len(head)]
+    head = (f"{'mode':22s} {'attention':>12s} {'forwards':>8s} {'calls':>6s} {'TFLOPs':>8s} {'wall s':>7s} "
+            f"{'speedup':>8s} {'FLOPs x':>8s} {'paper x':>8s} {'PSNR dB':>8s} {'SSIM':>6s} {'peak KV':>9s}")
+    lines = [f"torch threads: {result['setting'].get('torch_threads')}", head, "-" * len(head)]
     for r in result["rows"]:
         p = "inf" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.2f}"
-        lines.append(f"{r['mode']:18s} {r['forwards']:8.0f} {r['tflops']:8.4f} {r['wall_s']:8.2f} "
-                     f"{r['speedup']:7.2f}x {r['flops_speedup']:7.2f}x {p:>8s} {r['ssim']:6.3f} "
-                     f"{r['peak_kv_bytes'] / 2**20:8.2f}Mi")
-    o = result["overhead"]
-    lines.append(f"cache bookkeeping: threshold-0 flowcache {o['flowcache_threshold0_s']:.2f} s vs per-chunk path "
-                 f"without a policy {o['chunked_s']:.2f} s -> {100 * o['fraction']:+.1f}% (target < 3%)")
-    lines.append(f"per-chunk path without any reuse (threshold 0) vs off: PSNR {o['threshold0_psnr_db']:.2f} dB "
-                 "(the block-causal chunk forwards alone, before any caching)")
+        att = r.get("attention", "") if r.get("method") != "off" else "-"
+        lines.append(f"{r['mode']:22s} {att:>12s} {r['forwards']:8.0f} {r.get('model_calls', 0):6.0f} "
+                     f"{r['tflops']:8.4f} {r['wall_s']:7.2f} {r['speedup']:7.2f}x {r['flops_speedup']:7.2f}x "
+                     f"{r.get('flops_speedup_paper', r['flops_speedup']):7.2f}x {p:>8s} {r['ssim']:6.3f} "
+                     f"{r['peak_kv_bytes'] / 2**20:7.2f}Mi")
+    for attention, o in result["overhead"].items():
+        lines.append(f"{attention} attention, chunk path with no reuse (threshold 0) vs off: PSNR "
+                     f"{o['threshold0_psnr_db']:.2f} dB; bookkeeping: threshold-0 flowcache "
+                     f"{o['flowcache_threshold0_s']:.2f} s vs no policy {o['chunked_s']:.2f} s -> "
+                     f"{100 * o['fraction']:+.1f}% (target < 3%)")
+    return "\n".join(lines)
+
+
+# -- the speed-quality frontier -------------------------------------------------------------------------
+def _grid(thresholds, **fixed) -> list[dict]:
+    return [{"threshold": t, **fixed} for t in thresholds]
+
+
+# Custom values per method (the rest from its slow preset). Presets are picked from this frontier on the demo's
+# calibration prompts, never on the benchmark's.
+SWEEP = {"teacache": _grid((0.05, 0.1, 0.2, 0.3, 0.5)),
+         "flowcache": _grid((0.05, 0.1, 0.15, 0.2, 0.3, 0.5)),
+         "magcache": _grid((0.02, 0.05, 0.1, 0.2), max_skips=2, warmup=2) + _grid((0.05, 0.1, 0.2, 0.4), max_skips=4,
+                                                                               warmup=2),
+         "easycache": _grid((0.02, 0.05, 0.1, 0.2, 0.4), warmup=3)}
+
+
+def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides: dict | None = None, log=print,
+              kit=None, grid: dict | None = None) -> list[dict]:
+    """Each method over a grid of custom values (``SWEEP``; the rest from its slow preset), FlowCache with both
+    attentions: FLOPs and wall speedups against off and PSNR, averaged over prompts and seeds; ``frontier`` marks
+    the rows no other row beats in FLOPs speedup and PSNR at once."""
+    from .errors import InputError
+    from .jobs import load_demo_kit
+
+    kit = kit or load_demo_kit()
+    overrides, grid = overrides or {}, grid or SWEEP
+    points = []
+    for method, values in grid.items():
+        try:
+            base = kit.cache(method, "slow")
+        except InputError:
+            continue
+        attentions = ("window", "block_causal") if method == "flowcache" else (base.attention,)
+        for attention in attentions:
+            for custom in values:
+                points.append((method, attention, custom))
+    refs = {}
+    acc: dict[int, dict] = {i: {"wall": [], "flops": [], "flops_off": [], "psnr": [], "off_wall": []}
+                            for i in range(len(points))}
+    for prompt in prompts:
+        for seed in seeds:
+            off_wall, (ref, _) = _median_run(lambda: kit.sample(prompt, seed, kit.cache("off", "slow"), **overrides),
+                                             repeats)
+            refs[(prompt, seed)] = ref
+            for i, (method, attention, custom) in enumerate(points):
+                cache = kit.cache(method, "custom", **custom)
+                cache.attention = attention
+                wall, (video, stats) = _median_run(lambda: kit.sample(prompt, seed, cache, **overrides), repeats)
+                a = acc[i]
+                a["wall"].append(wall), a["off_wall"].append(off_wall), a["psnr"].append(psnr(video, ref))
+                a["flops"].append(stats.flops), a["flops_off"].append(stats.flops_nocache)
+            log(f"  sweep {prompt[:40]!r} seed {seed}: {len(points)} settings")
+    rows = []
+    for i, (method, attention, custom) in enumerate(points):
+        a = acc[i]
+        rows.append({"method": method, "attention": attention, "threshold": custom["threshold"],
+                     "custom": custom,
+                     "flops_speedup": sum(a["flops_off"]) / sum(a["flops"]),
+                     "wall_speedup": sum(a["off_wall"]) / sum(a["wall"]), "psnr_db": statistics.mean(a["psnr"])})
+    for r in rows:
+        r["frontier"] = not any(o["flops_speedup"] >= r["flops_speedup"] and o["psnr_db"] >= r["psnr_db"]
+                                and (o["flops_speedup"], o["psnr_db"]) != (r["flops_speedup"], r["psnr_db"])
+                                for o in rows)
+    return rows
+
+
+def format_sweep(rows: list[dict]) -> str:
+    head = (f"{'method':10s} {'attention':>12s} {'settings':28s} {'FLOPs x':>8s} {'wall x':>7s} {'PSNR dB':>8s}  "
+            "frontier")
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["method"], r["attention"], sorted(r["custom"].items()))):
+        custom = " ".join(f"{k}={v:g}" for k, v in r["custom"].items())
+        lines.append(f"{r['method']:10s} {r['attention']:>12s} {custom:28s} {r['flops_speedup']:7.2f}x "
+                     f"{r['wall_speedup']:6.2f}x {r['psnr_db']:8.2f}  {'*' if r['frontier'] else ''}")
     return "\n".join(lines)
 
 
@@ -148,8 +259,9 @@ def long_child(windows: int, budget: int, steps: int | None) -> dict:
     base = s.base_num_frames
     new = base - s.overlap_history
     frames = base + (windows - 1) * new
-    cache = kit.cache("flowcache", "custom", threshold=kit.cache("flowcache", "fast").config.threshold,
-                       kv_budget=budget)
+    fast = kit.cache("flowcache", "fast")
+    cache = kit.cache("flowcache", "custom", threshold=fast.config.threshold, warmup=fast.config.warmup,
+                      kv_budget=budget)
     over = {"num_frames": frames, **({"steps": steps} if steps else {})}
     t0 = time.perf_counter()
     from . import demo

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .cache.base import CachePolicy, UnitKey, relative_l1
+from .cache.base import CachePolicy, UnitKey, relative_l1, signal_of
 from .checkpoint import checkpoint_files
 from .errors import CheckpointError, InputError
 from .presets import calibrated_entry, embed_presets, preset_sidecar, write_preset_file
@@ -50,6 +50,7 @@ class CalibrationPoint:
     chunk: int | str
     step: int         # the chunk's own step index of the later of the two steps
     run: int = 0
+    magnitude: float = 1.0  # mean|residual| at this step over mean|residual| at the previous one (MagCache's γ)
 
 
 class ChunkSignalRecorder(CachePolicy):
@@ -76,7 +77,8 @@ class ChunkSignalRecorder(CachePolicy):
         self._pending.clear()
         self._steps.clear()
 
-    def should_compute(self, key: UnitKey, signal: torch.Tensor, force: bool = False) -> bool:
+    def should_compute(self, key: UnitKey, signal, force: bool = False) -> bool:
+        signal = signal_of(signal)
         prev = self._prev_signal.get(key)
         self._pending[key] = relative_l1(signal.float(), prev) if prev is not None else None
         self._prev_signal[key] = signal.detach().float().clone()
@@ -94,8 +96,10 @@ class ChunkSignalRecorder(CachePolicy):
         if prev is not None and x is not None:
             y = relative_l1(payload, prev)
             branch, chunk = key if isinstance(key, tuple) and len(key) == 2 else ("cond", key)
-            if math.isfinite(x) and math.isfinite(y):
-                self.points.append(CalibrationPoint(x, y, str(branch), chunk, self._steps.get(key, 0), self.run))
+            mag = float(payload.abs().mean() / prev.abs().mean())
+            if math.isfinite(x) and math.isfinite(y) and math.isfinite(mag):
+                self.points.append(CalibrationPoint(x, y, str(branch), chunk, self._steps.get(key, 0), self.run,
+                                                    mag))
         self._prev_payload[key] = payload.clone()
 
 
@@ -167,6 +171,15 @@ def _encoder_for(lm, model_path, prompts: Sequence[str], conditioning: str | Non
                      "or --random-conditioning for a prompt-free fit.")
 
 
+def magnitude_ratios(points: Sequence[CalibrationPoint], steps: int) -> dict[str, list[float]]:
+    """MagCache's per-step ratio curve per branch: γ_0 = 1, γ_k = mean over chunks, windows and runs of
+    mean|r_k| / mean|r_{k−1}| (r: a chunk's backbone residual at its own step k)."""
+    sums: dict[str, list[list[float]]] = {}
+    for p in points:
+        sums.setdefault(p.branch, [[] for _ in range(steps)])[min(p.step, steps - 1)].append(p.magnitude)
+    return {b: [1.0] + [round(float(np.mean(v)), 5) if v else 1.0 for v in rows[1:]] for b, rows in sums.items()}
+
+
 @dataclass
 class CalibrationRun:
     """What to sample while recording. prompts: for the demo model defaults to ``DEMO_PROMPTS[:3]``; other
@@ -199,9 +212,9 @@ def calibrate(model_path: str | os.PathLike, run: CalibrationRun | None = None,
     if not prompts:
         if key != "demo":
             raise InputError("calibration: give --prompts for a model other than the demo.")
-        from .demo import DEMO_PROMPTS
+        from .demo import CALIBRATION_PROMPTS
 
-        prompts = list(DEMO_PROMPTS[:3])
+        prompts = list(CALIBRATION_PROMPTS)
     encode, text_source = _encoder_for(lm, model_path, prompts + [run.negative], run.conditioning,
                                        run.random_conditioning)
     s = run.settings or _default_settings(key)
@@ -232,7 +245,8 @@ def calibrate(model_path: str | os.PathLike, run: CalibrationRun | None = None,
              "solver": s.solver, "signal": "e0 relative L1 (per chunk)",
              "output": "relative L1 of the chunk's backbone residual h - h0",
              "seconds": round(time.perf_counter() - t0, 1), **facts}
-    result = {key: calibrated_entry(BASE_ROWS[lm.family], {"coefficients": coef}, calib)}
+    fitted = {"coefficients": coef, "mag_ratios": magnitude_ratios(pts, s.steps)}
+    result = {key: calibrated_entry(BASE_ROWS[lm.family], fitted, calib)}
     if out_path is not None:
         write_preset_file(out_path, result)
         if log:
@@ -290,4 +304,5 @@ def main_calibrate(args: list[str]) -> int:
     return 0
 
 
-__all__ = ["ChunkSignalRecorder", "CalibrationPoint", "CalibrationRun", "fit_rescale", "calibrate", "main_calibrate"]
+__all__ = ["ChunkSignalRecorder", "CalibrationPoint", "CalibrationRun", "fit_rescale", "magnitude_ratios", "calibrate",
+           "main_calibrate"]

@@ -100,6 +100,8 @@ def _generate(a) -> int:
 
 
 def _bench(a) -> int:
+    import torch
+
     from . import bench
     if a.long_child:
         n, budget = a.long_child
@@ -113,21 +115,35 @@ def _bench(a) -> int:
     if a.long and a.model != "demo":
         raise FlowCacheError("bench --long runs on the shipped demo model only (it decodes and writes every window); "
                              f"drop --long for {a.model}.")
+    demo_prompts = demo.CALIBRATION_PROMPTS if a.calibration_prompts else demo.BENCH_PROMPTS
     if a.model == "demo":
-        kit, prompts = None, list(demo.DEMO_PROMPTS[:a.prompts])
+        kit, prompts = load_demo_kit(), list(demo_prompts[:a.prompts])
     elif a.model not in RANDOM_WAN and header_facts(a.model).preset_key == "demo":
-        kit, prompts = load_demo_kit(a.model), list(demo.DEMO_PROMPTS[:a.prompts])  # a retrained demo model
+        kit, prompts = load_demo_kit(a.model), list(demo_prompts[:a.prompts])  # a retrained demo model
     else:
         if a.frames:  # one window of that length, as the paper's 97-frame runs
             over["base_num_frames"] = a.frames
         kit = load_checkpoint_kit(a.model, a.device, a.dtype, a.vae, **over)
         prompts = [f"benchmark prompt {i}" for i in range(a.prompts)]  # seeds of the stand-in text states
     seeds = list(range(a.seeds))
-    out = {}
-    if not a.long or a.table:
-        res = bench.run_table(prompts, seeds, a.repeats, over, log=(lambda *_: None) if a.quiet else print, kit=kit)
-        print(bench.format_table(res))
-        out["table"] = res
+    out: dict = {"tables": []}
+    log = (lambda *_: None) if a.quiet else print
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in (a.threads or [threads_before]):
+            torch.set_num_threads(threads)
+            if a.sweep:
+                rows = bench.run_sweep(prompts, seeds, max(1, a.repeats), over, log=log, kit=kit)
+                print(f"torch threads: {threads}\n" + bench.format_sweep(rows))
+                out.setdefault("sweeps", []).append({"threads": threads, "rows": rows})
+            if (not a.long or a.table) and not a.sweep:
+                res = bench.run_table(prompts, seeds, a.repeats, over, log=log, kit=kit)
+                print(bench.format_table(res))
+                out["tables"].append(res)
+    finally:
+        torch.set_num_threads(threads_before)
+    if out["tables"]:
+        out["table"] = out["tables"][-1]
     if a.long:
         rows = bench.run_long(steps=a.steps, window_counts=tuple(a.windows))
         print(bench.format_long(rows))
@@ -207,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8])
     b.add_argument("--table", action="store_true", help="with --long, also print the main table")
     b.add_argument("--quiet", action="store_true")
+    b.add_argument("--threads", type=int, nargs="+", help="torch threads per run, e.g. 1 2 (a table for each)")
+    b.add_argument("--sweep", action="store_true", help="the speed-quality frontier: every method over a range of "
+                                                        "thresholds (FLOPs x and wall x against PSNR)")
+    b.add_argument("--calibration-prompts", action="store_true",
+                   help="the demo's calibration prompts instead of the benchmark's (to pick presets from data)")
     b.add_argument("--long-child", nargs=2, help=argparse.SUPPRESS)
     sub.add_parser("calibrate", help="fit a model's rescale polynomial and write a preset file (see --help)")
     a = p.parse_args(argv)

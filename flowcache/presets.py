@@ -32,7 +32,7 @@ NAMED_PRESETS = ("slow", "fast")
 BUILTIN_PRESETS = Path(__file__).resolve().parent / "presets.json"
 METADATA_KEY = "flowcache.presets"
 # A calibrated model's entry starts from its family's released row: the paper's thresholds, refitted rescale.
-SHARED_VALUES = ("coefficients",)
+SHARED_VALUES = ("coefficients", "mag_ratios")
 
 
 def _bad(source: str, where: str, why: str) -> CheckpointError:
@@ -53,6 +53,10 @@ def check_table(table: object, source: str) -> dict:
         coef = entry.get("coefficients")
         if not isinstance(coef, list) or not coef or not all(_number(c) for c in coef):
             raise _bad(source, f"entry {key!r} field 'coefficients'", "must be a non-empty list of numbers")
+        ratios = entry.get("mag_ratios", {})
+        if not isinstance(ratios, dict) or not all(isinstance(v, list) and v and all(_number(x) and x > 0 for x in v)
+                                                   for v in ratios.values()):
+            raise _bad(source, f"entry {key!r} field 'mag_ratios'", "must map branches to lists of positive numbers")
         for name, section in entry.items():
             if name not in METHODS:
                 continue
@@ -184,7 +188,7 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
     custom = {k: v for k, v in custom.items() if v is not None}
     names = [f.name for f in fields(m.config)]
     values: dict[str, Any] = {}
-    kv = {"kv_budget": 0, "mix_lambda": 0.07}
+    kv: dict[str, Any] = {"kv_budget": 0, "mix_lambda": 0.07, "attention": "block_causal"}
     if names:  # methods with settings need the model's presets
         table = {**builtin_presets(), **(extra or {})}
         entry = table.get(model_key)
@@ -200,16 +204,19 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
             raise _no_presets(model_key, f"{method_name} {preset!r}")
         for shared in SHARED_VALUES:
             if shared in names and shared in entry:
-                values[shared] = list(entry[shared])
+                values[shared] = json.loads(json.dumps(entry[shared]))  # a copy
         for k, v in (named or {}).items():
             if k in names:
                 values[k] = v
             elif k in kv:
                 kv[k] = v
+        if isinstance(entry.get("attention"), str):  # the model's chunk-path attention, chosen by the benchmark
+            kv["attention"] = entry["attention"]
     if preset == "custom" or not names:
         values.update({k: v for k, v in custom.items() if k in names and k not in SHARED_VALUES})
         kv.update({k: v for k, v in custom.items() if k in kv})
-    return CacheSettings(method_name, m.config(**values), preset, kv["kv_budget"], kv["mix_lambda"], model_key)
+    return CacheSettings(method_name, m.config(**values), preset, kv["kv_budget"], kv["mix_lambda"], model_key,
+                         kv["attention"])
 
 
 def preset_rows(model_key: str, extra: dict | None = None) -> dict:
@@ -248,6 +255,7 @@ class CacheRequest:
     method: str = "flowcache"
     preset: str = "slow"
     values: tuple[tuple[str, Any], ...] = ()
+    attention: str | None = None  # None: the model's presets choose
 
     def __post_init__(self) -> None:
         method(self.method)
@@ -255,7 +263,11 @@ class CacheRequest:
             raise InputError(f"preset={self.preset!r}: must be one of {', '.join(PRESET_NAMES)}.")
 
     def resolve(self, model_key: str, extra: dict | None = None) -> CacheSettings:
-        return resolve_cache(model_key, self.method, self.preset, extra, **dict(self.values))
+        settings = resolve_cache(model_key, self.method, self.preset, extra, **dict(self.values))
+        if self.attention is not None:
+            settings.attention = self.attention
+            settings.__post_init__()
+        return settings
 
     def describe(self) -> str:
         return f"{self.method} ({self.preset})" if self.method != "off" else "off"

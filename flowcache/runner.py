@@ -113,6 +113,7 @@ class RunState:
         self.policy, self.stats, self.branches = policy, stats, branches
         hooks = hooks or RunHooks()
         self.chunk_steps, self.on_step, self.cancel = chunk_steps, hooks.on_step, hooks.cancel
+        policy.prepare(chunk_steps)
         self.stores: dict[str, KVStore] = {}
         self.maps: dict[str, list[list[str]]] = {}
         self.segment: Segment | None = None
@@ -154,13 +155,20 @@ class RunState:
         self.stores = {}
 
     # -- decisions and payloads --------------------------------------------------------------------
-    def decide(self, step: Step, signals: dict[UnitId, torch.Tensor]) -> Decisions:
-        """One decision per (branch, unit); units that are not cacheable always compute."""
+    def decide(self, step: Step, signals: dict[UnitId, Any]) -> Decisions:
+        """One decision per (branch, unit) (or one per unit for every branch, for a policy with shared decisions);
+        units that are not cacheable always compute."""
         out: Decisions = {}
-        for b in self.branches:
-            for u in step.units:
-                out[(b, u.id)] = (self.policy.should_compute((b, u.id), signals[u.id], u.force)
-                                  if u.cacheable else True)
+        shared = getattr(self.policy, "shared_decision", False)
+        for u in step.units:
+            if not u.cacheable:
+                out.update({(b, u.id): True for b in self.branches})
+            elif shared:
+                c = self.policy.should_compute(("*", u.id), signals[u.id], u.force)
+                out.update({(b, u.id): c for b in self.branches})
+            else:
+                for b in self.branches:
+                    out[(b, u.id)] = self.policy.should_compute((b, u.id), signals[u.id], u.force)
         return out
 
     def remember(self, branch: str, unit: UnitId, payload: torch.Tensor) -> None:
@@ -170,14 +178,17 @@ class RunState:
         return self.policy.recall((branch, unit))
 
     # -- accounting --------------------------------------------------------------------------------
-    def count_forward(self, flops: float, forwards: int = 1) -> None:
-        """Work actually done: ``forwards`` transformer forwards costing ``flops`` in total."""
-        self.stats.forwards += forwards
+    def count_forward(self, flops: float, paper: float | None = None) -> None:
+        """One transformer forward actually done: ``flops`` as computed, ``paper`` in the paper's accounting
+        (default: the same)."""
+        self.stats.forwards += 1
         self.stats.flops += flops
+        self.stats.flops_paper += flops if paper is None else paper
 
-    def count_vanilla(self, flops: float) -> None:
-        """What the vanilla loop (cache off) spends on this step, the reference of the FLOPs speedup."""
+    def count_vanilla(self, flops: float, paper: float | None = None) -> None:
+        """What the vanilla loop (cache off) spends on this step, the reference of the FLOPs speedups."""
         self.stats.flops_nocache += flops
+        self.stats.flops_nocache_paper += flops if paper is None else paper
 
     def count_call(self) -> None:
         """One call into the transformer blocks (it may batch several forwards)."""

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..flowcache.cache import METHODS
 from ..flowcache.presets import PRESET_NAMES, CacheRequest
+from ..flowcache.errors import InputError
 from ..flowcache.validate import finite
 
 # Widgets of the custom preset: widget name -> (config field it sets, widget spec). Order is the saved
@@ -26,7 +27,11 @@ CUSTOM_WIDGETS: dict[str, tuple[str, tuple]] = {
         "default": 0.07, "min": 0.0, "max": 1.0, "step": 0.01, "round": 0.001,
         "tooltip": "custom preset: weight of attention importance against redundancy when the KV cache is "
                    "compressed. Locked for slow/fast."})),
+    "max_skips": ("max_skips", ("INT", {
+        "default": 3, "min": 0, "max": 1000, "step": 1,
+        "tooltip": "custom preset, magcache only: most steps in a row a chunk may reuse. Locked for slow/fast."})),
 }
+ATTENTION_CHOICES = ["auto", "window", "block_causal"]
 
 
 class FlowCacheCache:
@@ -43,6 +48,11 @@ class FlowCacheCache:
                            "below). custom: use the widgets below."}),
         }
         required.update({name: spec for name, (_, spec) in CUSTOM_WIDGETS.items()})
+        required["attention"] = (ATTENTION_CHOICES, {
+            "default": "auto",
+            "tooltip": "How a computed chunk attends on the chunk path (FlowCache, MagCache, EasyCache): window = to "
+                       "every chunk of its window, later ones too, as the uncached window does (closer to off); "
+                       "block_causal = only to chunks up to itself (the FlowCache code). auto: the model's presets."})
         return {"required": required}
 
     RETURN_TYPES = ("FLOWCACHE_CACHE",)
@@ -53,7 +63,9 @@ class FlowCacheCache:
     DESCRIPTION = ("How FlowCache Sampler reuses work between steps. Without this node the sampler runs FlowCache "
                    "with the model's slow preset.")
 
-    def build(self, method: str, preset: str, **custom: Any) -> tuple[CacheRequest]:
+    def build(self, method: str, preset: str, attention: str = "auto", **custom: Any) -> tuple[CacheRequest]:
         # every number is checked, used or not: NaN passes ComfyUI's own min/max checks
         values = tuple((CUSTOM_WIDGETS[k][0], finite(v, k)) for k, v in custom.items() if k in CUSTOM_WIDGETS)
-        return (CacheRequest(method, preset, values),)
+        if attention not in ATTENTION_CHOICES:
+            raise InputError(f"attention={attention!r}: must be one of {', '.join(ATTENTION_CHOICES)}.")
+        return (CacheRequest(method, preset, values, None if attention == "auto" else attention),)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowcache.cache import (AccumulatedL1Policy, CacheSettings, FlowCacheConfig, FlowCachePolicy, TeaCacheConfig,
-                             TeaCachePolicy, relative_l1)
+from flowcache.cache import (AccumulatedL1Policy, CacheSettings, FlowCacheConfig, FlowCachePolicy,
+                             relative_l1)
 from flowcache.presets import resolve_cache
 from flowcache.df_schedule import timestep_matrix
 from flowcache.errors import InputError

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_helpers import (NODE_IDS, ROOT, ComfyServer, MiniWebSocket, demo_available, demo_missing, http_json,
-                           import_pack, pack_submodule, write_tiny_wan)
+from comfy_helpers import (NODE_IDS, ROOT, TINY_KEY, TINY_PRESETS, ComfyServer, MiniWebSocket, demo_available,
+                           demo_missing, http_json, import_pack, pack_submodule, write_tiny_wan)
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to a ComfyUI "
@@ -68,32 +68,43 @@ def need_demo(pack) -> None:
                     "decoder to drive a whole prompt on a CPU-only ComfyUI")
 
 
-# FlowCache Cache's widgets: the sampler takes them through its ``cache`` input
 CACHE_WIDGETS = ("method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda")
 
 
-def graph(model_name: str, prefix: str, *, dtype: str = "auto", steps: int = 6, seed: int = 3, **sampler) -> dict:
-    """Loader -> demo text encode (x2) -> sampler -> decode -> video combine, plus core SaveLatent."""
+def cache_node(method: str = "flowcache", preset: str = "slow", **custom) -> dict:
+    """A FlowCache Cache node (API format) with the custom widgets' defaults."""
+    inputs = dict(method=method, preset=preset, threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07)
+    inputs.update(custom)
+    return {"class_type": "FlowCacheCache", "inputs": inputs}
+
+
+def graph(model_name: str, prefix: str, *, dtype: str = "auto", steps: int = 6, seed: int = 3, with_cache: bool = True,
+          **sampler) -> dict:
+    """Loader -> demo text encode (x2) -> sampler (cache settings from a FlowCache Cache node, "8") -> decode ->
+    video combine, plus core SaveLatent. Cache widget keywords (method, preset, threshold, ...) go to node 8."""
+    cache = {k: sampler.pop(k) for k in CACHE_WIDGETS if k in sampler}
     settings = dict(width=64, height=64, num_frames=36, steps=steps, cfg=5.0, shift=5.0, seed=seed, ar_step=5,
                     causal_block_size=4, base_num_frames=20, overlap_history=4, addnoise_condition=20,
-                    solver="unipc", method="flowcache", preset="slow", threshold=0.1, warmup_steps=5, kv_budget=0,
-                    mix_lambda=0.07, keep_model_loaded=False)
+                    solver="unipc", keep_model_loaded=False)
     settings.update(sampler)
-    cache = {k: settings.pop(k) for k in CACHE_WIDGETS}
-    return {
-        "8": {"class_type": "FlowCacheCache", "inputs": cache},
+    if with_cache:
+        settings["cache"] = ["8", 0]
+    nodes = {
         "1": {"class_type": "FlowCacheModelLoader", "inputs": {"model_name": model_name, "dtype": dtype}},
         "2": {"class_type": "FlowCacheDemoTextEncode", "inputs": {"prompt": "a red circle bouncing on a blue "
                                                                             "background"}},
         "3": {"class_type": "FlowCacheDemoTextEncode", "inputs": {"prompt": ""}},
         "4": {"class_type": "FlowCacheSampler", "inputs": dict(settings, model=["1", 0], positive=["2", 0],
-                                                               negative=["3", 0], cache=["8", 0])},
+                                                               negative=["3", 0])},
         "5": {"class_type": "FlowCacheDecode", "inputs": {"samples": ["4", 0]}},
         "6": {"class_type": "FlowCacheVideoCombine", "inputs": {"images": ["5", 0], "frame_rate": 8.0,
                                                                 "loop_count": 0, "filename_prefix": prefix,
                                                                 "format": "video/h264-mp4", "crf": 19}},
         "7": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": f"latents/{prefix}"}},
     }
+    if with_cache:
+        nodes["8"] = cache_node(**cache)
+    return nodes
 
 
 def outputs_of(entry: dict, work: Path) -> tuple[Path, Path]:
@@ -130,7 +141,7 @@ def test_nodes_are_listed(host):
         assert node["input_order"]["required"] == list(cls.INPUT_TYPES()["required"])
     sampler = info["FlowCacheSampler"]
     assert sampler["input"]["optional"]["vae"][0] == "VAE"
-    assert sampler["input"]["hidden"] == {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}
+    assert sampler["input"]["hidden"] == {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}  # PROMPT: where a MODEL came from
     assert info["FlowCacheVideoCombine"]["output_node"] is True
     # WEB_DIRECTORY serves web/ under the folder name; pyproject's [tool.comfy] web serves it again under the
     # project name when the two differ (as here), which web/flowcache.js guards against (it registers once).
@@ -177,7 +188,29 @@ def test_demo_prompt_writes_a_playable_video(host):
     assert frames.shape == (36, 64, 64, 3)
     stats = entry["outputs"]["4"]["flowcache_stats"][0]
     assert stats["mode"] == "flowcache" and stats["windows"] == 2
+    assert stats["note"] == "" and (stats["settings"]["method"], stats["settings"]["preset"]) == ("flowcache", "slow")
     assert read_latent(latent_path).shape == (1, 32, 36, 8, 8)
+
+
+def test_cache_node_settings_and_the_note_without_one(host):
+    """FlowCache Cache's settings reach the run; without the node the sampler runs FlowCache slow and says so."""
+    server, pack, work = host
+    need_demo(pack)
+    client = uuid.uuid4().hex
+    custom = server.wait_done(server.queue(graph(TINY_FILE, "cache_custom", steps=4, preset="custom", threshold=0.3,
+                                                 warmup_steps=1, kv_budget=1), client_id=client))
+    outputs_of(custom, work)
+    stats = custom["outputs"]["4"]["flowcache_stats"][0]
+    s = stats["settings"]
+    assert stats["note"] == "" and (s["method"], s["preset"], s["threshold"], s["warmup"], s["kv_budget"]) == \
+        ("flowcache", "custom", 0.3, 1, 1), s
+    bare = server.wait_done(server.queue(graph(TINY_FILE, "no_cache", steps=4, with_cache=False), client_id=client))
+    outputs_of(bare, work)
+    stats = bare["outputs"]["4"]["flowcache_stats"][0]
+    assert stats["note"].startswith("no cache node connected"), stats["note"]
+    slow = TINY_PRESETS[TINY_KEY]["flowcache"]["slow"]
+    assert (stats["settings"]["method"], stats["settings"]["preset"], stats["settings"]["threshold"]) == \
+        ("flowcache", "slow", slow["threshold"]), stats["settings"]
 
 
 TERMINAL = ("execution_success", "execution_error", "execution_interrupted")
@@ -260,27 +293,27 @@ def test_magi_text_to_video_in_the_server(host):
         pytest.skip("the tiny MAGI-1 files need the `tokenizers` package in the test environment")
     sampler = dict(width=32, height=32, num_frames=24, steps=8, cfg=1.0, shift=3.0, seed=5, ar_step=5,
                    causal_block_size=2, base_num_frames=97, overlap_history=17, addnoise_condition=20,
-                   solver="unipc", keep_model_loaded=False)
-    cache = dict(method="flowcache", preset="fast", threshold=0.015, warmup_steps=5, kv_budget=1, mix_lambda=0.07)
+                   solver="unipc", keep_model_loaded=False, cache=["6", 0])
     prompt = {
         "1": {"class_type": "FlowCacheModelLoader",
               "inputs": {"model_name": "magi_4.5B_distill/model.safetensors", "dtype": "auto"}},
         "2": {"class_type": "FlowCacheMagiTextEncode",
               "inputs": {"t5_name": "t5_tiny.safetensors", "prompt": "A red fox runs through the snow."}},
         "3": {"class_type": "FlowCacheMagiVAELoader", "inputs": {"vae_name": "magi1/diffusion_pytorch_model.safetensors"}},
-        "6": {"class_type": "FlowCacheCache", "inputs": cache},
         "4": {"class_type": "FlowCacheSampler", "inputs": dict(sampler, model=["1", 0], positive=["2", 0],
-                                                               negative=["2", 0], cache=["6", 0])},
+                                                               negative=["2", 0])},
         "5": {"class_type": "FlowCacheDecodeSave", "inputs": {"samples": ["4", 0], "magi_vae": ["3", 0],
                                                               "frame_rate": 24.0, "loop_count": 0,
                                                               "filename_prefix": "magi/tiny", "format": "video/h264-mp4",
                                                               "crf": 19}},
+        "6": cache_node("flowcache", "fast", threshold=0.015, kv_budget=1),
     }
     entry = server.wait_done(server.queue(prompt, client_id=uuid.uuid4().hex))
     errors = [m[1].get("exception_message") for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert entry["status"]["status_str"] == "success", errors or server.log()[-3000:]
     stats = entry["outputs"]["4"]["flowcache_stats"][0]
     assert stats["mode"] == "flowcache" and stats["settings"]["magi"]["chunks"] == 3
+    assert (stats["settings"]["preset"], stats["settings"]["kv_budget"], stats["note"]) == ("fast", 1, ""), stats["settings"]
     assert stats["settings"]["magi"]["distill"] is True  # from the folder name
     (video,) = entry["outputs"]["5"]["images"]
     path = work / "output" / video["subfolder"] / video["filename"]

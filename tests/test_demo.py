@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from flowcache.calibrate import CalibrationRun, ChunkSignalRecorder, calibrate, fit_rescale

@@ -1,8 +1,9 @@
 """The KV store: bounded by budget + active window, per-head selection, composes with caching."""
+import pytest
 import torch
 
 from flowcache.cache import CacheSettings
-from flowcache.kv.scoring import CompressionConfig
+from flowcache.kv.scoring import CompressionConfig, importance_dense, redundancy_dense
 from flowcache.kv.store import KVStore
 from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from tiny_models import tiny_wan
@@ -30,23 +31,42 @@ def test_store_never_exceeds_budget_plus_active_window():
     assert store.allocated_bytes == layers * 2 * (budget + (active + 1) * T) * 2 * 8 * 4
 
 
-def test_compressed_heads_keep_different_tokens():
-    store = KVStore(1, capacity_tokens=64, budget_tokens=4, compression=CompressionConfig(query_granularity="chunk"))
+def _heads_setup():
+    """Head 0's queries point along dim 0, where keys 0-3 are large; head 1's along dim 1, keys 4-7."""
+    g = torch.Generator().manual_seed(1)
     k0 = torch.zeros(1, 2, 8, 4)
-    k0[0, 0, :4, 0] = 5.0  # head 0: the first four keys align with the query
-    k0[0, 1, 4:, 1] = 5.0  # head 1: the last four
-    k0 += 0.01 * torch.randn_like(k0)
-    v0 = torch.arange(16.0).view(1, 2, 8, 1).expand(1, 2, 8, 4).clone()
-    store.extend(0, 0, torch.zeros(1, 2, 8, 4), k0, v0)
-    store.mark_clean(0)
+    k0[0, 0, :4, 0] = 5.0
+    k0[0, 1, 4:, 1] = 5.0
+    k0 += 0.01 * torch.randn(k0.shape, generator=g)
+    v0 = torch.arange(16.0).view(1, 2, 8, 1).expand(1, 2, 8, 4).clone()  # value = head * 8 + position
     q = torch.zeros(1, 2, 8, 4)
     q[0, 0, :, 0] = 5.0
     q[0, 1, :, 1] = 5.0
-    keys, vals = store.extend(1, 0, q, torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4))
-    kept0 = vals[0, 0, :4, 0].tolist()
-    kept1 = vals[0, 1, :4, 0].tolist()
-    assert kept0 != [v - 8 for v in kept1]  # heads kept different token positions
-    assert keys.shape[2] == 4 + 8
+    return q, k0, v0
+
+
+@pytest.mark.parametrize("mix_lambda", [1.0, 0.07])
+def test_compression_keeps_exactly_the_positions_the_score_picks(mix_lambda):
+    """Chunk 0 (8 tokens) is clean when chunk 1 writes; the budget of 4 keeps, per head, the 4 best-scored
+    positions in order. λ = 1 (importance only): head 0 keeps 0-3 and head 1 keeps 4-7, as the setup makes
+    them. λ = 0.07 (the default): the positions the dense reference formula λ·I − (1−λ)·R picks."""
+    q, k0, v0 = _heads_setup()
+    cfg = CompressionConfig(mix_lambda=mix_lambda, query_granularity="chunk", pool_kernel=1)
+    store = KVStore(1, capacity_tokens=64, budget_tokens=4, compression=cfg)
+    store.extend(0, 0, torch.zeros(1, 2, 8, 4), k0, v0)
+    store.mark_clean(0)
+    k1 = torch.full((1, 2, 8, 4), -1.0)
+    keys, vals = store.extend(1, 0, q, k1, torch.full((1, 2, 8, 4), -2.0))
+    kept = [vals[0, h, :4, 0].long().tolist() for h in range(2)]
+    if mix_lambda == 1.0:
+        assert kept == [[0, 1, 2, 3], [12, 13, 14, 15]]
+    else:
+        score = mix_lambda * importance_dense(q, k0, pool_kernel=1) - (1 - mix_lambda) * redundancy_dense(k0)
+        want = score.topk(4, dim=-1).indices.sort(dim=-1).values[0]
+        assert kept == [[8 * h + int(i) for i in want[h]] for h in range(2)]
+    assert keys.shape[2] == 4 + 8 and torch.equal(keys[:, :, 4:], k1)  # the writer's own rows follow
+    assert store.layers[0].compressed == 4 and store.layers[0].ranges == {1: (4, 12)}
+    assert store.stats()["dropped_per_layer"] == [4]
 
 
 def test_compression_bounds_kv_and_composes_with_caching():

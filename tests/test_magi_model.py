@@ -16,10 +16,22 @@ from safetensors.torch import save_file
 
 from flowcache.checkpoint import load_checkpoint
 from flowcache.errors import CheckpointError
-from flowcache.models.magi import (MAGI_ANCHORS, Fp8Linear, build_magi, distill_dt_for_steps, is_magi_state_dict,
-                                   load_magi, magi_config_from_state_dict)
+from flowcache.checkpoint import split_prefix
+from flowcache.models import MAGI_ANCHORS, detect_family, load_model
+from flowcache.models.magi import Fp8Linear, build_magi, distill_dt_for_steps, magi_config_from_state_dict
 
 FP8 = torch.float8_e4m3fn
+
+
+def load_magi(path, dtype: str = "auto"):
+    """A MAGI-1 DiT through the pack's one loader."""
+    return load_model(path, dtype, expect="magi").model
+
+
+def is_magi(keys) -> bool:
+    keys = list(keys)
+    prefix = split_prefix(keys, MAGI_ANCHORS)
+    return detect_family(k[len(prefix):] for k in keys if k.startswith(prefix)) == "magi"
 SMALL = dict(layers=3, hidden=192, heads=6, kv=2, dh=32, ffn=384, in_ch=4, cap=64, cap_len=16, cond=48, gated=False)
 BIG_LIKE = dict(SMALL, in_ch=32, gated=True)  # 24B-like: doubled input channels, SwiGLU, x_rescale 0.1
 
@@ -260,16 +272,17 @@ def test_config_from_shapes(sd):
 
 
 def test_detector_and_wrong_checkpoints(sd, tmp_path):
-    assert is_magi_state_dict(sd) and is_magi_state_dict("model." + k for k in sd)
+    assert is_magi(sd) and is_magi("model." + k for k in sd)
     wan = {"patch_embedding.weight": torch.zeros(8, 16, 1, 2, 2), "head.modulation": torch.zeros(1, 2, 8),
            "blocks.0.self_attn.q.weight": torch.zeros(8, 8), "text_embedding.0.weight": torch.zeros(8, 64)}
-    assert not is_magi_state_dict(wan)
+    assert not is_magi(wan)
     with pytest.raises(CheckpointError, match=r"Wan2\.1"):
         magi_config_from_state_dict({"model.diffusion_model." + k: v for k, v in wan.items()})
     with pytest.raises(CheckpointError, match=r"not a MAGI-1 DiT.*missing x_embedder\.weight.*Wan2\.1"):
         magi_config_from_state_dict(wan)
     save_file(wan, str(tmp_path / "wan.safetensors"))
-    with pytest.raises(CheckpointError, match=r"^wan\.safetensors: not a MAGI-1 DiT"):
+    with pytest.raises(CheckpointError, match=r"^wan\.safetensors: this is a Wan2\.1 / SkyReels-V2 DiT checkpoint, but "
+                                              r"this loader expects a MAGI-1 DiT"):
         load_magi(tmp_path / "wan.safetensors")
     broken = dict(sd)
     del broken["videodit_blocks.layers.1.mlp_post_norm.bias"]

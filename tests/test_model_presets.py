@@ -37,7 +37,8 @@ def test_rows_match_what_the_loaded_model_resolves(tmp_path):
         for preset in ("slow", "fast"):
             s = resolve_cache(lm.preset_key, method, preset, lm.extra_presets)
             assert info["rows"][method][preset] == {"threshold": s.config.threshold, "warmup": s.config.warmup,
-                                                    "kv_budget": s.kv_budget, "mix_lambda": s.mix_lambda}
+                                                    "kv_budget": s.kv_budget, "mix_lambda": s.mix_lambda,
+                                                    "attention": s.attention}
     assert info["rows"]["flowcache"]["slow"]["threshold"] == 0.07
 
 

@@ -14,7 +14,7 @@ from comfy_helpers import (NODE_IDS, ROOT, TINY_KEY, TINY_PRESETS, StubInterrupt
 SAMPLER_ORDER = ["model", "positive", "negative", "width", "height", "num_frames", "steps", "cfg", "shift", "seed",
                  "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition",
                  "solver", "keep_model_loaded"]
-CACHE_ORDER = ["method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda"]
+CACHE_ORDER = ["method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda", "max_skips", "attention"]
 
 # Three SkyReels-style windows of 5 latent frames (2 carried over), 1-frame chunks, a few steps: well under 1 s.
 TINY = dict(width=32, height=32, num_frames=33, steps=3, cfg=2.0, shift=8.0, seed=7, ar_step=1,
@@ -150,10 +150,11 @@ def test_sampler_and_other_widget_orders(pack):
     assert req["width"][1]["step"] == 16
     cache = nodes(pack)["FlowCacheCache"].INPUT_TYPES()["required"]
     assert list(cache) == CACHE_ORDER and nodes(pack)["FlowCacheCache"].RETURN_TYPES == ("FLOWCACHE_CACHE",)
-    assert cache["method"][0] == ["off", "teacache", "flowcache"] and cache["method"][1]["default"] == "flowcache"
+    assert cache["method"][0] == ["off", "teacache", "flowcache", "magcache", "easycache"]
+    assert cache["method"][1]["default"] == "flowcache" and cache["attention"][0] == ["auto", "window", "block_causal"]
     assert cache["preset"][0] == ["slow", "fast", "custom"] and cache["preset"][1]["default"] == "slow"
     assert {k: widget_defaults(nodes(pack)["FlowCacheCache"])[k] for k in CACHE_ORDER[2:]} == dict(
-        threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07)
+        threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07, max_skips=3, attention="auto")
     assert cache["threshold"][1]["step"] == 0.005
     assert list(nodes(pack)["FlowCacheModelLoader"].INPUT_TYPES()["required"]) == ["model_name", "dtype"]
     vc = nodes(pack)["FlowCacheVideoCombine"].INPUT_TYPES()["required"]

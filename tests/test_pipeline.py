@@ -1,12 +1,11 @@
 """The diffusion-forcing pipeline: equivalences, determinism, cancel, and early input errors."""
-import numpy as np
 import pytest
 import torch
 
 from flowcache.cache import CacheSettings
 from flowcache.df_schedule import timestep_matrix
 from flowcache.errors import InputError
-from flowcache.kv.store import ChunkBatchKV, KVStore
+from flowcache.kv.store import KVStore, StepAttention
 from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from flowcache.runner import RunHooks
 from flowcache.schedulers import flow_sigmas, make_solver
@@ -185,11 +184,15 @@ def test_position_channels_reach_the_model_in_every_path(conds):
     assert torch.equal(a, b)
 
 
-def test_batched_chunks_and_branches_equal_one_forward_each(model, conds):
-    """One forward over chunks 0 and 2 for two CFG branches (chunk 1 stale in the store, written earlier)
-    gives what a forward per chunk and branch gives, and stores the same keys/values."""
+@pytest.mark.parametrize("mask_limit", [1 << 24, 0])  # one masked call per layer; chunk by chunk
+def test_batched_chunks_and_branches_equal_one_forward_each(model, conds, monkeypatch, mask_limit):
+    """One forward over chunks 0 and 2 for two CFG branches (chunk 1 stale in the store, written earlier), with
+    one block-masked attention call per layer, gives what a forward per chunk and branch gives, and stores the
+    same keys/values (within float noise: 1e-5)."""
+    from flowcache.kv import store as store_mod
     from flowcache.models.wan import rope_angles
 
+    monkeypatch.setattr(store_mod, "MAX_MASK_ELEMENTS", mask_limit)
     cos, sin = rope_angles(16, (6, 4, 4), (0, 6), torch.device("cpu"))
     cos_a, _ = rope_angles(16, (3, 4, 4), 0, torch.device("cpu"))
     cos_b, _ = rope_angles(16, (3, 4, 4), 6, torch.device("cpu"))
@@ -205,7 +208,7 @@ def test_batched_chunks_and_branches_equal_one_forward_each(model, conds):
         tok = [slice(48 * c, 48 * c + 48) for c in range(3)]
         fr = [slice(3 * c, 3 * c + 3) for c in range(3)]
 
-        def stores_with_chunk1():
+        def per_branch_stores():
             out = []
             for ctx in ctxs:  # every chunk written once, as an earlier step would have
                 st = KVStore(model.cfg.num_layers, capacity_tokens=9 * 16)
@@ -214,18 +217,35 @@ def test_batched_chunks_and_branches_equal_one_forward_each(model, conds):
                 out.append(st)
             return out
 
-        one = stores_with_chunk1()
+        one = per_branch_stores()
         ref = [[model.run_blocks(h[:, tok[c]], e0[:, fr[c]], ctx, (3, 4, 4), 3 * c, st.view(c)) for c in (0, 2)]
                for ctx, st in zip(ctxs, one)]
-        batch = stores_with_chunk1()
-        kv = ChunkBatchKV(batch, [0, 2], [48, 48])
+        both = KVStore(model.cfg.num_layers, capacity_tokens=9 * 16, branches=2)
+        for c in range(3):
+            model.run_blocks(h[:, tok[c]].expand(2, -1, -1), e0[:, fr[c]].expand(2, -1, -1, -1), torch.cat(ctxs),
+                             (3, 4, 4), 3 * c, both.view(c))
+        kv = StepAttention(both, [0, 2], [48, 48], slice(None), window=False)
         got = model.run_blocks(torch.cat([h[:, tok[0]], h[:, tok[2]]], 1).expand(2, -1, -1),
                                torch.cat([e0[:, fr[0]], e0[:, fr[2]]], 1).expand(2, -1, -1, -1),
                                torch.cat(ctxs), (6, 4, 4), (0, 6), kv)
     for b in range(2):
         torch.testing.assert_close(got[b:b + 1], torch.cat(ref[b], 1), rtol=1e-4, atol=1e-5)
-        for la, lb in zip(one[b].layers, batch[b].layers):
+        for la, lb in zip(one[b].layers, both.layers):
             assert la.ranges == lb.ranges
-            torch.testing.assert_close(la.k, lb.k, rtol=1e-4, atol=1e-5)
-    assert kv.context_rows == {(0, 0): 48, (1, 0): 48, (0, 2): 144, (1, 2): 144}
+            torch.testing.assert_close(la.k[0], lb.k[b], rtol=1e-4, atol=1e-5)
+    assert kv.context_rows == {0: 48, 2: 144}
     assert not torch.allclose(ref[0][1], ref[1][1])  # the branches really differ
+
+
+def test_window_attention_at_threshold_zero_is_the_window_path(model, conds):
+    """With every chunk active at every step (ar_step 0) and nothing reused, the chunk path with window
+    attention computes exactly the whole-window forward: equal to the window path within float noise (the
+    attention runs over the KV store's rows instead of the window's tokens; tolerance 1e-5). Block-causal
+    attention is measurably different."""
+    s = small(ar_step=0)
+    ref, st_ref = run(model, conds, s, "off")
+    win, st_win = run(model, conds, small(ar_step=0), "flowcache", threshold=0.0, attention="window")
+    causal, _ = run(model, conds, small(ar_step=0), "flowcache", threshold=0.0, attention="block_causal")
+    assert st_ref.settings["path"] == "window" and st_win.settings["path"] == "chunk" and st_win.reused == 0
+    torch.testing.assert_close(win, ref, rtol=1e-5, atol=1e-5)
+    assert (causal - ref).abs().max() > 1e-3

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from flowcache.cache import CacheSettings
 from flowcache.checkpoint import read_named_tensors
 from flowcache.errors import CheckpointError, InputError
-from flowcache.kv.store import ChunkBatchKV, KVStore
+from flowcache.kv.store import KVStore, StepAttention
 from flowcache.models import load_model
 from flowcache.models.common import Operations, TorchLayers, held
 from flowcache.models.wan import (FPS_SHAPES, WAN_ANCHORS, RMSNorm, WanConfig, WanDiT, WanTreeModel, build_wan,
@@ -198,7 +198,7 @@ def test_chunk_pieces_with_a_kv_store_match_wandit():
         store = KVStore(m.cfg.num_layers, 4 * 16)
         e, e0 = m.time_embed(t, 24)
         h = m.run_blocks(m.embed(x), e0, m.text_embed(ctx), m.grid(x.shape), (0, 2),
-                         ChunkBatchKV([store], [0, 1], [32, 32]))
+                         StepAttention(store, [0, 1], [32, 32], slice(None), window=False))
         outs.append(m.head_out(h, e, m.grid(x.shape)))
     assert torch.equal(*outs)
 

@@ -1,16 +1,15 @@
-"""The shipped example workflows (``workflows/*.json``, UI format) and the web extension's preset table.
+"""The shipped example workflows (``workflows/*.json``, UI format) and the web extension's pure modules.
 
 No ComfyUI needed: every workflow is checked against the pack's own node definitions (the pack imported by file
 path with stubbed ComfyUI modules, ``pack``/``comfy`` fixtures in conftest.py) and a small table of the core nodes
 it uses (from ComfyUI 0.3.64): node types exist, widget counts and values are valid, links connect matching
-types, each workflow has a Note and a ``.jpg`` thumbnail, and the sampler settings are valid for the model.
-``web/flowcache_presets.json`` must match ``flowcache/presets.json`` (and the demo model's embedded presets).
-
-Regenerate the web preset table after changing presets:  python tests/test_workflows.py --write-presets
+types, each sampler takes its cache settings from a FlowCache Cache node, each workflow has a Note and a ``.jpg``
+thumbnail, and the settings are valid for the model (named presets hold the values the server's preset route shows).
+The web extension's preset lock (``web/flowcache_presets.js``) and map drawing are run under ``node`` when it is
+installed.
 """
 from __future__ import annotations
 
-import ast
 import json
 import math
 import re
@@ -24,12 +23,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 WEB = ROOT / "web"
-WEB_PRESETS = WEB / "flowcache_presets.json"
-PRESETS = ROOT / "flowcache" / "presets.json"
 DEMO_DIT = ROOT / "flowcache" / "demo" / "assets" / "demo_dit.safetensors"
 DEMO_ENTRY = "flowcache-demo (built-in, runs on CPU)"
 EXPECTED = {"flowcache_demo_cpu", "skyreels_v2_df_1.3b_t2v_fast", "skyreels_v2_df_1.3b_t2v_slow",
             "skyreels_v2_df_1.3b_long_kv", "magi1_4.5b_distill_t2v_fast"}
+# The presets row each shipped workflow's model file has (what GET /flowcache/model_presets answers once the file
+# is in models/diffusion_models; the demo's row is read from its asset here).
+MODEL_KEYS = {"flowcache_demo_cpu": "demo", "skyreels_v2_df_1.3b_t2v_fast": "wan-1.3B",
+              "skyreels_v2_df_1.3b_t2v_slow": "wan-1.3B", "skyreels_v2_df_1.3b_long_kv": "wan-1.3B",
+              "magi1_4.5b_distill_t2v_fast": "magi-4.5B"}
+# Widget orders of the saved workflows (widgets_values is positional).
+SAMPLER_WIDGETS = ["width", "height", "num_frames", "steps", "cfg", "shift", "seed", "control_after_generate",
+                   "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition",
+                   "solver", "keep_model_loaded"]
+CACHE_WIDGETS = ["method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda"]  # more may follow
+# preset row field -> cache node widget where the names differ (web/flowcache_presets.js FIELD_WIDGETS)
+FIELD_WIDGETS = {"warmup": "warmup_steps"}
 
 # Core nodes used by the workflows, as ComfyUI 0.3.64 declares them (nodes.py). "FILES" marks a combo filled from
 # a model folder: any model file name is accepted (the user's folder decides what exists).
@@ -56,102 +65,25 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = ["fixed", "increment", "decrement", "randomize"]
 MODEL_FILE_WIDGETS = ("model_name", "t5_name", "vae_name")  # the pack's own combos listing a model folder
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
-# JS regexes (case-insensitive) the extension uses to map a model file name to a presets row.
-ALIASES = [["1[._-]?3b", "wan-1.3B"], ["14b", "wan-14B"], ["magi", "magi-4.5B"]]
 
 
-# ---------------------------------------------------------------------------------------- preset table
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def demo_embedded_presets() -> dict | None:
-    """The demo model's ``flowcache.presets`` metadata (None if the asset or the metadata is not there)."""
-    if not DEMO_DIT.exists():
-        return None
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        return None
+def demo_extra(pack, key: str) -> dict:
+    """The demo model's embedded presets (for key "demo"; empty otherwise or without the asset)."""
+    if key != "demo" or not DEMO_DIT.exists():
+        return {}
+    from safetensors import safe_open
     with safe_open(str(DEMO_DIT), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-    raw = meta.get("flowcache.presets")
-    return json.loads(raw) if raw else None
+        return pack_submodule(pack, "flowcache.presets").embedded_presets(f.metadata() or {}, DEMO_DIT.name)
 
 
-def _named(entry: dict) -> dict:
-    """Only what the UI shows: {mode: {slow|fast: {threshold, warmup, kv_budget}}}."""
-    return {mode: {p: {k: entry[mode][p][k] for k in ("threshold", "warmup", "kv_budget") if k in entry[mode][p]}
-                   for p in ("slow", "fast") if p in entry[mode]}
-            for mode in ("flowcache", "teacache") if mode in entry}
+def model_rows(pack, key: str) -> dict:
+    """``preset_rows`` for a model key, as the server's route answers it (the demo's embedded presets included)."""
+    return pack_submodule(pack, "flowcache.presets").preset_rows(key, demo_extra(pack, key))
 
 
-def _default_mix_lambda() -> float:
-    text = (ROOT / "flowcache" / "cache" / "presets.py").read_text(encoding="utf-8")
-    m = re.search(r"mix_lambda:\s*float\s*=\s*([0-9.eE+-]+)", text)
-    assert m, "CacheSettings.mix_lambda default not found in flowcache/cache/presets.py"
-    return float(m.group(1))
-
-
-def _paper_thresholds() -> dict:
-    """What ``flowcache calibrate`` writes for a calibrated model (the demo, before its presets are embedded)."""
-    text = (ROOT / "flowcache" / "calibrate.py").read_text(encoding="utf-8")
-    m = re.search(r"PAPER_THRESHOLDS\s*=\s*(\{.*?\n\})", text, re.S)
-    assert m, "PAPER_THRESHOLDS not found in flowcache/calibrate.py"
-    return ast.literal_eval(m.group(1))
-
-
-def expected_web_presets() -> dict:
-    models = {k: _named(v) for k, v in _read_json(PRESETS).items() if not k.startswith("_")}
-    demo = demo_embedded_presets()
-    if demo and "demo" in demo:
-        models["demo"] = _named(demo["demo"])
-    else:
-        models["demo"] = _named(_paper_thresholds())
-    return {
-        "_doc": "Generated by `python tests/test_workflows.py --write-presets` from flowcache/presets.json and the "
-                "demo model's embedded presets; tests/test_workflows.py keeps it in sync. Used by flowcache.js to "
-                "show the slow/fast values on FlowCache Sampler (display only: the node resolves presets itself).",
-        "mix_lambda": _default_mix_lambda(),
-        "aliases": ALIASES,
-        "models": models,
-    }
-
-
-def write_web_presets() -> None:
-    WEB_PRESETS.write_text(json.dumps(expected_web_presets(), indent=1) + "\n", encoding="utf-8")
-
-
-def test_web_presets_match_flowcache_presets():
-    web = _read_json(WEB_PRESETS)
-    exp = expected_web_presets()
-    assert web["models"] == exp["models"], "web/flowcache_presets.json is stale: run python tests/test_workflows.py --write-presets"
-    assert web["mix_lambda"] == exp["mix_lambda"]
-    assert web["aliases"] == exp["aliases"]
-
-
-def test_demo_presets_row_matches_the_asset_when_calibrated():
-    demo = demo_embedded_presets()
-    if not demo or "demo" not in demo:
-        pytest.skip("the demo model has no embedded presets (yet); its row equals calibrate's PAPER_THRESHOLDS")
-    assert _read_json(WEB_PRESETS)["models"]["demo"] == _named(demo["demo"])
-
-
-def alias_key(name: str) -> str | None:
-    if name.startswith("flowcache-demo"):
-        return "demo"
-    for pattern, key in ALIASES:
-        if re.search(pattern, name, re.I):
-            return key
-    return None
-
-
-@pytest.mark.parametrize("name,key", [
-    ("SkyReels-V2-DF-1.3B-540P.safetensors", "wan-1.3B"), ("skyreels_v2_df_1_3b_540p_fp8.safetensors", "wan-1.3B"),
-    ("SkyReels-V2-DF-14B-720P.safetensors", "wan-14B"), (DEMO_ENTRY, "demo"), ("something_else.safetensors", None)])
-def test_model_name_aliases(name, key):
-    assert alias_key(name) == key
+def pack_submodule(pack, dotted: str):
+    from comfy_helpers import pack_submodule as sub
+    return sub(pack, dotted)
 
 
 # ------------------------------------------------------------------------------------ node definitions
@@ -311,14 +243,25 @@ def test_workflow_links_match_types(path, node_defs):
             assert set(o.get("links") or []) <= known, (n["type"], o)
 
 
+def test_widget_orders_of_the_saved_workflows(node_defs):
+    """widgets_values is positional: the shipped workflows (and users' saved ones) depend on these orders."""
+    assert [name for name, _, _ in widget_specs(node_defs["FlowCacheSampler"])] == SAMPLER_WIDGETS
+    cache = [name for name, _, _ in widget_specs(node_defs["FlowCacheCache"])]
+    assert cache[:len(CACHE_WIDGETS)] == CACHE_WIDGETS, "new cache knobs go at the end"
+    assert node_defs["FlowCacheCache"]["output"] == ("FLOWCACHE_CACHE",)
+    assert link_inputs(node_defs["FlowCacheSampler"])["cache"] == ("FLOWCACHE_CACHE", False)
+    assert list(node_defs["FlowCacheCache"]["input"]["required"]["method"][0]) == ["off", "teacache", "flowcache"]
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_has_note_and_thumbnail(path):
     wf = load_workflow(path)
     notes = nodes_of(wf, "Note")
     assert notes and all(len(n["widgets_values"][0]) > 200 for n in notes), "needs a Note explaining the knobs"
     text = notes[0]["widgets_values"][0]
-    for knob in ("cache", "preset", "threshold", "kv_budget"):
-        assert knob in text
+    for knob in ("FlowCache Cache", "method", "preset", "threshold", "kv_budget", "slow preset", "from model"):
+        assert knob in text, knob
+    assert "Sampler knobs\n• cache" not in text, "the cache knobs are on FlowCache Cache now"
     thumb = path.with_suffix(".jpg")
     assert thumb.is_file(), f"missing thumbnail {thumb.name}"
     data = thumb.read_bytes()
@@ -336,19 +279,63 @@ def _sampler(wf: dict, node_defs: dict) -> dict:
     return widgets_by_name(node, node_defs["FlowCacheSampler"])
 
 
+def _cache_node(wf: dict) -> dict:
+    """The FlowCache Cache node linked into the sampler's cache input."""
+    (sampler,) = nodes_of(wf, "FlowCacheSampler")
+    (inp,) = [i for i in sampler["inputs"] if i["name"] == "cache"]
+    assert inp["link"] is not None, "the sampler's cache input is not connected"
+    (link,) = [ln for ln in wf["links"] if ln[0] == inp["link"]]
+    (node,) = [n for n in wf["nodes"] if n["id"] == link[1]]
+    assert node["type"] == "FlowCacheCache" and link[5] == "FLOWCACHE_CACHE", (node["type"], link)
+    return node
+
+
+def _cache(wf: dict, node_defs: dict) -> dict:
+    return widgets_by_name(_cache_node(wf), node_defs["FlowCacheCache"])
+
+
 def _loader_name(wf: dict, node_defs: dict) -> str:
     (node,) = nodes_of(wf, "FlowCacheModelLoader")
     return widgets_by_name(node, node_defs["FlowCacheModelLoader"])["model_name"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
-    """Window planning accepts the settings, and named presets show the values the UI will lock them to."""
-    from comfy_helpers import pack_submodule
+def test_sampler_takes_its_cache_from_a_cache_node(path, node_defs):
+    wf = load_workflow(path)
+    (sampler,) = nodes_of(wf, "FlowCacheSampler")
+    assert len(sampler["widgets_values"]) == len(SAMPLER_WIDGETS)
+    node = _cache_node(wf)
+    assert len(nodes_of(wf, "FlowCacheCache")) == 1
+    assert [i["name"] for i in node.get("inputs", [])] == CACHE_WIDGETS, "the cache node's widget inputs"
+    (out,) = node["outputs"]
+    assert (out["name"], out["type"], out["links"]) == ("cache", "FLOWCACHE_CACHE", [_link_into(sampler, "cache")])
+    # the sampler's link inputs in the order the node declares them (required, then optional: cache first)
+    declared = list(link_inputs(node_defs["FlowCacheSampler"]))
+    slots = [i["name"] for i in sampler["inputs"] if not i.get("widget")]
+    assert slots == [n for n in declared if n in slots] and slots[:4] == ["model", "positive", "negative", "cache"]
+    assert not {i["name"] for i in sampler["inputs"]} & set(CACHE_WIDGETS), "cache widgets left on the sampler"
+    # laid out beside the other nodes, not on top of one
+    x, y = node["pos"]
+    w, h = node["size"]
+    for other in wf["nodes"]:
+        if other is node:
+            continue
+        ox, oy = other["pos"]
+        ow, oh = other["size"]
+        assert x + w <= ox or ox + ow <= x or y + h <= oy - 30 or oy + oh <= y - 30, f"overlaps {other['type']}"
 
+
+def _link_into(node: dict, name: str) -> int:
+    return next(i["link"] for i in node["inputs"] if i["name"] == name)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
+    """Window planning accepts the settings, and named presets hold the values the UI will lock them to."""
     df = pack_submodule(pack, "flowcache.pipelines.diffusion_forcing")
     wf = load_workflow(path)
     s = _sampler(wf, node_defs)
+    c = _cache(wf, node_defs)
     name = _loader_name(wf, node_defs)
     if name == DEMO_ENTRY:
         geometry = {"temporal_stride": 1, "spatial_stride": 4, "channels": 16}
@@ -358,7 +345,7 @@ def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
                 geometry = json.loads((f.metadata() or {}).get("flowcache.geometry", json.dumps(geometry)))
     else:
         geometry = {"temporal_stride": 4, "spatial_stride": 8, "channels": 16}
-    key = alias_key(name)
+    key = MODEL_KEYS[path.stem]
     if key == "magi-4.5B":  # MAGI-1: whole chunks over a staggered window, steps split evenly over the stages
         magi = pack_submodule(pack, "flowcache.pipelines.magi")
         assert s["width"] % 16 == 0 and s["height"] % 16 == 0 and s["num_frames"] % 4 == 0
@@ -368,18 +355,26 @@ def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
         fields = set(df.DFSettings.__dataclass_fields__)
         settings = df.DFSettings(**{k: v for k, v in s.items() if k in fields})
         assert df.plan_windows(settings, df.LatentGeometry(**geometry))
-    assert key is not None, f"{name}: the web extension cannot tell which presets apply"
-    if s["cache"] != "off" and s["preset"] in ("slow", "fast"):
-        row = _read_json(WEB_PRESETS)["models"][key][s["cache"]][s["preset"]]
-        assert (s["threshold"], s["warmup_steps"], s["kv_budget"]) == (row["threshold"], row["warmup"],
-                                                                       row["kv_budget"]), (path.stem, row)
+    answer = model_rows(pack, key)
+    assert answer["known"], answer
+    # the cache node's settings resolve for this model (what the sampler does at run time)
+    presets = pack_submodule(pack, "flowcache.presets")
+    to_field = {w: f for f, w in FIELD_WIDGETS.items()}
+    custom = {to_field.get(k, k): v for k, v in c.items() if k not in ("method", "preset")}
+    settings = presets.resolve_cache(key, c["method"], c["preset"], demo_extra(pack, key), **custom)
+    assert settings.method == c["method"]
+    if c["method"] != "off" and c["preset"] in ("slow", "fast"):
+        # what the cache node shows locked: each row field that has a widget (a row may carry more, e.g. strings)
+        row = answer["rows"][c["method"]][c["preset"]]
+        shown = {FIELD_WIDGETS.get(k, k): v for k, v in row.items() if FIELD_WIDGETS.get(k, k) in c}
+        assert {"threshold", "warmup_steps", "kv_budget", "mix_lambda"} <= set(shown), row
+        assert {k: c[k] for k in shown} == shown, (path.stem, row)
 
 
 def test_demo_workflow_uses_the_demo_settings(node_defs, pack):
     wf = load_workflow(ROOT / "workflows" / "flowcache_demo_cpu.json")
     assert _loader_name(wf, node_defs) == DEMO_ENTRY
     s = _sampler(wf, node_defs)
-    from comfy_helpers import pack_submodule
     demo = pack_submodule(pack, "nodes.demo").demo_module()
     if demo is None:
         pytest.skip("flowcache.demo is not installed")
@@ -387,11 +382,13 @@ def test_demo_workflow_uses_the_demo_settings(node_defs, pack):
     for k, v in DEMO_SETTINGS.items():
         if k in s:
             assert s[k] == v, (k, s[k], v)
+    c = _cache(wf, node_defs)
+    assert (c["method"], c["preset"]) == ("flowcache", "fast")
     (combine,) = nodes_of(wf, "FlowCacheVideoCombine")
     fps = widgets_by_name(combine, node_defs["FlowCacheVideoCombine"])["frame_rate"]
     assert fps == DEMO_SETTINGS.get("fps", fps)
     types = {n["type"] for n in wf["nodes"]}
-    assert {"FlowCacheDemoTextEncode", "FlowCacheDecode", "FlowCacheVideoCombine"} <= types
+    assert {"FlowCacheDemoTextEncode", "FlowCacheDecode", "FlowCacheVideoCombine", "FlowCacheCache"} <= types
     assert not types & {"CLIPLoader", "VAELoader"}, "the demo must not need any download"
     prompts = [n["widgets_values"][0] for n in nodes_of(wf, "FlowCacheDemoTextEncode")]
     assert "" in prompts and any(prompts), "positive prompt and an empty negative prompt"
@@ -402,8 +399,9 @@ def test_demo_workflow_uses_the_demo_settings(node_defs, pack):
 def test_skyreels_t2v_workflows(stem, preset, node_defs):
     wf = load_workflow(ROOT / "workflows" / f"{stem}.json")
     s = _sampler(wf, node_defs)
+    c = _cache(wf, node_defs)
     assert (s["width"], s["height"], s["num_frames"], s["steps"], s["cfg"], s["shift"]) == (960, 544, 97, 50, 6.0, 8.0)
-    assert (s["ar_step"], s["causal_block_size"], s["cache"], s["preset"]) == (5, 5, "flowcache", preset)
+    assert (s["ar_step"], s["causal_block_size"], c["method"], c["preset"]) == (5, 5, "flowcache", preset)
     assert _loader_name(wf, node_defs) == "SkyReels-V2-DF-1.3B-540P.safetensors"
     (clip,) = nodes_of(wf, "CLIPLoader")
     assert clip["widgets_values"][:2] == ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan"]
@@ -417,7 +415,9 @@ def test_skyreels_t2v_workflows(stem, preset, node_defs):
 def test_long_video_workflow(node_defs, pack):
     wf = load_workflow(ROOT / "workflows" / "skyreels_v2_df_1.3b_long_kv.json")
     s = _sampler(wf, node_defs)
-    assert s["num_frames"] > s["base_num_frames"] and s["kv_budget"] == 1 and s["preset"] == "custom"
+    c = _cache(wf, node_defs)
+    assert s["num_frames"] > s["base_num_frames"] and c["kv_budget"] == 1 and c["preset"] == "custom"
+    assert c["method"] == "flowcache" and (c["threshold"], c["warmup_steps"]) == (0.15, 5)
     assert s["addnoise_condition"] == 20 and s["overlap_history"] == 17
     (sampler,) = nodes_of(wf, "FlowCacheSampler")
     vae_in = next(i for i in sampler["inputs"] if i["name"] == "vae")
@@ -429,7 +429,6 @@ def test_long_video_workflow(node_defs, pack):
     assert not nodes_of(wf, "VAEDecode") and not nodes_of(wf, "FlowCacheVideoCombine")
     linked = {i["name"] for i in save["inputs"] if i.get("link") is not None}
     assert linked == {"samples", "vae"}
-    from comfy_helpers import pack_submodule
     df = pack_submodule(pack, "flowcache.pipelines.diffusion_forcing")
     fields = set(df.DFSettings.__dataclass_fields__)
     windows = df.plan_windows(df.DFSettings(**{k: v for k, v in s.items() if k in fields}), df.LatentGeometry(4, 8, 16))
@@ -439,8 +438,9 @@ def test_long_video_workflow(node_defs, pack):
 def test_magi_workflow(node_defs, pack):
     wf = load_workflow(ROOT / "workflows" / "magi1_4.5b_distill_t2v_fast.json")
     s = _sampler(wf, node_defs)
+    c = _cache(wf, node_defs)
     assert (s["width"], s["height"], s["num_frames"], s["steps"], s["shift"], s["seed"]) == (720, 720, 96, 64, 3.0, 1234)
-    assert (s["causal_block_size"], s["cache"], s["preset"]) == (6, "flowcache", "fast")
+    assert (s["causal_block_size"], c["method"], c["preset"]) == (6, "flowcache", "fast")
     name = _loader_name(wf, node_defs)
     assert name == "magi/4.5B_distill/inference_weight.distill/model-00001-of-00002.safetensors"
     assert "distill" in name  # what marks the distilled model for the loader
@@ -466,8 +466,12 @@ def test_workflow_converts_to_a_valid_api_prompt(path, node_defs, pack, comfy):
             continue
         kw = {k: v for k, v in widgets_by_name(node, node_defs[node["type"]]).items() if k != "control_after_generate"}
         params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
-        unknown = set(kw) - set(params)
-        assert not unknown, f"{node['type']}: widgets {unknown} are not parameters of {cls.FUNCTION}"
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            unknown = set(kw) - set(params)
+            assert not unknown, f"{node['type']}: widgets {unknown} are not parameters of {cls.FUNCTION}"
+        if node["type"] == "FlowCacheCache":  # cheap and pure: build the request the sampler will get
+            (request,) = getattr(cls(), cls.FUNCTION)(**kw)
+            assert (request.method, request.preset) == (kw["method"], kw["preset"])
 
 
 # ------------------------------------------------------------------------------------------ web files
@@ -480,20 +484,147 @@ def test_web_extension_static_checks():
     for m in re.finditer(r"addWidget\(\s*[\"']button[\"'][^;]*;", js):
         assert "serialize: false" in m.group(0) or "serialize:false" in m.group(0), m.group(0)
     assert "window.__flowcache" in js and "flowcache.progress" in js and "flowcache_stats" in js
-    assert not [p for p in WEB.rglob("*") if p.is_file() and p.suffix not in (".js", ".json", ".css", ".md")
+    assert "/flowcache/model_presets" in js
+    # the frontend's preset tables come from the server only: no static table, no file-name aliases
+    assert not (WEB / "flowcache_presets.json").exists()
+    for f in WEB.glob("*.js"):
+        text = f.read_text(encoding="utf-8")
+        assert "flowcache_presets.json" not in text and "aliases" not in text and "wan-1.3B" not in text, f.name
+    assert not [p for p in WEB.rglob("*") if p.is_file() and p.suffix not in (".js", ".css", ".md")
                 and p.name != ".gitkeep"]
 
 
-def test_web_extension_parses_as_an_es_module(tmp_path):
+def _node_or_skip() -> str:
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed")
+    return node
+
+
+def _run_mjs(node: str, script: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([node, str(script)], capture_output=True, text=True, timeout=60)
+
+
+# Assertions in JS: check(cond, what) collects failures; the script exits 1 listing them, or prints "ok <n>".
+JS_CHECK = """
+const failures = [];
+let checks = 0;
+const show = (v) => JSON.stringify(v);
+function check(cond, what, got) { checks++; if (!cond) failures.push(what + (got === undefined ? '' : ' (got ' + show(got) + ')')); }
+function done() {
+  if (failures.length) { console.log('FAILED\\n' + failures.join('\\n')); process.exit(1); }
+  console.log('ok ' + checks);
+}
+"""
+
+
+def test_preset_lock_rules_in_node(tmp_path):
+    """web/flowcache_presets.js (the lock rules) and the map's note wrapping, run by node."""
+    node = _node_or_skip()
+    script = tmp_path / "presets_test.mjs"
+    script.write_text(JS_CHECK + f"""
+const P = await import({json.dumps((WEB / "flowcache_presets.js").as_uri())});
+const M = await import({json.dumps((WEB / "flowcache_map.js").as_uri())});
+const KNOBS = ['threshold', 'warmup_steps', 'kv_budget', 'mix_lambda'];
+const WIDGETS = ['method', 'preset', ...KNOBS];
+const ROW = (t, w, kv) => ({{ threshold: t, warmup: w, kv_budget: kv, mix_lambda: 0.07 }});
+// flowcache fast carries a field with no widget (attention): ignored
+const ANSWER = {{ model_name: 'my.safetensors', family: 'wan', key: 'my-key', known: true, rows: {{
+  flowcache: {{ slow: ROW(0.1, 5, 0), fast: {{ ...ROW(0.123, 2, 1), attention: 'block_causal' }} }}, teacache: {{ slow: ROW(0.1, 5, 0), fast: ROW(0.2, 5, 0) }},
+  magcache: {{ slow: {{ magcache_k: 4, threshold: 0.06 }} }} }} }};
+const MODEL = {{ name: 'my.safetensors', reason: null }};
+const plan = (method, preset, answer, model = MODEL, knobs = WIDGETS) => P.lockPlan({{ method, preset, knobs, model, answer }});
+const values = (p) => Object.fromEntries(Object.entries(p.widgets).map(([k, e]) => [k, e.value]));
+const locked = (p) => Object.values(p.widgets).map((e) => e.locked);
+
+// field <-> widget names: the four known ones, any other field on the widget of its own name
+check(P.widgetForField('warmup') === 'warmup_steps' && P.widgetForField('threshold') === 'threshold', 'widgetForField');
+check(P.widgetForField('magcache_k') === 'magcache_k' && P.fieldForWidget('warmup_steps') === 'warmup'
+  && P.fieldForWidget('magcache_k') === 'magcache_k', 'fields of other methods');
+check(show(P.knobNames(WIDGETS)) === show(KNOBS), 'knobNames', P.knobNames(WIDGETS));
+
+// which model: one sampler, several with the same model, different models, no loader, no sampler
+check(show(P.chooseModel(['a'])) === show({{ name: 'a', reason: null }}), 'one model');
+check(P.chooseModel(['a', 'a']).name === 'a', 'same model twice');
+check(show(P.chooseModel(['a', 'b'])) === show({{ name: null, reason: 'several' }}), 'different models');
+check(P.chooseModel(['a', null]).reason === 'no-loader' && P.chooseModel([]).reason === 'unlinked', 'no chain');
+
+// named preset with the server's row: locked, the row's values (warmup -> warmup_steps)
+let p = plan('flowcache', 'fast', ANSWER);
+check(p.source === 'server' && p.known && p.key === 'my-key', 'server source', p);
+check(show(values(p)) === show({{ threshold: 0.123, warmup_steps: 2, kv_budget: 1, mix_lambda: 0.07 }}), 'fast values', values(p));
+check(locked(p).every(Boolean) && !('method' in p.widgets) && !('preset' in p.widgets), 'all knobs locked, combos not', p.widgets);
+check(plan('flowcache', 'slow', ANSWER).widgets.threshold.value === 0.1, 'slow threshold');
+check(plan('teacache', 'fast', ANSWER).widgets.threshold.value === 0.2, 'teacache fast threshold');
+// a later method's own knob: shown from its row; knobs its row lacks are locked and unused
+const more = [...WIDGETS, 'magcache_k'];
+p = plan('magcache', 'slow', ANSWER, MODEL, more);
+check(p.widgets.magcache_k.value === 4 && p.widgets.threshold.value === 0.06, 'magcache row', p.widgets);
+check(p.widgets.kv_budget.shown === 'unused' && p.widgets.kv_budget.locked && p.widgets.kv_budget.value === undefined,
+  'field not in the row', p.widgets.kv_budget);
+check(plan('flowcache', 'fast', ANSWER, MODEL, more).widgets.magcache_k.shown === 'unused', 'other method knob unused');
+
+// no numbers unless the server gave them: unknown file, no answer, pending, no chain, several models
+for (const [what, answer, model] of [
+  ['unknown file', {{ known: false, rows: {{}}, error: 'not found' }}, MODEL],
+  ['no answer', null, MODEL],
+  ['no sampler', ANSWER, {{ name: null, reason: 'unlinked' }}],
+  ['several models', ANSWER, {{ name: null, reason: 'several' }}],
+  ['no loader', ANSWER, {{ name: null, reason: 'no-loader' }}],
+]) {{
+  p = plan('flowcache', 'slow', answer, model);
+  check(p.source === 'model' && !p.known && locked(p).every(Boolean), what + ': locked, from the model', p);
+  check(Object.values(p.widgets).every((e) => e.value === undefined && e.shown === 'model'), what + ': no values', p.widgets);
+  check(/run time/.test(p.text), what + ': says the model decides at run time', p.text);
+}}
+check(/different models/.test(plan('flowcache', 'fast', ANSWER, {{ name: null, reason: 'several' }}).text), 'several: text');
+check(/file not found/.test(plan('flowcache', 'fast', {{ known: false, rows: {{}}, error: 'x.safetensors not found in models/diffusion_models' }}).text), 'missing file: text');
+p = plan('flowcache', 'fast', 'pending');
+check(p.source === 'pending' && Object.values(p.widgets).every((e) => e.locked && e.shown === 'pending' && e.value === undefined), 'pending', p);
+p = plan('teacache', 'fast', {{ known: true, key: 'k', rows: {{ flowcache: ANSWER.rows.flowcache }} }});
+check(p.source === 'missing' && locked(p).every(Boolean) && /custom/.test(p.text), 'no such preset for the model', p);
+
+// custom unlocks, off locks everything (nothing reads them), whatever the answer
+p = plan('flowcache', 'custom', ANSWER);
+check(p.source === 'custom' && locked(p).every((l) => !l) && Object.values(p.widgets).every((e) => e.value === undefined), 'custom', p);
+for (const preset of ['slow', 'fast', 'custom']) {{
+  p = plan('off', preset, ANSWER);
+  check(p.source === 'off' && locked(p).every(Boolean) && Object.values(p.widgets).every((e) => e.shown === 'unused'), 'off ' + preset, p);
+}}
+
+// what a locked widget shows
+check(P.shownText({{ locked: true, shown: 'value' }}, 0.15, 3) === '0.150', 'number', P.shownText({{ locked: true, shown: 'value' }}, 0.15, 3));
+check(P.shownText({{ locked: true, shown: 'value' }}, 5, 0) === '5', 'int');
+check(P.shownText({{ locked: true, shown: 'value' }}, 0.07, undefined) === '0.070', 'default precision');
+check(P.shownText({{ locked: true, shown: 'model' }}, 0.15, 3) === 'from model', 'from model');
+check(P.shownText({{ locked: true, shown: 'unused' }}, 0.15, 3) === 'unused', 'unused');
+check(P.shownText({{ locked: false, shown: 'value' }}, 0.15, 3) === null, 'unlocked: the widget draws itself');
+
+// the sampler's note after a run: wrapped, none when empty
+check(M.noteLines({{ note: '' }}, 300).length === 0 && M.noteLines({{}}, 300).length === 0, 'no note');
+const lines = M.noteLines({{ note: "no cache node connected: FlowCache, the model's slow preset" }}, 200);
+check(lines.length >= 2 && lines.join(' ') === "no cache node connected: FlowCache, the model's slow preset", 'note wrapped', lines);
+check(M.mapHeight({{ stats: {{ maps: [['CR']], note: 'x' }} }}, 300) > M.mapHeight({{ stats: {{ maps: [['CR']], note: '' }} }}, 300), 'note height');
+done();
+""", encoding="utf-8")
+    r = _run_mjs(node, script)
+    assert r.returncode == 0 and r.stdout.startswith("ok "), r.stdout + r.stderr
+
+
+def test_web_extension_parses_as_an_es_module(tmp_path):
+    node = _node_or_skip()
     src = (WEB / "flowcache.js").read_text(encoding="utf-8")
     # resolve the import against a stub app so the module can be checked (and even evaluated) by node
     stub_dir = tmp_path / "scripts"
     stub_dir.mkdir()
-    (stub_dir / "app.js").write_text("export const app = { registered: [], extensions: [],"
-                                     " registerExtension(e) { this.registered.push(e); } };\n")
+    (stub_dir / "app.js").write_text(
+        "export const app = { registered: [], extensions: [], graph: null,\n"
+        "  api: { listeners: {}, asked: [], answers: {},\n"
+        "    addEventListener(t, f) { (this.listeners[t] = this.listeners[t] || []).push(f); },\n"
+        "    async fetchApi(url) { this.asked.push(url); const name = decodeURIComponent(url.split('model_name=')[1]);\n"
+        "      const a = this.answers[name] || { known: false, rows: {}, error: 'not found' };\n"
+        "      return { ok: true, json: async () => a }; } },\n"
+        "  registerExtension(e) { this.registered.push(e); } };\n")
     pack = tmp_path / "extensions" / "pack"  # same depth as /extensions/<pack>/flowcache.js
     pack.mkdir(parents=True)
     (pack / "package.json").write_text('{"type": "module"}')  # node: .js files here are ES modules, as in a browser
@@ -501,35 +632,104 @@ def test_web_extension_parses_as_an_es_module(tmp_path):
     for sibling in WEB.glob("*.js"):  # modules flowcache.js imports from its own folder
         if sibling.name != "flowcache.js":
             (pack / sibling.name).write_text(sibling.read_text(encoding="utf-8"), encoding="utf-8")
-    (tmp_path / "run.mjs").write_text(
-        "globalThis.window = globalThis; globalThis.document = { body: { dataset: {} } };\n"
-        "const { app } = await import('./scripts/app.js');\n"
-        "await import('./extensions/pack/flowcache.js');\n"
-        "if (app.registered.length !== 1) throw new Error('expected one registered extension');\n"
-        "const e = app.registered[0];\n"
-        "for (const k of ['setup', 'beforeRegisterNodeDef', 'nodeCreated', 'loadedGraphNode']) {\n"
-        "  if (typeof e[k] !== 'function') throw new Error('missing hook ' + k); }\n"
-        "// a hook on a node that is not ours, or a broken node, must not throw\n"
-        "e.nodeCreated({ comfyClass: 'FlowCacheSampler', widgets: null });\n"
-        "e.loadedGraphNode({ type: 'KSampler' });\n"
-        "await e.beforeRegisterNodeDef(function () {}, { name: 'FlowCacheSampler' });\n"
-        "// the map module draws a run's stats on any canvas context\n"
-        "const m = await import('./extensions/pack/flowcache_map.js');\n"
-        "const calls = [];\n"
-        "const ctx = new Proxy({}, { get: (t, k) => (k === 'measureText' ? () => ({ width: 10 }) : k in t ? t[k]"
-        " : (...a) => calls.push(k)), set: (t, k, v) => ((t[k] = v), true) });\n"
-        "const info = { stats: { maps: [['CCR', 'CRR'], ['', 'CC']], flops_speedup: 2, flops: 1, flops_nocache: 2 } };\n"
-        "const shown = m.drawMap(ctx, info, 300, 0);\n"
-        "if (!shown || shown.windows !== 2 || shown.chunks !== 2 || shown.steps !== 3 || !(m.mapHeight(info, 300) > 0)"
-        " || !calls.includes('fillRect')) throw new Error('map ' + JSON.stringify(shown));\n"
-        "console.log('ok', e.name);\n", encoding="utf-8")
-    r = subprocess.run([node, str(tmp_path / "run.mjs")], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "ok FlowCache.UI" in r.stdout, r.stdout + r.stderr
+    (tmp_path / "run.mjs").write_text(JS_CHECK + """
+globalThis.window = globalThis; globalThis.document = { body: { dataset: {} } };
+const { app } = await import('./scripts/app.js');
+await import('./extensions/pack/flowcache.js');
+if (app.registered.length !== 1) throw new Error('expected one registered extension');
+const e = app.registered[0];
+for (const k of ['setup', 'beforeRegisterNodeDef', 'nodeCreated', 'loadedGraphNode', 'afterConfigureGraph']) {
+  if (typeof e[k] !== 'function') throw new Error('missing hook ' + k); }
+// a hook on a node that is not ours, or a broken node, must not throw
+e.nodeCreated({ comfyClass: 'FlowCacheCache', widgets: null });
+e.nodeCreated({ comfyClass: 'FlowCacheSampler', widgets: null });
+e.loadedGraphNode({ type: 'KSampler' });
+await e.beforeRegisterNodeDef(function () {}, { name: 'FlowCacheSampler' });
+await e.setup();
+const settle = () => new Promise((r) => setTimeout(r, 30));
+await settle();
+
+// a graph: loader -> sampler.model, cache -> sampler.cache (links as litegraph keeps them)
+const ROW = (t, w, kv) => ({ threshold: t, warmup: w, kv_budget: kv, mix_lambda: 0.07 });
+app.api.answers['a.safetensors'] = { known: true, key: 'k-a', rows: { flowcache: { slow: ROW(0.1, 5, 0), fast: ROW(0.2, 3, 1) } } };
+const links = new Map([[10, { id: 10, origin_id: 1, origin_slot: 0, target_id: 2, target_slot: 0 }],
+                       [11, { id: 11, origin_id: 3, origin_slot: 0, target_id: 2, target_slot: 3 }]]);
+const nodes = [];
+const graph = { links, _nodes: nodes, getNodeById: (id) => nodes.find((n) => n.id == id) || null };
+app.graph = graph;
+const W = (name, value, precision) => ({ name, value, options: { precision }, callback: null });
+function mk(id, cls, widgets, inputs, outputs, proto) {
+  const n = Object.assign(Object.create(proto || {}), { id, type: cls, comfyClass: cls, graph, widgets, inputs, outputs,
+    size: [300, 100], addCustomWidget(w) { this.widgets.push(w); }, setDirtyCanvas() {},
+    computeSize() { return [300, 120]; }, setSize(s) { this.size = s; } });
+  nodes.push(n);
+  return n;
+}
+function SamplerType() {}
+await e.beforeRegisterNodeDef(SamplerType, { name: 'FlowCacheSampler' });
+const loader = mk(1, 'FlowCacheModelLoader', [W('model_name', 'a.safetensors'), W('dtype', 'auto')], [], [{ links: [10] }]);
+const sampler = mk(2, 'FlowCacheSampler', [W('steps', 50, 0)],
+  [{ name: 'model', link: 10 }, { name: 'positive', link: null }, { name: 'negative', link: null }, { name: 'cache', link: 11 }],
+  [{ links: [] }], SamplerType.prototype);
+const cache = mk(3, 'FlowCacheCache', [W('method', 'flowcache'), W('preset', 'fast'), W('threshold', 0.5, 3),
+  W('warmup_steps', 9, 0), W('kv_budget', 7, 0), W('mix_lambda', 0.3, 3)], [], [{ links: [11] }]);
+for (const n of nodes) e.nodeCreated(n);
+await settle();
+const w = (k) => cache.widgets.find((x) => x.name === k);
+const snap = () => ({ t: w('threshold').value, wu: w('warmup_steps').value, kv: w('kv_budget').value,
+  locked: !!w('threshold').disabled, shown: w('threshold')._displayValue, wshown: w('warmup_steps')._displayValue,
+  source: cache.__fcPreset && cache.__fcPreset.source });
+const set = async (node, k, v) => { const x = node.widgets.find((y) => y.name === k); x.value = v; x.callback && x.callback(v); await settle(); };
+let s = snap();
+check(s.t === 0.2 && s.wu === 3 && s.kv === 1 && s.locked && s.shown === '0.200' && s.wshown === '3' && s.source === 'server', 'fast from the server', s);
+check(app.api.asked.some((u) => u.includes('/flowcache/model_presets?model_name=a.safetensors')), 'asked the route', app.api.asked);
+check(cache.widgets.some((x) => x.name === 'flowcache_source' && x.serialize === false && x.options.serialize === false), 'source line widget');
+await set(cache, 'preset', 'custom');
+s = snap();
+check(!s.locked && s.t === 0.2 && s.source === 'custom', 'custom unlocks', s);
+await set(cache, 'method', 'off');
+s = snap();
+check(s.locked && s.shown === 'unused' && s.source === 'off', 'off locks', s);
+await set(cache, 'method', 'flowcache');
+await set(cache, 'preset', 'slow');
+s = snap();
+check(s.t === 0.1 && s.wu === 5 && s.kv === 0 && s.locked, 'slow', s);
+// another model the server does not know: locked, no stale number shown
+await set(loader, 'model_name', 'b.safetensors');
+s = snap();
+check(s.locked && s.shown === 'from model' && s.source === 'model', 'unknown model', s);
+// back to a, then unlink the cache node: from the model at run time
+await set(loader, 'model_name', 'a.safetensors');
+check(snap().source === 'server', 'known again', snap());
+cache.outputs[0].links = []; sampler.inputs[3].link = null; links.delete(11);
+await e.afterConfigureGraph(); await settle();
+s = snap();
+check(s.locked && s.shown === 'from model' && cache.__fcPreset.reason === 'unlinked', 'unlinked', [s, cache.__fcPreset]);
+// the sampler draws its run's note with the map
+sampler.onExecuted({ flowcache_stats: [{ maps: [['CCR', 'CRR']], flops_speedup: 1.5, flops: 2, flops_nocache: 3,
+  note: "no cache node connected: FlowCache, the model's slow preset" }] });
+const mapW = sampler.widgets.find((x) => x.name === 'flowcache_map');
+const ctx = new Proxy({}, { get: (t, k) => (k === 'measureText' ? () => ({ width: 10 }) : k in t ? t[k] : () => {}),
+  set: (t, k, v) => ((t[k] = v), true) });
+mapW.draw(ctx, sampler, 300, 0);
+const drawn = window.__flowcache.drawn['2'];
+check(drawn && drawn.windows === 1 && drawn.chunks === 2 && drawn.steps === 3 && /no cache node connected/.test(drawn.note), 'map and note', drawn);
+check(window.__flowcache.errors.length === 0, 'no extension errors', window.__flowcache.errors);
+// the map module draws a run's stats on any canvas context
+const m = await import('./extensions/pack/flowcache_map.js');
+const calls = [];
+const ctx2 = new Proxy({}, { get: (t, k) => (k === 'measureText' ? () => ({ width: 10 }) : k in t ? t[k]
+  : (...a) => calls.push(k)), set: (t, k, v) => ((t[k] = v), true) });
+const info = { stats: { maps: [['CCR', 'CRR'], ['', 'CC']], flops_speedup: 2, flops: 1, flops_nocache: 2 } };
+const shown = m.drawMap(ctx2, info, 300, 0);
+check(shown && shown.windows === 2 && shown.chunks === 2 && shown.steps === 3 && m.mapHeight(info, 300) > 0
+  && calls.includes('fillRect') && shown.note === '', 'map', shown);
+console.log('ext ' + e.name);
+done();
+""", encoding="utf-8")
+    r = _run_mjs(node, tmp_path / "run.mjs")
+    assert r.returncode == 0 and "ext FlowCache.UI" in r.stdout and "\nok " in r.stdout, r.stdout + r.stderr
 
 
 if __name__ == "__main__":
-    if "--write-presets" in sys.argv:
-        write_web_presets()
-        print(f"wrote {WEB_PRESETS.relative_to(ROOT)}")
-    else:
-        sys.exit(pytest.main([__file__, "-q"]))
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -1,37 +1,43 @@
 // FlowCache for ComfyUI: frontend extension.
 //
-// * FlowCache Sampler: when `preset` is slow/fast the threshold / warmup_steps / kv_budget / mix_lambda widgets
-//   are locked and show the preset's values (for cache flowcache/teacache); `custom` unlocks them.
-//   The values come from the server (GET /flowcache/model_presets?model_name=…, read from the chosen file's
-//   headers and a calibrated .presets.json beside it, so a calibrated or renamed model shows its own numbers),
-//   and until that answers or without it from flowcache_presets.json next to this file (kept equal to
-//   flowcache/presets.json and the demo model's embedded presets by tests/test_workflows.py). The Python node
-//   ignores these widgets for named presets, so this is display only: nothing breaks without the extension.
-// * Live progress text from the `flowcache.progress` websocket event, drawn on the sampler node.
-// * After a run (`executed` with output.flowcache_stats, or the `flowcache.stats` event): a per-chunk
-//   compute/reuse map (chunks x steps per window), with the FLOPs speedup, FLOPs saved and peak KV size
-//   (drawn by flowcache_map.js).
+// * FlowCache Cache: when `preset` is slow/fast its number widgets (threshold, warmup_steps, kv_budget, mix_lambda,
+//   and any knob a later method adds) are locked and show the values the run will use. They come from the server
+//   (GET /flowcache/model_presets?model_name=…, read from the chosen file's headers and a calibrated .presets.json
+//   beside it) for the model of the sampler(s) the node's output feeds (FlowCacheSampler.model <- FlowCache Load
+//   Model.model_name). Without such a chain, with samplers of different models, or when the server does not know the
+//   file, the widgets stay locked and say "from model": the values are the model's, decided at run time. `custom`
+//   unlocks them; method `off` locks them all (nothing reads them). A line under the widgets says where the values
+//   come from. The Python nodes ignore these widgets for named presets, so this is display only. The pure rules are
+//   in flowcache_presets.js.
+// * FlowCache Sampler: live progress text from the `flowcache.progress` websocket event; after a run (`executed`
+//   with output.flowcache_stats, or the `flowcache.stats` event) a per-chunk compute/reuse map (chunks x steps per
+//   window) with the FLOPs speedup, FLOPs saved and peak KV size, and the run's note (e.g. no cache node
+//   connected) (drawn by flowcache_map.js).
 //
 // Every hook is wrapped in try/catch: a failure here is logged once and never breaks the node or the graph.
-// Debug/test hook: window.__flowcache (presets, progress, stats, drawn maps, errors) and
+// Debug/test hook: window.__flowcache (server answers, progress, stats, drawn maps, errors) and
 // document.body.dataset.flowcacheMaps (number of maps drawn so far).
 import { app } from "../../scripts/app.js";
 import { drawMap, mapHeight } from "./flowcache_map.js";
+import { NAMED_PRESETS, chooseModel, lockPlan, shownText } from "./flowcache_presets.js";
 
 const EXT_NAME = "FlowCache.UI";
 const SAMPLER = "FlowCacheSampler";
+const CACHE = "FlowCacheCache";
 const LOADER = "FlowCacheModelLoader";
-const DEMO_ENTRY_PREFIX = "flowcache-demo";
-const LOCKABLE = { threshold: "threshold", warmup_steps: "warmup", kv_budget: "kv_budget", mix_lambda: "mix_lambda" };
+const REROUTE = "Reroute";
 const MAP_WIDGET = "flowcache_map";
+const SOURCE_WIDGET = "flowcache_source";
+const SOURCE_H = 18;
 
 const state = (window.__flowcache = window.__flowcache || {
-  version: 1,
-  presets: null, // flowcache_presets.json once loaded
-  filePresets: {}, // model_name -> the server's answer for that file (or "pending")
+  version: 2,
+  ready: false, // setup() ran
+  filePresets: {}, // model_name -> the server's answer for that file ("pending" while asked, null: no answer)
+  tickets: {}, // model_name -> number of the latest request (older answers are dropped)
   progress: {}, // node id -> last progress event
   stats: {}, // node id -> last stats dict
-  drawn: {}, // node id -> {windows, chunks, steps, at} of the last map drawn
+  drawn: {}, // node id -> {windows, chunks, steps, note, at} of the last map drawn
   errors: [],
 });
 
@@ -58,85 +64,89 @@ function guard(where, fn) {
 
 // ------------------------------------------------------------------------------------------------ presets
 
-async function loadPresets() {
-  try {
-    const url = new URL("./flowcache_presets.json", import.meta.url);
-    const resp = await fetch(url, { cache: "no-cache" });
-    if (!resp.ok) throw new Error(`HTTP ${resp.status} for ${url}`);
-    state.presets = await resp.json();
-  } catch (err) {
-    report("loading presets", err);
-  }
-  refreshAllSamplers();
-}
-
 function widget(node, name) {
   return node?.widgets?.find((w) => w && w.name === name);
 }
 
-function inputLinkOrigin(node, inputName) {
-  const graph = node?.graph;
-  const input = node?.inputs?.find((i) => i && i.name === inputName);
+function classOf(node) {
+  return node ? node.comfyClass || node.type : undefined;
+}
+
+function linkById(graph, id) {
+  if (!graph || id == null) return null;
+  return (graph.links?.get ? graph.links.get(id) : graph.links?.[id]) || null;
+}
+
+/** The node at the other end of an input's link, through legacy Reroute nodes. */
+function inputLinkOrigin(node, inputName, depth = 0) {
+  const graph = node?.graph || app.graph;
+  const input = inputName == null ? node?.inputs?.[0] : node?.inputs?.find((i) => i && i.name === inputName);
   if (!graph || !input || input.link == null) return null;
-  const link = graph.links?.get ? graph.links.get(input.link) : graph.links?.[input.link];
-  if (!link) return null;
-  return graph.getNodeById(link.origin_id) || null;
+  const link = linkById(graph, input.link);
+  const origin = link ? graph.getNodeById(link.origin_id) || null : null;
+  if (origin && classOf(origin) === REROUTE && depth < 8) return inputLinkOrigin(origin, null, depth + 1);
+  return origin;
+}
+
+/** Nodes an output slot feeds, through legacy Reroute nodes. */
+function outputTargets(node, slot = 0, depth = 0) {
+  const graph = node?.graph || app.graph;
+  const out = [];
+  for (const id of node?.outputs?.[slot]?.links || []) {
+    const link = linkById(graph, id);
+    const target = link ? graph.getNodeById(link.target_id) : null;
+    if (!target) continue;
+    if (classOf(target) === REROUTE && depth < 8) out.push(...outputTargets(target, 0, depth + 1));
+    else out.push(target);
+  }
+  return out;
 }
 
 /** The model_name chosen on the loader feeding this sampler (null when no FlowCache loader feeds it). */
 function modelNameOf(sampler) {
   const loader = inputLinkOrigin(sampler, "model");
-  if (!loader || (loader.comfyClass || loader.type) !== LOADER) return null;
-  return String(widget(loader, "model_name")?.value ?? "");
+  if (!loader || classOf(loader) !== LOADER) return null;
+  const v = widget(loader, "model_name")?.value;
+  return v == null || v === "" ? null : String(v);
 }
 
-/** The server's preset rows for a file, fetched once per name; refreshes the samplers when they arrive. */
-function filePresets(name) {
+/** {name, reason}: the one model the samplers fed by this cache node use. */
+function modelOfCache(node) {
+  const samplers = outputTargets(node, 0).filter((n) => classOf(n) === SAMPLER);
+  return chooseModel(samplers.map(modelNameOf));
+}
+
+/** The server's answer for a file ("pending" while asked), fetched once per name until invalidated. */
+function serverAnswer(name) {
   const known = state.filePresets[name];
-  if (known !== undefined) return known === "pending" ? null : known;
-  state.filePresets[name] = "pending";
+  if (known !== undefined) return known;
   const api = app.api;
   if (!api?.fetchApi) {
-    state.filePresets[name] = null; // no API object: the static table stays in use
+    state.filePresets[name] = null;
     return null;
   }
+  const ticket = (state.asked = (state.asked || 0) + 1);
+  state.filePresets[name] = "pending";
+  state.tickets[name] = ticket;
   api
     .fetchApi(`/flowcache/model_presets?model_name=${encodeURIComponent(name)}`, { cache: "no-cache" })
-    .then((resp) => (resp.ok ? resp.json() : null))
-    .then((data) => {
-      state.filePresets[name] = data && data.known ? data : null;
-      refreshAllSamplers();
-    })
+    .then((resp) => (resp.ok ? resp.json() : { known: false, rows: {}, error: `HTTP ${resp.status}` }))
     .catch((err) => {
-      state.filePresets[name] = null; // an older server without the route: the static table stays in use
       report("model presets", err);
-    });
-  return null;
+      return null; // an older server without the route: the values come from the model at run time
+    })
+    .then((data) => {
+      if (state.tickets[name] !== ticket) return; // asked again since: a newer answer is on its way
+      state.filePresets[name] = data && typeof data === "object" ? data : null;
+      refreshAllCaches();
+    })
+    .catch((err) => report("model presets", err));
+  return "pending";
 }
 
-/** The presets-table key of the model feeding this sampler, from the loader's file name (null if unknown). */
-function modelKeyOf(sampler) {
-  const name = modelNameOf(sampler);
-  if (name === null) return null;
-  if (name.startsWith(DEMO_ENTRY_PREFIX)) return "demo";
-  const aliases = state.presets?.aliases || [];
-  for (const [pattern, key] of aliases) {
-    try {
-      if (new RegExp(pattern, "i").test(name)) return key;
-    } catch (_) {
-      /* bad pattern in the json: ignore it */
-    }
-  }
-  return null;
-}
-
-function presetValues(modelKey, cache, preset, fromFile) {
-  const row = fromFile?.rows?.[cache]?.[preset];
-  if (row) return { ...row };
-  const table = state.presets?.models;
-  const entry = table?.[modelKey]?.[cache]?.[preset];
-  if (!entry) return null;
-  return { ...entry, mix_lambda: state.presets?.mix_lambda ?? 0.07 };
+/** Forget the server's answers (a model was picked, or links changed): the next refresh asks again. */
+function forgetAnswers() {
+  for (const [name, v] of Object.entries(state.filePresets)) if (v !== "pending") delete state.filePresets[name];
 }
 
 function isLinked(node, w) {
@@ -158,20 +168,20 @@ function findGetter(obj, prop) {
   return null;
 }
 
-/** Locked widgets are `disabled` (greyed, not clickable); litegraph hides a disabled widget's value, so show it. */
-function setLocked(node, w, locked) {
-  w.disabled = !!locked;
-  w.__fcLocked = !!locked;
-  if (locked && !w.__fcDisplayPatched) {
+/** Locked widgets are `disabled` (greyed, not clickable); litegraph hides a disabled widget's value, so show
+ * what the plan says: the run's number, "from model", "unused" or "..." (never a stale number). */
+function setLocked(node, w, entry) {
+  w.disabled = !!entry?.locked;
+  w.__fcEntry = entry || null;
+  if (!w.__fcDisplayPatched) {
     const base = findGetter(w, "_displayValue");
     Object.defineProperty(w, "_displayValue", {
       configurable: true,
       get() {
         try {
-          if (this.__fcLocked && !isLinked(node, this)) {
-            const p = this.options?.precision;
-            const v = Number(this.value);
-            return Number.isFinite(v) ? v.toFixed(p !== undefined ? p : 3) : String(this.value);
+          if (this.__fcEntry?.locked && !isLinked(node, this)) {
+            const text = shownText(this.__fcEntry, this.value, this.options?.precision);
+            if (text != null) return text;
           }
         } catch (_) {
           /* fall through */
@@ -183,43 +193,98 @@ function setLocked(node, w, locked) {
   }
 }
 
-function refreshSampler(node) {
-  try {
-    const cache = widget(node, "cache")?.value;
-    const preset = widget(node, "preset")?.value;
-    // slow/fast: the node takes these four from the preset and ignores the widgets (with cache=off nothing uses
-    // them at all), so they are locked; custom unlocks them. Values are filled in when the model's row is known.
-    const lock = preset === "slow" || preset === "fast";
-    const name = modelNameOf(node);
-    const fromFile = name ? filePresets(name) : null;
-    const key = fromFile?.key || modelKeyOf(node);
-    const values = lock && key && cache !== "off" ? presetValues(key, cache, preset, fromFile) : null;
-    for (const [wname, field] of Object.entries(LOCKABLE)) {
-      const w = widget(node, wname);
-      if (!w) continue;
-      if (values && values[field] !== undefined && w.value !== values[field]) {
-        w.value = values[field];
+function knobWidgets(node) {
+  return (node.widgets || []).filter(
+    (w) => w && w.name && w.serialize !== false && w.type !== "button" && !String(w.name).startsWith("flowcache_")
+  );
+}
+
+/** A one-line text under the cache node's widgets: where the values come from. */
+function ensureSourceWidget(node) {
+  let w = widget(node, SOURCE_WIDGET);
+  if (w || !Array.isArray(node?.widgets) || typeof node.addCustomWidget !== "function") return w || null;
+  w = {
+    name: SOURCE_WIDGET,
+    type: "flowcache_text",
+    value: null,
+    serialize: false, // never in widgets_values (kept last, so no hole either)
+    options: { serialize: false }, // never in the API prompt
+    draw: guard("draw source", function (ctx, n, width, y) {
+      const text = n.__fcPreset?.text;
+      if (!text) return;
+      ctx.save();
+      try {
+        ctx.font = "11px sans-serif";
+        ctx.textBaseline = "middle";
+        ctx.textAlign = "left";
+        const src = n.__fcPreset.source;
+        ctx.fillStyle = src === "missing" ? "#e0a040" : src === "server" ? "#8fc98f" : "#aaa";
+        let t = text;
+        while (t.length > 8 && ctx.measureText(t).width > width - 20) t = t.slice(0, -4) + "...";
+        ctx.fillText(t, 10, y + SOURCE_H / 2);
+      } finally {
+        ctx.restore();
       }
-      setLocked(node, w, lock);
+    }),
+    computeSize: (width) => [width ?? node.size?.[0] ?? 0, SOURCE_H],
+    mouse: () => false,
+  };
+  node.addCustomWidget(w);
+  return w;
+}
+
+function refreshCache(node) {
+  try {
+    const method = widget(node, "method")?.value;
+    const preset = widget(node, "preset")?.value;
+    const knobs = knobWidgets(node);
+    const model = modelOfCache(node);
+    const named = NAMED_PRESETS.includes(preset) && method !== "off";
+    const answer = named && model.name ? serverAnswer(model.name) : null;
+    const plan = lockPlan({ method, preset, knobs: knobs.map((w) => w.name), model, answer });
+    for (const w of knobs) {
+      const entry = plan.widgets[w.name];
+      if (!entry) continue;
+      if (entry.value !== undefined && w.value !== entry.value) w.value = entry.value;
+      setLocked(node, w, entry);
     }
-    node.__fcPreset = { lock, key, cache, preset, known: !!values, source: fromFile?.rows?.[cache] ? "file" : "table" };
+    node.__fcPreset = { method, preset, model: model.name, reason: model.reason, source: plan.source,
+      known: plan.known, key: plan.key, text: plan.text };
     node.setDirtyCanvas?.(true, false);
   } catch (err) {
     report("preset lock", err);
   }
 }
 
-function samplers() {
+function nodesOf(cls) {
   const nodes = app.graph?._nodes || app.graph?.nodes || [];
-  return nodes.filter((n) => (n.comfyClass || n.type) === SAMPLER);
+  return nodes.filter((n) => classOf(n) === cls);
 }
 
-function refreshAllSamplers() {
+function samplers() {
+  return nodesOf(SAMPLER);
+}
+
+function refreshAllCaches() {
   try {
-    for (const n of samplers()) refreshSampler(n);
+    for (const n of nodesOf(CACHE)) refreshCache(n);
   } catch (err) {
     report("refresh", err);
   }
+}
+
+/** Links or a model changed: ask the server again and refresh every cache node (once per burst of changes). */
+function requeryLater() {
+  if (state.requeryTimer) return;
+  state.requeryTimer = setTimeout(() => {
+    state.requeryTimer = null;
+    try {
+      forgetAnswers();
+      refreshAllCaches();
+    } catch (err) {
+      report("requery", err);
+    }
+  }, 0);
 }
 
 function chainWidgetCallback(w, fn) {
@@ -383,34 +448,39 @@ const extension = {
     } catch (err) {
       report("setup", err);
     }
-    loadPresets();
+    state.ready = true;
+    refreshAllCaches();
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     try {
-      if (nodeData?.name !== SAMPLER) return;
-      const onExecuted = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (message) {
-        const r = onExecuted?.apply(this, arguments);
-        try {
-          const stats = message?.flowcache_stats?.[0];
-          if (stats) setStats(this, stats);
-        } catch (err) {
-          report("onExecuted", err);
-        }
-        return r;
-      };
-      const onConnectionsChange = nodeType.prototype.onConnectionsChange;
-      nodeType.prototype.onConnectionsChange = function () {
-        const r = onConnectionsChange?.apply(this, arguments);
-        try {
-          const node = this;
-          setTimeout(() => refreshSampler(node), 0);
-        } catch (err) {
-          report("connections", err);
-        }
-        return r;
-      };
+      const name = nodeData?.name;
+      if (name === SAMPLER) {
+        const onExecuted = nodeType.prototype.onExecuted;
+        nodeType.prototype.onExecuted = function (message) {
+          const r = onExecuted?.apply(this, arguments);
+          try {
+            const stats = message?.flowcache_stats?.[0];
+            if (stats) setStats(this, stats);
+          } catch (err) {
+            report("onExecuted", err);
+          }
+          return r;
+        };
+      }
+      if (name === SAMPLER || name === CACHE || name === LOADER) {
+        // a cache node's values follow its links: cache -> sampler(s) -> model <- loader
+        const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+        nodeType.prototype.onConnectionsChange = function () {
+          const r = onConnectionsChange?.apply(this, arguments);
+          try {
+            requeryLater();
+          } catch (err) {
+            report("connections", err);
+          }
+          return r;
+        };
+      }
     } catch (err) {
       report("beforeRegisterNodeDef", err);
     }
@@ -418,16 +488,15 @@ const extension = {
 
   nodeCreated(node) {
     try {
-      const cls = node.comfyClass || node.type;
-      if (cls === SAMPLER) {
-        for (const name of ["cache", "preset"]) chainWidgetCallback(widget(node, name), () => refreshSampler(node));
+      const cls = classOf(node);
+      if (cls === CACHE) {
+        ensureSourceWidget(node);
+        for (const name of ["method", "preset"]) chainWidgetCallback(widget(node, name), () => refreshCache(node));
         // values from a loaded workflow are applied after nodeCreated; refresh once they are in
-        setTimeout(() => refreshSampler(node), 0);
+        setTimeout(() => refreshCache(node), 0);
       } else if (cls === LOADER) {
-        chainWidgetCallback(widget(node, "model_name"), () => {
-          state.filePresets = {}; // picking a model asks the server again: a re-calibrated file shows its new rows
-          refreshAllSamplers();
-        });
+        // picking a model asks the server again: a re-calibrated file shows its new rows
+        chainWidgetCallback(widget(node, "model_name"), () => requeryLater());
       }
     } catch (err) {
       report("nodeCreated", err);
@@ -436,14 +505,18 @@ const extension = {
 
   loadedGraphNode(node) {
     try {
-      if ((node.comfyClass || node.type) === SAMPLER) refreshSampler(node);
+      if (classOf(node) === CACHE) refreshCache(node);
     } catch (err) {
       report("loadedGraphNode", err);
     }
   },
 
   async afterConfigureGraph() {
-    refreshAllSamplers();
+    try {
+      requeryLater();
+    } catch (err) {
+      report("afterConfigureGraph", err);
+    }
   },
 };
 

@@ -2,7 +2,8 @@
 // Pure drawing from the run's stats (RunStats.to_dict: maps, flops, flops_nocache, kv_peak_bytes, …); imported by
 // flowcache.js, which owns the widget and the page state. No side effects on import (ComfyUI loads every .js here).
 
-const COLORS = { computed: "#e8893a", reused: "#3bb273", empty: "#2a2a2a", prefix: "#444c56", text: "#ddd", dim: "#999" };
+const COLORS = { computed: "#e8893a", reused: "#3bb273", empty: "#2a2a2a", prefix: "#444c56", text: "#ddd", dim: "#999",
+  note: "#e0a040" };
 
 // ------------------------------------------------------------------------------------------- formatting
 
@@ -36,6 +37,32 @@ function summaryLines(stats) {
 const PAD = 10;
 const LINE = 14;
 const MAX_MAP_H = 260;
+const NOTE_CHAR_W = 6; // about one character of 11px sans-serif: the note is wrapped the same way when measured
+const NOTE_MAX_LINES = 3;
+
+/** The run's note (stats.note, e.g. "no cache node connected: ..."), wrapped to ``width``; [] when there is none. */
+export function noteLines(stats, width) {
+  const note = stats && typeof stats.note === "string" ? stats.note.trim() : "";
+  if (!note) return [];
+  const per = Math.max(12, Math.floor((Math.max(40, width) - 2 * PAD) / NOTE_CHAR_W));
+  const lines = [];
+  let line = "";
+  for (const word of note.split(/\s+/)) {
+    const next = line ? `${line} ${word}` : word;
+    if (next.length <= per) {
+      line = next;
+      continue;
+    }
+    if (line) lines.push(line);
+    line = word.length > per ? word.slice(0, per - 3) + "..." : word;
+  }
+  if (line) lines.push(line);
+  if (lines.length > NOTE_MAX_LINES) {
+    lines.length = NOTE_MAX_LINES;
+    lines[NOTE_MAX_LINES - 1] = lines[NOTE_MAX_LINES - 1].slice(0, per - 3) + "...";
+  }
+  return lines;
+}
 
 /** Grid of windows: picks how many windows per row so cells stay readable and the map stays short. */
 function layoutMap(maps, width) {
@@ -68,13 +95,14 @@ export function mapHeight(info, width) {
   if (info.progress) h += LINE + 8;
   if (info.stats) {
     const lay = layoutMap(info.stats.maps, width);
+    h += noteLines(info.stats, width).length * LINE;
     h += 2 * LINE + LINE; // two summary lines + legend
     if (lay) h += Math.min(lay.height, MAX_MAP_H + 40) + 4;
   }
   return h;
 }
 
-/** Draws ``info`` ({progress, stats}) at ``y``; returns what the map showed ({windows, chunks, steps}) or null. */
+/** Draws ``info`` ({progress, stats}) at ``y``; returns what the map showed ({windows, chunks, steps, note}) or null. */
 export function drawMap(ctx, info, width, y) {
   if (!info) return null;
   ctx.save();
@@ -96,6 +124,12 @@ export function drawMap(ctx, info, width, y) {
     }
     const stats = info.stats;
     if (!stats) return null;
+    const note = noteLines(stats, width);
+    ctx.fillStyle = COLORS.note;
+    for (const line of note) {
+      ctx.fillText(line, PAD, yy);
+      yy += LINE;
+    }
     const [l1, l2] = summaryLines(stats);
     ctx.fillStyle = COLORS.text;
     ctx.font = "bold 11px sans-serif";
@@ -156,7 +190,7 @@ export function drawMap(ctx, info, width, y) {
         }
       }
     });
-    return { windows: windows.length, chunks: rows, steps: cols };
+    return { windows: windows.length, chunks: rows, steps: cols, note: note.join(" ") };
   } finally {
     ctx.restore();
   }

@@ -20,6 +20,21 @@ UnitKey = Hashable
 
 
 @dataclass
+class UnitSignal:
+    """What a unit offers a policy before deciding. primary: the family's FlowCache signal (Wan: the unit's e0,
+    the timestep modulation; MAGI-1: the patch-embedded noisy input); input: the unit's transformer input (Wan:
+    the embedded tokens h0), for methods that compare input and output changes."""
+
+    primary: torch.Tensor
+    input: torch.Tensor
+
+
+def signal_of(signal: "UnitSignal | torch.Tensor", kind: str = "primary") -> torch.Tensor:
+    """The tensor a policy reads; a bare tensor (tests, simple loops) serves as every kind."""
+    return getattr(signal, kind) if isinstance(signal, UnitSignal) else signal
+
+
+@dataclass
 class UnitState:
     """Cache state of one unit in one branch."""
 
@@ -30,6 +45,8 @@ class UnitState:
     computed: int = 0
     reused: int = 0
     skips: int = 0                         # reuses since the last compute (MagCache's K)
+    ratio: float = 1.0                     # MagCache: product of magnitude ratios since the last compute
+    memo: dict = field(default_factory=dict)  # a method's own per-unit facts (EasyCache: its last input/output, k)
 
 
 def relative_l1(signal: torch.Tensor, prev: torch.Tensor) -> float:
@@ -38,7 +55,13 @@ def relative_l1(signal: torch.Tensor, prev: torch.Tensor) -> float:
 
 
 class CachePolicy:
-    """The ``off`` policy and every policy's base: always compute. Subclasses override ``decide``."""
+    """The ``off`` policy and every policy's base: always compute. Subclasses override ``decide``.
+
+    shared_decision: one decision per unit for every branch (key ``("*", unit)``), so cond and uncond stay in
+    one batched call; payloads stay per branch. reads: which ``UnitSignal`` tensor the rule looks at."""
+
+    shared_decision = False
+    reads = "primary"
 
     def __init__(self) -> None:
         self.states: dict[UnitKey, UnitState] = {}
@@ -47,24 +70,39 @@ class CachePolicy:
         """Drop all state: called at the start of every run and every long-video window."""
         self.states.clear()
 
+    def prepare(self, chunk_steps: int) -> None:
+        """Told once per run how many steps every chunk takes (for rules indexed by a chunk's own step)."""
+
     def state(self, key: UnitKey) -> UnitState:
         return self.states.setdefault(key, UnitState())
 
     def decide(self, st: UnitState, signal: torch.Tensor, force: bool) -> bool:
         return True
 
-    def should_compute(self, key: UnitKey, signal: torch.Tensor, force: bool = False) -> bool:
+    def should_compute(self, key: UnitKey, signal: "UnitSignal | torch.Tensor", force: bool = False) -> bool:
         """One decision for ``key``; ``force`` is the pipeline's own reason (e.g. the unit's last step)."""
         st = self.state(key)
+        signal = signal_of(signal, self.reads)
         compute = self.decide(st, signal, force)
-        if not compute and st.payload is None:  # nothing to reuse yet (e.g. warmup 0)
+        if not compute and not self.can_reuse(key):  # nothing to reuse yet (e.g. warmup 0)
             compute, st.acc = True, 0.0
+            self.on_forced(st)
         st.prev_signal = signal.detach()
         st.steps += 1
         st.computed += int(compute)
         st.reused += int(not compute)
         st.skips = 0 if compute else st.skips + 1
         return compute
+
+    def can_reuse(self, key: UnitKey) -> bool:
+        """Whether a reuse of ``key`` has a payload; a shared decision ``("*", unit)`` needs every branch's."""
+        if isinstance(key, tuple) and key[0] == "*":
+            payloads = [st.payload for k, st in self.states.items() if k[1] == key[1] and k[0] != "*"]
+            return bool(payloads) and all(p is not None for p in payloads)
+        return self.state(key).payload is not None
+
+    def on_forced(self, st: UnitState) -> None:
+        """A reuse the rule chose was turned into a compute (nothing cached yet): reset the rule's own state."""
 
     @property
     def keeps_payload(self) -> bool:

@@ -8,7 +8,9 @@ from typing import Any
 from ..errors import InputError
 from ..validate import finite, whole
 from .base import CachePolicy
+from .easycache import EasyCacheConfig, EasyCachePolicy
 from .flowcache import FlowCacheConfig, FlowCachePolicy
+from .magcache import MagCacheConfig, MagCachePolicy
 from .off import OffConfig, OffPolicy
 from .teacache import TeaCacheConfig, TeaCachePolicy
 
@@ -27,10 +29,15 @@ class CacheMethod:
     summary: str
 
 
+ATTENTION = ("window", "block_causal")
 METHODS: dict[str, CacheMethod] = {m.name: m for m in (
     CacheMethod("off", OffConfig, OffPolicy, "window", "compute every step: the model's vanilla loop"),
     CacheMethod("teacache", TeaCacheConfig, TeaCachePolicy, "window", "skip whole steps of the window"),
     CacheMethod("flowcache", FlowCacheConfig, FlowCachePolicy, "chunk", "each chunk decides for itself"),
+    CacheMethod("magcache", MagCacheConfig, MagCachePolicy, "chunk",
+                "each chunk decides from calibrated residual-magnitude ratios"),
+    CacheMethod("easycache", EasyCacheConfig, EasyCachePolicy, "chunk",
+                "each chunk decides from its own output/input change rate, no calibration"),
 )}
 
 
@@ -50,7 +57,10 @@ class CacheSettings:
 
     method: a ``METHODS`` name; config: that method's dataclass; preset: the preset it came from (slow / fast /
     custom); kv_budget: chunks of clean history kept per head on the chunk path (0 = no compression);
-    mix_lambda: importance weight of the KV score; model_key: the presets-table row it was resolved from."""
+    mix_lambda: importance weight of the KV score; model_key: the presets-table row it was resolved from;
+    attention: on the chunk path, "window" (each chunk attends to every stored chunk of its window, the later
+    ones too, as the whole-window forward of ``off`` does) or "block_causal" (the FlowCache code's per-chunk
+    attention: a chunk sees only the chunks up to itself)."""
 
     method: str = "off"
     config: Any = field(default_factory=OffConfig)
@@ -58,6 +68,7 @@ class CacheSettings:
     kv_budget: int = 0
     mix_lambda: float = 0.07
     model_key: str = ""
+    attention: str = "block_causal"
 
     def __post_init__(self) -> None:
         m = method(self.method)
@@ -66,13 +77,15 @@ class CacheSettings:
                              f"got {type(self.config).__name__}.")
         self.kv_budget = whole(self.kv_budget, "kv_budget", 0, 100000)
         self.mix_lambda = finite(self.mix_lambda, "mix_lambda", 0.0, 1.0)
+        if self.attention not in ATTENTION:
+            raise InputError(f"attention={self.attention!r}: must be one of {', '.join(ATTENTION)}.")
 
     @classmethod
     def of(cls, method_name: str = "off", *, preset: str = "custom", kv_budget: int = 0, mix_lambda: float = 0.07,
-           model_key: str = "", **knobs: Any) -> "CacheSettings":
+           model_key: str = "", attention: str = "block_causal", **knobs: Any) -> "CacheSettings":
         """Settings from plain values, e.g. ``CacheSettings.of("flowcache", threshold=0.1, warmup=2)``."""
         config = method(method_name).config(**knobs)
-        return cls(method_name, config, preset, kv_budget, mix_lambda, model_key)
+        return cls(method_name, config, preset, kv_budget, mix_lambda, model_key, attention)
 
     @property
     def path(self) -> str:
@@ -80,7 +93,7 @@ class CacheSettings:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "preset": self.preset, **asdict(self.config), "kv_budget": self.kv_budget,
-                "mix_lambda": self.mix_lambda, "model_key": self.model_key}
+                "mix_lambda": self.mix_lambda, "attention": self.attention, "model_key": self.model_key}
 
 
 def make_policy(settings: CacheSettings) -> CachePolicy:

@@ -136,6 +136,12 @@ def _build_magi(ck: Checkpoint, dtype: torch.dtype, operations: Operations = TOR
     return lm
 
 
+def _magi_stored_dtype(ck: Checkpoint) -> str:
+    from . import magi
+
+    return magi.magi_stored_dtype(ck)
+
+
 def _magi_config(ck: Checkpoint) -> dict:
     from . import magi
 
@@ -149,7 +155,7 @@ class Family:
     anchors: bare keys every checkpoint of the family has (they locate a key prefix); detect: whether a set of
     bare keys is this family; preset_key: the presets row from metadata and tensor shapes; build: the model
     from a read checkpoint, its compute dtype and the layer operations to build it from; config: the inferred
-    config as a dict (``inspect``)."""
+    config as a dict (``inspect``); stored_dtype: the dtype that ``dtype=auto`` follows."""
 
     name: str
     title: str
@@ -158,12 +164,13 @@ class Family:
     preset_key: Callable[[Mapping[str, str], Mapping[str, tuple]], str]
     build: Callable[[Checkpoint, torch.dtype, Operations], LoadedModel]
     config: Callable[[Checkpoint], dict]
+    stored_dtype: Callable[[Checkpoint], str] = lambda ck: ck.main_dtype
 
 
 FAMILIES: dict[str, Family] = {
     "wan": Family("wan", "Wan2.1 / SkyReels-V2 DiT", WAN_ANCHORS, _wan_keys, _wan_preset_key, _build_wan, _wan_config),
     "magi": Family("magi", "MAGI-1 DiT", MAGI_ANCHORS, _magi_keys, lambda meta, shapes: "magi-4.5B", _build_magi,
-                   _magi_config),
+                   _magi_config, _magi_stored_dtype),
 }
 ALL_ANCHORS = tuple(a for fam in FAMILIES.values() for a in fam.anchors)
 
@@ -206,7 +213,8 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None 
     if expect and family != expect:
         raise CheckpointError(f"{ck.name}: this is a {FAMILIES[family].title} checkpoint, but this loader expects a "
                               f"{FAMILIES[expect].title}. Use the matching loader node.")
-    lm = FAMILIES[family].build(ck, compute_dtype(dtype, ck.main_dtype), operations)
+    fam = FAMILIES[family]
+    lm = fam.build(ck, compute_dtype(dtype, fam.stored_dtype(ck)), operations)
     if operations is not TORCH_OPERATIONS:
         lm.notes.append(f"layers: {operations.name}")
     lm.extra_presets, sidecar = model_presets(ck.files, ck.metadata)
@@ -248,5 +256,5 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
             "parameters": sum(t.numel() for t in ck.tensors.values()), "config": FAMILIES[family].config(ck)}
 
 
-__all__ = ["LoadedModel", "load_model", "header_facts", "HeaderFacts", "inspect_checkpoint", "detect_family",
+__all__ = ["MAGI_ANCHORS", "LoadedModel", "load_model", "header_facts", "HeaderFacts", "inspect_checkpoint", "detect_family",
            "FAMILIES", "Family", "WanDiT", "magi_distill_decision"]

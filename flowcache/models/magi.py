@@ -21,11 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import DTYPE_NAMES, Checkpoint, compute_dtype, load_checkpoint
+from ..checkpoint import DTYPE_NAMES, Checkpoint
 from ..errors import CheckpointError, InputError
 from .common import TORCH_OPERATIONS, KVContext, Operations, TorchLayers, attention
 
-MAGI_ANCHORS = ("x_embedder.weight", "y_embedder.null_caption_embedding", "rope.bands")
 TP_GROUPS = 8  # the output projection's input is interleaved for TP8 training, whatever the head count
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 _LAYER = "videodit_blocks.layers."
@@ -500,17 +499,6 @@ def _check_config(cfg: MagiConfig) -> None:
                               f"grouped-query attention and the {TP_GROUPS}-group output interleave.")
 
 
-def is_magi_state_dict(keys: Iterable[str]) -> bool:
-    """Cheap detector: MAGI-1 DiT keys (bare or prefixed) have the null caption rows and ``videodit_blocks``."""
-    null = blocks = False
-    for k in keys:
-        null = null or k.endswith("y_embedder.null_caption_embedding")
-        blocks = blocks or ".videodit_blocks.layers." in "." + k
-        if null and blocks:
-            return True
-    return False
-
-
 def _looks_like(keys: set[str]) -> str:
     """A hint naming what a non-MAGI key set probably is (keys may still carry a prefix)."""
     dotted = ["." + k for k in keys]
@@ -584,10 +572,17 @@ def magi_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "chec
     return cfg
 
 
+def magi_stored_dtype(ck: Checkpoint) -> str:
+    """The dtype the big linears are stored in (the released files keep embeddings and head in fp32)."""
+    q = ck.tensors.get(_LAYER + "0.self_attention.linear_qkv.q.weight")
+    return DTYPE_NAMES.get(q.dtype, ck.main_dtype) if q is not None else ck.main_dtype
+
+
 def build_magi(ck: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
                operations: Operations = TORCH_OPERATIONS) -> MagiDiT:
     """A MagiDiT from an already read checkpoint (bare keys), computing in ``dtype``, its layers from
-    ``operations``; see ``load_magi``."""
+    ``operations``. fp8 weights stay fp8 and are upcast per call; the modules the official code promotes
+    (embedders, q/k norms, post-norms, head) are held in fp32. ``flowcache.models.load_model`` reads the file."""
     cfg = magi_config_from_state_dict(ck.tensors, ck.name)
     with torch.device("meta"):
         model = MagiDiT(cfg, dtype=dtype, operations=operations)
@@ -597,17 +592,5 @@ def build_magi(ck: Checkpoint, dtype: torch.dtype, device: str | torch.device = 
     return model.requires_grad_(False).eval()
 
 
-def load_magi(path, dtype: str = "auto", device: str | torch.device = "cpu") -> MagiDiT:
-    """Load a MAGI-1 DiT (one file, shard index json, or folder; any known key prefix; bf16/fp32/fp8).
-
-    ``dtype`` is the compute dtype (auto: as stored; fp8 → bf16). fp8 weights stay fp8 and are upcast per
-    call; the modules the official code promotes (embedders, q/k norms, post-norms, head) are held in fp32.
-    """
-    ckpt = load_checkpoint(path, anchors=MAGI_ANCHORS)
-    q = ckpt.tensors.get(_LAYER + "0.self_attention.linear_qkv.q.weight")
-    stored = DTYPE_NAMES.get(q.dtype, ckpt.main_dtype) if q is not None else ckpt.main_dtype
-    return build_magi(ckpt, compute_dtype(dtype, stored), device)
-
-
-__all__ = ["MagiConfig", "MagiDiT", "Fp8Linear", "LayerNorm1p", "MAGI_ANCHORS", "apply_rope", "build_magi",
-           "distill_dt_for_steps", "is_magi_state_dict", "load_magi", "magi_config_from_state_dict"]
+__all__ = ["MagiConfig", "MagiDiT", "Fp8Linear", "LayerNorm1p", "apply_rope", "build_magi", "distill_dt_for_steps",
+           "magi_config_from_state_dict", "magi_stored_dtype"]

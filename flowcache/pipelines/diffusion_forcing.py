@@ -23,7 +23,7 @@ from ..cache import CacheSettings, make_policy
 from ..cache.base import CachePolicy
 from ..df_schedule import DFSchedule, timestep_matrix
 from ..errors import InputError
-from ..flops import paper_window_flops
+from ..flops import forward_flops, paper_window_flops
 from ..kv.scoring import CompressionConfig
 from ..kv.store import KVStore
 from ..models.wan import WanForward, block_causal_mask
@@ -149,7 +149,7 @@ class _Window:
     x: torch.Tensor
     solvers: list
     pos: torch.Tensor | None
-    vanilla: dict                       # per branch: FLOPs of one whole-window forward (the vanilla loop's step)
+    vanilla: dict                       # per branch: (real, paper) FLOPs of one whole-window forward
     window: dict | None                 # window path: the attention mask and per-branch FLOPs of one forward
     chunk_steps: list[int] = field(default_factory=list)
 
@@ -184,10 +184,16 @@ class _DFLoop:
         grid_hw = (h_lat // cfgm.patch_size[1], w_lat // cfgm.patch_size[2])
         tok_frame = grid_hw[0] * grid_hw[1]
         nb, pb = seg.chunks, win.prefix // cbs
-        # one whole-window forward per branch, in the paper's accounting (chunk j attends to j chunks): what the
-        # vanilla loop spends every step
-        vanilla = {b: paper_window_flops(cbs * tok_frame, nb, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, ctx.shape[1])
-                   for b, ctx in self.call.contexts.items()}
+        # one whole-window forward per branch, what the vanilla loop spends every step: as computed (full
+        # attention: every chunk sees the whole window) and in the paper's accounting (chunk j sees j chunks)
+        dims = (cfgm.dim, cfgm.ffn_dim, cfgm.num_layers)
+        window_tokens = nb * cbs * tok_frame
+        vanilla = {}
+        for b, ctx in self.call.contexts.items():
+            paper = paper_window_flops(cbs * tok_frame, nb, *dims, ctx.shape[1])
+            real = paper if s.attention == "block_causal" else forward_flops(window_tokens, window_tokens, *dims,
+                                                                              ctx.shape[1])
+            vanilla[b] = (real, paper)
         window = None
         if self.path == "chunk":
             budget = self.kv_budget * cbs * tok_frame
@@ -196,10 +202,9 @@ class _DFLoop:
             cap = nb * cbs * tok_frame if budget == 0 else min(nb * cbs * tok_frame,
                                                                 budget + (sched.max_active() + 1 + pb) * cbs * tok_frame)
             comp = CompressionConfig(mix_lambda=self.mix_lambda)
-            for b in self.call.branches:
-                run.stores[b] = KVStore(cfgm.num_layers, cap, budget, comp, tok_frame)
-                for c in range(pb):
-                    run.stores[b].mark_clean(c)
+            run.stores["kv"] = KVStore(cfgm.num_layers, cap, budget, comp, tok_frame, len(self.call.branches))
+            for c in range(pb):
+                run.stores["kv"].mark_clean(c)
         else:
             mask = (block_causal_mask((win.length,) + grid_hw, cbs, x.device)
                     if s.attention == "block_causal" else None)
@@ -245,7 +250,7 @@ class _DFLoop:
     def compute(self, step: Step, decisions: Decisions, run: RunState) -> torch.Tensor:
         """The guided velocity [1, C, F, h, w] (zeros outside the step's units)."""
         d, w = step.data, self.cur
-        run.count_vanilla(sum(w.vanilla.values()))
+        run.count_vanilla(sum(r for r, _ in w.vanilla.values()), sum(p for _, p in w.vanilla.values()))
         preds = self.call.predict(d["emb"], step.units, d["spans"], decisions, run, w.window)
         full = {b: torch.zeros(d["x_in"].shape, dtype=torch.float32, device=d["x_in"].device)
                 .index_copy_(2, d["emb"].idx, p) for b, p in preds.items()}
@@ -310,7 +315,8 @@ class DiffusionForcingPipeline:
         contexts = {b: model.text_embed(c.to(model.device)) for b, c in texts.items()}
         stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": path})
         run = RunState(policy or make_policy(cache), stats, tuple(contexts), s.steps, hooks)
-        loop = _DFLoop(self, s, WanStep(model, contexts, s.fps), path, (cache.kv_budget, cache.mix_lambda))
+        step = WanStep(model, contexts, s.fps, window_attention=cache.attention == "window")
+        loop = _DFLoop(self, s, step, path, (cache.kv_budget, cache.mix_lambda))
         return run_loop(loop, run), stats
 
     def next_prefix(self, x: torch.Tensor, n_latents: int, s: DFSettings) -> torch.Tensor:

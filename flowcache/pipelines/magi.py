@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import CacheSettings, make_policy
-from ..cache.base import CachePolicy
+from ..cache.base import CachePolicy, UnitSignal
 from ..errors import InputError
 from ..kv.scoring import CompressionConfig, select_queries
 from ..kv.store import KVStore
@@ -288,6 +288,8 @@ class _MagiLoop:
             self.taps = {name: _QueryTap(self.comp, plan.tokens_per_frame) for name in run.stores}
         dt = self._dt(0)
         for c in range(plan.offset):  # clean prefix chunks: fill their K/V once, each seeing only itself
+            f = magi_forward_flops(self.cfgm, plan.tokens, plan.tokens, _tokens(self.null))
+            run.count_vanilla(len(run.stores) * f)
             self._clean_forward(self.pre[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], c, dt, run)
 
     def steps(self, seg: Segment):
@@ -313,8 +315,9 @@ class _MagiLoop:
         x_win, cs = d["x_win"], d["cs"]
         d["chunk_x"] = {c: x_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] for c, _ in d["window"]}
         if self.path == "chunk":
-            return {c: model.embed_input(d["chunk_x"][c]).to(model.dtype) for c in step.active}
-        return {"window": model.embed_input(x_win).to(model.dtype)}
+            return {c: UnitSignal(model.embed_input(d["chunk_x"][c]).to(model.dtype), d["chunk_x"][c])
+                    for c in step.active}
+        return {"window": UnitSignal(model.embed_input(x_win).to(model.dtype), x_win)}
 
     def compute(self, step: Step, decisions: Decisions, run: RunState) -> dict[int, torch.Tensor]:
         """Velocities of the chunks that compute this step (ascending; the refresh first at a stage start)."""
@@ -322,6 +325,8 @@ class _MagiLoop:
         dt = self._dt(k)
         decide = {c: decisions[("cond", c if self.path == "chunk" else "window")] for c in step.active}
         cs, ce = d["cs"], d["ce"]
+        # the reference of the speedups: MAGI-1's own loop (as computed), and this loop without reuse (paper)
+        run.count_vanilla(self._official_flops(step), self._own_flops(step, run))
         if self.refresh and cs > self.plan.offset and k % self.per == 0 and decide[cs]:
             # MAGI-1's clean refresh: the chunk that just finished, at clean_t, null caption, seeing itself only
             c = cs - 1
@@ -330,34 +335,72 @@ class _MagiLoop:
         idx_of = dict(d["window"])
         v: dict[int, torch.Tensor] = {}
         for c in step.active:
+            if not decide[c]:
+                continue
             outs: dict[int, torch.Tensor] = {}
-            weights = (1.0,) if self.distill else cfg_weights(s, t_of[c])
-            for p in self.passes:
-                if p.weight_index >= len(weights) or (not p.stored and weights[p.weight_index] == 0.0):
-                    continue  # the chunk-alone pass has weight 0 for t >= 0.3: skipping it is exact
+            weights = self._weights(t_of[c])
+            for p in self._passes_for(weights):
                 cm, store = self._caption(p, c), run.stores.get(p.name)
                 first = self._first_chunk(c, idx_of[c]) if p.stored else None
                 f = magi_forward_flops(self.cfgm, self.plan.tokens, self._context_rows(store, c, first), _tokens(cm))
-                run.count_vanilla(f)
-                if decide[c]:
-                    kv = _ChunkContext(store, c, self.taps.get(p.name), first) if p.stored else None
-                    outs[p.weight_index] = self._forward(d["chunk_x"][c], t_of[c], p, kv, c if p.stored else 0,
-                                                         dt, cm, run)
-                    run.count_forward(f)
-            if decide[c]:
-                # reference order: (1 - p)·uncond + (p - s)·cond_pre + s·cond_text
-                v[c] = sum(weights[i] * outs[i] for i in sorted(outs, reverse=True)) if not self.distill else outs[0]
-        if self.distill and not s.discard_nearly_clean_chunk and t_of[cs] > s.nearly_clean_threshold:
-            cm = self._caption(self.passes[0], cs)
-            f = magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens, _tokens(cm))
-            run.count_vanilla(f)
-            if decide[cs]:  # the oldest chunk again, self-only, RoPE after the window; blended 0.7 / 0.3
-                tap = self.taps.get("cond")
-                v_self = self._forward(d["chunk_x"][cs], t_of[cs], self.passes[0],
-                                       _ChunkContext(None, cs, tap) if tap is not None else None, ce, dt, cm, run)
-                v[cs] = s.nearly_clean_scale * v[cs] + (1 - s.nearly_clean_scale) * v_self
+                kv = _ChunkContext(store, c, self.taps.get(p.name), first) if p.stored else None
+                outs[p.weight_index] = self._forward(d["chunk_x"][c], t_of[c], p, kv, c if p.stored else 0, dt, cm,
+                                                     run)
                 run.count_forward(f)
+            # reference order: (1 - p)·uncond + (p - s)·cond_pre + s·cond_text
+            v[c] = sum(weights[i] * outs[i] for i in sorted(outs, reverse=True)) if not self.distill else outs[0]
+        if self._nearly_clean(t_of[cs]) and decide[cs]:
+            # the oldest chunk again, self-only, RoPE after the window; blended 0.7 / 0.3
+            cm = self._caption(self.passes[0], cs)
+            tap = self.taps.get("cond")
+            v_self = self._forward(d["chunk_x"][cs], t_of[cs], self.passes[0],
+                                   _ChunkContext(None, cs, tap) if tap is not None else None, ce, dt, cm, run)
+            v[cs] = s.nearly_clean_scale * v[cs] + (1 - s.nearly_clean_scale) * v_self
+            run.count_forward(magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens, _tokens(cm)))
         return v
+
+    def _weights(self, t: float) -> tuple[float, ...]:
+        return (1.0,) if self.distill else cfg_weights(self.s, t)
+
+    def _passes_for(self, weights: tuple[float, ...]) -> list[_Pass]:
+        """The passes a chunk runs; the chunk-alone pass has weight 0 for t >= 0.3, and skipping it is exact."""
+        return [p for p in self.passes
+                if p.weight_index < len(weights) and (p.stored or weights[p.weight_index] != 0.0)]
+
+    def _nearly_clean(self, t_oldest: float) -> bool:
+        s = self.s
+        return self.distill and not s.discard_nearly_clean_chunk and t_oldest > s.nearly_clean_threshold
+
+    def _official_flops(self, step: Step) -> float:
+        """What MAGI-1's own loop (released key ranges, clean refresh) computes for this step."""
+        d, tok, cfgm = step.data, self.plan.tokens, self.cfgm
+        stored = [p for p in self.passes if p.stored]
+        total = 0.0
+        if d["cs"] > self.plan.offset and step.index % self.per == 0:
+            total += len(stored) * magi_forward_flops(cfgm, tok, tok, _tokens(self.null))
+        per_range = self.s.num_steps // len(RELEASED_KVRANGE)
+        for c, i in d["window"]:
+            for p in self._passes_for(self._weights(float(self.ts[i]))):
+                rows = min(RELEASED_KVRANGE[i // per_range], c + 1) * tok if p.stored else tok
+                total += magi_forward_flops(cfgm, tok, rows, _tokens(self._caption(p, c)))
+        if self._nearly_clean(float(self.ts[d["window"][0][1]])):
+            total += magi_forward_flops(cfgm, tok, tok, _tokens(self._caption(self.passes[0], d["cs"])))
+        return total
+
+    def _own_flops(self, step: Step, run: RunState) -> float:
+        """What this loop computes for this step when nothing is reused (before the step's writes)."""
+        d, tok, cfgm = step.data, self.plan.tokens, self.cfgm
+        total = 0.0
+        if self.refresh and d["cs"] > self.plan.offset and step.index % self.per == 0:
+            total += len(run.stores) * magi_forward_flops(cfgm, tok, tok, _tokens(self.null))
+        for c, i in d["window"]:
+            for p in self._passes_for(self._weights(float(self.ts[i]))):
+                first = self._first_chunk(c, i) if p.stored else None
+                rows = self._context_rows(run.stores.get(p.name), c, first)
+                total += magi_forward_flops(cfgm, tok, rows, _tokens(self._caption(p, c)))
+        if self._nearly_clean(float(self.ts[d["window"][0][1]])):
+            total += magi_forward_flops(cfgm, tok, tok, _tokens(self._caption(self.passes[0], d["cs"])))
+        return total
 
     def update(self, step: Step, v: dict[int, torch.Tensor], run: RunState) -> None:
         """Euler for computed units; a reused unit adds its last computed update."""
@@ -429,11 +472,10 @@ class _MagiLoop:
         """A clean chunk's K/V into every stored pass: t = clean_t, null caption, seeing only itself."""
         for p in self.passes:
             if p.stored:
-                f = magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens, _tokens(self.null))
-                run.count_vanilla(f)
                 self._forward(xc, self.s.clean_t, p, _ChunkContext(run.stores[p.name], c, None, first=c), c, dt,
                               self.null, run)
-                run.count_forward(f)
+                run.count_forward(magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens,
+                                                     _tokens(self.null)))
 
     def _forward(self, xc: torch.Tensor, t: float, p: _Pass, kv, rope_chunk: int, dt: float | None, cm,
                  run: RunState) -> torch.Tensor:

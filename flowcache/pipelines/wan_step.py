@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cache.base import UnitSignal
 from ..errors import InputError
 from ..flops import forward_flops
-from ..kv.store import ChunkBatchKV
+from ..kv.store import StepAttention
 from ..models.wan import WanForward
 from ..runner import Decisions, RunState, Unit
 
@@ -62,9 +63,11 @@ def check_conditioning(ctx: torch.Tensor, text_dim: int, text_len: int, name: st
 class WanStep:
     """The Wan model call of one step. contexts: embedded text per branch, in the run's branch order."""
 
-    def __init__(self, model: WanForward, contexts: dict[str, torch.Tensor], fps: float | None):
+    def __init__(self, model: WanForward, contexts: dict[str, torch.Tensor], fps: float | None,
+                 window_attention: bool = False):
         self.model, self.contexts, self.fps = model, contexts, fps
         self.branches = list(contexts)
+        self.window_attention = window_attention
 
     def embed(self, x_in: torch.Tensor, t_frames: torch.Tensor, pos: torch.Tensor | None,
               spans: list[UnitSpan]) -> Embedded:
@@ -82,16 +85,16 @@ class WanStep:
             f0 += nf
         return Embedded(e, e0, h0, idx, out, grid_hw)
 
-    def signals(self, emb: Embedded, units: list[Unit]) -> dict:
-        """Each unit's e0 slice: the FlowCache / TeaCache signal."""
-        return {u.id: emb.e0[:, fr] for u, (fr, _) in zip(units, emb.spans)}
+    def signals(self, emb: Embedded, units: list[Unit]) -> dict[object, UnitSignal]:
+        """Each unit's e0 slice (the FlowCache / TeaCache signal) and its embedded tokens (its input)."""
+        return {u.id: UnitSignal(emb.e0[:, fr], emb.h0[:, tok]) for u, (fr, tok) in zip(units, emb.spans)}
 
     def predict(self, emb: Embedded, units: list[Unit], spans: list[UnitSpan], decisions: Decisions,
                 run: RunState, window: dict | None = None) -> dict[str, torch.Tensor]:
         """Every branch's prediction for the units' frames [1, C, F_units, h, w] (fp32).
 
-        window: None on the chunk path (attention through ``run.stores``); on the window path
-        ``{"mask": bool mask or None, "flops": {branch: FLOPs of one window forward}}``.
+        window: None on the chunk path (attention through ``run.stores["kv"]``); on the window path
+        ``{"mask": bool mask or None, "flops": {branch: (FLOPs of one window forward, in the paper's accounting)}}``.
         """
         names = self.branches
         compute = {b: [decisions[(b, u.id)] for u in units] for b in names}
@@ -123,7 +126,10 @@ class WanStep:
         sizes = [tok.stop - tok.start for _, tok in tok_spans]
         grid = (sum(fr.stop - fr.start for fr, _ in tok_spans) // cfgm.patch_size[0],) + tuple(emb.grid_hw)
         offsets = tuple(s.frame_offset for s in spans)
-        kv = ChunkBatchKV([run.stores[b] for b in branches], [u.id for u in units], sizes) if window is None else None
+        kv = None
+        if window is None:
+            store_rows = slice(None) if len(rows) == len(self.branches) else list(rows)
+            kv = StepAttention(run.stores["kv"], [u.id for u in units], sizes, store_rows, self.window_attention)
         out = model.run_blocks(tokens, mod, ctx, grid, offsets, kv, None if window is None else window["mask"],
                                between=run.check_cancel)
         run.count_call()
@@ -135,8 +141,9 @@ class WanStep:
                 if u.cacheable:
                     run.remember(b, u.id, res - emb.h0[:, tok])
                 if window is None:
-                    run.count_forward(forward_flops(n, kv.context_rows[(i, u.id)], cfgm.dim, cfgm.ffn_dim,
-                                                    cfgm.num_layers, ctx.shape[1]))
+                    dims = (cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, ctx.shape[1])
+                    run.count_forward(forward_flops(n, kv.context_rows[u.id], *dims),
+                                      forward_flops(n, kv.causal_rows[u.id], *dims))
                 else:
-                    run.count_forward(window["flops"][b])
+                    run.count_forward(*window["flops"][b])
             start += n

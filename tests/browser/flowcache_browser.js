@@ -4,6 +4,7 @@
 //
 //   node tests/browser/flowcache_browser.js check   # load every shipped workflow, optionally run the demo
 //   node tests/browser/flowcache_browser.js video   # FlowCache Video Combine alone: mp4 preview in a <video>
+//   node tests/browser/flowcache_browser.js note    # the demo workflow without its cache node, on NOTE_MODEL: the note
 //   node tests/browser/flowcache_browser.js export  # maintainers: re-save workflows through the frontend + thumbnails
 //
 // Environment:
@@ -13,7 +14,10 @@
 //   OUT_DIR              where screenshots / exported files go (default: cwd)
 //   RUN_DEMO=1           check: also queue flowcache_demo_cpu and wait for the video and the compute/reuse map
 //   RUN_TIMEOUT_S        check: seconds to wait for the demo run (default 900)
-//   DEMO_PRESET          run the demo with this preset instead of the workflow's (e.g. custom)
+//   DEMO_PRESET          run the demo with this preset (on its FlowCache Cache node) instead of the workflow's
+//   CALIBRATED_MODEL     check: a model file whose calibrated presets the cache node must show (default my_finetune.safetensors)
+//   NOTE_MODEL, NOTE_STEPS  note: the (small) model file and steps of the run without a cache node
+//   FIT_NODES=1          export: size the sampler and cache nodes to their widgets before saving
 //   PLAYWRIGHT_CORE_DIR  node_modules folder holding playwright-core (default /tmp/pw/node_modules)
 //   CHROMIUM             chromium executable (default: `which chromium`)
 //
@@ -58,8 +62,8 @@ async function openEditor(browser, logs) {
   page.on("requestfailed", (r) => logs.push(`requestfailed ${r.url()} ${r.failure()?.errorText || ""}`));
   await page.goto(URL_BASE + "/", { waitUntil: "domcontentloaded" });
   await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas, null, { timeout: 90000 });
-  // our extension is imported with the others; wait for it and for its preset table
-  await page.waitForFunction(() => window.__flowcache && window.__flowcache.presets, null, { timeout: 30000 })
+  // our extension is imported with the others; wait for its setup
+  await page.waitForFunction(() => window.__flowcache && window.__flowcache.ready, null, { timeout: 30000 })
     .catch(() => {});
   await page.waitForTimeout(500);
   return page;
@@ -96,6 +100,7 @@ async function loadAndInspect(page, name) {
     await window.app.loadGraphData(data.wf, true, true, data.name);
   }, { wf, name });
   await page.waitForTimeout(1200);
+  await presetsSettled(page);
   const popups = await collectPopups(page);
   const inspect = await page.evaluate((wf) => {
     const app = window.app;
@@ -126,13 +131,17 @@ async function loadAndInspect(page, name) {
         const slot = n.inputs?.find((i) => i.name === input.name);
         if (!slot || slot.link == null) rec.problems.push(`input ${input.name} lost its link`);
       }
-      if (jn.type === "FlowCacheSampler") {
+      if (jn.type === "FlowCacheCache") {
         const get = (k) => n.widgets.find((w) => w.name === k);
-        rec.locked = Object.fromEntries(["threshold", "warmup_steps", "kv_budget", "mix_lambda"].map((k) => [k, !!get(k)?.disabled]));
+        const knobs = ["threshold", "warmup_steps", "kv_budget", "mix_lambda"];
+        rec.locked = Object.fromEntries(knobs.map((k) => [k, !!get(k)?.disabled]));
+        rec.shown = Object.fromEntries(knobs.map((k) => [k, get(k)?._displayValue]));
+        rec.values = Object.fromEntries(knobs.map((k) => [k, get(k)?.value]));
+        rec.method = get("method")?.value;
         rec.preset = get("preset")?.value;
-        rec.cache = get("cache")?.value;
         rec.fc = n.__fcPreset || null;
       }
+      if (jn.type === "FlowCacheSampler") rec.widgetsOnSampler = (n.widgets || []).map((w) => w.name);
       nodes.push(rec);
     }
     const linkCount = app.graph.links?.size ?? Object.keys(app.graph.links || {}).length;
@@ -150,6 +159,39 @@ async function loadAndInspect(page, name) {
     prompt = { error: String(e) };
   }
   return { name, status: res.status, thumb: { status: thumb.status, type: thumb.type }, popups, ...inspect, prompt };
+}
+
+/** Waits until no cache node is waiting for the server's preset answer. */
+async function presetsSettled(page) {
+  await page.waitForFunction(() => {
+    const nodes = window.app.graph._nodes.filter((n) => n.type === "FlowCacheCache");
+    return nodes.every((n) => n.__fcPreset && n.__fcPreset.source !== "pending");
+  }, null, { timeout: 15000 }).catch(() => {});
+  await page.waitForTimeout(100);
+}
+
+/** The cache node's knobs as the user sees them. */
+async function cacheSnap(page) {
+  return page.evaluate(() => {
+    const n = window.app.graph._nodes.find((x) => x.type === "FlowCacheCache");
+    const w = (k) => n.widgets.find((x) => x.name === k);
+    return { threshold: w("threshold").value, warmup: w("warmup_steps").value, kv: w("kv_budget").value,
+      mix: w("mix_lambda").value, locked: ["threshold", "warmup_steps", "kv_budget", "mix_lambda"].every((k) => !!w(k).disabled),
+      unlocked: ["threshold", "warmup_steps", "kv_budget", "mix_lambda"].every((k) => !w(k).disabled),
+      shown: w("threshold")._displayValue, shownKv: w("kv_budget")._displayValue, fc: n.__fcPreset };
+  });
+}
+
+/** Sets a widget as the canvas does when the user picks a value (value, then its callback). */
+async function setWidget(page, type, name, value) {
+  await page.evaluate(({ type, name, value }) => {
+    const n = window.app.graph._nodes.find((x) => x.type === type);
+    const w = n.widgets.find((x) => x.name === name);
+    w.value = value;
+    w.callback?.(value);
+  }, { type, name, value });
+  await page.waitForTimeout(100);
+  await presetsSettled(page);
 }
 
 async function canvasClip(page) {
@@ -216,7 +258,7 @@ async function runDemo(page, timeoutS) {
   if (process.env.DEMO_PRESET) {
     // e.g. "custom" while the demo model has no embedded slow/fast presets yet
     await page.evaluate((preset) => {
-      const n = window.app.graph._nodes.find((x) => x.type === "FlowCacheSampler");
+      const n = window.app.graph._nodes.find((x) => x.type === "FlowCacheCache");
       const w = n.widgets.find((x) => x.name === "preset");
       w.value = preset;
       w.callback?.(preset);
@@ -249,6 +291,7 @@ async function runDemo(page, timeoutS) {
         } : null,
         progress: fc.progress ? fc.progress[ids.sampler] : null,
         progressDrawn: !!(sampler && sampler.__fcInfo && sampler.__fcInfo.progress),
+        note: fc.stats && fc.stats[ids.sampler] ? fc.stats[ids.sampler].note : null,
         mapsAttr: document.body.dataset.flowcacheMaps || null,
         videos,
         eventCounts: window.__fcTest.events.reduce((a, e) => ((a[e] = (a[e] || 0) + 1), a), {}),
@@ -273,9 +316,9 @@ async function check(browser) {
   result.extension = await page.evaluate(() => ({
     registered: window.app.extensions.filter((e) => e.name === "FlowCache.UI").length,
     registeredFrom: window.__flowcache && window.__flowcache.registered,
-    presets: !!(window.__flowcache && window.__flowcache.presets),
+    ready: !!(window.__flowcache && window.__flowcache.ready),
     errors: (window.__flowcache && window.__flowcache.errors) || [],
-    types: ["FlowCacheSampler", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine", "FlowCacheDemoTextEncode",
+    types: ["FlowCacheSampler", "FlowCacheCache", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine", "FlowCacheDemoTextEncode",
       "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader"]
       .filter((t) => t in LiteGraph.registered_node_types),
   }));
@@ -293,45 +336,45 @@ async function check(browser) {
     await page.screenshot({ path: path.join(OUT, `loaded_${name}.png`), clip: await canvasClip(page) });
   }
   if (names.includes("skyreels_v2_df_1.3b_t2v_fast")) {
+    // its model file is not in this server's models folder: locked, "from model", until a known file is picked
     await loadAndInspect(page, "skyreels_v2_df_1.3b_t2v_fast");
-    result.interaction = await page.evaluate(() => {
-      const n = window.app.graph._nodes.find((x) => x.type === "FlowCacheSampler");
-      const w = (k) => n.widgets.find((x) => x.name === k);
-      const set = (k, v) => {
-        const wd = w(k);
-        wd.value = v;
-        wd.callback?.(v); // what the canvas does when the user picks a value
-      };
-      const snap = () => ({ threshold: w("threshold").value, warmup: w("warmup_steps").value,
-        kv: w("kv_budget").value, locked: !!w("threshold").disabled, shown: w("threshold")._displayValue });
-      const out = { start: snap() };
-      set("preset", "custom");
-      out.custom = snap();
-      set("threshold", 0.3);
-      set("preset", "slow");
-      out.slow = snap();
-      set("cache", "teacache");
-      set("preset", "fast");
-      out.teacacheFast = snap();
-      set("cache", "flowcache");
-      out.flowcacheFast = snap();
-      return out;
+    const it = (result.interaction = {});
+    it.start = await cacheSnap(page);
+    await setWidget(page, "FlowCacheModelLoader", "model_name", process.env.CALIBRATED_MODEL || "my_finetune.safetensors");
+    it.fromFile = await cacheSnap(page);
+    it.fromFile.answer = await page.evaluate((name) => window.__flowcache.filePresets[name], process.env.CALIBRATED_MODEL || "my_finetune.safetensors");
+    await setWidget(page, "FlowCacheCache", "preset", "custom");
+    it.custom = await cacheSnap(page);
+    await setWidget(page, "FlowCacheCache", "threshold", 0.3);
+    it.customEdited = await cacheSnap(page);
+    await setWidget(page, "FlowCacheCache", "preset", "slow");
+    it.slow = await cacheSnap(page);
+    await setWidget(page, "FlowCacheCache", "method", "teacache");
+    await setWidget(page, "FlowCacheCache", "preset", "fast");
+    it.teacacheFast = await cacheSnap(page);
+    await setWidget(page, "FlowCacheCache", "method", "off");
+    it.off = await cacheSnap(page);
+    await setWidget(page, "FlowCacheCache", "method", "flowcache");
+    it.flowcacheFast = await cacheSnap(page);
+    // the API prompt: the sampler takes the cache node's output; the knobs are the cache node's
+    it.prompt = await page.evaluate(async () => {
+      const p = await window.app.graphToPrompt();
+      const entries = Object.entries(p.output);
+      const [cid, cache] = entries.find(([, n]) => n.class_type === "FlowCacheCache");
+      const [, sampler] = entries.find(([, n]) => n.class_type === "FlowCacheSampler");
+      return { cacheInputs: cache.inputs, samplerCache: sampler.inputs.cache, cacheId: cid };
     });
-    // the same sampler fed a calibrated file the static table does not know (flowcache, fast)
-    result.interaction.fromFile = await page.evaluate(async (name) => {
-      const n = window.app.graph._nodes.find((x) => x.type === "FlowCacheSampler");
-      const loader = window.app.graph._nodes.find((x) => x.type === "FlowCacheModelLoader");
-      const lw = loader.widgets.find((x) => x.name === "model_name");
-      lw.value = name;
-      lw.callback?.(name);
-      const cache = window.__flowcache.filePresets;
-      for (let i = 0; i < 200 && (cache[name] === undefined || cache[name] === "pending"); i++) {
-        await new Promise((r) => setTimeout(r, 50));
-      }
-      const w = (k) => n.widgets.find((x) => x.name === k);
-      return { threshold: w("threshold").value, warmup: w("warmup_steps").value, kv: w("kv_budget").value,
-        locked: !!w("threshold").disabled, fc: n.__fcPreset, answer: cache[name] };
-    }, process.env.CALIBRATED_MODEL || "my_finetune.safetensors");
+    // unplugged: locked, and the values are the model's at run time
+    await page.evaluate(() => {
+      const s = window.app.graph._nodes.find((x) => x.type === "FlowCacheSampler");
+      s.disconnectInput(s.inputs.findIndex((i) => i.name === "cache"));
+    });
+    await page.waitForTimeout(200);
+    await presetsSettled(page);
+    it.unlinked = await cacheSnap(page);
+    await hideChrome(page);
+    await fitView(page);
+    await page.screenshot({ path: path.join(OUT, "cache_node_interaction.png"), clip: await canvasClip(page) });
   }
   if (process.env.RUN_DEMO === "1") {
     await loadAndInspect(page, DEMO);
@@ -346,6 +389,32 @@ async function check(browser) {
   }
   result.logs = logs.slice(0, 200);
   console.log("RESULT " + JSON.stringify(result));
+}
+
+/** The demo workflow without its cache node, on a small model: the sampler draws the run's note under its map. */
+async function noteRun(browser) {
+  const logs = [];
+  const page = await openEditor(browser, logs);
+  const r = await loadAndInspect(page, DEMO);
+  const model = process.env.NOTE_MODEL || "tiny_demo_space.safetensors";
+  await setWidget(page, "FlowCacheModelLoader", "model_name", model);
+  await setWidget(page, "FlowCacheSampler", "steps", Number(process.env.NOTE_STEPS || 6));
+  await page.evaluate(() => {
+    const n = window.app.graph._nodes.find((x) => x.type === "FlowCacheCache");
+    window.app.graph.remove(n);
+  });
+  await page.waitForTimeout(300);
+  const state = await runDemo(page, Number(process.env.RUN_TIMEOUT_S || 300));
+  await page.waitForTimeout(800);
+  await hideChrome(page);
+  await fitView(page);
+  await page.screenshot({ path: path.join(OUT, "note_run.png"), clip: await canvasClip(page) });
+  state.prompt = await page.evaluate(async () => {
+    const p = await window.app.graphToPrompt();
+    return Object.values(p.output).map((n) => n.class_type);
+  });
+  state.extErrorsAfter = await page.evaluate(() => window.__flowcache.errors);
+  console.log("RESULT " + JSON.stringify({ mode: "note", loaded: r, ...state, logs }));
 }
 
 /** FlowCache Video Combine alone (frames from core EmptyImage): the stock frontend previews its mp4 in a <video>. */
@@ -393,6 +462,16 @@ async function exportWorkflows(browser) {
   const names = process.env.WORKFLOWS ? process.env.WORKFLOWS.split(",").filter(Boolean) : listing;
   for (const name of names) {
     const r = await loadAndInspect(page, name);
+    if (process.env.FIT_NODES === "1") {
+      await page.evaluate(() => {
+        for (const n of window.app.graph._nodes) {
+          if (n.type !== "FlowCacheSampler" && n.type !== "FlowCacheCache") continue;
+          const size = n.computeSize();
+          n.setSize([Math.max(n.size[0], size[0]), size[1]]);
+        }
+        window.app.graph.setDirtyCanvas(true, true);
+      });
+    }
     const wf = await page.evaluate(() => window.app.graph.serialize());
     if (wf.extra) delete wf.extra.ds; // no saved view: the editor fits the graph on load
     fs.writeFileSync(path.join(OUT, `${name}.json`), JSON.stringify(wf, null, 2) + "\n");
@@ -420,6 +499,7 @@ async function exportWorkflows(browser) {
   try {
     if (MODE === "export") await exportWorkflows(browser);
     else if (MODE === "video") await videoSmoke(browser);
+    else if (MODE === "note") await noteRun(browser);
     else await check(browser);
   } finally {
     await browser.close();

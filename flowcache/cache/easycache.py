@@ -1,0 +1,74 @@
+"""EasyCache-style chunkwise caching with no calibration: each chunk estimates at run time how strongly its
+output follows its input (EasyCache, arXiv 2507.02860, applied per chunk).
+
+Between a chunk's two most recent computed steps the transformation rate k = rel(Δoutput) / rel(Δinput) is
+measured (rel: mean |change| / mean |previous|). On later steps the rule predicts the output's relative change as
+k · rel(Δinput) and accumulates it; it reuses the cached residual while the sum stays below the threshold.
+One decision per chunk serves every CFG branch (their inputs are the same), so cond and uncond stay in one
+batched call; k is learnt from the first branch's output. Warm-up and forced steps compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import CachePolicy, UnitKey, UnitState, check_knobs, knob, relative_l1
+
+
+@dataclass
+class EasyCacheConfig:
+    """threshold: largest accumulated predicted relative output change a reuse may reach (0 = never reuse).
+    warmup: the chunk's own first steps that always compute (two computes are needed to measure k)."""
+
+    threshold: float = knob(0.05, "threshold", lo=0.0, hi=10.0)
+    warmup: int = knob(3, "warmup_steps", lo=0, hi=1000, integer=True)
+
+    def __post_init__(self) -> None:
+        check_knobs(self)
+
+
+class EasyCachePolicy(CachePolicy):
+    shared_decision = True
+    reads = "input"
+
+    def __init__(self, config: EasyCacheConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def keeps_payload(self) -> bool:
+        return self.config.threshold > 0
+
+    def decide(self, st: UnitState, signal: torch.Tensor, force: bool) -> bool:
+        c = self.config
+        k = st.memo.get("k")
+        if force or st.steps < c.warmup or st.prev_signal is None or c.threshold <= 0 or k is None:
+            st.acc = 0.0
+            return True
+        st.acc += k * relative_l1(signal, st.prev_signal)
+        if st.acc < c.threshold:
+            return False
+        st.acc = 0.0
+        return True
+
+    def should_compute(self, key: UnitKey, signal, force: bool = False) -> bool:
+        compute = super().should_compute(key, signal, force)
+        if compute:  # the next remembered payload (the first branch's) teaches k
+            self.state(key).memo["pending"] = self.state(key).prev_signal
+        return compute
+
+    def remember(self, key: UnitKey, payload: torch.Tensor) -> None:
+        super().remember(key, payload)
+        memo = self.state(("*", key[1]) if isinstance(key, tuple) else key).memo
+        x = memo.pop("pending", None)
+        if x is None:
+            return
+        out = x.float() + payload.float()  # the unit's output: its input plus the residual just computed
+        if "x" in memo:
+            dx = relative_l1(x.float(), memo["x"])
+            memo["k"] = relative_l1(out, memo["out"]) / dx if dx > 0 else None
+        memo["x"], memo["out"] = x.float(), out
+
+
+__all__ = ["EasyCacheConfig", "EasyCachePolicy"]
