@@ -68,12 +68,13 @@ def need_demo(pack) -> None:
                     "decoder to drive a whole prompt on a CPU-only ComfyUI")
 
 
-CACHE_WIDGETS = ("method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda")
+CACHE_WIDGETS = ("method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda", "max_skips", "attention")
 
 
 def cache_node(method: str = "flowcache", preset: str = "slow", **custom) -> dict:
     """A FlowCache Cache node (API format) with the custom widgets' defaults."""
-    inputs = dict(method=method, preset=preset, threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07)
+    inputs = dict(method=method, preset=preset, threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07,
+                  max_skips=3, attention="auto")
     inputs.update(custom)
     return {"class_type": "FlowCacheCache", "inputs": inputs}
 

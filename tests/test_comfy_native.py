@@ -302,7 +302,7 @@ def test_gguf_model_runs(native):
     gguf_loader = lambda name: {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": name}}  # noqa: E731
     # a GGUF has no metadata, so no presets row: the same custom numbers for every run compared here
     custom = {"method": "flowcache", "preset": "custom", "threshold": 0.05, "warmup_steps": 1, "kv_budget": 0,
-              "mix_lambda": 0.07}
+              "mix_lambda": 0.07, "max_skips": 3, "attention": "auto"}
     mark = len(server.log())
     f32 = run(server, graph({"1": gguf_loader(GGUF_F32)}, ["1", 0], "gguf_f32", cache=custom))
     assert f"restored SkyReels' fps embedding from {GGUF_F32}" in log_since(server, mark)
