@@ -117,9 +117,14 @@ def native(tmp_path_factory):
                            capture_output=True, text=True, timeout=120)
         if r.returncode != 0:  # no gguf package in ComfyUI's environment: the GGUF test skips
             (models / name).unlink(missing_ok=True)
+    try:  # tiny MAGI-1 files; the T5 has the real vocabulary size, for ComfyUI's own T5 tokenizer file
+        from test_nodes_magi import write_tiny_magi_files
+        write_tiny_magi_files(work, vocab=32128)
+    except ImportError:  # no `tokenizers` here: the MAGI-1 test skips
+        pass
     config = work / "extra_model_paths.yaml"
     config.write_text(f"flowcache_native:\n    base_path: {work}\n    custom_nodes: custom_nodes\n"
-                      f"    diffusion_models: diffusion_models\n    loras: loras\n")
+                      f"    diffusion_models: diffusion_models\n    loras: loras\n    text_encoders: text_encoders\n")
     server = ComfyServer(comfy, python, work, config, work / "output")
     try:
         server.start()
@@ -314,3 +319,27 @@ def test_gguf_model_runs(native):
     assert f"{GGUF_Q8_NO_FPS} has no fps embedding" in log and "fps conditioning" in log
     a = latent(q8, work)
     assert torch.isfinite(a).all() and a.shape == (1, 16, 6, 8, 8)
+
+
+def test_magi_partial_load_equals_full_load(native):
+    """MAGI-1 through FlowCache Load Model is built from ComfyUI's layers: its lowvram path (layers, custom fp32
+    LayerNorms, rope bands and null caption left behind and moved at use) gives the full load's latents."""
+    server, _, work = native
+    if not (work / "text_encoders" / "t5_tiny.safetensors").is_file():
+        pytest.skip("the tiny MAGI-1 files need the `tokenizers` package in the test environment")
+    magi = dict(SAMPLER, width=32, height=32, num_frames=24, steps=8, cfg=1.0, shift=3.0, causal_block_size=2)
+
+    def prompt(model: list, prefix: str, extra: dict) -> dict:
+        return {"1": flowcache_loader("magi_4.5B_distill/model.safetensors"),
+                "2": {"class_type": "FlowCacheMagiTextEncode",
+                      "inputs": {"t5_name": "t5_tiny.safetensors", "prompt": "A red fox runs through the snow."}},
+                "30": {"class_type": "FlowCacheSampler", "inputs": dict(magi, model=model, positive=["2", 0],
+                                                                        negative=["2", 0])},
+                "9": save(["30", 0], prefix), **extra}
+
+    full = run(server, prompt(["1", 0], "magi_full", {}))
+    mark = len(server.log())
+    budget = {"5": {"class_type": "FlowCacheTestWeightBudget", "inputs": {"model": ["1", 0], "bytes": 200_000}}}
+    partial = run(server, prompt(["5", 1], "magi_partial", budget))
+    assert "loaded partially" in log_since(server, mark)
+    assert torch.equal(latent(partial, work), latent(full, work))
