@@ -41,6 +41,7 @@ class Checkpoint:
     prefix: str = ""
     dtypes: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    layout: str = "flat"  # a torch file's layout: "flat", or the generator entry it was read from
 
     @property
     def name(self) -> str:
@@ -166,7 +167,14 @@ def _unpickling_reason(e: BaseException) -> str:
     return "it holds Python objects that are not plain data"
 
 
-def _read_torch(path: Path, out: dict[str, torch.Tensor]) -> None:
+# Self-Forcing's .pt: {"generator", "critic", "generator_ema"}; CausVid's: {"generator"}. Weights sit under one.
+GENERATOR_ENTRIES = ("generator_ema", "generator")
+
+
+def _read_torch(path: Path, out: dict[str, torch.Tensor], entry: str | None = None) -> str:
+    """Read a weights-only torch file into ``out``; returns its layout ("flat", or the generator entry taken).
+
+    entry: for a Self-Forcing / CausVid dict, which generator to take (default generator_ema when present)."""
     how = (f"{path.name}: not loadable as a weights-only torch file ({{}}). Only safetensors and plain tensor "
            "dicts are accepted; code stored in a torch file is never run.")
     try:
@@ -178,14 +186,29 @@ def _read_torch(path: Path, out: dict[str, torch.Tensor]) -> None:
     except Exception as e:
         first = str(e).splitlines()[0][:200] if str(e) else ""
         raise CheckpointError(how.format(f"{type(e).__name__}: {first}")) from e
-    # Self-Forcing / CausVid wrap the weights: prefer the EMA copy when present.
-    for wrapper in ("generator_ema", "generator", "state_dict", "model"):
-        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"{path.name}: does not hold a flat dict of named tensors.")
+    layout = "flat"
+    if isinstance(obj, dict) and any(k in obj for k in GENERATOR_ENTRIES):
+        have = [k for k in GENERATOR_ENTRIES if isinstance(obj.get(k), dict)]
+        pick = entry or (have[0] if have else None)
+        if pick not in have:
+            raise CheckpointError(f"{path.name}: weights={pick!r} is not in this file; it holds "
+                                  f"{', '.join(have) or 'no generator weights'} (Self-Forcing: generator_ema or "
+                                  "generator; CausVid: generator).")
+        obj, layout = obj[pick], pick
+    elif entry is not None:
+        raise CheckpointError(f"{path.name}: weights={entry!r} applies to Self-Forcing / CausVid .pt files (a dict "
+                              "with 'generator' / 'generator_ema'); this file is a plain state dict.")
+    else:
+        for wrapper in ("state_dict", "model"):
+            if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in obj.items()):
+        raise CheckpointError(f"{path.name}: not a model checkpoint: expected a flat dict of named tensors, or a "
+                              "Self-Forcing / CausVid dict with 'generator' / 'generator_ema' holding one.")
     out.update(obj)
+    return layout
 
 
 def _index_names(index: Path) -> dict[str, str]:
@@ -297,20 +320,22 @@ def split_prefix(keys: Iterable[str], anchors: Iterable[str]) -> str:
     return ""
 
 
-def load_checkpoint(path: str | os.PathLike, anchors: Iterable[str] = ()) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, anchors: Iterable[str] = (), weights: str | None = None) -> Checkpoint:
     """Read every tensor of a checkpoint on the CPU and strip a known key prefix.
 
     ``anchors`` are bare key names used to find the prefix; keys outside that prefix (a VAE or text encoder
-    packed into the same file) are dropped.
+    packed into the same file) are dropped. ``weights``: for Self-Forcing / CausVid .pt files, the generator entry
+    to read (default: generator_ema when present).
     """
     files = checkpoint_files(path)
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, str] = {}
+    layout = "flat"
     for f in files:
         if f.suffix == ".safetensors" or f.name.endswith(".sft"):
             _read_safetensors(f, tensors, meta)
         elif f.suffix in (".pt", ".pth", ".ckpt", ".bin"):
-            _read_torch(f, tensors)
+            layout = _read_torch(f, tensors, weights)
         else:
             raise CheckpointError(f"{f.name}: unsupported file type {f.suffix!r}; use .safetensors (or .pt/.pth weights).")
     if not tensors:
@@ -322,7 +347,7 @@ def load_checkpoint(path: str | os.PathLike, anchors: Iterable[str] = ()) -> Che
     for v in tensors.values():
         name = DTYPE_NAMES.get(v.dtype, str(v.dtype).replace("torch.", ""))
         dtypes[name] = dtypes.get(name, 0) + 1
-    return Checkpoint(tensors=tensors, files=files, prefix=prefix, dtypes=dtypes, metadata=meta)
+    return Checkpoint(tensors=tensors, files=files, prefix=prefix, dtypes=dtypes, metadata=meta, layout=layout)
 
 
 def compute_dtype(choice: str, stored: str) -> torch.dtype:

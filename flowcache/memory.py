@@ -261,7 +261,7 @@ def estimate(model: str, resolution: str, *, frames: int | None = None, budget: 
     if compute not in ("bf16", "fp16", "fp32"):
         raise InputError(f"--dtype {compute!r}: the compute dtype is bf16, fp16 or fp32.")
     if weights not in BYTES:
-        raise InputError(f"--weights {weights!r}: one of {', '.join(BYTES)}.")
+        raise InputError(f"--weight-dtype {weights!r}: one of {', '.join(BYTES)}.")
     if budget < 0:
         raise InputError(f"--kv-budget {budget}: must be ≥ 0 chunks.")
     w, h = _parse_resolution(resolution)

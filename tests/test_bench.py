@@ -54,6 +54,7 @@ def check_table(table: dict) -> dict:
     return rows
 
 
+@pytest.mark.slow
 def test_bench_json_on_a_checkpoint(tmp_path):
     model = tiny_wan(seed=3)
     path = save_wan(model, tmp_path / "tiny.safetensors")
@@ -119,6 +120,7 @@ def test_off_spends_exactly_the_vanilla_flops_in_both_accountings(tmp_path):
     assert fc.flops == pytest.approx(fc.flops_paper) and fc.flops < paper  # finished chunks are not run
 
 
+@pytest.mark.slow
 def test_bench_on_a_retrained_demo_file_uses_its_own_text_embedding(tmp_path):
     """A demo model trained elsewhere (``python -m flowcache.demo.train --out DIR``) is benched and calibrated
     at the demo's settings with the text embedding beside it, not the shipped one."""

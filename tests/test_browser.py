@@ -51,7 +51,8 @@ KNOBS = ("threshold", "warmup_steps", "kv_budget", "mix_lambda")
 TINY_DEMO_SPACE = "tiny_demo_space.safetensors"
 DEMO_GEOMETRY = {"temporal_stride": 1, "spatial_stride": 8, "channels": 32, "position_channels": 2}
 COMFY = os.environ.get("COMFYUI_PATH")
-pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH to a ComfyUI checkout to run the browser tests")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH to a ComfyUI checkout to run the browser tests")]
 
 
 def _tools() -> dict:

@@ -52,6 +52,7 @@ def test_demo_presets_are_embedded_and_resolve():
     assert resolve_cache("demo", "teacache", "fast", lm.extra_presets).config.threshold == 0.2
 
 
+@pytest.mark.slow
 def test_demo_videos_follow_their_prompts():
     """Sampled with FlowCache (fast) at the demo's full settings, each video is closer to the procedural video
     its prompt describes than to the other prompts' videos, in every window (by ≥ 1 dB; with the shipped model
@@ -83,6 +84,7 @@ def test_demo_pipeline_short_run():
     assert stats.windows == 1
 
 
+@pytest.mark.slow
 def test_demo_command_end_to_end_on_a_short_setting(tmp_path, capsys):
     """The README's main job, cut down: one window, 8 steps; it writes the video and reports speed and PSNR."""
     from flowcache.cli import main
@@ -225,6 +227,7 @@ def test_recorder_pairs_signal_and_output_changes():
     assert [(round(p.x, 6), round(p.y, 6)) for p in rec.points] == [(1.0, 0.5), (0.5, 1.0)]
 
 
+@pytest.mark.slow
 def test_training_is_a_fixed_number_of_steps_and_deterministic(tmp_path, one_thread):
     """The training script runs its step count (not a wall-time budget), writes a model the loader reads,
     and the same seed and steps give the same weights."""

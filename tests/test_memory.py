@@ -39,7 +39,7 @@ def test_a_budget_bounds_the_store_when_fewer_chunks_are_active():
 
 def test_fp8_weights_and_magi():
     bf16 = estimate("skyreels-v2-df-14b", "960x544").weights
-    fp8 = estimate("skyreels-v2-df-14b", "960x544", weights="fp8_e4m3fn").weights
+    fp8 = estimate("skyreels-v2-df-14b", "960x544", weights="fp8_e4m3fn").weights  # --weight-dtype
     assert set(fp8) == {"bf16", "fp8_e4m3fn"} and fp8["bf16"] < 0.01 * GiB
     assert abs(fp8["fp8_e4m3fn"] * 2 - bf16["bf16"]) < 0.01 * bf16["bf16"]
     m = estimate("magi-1-4.5b-distill", "720x720")

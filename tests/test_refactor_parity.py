@@ -67,6 +67,7 @@ def test_tiny_skyreels(name):
     check(name, *pipe(cond, uncond if s.cfg > 1 else None, s, cache))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,preset,custom", [("off", "slow", {}), ("teacache", "fast", {}),
                                                   ("flowcache", "slow", {}), ("flowcache", "fast", {}),
                                                   ("flowcache", "custom", {"threshold": 0.15, "kv_budget": 1})])

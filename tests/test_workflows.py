@@ -36,7 +36,8 @@ MODEL_KEYS = {"flowcache_demo_cpu": "demo", "skyreels_v2_df_1.3b_t2v_fast": "wan
 SAMPLER_WIDGETS = ["width", "height", "num_frames", "steps", "cfg", "shift", "seed", "control_after_generate",
                    "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition",
                    "solver", "keep_model_loaded"]
-CACHE_WIDGETS = ["method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda"]  # more may follow
+CACHE_WIDGETS = ["method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda", "max_skips",
+                 "attention"]  # more may follow
 # preset row field -> cache node widget where the names differ (web/flowcache_presets.js FIELD_WIDGETS)
 FIELD_WIDGETS = {"warmup": "warmup_steps"}
 
@@ -250,7 +251,8 @@ def test_widget_orders_of_the_saved_workflows(node_defs):
     assert cache[:len(CACHE_WIDGETS)] == CACHE_WIDGETS, "new cache knobs go at the end"
     assert node_defs["FlowCacheCache"]["output"] == ("FLOWCACHE_CACHE",)
     assert link_inputs(node_defs["FlowCacheSampler"])["cache"] == ("FLOWCACHE_CACHE", False)
-    assert list(node_defs["FlowCacheCache"]["input"]["required"]["method"][0]) == ["off", "teacache", "flowcache"]
+    assert list(node_defs["FlowCacheCache"]["input"]["required"]["method"][0]) == [
+        "off", "teacache", "flowcache", "magcache", "easycache"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -360,13 +362,14 @@ def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
     # the cache node's settings resolve for this model (what the sampler does at run time)
     presets = pack_submodule(pack, "flowcache.presets")
     to_field = {w: f for f, w in FIELD_WIDGETS.items()}
-    custom = {to_field.get(k, k): v for k, v in c.items() if k not in ("method", "preset")}
+    custom = {to_field.get(k, k): v for k, v in c.items() if k not in ("method", "preset", "attention")}
     settings = presets.resolve_cache(key, c["method"], c["preset"], demo_extra(pack, key), **custom)
     assert settings.method == c["method"]
     if c["method"] != "off" and c["preset"] in ("slow", "fast"):
         # what the cache node shows locked: each row field that has a widget (a row may carry more, e.g. strings)
         row = answer["rows"][c["method"]][c["preset"]]
-        shown = {FIELD_WIDGETS.get(k, k): v for k, v in row.items() if FIELD_WIDGETS.get(k, k) in c}
+        shown = {FIELD_WIDGETS.get(k, k): v for k, v in row.items()
+                 if FIELD_WIDGETS.get(k, k) in c and k != "attention"}  # attention stays free: "auto" = presets
         assert {"threshold", "warmup_steps", "kv_budget", "mix_lambda"} <= set(shown), row
         assert {k: c[k] for k in shown} == shown, (path.stem, row)
 

@@ -31,13 +31,14 @@ class LayerKV:
     k: torch.Tensor | None = None  # [B, H, capacity, D]
     v: torch.Tensor | None = None
     ranges: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk id -> rows, ascending
-    compressed: int = 0  # rows of compressed history at the front
+    compressed_at: int = 0  # first row of the compressed history (after any pinned sink chunks)
+    compressed: int = 0  # rows of compressed history
     kept: int = 0  # tokens kept by compressions (summed over events)
     dropped: int = 0
 
     @property
     def used(self) -> int:
-        return max((e for _, e in self.ranges.values()), default=self.compressed)
+        return max([e for _, e in self.ranges.values()] + [self.compressed_at + self.compressed])
 
 
 class KVStore:
@@ -50,13 +51,14 @@ class KVStore:
 
     def __init__(self, num_layers: int, capacity_tokens: int, budget_tokens: int = 0,
                  compression: CompressionConfig | None = None, tokens_per_frame: int | None = None,
-                 branches: int = 1):
+                 branches: int = 1, pinned_chunks: int = 0):
         self.num_layers = num_layers
         self.capacity = capacity_tokens
         self.budget = budget_tokens
         self.compression = compression or CompressionConfig()
         self.tokens_per_frame = tokens_per_frame
         self.branches = branches
+        self.pinned = pinned_chunks  # chunk ids below this (an attention sink) are never compressed or dropped
         self.clean: set[int] = set()
         self.layers = [LayerKV() for _ in range(num_layers)]
         self.peak_rows = 0
@@ -80,34 +82,58 @@ class KVStore:
         return sum(t.numel() * t.element_size() for lay in self.layers for t in (lay.k, lay.v) if t is not None)
 
     # -- internals ---------------------------------------------------------------------------------
+    def _pinned_end(self, lay: LayerKV) -> int:
+        return max((e for c, (_, e) in lay.ranges.items() if c < self.pinned), default=0)
+
     def _clean_end(self, lay: LayerKV, current: int | None) -> int:
-        """End row of the clean prefix of the layout (compressed rows + leading clean chunks)."""
-        end = lay.compressed
+        """End row of the clean prefix after the pinned chunks (compressed rows + leading clean chunks)."""
+        end = self._pinned_end(lay) + lay.compressed
         for cid, (s, e) in lay.ranges.items():
+            if cid < self.pinned:
+                continue
             if cid in self.clean and cid != current and s == end:
                 end = e
             else:
                 break
         return end
 
-    def _compress(self, lay: LayerKV, q: torch.Tensor, clean_end: int) -> None:
-        """Keep ``budget`` rows of the clean prefix per branch and head; q [B, Hq, Lq, D] scores them."""
-        t0 = time.perf_counter()
-        k_keep, v_keep, _ = compress(q, lay.k[:, :, :clean_end], lay.v[:, :, :clean_end], self.budget,
-                                     self.compression, self.tokens_per_frame)
-        n = k_keep.shape[2]
-        rest = slice(clean_end, lay.used)
+    def _shift(self, lay: LayerKV, start: int, end: int, head: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Replace rows [start, end) with ``head`` (k, v; or nothing) and move the rows after them up."""
+        n = 0 if head is None else head[0].shape[2]
+        rest = slice(end, lay.used)
         k_rest, v_rest = lay.k[:, :, rest].clone(), lay.v[:, :, rest].clone()
-        lay.k[:, :, :n] = k_keep
-        lay.v[:, :, :n] = v_keep
-        lay.k[:, :, n:n + k_rest.shape[2]] = k_rest
-        lay.v[:, :, n:n + v_rest.shape[2]] = v_rest
-        shift = n - clean_end
-        lay.ranges = {c: (s + shift, e + shift) for c, (s, e) in lay.ranges.items() if s >= clean_end}
-        lay.dropped += clean_end - n
+        if head is not None:
+            lay.k[:, :, start:start + n], lay.v[:, :, start:start + n] = head
+        lay.k[:, :, start + n:start + n + k_rest.shape[2]] = k_rest
+        lay.v[:, :, start + n:start + n + v_rest.shape[2]] = v_rest
+        shift = start + n - end
+        lay.ranges = {c: ((s + shift, e + shift) if s >= end else (s, e)) for c, (s, e) in lay.ranges.items()
+                      if s >= end or e <= start}
+
+    def _compress(self, lay: LayerKV, q: torch.Tensor, clean_end: int) -> None:
+        """Keep ``budget`` rows of the clean history (after the pinned chunks) per branch and head; q
+        [B, Hq, Lq, D] scores them."""
+        t0 = time.perf_counter()
+        start = self._pinned_end(lay)
+        keep = compress(q, lay.k[:, :, start:clean_end], lay.v[:, :, start:clean_end], self.budget,
+                        self.compression, self.tokens_per_frame)[:2]
+        n = keep[0].shape[2]
+        self._shift(lay, start, clean_end, keep)
+        lay.dropped += clean_end - start - n
         lay.kept += n
-        lay.compressed = n
+        lay.compressed_at, lay.compressed = start, n
         self.compress_seconds += time.perf_counter() - t0
+
+    def drop_oldest(self, keep_chunks: int) -> None:
+        """Rolling window: drop the oldest unpinned chunks until at most ``keep_chunks`` of them are left."""
+        for lay in self.layers:
+            while lay.k is not None:
+                loose = [c for c in lay.ranges if c >= self.pinned]
+                if len(loose) <= keep_chunks:
+                    break
+                s, e = lay.ranges[min(loose)]
+                self._shift(lay, s, e, None)
+                lay.dropped += e - s
 
     def _slot(self, lay: LayerKV, chunk_id: int, n: int) -> tuple[int, int]:
         """The rows of ``chunk_id`` (registered at the end the first time)."""
@@ -135,7 +161,7 @@ class KVStore:
             lay.v = v.new_zeros(self.branches, h, self.capacity, v.shape[-1])
         if self.budget > 0:
             clean_end = self._clean_end(lay, first_chunk)
-            if clean_end > self.budget:
+            if clean_end - self._pinned_end(lay) > self.budget:
                 if isinstance(rows, list) and len(rows) != self.branches:
                     full = q[:1].expand(self.branches, -1, -1, -1).clone()
                     full[rows] = q
@@ -185,7 +211,7 @@ class KVStore:
             if self.budget <= 0 or lay.k is None:
                 continue
             clean_end = self._clean_end(lay, None)
-            if clean_end > self.budget:
+            if clean_end - self._pinned_end(lay) > self.budget:
                 self._compress(lay, queries[layer], clean_end)
                 done = True
         return done

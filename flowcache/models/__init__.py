@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -42,12 +43,13 @@ class LoadedModel:
     metadata: dict = field(default_factory=dict)
     latent_format: str = "wan21"  # "wan21": ComfyUI LATENTs are raw Wan VAE latents; "demo": the demo codec's space
     notes: list[str] = field(default_factory=list)  # decisions the loader took, shown on the node
+    loop: str = "diffusion_forcing"  # the sampling loop: "diffusion_forcing" | "causal" | "magi"
 
     def describe(self) -> dict:
         cfg = self.config.to_dict() if hasattr(self.config, "to_dict") else dict(self.config.__dict__)
-        return {"family": self.family, "checkpoint": self.checkpoint, "key_prefix": self.prefix or "(none)",
-                "stored_dtype": self.stored_dtype, "preset": self.preset_key, "text_len": self.text_len,
-                "geometry": self.geometry, "config": cfg, "notes": self.notes}
+        return {"family": self.family, "loop": self.loop, "checkpoint": self.checkpoint,
+                "key_prefix": self.prefix or "(none)", "stored_dtype": self.stored_dtype, "preset": self.preset_key,
+                "text_len": self.text_len, "geometry": self.geometry, "config": cfg, "notes": self.notes}
 
 
 def _meta_int(meta: Mapping[str, str], key: str, source: str) -> int | None:
@@ -89,14 +91,43 @@ def _wan_preset_key(meta: Mapping[str, str], shapes: Mapping[str, tuple]) -> str
     return meta.get("flowcache.model_key") or f"wan-{WAN_SIZES.get(dim, f'dim{dim}')}"
 
 
-def _build_wan(ck: Checkpoint, dtype: torch.dtype, operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
-    meta = ck.metadata
+LOOPS = ("auto", "diffusion_forcing", "causal")
+_CAUSAL_NAMES = re.compile(r"self[_-]?forcing|causvid|causal", re.IGNORECASE)
+
+
+def wan_loop(ck: Checkpoint, keys, choice: str = "auto") -> tuple[str, str]:
+    """(loop, why) for a Wan-architecture checkpoint. Self-Forcing, CausVid and Causal Forcing have exactly the
+    Wan2.1-T2V-1.3B keys, so ``auto`` decides from metadata ``flowcache.loop``, a .pt's generator dict, SkyReels
+    DF's fps layers, or the file's own name, in that order."""
+    if choice not in LOOPS:
+        raise CheckpointError(f"loop={choice!r}: must be one of {', '.join(LOOPS)}.")
+    if choice != "auto":
+        return choice, "chosen on the loader"
+    meta = ck.metadata.get("flowcache.loop")
+    if meta in LOOPS[1:]:
+        return meta, f"metadata flowcache.loop = {meta}"
+    if ck.layout != "flat":
+        return "causal", f"a Self-Forcing / CausVid .pt (read its '{ck.layout}' weights)"
+    if "fps_embedding.weight" in keys:
+        return "diffusion_forcing", "SkyReels-V2 DF's fps layers"
+    if _CAUSAL_NAMES.search(ck.files[0].name):
+        return "causal", f"the file name {ck.files[0].name!r}"
+    return "diffusion_forcing", "a Wan2.1 / SkyReels-V2 DiT with nothing marking it causal"
+
+
+def _build_wan(ck: Checkpoint, dtype: torch.dtype, options: Mapping[str, str],
+               operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
+    meta, loop = ck.metadata, options.get("loop", "auto")
     model = build_wan(ck.tensors, dtype, ck.name, _meta_int(meta, "flowcache.num_heads", ck.name), operations)
+    chosen, why = wan_loop(ck, ck.tensors.keys(), loop)
     key = _wan_preset_key(meta, {k: tuple(v.shape) for k, v in ck.tensors.items() if k == "head.modulation"})
+    if chosen == "causal" and "flowcache.model_key" not in meta:
+        key += "-causal"  # few-step block-by-block sampling has presets of its own
     lm = LoadedModel("wan", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, key,
                      text_len=_meta_int(meta, "flowcache.text_len", ck.name) or 512, metadata=meta,
-                     geometry=_meta_geometry(meta, ck.name) or dict(WAN_GEOMETRY))
+                     geometry=_meta_geometry(meta, ck.name) or dict(WAN_GEOMETRY), loop=chosen)
     lm.latent_format = meta.get("flowcache.latent_format", "demo" if key == "demo" else "wan21")
+    lm.notes.append(f"{chosen.replace('_', ' ')} loop ({why})")
     return lm
 
 
@@ -110,28 +141,41 @@ def _magi_keys(keys) -> bool:
     return "x_embedder.weight" in keys and any(k.startswith("videodit_blocks.") for k in keys)
 
 
-def magi_distill_decision(files: list[Path], meta: Mapping[str, str]) -> tuple[bool, str]:
-    """(distilled?, why). The released weights tell distill from base only by their folder names
-    (``4.5B_distill/inference_weight.distill``), so the checkpoint's own folder and its parent decide,
-    unless metadata ``flowcache.distill`` says it; never folders further up the path."""
+MAGI_VARIANTS = ("auto", "distill", "base")
+
+
+def magi_distill_decision(files: list[Path], meta: Mapping[str, str], choice: str = "auto") -> tuple[bool, str]:
+    """(distilled?, why). The released weights tell distill from base only by the name of the folder holding
+    them (``inference_weight.distill``), so that folder decides, unless metadata ``flowcache.distill`` says it or
+    the loader's ``magi_variant`` is set; never a folder further up the path (``/x/distill_lab/base_model/``
+    holds a base model)."""
+    if choice not in MAGI_VARIANTS:
+        raise CheckpointError(f"magi_variant={choice!r}: must be one of {', '.join(MAGI_VARIANTS)}.")
+    if choice != "auto":
+        return choice == "distill", "chosen on the loader"
     flag = meta.get("flowcache.distill")
     if flag is not None:
         return flag == "1", f"metadata flowcache.distill = {flag}"
-    folder = files[0].parent
-    for name in (folder.name, folder.parent.name):
-        if "distill" in name.lower():
-            return True, f"its folder {name!r} names a distilled model"
-    return False, f"neither {folder.name!r} nor {folder.parent.name!r} says 'distill'"
+    folder = files[0].parent.name
+    if "distill" in folder.lower():
+        return True, f"its folder {folder!r} names a distilled model"
+    return False, f"its folder {folder!r} does not say 'distill' (set magi_variant to override)"
 
 
-def _build_magi(ck: Checkpoint, dtype: torch.dtype, operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
+def _build_magi(ck: Checkpoint, dtype: torch.dtype, options: Mapping[str, str],
+                operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
     from . import magi  # imported only when such a file is loaded
 
+    loop = options.get("loop", "auto")
+    if loop not in ("auto", "magi"):
+        raise CheckpointError(f"loop={loop!r}: {ck.name} is a MAGI-1 DiT, which runs its own chunk-wise loop; "
+                              "pick loop = auto for it.")
     model = magi.build_magi(ck, dtype, operations=operations)
-    distill, why = magi_distill_decision(ck.files, ck.metadata)
+    distill, why = magi_distill_decision(ck.files, ck.metadata, options.get("magi_variant", "auto"))
     model.distill = distill
     lm = LoadedModel("magi", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, "magi-4.5B", text_len=800,
-                     geometry={**WAN_GEOMETRY, "channels": model.cfg.latent_channels}, metadata=ck.metadata)
+                     geometry={**WAN_GEOMETRY, "channels": model.cfg.latent_channels}, metadata=ck.metadata,
+                     loop="magi")
     lm.notes.append(f"{'distilled' if distill else 'base'} MAGI-1 ({why})")
     return lm
 
@@ -162,7 +206,7 @@ class Family:
     anchors: tuple[str, ...]
     detect: Callable[[set], bool]
     preset_key: Callable[[Mapping[str, str], Mapping[str, tuple]], str]
-    build: Callable[[Checkpoint, torch.dtype, Operations], LoadedModel]
+    build: Callable[[Checkpoint, torch.dtype, Mapping[str, str], Operations], LoadedModel]
     config: Callable[[Checkpoint], dict]
     stored_dtype: Callable[[Checkpoint], str] = lambda ck: ck.main_dtype
 
@@ -191,30 +235,35 @@ def _not_a_model(name: str, keys) -> CheckpointError:
         "A VAE or text encoder goes in its own loader.")
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[Checkpoint, str]:
+def read_checkpoint(path: str | os.PathLike, weights: str | None = None) -> tuple[Checkpoint, str]:
     """Read a checkpoint and find its family; raise CheckpointError saying what the file is not."""
-    ck = load_checkpoint(path, ALL_ANCHORS)
+    ck = load_checkpoint(path, ALL_ANCHORS, weights)
     family = detect_family(ck.tensors.keys())
     if family is None:
         raise _not_a_model(ck.name, ck.tensors)
     return ck, family
 
 
-def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None = None,
+def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None = None, loop: str = "auto",
+               weights: str | None = None, magi_variant: str = "auto",
                operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
     """Load a checkpoint of any supported family on the CPU.
 
     dtype: the compute dtype: auto (fp32/bf16/fp16 as stored, bf16 for fp8), fp32, bf16 or fp16.
     expect: a family name; a file of another family raises an error that says so.
+    loop: auto, diffusion_forcing or causal (Wan-architecture files; see ``wan_loop``).
+    weights: a Self-Forcing / CausVid .pt's generator entry (default generator_ema when present).
+    magi_variant: auto, distill or base (MAGI-1 files; see ``magi_distill_decision``).
     operations: the layers to build the model from (torch's; inside ComfyUI its casting layers, with which fp8
         weights stay fp8 in memory and the host may load the model partially).
     """
-    ck, family = read_checkpoint(path)
+    ck, family = read_checkpoint(path, weights)
     if expect and family != expect:
         raise CheckpointError(f"{ck.name}: this is a {FAMILIES[family].title} checkpoint, but this loader expects a "
                               f"{FAMILIES[expect].title}. Use the matching loader node.")
     fam = FAMILIES[family]
-    lm = fam.build(ck, compute_dtype(dtype, fam.stored_dtype(ck)), operations)
+    lm = fam.build(ck, compute_dtype(dtype, fam.stored_dtype(ck)), {"loop": loop, "magi_variant": magi_variant},
+                   operations)
     if operations is not TORCH_OPERATIONS:
         lm.notes.append(f"layers: {operations.name}")
     lm.extra_presets, sidecar = model_presets(ck.files, ck.metadata)
@@ -244,17 +293,23 @@ def header_facts(path: str | os.PathLike) -> HeaderFacts:
     if family is None:
         raise _not_a_model(files[0].name, bare)
     key = FAMILIES[family].preset_key(meta, bare)
+    if family == "wan" and "flowcache.model_key" not in meta:  # as _build_wan: a causal model's own rows
+        if wan_loop(Checkpoint({}, files, metadata=dict(meta)), bare.keys())[0] == "causal":
+            key += "-causal"
     extra, _ = model_presets(files, meta)
     return HeaderFacts(files, family, key, extra, meta)
 
 
-def inspect_checkpoint(path: str | os.PathLike) -> dict:
-    """What ``python -m flowcache inspect`` prints: family, config, dtype and key layout."""
-    ck, family = read_checkpoint(path)
-    return {"file": ck.name, "family": FAMILIES[family].title, "key_prefix": ck.prefix or "(none)",
-            "tensors": len(ck.tensors), "dtypes": ck.dtypes,
-            "parameters": sum(t.numel() for t in ck.tensors.values()), "config": FAMILIES[family].config(ck)}
+def inspect_checkpoint(path: str | os.PathLike, weights: str | None = None) -> dict:
+    """What ``python -m flowcache inspect`` prints: family, the loop ``auto`` picks and why, config, dtype and key
+    layout."""
+    ck, family = read_checkpoint(path, weights)
+    loop, why = wan_loop(ck, ck.tensors.keys()) if family == "wan" else ("magi", "a MAGI-1 DiT")
+    return {"file": ck.name, "family": FAMILIES[family].title, "loop": loop, "loop_reason": why,
+            "torch_layout": ck.layout, "key_prefix": ck.prefix or "(none)", "tensors": len(ck.tensors),
+            "dtypes": ck.dtypes, "parameters": sum(t.numel() for t in ck.tensors.values()),
+            "config": FAMILIES[family].config(ck)}
 
 
-__all__ = ["MAGI_ANCHORS", "LoadedModel", "load_model", "header_facts", "HeaderFacts", "inspect_checkpoint", "detect_family",
+__all__ = ["MAGI_ANCHORS", "MAGI_VARIANTS", "LOOPS", "wan_loop", "LoadedModel", "load_model", "header_facts", "HeaderFacts", "inspect_checkpoint", "detect_family",
            "FAMILIES", "Family", "WanDiT", "magi_distill_decision"]

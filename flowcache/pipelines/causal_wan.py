@@ -1,0 +1,255 @@
+"""Causal Wan (Self-Forcing, CausVid, Causal Forcing) on the shared runner: the video block by block against a KV
+cache, any length in bounded memory.
+
+Per block of ``num_frame_per_block`` latent frames (3 chunk-wise, 1 frame-wise), as the official loops run it:
+
+* start from fresh noise; at each of the few denoising timesteps t_i (Self-Forcing: [1000, 750, 500, 250] warped
+  through the shift-5 schedule = [1000, 937.5, 833.3, 625]; CausVid: [1000, 757, 522] as they are) the model
+  predicts the flow v, x0 = x − σ_i·v (σ = t/1000, in float64), and unless it is the last step the block is
+  re-noised to the next level with a fresh draw: x = (1 − σ_{i+1})·x0 + σ_{i+1}·ε. The block's output is the
+  last x0;
+* then one pass at t = ``context_noise`` (0) on that x0 writes the block's clean K/V (its output is discarded).
+
+Keys are stored after RoPE at absolute frame positions and never re-rotated; a block attends to every stored
+block plus itself; there is no CFG. Past the trained horizon the loop keeps going with a bounded store:
+``kv_mode`` "rolling" keeps ``sink_frames`` pinned and the newest blocks inside ``local_attn_frames`` (evicting
+at the first step of a new block, as the official rolling cache does); "compressed" keeps the sink and compresses
+the rest of the clean history per head to ``kv_budget`` blocks (importance minus redundancy); "global" keeps
+everything (memory grows with length: the baseline). Each block may reuse its cached residual between its
+steps (any cache method on the chunk path), though with 3-4 steps there is little to skip.
+
+Every random draw comes from one ``NoiseSource`` (default: seeded), so a run replays exactly from its draws.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import CacheSettings, make_policy
+from ..cache.base import CachePolicy
+from ..errors import InputError
+from ..flops import forward_flops
+from ..kv.scoring import CompressionConfig
+from ..kv.store import KVStore
+from ..models.wan import WanDiT
+from ..noise import NoiseSource, SeededNoise
+from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
+from ..stats import RunStats
+from ..validate import finite, whole
+from .common import LatentGeometry
+from .wan_step import UnitSpan, WanStep, check_conditioning
+
+KV_MODES = ("global", "rolling", "compressed")
+# What each release runs; a preset is data: the sampler fills CausalSettings from it.
+LOOP_PRESETS: dict[str, dict] = {
+    "self_forcing": {"denoising_steps": (1000.0, 750.0, 500.0, 250.0), "warp": True, "shift": 5.0},
+    "causvid": {"denoising_steps": (1000.0, 757.0, 522.0), "warp": False, "shift": 8.0},
+}
+
+
+@dataclass
+class CausalSettings:
+    """Sampler settings; defaults are Self-Forcing's (480x832, 81 frames = 21 latent frames in 7 blocks, 16 fps).
+
+    denoising_steps: the timesteps of the few-step list (0..1000); warp: map them through the shifted flow
+    schedule (Self-Forcing) or use them as they are (CausVid). kv_mode: "rolling", "compressed" or "global";
+    local_attn_frames: the rolling window in latent frames, the current block included (21 = the trained
+    horizon); sink_frames: leading latent frames always kept; context_noise: the timestep of the clean pass.
+    """
+
+    width: int = 832
+    height: int = 480
+    num_frames: int = 81
+    num_frame_per_block: int = 3
+    denoising_steps: tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
+    warp: bool = True
+    shift: float = 5.0
+    seed: int = 0
+    fps: float = 16.0
+    kv_mode: str = "rolling"
+    local_attn_frames: int = 21
+    sink_frames: int = 3
+    context_noise: float = 0.0
+
+
+def timesteps(s: CausalSettings) -> list[float]:
+    """The model timesteps of a block's steps: warped t' = 1000·shift·u / (1 + (shift − 1)·u) with u = t/1000
+    (``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True)`` indexed at 1000 − t), or as given."""
+    if not s.warp:
+        return [float(t) for t in s.denoising_steps]
+    out = []
+    for t in s.denoising_steps:
+        u = torch.tensor(float(t) / 1000.0, dtype=torch.float32)
+        out.append(float(1000.0 * s.shift * u / (1 + (s.shift - 1) * u)))
+    return out
+
+
+@dataclass
+class CausalPlan:
+    blocks: int
+    block_frames: int
+    latent_frames: int
+    h: int
+    w: int
+    tokens_per_frame: int
+    window_blocks: int
+    sink_blocks: int
+
+
+def plan_causal(s: CausalSettings, geo: LatentGeometry, patch: tuple[int, int, int], kv_budget: int) -> CausalPlan:
+    """Validate the settings (errors name the widget) and lay out the blocks; nothing runs before this passes."""
+    for name in ("width", "height", "num_frames", "num_frame_per_block", "seed", "local_attn_frames", "sink_frames"):
+        setattr(s, name, whole(getattr(s, name), name))
+    s.shift = finite(s.shift, "shift", 0.0)
+    s.fps = finite(s.fps, "fps", 0.0)
+    s.context_noise = finite(s.context_noise, "context_noise", 0.0, 1000.0)
+    if not s.denoising_steps or any(not 0 < finite(t, "denoising_steps", 0.0, 1000.0) for t in s.denoising_steps):
+        raise InputError(f"denoising_steps={list(s.denoising_steps)}: must be timesteps in (0, 1000], e.g. "
+                         "[1000, 750, 500, 250] (Self-Forcing).")
+    unit = geo.spatial_stride * patch[1]
+    for name, val in (("width", s.width), ("height", s.height)):
+        if val <= 0 or val % unit:
+            raise InputError(f"{name}={val}: must be a positive multiple of {unit} for this model "
+                             f"(nearest: {max(unit, round(val / unit) * unit)}).")
+    ts = geo.temporal_stride
+    if s.num_frames < 1 or (s.num_frames - 1) % ts:
+        raise InputError(f"num_frames={s.num_frames}: must be {ts}·k+1 (nearest: "
+                         f"{max(1, round((s.num_frames - 1) / ts)) * ts + 1}).")
+    fb = s.num_frame_per_block
+    latent = geo.latent_frames(s.num_frames)
+    if fb < 1 or latent % fb:
+        ok = max(fb, latent // max(fb, 1) * max(fb, 1))
+        raise InputError(f"num_frame_per_block={fb}: must divide the {latent} latent frames of num_frames="
+                         f"{s.num_frames}; try num_frames={geo.pixel_frames(ok)}.")
+    if s.kv_mode not in KV_MODES:
+        raise InputError(f"kv_mode={s.kv_mode!r}: must be one of {', '.join(KV_MODES)}.")
+    if s.local_attn_frames < fb or s.local_attn_frames % fb:
+        raise InputError(f"local_attn_frames={s.local_attn_frames}: the window must hold whole blocks of "
+                         f"num_frame_per_block={fb} (at least one).")
+    if s.sink_frames < 0 or s.sink_frames % fb:
+        raise InputError(f"sink_frames={s.sink_frames}: must be whole blocks of num_frame_per_block={fb}.")
+    if s.kv_mode == "rolling" and s.sink_frames + fb > s.local_attn_frames:
+        raise InputError(f"sink_frames={s.sink_frames}: larger than the window local_attn_frames="
+                         f"{s.local_attn_frames} leaves no room for the current block of {fb} frames.")
+    if s.kv_mode == "compressed" and kv_budget < 1:
+        raise InputError("kv_budget: kv_mode 'compressed' keeps a budget of compressed history; set kv_budget ≥ 1 "
+                         "(blocks).")
+    h, w = s.height // geo.spatial_stride, s.width // geo.spatial_stride
+    return CausalPlan(latent // fb, fb, latent, h, w, (h // patch[1]) * (w // patch[2]), s.local_attn_frames // fb,
+                      s.sink_frames // fb)
+
+
+class _CausalLoop:
+    """The ``ChunkLoop`` of one causal run: one segment, a step per denoising step and one per clean pass."""
+
+    def __init__(self, pipe: "CausalWanPipeline", s: CausalSettings, plan: CausalPlan, call: WanStep,
+                 cache: CacheSettings, noise: NoiseSource):
+        self.pipe, self.s, self.plan, self.call, self.cache, self.noise = pipe, s, plan, call, cache, noise
+        self.ts = timesteps(s)
+        self.x: torch.Tensor | None = None      # the current block's latents
+        self.out: torch.Tensor | None = None    # every finished block's x0
+        self.done_frames = 0
+
+    def segments(self) -> list[Segment]:
+        return [Segment(0, self.plan.blocks, self.plan.blocks * (len(self.ts) + 1))]
+
+    def start(self, seg: Segment, run: RunState) -> None:
+        p, cfgm = self.plan, self.pipe.model.cfg
+        block_tok = p.block_frames * p.tokens_per_frame
+        budget = self.cache.kv_budget * block_tok if self.s.kv_mode == "compressed" else 0
+        rows = {"global": p.blocks, "rolling": min(p.blocks, p.window_blocks),
+                "compressed": min(p.blocks, p.sink_blocks + self.cache.kv_budget + 1)}[self.s.kv_mode] * block_tok
+        run.stores["kv"] = KVStore(cfgm.num_layers, rows, budget, CompressionConfig(mix_lambda=self.cache.mix_lambda),
+                                   p.tokens_per_frame, branches=1, pinned_chunks=p.sink_blocks)
+        self.out = torch.zeros(1, self.pipe.geometry.channels, p.latent_frames, p.h, p.w)
+        run.preview = lambda: self.out[:, :, :self.done_frames]
+
+    def steps(self, seg: Segment):
+        n = len(self.ts)
+        for b in range(self.plan.blocks):
+            for i in range(n):
+                yield Step(b * (n + 1) + i, [Unit(b, (b,), force=i == n - 1)], [b], i,
+                           data={"block": b, "i": i, "t": self.ts[i]})
+            yield Step(b * (n + 1) + n, [Unit(b, (b,), force=True, cacheable=False)], [b], n,
+                       data={"block": b, "i": n, "t": self.s.context_noise, "clean": True})
+
+    def signals(self, step: Step) -> dict:
+        d, p = step.data, self.plan
+        b = d["block"]
+        if d["i"] == 0:
+            self.x = self.noise.draw((1, self.pipe.geometry.channels, p.block_frames, p.h, p.w), f"block {b} init")
+        x_in = self.out[:, :, b * p.block_frames:(b + 1) * p.block_frames] if d.get("clean") else self.x
+        d["x_in"] = x_in.to(self.pipe.model.device)
+        t = torch.full((1, p.block_frames), float(d["t"]), device=d["x_in"].device)
+        d["spans"] = [UnitSpan(slice(0, p.block_frames), b * p.block_frames)]
+        d["emb"] = self.call.embed(d["x_in"], t, None, d["spans"])
+        return self.call.signals(d["emb"], step.units)
+
+    def compute(self, step: Step, decisions: Decisions, run: RunState) -> torch.Tensor:
+        d, p = step.data, self.plan
+        store = run.stores["kv"]
+        if d["i"] == 0 and self.s.kv_mode == "rolling":  # the official rolling cache evicts as a block starts
+            store.drop_oldest(p.window_blocks - p.sink_blocks - 1)
+        block_tok = p.block_frames * p.tokens_per_frame
+        lay = store.layers[0]
+        rows = lay.used if d["block"] in lay.ranges else lay.used + block_tok
+        cfgm = self.pipe.model.cfg
+        run.count_vanilla(forward_flops(block_tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers,
+                                        self.call.contexts["cond"].shape[1]))
+        return self.call.predict(d["emb"], step.units, d["spans"], decisions, run)["cond"]
+
+    def update(self, step: Step, v: torch.Tensor, run: RunState) -> None:
+        d, p = step.data, self.plan
+        b, i = d["block"], d["i"]
+        step.chunk_step = min(i + 1, len(self.ts))
+        if d.get("clean"):  # the clean pass only wrote K/V
+            run.stores["kv"].mark_clean(b)
+            return
+        sigma = float(d["t"]) / 1000.0
+        x0 = (self.x.double() - sigma * v.double().cpu()).float()
+        if i + 1 < len(self.ts):
+            nxt = self.ts[i + 1] / 1000.0
+            eps = self.noise.draw(tuple(x0.shape), f"block {b} step {i + 1}")
+            self.x = (1 - nxt) * x0 + nxt * eps
+        else:
+            self.out[:, :, b * p.block_frames:(b + 1) * p.block_frames] = x0
+            self.done_frames = (b + 1) * p.block_frames
+
+    def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
+        return self.out
+
+
+class CausalWanPipeline:
+    """Run a causal Wan model (Self-Forcing, CausVid, Causal Forcing) block by block; see the module docstring."""
+
+    def __init__(self, model: WanDiT, geometry: LatentGeometry | None = None, text_len: int = 512):
+        if not isinstance(model, WanDiT):
+            raise InputError(f"loop: the causal loop runs Wan2.1-architecture models (Self-Forcing, CausVid, Causal "
+                             f"Forcing); got {type(model).__name__}. MAGI-1 has its own chunk-wise loop.")
+        self.model = model
+        self.geometry = geometry or LatentGeometry()
+        self.text_len = text_len
+
+    @torch.inference_mode()
+    def __call__(self, cond: torch.Tensor, settings: CausalSettings, cache: CacheSettings | None = None,
+                 hooks: RunHooks | None = None, noise: NoiseSource | None = None,
+                 policy: CachePolicy | None = None) -> tuple[torch.Tensor, RunStats]:
+        """Latents [1, C, F, h, w] (fp32, CPU) and the run's statistics. cond: text states [1, S, text_dim]; no
+        negative (these models run without CFG). noise: where every draw comes from (default: seeded by
+        ``settings.seed``)."""
+        cache = cache or CacheSettings()
+        model = self.model
+        plan = plan_causal(settings, self.geometry, model.cfg.patch_size, cache.kv_budget)  # errors before any work
+        text = check_conditioning(cond, model.cfg.text_dim, self.text_len, "positive")
+        contexts = {"cond": model.text_embed(text.to(model.device))}
+        stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": "chunk", "loop": "causal",
+                                                      "kv_mode": settings.kv_mode, "blocks": plan.blocks})
+        run = RunState(policy or make_policy(cache), stats, ("cond",), len(settings.denoising_steps), hooks)
+        # a block attends to the stored blocks and itself: the store is the attention (block-causal by layout)
+        call = WanStep(model, contexts, settings.fps, window_attention=True)
+        loop = _CausalLoop(self, settings, plan, call, cache, noise or SeededNoise(settings.seed))
+        return run_loop(loop, run), stats
+
+
+__all__ = ["CausalSettings", "CausalWanPipeline", "KV_MODES", "LOOP_PRESETS", "plan_causal", "timesteps"]
