@@ -77,3 +77,15 @@ def test_cli(tmp_path):
     path = save_wan(tiny_wan(), tmp_path / "m.safetensors")
     r = run_cli("inspect", str(path), "--memory", "64x64", "--frames", "17", "--dtype", "fp32")
     assert r.returncode == 0 and "weights fp32" in r.stdout
+
+
+def test_estimate_of_a_magi_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+    from test_magi_model import SMALL, make_sd
+
+    save_file(make_sd(**SMALL, seed=1), str(tmp_path / "magi.safetensors"))
+    e = estimate(str(tmp_path / "magi.safetensors"), "64x64", frames=24, budget=0)
+    assert e.facts["tokens_per_chunk"] == 6 * 4 * 4 and e.facts["chunks"] == 1
+    assert set(e.weights) == {"bf16", "fp32"}  # the promoted modules stay fp32
+    # one chunk of 96 tokens, keys and values of every layer's kv heads, bf16
+    assert e.kv == 96 * SMALL["layers"] * 2 * SMALL["kv"] * SMALL["dh"] * 2
