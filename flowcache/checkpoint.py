@@ -371,3 +371,59 @@ def read_headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[st
         meta.update(file_meta)
         shapes.update((k, tuple(v)) for k, v in file_shapes.items())
     return shapes, meta
+
+
+def read_named_tensors(path: str | os.PathLike, bare_names: Iterable[str], anchors: Iterable[str] = ()
+                       ) -> dict[str, torch.Tensor]:
+    """Only the tensors called ``bare_names`` (after a known key prefix, found with ``anchors``) of one checkpoint
+    file, on the CPU; names the file lacks are left out. Reads a .safetensors file (header validated first) or a
+    .gguf file (with the ``gguf`` package, as ComfyUI-GGUF does; quantized tensors are dequantized to fp32).
+
+    For a few small tensors of a large file: SkyReels' fps embedding, which ComfyUI's own Wan model drops."""
+    p = Path(path)
+    wanted = set(bare_names)
+    if p.suffix == ".gguf":
+        return _read_gguf_tensors(p, wanted, anchors)
+    if p.suffix != ".safetensors" and not p.name.endswith(".sft"):
+        raise CheckpointError(f"{p.name}: only .safetensors and .gguf files can be read tensor by tensor.")
+    header = _check_safetensors_header(p)
+    keys = [k for k in header if k != "__metadata__"]
+    prefix = split_prefix(keys, anchors)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            for k in keys:
+                if k.startswith(prefix) and k[len(prefix):] in wanted:
+                    out[k[len(prefix):]] = f.get_tensor(k)
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{p.name}: could not be read as safetensors: {e}") from e
+    return out
+
+
+def _read_gguf_tensors(path: Path, wanted: set[str], anchors: Iterable[str]) -> dict[str, torch.Tensor]:
+    try:
+        import gguf  # ComfyUI-GGUF's dependency; present wherever a GGUF model can be loaded at all
+        import numpy as np
+    except ImportError:
+        raise CheckpointError(f"{path.name}: reading a .gguf file needs the 'gguf' package "
+                              "(installed with ComfyUI-GGUF).") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+        tensors = {t.name: t for t in reader.tensors}
+        prefix = split_prefix(tensors.keys(), anchors)
+        out: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            bare = name[len(prefix):] if name.startswith(prefix) else None
+            if bare not in wanted:
+                continue
+            shape = tuple(int(v) for v in reversed(t.shape))  # GGUF lists the fastest dimension first
+            if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+                data = np.array(t.data, copy=True)
+            else:
+                data = gguf.quants.dequantize(t.data, t.tensor_type)
+            out[bare] = torch.from_numpy(np.ascontiguousarray(data).reshape(shape)).float()
+        return out
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path.name}: could not be read as GGUF: {e}") from e

@@ -36,6 +36,14 @@ def _one_line_argparse_errors() -> Iterator[None]:
 
 
 def _inspect(a) -> int:
+    from .memory import RELEASED, estimate
+    if a.memory:
+        est = estimate(a.checkpoint, a.memory, frames=a.frames, budget=a.kv_budget, compute=a.dtype,
+                       weights=a.weight_dtype)
+        print(json.dumps(est.to_dict(), indent=2) if a.json else est.table())
+        return 0
+    if a.checkpoint in RELEASED:
+        raise InputError(f"{a.checkpoint}: a released architecture, not a file; add --memory WIDTHxHEIGHT.")
     from .models import inspect_checkpoint
     print(json.dumps(inspect_checkpoint(a.checkpoint, a.weights), indent=2))
     return 0
@@ -183,10 +191,21 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_calibrate, None, argv[1:])
     p = _Parser(prog="python -m flowcache", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    i = sub.add_parser("inspect", help="print a checkpoint's family, the loop it runs, config, dtype and key layout")
-    i.add_argument("checkpoint")
+    i = sub.add_parser("inspect", help="print a checkpoint's family, the loop it runs, config, dtype and key layout, "
+                                       "or with --memory its estimated VRAM")
+    i.add_argument("checkpoint", help="a checkpoint, or (with --memory) a released architecture: "
+                                      "skyreels-v2-df-1.3b, skyreels-v2-df-14b, magi-1-4.5b-distill")
     i.add_argument("--weights", choices=["generator_ema", "generator"],
                    help="a Self-Forcing / CausVid .pt: which generator to read (default generator_ema)")
+    i.add_argument("--memory", metavar="WIDTHxHEIGHT", help="estimate VRAM at this resolution: weights per dtype, "
+                                                            "one batched chunk forward, KV stores with and without "
+                                                            "a budget")
+    i.add_argument("--frames", type=int, help="video frames (default: one window: Wan 97, MAGI-1 96)")
+    i.add_argument("--kv-budget", type=int, default=1, help="chunks of compressed KV history (default 1)")
+    i.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype")
+    i.add_argument("--weight-dtype", default="bf16", help="released architectures only: bf16, fp16, fp32 or "
+                                                          "fp8_e4m3fn (fp8 linear weights)")
+    i.add_argument("--json", action="store_true", help="print the estimate as JSON")
     d = sub.add_parser("demo", help="generate a video with the shipped demo model and FlowCache")
     d.add_argument("--prompt")
     d.add_argument("--preset", choices=["slow", "fast"], default="fast")

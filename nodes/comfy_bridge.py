@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..flowcache.models.common import TORCH_OPERATIONS, Operations
+
 log = logging.getLogger("FlowCache")
 
 
@@ -99,14 +101,31 @@ def make_patcher(module: torch.nn.Module) -> Any:
     return mp.ModelPatcher(holder, load_device=load, offload_device=offload)
 
 
-def load_to_device(patcher: Any) -> None:
-    """Load the model onto ComfyUI's device, unloading others as needed."""
+def operations() -> Operations:
+    """ComfyUI's layer operations for the pack's own models (``comfy.ops.pick_operations``): their layers cast
+    weights to the input's dtype and device at use, so fp8 weights stay fp8 and ComfyUI may load a model
+    partially (lowvram). Torch's own layers without ComfyUI."""
+    ops = _module("comfy.ops")
+    if ops is None or not hasattr(ops, "pick_operations"):
+        return TORCH_OPERATIONS
+    device = torch_device()
+
+    def layers(hold: torch.dtype, compute: torch.dtype) -> Any:
+        return ops.pick_operations(hold, compute, load_device=device)
+
+    return Operations(layers, casts=True, name="ComfyUI comfy.ops")
+
+
+def load_to_device(patcher: Any, memory_required: int = 0) -> None:
+    """Load the model onto ComfyUI's device, unloading others as needed. ComfyUI loads as much of it as fits
+    beside ``memory_required`` bytes of working memory (the run's activations and KV stores) and streams the
+    rest layer by layer (its lowvram path); the pack's layers are ComfyUI's, which allows that."""
     mm = _module("comfy.model_management")
     if mm is None or isinstance(patcher, _PlainPatcher):
         patcher.model.to(patcher.load_device)
         return
-    # Full load: the DiT's plain nn.Linear layers cannot run partially offloaded (no comfy cast ops).
-    mm.load_models_gpu([patcher], force_full_load=True)
+    need = int(max(0, memory_required))
+    mm.load_models_gpu([patcher], memory_required=need, minimum_memory_required=need)
 
 
 def offload(patcher: Any) -> None:
@@ -180,6 +199,25 @@ def full_path(folder: str, name: str) -> str | None:
     if fp is None:
         return name if os.path.exists(name) else None
     return fp.get_full_path(folder, name)
+
+
+def model_file(folders: tuple[str, ...] | list[str], name: str) -> str | None:
+    """The file ``name`` of the first of ComfyUI's model ``folders`` that has it, or None. The name comes from a
+    prompt, so the path must stay inside that folder (no ``..``, no absolute path) and be a regular file."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return None
+    for folder in folders:
+        path = full_path(folder, name)
+        if not path or not os.path.isfile(path):
+            continue
+        real = os.path.abspath(path)
+        for root in folder_paths_of(folder):
+            try:
+                if root and os.path.commonpath([real, os.path.abspath(root)]) == os.path.abspath(root):
+                    return path
+            except ValueError:  # another drive
+                continue
+    return None
 
 
 def folder_paths_of(folder: str) -> list[str]:

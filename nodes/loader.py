@@ -64,8 +64,9 @@ class FlowCacheModelLoader:
                            "is the distilled model), or the small built-in demo model that runs on a CPU."}),
             "dtype": (DTYPES, {
                 "default": "auto",
-                "tooltip": "Compute precision. auto: the file's own precision on a GPU (fp8 is upcast to bf16), "
-                           "fp32 on the CPU where half precision is slow."}),
+                "tooltip": "Compute precision. auto: the file's own precision on a GPU (bf16 for fp8 files, whose "
+                           "weights stay fp8 in memory and are upcast layer by layer), fp32 on the CPU where half "
+                           "precision is slow."}),
         }}
 
     RETURN_TYPES = ("FLOWCACHE_MODEL",)
@@ -77,9 +78,14 @@ class FlowCacheModelLoader:
 
     def load(self, model_name: str, dtype: str = "auto") -> tuple[FlowCacheModel]:
         path = model_path(model_name)
-        chosen = resolve_dtype(dtype, comfy_bridge.torch_device().type)
-        # CheckpointError messages from the core already name the file; they reach the user unchanged.
-        loaded = load_model(path, chosen)
-        log.info("FlowCache: loaded %s (%s, %s, presets %s)", loaded.checkpoint, loaded.family, chosen,
-                 loaded.preset_key)
+        device = comfy_bridge.torch_device()
+        chosen = resolve_dtype(dtype, device.type)
+        # CheckpointError messages from the core already name the file; they reach the user unchanged. Inside
+        # ComfyUI the model is built from ComfyUI's layers: fp8 weights stay fp8, and ComfyUI's memory manager
+        # may load it partially and stream the rest, so the forward runs on ComfyUI's device, not where the
+        # first weight happens to be.
+        loaded = load_model(path, chosen, operations=comfy_bridge.operations())
+        loaded.model.compute_device = device
+        log.info("FlowCache: loaded %s (%s, %s, presets %s, layers %s)", loaded.checkpoint, loaded.family, chosen,
+                 loaded.preset_key, comfy_bridge.operations().name)
         return (FlowCacheModel(loaded, comfy_bridge.make_patcher(loaded.model), model_name, chosen),)

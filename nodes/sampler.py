@@ -8,8 +8,10 @@ from typing import Any, Callable
 import torch
 
 from ..flowcache.cache import CacheSettings
-from ..flowcache.errors import InputError
+from ..flowcache.checkpoint import DTYPE_NAMES
+from ..flowcache.errors import FlowCacheError, InputError
 from ..flowcache.latent_format import wan_to_raw
+from ..flowcache.memory import estimate_magi, estimate_wan
 from ..flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry, plan_windows
 from ..flowcache.pipelines.magi import MagiPipeline, MagiSettings
 from ..flowcache.pipelines.wan_step import check_conditioning
@@ -21,6 +23,7 @@ from . import comfy_bridge
 from .demo import DEMO_CODEC
 from .loader import FlowCacheModel
 from .magi import MAGI_CODEC, magi_caption
+from .native import is_comfy_model, native_wan_model
 from .vae_codec import ComfyVAECodec
 
 log = logging.getLogger("FlowCache")
@@ -59,7 +62,12 @@ class FlowCacheSampler:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("FLOWCACHE_MODEL", {"tooltip": "Model from FlowCache Load Model."}),
+                "model": ("FLOWCACHE_MODEL,MODEL", {
+                    "tooltip": "FlowCache Load Model's model (SkyReels-V2 / Wan2.1 or MAGI-1), or ComfyUI's own "
+                               "MODEL of a Wan2.1-architecture model (SkyReels-V2 DF 1.3B/14B, Wan2.1 T2V) from "
+                               "Load Diffusion Model, any LoRA loader or a GGUF loader: its own layers run, so "
+                               "its fp8/GGUF weights, LoRAs and partial loading apply. SkyReels' fps embedding, "
+                               "which ComfyUI drops, is read back from the MODEL's file."}),
                 "positive": ("CONDITIONING", {"tooltip": "Prompt: umT5-XXL text states (CLIP Text Encode with "
                                                          "a Wan text encoder), or FlowCache Demo Text Encode."}),
                 "negative": ("CONDITIONING", {"tooltip": "Negative prompt (used when cfg > 1)."}),
@@ -101,7 +109,7 @@ class FlowCacheSampler:
                 "prefix_images": ("IMAGE", {"tooltip": "MAGI-1 only: one image (image-to-video) or the frames of "
                                                        "a video to continue (a multiple of 4 frames)."}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
     RETURN_TYPES = ("LATENT",)
@@ -118,7 +126,8 @@ class FlowCacheSampler:
                steps: int, cfg: float, shift: float, seed: int, ar_step: int, causal_block_size: int,
                base_num_frames: int, overlap_history: int, addnoise_condition: int, solver: str,
                keep_model_loaded: bool = False, cache: CacheRequest | None = None, vae: Any = None,
-               magi_vae: Any = None, prefix_images: Any = None, unique_id: Any = None) -> dict:
+               magi_vae: Any = None, prefix_images: Any = None, unique_id: Any = None, prompt: Any = None) -> dict:
+        model = sampler_model(model, prompt, unique_id)
         lm = model.loaded
         run = FAMILY_RUNS.get(lm.family)
         if run is None:
@@ -132,10 +141,10 @@ class FlowCacheSampler:
             raise InputError(f"cache: expected the output of FlowCache Cache, got {type(request).__name__}.")
         # Everything that can be wrong is checked before the model is moved or any step runs.
         cache_settings = request.resolve(lm.preset_key, lm.extra_presets)
-        job = run(model, w, positive, negative, cache_settings, vae, magi_vae, prefix_images)
+        job, memory = run(model, w, positive, negative, cache_settings, vae, magi_vae, prefix_images)
         log.info("FlowCache: sampling %s %dx%d, %d frames, %d steps, cache %s%s", lm.family, width, height,
                  num_frames, steps, request.describe(), f" ({note})" if note else "")
-        comfy_bridge.load_to_device(model.patcher)
+        comfy_bridge.load_to_device(model.patcher, memory)
         try:
             latents, stats = job(RunHooks(self._on_step(unique_id), comfy_bridge.check_interrupted))
         finally:
@@ -185,8 +194,29 @@ class SamplerWidgets:
 Job = Callable[[RunHooks], "tuple[dict, RunStats]"]
 
 
+def sampler_model(model: Any, prompt: Any = None, unique_id: Any = None) -> FlowCacheModel:
+    """The ``model`` input as the sampler's model: FlowCache Load Model's as it is; a ComfyUI MODEL wrapped for
+    one run (its own layers, never changed; see ``nodes.native``)."""
+    if isinstance(model, FlowCacheModel):
+        return model
+    if is_comfy_model(model):
+        loaded, name = native_wan_model(model, prompt, unique_id)
+        return FlowCacheModel(loaded, model, name, str(loaded.model.dtype).replace("torch.", ""))
+    raise InputError(f"model: expected FlowCache Load Model's model or a ComfyUI MODEL, got {type(model).__name__}.")
+
+
+def _working_memory(estimate: Callable[[], Any], kv: str | None) -> int:
+    """Bytes a run needs beside the weights (one forward, plus the KV stores ``kv`` names), for ComfyUI's loader;
+    0 when the estimate does not apply (the run's own checks report bad settings)."""
+    try:
+        est = estimate()
+    except (FlowCacheError, ValueError, ZeroDivisionError):
+        return 0
+    return est.activations + (getattr(est, kv) if kv else 0)
+
+
 def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
-             vae: Any, magi_vae: Any, prefix_images: Any) -> Job:
+             vae: Any, magi_vae: Any, prefix_images: Any) -> "tuple[Job, int]":
     """SkyReels-V2 diffusion forcing (Wan2.1 DiTs and the built-in demo)."""
     lm = model.loaded
     if prefix_images is not None or magi_vae is not None:
@@ -223,11 +253,17 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
             return {"samples": wan_to_raw(latents)}, stats
         return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
 
-    return job
+    memory = _working_memory(lambda: estimate_wan(
+        lm.config, {}, w.width, w.height, frames=w.num_frames, base_frames=w.base_num_frames,
+        overlap=w.overlap_history, chunk=w.causal_block_size, steps=w.steps, ar_step=w.ar_step,
+        branches=2 if w.cfg > 1.0 else 1, budget=cache.kv_budget, compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"),
+        text_len=lm.text_len, temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride),
+        None if cache.path == "window" else ("kv_budget" if cache.kv_budget else "kv"))
+    return job, memory
 
 
 def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
-              vae: Any, magi_vae: Any, prefix_images: Any) -> Job:
+              vae: Any, magi_vae: Any, prefix_images: Any) -> "tuple[Job, int]":
     """MAGI-1 chunk-wise autoregression: width, height, num_frames, steps, shift, seed and causal_block_size
     (MAGI's chunk_width) apply; the diffusion-forcing widgets (cfg, ar_step, windows, solver) do not: distilled
     MAGI-1 has guidance built in and the base model uses MAGI's own guidance schedule."""
@@ -250,7 +286,12 @@ def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative:
         latents, stats = pipe(caption, mask, settings, cache, prefix, hooks)
         return {"samples": latents, "flowcache_codec": MAGI_CODEC, "flowcache_chunk_width": settings.chunk_width}, stats
 
-    return job
+    distill = bool(getattr(lm.model, "distill", False))
+    memory = _working_memory(lambda: estimate_magi(
+        lm.config, {}, w.width, w.height, frames=w.num_frames, chunk=w.causal_block_size, passes=1 if distill else 2,
+        budget=cache.kv_budget, compute=DTYPE_NAMES.get(lm.model.dtype, "fp32")),
+        "kv_budget" if cache.kv_budget else "kv")
+    return job, memory
 
 
-FAMILY_RUNS: dict[str, Callable[..., Job]] = {"wan": _wan_run, "magi": _magi_run}
+FAMILY_RUNS: dict[str, Callable[..., "tuple[Job, int]"]] = {"wan": _wan_run, "magi": _magi_run}

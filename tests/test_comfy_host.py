@@ -68,12 +68,13 @@ def need_demo(pack) -> None:
                     "decoder to drive a whole prompt on a CPU-only ComfyUI")
 
 
-CACHE_WIDGETS = ("method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda")
+CACHE_WIDGETS = ("method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda", "max_skips", "attention")
 
 
 def cache_node(method: str = "flowcache", preset: str = "slow", **custom) -> dict:
     """A FlowCache Cache node (API format) with the custom widgets' defaults."""
-    inputs = dict(method=method, preset=preset, threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07)
+    inputs = dict(method=method, preset=preset, threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07,
+                  max_skips=3, attention="auto")
     inputs.update(custom)
     return {"class_type": "FlowCacheCache", "inputs": inputs}
 
@@ -140,7 +141,8 @@ def test_nodes_are_listed(host):
         assert list(node["input"]["required"]) == list(cls.INPUT_TYPES()["required"])
         assert node["input_order"]["required"] == list(cls.INPUT_TYPES()["required"])
     sampler = info["FlowCacheSampler"]
-    assert sampler["input"]["optional"]["vae"][0] == "VAE" and sampler["input"]["hidden"] == {"unique_id": "UNIQUE_ID"}
+    assert sampler["input"]["optional"]["vae"][0] == "VAE"
+    assert sampler["input"]["hidden"] == {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}  # PROMPT: where a MODEL came from
     assert info["FlowCacheVideoCombine"]["output_node"] is True
     # WEB_DIRECTORY serves web/ under the folder name; pyproject's [tool.comfy] web serves it again under the
     # project name when the two differ (as here), which web/flowcache.js guards against (it registers once).

@@ -136,9 +136,9 @@ def test_sampler_and_other_widget_orders(pack):
     assert list(spec["required"]) == SAMPLER_ORDER  # UI workflows store widget values by position
     assert list(spec["optional"]) == ["cache", "vae", "magi_vae", "prefix_images"]
     assert spec["optional"]["cache"][0] == "FLOWCACHE_CACHE"
-    assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
+    assert spec["hidden"] == {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}  # the prompt: where a MODEL came from
     req = spec["required"]
-    assert req["model"][0] == "FLOWCACHE_MODEL"
+    assert req["model"][0] == "FLOWCACHE_MODEL,MODEL"  # ComfyUI's union type: FlowCache Load Model's or a MODEL
     assert req["positive"][0] == req["negative"][0] == "CONDITIONING"
     assert req["solver"][0] == ["unipc", "euler"]
     defaults = widget_defaults(nodes(pack)["FlowCacheSampler"])

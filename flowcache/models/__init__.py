@@ -21,6 +21,7 @@ import torch
 from ..checkpoint import Checkpoint, checkpoint_files, compute_dtype, load_checkpoint, read_headers, split_prefix
 from ..errors import CheckpointError
 from ..presets import model_presets
+from .common import TORCH_OPERATIONS, Operations
 from .wan import WAN_ANCHORS, WAN_SIZES, WanDiT, build_wan, wan_config_from_state_dict
 
 MAGI_ANCHORS = ("x_embedder.weight", "y_embedder.null_caption_embedding", "rope.bands")
@@ -114,9 +115,10 @@ def wan_loop(ck: Checkpoint, keys, choice: str = "auto") -> tuple[str, str]:
     return "diffusion_forcing", "a Wan2.1 / SkyReels-V2 DiT with nothing marking it causal"
 
 
-def _build_wan(ck: Checkpoint, dtype: torch.dtype, options: Mapping[str, str]) -> LoadedModel:
+def _build_wan(ck: Checkpoint, dtype: torch.dtype, options: Mapping[str, str],
+               operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
     meta, loop = ck.metadata, options.get("loop", "auto")
-    model = build_wan(ck.tensors, dtype, ck.name, _meta_int(meta, "flowcache.num_heads", ck.name))
+    model = build_wan(ck.tensors, dtype, ck.name, _meta_int(meta, "flowcache.num_heads", ck.name), operations)
     chosen, why = wan_loop(ck, ck.tensors.keys(), loop)
     key = _wan_preset_key(meta, {k: tuple(v.shape) for k, v in ck.tensors.items() if k == "head.modulation"})
     if chosen == "causal" and "flowcache.model_key" not in meta:
@@ -160,14 +162,15 @@ def magi_distill_decision(files: list[Path], meta: Mapping[str, str], choice: st
     return False, f"its folder {folder!r} does not say 'distill' (set magi_variant to override)"
 
 
-def _build_magi(ck: Checkpoint, dtype: torch.dtype, options: Mapping[str, str]) -> LoadedModel:
+def _build_magi(ck: Checkpoint, dtype: torch.dtype, options: Mapping[str, str],
+                operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
     from . import magi  # imported only when such a file is loaded
 
     loop = options.get("loop", "auto")
     if loop not in ("auto", "magi"):
         raise CheckpointError(f"loop={loop!r}: {ck.name} is a MAGI-1 DiT, which runs its own chunk-wise loop; "
                               "pick loop = auto for it.")
-    model = magi.build_magi(ck, dtype)
+    model = magi.build_magi(ck, dtype, operations=operations)
     distill, why = magi_distill_decision(ck.files, ck.metadata, options.get("magi_variant", "auto"))
     model.distill = distill
     lm = LoadedModel("magi", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, "magi-4.5B", text_len=800,
@@ -195,15 +198,15 @@ class Family:
 
     anchors: bare keys every checkpoint of the family has (they locate a key prefix); detect: whether a set of
     bare keys is this family; preset_key: the presets row from metadata and tensor shapes; build: the model
-    from a read checkpoint; config: the inferred config as a dict (``inspect``); stored_dtype: the dtype that
-    ``dtype=auto`` follows."""
+    from a read checkpoint, its compute dtype and the layer operations to build it from; config: the inferred
+    config as a dict (``inspect``); stored_dtype: the dtype that ``dtype=auto`` follows."""
 
     name: str
     title: str
     anchors: tuple[str, ...]
     detect: Callable[[set], bool]
     preset_key: Callable[[Mapping[str, str], Mapping[str, tuple]], str]
-    build: Callable[[Checkpoint, torch.dtype, Mapping[str, str]], LoadedModel]
+    build: Callable[[Checkpoint, torch.dtype, Mapping[str, str], Operations], LoadedModel]
     config: Callable[[Checkpoint], dict]
     stored_dtype: Callable[[Checkpoint], str] = lambda ck: ck.main_dtype
 
@@ -242,21 +245,27 @@ def read_checkpoint(path: str | os.PathLike, weights: str | None = None) -> tupl
 
 
 def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None = None, loop: str = "auto",
-               weights: str | None = None, magi_variant: str = "auto") -> LoadedModel:
+               weights: str | None = None, magi_variant: str = "auto",
+               operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
     """Load a checkpoint of any supported family on the CPU.
 
-    dtype: auto (keep fp32/bf16/fp16 as stored, fp8 upcast to bf16), fp32, bf16 or fp16.
+    dtype: the compute dtype: auto (fp32/bf16/fp16 as stored, bf16 for fp8), fp32, bf16 or fp16.
     expect: a family name; a file of another family raises an error that says so.
     loop: auto, diffusion_forcing or causal (Wan-architecture files; see ``wan_loop``).
     weights: a Self-Forcing / CausVid .pt's generator entry (default generator_ema when present).
     magi_variant: auto, distill or base (MAGI-1 files; see ``magi_distill_decision``).
+    operations: the layers to build the model from (torch's; inside ComfyUI its casting layers, with which fp8
+        weights stay fp8 in memory and the host may load the model partially).
     """
     ck, family = read_checkpoint(path, weights)
     if expect and family != expect:
         raise CheckpointError(f"{ck.name}: this is a {FAMILIES[family].title} checkpoint, but this loader expects a "
                               f"{FAMILIES[expect].title}. Use the matching loader node.")
     fam = FAMILIES[family]
-    lm = fam.build(ck, compute_dtype(dtype, fam.stored_dtype(ck)), {"loop": loop, "magi_variant": magi_variant})
+    lm = fam.build(ck, compute_dtype(dtype, fam.stored_dtype(ck)), {"loop": loop, "magi_variant": magi_variant},
+                   operations)
+    if operations is not TORCH_OPERATIONS:
+        lm.notes.append(f"layers: {operations.name}")
     lm.extra_presets, sidecar = model_presets(ck.files, ck.metadata)
     if sidecar is not None:  # `python -m flowcache calibrate` output beside the file
         lm.metadata = {**lm.metadata, "flowcache.preset_file": str(sidecar)}

@@ -1,9 +1,12 @@
-"""Pieces shared by the model definitions: the KV-context protocols that chunk forwards talk to."""
+"""Pieces shared by the model definitions: the KV-context protocols that chunk forwards talk to, and the
+layer operations a model is built from (torch's own, or a host's, e.g. ComfyUI's casting layers)."""
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -40,3 +43,52 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# ------------------------------------------------------------------------------------- layer operations
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
+
+
+class TorchLayers:
+    """torch's own layer classes (``RMSNorm``: the model file's own, set by ``flowcache.models.wan``).
+
+    A layer namespace is what a model's constructor builds its layers from: ``Linear``, ``Conv3d``,
+    ``LayerNorm``, ``RMSNorm`` and ``Embedding``, each taking torch's constructor arguments."""
+
+    Linear = nn.Linear
+    Conv3d = nn.Conv3d
+    LayerNorm = nn.LayerNorm
+    Embedding = nn.Embedding
+    RMSNorm: type = nn.RMSNorm  # replaced by Wan's reference RMSNorm when flowcache.models.wan is imported
+
+
+@dataclass(frozen=True)
+class Operations:
+    """Where a model's layers come from: the core builds its modules from ``layers(hold, compute)``, a layer
+    namespace (see ``TorchLayers``) for weights held in ``hold`` and inputs arriving in ``compute``.
+
+    casts: the layers cast their weights to the input's dtype and device at every call. Then weights may stay
+        in a storage dtype (fp8 checkpoints stay fp8 in memory and are upcast layer by layer) or on another
+        device (a host's partial loading). torch's own layers do not, so with ``TORCH_OPERATIONS`` the core
+        converts every weight to the compute dtype when it loads the model.
+    name: shown in logs and ``describe()``.
+    """
+
+    layers: Callable[[torch.dtype, torch.dtype], Any]
+    casts: bool = False
+    name: str = "torch"
+
+
+TORCH_OPERATIONS = Operations(lambda hold, compute: TorchLayers, casts=False, name="torch")
+
+
+def held(p: torch.Tensor, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A raw parameter (one a layer does not own, e.g. a block's ``modulation``) in ``dtype`` on ``device``.
+
+    A host may leave such parameters where they are stored (partial loading moves only layers) or hold them
+    as a tensor subclass (a quantized-model pack's), so they are converted at use, as a plain tensor."""
+    if type(p) not in (torch.Tensor, nn.Parameter):
+        p = p.as_subclass(torch.Tensor)
+    return p.to(device=device, dtype=dtype)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import DTYPE_NAMES, Checkpoint
 from ..errors import CheckpointError, InputError
-from .common import KVContext, attention
+from .common import TORCH_OPERATIONS, KVContext, Operations, TorchLayers, attention
 
 TP_GROUPS = 8  # the output projection's input is interleaved for TP8 training, whatever the head count
 _FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -97,7 +97,9 @@ class LayerNorm1p(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight + 1, self.bias, self.eps)
+        # the parameters are moved to x's device at use: a host's partial loading may leave this layer behind
+        w, b = self.weight.to(x.device), self.bias.to(x.device)
+        return F.layer_norm(x, self.weight.shape, w + 1, b, self.eps)
 
 
 class Fp8Linear(nn.Module):
@@ -118,26 +120,45 @@ class Fp8Linear(nn.Module):
             self.smooth_scale = nn.Parameter(torch.ones(1, in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = x.dtype
+        dt, dev = x.dtype, x.device  # weights and scales are moved to x's device at use (partial loading)
         s = self.smooth_scale if self.per_channel else self.input_scale
         fmax = torch.finfo(_FP8).max
-        xq = (x.float() / s.float()).clamp(-fmax, fmax).to(torch.bfloat16).to(_FP8)
-        y = F.linear(xq.to(dt), self.weight[0].to(dt))
-        return y * (self.input_scale[0].float() * self.weight_scale[0].float()).to(dt)
+        xq = (x.float() / s.to(dev).float()).clamp(-fmax, fmax).to(torch.bfloat16).to(_FP8)
+        y = F.linear(xq.to(dt), self.weight[0].to(device=dev, dtype=dt))
+        return y * (self.input_scale[0].to(dev).float() * self.weight_scale[0].to(dev).float()).to(dt)
 
 
-def _linear(i: int, o: int, fp8: bool, per_channel: bool = False) -> nn.Module:
-    return Fp8Linear(i, o, per_channel) if fp8 else nn.Linear(i, o, bias=False)
+def _linear(i: int, o: int, fp8: bool, ops: type, per_channel: bool = False) -> nn.Module:
+    return Fp8Linear(i, o, per_channel) if fp8 else ops.Linear(i, o, bias=False)
+
+
+@dataclass(frozen=True)
+class _Layers:
+    """The layer namespaces one MAGI-1 model is built from: ``fp32`` for the modules the official code keeps
+    in fp32, ``compute`` for the rest, ``to_fp32`` for compute-dtype weights multiplied in fp32 (the
+    attention output projection). ``casts``: those layers cast their weights to the input's dtype and device
+    (a host's), else the fp32 products upcast the weight here."""
+
+    fp32: type
+    compute: type
+    to_fp32: type
+    casts: bool
+
+    @staticmethod
+    def of(operations: Operations, dtype: torch.dtype) -> "_Layers":
+        f32 = torch.float32
+        return _Layers(operations.layers(f32, f32), operations.layers(dtype, dtype), operations.layers(dtype, f32),
+                       operations.casts)
 
 
 class TimestepEmbedder(nn.Module):
     """t [N] in [0, 1] → [N, cond_dim]: 256-d sinusoid (cos first) of t·1000, then Linear–SiLU–Linear."""
 
-    def __init__(self, cfg: MagiConfig):
+    def __init__(self, cfg: MagiConfig, ops: type = TorchLayers):
         super().__init__()
         self.freq_dim = cfg.freq_dim
         d = cfg.cond_dim
-        self.mlp = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.mlp = nn.Sequential(ops.Linear(cfg.freq_dim, d), nn.SiLU(), ops.Linear(d, d))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
@@ -149,10 +170,10 @@ class TimestepEmbedder(nn.Module):
 
 
 class CaptionEmbedder(nn.Module):
-    def __init__(self, cfg: MagiConfig):
+    def __init__(self, cfg: MagiConfig, ops: type = TorchLayers):
         super().__init__()
-        self.y_proj_xattn = nn.Sequential(nn.Linear(cfg.caption_channels, cfg.xattn_dim), nn.SiLU())
-        self.y_proj_adaln = nn.Sequential(nn.Linear(cfg.caption_channels, cfg.cond_dim))
+        self.y_proj_xattn = nn.Sequential(ops.Linear(cfg.caption_channels, cfg.xattn_dim), nn.SiLU())
+        self.y_proj_adaln = nn.Sequential(ops.Linear(cfg.caption_channels, cfg.cond_dim))
         self.null_caption_embedding = nn.Parameter(torch.zeros(cfg.caption_max_length, cfg.caption_channels))
 
 
@@ -165,24 +186,26 @@ class Rope(nn.Module):
 class QKVProj(nn.Module):
     """``linear_qkv``: a plain pre-LayerNorm and four bias-free projections from the same normed input."""
 
-    def __init__(self, cfg: MagiConfig, fp8: bool):
+    def __init__(self, cfg: MagiConfig, fp8: bool, ops: type = TorchLayers):
         super().__init__()
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
-        self.q, self.qx = _linear(cfg.hidden_size, q, fp8), _linear(cfg.hidden_size, q, fp8)
-        self.k, self.v = _linear(cfg.hidden_size, kv, fp8), _linear(cfg.hidden_size, kv, fp8)
+        self.layer_norm = ops.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+        self.q, self.qx = _linear(cfg.hidden_size, q, fp8, ops), _linear(cfg.hidden_size, q, fp8, ops)
+        self.k, self.v = _linear(cfg.hidden_size, kv, fp8, ops), _linear(cfg.hidden_size, kv, fp8, ops)
 
 
 class SelfAndCrossAttention(nn.Module):
     """``self_attention``: block-causal GQA self-attention and per-chunk text cross-attention in parallel."""
 
-    def __init__(self, cfg: MagiConfig, fp8: bool):
+    def __init__(self, cfg: MagiConfig, fp8: bool, layers: _Layers | None = None):
         super().__init__()
-        self.cfg, self.fp8 = cfg, fp8
+        layers = layers or _Layers.of(TORCH_OPERATIONS, torch.bfloat16)
+        self.cfg, self.fp8, self.casts = cfg, fp8, layers.casts
         q = cfg.num_heads * cfg.head_dim
-        self.linear_qkv = QKVProj(cfg, fp8)
-        self.linear_kv_xattn = nn.Linear(cfg.xattn_dim, 2 * cfg.num_kv_heads * cfg.head_dim, bias=False)  # never fp8
-        self.linear_proj = _linear(2 * q, cfg.hidden_size, fp8, per_channel=True)
+        self.linear_qkv = QKVProj(cfg, fp8, layers.compute)
+        self.linear_kv_xattn = layers.compute.Linear(cfg.xattn_dim, 2 * cfg.num_kv_heads * cfg.head_dim,
+                                                     bias=False)  # never fp8
+        self.linear_proj = _linear(2 * q, cfg.hidden_size, fp8, layers.to_fp32, per_channel=True)
         self.q_layernorm = LayerNorm1p(cfg.head_dim, cfg.eps)
         self.k_layernorm = LayerNorm1p(cfg.head_dim, cfg.eps)
         self.q_layernorm_xattn = LayerNorm1p(cfg.head_dim, cfg.eps)
@@ -229,16 +252,18 @@ class SelfAndCrossAttention(nn.Module):
         out = torch.cat([core, cross], dim=-1).view(B, L, 2, TP_GROUPS, -1).transpose(2, 3).reshape(B, L, -1)
         if self.fp8:
             return self.linear_proj(out)
+        if self.casts:  # the layer upcasts its compute-dtype weight to the fp32 input itself
+            return self.linear_proj(out.float())
         return F.linear(out.float(), self.linear_proj.weight.float())  # fp32 like the official autocast
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: MagiConfig, fp8: bool):
+    def __init__(self, cfg: MagiConfig, fp8: bool, ops: type = TorchLayers):
         super().__init__()
         self.gated = cfg.gated_linear_unit
-        self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.eps)
-        self.linear_fc1 = _linear(cfg.hidden_size, cfg.ffn_hidden_size * (2 if self.gated else 1), fp8)
-        self.linear_fc2 = _linear(cfg.ffn_hidden_size, cfg.hidden_size, fp8, per_channel=True)
+        self.layer_norm = ops.LayerNorm(cfg.hidden_size, eps=cfg.eps)
+        self.linear_fc1 = _linear(cfg.hidden_size, cfg.ffn_hidden_size * (2 if self.gated else 1), fp8, ops)
+        self.linear_fc2 = _linear(cfg.ffn_hidden_size, cfg.hidden_size, fp8, ops, per_channel=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(self.layer_norm(x))
@@ -253,15 +278,16 @@ class MLP(nn.Module):
 class MagiLayer(nn.Module):
     """Parallel attention block with softcap (tanh) gates and sandwich post-norms; no shift/scale AdaLN."""
 
-    def __init__(self, cfg: MagiConfig, index: int):
+    def __init__(self, cfg: MagiConfig, index: int, layers: _Layers | None = None):
         super().__init__()
+        layers = layers or _Layers.of(TORCH_OPERATIONS, torch.bfloat16)
         fp8 = index in cfg.fp8_layers
         self.index = index
         self.ada_modulate_layer = nn.Module()
-        self.ada_modulate_layer.proj = nn.Sequential(nn.Linear(cfg.cond_dim, 2 * cfg.hidden_size))
-        self.self_attention = SelfAndCrossAttention(cfg, fp8)
+        self.ada_modulate_layer.proj = nn.Sequential(layers.compute.Linear(cfg.cond_dim, 2 * cfg.hidden_size))
+        self.self_attention = SelfAndCrossAttention(cfg, fp8, layers)
         self.self_attn_post_norm = LayerNorm1p(cfg.hidden_size, cfg.eps)
-        self.mlp = MLP(cfg, fp8)
+        self.mlp = MLP(cfg, fp8, layers.compute)
         self.mlp_post_norm = LayerNorm1p(cfg.hidden_size, cfg.eps)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: tuple, captions: list,
@@ -282,9 +308,9 @@ class MagiLayer(nn.Module):
 
 
 class MagiBlocks(nn.Module):
-    def __init__(self, cfg: MagiConfig):
+    def __init__(self, cfg: MagiConfig, layers: _Layers | None = None):
         super().__init__()
-        self.layers = nn.ModuleList(MagiLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(MagiLayer(cfg, i, layers) for i in range(cfg.num_layers))
         self.final_layernorm = LayerNorm1p(cfg.hidden_size, cfg.eps)
 
 
@@ -315,25 +341,38 @@ def _param_dtype(cfg: MagiConfig, name: str, dtype: torch.dtype) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------------------- model
 class MagiDiT(nn.Module):
-    """MAGI-1 VideoDiT with the released key layout; one forward runs one or several consecutive chunks."""
+    """MAGI-1 VideoDiT with the released key layout; one forward runs one or several consecutive chunks.
 
-    def __init__(self, cfg: MagiConfig, dtype: torch.dtype = torch.bfloat16):
+    operations: where the layers come from (torch's; inside ComfyUI its casting layers, see
+    ``flowcache.models.common.Operations``). ``compute_device`` (None: where the patch embedder is) is where a
+    forward runs when a host keeps some weights elsewhere (partial loading); the few parameters no layer owns
+    and the custom fp8 / LayerNorm1p layers are moved there at use.
+    """
+
+    def __init__(self, cfg: MagiConfig, dtype: torch.dtype = torch.bfloat16,
+                 operations: Operations = TORCH_OPERATIONS):
         super().__init__()
         _check_config(cfg)
         self.config, self.dtype = cfg, dtype
         self.cfg = cfg  # alias used by the family loader
+        self.compute_device: torch.device | None = None
+        layers = _Layers.of(operations, dtype)
         k = (cfg.t_patch_size, cfg.patch_size, cfg.patch_size)
-        self.x_embedder = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=False)
-        self.t_embedder = TimestepEmbedder(cfg)
-        self.y_embedder = CaptionEmbedder(cfg)
+        self.x_embedder = layers.fp32.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=False)
+        self.t_embedder = TimestepEmbedder(cfg, layers.fp32)
+        self.y_embedder = CaptionEmbedder(cfg, layers.fp32)
         self.rope = Rope(cfg)
-        self.videodit_blocks = MagiBlocks(cfg)
+        self.videodit_blocks = MagiBlocks(cfg, layers)
         self.final_linear = nn.Module()
         patch_out = cfg.t_patch_size * cfg.patch_size ** 2 * cfg.out_channels
-        self.final_linear.linear = nn.Linear(cfg.hidden_size, patch_out, bias=False)
+        self.final_linear.linear = layers.fp32.Linear(cfg.hidden_size, patch_out, bias=False)
         for name, p in self.named_parameters():
             p.data = p.data.to(_param_dtype(cfg, name, dtype))
         self.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.compute_device if self.compute_device is not None else self.x_embedder.weight.device
 
     # -- inputs ---------------------------------------------------------------------------------------
     def embed_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,7 +395,7 @@ class MagiDiT(nn.Module):
         Temporal positions are absolute frame indices; spatial ones are centred and rescaled to a 16×16
         reference grid (EVA-style ``x/(f−1)·(r−1)``), exactly as the official ``get_embed`` computes them.
         """
-        dev = self.rope.bands.device
+        dev = self.device
         total = frame_offset + T
         rescale = math.sqrt(h * w / 256)
         axes = [torch.arange(total, dtype=torch.float32, device=dev),
@@ -365,7 +404,7 @@ class MagiDiT(nn.Module):
         refs = (total, h / rescale, w / rescale)
         axes = [a / (f - 1) * (r - 1) if f > 1 else a for a, f, r in zip(axes, (total, h, w), refs)]
         grid = torch.stack(torch.meshgrid(axes[0][frame_offset:], axes[1], axes[2], indexing="ij"), dim=-1)
-        pos = (grid[..., None] * self.rope.bands.float()).reshape(T * h * w, -1)  # [L, 3·bands]: T, h, w bands
+        pos = (grid[..., None] * self.rope.bands.to(dev).float()).reshape(T * h * w, -1)  # [L, 3·bands]: T, h, w bands
         return pos.sin(), pos.cos()
 
     def condition(self, t: torch.Tensor, distill_dt: float | None = None,
@@ -379,7 +418,7 @@ class MagiDiT(nn.Module):
         te = self.t_embedder(t.reshape(-1).float())
         if distill_dt is not None:
             te = te + self.t_embedder(torch.full((B * n,), float(distill_dt), device=t.device))
-        null = self.y_embedder.null_caption_embedding
+        null = self.y_embedder.null_caption_embedding.to(t.device)
         u = torch.as_tensor(uncond, device=t.device).bool().reshape(-1).expand(B)
         ya = self.y_embedder.y_proj_adaln(torch.where(u[:, None], null[-1], null[-2]))  # [B, cond_dim]
         return (te.view(B, n, -1) + ya[:, None]).to(self.dtype)
@@ -539,13 +578,14 @@ def magi_stored_dtype(ck: Checkpoint) -> str:
     return DTYPE_NAMES.get(q.dtype, ck.main_dtype) if q is not None else ck.main_dtype
 
 
-def build_magi(ck: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu") -> MagiDiT:
-    """A MagiDiT from an already read checkpoint (bare keys), computing in ``dtype``. fp8 weights stay fp8 and
-    are upcast per call; the modules the official code promotes (embedders, q/k norms, post-norms, head) are
-    held in fp32. ``flowcache.models.load_model`` reads the file."""
+def build_magi(ck: Checkpoint, dtype: torch.dtype, device: str | torch.device = "cpu",
+               operations: Operations = TORCH_OPERATIONS) -> MagiDiT:
+    """A MagiDiT from an already read checkpoint (bare keys), computing in ``dtype``, its layers from
+    ``operations``. fp8 weights stay fp8 and are upcast per call; the modules the official code promotes
+    (embedders, q/k norms, post-norms, head) are held in fp32. ``flowcache.models.load_model`` reads the file."""
     cfg = magi_config_from_state_dict(ck.tensors, ck.name)
     with torch.device("meta"):
-        model = MagiDiT(cfg, dtype=dtype)
+        model = MagiDiT(cfg, dtype=dtype, operations=operations)
     params = dict(model.named_parameters())
     sd = {k: v.to(device=device, dtype=params[k].dtype) for k, v in ck.tensors.items()}
     model.load_state_dict(sd, strict=True, assign=True)

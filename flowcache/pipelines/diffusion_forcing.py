@@ -26,7 +26,7 @@ from ..errors import InputError
 from ..flops import forward_flops, paper_window_flops
 from ..kv.scoring import CompressionConfig
 from ..kv.store import KVStore
-from ..models.wan import WanDiT, block_causal_mask
+from ..models.wan import WanForward, block_causal_mask
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, StepInfo, Unit, run_loop
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
@@ -282,12 +282,12 @@ class _DFLoop:
 class DiffusionForcingPipeline:
     """Run a Wan diffusion-forcing model over a whole video; see the module docstring."""
 
-    def __init__(self, model: WanDiT, geometry: LatentGeometry | None = None, text_len: int = 512,
+    def __init__(self, model: WanForward, geometry: LatentGeometry | None = None, text_len: int = 512,
                  codec: LatentCodec | None = None):
-        if not isinstance(model, WanDiT):
+        if not isinstance(model, WanForward):
             hint = (" This is a MAGI-1 DiT: sample it with flowcache.pipelines.magi.MagiPipeline (the MAGI-1 sampler)."
                     if type(model).__name__ == "MagiDiT" else "")
-            raise InputError(f"DiffusionForcingPipeline runs Wan2.1 / SkyReels-V2 DiTs (WanDiT, from the Wan loader); "
+            raise InputError(f"DiffusionForcingPipeline runs Wan2.1 / SkyReels-V2 DiTs (WanDiT or WanTreeModel); "
                              f"got {type(model).__name__}.{hint}")
         self.model = model
         self.geometry = geometry or LatentGeometry()

@@ -270,7 +270,7 @@ class _MagiLoop:
 
     def start(self, seg: Segment, run: RunState) -> None:
         s, plan, geo = self.s, self.plan, self.pipe.geometry
-        device = self.model.x_embedder.weight.device
+        device = self.model.device
         gen = torch.Generator(device="cpu").manual_seed(int(s.seed))
         self.x = torch.randn(1, geo.channels, plan.frames, plan.h, plan.w, generator=gen).to(device)
         if self.pre is not None:
@@ -627,7 +627,7 @@ class MagiPipeline:
         """
         cache = cache or CacheSettings()
         s, geo = settings, self.geometry
-        device = self.model.x_embedder.weight.device
+        device = self.model.device
         pre = self._prefix_latents(prefix, (s.height // geo.spatial_stride, s.width // geo.spatial_stride)
                                    ) if prefix is not None else None
         plan = self.plan(s, 0 if pre is None else pre.shape[2])

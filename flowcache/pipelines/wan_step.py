@@ -18,7 +18,7 @@ from ..cache.base import UnitSignal
 from ..errors import InputError
 from ..flops import forward_flops
 from ..kv.store import StepAttention
-from ..models.wan import WanDiT
+from ..models.wan import WanForward
 from ..runner import Decisions, RunState, Unit
 
 
@@ -63,7 +63,7 @@ def check_conditioning(ctx: torch.Tensor, text_dim: int, text_len: int, name: st
 class WanStep:
     """The Wan model call of one step. contexts: embedded text per branch, in the run's branch order."""
 
-    def __init__(self, model: WanDiT, contexts: dict[str, torch.Tensor], fps: float | None,
+    def __init__(self, model: WanForward, contexts: dict[str, torch.Tensor], fps: float | None,
                  window_attention: bool = False):
         self.model, self.contexts, self.fps = model, contexts, fps
         self.branches = list(contexts)
