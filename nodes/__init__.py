@@ -1,5 +1,6 @@
 """ComfyUI nodes of the FlowCache pack (V1 node API). Thin glue over ``flowcache``."""
 from .cache import FlowCacheCache
+from .causal import FlowCacheCausalOptions
 from .decode_save import FlowCacheDecodeSave
 from .demo import FlowCacheDecode, FlowCacheDemoTextEncode
 from .loader import FlowCacheModelLoader
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "FlowCacheModelLoader": FlowCacheModelLoader,
     "FlowCacheSampler": FlowCacheSampler,
     "FlowCacheCache": FlowCacheCache,
+    "FlowCacheCausalOptions": FlowCacheCausalOptions,
     "FlowCacheDecode": FlowCacheDecode,
     "FlowCacheVideoCombine": FlowCacheVideoCombine,
     "FlowCacheDemoTextEncode": FlowCacheDemoTextEncode,
@@ -24,6 +26,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FlowCacheModelLoader": "FlowCache Load Model",
     "FlowCacheSampler": "FlowCache Sampler",
     "FlowCacheCache": "FlowCache Cache",
+    "FlowCacheCausalOptions": "FlowCache Causal Options",
     "FlowCacheDecode": "FlowCache Decode",
     "FlowCacheVideoCombine": "FlowCache Video Combine",
     "FlowCacheDemoTextEncode": "FlowCache Demo Text Encode",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..flowcache.errors import CheckpointError
-from ..flowcache.models import LoadedModel, load_model
+from ..flowcache.models import LOOPS, MAGI_VARIANTS, LoadedModel, load_model
 from . import comfy_bridge
 from .demo import DEMO_ENTRY, demo_module
 
@@ -67,6 +67,21 @@ class FlowCacheModelLoader:
                 "tooltip": "Compute precision. auto: the file's own precision on a GPU (bf16 for fp8 files, whose "
                            "weights stay fp8 in memory and are upcast layer by layer), fp32 on the CPU where half "
                            "precision is slow."}),
+            "loop": (list(LOOPS), {
+                "default": "auto",
+                "tooltip": "Wan-architecture files: diffusion_forcing (SkyReels-V2 DF, Wan2.1) or causal "
+                           "(Self-Forcing, CausVid, Causal Forcing: block by block with a KV cache). They have the "
+                           "same keys, so auto decides from the file's metadata, a Self-Forcing/CausVid .pt, "
+                           "SkyReels' fps layers or the file name, and says which on the node."}),
+            "weights": (["auto", "generator_ema", "generator"], {
+                "default": "auto",
+                "tooltip": "Self-Forcing / CausVid .pt files only: which generator to load (auto: generator_ema "
+                           "when the file has it, the EMA weights the authors sample with)."}),
+            "magi_variant": (list(MAGI_VARIANTS), {
+                "default": "auto",
+                "tooltip": "MAGI-1 files only: distill (one pass, guidance distilled in) or base (3-pass "
+                           "guidance). auto: the folder holding the weights says 'distill' for the distilled "
+                           "release (inference_weight.distill)."}),
         }}
 
     RETURN_TYPES = ("FLOWCACHE_MODEL",)
@@ -76,7 +91,8 @@ class FlowCacheModelLoader:
     CATEGORY = "FlowCache"
     DESCRIPTION = "Loads a SkyReels-V2 / Wan2.1 or MAGI-1 video model for FlowCache Sampler."
 
-    def load(self, model_name: str, dtype: str = "auto") -> tuple[FlowCacheModel]:
+    def load(self, model_name: str, dtype: str = "auto", loop: str = "auto", weights: str = "auto",
+             magi_variant: str = "auto") -> dict:
         path = model_path(model_name)
         device = comfy_bridge.torch_device()
         chosen = resolve_dtype(dtype, device.type)
@@ -84,8 +100,13 @@ class FlowCacheModelLoader:
         # ComfyUI the model is built from ComfyUI's layers: fp8 weights stay fp8, and ComfyUI's memory manager
         # may load it partially and stream the rest, so the forward runs on ComfyUI's device, not where the
         # first weight happens to be.
-        loaded = load_model(path, chosen, operations=comfy_bridge.operations())
+        loaded = load_model(path, chosen, loop=loop, weights=None if weights == "auto" else weights,
+                            magi_variant=magi_variant, operations=comfy_bridge.operations())
         loaded.model.compute_device = device
         log.info("FlowCache: loaded %s (%s, %s, presets %s, layers %s)", loaded.checkpoint, loaded.family, chosen,
                  loaded.preset_key, comfy_bridge.operations().name)
-        return (FlowCacheModel(loaded, comfy_bridge.make_patcher(loaded.model), model_name, chosen),)
+        for note in loaded.notes:
+            log.info("FlowCache: %s: %s", loaded.checkpoint, note)
+        model = FlowCacheModel(loaded, comfy_bridge.make_patcher(loaded.model), model_name, chosen)
+        # the loader's decisions (loop, distilled or not, ...) are shown on the node
+        return {"ui": {"flowcache_notes": list(loaded.notes)}, "result": (model,)}

@@ -20,6 +20,7 @@ from ..flowcache.runner import RunHooks, StepInfo
 from ..flowcache.schedulers import SOLVERS
 from ..flowcache.stats import RunStats
 from . import comfy_bridge
+from .causal import causal_run
 from .demo import DEMO_CODEC
 from .loader import FlowCacheModel
 from .magi import MAGI_CODEC, magi_caption
@@ -108,6 +109,10 @@ class FlowCacheSampler:
                                                                "prefix_images."}),
                 "prefix_images": ("IMAGE", {"tooltip": "MAGI-1 only: one image (image-to-video) or the frames of "
                                                        "a video to continue (a multiple of 4 frames)."}),
+                "causal": ("FLOWCACHE_CAUSAL", {"tooltip": "Causal Wan models only (Self-Forcing, CausVid, Causal "
+                                                           "Forcing): FlowCache Causal Options. Not connected: a "
+                                                           "rolling 21-frame window with a 3-frame sink, Self-Forcing's "
+                                                           "schedule."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
@@ -126,13 +131,14 @@ class FlowCacheSampler:
                steps: int, cfg: float, shift: float, seed: int, ar_step: int, causal_block_size: int,
                base_num_frames: int, overlap_history: int, addnoise_condition: int, solver: str,
                keep_model_loaded: bool = False, cache: CacheRequest | None = None, vae: Any = None,
-               magi_vae: Any = None, prefix_images: Any = None, unique_id: Any = None, prompt: Any = None) -> dict:
+               magi_vae: Any = None, prefix_images: Any = None, causal: Any = None, unique_id: Any = None,
+               prompt: Any = None) -> dict:
         model = sampler_model(model, prompt, unique_id)
         lm = model.loaded
-        run = FAMILY_RUNS.get(lm.family)
+        run = LOOP_RUNS.get(lm.loop)
         if run is None:
-            raise InputError(f"model: {lm.family!r} models cannot be sampled here (supported: "
-                             f"{', '.join(FAMILY_RUNS)}).")
+            raise InputError(f"model: the {lm.loop!r} loop cannot be sampled here (supported: "
+                             f"{', '.join(LOOP_RUNS)}).")
         w = SamplerWidgets(width, height, num_frames, steps, cfg, shift, seed, ar_step, causal_block_size,
                            base_num_frames, overlap_history, addnoise_condition, solver)
         note = "" if cache is not None else "no cache node connected: FlowCache, the model's slow preset"
@@ -141,7 +147,8 @@ class FlowCacheSampler:
             raise InputError(f"cache: expected the output of FlowCache Cache, got {type(request).__name__}.")
         # Everything that can be wrong is checked before the model is moved or any step runs.
         cache_settings = request.resolve(lm.preset_key, lm.extra_presets)
-        job, memory = run(model, w, positive, negative, cache_settings, vae, magi_vae, prefix_images)
+        extras = {"vae": vae, "magi_vae": magi_vae, "prefix_images": prefix_images, "causal": causal}
+        job, memory = run(model, w, positive, negative, cache_settings, extras)
         log.info("FlowCache: sampling %s %dx%d, %d frames, %d steps, cache %s%s", lm.family, width, height,
                  num_frames, steps, request.describe(), f" ({note})" if note else "")
         comfy_bridge.load_to_device(model.patcher, memory)
@@ -216,9 +223,10 @@ def _working_memory(estimate: Callable[[], Any], kv: str | None) -> int:
 
 
 def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
-             vae: Any, magi_vae: Any, prefix_images: Any) -> "tuple[Job, int]":
+             extras: dict) -> "tuple[Job, int]":
     """SkyReels-V2 diffusion forcing (Wan2.1 DiTs and the built-in demo)."""
     lm = model.loaded
+    vae, magi_vae, prefix_images = extras["vae"], extras["magi_vae"], extras["prefix_images"]
     if prefix_images is not None or magi_vae is not None:
         raise InputError("prefix_images / magi_vae: only MAGI-1 models take these; disconnect them for a "
                          f"{lm.family} model.")
@@ -263,10 +271,11 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
 
 
 def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
-              vae: Any, magi_vae: Any, prefix_images: Any) -> "tuple[Job, int]":
+              extras: dict) -> "tuple[Job, int]":
     """MAGI-1 chunk-wise autoregression: width, height, num_frames, steps, shift, seed and causal_block_size
     (MAGI's chunk_width) apply; the diffusion-forcing widgets (cfg, ar_step, windows, solver) do not: distilled
     MAGI-1 has guidance built in and the base model uses MAGI's own guidance schedule."""
+    vae, magi_vae, prefix_images = extras["vae"], extras["magi_vae"], extras["prefix_images"]
     lm = model.loaded
     if vae is not None:
         log.warning("FlowCache: MAGI-1 has its own VAE; the connected Wan vae is not used (use magi_vae).")
@@ -294,4 +303,19 @@ def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative:
     return job, memory
 
 
-FAMILY_RUNS: dict[str, Callable[..., "tuple[Job, int]"]] = {"wan": _wan_run, "magi": _magi_run}
+def _causal_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
+                extras: dict) -> "tuple[Job, int]":
+    """Causal Wan block by block (Self-Forcing, CausVid, Causal Forcing): no guidance, the negative is unused."""
+    lm = model.loaded
+    if extras["prefix_images"] is not None or extras["magi_vae"] is not None:
+        raise InputError("prefix_images / magi_vae: only MAGI-1 models take these; disconnect them.")
+
+    def conditioning(cond: Any, name: str):
+        return check_conditioning(conditioning_tensor(cond, name), lm.config.text_dim, lm.text_len, name)
+
+    return causal_run(model, w, positive, cache, extras["causal"], conditioning), 0
+
+
+# The loaded model's loop picks its run (data, not a type switch); adding a loop adds a row here.
+LOOP_RUNS: dict[str, Callable[..., "tuple[Job, int]"]] = {"diffusion_forcing": _wan_run, "causal": _causal_run,
+                                                          "magi": _magi_run}

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-NODE_IDS = ("FlowCacheModelLoader", "FlowCacheSampler", "FlowCacheCache", "FlowCacheDecode", "FlowCacheVideoCombine",
+NODE_IDS = ("FlowCacheModelLoader", "FlowCacheSampler", "FlowCacheCache", "FlowCacheCausalOptions", "FlowCacheDecode", "FlowCacheVideoCombine",
             "FlowCacheDemoTextEncode", "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader")
 
 

@@ -73,7 +73,7 @@ def test_missing_and_damaged_files(tmp_path, capsys):
 def test_unforeseen_error_is_one_line_too(capsys, monkeypatch):
     import flowcache.models
 
-    def broken(path):
+    def broken(*args):
         raise ZeroDivisionError("division by zero")
     monkeypatch.setattr(flowcache.models, "inspect_checkpoint", broken)
     err = one_line_error(capsys, ["inspect", "x"], code=1)

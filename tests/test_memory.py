@@ -6,7 +6,6 @@ import math
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from flowcache.memory import GiB, estimate, estimate_wan, released_shapes

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_models import tiny_wan
 from comfy_helpers import (NODE_IDS, ROOT, TINY_KEY, TINY_PRESETS, StubInterrupt, demo_available, demo_missing,
                            pack_submodule, run_node, widget_defaults, write_tiny_wan)
 
@@ -53,7 +54,7 @@ def sampler_inputs(pack, model, **over) -> dict:
 def tiny(pack, comfy):
     """A random tiny Wan model in the stub diffusion_models folder, loaded through the loader node."""
     write_tiny_wan(comfy.models_dir / "tiny_wan.safetensors", pack)
-    (model,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name="tiny_wan.safetensors", dtype="auto")
+    (model,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name="tiny_wan.safetensors", dtype="auto")["result"]
     return model
 
 
@@ -134,7 +135,7 @@ def test_input_types_contract(pack, comfy, node_id):
 def test_sampler_and_other_widget_orders(pack):
     spec = nodes(pack)["FlowCacheSampler"].INPUT_TYPES()
     assert list(spec["required"]) == SAMPLER_ORDER  # UI workflows store widget values by position
-    assert list(spec["optional"]) == ["cache", "vae", "magi_vae", "prefix_images"]
+    assert list(spec["optional"]) == ["cache", "vae", "magi_vae", "prefix_images", "causal"]
     assert spec["optional"]["cache"][0] == "FLOWCACHE_CACHE"
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}  # the prompt: where a MODEL came from
     req = spec["required"]
@@ -156,7 +157,8 @@ def test_sampler_and_other_widget_orders(pack):
     assert {k: widget_defaults(nodes(pack)["FlowCacheCache"])[k] for k in CACHE_ORDER[2:]} == dict(
         threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07, max_skips=3, attention="auto")
     assert cache["threshold"][1]["step"] == 0.005
-    assert list(nodes(pack)["FlowCacheModelLoader"].INPUT_TYPES()["required"]) == ["model_name", "dtype"]
+    assert list(nodes(pack)["FlowCacheModelLoader"].INPUT_TYPES()["required"]) == ["model_name", "dtype", "loop", "weights",
+                                                                                 "magi_variant"]
     vc = nodes(pack)["FlowCacheVideoCombine"].INPUT_TYPES()["required"]
     assert list(vc) == ["images", "frame_rate", "loop_count", "filename_prefix", "format", "crf"]
     assert vc["format"][1]["default"] == "video/h264-mp4"
@@ -256,7 +258,7 @@ def test_cancel_stops_and_next_run_equals_fresh_run(pack, comfy, tiny):
     again = run_node(cls, **sampler_inputs(pack, tiny))["result"][0]["samples"]
     assert torch.equal(again, fresh)
     # ... and equal to a run on a freshly loaded copy of the model
-    (reloaded,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name="tiny_wan.safetensors", dtype="fp32")
+    (reloaded,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name="tiny_wan.safetensors", dtype="fp32")["result"]
     assert torch.equal(run_node(cls, **sampler_inputs(pack, reloaded))["result"][0]["samples"], fresh)
 
 
@@ -421,7 +423,7 @@ def test_demo_end_to_end(pack, comfy, demo_model):
     demo = demo_model
     n = nodes(pack)
     entry = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
-    (model,) = run_node(n["FlowCacheModelLoader"], model_name=entry, dtype="auto")
+    (model,) = run_node(n["FlowCacheModelLoader"], model_name=entry, dtype="auto")["result"]
     assert model.loaded.latent_format == "demo"
     (pos,) = run_node(n["FlowCacheDemoTextEncode"], prompt=demo.DEMO_PROMPTS[0])
     (neg,) = run_node(n["FlowCacheDemoTextEncode"], prompt="")
@@ -437,3 +439,30 @@ def test_demo_end_to_end(pack, comfy, demo_model):
     res = run_node(n["FlowCacheVideoCombine"], images=images, frame_rate=8.0, loop_count=0,
                    filename_prefix="demo", format="video/h264-mp4", crf=19)
     assert Path(res["result"][0]).is_file()
+
+
+# ------------------------------------------------------------------------------------------- causal Wan
+
+def test_causal_model_through_the_nodes(pack, comfy):
+    """A Self-Forcing-style .pt in the models folder: the loader picks the causal loop (and says why, on the node),
+    the sampler runs it block by block with FlowCache Causal Options, and reports the widgets it ignores."""
+    model = tiny_wan(seed=4, has_fps=False, dim=64)
+    sd = {"model." + k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"generator": sd, "generator_ema": sd, "critic": {}}, comfy.models_dir / "self_forcing_tiny.pt")
+    out = run_node(nodes(pack)["FlowCacheModelLoader"], model_name="self_forcing_tiny.pt", dtype="fp32")
+    (loaded,) = out["result"]
+    assert loaded.loaded.loop == "causal" and any("Self-Forcing" in n for n in out["ui"]["flowcache_notes"])
+    (options,) = run_node(nodes(pack)["FlowCacheCausalOptions"], kv_mode="rolling", window_frames=6, sink_frames=3,
+                          schedule="self_forcing")
+    kw = sampler_inputs(pack, loaded, width=32, height=32, num_frames=33, causal_block_size=3, cfg=1.0,
+                        negative=None, causal=options, method="flowcache", preset="custom", threshold=0.0)
+    kw["positive"] = cond(dim=32, tokens=5, seed=1)
+    res = run_node(nodes(pack)["FlowCacheSampler"], **kw)
+    stats = res["ui"]["flowcache_stats"][0]
+    assert res["result"][0]["samples"].shape[2] == 9 and stats["settings"]["loop"] == "causal"
+    assert stats["settings"]["kv_mode"] == "rolling" and "cfg (no guidance)" in stats["settings"]["ignored_widgets"]
+    assert stats["forwards"] == 3 * (4 + 1)  # 3 blocks of 4 steps and a clean pass
+    with pytest.raises(pack_submodule(pack, "flowcache.errors").InputError, match="sink_frames"):
+        bad = run_node(nodes(pack)["FlowCacheCausalOptions"], kv_mode="rolling", window_frames=6, sink_frames=6,
+                       schedule="self_forcing")[0]
+        run_node(nodes(pack)["FlowCacheSampler"], **dict(kw, causal=bad))

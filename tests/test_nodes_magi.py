@@ -79,7 +79,7 @@ def _vae_shapes() -> dict:
 
 def _graph(pack, prompt: str = "a red fox runs in snow", **over):
     n = nodes(pack)
-    (model,) = run_node(n["FlowCacheModelLoader"], model_name="magi_4.5B_distill/model.safetensors", dtype="fp32")
+    (model,) = run_node(n["FlowCacheModelLoader"], model_name="magi_4.5B_distill/model.safetensors", dtype="fp32")["result"]
     (cond,) = run_node(n["FlowCacheMagiTextEncode"], t5_name="t5_tiny.safetensors", prompt=prompt)
     (vae,) = run_node(n["FlowCacheMagiVAELoader"], vae_name="magi1/diffusion_pytorch_model.safetensors")
     (cache,) = run_node(n["FlowCacheCache"], **CACHE)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from comfy_helpers import pack_submodule, run_node
-from test_nodes import cache_node, cond, nodes, sampler_inputs
+from test_nodes import cond, nodes, sampler_inputs
 from test_wan_tree import HostLayers, copy_into, foreign_tree, snapshot
 from tiny_models import save_wan, tiny_wan
 
@@ -54,7 +54,7 @@ def df(pack, comfy):
     ref = tiny_wan(seed=11)
     save_wan(ref, comfy.models_dir / FILE)
     mp = StubModelPatcher(copy_into(foreign_tree(ref.cfg), ref.state_dict()))
-    (ours,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name=FILE, dtype="fp32")
+    (ours,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name=FILE, dtype="fp32")["result"]
     return ref, mp, ours
 
 
@@ -148,7 +148,7 @@ def test_loader_builds_from_comfyui_operations(pack, comfy, monkeypatch):
     monkeypatch.setitem(comfy.modules, "comfy.ops", ops)
     monkeypatch.setitem(__import__("sys").modules, "comfy.ops", ops)
     save_wan(tiny_wan(seed=2), comfy.models_dir / FILE, dtype=torch.float8_e4m3fn)
-    (fm,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name=FILE, dtype="fp32")
+    (fm,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name=FILE, dtype="fp32")["result"]
     q = fm.loaded.model.blocks[0].self_attn.q
     assert type(q).__name__ == "CastingLinear" and q.weight.dtype == torch.float8_e4m3fn  # fp8 stays fp8
     assert asked == [(torch.float8_e4m3fn, torch.float32)]

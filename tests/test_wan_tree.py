@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from flowcache.cache import CacheSettings
 from flowcache.checkpoint import read_named_tensors

@@ -32,7 +32,7 @@ from ..errors import InputError
 from ..flops import forward_flops
 from ..kv.scoring import CompressionConfig
 from ..kv.store import KVStore
-from ..models.wan import WanDiT
+from ..models.wan import WanForward
 from ..noise import NoiseSource, SeededNoise
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
 from ..stats import RunStats
@@ -224,8 +224,8 @@ class _CausalLoop:
 class CausalWanPipeline:
     """Run a causal Wan model (Self-Forcing, CausVid, Causal Forcing) block by block; see the module docstring."""
 
-    def __init__(self, model: WanDiT, geometry: LatentGeometry | None = None, text_len: int = 512):
-        if not isinstance(model, WanDiT):
+    def __init__(self, model: WanForward, geometry: LatentGeometry | None = None, text_len: int = 512):
+        if not isinstance(model, WanForward):
             raise InputError(f"loop: the causal loop runs Wan2.1-architecture models (Self-Forcing, CausVid, Causal "
                              f"Forcing); got {type(model).__name__}. MAGI-1 has its own chunk-wise loop.")
         self.model = model
