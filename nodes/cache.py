@@ -31,7 +31,7 @@ CUSTOM_WIDGETS: dict[str, tuple[str, tuple]] = {
         "default": 3, "min": 0, "max": 1000, "step": 1,
         "tooltip": "custom preset, magcache only: most steps in a row a chunk may reuse. Locked for slow/fast."})),
 }
-ATTENTION_CHOICES = ["auto", "window", "block_causal"]
+ATTENTION_CHOICES = ["auto", "window", "window_refresh", "block_causal"]
 
 
 class FlowCacheCache:
@@ -52,7 +52,9 @@ class FlowCacheCache:
             "default": "auto",
             "tooltip": "How a computed chunk attends on the chunk path (FlowCache, MagCache, EasyCache): window = to "
                        "every chunk of its window, later ones too, as the uncached window does (closer to off); "
-                       "block_causal = only to chunks up to itself (the FlowCache code). auto: the model's presets."})
+                       "window_refresh = window, plus the not-started chunks' keys once and each finished chunk's "
+                       "refreshed once (closest to off, a forward per chunk more); block_causal = only to chunks "
+                       "up to itself (the FlowCache code). auto: the model's presets."})
         return {"required": required}
 
     RETURN_TYPES = ("FLOWCACHE_CACHE",)

@@ -152,7 +152,7 @@ def test_sampler_and_other_widget_orders(pack):
     cache = nodes(pack)["FlowCacheCache"].INPUT_TYPES()["required"]
     assert list(cache) == CACHE_ORDER and nodes(pack)["FlowCacheCache"].RETURN_TYPES == ("FLOWCACHE_CACHE",)
     assert cache["method"][0] == ["off", "teacache", "flowcache", "magcache", "easycache"]
-    assert cache["method"][1]["default"] == "flowcache" and cache["attention"][0] == ["auto", "window", "block_causal"]
+    assert cache["method"][1]["default"] == "flowcache" and cache["attention"][0] == ["auto", "window", "window_refresh", "block_causal"]
     assert cache["preset"][0] == ["slow", "fast", "custom"] and cache["preset"][1]["default"] == "slow"
     assert {k: widget_defaults(nodes(pack)["FlowCacheCache"])[k] for k in CACHE_ORDER[2:]} == dict(
         threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07, max_skips=3, attention="auto")

@@ -29,7 +29,7 @@ class CacheMethod:
     summary: str
 
 
-ATTENTION = ("window", "block_causal")
+ATTENTION = ("window", "window_refresh", "block_causal")
 METHODS: dict[str, CacheMethod] = {m.name: m for m in (
     CacheMethod("off", OffConfig, OffPolicy, "window", "compute every step: the model's vanilla loop"),
     CacheMethod("teacache", TeaCacheConfig, TeaCachePolicy, "window", "skip whole steps of the window"),
@@ -59,8 +59,10 @@ class CacheSettings:
     custom); kv_budget: chunks of clean history kept per head on the chunk path (0 = no compression);
     mix_lambda: importance weight of the KV score; model_key: the presets-table row it was resolved from;
     attention: on the chunk path, "window" (each chunk attends to every stored chunk of its window, the later
-    ones too, as the whole-window forward of ``off`` does) or "block_causal" (the FlowCache code's per-chunk
-    attention: a chunk sees only the chunks up to itself)."""
+    ones too, as the whole-window forward of ``off`` does), "window_refresh" (window, plus the not-started
+    chunks' K/V written once as a window starts and each finished chunk's K/V refreshed once at t = 0, as the
+    window feeds them: a forward per chunk more) or "block_causal" (the FlowCache code's per-chunk attention: a
+    chunk sees only the chunks up to itself)."""
 
     method: str = "off"
     config: Any = field(default_factory=OffConfig)

@@ -152,13 +152,14 @@ class _Window:
     vanilla: dict                       # per branch: (real, paper) FLOPs of one whole-window forward
     window: dict | None                 # window path: the attention mask and per-branch FLOPs of one forward
     chunk_steps: list[int] = field(default_factory=list)
+    finished_at: dict[int, int] = field(default_factory=dict)  # chunk -> the iteration it took its last step
 
 
 class _DFLoop:
     """The ``ChunkLoop`` of one diffusion-forcing run (see ``flowcache.runner``)."""
 
     def __init__(self, pipe: "DiffusionForcingPipeline", s: DFSettings, step: WanStep, path: str,
-                 kv: tuple[int, float]):
+                 kv: tuple[int, float], attention: str = "block_causal"):
         self.pipe, self.s, self.call, self.path = pipe, s, step, path
         self.kv_budget, self.mix_lambda = kv
         self.windows = plan_windows(s, pipe.geometry, pipe.model.cfg.patch_size)
@@ -168,6 +169,7 @@ class _DFLoop:
         self.gen = torch.Generator(device="cpu").manual_seed(int(s.seed))
         self.prefix: torch.Tensor | None = None
         self.cur: _Window | None = None
+        self.refresh = attention == "window_refresh"
 
     def segments(self) -> list[Segment]:
         cbs = self.s.causal_block_size
@@ -199,8 +201,8 @@ class _DFLoop:
             budget = self.kv_budget * cbs * tok_frame
             # budget + the chunks that can be unclean at once (+1: the chunk finishing this step), never more
             # than the whole window
-            cap = nb * cbs * tok_frame if budget == 0 else min(nb * cbs * tok_frame,
-                                                                budget + (sched.max_active() + 1 + pb) * cbs * tok_frame)
+            cap = nb * cbs * tok_frame if budget == 0 or self.refresh else min(
+                nb * cbs * tok_frame, budget + (sched.max_active() + 1 + pb) * cbs * tok_frame)
             comp = CompressionConfig(mix_lambda=self.mix_lambda)
             run.stores["kv"] = KVStore(cfgm.num_layers, cap, budget, comp, tok_frame, len(self.call.branches))
             for c in range(pb):
@@ -236,6 +238,12 @@ class _DFLoop:
                         units.append(Unit(b, (b,), force=w.chunk_steps[b] == s.steps - 1))
                     elif b < pb and it == 0:  # the clean prefix: fill its K/V once
                         units.append(Unit(b, (b,), force=True, cacheable=False))
+                    elif self.refresh and it == 0 and w.chunk_steps[b] == 0:
+                        # the not-started chunks' K/V, once (t = 999 on their noise, as the window feeds them)
+                        units.append(Unit(b, (b,), force=True, cacheable=False))
+                    elif self.refresh and w.finished_at.get(b) == it - 1:
+                        # a chunk that just finished, once more at t = 0: its clean K/V, as the window feeds it
+                        units.append(Unit(b, (b,), force=True, cacheable=False))
                     else:
                         continue
                     spans.append(UnitSpan(slice(b * cbs, (b + 1) * cbs), b * cbs))
@@ -268,6 +276,7 @@ class _DFLoop:
                 w.x[:, :, fr] = w.solvers[b].step(v[:, :, fr], w.x[:, :, fr])
                 w.chunk_steps[b] += 1
                 if w.chunk_steps[b] == s.steps:
+                    w.finished_at[b] = step.index
                     for st in run.stores.values():
                         st.mark_clean(b)
         step.chunk_step = w.chunk_steps[step.active[-1]] if step.active else 0
@@ -315,8 +324,8 @@ class DiffusionForcingPipeline:
         contexts = {b: model.text_embed(c.to(model.device)) for b, c in texts.items()}
         stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": path})
         run = RunState(policy or make_policy(cache), stats, tuple(contexts), s.steps, hooks)
-        step = WanStep(model, contexts, s.fps, window_attention=cache.attention == "window")
-        loop = _DFLoop(self, s, step, path, (cache.kv_budget, cache.mix_lambda))
+        step = WanStep(model, contexts, s.fps, window_attention=cache.attention != "block_causal")
+        loop = _DFLoop(self, s, step, path, (cache.kv_budget, cache.mix_lambda), cache.attention)
         return run_loop(loop, run), stats
 
     def next_prefix(self, x: torch.Tensor, n_latents: int, s: DFSettings) -> torch.Tensor:
