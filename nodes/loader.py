@@ -67,6 +67,7 @@ class FlowCacheModelLoader:
                 "tooltip": "Compute precision. auto: the file's own precision on a GPU (bf16 for fp8 files, whose "
                            "weights stay fp8 in memory and are upcast layer by layer), fp32 on the CPU where half "
                            "precision is slow."}),
+        }, "optional": {  # optional: API prompts saved before these widgets existed still run (as "auto")
             "loop": (list(LOOPS), {
                 "default": "auto",
                 "tooltip": "Wan-architecture files: diffusion_forcing (SkyReels-V2 DF, Wan2.1) or causal "

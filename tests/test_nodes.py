@@ -157,8 +157,11 @@ def test_sampler_and_other_widget_orders(pack):
     assert {k: widget_defaults(nodes(pack)["FlowCacheCache"])[k] for k in CACHE_ORDER[2:]} == dict(
         threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07, max_skips=3, attention="auto")
     assert cache["threshold"][1]["step"] == 0.005
-    assert list(nodes(pack)["FlowCacheModelLoader"].INPUT_TYPES()["required"]) == ["model_name", "dtype", "loop", "weights",
-                                                                                 "magi_variant"]
+    loader = nodes(pack)["FlowCacheModelLoader"].INPUT_TYPES()
+    assert list(loader["required"]) == ["model_name", "dtype"]
+    # optional widgets (default auto), so API prompts saved before them still validate in the server
+    assert list(loader["optional"]) == ["loop", "weights", "magi_variant"]
+    assert all(spec[1]["default"] == "auto" for spec in loader["optional"].values())
     vc = nodes(pack)["FlowCacheVideoCombine"].INPUT_TYPES()["required"]
     assert list(vc) == ["images", "frame_rate", "loop_count", "filename_prefix", "format", "crf"]
     assert vc["format"][1]["default"] == "video/h264-mp4"

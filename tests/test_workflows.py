@@ -26,12 +26,12 @@ WEB = ROOT / "web"
 DEMO_DIT = ROOT / "flowcache" / "demo" / "assets" / "demo_dit.safetensors"
 DEMO_ENTRY = "flowcache-demo (built-in, runs on CPU)"
 EXPECTED = {"flowcache_demo_cpu", "skyreels_v2_df_1.3b_t2v_fast", "skyreels_v2_df_1.3b_t2v_slow",
-            "skyreels_v2_df_1.3b_long_kv", "magi1_4.5b_distill_t2v_fast"}
+            "skyreels_v2_df_1.3b_long_kv", "magi1_4.5b_distill_t2v_fast", "skyreels_v2_df_14b_native_lora_fast"}
 # The presets row each shipped workflow's model file has (what GET /flowcache/model_presets answers once the file
 # is in models/diffusion_models; the demo's row is read from its asset here).
 MODEL_KEYS = {"flowcache_demo_cpu": "demo", "skyreels_v2_df_1.3b_t2v_fast": "wan-1.3B",
               "skyreels_v2_df_1.3b_t2v_slow": "wan-1.3B", "skyreels_v2_df_1.3b_long_kv": "wan-1.3B",
-              "magi1_4.5b_distill_t2v_fast": "magi-4.5B"}
+              "magi1_4.5b_distill_t2v_fast": "magi-4.5B", "skyreels_v2_df_14b_native_lora_fast": "wan-14B"}
 # Widget orders of the saved workflows (widgets_values is positional).
 SAMPLER_WIDGETS = ["width", "height", "num_frames", "steps", "cfg", "shift", "seed", "control_after_generate",
                    "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition",
@@ -58,6 +58,13 @@ CORE_NODES = {
                                "clip": ("CLIP",)}},
         "output": ("CONDITIONING",)},
     "VAELoader": {"input": {"required": {"vae_name": (FILES,)}}, "output": ("VAE",)},
+    "UNETLoader": {"input": {"required": {"unet_name": (FILES,),
+                                          "weight_dtype": (["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"],)}},
+                   "output": ("MODEL",)},
+    "LoraLoaderModelOnly": {"input": {"required": {
+        "model": ("MODEL",), "lora_name": (FILES,),
+        "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})}},
+        "output": ("MODEL",)},
     "VAEDecode": {"input": {"required": {"samples": ("LATENT",), "vae": ("VAE",)}}, "output": ("IMAGE",)},
     # Frontend-only node (no Python class): one multiline text widget, no slots.
     "Note": {"input": {"required": {"text": ("STRING", {"multiline": True})}}, "output": ()},
@@ -213,7 +220,7 @@ def test_workflow_structure(path, node_defs):
             declared = link_inputs(nd).get(inp["name"])
             if declared is None:
                 errors.append(f"{node['type']}: unknown input {inp['name']}")
-            elif inp["type"] != declared[0]:
+            elif inp["type"] != declared[0]:  # the frontend saves the declared type, a union as written
                 errors.append(f"{node['type']}.{inp['name']}: slot type {inp['type']} != {declared[0]}")
         linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
         for name, (kind, required) in link_inputs(nd).items():
@@ -231,8 +238,9 @@ def test_workflow_links_match_types(path, node_defs):
         out_type = node_defs[a["type"]]["output"][src_slot]
         inp = b["inputs"][dst_slot]
         in_type = link_inputs(node_defs[b["type"]])[inp["name"]][0]
-        assert out_type == in_type == ltype, f"link {link_id}: {a['type']}[{src_slot}] {out_type} -> " \
-                                             f"{b['type']}.{inp['name']} {in_type} (link says {ltype})"
+        # an input may take a union ("FLOWCACHE_MODEL,MODEL"); the link carries the output's type
+        assert out_type == ltype and out_type in in_type.split(","), \
+            f"link {link_id}: {a['type']}[{src_slot}] {out_type} -> {b['type']}.{inp['name']} {in_type} (link says {ltype})"
         assert inp["link"] == link_id
         assert link_id in (a["outputs"][src_slot].get("links") or [])
     # and no slot claims a link that does not exist
@@ -297,8 +305,13 @@ def _cache(wf: dict, node_defs: dict) -> dict:
 
 
 def _loader_name(wf: dict, node_defs: dict) -> str:
-    (node,) = nodes_of(wf, "FlowCacheModelLoader")
-    return widgets_by_name(node, node_defs["FlowCacheModelLoader"])["model_name"]
+    """The model file: FlowCache Load Model's, or ComfyUI's Load Diffusion Model's (a native MODEL)."""
+    for node_type, widget in (("FlowCacheModelLoader", "model_name"), ("UNETLoader", "unet_name")):
+        found = nodes_of(wf, node_type)
+        if found:
+            (node,) = found
+            return widgets_by_name(node, node_defs[node_type])[widget]
+    raise AssertionError("no model loader in the workflow")
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -455,6 +468,25 @@ def test_magi_workflow(node_defs, pack):
     note = nodes_of(wf, "Note")[0]["widgets_values"][0]
     for fact in ("sand-ai/MAGI-1", "special_tokens.npz", "magi1_special_tokens.npz", "models/vae/magi1_vae"):
         assert fact in note
+
+
+def test_native_14b_lora_workflow(node_defs):
+    """ComfyUI's own loaders feed the sampler: Load Diffusion Model (fp8 storage) -> LoRA -> FlowCache Sampler."""
+    wf = load_workflow(ROOT / "workflows" / "skyreels_v2_df_14b_native_lora_fast.json")
+    assert not nodes_of(wf, "FlowCacheModelLoader")
+    (unet,) = nodes_of(wf, "UNETLoader")
+    (lora,) = nodes_of(wf, "LoraLoaderModelOnly")
+    (sampler,) = nodes_of(wf, "FlowCacheSampler")
+    assert unet["widgets_values"][1] == "fp8_e4m3fn" and "14B" in unet["widgets_values"][0]
+    by_link = {ln[0]: ln for ln in wf["links"]}
+    into_lora = by_link[next(i["link"] for i in lora["inputs"] if i["name"] == "model")]
+    into_sampler = by_link[_link_into(sampler, "model")]
+    assert (into_lora[1], into_lora[5]) == (unet["id"], "MODEL")
+    assert (into_sampler[1], into_sampler[5]) == (lora["id"], "MODEL")
+    c = _cache(wf, node_defs)
+    assert (c["method"], c["preset"]) == ("flowcache", "fast")
+    note = nodes_of(wf, "Note")[0]["widgets_values"][0]
+    assert "Load Diffusion Model" in note and "LoRA" in note and "GGUF" in note
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
