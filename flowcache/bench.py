@@ -36,9 +36,13 @@ class Mode:
     attention: str | None = None
 
 
+ATTENTION_TAGS = {"window": "win", "window_refresh": "ref", "block_causal": "bc"}
+
+
 def table_modes(kit) -> list[Mode]:
-    """off, then every method with settings × slow/fast the model has presets for; FlowCache with window and
-    block-causal attention side by side; and FlowCache fast with a one-chunk KV budget."""
+    """off, then every method with settings × slow/fast the model has presets for; FlowCache also with each other
+    chunk attention than its preset's ("/win", "/ref", "/bc"), side by side; and FlowCache fast with a one-chunk
+    KV budget."""
     from .cache import METHODS
     from .errors import InputError
 
@@ -51,16 +55,14 @@ def table_modes(kit) -> list[Mode]:
                 s = kit.cache(name, preset)
             except InputError:  # no presets for this method on this model
                 continue
+            modes.append(Mode(f"{name}-{preset}", name, preset))
             if name == "flowcache":
-                other = "block_causal" if s.attention == "window" else "window"
-                modes.append(Mode(f"{name}-{preset}", name, preset))
-                modes.append(Mode(f"{name}-{preset}/{'bc' if other == 'block_causal' else 'win'}", name, preset,
-                                  attention=other))
-            else:
-                modes.append(Mode(f"{name}-{preset}", name, preset))
+                modes += [Mode(f"{name}-{preset}/{tag}", name, preset, attention=attention)
+                          for attention, tag in ATTENTION_TAGS.items() if attention != s.attention]
     fast = kit.cache("flowcache", "fast")
     modes.append(Mode("flowcache-fast+kv", "flowcache", "custom", {"threshold": fast.config.threshold,
-                                                                   "warmup": fast.config.warmup, "kv_budget": 1}))
+                                                                   "warmup": fast.config.warmup, "kv_budget": 1},
+                      attention=fast.attention))
     return modes
 
 
@@ -92,7 +94,7 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
     keys = ("wall", "psnr", "ssim", "forwards", "calls", "flops", "flops_nocache", "flops_paper",
             "flops_nocache_paper", "kv")
     per_mode: dict[str, dict] = {m.name: {k: [] for k in keys} for m in modes}
-    t0_rows = {a: {"plain": [], "t0": [], "psnr": []} for a in ("window", "block_causal")}
+    t0_rows = {a: {"plain": [], "t0": [], "psnr": []} for a in ATTENTION_TAGS}
     torch.manual_seed(0)
     for prompt in prompts:
         for seed in seeds:
@@ -189,9 +191,11 @@ SWEEP = {"teacache": _grid((0.05, 0.1, 0.2, 0.3, 0.5)),
 
 def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides: dict | None = None, log=print,
               kit=None, grid: dict | None = None) -> list[dict]:
-    """Each method over a grid of custom values (``SWEEP``; the rest from its slow preset), FlowCache with both
-    attentions: FLOPs and wall speedups against off and PSNR, averaged over prompts and seeds; ``frontier`` marks
-    the rows no other row beats in FLOPs speedup and PSNR at once."""
+    """Each method over a grid of custom values (``SWEEP``; the rest from its slow preset), each chunk-path method
+    with every attention (window, window_refresh, block_causal): FLOPs and wall speedups against off and PSNR,
+    averaged over prompts and seeds; ``frontier`` marks the rows no other row beats in FLOPs speedup and PSNR at
+    once."""
+    from .cache import ATTENTION, METHODS
     from .errors import InputError
     from .jobs import load_demo_kit
 
@@ -203,7 +207,7 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
             base = kit.cache(method, "slow")
         except InputError:
             continue
-        attentions = ("window", "block_causal") if method == "flowcache" else (base.attention,)
+        attentions = ATTENTION if METHODS[method].path == "chunk" else (base.attention,)
         for attention in attentions:
             for custom in values:
                 points.append((method, attention, custom))

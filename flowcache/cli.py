@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Callable, Iterator, NoReturn
 
+from .cache import METHODS
 from .errors import FlowCacheError, InputError
 
 
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--uncond")
     g.add_argument("--vae", help="Wan2.1 VAE file; without it latents are written")
     g.add_argument("--out", default="out/video.mp4")
-    g.add_argument("--cache", choices=["off", "teacache", "flowcache"], default="flowcache")
+    g.add_argument("--cache", choices=list(METHODS), default="flowcache")
     g.add_argument("--preset", choices=["slow", "fast"], default="slow")
     g.add_argument("--dtype", default="auto")
     g.add_argument("--device", default="cpu")

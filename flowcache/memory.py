@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -110,14 +111,27 @@ def _parse_resolution(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _wan_forward_bytes(cfg, rows: int, branches: int, text_len: int, c: int) -> int:
+    """Working set of one Wan forward of ``rows`` tokens (all branches together), compute dtype of ``c`` bytes."""
+    d, f, ps = cfg.dim, cfg.ffn_dim, cfg.patch_size
+    block = max(rows * d * (5 * c + 8),            # q, k, v, attention output, o; RoPE's fp32 q/k temporaries
+                rows * (d * c + 2 * f * c),        # modulated input, FFN hidden and its GELU
+                rows * d * (8 + c))                # fp32 LayerNorm and modulation of the residual
+    step = rows * d * c * 3 + rows * (cfg.out_dim * math.prod(ps)) * 4  # token buffers, head output
+    text = branches * text_len * d * c * 3          # embedded text and one block's cross-attention keys/values
+    return rows * d * c + block + step + text
+
+
 def estimate_wan(cfg, weights: dict[str, int], width: int, height: int, *, frames: int = 97,
                  base_frames: int = 97, overlap: int = 17, chunk: int = 5, steps: int = 50, ar_step: int = 5,
                  branches: int = 2, budget: int = 1, compute: str = "bf16", text_len: int = 512,
-                 temporal_stride: int = 4, spatial_stride: int = 8, name: str = "wan") -> MemoryEstimate:
+                 temporal_stride: int = 4, spatial_stride: int = 8, name: str = "wan",
+                 whole_window: bool = False) -> MemoryEstimate:
     """A SkyReels-V2 diffusion-forcing run with FlowCache's chunk path (defaults: SkyReels' 540P settings, CFG
-    on, one window of 97 frames; ``frames`` > ``base_frames`` adds windows that start from an overlap)."""
+    on, one window of 97 frames; ``frames`` > ``base_frames`` adds windows that start from an overlap).
+    ``whole_window``: the window path's forward (every chunk of the window at once) instead."""
     c = BYTES[compute]
-    d, f, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
+    d, layers = cfg.dim, cfg.num_layers
     ps = cfg.patch_size
     tok_frame = (height // spatial_stride // ps[1]) * (width // spatial_stride // ps[2])
     chunk_tokens = chunk * tok_frame // ps[0]
@@ -136,14 +150,10 @@ def estimate_wan(cfg, weights: dict[str, int], width: int, height: int, *, frame
         window_rows = nb * chunk_tokens
         kv_rows = max(kv_rows, window_rows)
         kv_rows_budget = max(kv_rows_budget, min(window_rows, (budget + sched.max_active() + 1 + pb) * chunk_tokens))
+    if whole_window:  # the window path (off, TeaCache): every chunk of the window, prefix included, each step
+        most = nb
     tokens = most * chunk_tokens  # per branch, in the largest batched forward
-    rows = branches * tokens
-    block = max(rows * d * (5 * c + 8),            # q, k, v, attention output, o; RoPE's fp32 q/k temporaries
-                rows * (d * c + 2 * f * c),        # modulated input, FFN hidden and its GELU
-                rows * d * (8 + c))                # fp32 LayerNorm and modulation of the residual
-    step = rows * d * c * 3 + rows * (cfg.out_dim * math.prod(ps)) * 4  # token buffers, head output
-    text = branches * text_len * d * c * 3          # embedded text and one block's cross-attention keys/values
-    activations = rows * d * c + block + step + text
+    activations = _wan_forward_bytes(cfg, branches * tokens, branches, text_len, c)
     per_row = layers * 2 * d * c  # keys and values of one token, every layer
     return MemoryEstimate(
         name, f"{width}x{height}, {frames} frames", weights, activations, branches * kv_rows * per_row,
@@ -151,6 +161,27 @@ def estimate_wan(cfg, weights: dict[str, int], width: int, height: int, *, frame
         {"forward": f"{branches} branches x {most} chunks x {chunk_tokens} tokens",
          "kv": f"{branches} x {kv_rows} tokens", "kv_budget": f"{branches} x {kv_rows_budget} tokens",
          "tokens_per_chunk": chunk_tokens, "chunks_per_window": nb, "compute": compute})
+
+
+def estimate_causal(cfg, weights: dict[str, int], width: int, height: int, *, frames: int = 81,
+                    block_frames: int = 3, kv_blocks: int | None = None, compute: str = "bf16",
+                    text_len: int = 512, temporal_stride: int = 4, spatial_stride: int = 8,
+                    name: str = "wan-causal") -> MemoryEstimate:
+    """A causal Wan run (Self-Forcing, CausVid, Causal Forcing): one block per forward, no guidance branch; the
+    KV store holds ``kv_blocks`` blocks (None: every block of the video, kv_mode global)."""
+    c = BYTES[compute]
+    ps = cfg.patch_size
+    tok_frame = (height // spatial_stride // ps[1]) * (width // spatial_stride // ps[2])
+    latent = (frames - 1) // temporal_stride + 1
+    blocks = max(1, latent // block_frames)
+    block_tokens = block_frames * tok_frame // ps[0]
+    kept = blocks if kv_blocks is None else min(blocks, kv_blocks)
+    per_row = cfg.num_layers * 2 * cfg.dim * c
+    kv = kept * block_tokens * per_row
+    return MemoryEstimate(
+        name, f"{width}x{height}, {frames} frames", weights, _wan_forward_bytes(cfg, block_tokens, 1, text_len, c),
+        kv, kv, kept, {"forward": f"1 block x {block_tokens} tokens", "kv": f"{kept} of {blocks} blocks",
+                       "kv_budget": f"{kept} of {blocks} blocks", "tokens_per_chunk": block_tokens, "compute": compute})
 
 
 def estimate_magi(cfg, weights: dict[str, int], width: int, height: int, *, frames: int = 96, chunk: int = 6,
@@ -280,5 +311,70 @@ def estimate(model: str, resolution: str, *, frames: int | None = None, budget: 
     return estimate_magi(cfg, held, w, h, frames=frames or 96, budget=budget, compute=compute, name=label)
 
 
-__all__ = ["MemoryEstimate", "RELEASED", "estimate", "estimate_wan", "estimate_magi", "held_weight_bytes",
-           "released_shapes", "checkpoint_shapes"]
+# ------------------------------------------------------------------------------ refusing what cannot fit
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a run could use on ``device`` outside ComfyUI (the nodes ask ComfyUI's memory manager instead):
+    CUDA's free memory plus what PyTorch holds unused; on the CPU, Linux's MemAvailable. None when unknown."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def working_bytes(estimate: Callable[[], MemoryEstimate], kv: str | None) -> int:
+    """Bytes a run needs beside the weights (one forward, plus the KV stores ``kv`` names: "kv" or "kv_budget");
+    0 when the estimate does not apply (the run's own checks then report the bad settings)."""
+    try:
+        est = estimate()
+    except (InputError, ValueError, ZeroDivisionError):
+        return 0
+    return est.activations + (getattr(est, kv) if kv else 0)
+
+
+def largest_fitting_size(need: Callable[[int, int], int], width: int, height: int, available: int,
+                         unit: int) -> tuple[int, int] | None:
+    """The largest (width, height) at about the same aspect ratio, both multiples of ``unit`` and no larger than
+    asked, whose ``need(width, height)`` fits in ``available`` bytes; None when not even one unit does."""
+    n_max = max(width, height) // unit
+    lo, hi, best = 1, n_max, None
+    while lo <= hi:  # the need grows with the size: bisect on the longer side's units
+        n = (lo + hi) // 2
+        scale = n * unit / max(width, height)
+        w = max(unit, min(width, int(width * scale) // unit * unit))
+        h = max(unit, min(height, int(height * scale) // unit * unit))
+        if need(w, h) <= available:
+            best, lo = (w, h), n + 1
+        else:
+            hi = n - 1
+    return best
+
+
+def check_fits(need: Callable[[int, int], int], width: int, height: int, frames: int, available: int | None,
+               device: str, unit: int, where: str = "FlowCache Sampler") -> int:
+    """Refuse a run whose working memory (one forward and the KV stores, beside the weights, which ComfyUI can
+    stream layer by layer) exceeds what ``device`` has available, naming the largest size that fits. Returns
+    the need in bytes. ``available`` None: unknown, nothing is refused."""
+    needed = need(width, height)
+    if available is None or needed <= available:
+        return needed
+    fit = largest_fitting_size(need, width, height, available, unit)
+    hint = (f"the largest size that fits at this aspect ratio and frame count is {fit[0]}x{fit[1]}" if fit else
+            "no size fits at this frame count")
+    raise InputError(f"{where}: width={width}, height={height}, num_frames={frames} needs about "
+                     f"{needed / GiB:.1f} GiB of working memory (one forward and the KV cache, beside the weights); "
+                     f"the {device} has about {available / GiB:.1f} GiB available. {hint[0].upper() + hint[1:]}; "
+                     "fewer frames or a kv_budget also lower it.")
+
+
+__all__ = ["MemoryEstimate", "RELEASED", "estimate", "estimate_wan", "estimate_magi", "estimate_causal",
+           "held_weight_bytes", "released_shapes", "checkpoint_shapes", "available_bytes", "working_bytes",
+           "largest_fitting_size", "check_fits"]

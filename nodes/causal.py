@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..flowcache.cache import CacheSettings
+from ..flowcache.checkpoint import DTYPE_NAMES
 from ..flowcache.errors import InputError
 from ..flowcache.latent_format import wan_to_raw
+from ..flowcache.memory import estimate_causal
 from ..flowcache.pipelines.causal_wan import KV_MODES, LOOP_PRESETS, CausalSettings, CausalWanPipeline, plan_causal
 from ..flowcache.pipelines.common import LatentGeometry
 from ..flowcache.runner import RunHooks
@@ -84,12 +86,16 @@ def causal_settings(w: Any, options: CausalOptions | None) -> tuple[CausalSettin
 
 
 def causal_run(model: Any, w: Any, positive: Any, cache: CacheSettings, options: CausalOptions | None,
-               conditioning: Callable[[Any, str], Any]) -> Callable[[RunHooks], tuple[dict, Any]]:
-    """The causal loop's job; every input is checked here, before the model moves."""
+               conditioning: Callable[[Any, str], Any], working_memory: Callable[..., int]
+               ) -> tuple[Callable[[RunHooks], tuple[dict, Any]], tuple[Callable[[int, int], int], int]]:
+    """The causal loop's job, and its working memory at a (width, height) with the pixel multiple sizes keep;
+    every input is checked here, before the model moves."""
     lm = model.loaded
     settings, ignored = causal_settings(w, options)
     geometry = LatentGeometry(**lm.geometry)
-    plan_causal(settings, geometry, lm.config.patch_size, cache.kv_budget)
+    plan = plan_causal(settings, geometry, lm.config.patch_size, cache.kv_budget)
+    kv_blocks = {"global": None, "rolling": plan.window_blocks,
+                 "compressed": plan.sink_blocks + cache.kv_budget + 1}[settings.kv_mode]
     cond = conditioning(positive, "positive")
     log.info("FlowCache: causal loop, %d blocks of %d latent frames, kv %s; ignored here: %s", settings.num_frames,
              settings.num_frame_per_block, settings.kv_mode, ", ".join(ignored))
@@ -101,4 +107,8 @@ def causal_run(model: Any, w: Any, positive: Any, cache: CacheSettings, options:
             return {"samples": wan_to_raw(latents)}, stats
         return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
 
-    return job
+    need = lambda width, height: working_memory(lambda: estimate_causal(  # noqa: E731
+        lm.config, {}, width, height, frames=settings.num_frames, block_frames=settings.num_frame_per_block,
+        kv_blocks=kv_blocks, compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"), text_len=lm.text_len,
+        temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride), "kv")
+    return job, (need, geometry.spatial_stride * lm.config.patch_size[1])

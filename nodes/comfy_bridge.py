@@ -39,6 +39,27 @@ def torch_device() -> torch.device:
     return torch.device(mm.get_torch_device()) if mm is not None else torch.device("cpu")
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a run could use on ``device``: on a GPU, what is free plus what ComfyUI can unload (its loaded
+    models on that device), less its reserve; on the CPU, the free RAM. Without ComfyUI, the core's figure."""
+    mm = _module("comfy.model_management")
+    if mm is None:
+        from ..flowcache.memory import available_bytes
+        return available_bytes(device)
+    free = int(mm.get_free_memory(device))
+    if device.type in ("cpu", "mps"):
+        return free
+    unloadable = 0
+    for loaded in list(getattr(mm, "current_loaded_models", [])):
+        try:
+            if torch.device(loaded.device) == device:
+                unloadable += int(loaded.model_loaded_memory())
+        except Exception:  # noqa: BLE001 - a model being freed meanwhile counts as nothing
+            continue
+    reserve = int(mm.extra_reserved_memory()) if hasattr(mm, "extra_reserved_memory") else 0
+    return max(0, free + unloadable - reserve)
+
+
 def offload_device() -> torch.device:
     mm = _module("comfy.model_management")
     return torch.device(mm.unet_offload_device()) if mm is not None else torch.device("cpu")

@@ -11,7 +11,8 @@ from ..flowcache.cache import CacheSettings
 from ..flowcache.checkpoint import DTYPE_NAMES
 from ..flowcache.errors import FlowCacheError, InputError
 from ..flowcache.latent_format import wan_to_raw
-from ..flowcache.memory import estimate_magi, estimate_wan
+from ..flowcache.memory import check_fits, estimate_magi, estimate_wan
+from ..flowcache.memory import working_bytes as working_memory
 from ..flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry, plan_windows
 from ..flowcache.pipelines.magi import MagiPipeline, MagiSettings
 from ..flowcache.pipelines.wan_step import check_conditioning
@@ -148,7 +149,10 @@ class FlowCacheSampler:
         # Everything that can be wrong is checked before the model is moved or any step runs.
         cache_settings = request.resolve(lm.preset_key, lm.extra_presets)
         extras = {"vae": vae, "magi_vae": magi_vae, "prefix_images": prefix_images, "causal": causal}
-        job, memory = run(model, w, positive, negative, cache_settings, extras)
+        job, (need, unit) = run(model, w, positive, negative, cache_settings, extras)
+        device = comfy_bridge.torch_device()
+        memory = check_fits(need, width, height, num_frames, comfy_bridge.available_memory(device), device.type,
+                            unit)
         log.info("FlowCache: sampling %s %dx%d, %d frames, %d steps, cache %s%s", lm.family, width, height,
                  num_frames, steps, request.describe(), f" ({note})" if note else "")
         comfy_bridge.load_to_device(model.patcher, memory)
@@ -199,6 +203,9 @@ class SamplerWidgets:
 
 
 Job = Callable[[RunHooks], "tuple[dict, RunStats]"]
+# Bytes a run needs beside the weights at a given (width, height), the other widgets as set; with the pixel
+# multiple that sizes must keep (to name the largest size that fits).
+Need = tuple[Callable[[int, int], int], int]
 
 
 def sampler_model(model: Any, prompt: Any = None, unique_id: Any = None) -> FlowCacheModel:
@@ -212,18 +219,8 @@ def sampler_model(model: Any, prompt: Any = None, unique_id: Any = None) -> Flow
     raise InputError(f"model: expected FlowCache Load Model's model or a ComfyUI MODEL, got {type(model).__name__}.")
 
 
-def _working_memory(estimate: Callable[[], Any], kv: str | None) -> int:
-    """Bytes a run needs beside the weights (one forward, plus the KV stores ``kv`` names), for ComfyUI's loader;
-    0 when the estimate does not apply (the run's own checks report bad settings)."""
-    try:
-        est = estimate()
-    except (FlowCacheError, ValueError, ZeroDivisionError):
-        return 0
-    return est.activations + (getattr(est, kv) if kv else 0)
-
-
 def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
-             extras: dict) -> "tuple[Job, int]":
+             extras: dict) -> "tuple[Job, Need]":
     """SkyReels-V2 diffusion forcing (Wan2.1 DiTs and the built-in demo)."""
     lm = model.loaded
     vae, magi_vae, prefix_images = extras["vae"], extras["magi_vae"], extras["prefix_images"]
@@ -261,17 +258,18 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
             return {"samples": wan_to_raw(latents)}, stats
         return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
 
-    memory = _working_memory(lambda: estimate_wan(
-        lm.config, {}, w.width, w.height, frames=w.num_frames, base_frames=w.base_num_frames,
+    window_path = cache.path == "window"
+    need = lambda width, height: working_memory(lambda: estimate_wan(  # noqa: E731
+        lm.config, {}, width, height, frames=w.num_frames, base_frames=w.base_num_frames,
         overlap=w.overlap_history, chunk=w.causal_block_size, steps=w.steps, ar_step=w.ar_step,
         branches=2 if w.cfg > 1.0 else 1, budget=cache.kv_budget, compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"),
-        text_len=lm.text_len, temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride),
-        None if cache.path == "window" else ("kv_budget" if cache.kv_budget else "kv"))
-    return job, memory
+        text_len=lm.text_len, temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride,
+        whole_window=window_path), None if window_path else ("kv_budget" if cache.kv_budget else "kv"))
+    return job, (need, geometry.spatial_stride * lm.config.patch_size[1])
 
 
 def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
-              extras: dict) -> "tuple[Job, int]":
+              extras: dict) -> "tuple[Job, Need]":
     """MAGI-1 chunk-wise autoregression: width, height, num_frames, steps, shift, seed and causal_block_size
     (MAGI's chunk_width) apply; the diffusion-forcing widgets (cfg, ar_step, windows, solver) do not: distilled
     MAGI-1 has guidance built in and the base model uses MAGI's own guidance schedule."""
@@ -296,15 +294,15 @@ def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative:
         return {"samples": latents, "flowcache_codec": MAGI_CODEC, "flowcache_chunk_width": settings.chunk_width}, stats
 
     distill = bool(getattr(lm.model, "distill", False))
-    memory = _working_memory(lambda: estimate_magi(
-        lm.config, {}, w.width, w.height, frames=w.num_frames, chunk=w.causal_block_size, passes=1 if distill else 2,
+    need = lambda width, height: working_memory(lambda: estimate_magi(  # noqa: E731
+        lm.config, {}, width, height, frames=w.num_frames, chunk=w.causal_block_size, passes=1 if distill else 2,
         budget=cache.kv_budget, compute=DTYPE_NAMES.get(lm.model.dtype, "fp32")),
         "kv_budget" if cache.kv_budget else "kv")
-    return job, memory
+    return job, (need, 16)
 
 
 def _causal_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
-                extras: dict) -> "tuple[Job, int]":
+                extras: dict) -> "tuple[Job, Need]":
     """Causal Wan block by block (Self-Forcing, CausVid, Causal Forcing): no guidance, the negative is unused."""
     lm = model.loaded
     if extras["prefix_images"] is not None or extras["magi_vae"] is not None:
@@ -313,9 +311,9 @@ def _causal_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negativ
     def conditioning(cond: Any, name: str):
         return check_conditioning(conditioning_tensor(cond, name), lm.config.text_dim, lm.text_len, name)
 
-    return causal_run(model, w, positive, cache, extras["causal"], conditioning), 0
+    return causal_run(model, w, positive, cache, extras["causal"], conditioning, working_memory)
 
 
 # The loaded model's loop picks its run (data, not a type switch); adding a loop adds a row here.
-LOOP_RUNS: dict[str, Callable[..., "tuple[Job, int]"]] = {"diffusion_forcing": _wan_run, "causal": _causal_run,
+LOOP_RUNS: dict[str, Callable[..., "tuple[Job, Need]"]] = {"diffusion_forcing": _wan_run, "causal": _causal_run,
                                                           "magi": _magi_run}

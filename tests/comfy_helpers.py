@@ -150,6 +150,7 @@ class ComfyStubs:
     unloads: list[Any] = field(default_factory=list)
     interrupt_after: int | None = None   # raise at this many interrupt checks (1-based)
     checks: int = 0
+    free_memory: int = 64 * 1024 ** 3    # what get_free_memory answers (bytes)
     modules: dict[str, types.ModuleType] = field(default_factory=dict)
     saved: dict[str, Any] = field(default_factory=dict)
 
@@ -166,6 +167,7 @@ class ComfyStubs:
         mm.text_encoder_device = lambda: torch.device("cpu")
         mm.vae_device = lambda: torch.device("cpu")
         mm.soft_empty_cache = lambda force=False: None
+        mm.get_free_memory = lambda dev=None, torch_free_too=False: stubs.free_memory
 
         class LoadedEntry:
             def __init__(self, patcher):

@@ -14,7 +14,10 @@ import torch
 from flowcache.cli import main
 from tiny_models import save_wan, tiny_wan
 
-ROWS = ["off", "teacache-slow", "teacache-fast", "flowcache-slow", "flowcache-fast", "flowcache-fast+kv"]
+# the rows the tiny presets below give: off, every method × preset with presets, FlowCache also with the chunk
+# attentions other than its preset's (block_causal when a row names none), and FlowCache fast with a KV budget
+ROWS = ["off", "teacache-slow", "teacache-fast", "flowcache-slow", "flowcache-slow/win", "flowcache-slow/ref",
+        "flowcache-fast", "flowcache-fast/win", "flowcache-fast/ref", "flowcache-fast+kv"]
 PRESETS = {"tiny-bench": {"coefficients": [1.0, 0.0],
                           "flowcache": {"slow": {"threshold": 0.3, "warmup": 2, "kv_budget": 0},
                                         "fast": {"threshold": 0.6, "warmup": 2, "kv_budget": 0}},
@@ -25,13 +28,13 @@ PRESETS = {"tiny-bench": {"coefficients": [1.0, 0.0],
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def check_table(table: dict) -> dict:
+def check_table(table: dict, expected: list[str] = ROWS) -> dict:
     rows = {r["mode"]: r for r in table["rows"]}
-    assert list(rows) == ROWS
+    assert list(rows) == expected
     off = rows["off"]
     assert off["speedup"] == 1.0 and off["flops_speedup"] == 1.0 and off["psnr_db"] == math.inf
     assert off["peak_kv_bytes"] == 0 and off["ssim"] == pytest.approx(1.0)
-    for name in ROWS[1:]:
+    for name in expected[1:]:
         r = rows[name]
         assert r["forwards"] > 0 and r["tflops"] > 0 and r["wall_s"] > 0 and r["speedup"] > 0
         assert r["psnr_db"] > 0 and -1.0 <= r["ssim"] <= 1.0 + 1e-6
@@ -48,9 +51,13 @@ def check_table(table: dict) -> dict:
     # the chunk path keeps a KV store, never larger with a budget
     assert rows["flowcache-fast"]["peak_kv_bytes"] > 0
     assert rows["flowcache-fast+kv"]["peak_kv_bytes"] <= rows["flowcache-fast"]["peak_kv_bytes"]
-    o = table["overhead"]
-    assert o["chunked_s"] > 0 and o["flowcache_threshold0_s"] > 0 and math.isfinite(o["fraction"])
-    assert o["threshold0_psnr_db"] > 0
+    # the chunk path with no reuse, for each attention: its distance to off and the policy's bookkeeping time
+    assert set(table["overhead"]) == {"window", "window_refresh", "block_causal"}
+    for o in table["overhead"].values():
+        assert o["chunked_s"] > 0 and o["flowcache_threshold0_s"] > 0 and math.isfinite(o["fraction"])
+        assert o["threshold0_psnr_db"] > 0
+    t0 = {a: o["threshold0_psnr_db"] for a, o in table["overhead"].items()}
+    assert t0["window_refresh"] >= t0["window"]  # refreshing K/V brings the chunk path closer to off
     return rows
 
 
@@ -158,7 +165,13 @@ def test_bench_on_a_retrained_demo_file_uses_its_own_text_embedding(tmp_path):
     assert main(["bench", "--model", str(model), "--prompts", "1", "--seeds", "1", "--repeats", "1", "--steps", "6",
                  "--json", str(out), "--quiet"]) == 0
     table = json.loads(out.read_text())["table"]
-    check_table(table)
+    # the demo's presets: every method, FlowCache with its preset's attention and the two others
+    demo_rows = ["off"] + [f"{m}-{p}" + tag for m in ("teacache", "flowcache", "magcache", "easycache")
+                           for p in ("slow", "fast")
+                           for tag in ([""] + (["/a", "/b"] if m == "flowcache" else []))] + ["flowcache-fast+kv"]
+    got = [r["mode"] for r in table["rows"]]
+    assert [m.split("/")[0] for m in got] == [m.split("/")[0] for m in demo_rows], got
+    check_table(table, got)
     s = table["setting"]
     assert s["prompts"] == [prompt] and s["num_frames"] == demo.DEMO_SETTINGS["num_frames"]
     assert s["quality_on"] == "DemoCodec"

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flowcache.cli import main
 from tiny_models import save_wan, tiny_wan
@@ -78,3 +79,24 @@ def test_unforeseen_error_is_one_line_too(capsys, monkeypatch):
     monkeypatch.setattr(flowcache.models, "inspect_checkpoint", broken)
     err = one_line_error(capsys, ["inspect", "x"], code=1)
     assert "internal error (ZeroDivisionError: division by zero); please report it" in err
+
+
+def test_generate_refuses_a_size_that_cannot_fit(tmp_path, capsys, monkeypatch):
+    """Before any step runs: the estimate against the device's available memory (here set to 256 MiB), one line
+    naming the widgets and the largest size that fits."""
+    from safetensors.torch import save_file
+
+    import flowcache.jobs as jobs
+
+    model = tiny_wan()
+    ckpt = str(save_wan(model, tmp_path / "m.safetensors"))
+    cond = tmp_path / "cond.safetensors"
+    save_file({"context": torch.randn(1, 5, model.cfg.text_dim)}, str(cond))
+    monkeypatch.setattr(jobs, "available_bytes", lambda device: 256 * 1024 ** 2)
+    ran = []
+    monkeypatch.setattr(jobs.DiffusionForcingPipeline, "__call__", lambda *a, **k: ran.append(1))
+    err = one_line_error(capsys, ["generate", ckpt, "--cond", str(cond), "--out", str(tmp_path / "o.mp4"), "--cache", "off",
+                                  "--settings", '{"width": 4096, "height": 4096, "num_frames": 97, '
+                                                '"base_num_frames": 97, "steps": 2}'])
+    assert "generate: width=4096, height=4096, num_frames=97 needs about" in err and "largest size" in err, err
+    assert not ran and not list(tmp_path.glob("o.*"))

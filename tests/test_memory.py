@@ -5,7 +5,9 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from flowcache.memory import GiB, estimate, estimate_wan, released_shapes
@@ -88,3 +90,42 @@ def test_estimate_of_a_magi_checkpoint(tmp_path):
     assert set(e.weights) == {"bf16", "fp32"}  # the promoted modules stay fp32
     # one chunk of 96 tokens, keys and values of every layer's kv heads, bf16
     assert e.kv == 96 * SMALL["layers"] * 2 * SMALL["kv"] * SMALL["dh"] * 2
+
+
+def test_largest_fitting_size_by_arithmetic():
+    """need = 3 bytes per pixel, 1200x800 asked, 1,000,000 bytes: the longer side steps by 16 and the shorter one
+    follows the aspect ratio, floored to 16. 704x464 needs 979,968 bytes; the next step, 720x480, 1,036,800."""
+    from flowcache.memory import largest_fitting_size
+
+    need = lambda w, h: 3 * w * h  # noqa: E731
+    assert largest_fitting_size(need, 1200, 800, 1_000_000, 16) == (704, 464)
+    assert need(704, 464) == 979_968 and need(720, 480) == 1_036_800
+    assert largest_fitting_size(need, 1200, 800, 100, 16) is None  # not even 16x16 fits
+    assert largest_fitting_size(need, 1200, 800, 10 ** 9, 16) == (1200, 800)  # never larger than asked
+
+
+def test_check_fits_refuses_naming_the_widgets_and_the_size_that_fits():
+    from flowcache.errors import InputError
+    from flowcache.memory import GiB, check_fits
+
+    need = lambda w, h: w * h * 1024  # noqa: E731
+    assert check_fits(need, 512, 512, 33, None, "cuda", 16) == 512 * 512 * 1024  # unknown: never refused
+    assert check_fits(need, 512, 512, 33, GiB, "cuda", 16) == 512 * 512 * 1024
+    with pytest.raises(InputError) as e:
+        check_fits(need, 4096, 2048, 33, GiB, "cuda", 16)
+    msg = str(e.value)
+    assert "width=4096, height=2048, num_frames=33" in msg and "8.0 GiB" in msg and "1.0 GiB" in msg
+    # the longer side's largest multiple of 16 that fits: 1456 (with 720 below it: 1,073,479,680 bytes <= 1 GiB);
+    # 1472x736 needs 1,109,393,408
+    assert "1456x720" in msg and "cuda" in msg
+    assert need(1456, 720) <= GiB < need(1472, 736)
+
+
+def test_available_bytes_on_this_machine():
+    import torch
+
+    from flowcache.memory import available_bytes
+    got = available_bytes(torch.device("cpu"))
+    assert got is None or got > 0
+    if Path("/proc/meminfo").exists():
+        assert got is not None and got > 64 * 1024 ** 2

@@ -2,6 +2,7 @@
 modules the nodes use are stubbed (``comfy`` fixture in conftest.py)."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -469,3 +470,39 @@ def test_causal_model_through_the_nodes(pack, comfy):
         bad = run_node(nodes(pack)["FlowCacheCausalOptions"], kv_mode="rolling", window_frames=6, sink_frames=6,
                        schedule="self_forcing")[0]
         run_node(nodes(pack)["FlowCacheSampler"], **dict(kw, causal=bad))
+
+
+# ------------------------------------------------------------------------------------ runs that cannot fit
+
+def test_demo_at_4096_is_refused_before_it_starts_with_the_largest_size_that_fits(pack, comfy, demo_model):
+    """The reproduction of the report: the demo at 4096x4096 with 36 frames was accepted and ran away. With the
+    device's available memory from ComfyUI (here 4 GiB), the sampler refuses it before the model moves or a
+    step runs, with the estimate and a size that fits; that size then runs the check clean."""
+    demo = demo_model
+    n = nodes(pack)
+    memory = pack_submodule(pack, "flowcache.memory")
+    errors = pack_submodule(pack, "flowcache.errors")
+    entry = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
+    (model,) = run_node(n["FlowCacheModelLoader"], model_name=entry, dtype="auto")["result"]
+    (pos,) = run_node(n["FlowCacheDemoTextEncode"], prompt=demo.DEMO_PROMPTS[0])
+    s = {k: v for k, v in demo.DEMO_SETTINGS.items() if k != "fps"}
+    comfy.free_memory = 4 * memory.GiB
+    kw = dict(widget_defaults(n["FlowCacheSampler"]), **s, model=model, positive=pos, negative=pos, unique_id="3")
+    kw.update(width=4096, height=4096, num_frames=36)
+    with pytest.raises(errors.InputError) as e:
+        run_node(n["FlowCacheSampler"], **kw)
+    msg = str(e.value)
+    assert "FlowCache Sampler" in msg and "width=4096, height=4096, num_frames=36" in msg and "GiB" in msg
+    fit = re.search(r"fits at this aspect ratio and frame count is (\d+)x(\d+)", msg)
+    assert fit, msg
+    w, h = int(fit[1]), int(fit[2])
+    assert w == h and 0 < w < 4096  # square in, square out
+    assert comfy.loads == [] and comfy.progress == [] and comfy.checks == 0  # nothing moved, nothing ran
+    # the named size passes the check: the model is loaded and the run starts (cancelled at its first check,
+    # since a run that size is a long CPU job), and one size unit more each way is refused again
+    comfy.interrupt_after = 1
+    with pytest.raises(StubInterrupt):
+        run_node(n["FlowCacheSampler"], **{**kw, "width": w, "height": h})
+    assert len(comfy.loads) == 1
+    with pytest.raises(errors.InputError, match="needs about"):
+        run_node(n["FlowCacheSampler"], **{**kw, "width": w + 64, "height": h + 64})
