@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Callable, Any
 
 import torch
 
@@ -181,6 +181,23 @@ def progress_bar(total: int, node_id: Any = None) -> Any:
     utils = _module("comfy.utils")
     cls = getattr(utils, "ProgressBar", None) if utils is not None else None
     return cls(total, node_id=node_id) if cls is not None else _NoProgress(total, node_id)
+
+
+def latent_previewer(latent_format: str) -> Callable[[torch.Tensor], Any] | None:
+    """ComfyUI's preview of a latent frame ([1, C, 1, h, w] in the model's space) as the progress bar takes it,
+    with the user's preview method (none by default: then None). Wan2.1 latents only."""
+    preview = sys.modules.get("latent_preview")  # ComfyUI's own, loaded by its nodes.py; never a stray module
+    formats = _module("comfy.latent_formats") if preview is not None else None
+    if latent_format != "wan21" or formats is None or not hasattr(formats, "Wan21"):
+        return None
+    try:
+        previewer = preview.get_previewer(torch_device(), formats.Wan21())
+    except Exception as e:  # noqa: BLE001 - a preview is a nicety: say why once, never fail the run
+        log.info("FlowCache: no latent preview (%s).", e)
+        return None
+    if previewer is None:
+        return None
+    return lambda x: previewer.decode_latent_to_preview_image("JPEG", x)
 
 
 def check_interrupted() -> None:

@@ -157,7 +157,7 @@ class FlowCacheSampler:
                  num_frames, steps, request.describe(), f" ({note})" if note else "")
         comfy_bridge.load_to_device(model.patcher, memory)
         try:
-            latents, stats = job(RunHooks(self._on_step(unique_id), comfy_bridge.check_interrupted))
+            latents, stats = job(RunHooks(self._on_step(unique_id, lm.latent_format), comfy_bridge.check_interrupted))
         finally:
             if not keep_model_loaded:
                 comfy_bridge.offload(model.patcher)
@@ -169,14 +169,21 @@ class FlowCacheSampler:
         return {"ui": {"flowcache_stats": [stats_dict]}, "result": (latents,)}
 
     @staticmethod
-    def _on_step(unique_id: Any):
-        state: dict[str, Any] = {"pbar": None}
+    def _on_step(unique_id: Any, latent_format: str = ""):
+        state: dict[str, Any] = {"pbar": None, "frames": 0, "previewer": None}
 
         def on_step(info: StepInfo) -> None:
             comfy_bridge.check_interrupted()
             if state["pbar"] is None:
                 state["pbar"] = comfy_bridge.progress_bar(info.total, unique_id)
-            state["pbar"].update_absolute(info.done, info.total)  # inside ComfyUI also a cancel point
+                state["previewer"] = comfy_bridge.latent_previewer(latent_format) if info.preview else None
+            image = None
+            if state["previewer"] is not None and info.preview is not None:
+                finished = info.preview()  # [1, C, F, h, w]: the frames finished so far
+                if finished.shape[2] > state["frames"]:  # a block finished: show its last frame
+                    state["frames"] = finished.shape[2]
+                    image = state["previewer"](finished[:, :, -1:].float())
+            state["pbar"].update_absolute(info.done, info.total, image)  # inside ComfyUI also a cancel point
             comfy_bridge.send_event("flowcache.progress", {"node": unique_id, "text": info.text(),
                                                            "value": info.done, "max": info.total})
 

@@ -146,6 +146,7 @@ class ComfyStubs:
     models_dir: Path
     events: list[tuple[str, Any]] = field(default_factory=list)
     progress: list[tuple[Any, int, int]] = field(default_factory=list)
+    previews: list[tuple[int, Any]] = field(default_factory=list)  # (progress value, preview) when one was sent
     loads: list[Any] = field(default_factory=list)
     unloads: list[Any] = field(default_factory=list)
     interrupt_after: int | None = None   # raise at this many interrupt checks (1-based)
@@ -206,6 +207,8 @@ class ComfyStubs:
                     self.total = total
                 self.current = min(value, self.total)
                 stubs.progress.append((self.node_id, self.current, self.total))
+                if preview is not None:
+                    stubs.previews.append((self.current, preview))
 
         utils.ProgressBar = ProgressBar
 

@@ -472,6 +472,44 @@ def test_causal_model_through_the_nodes(pack, comfy):
         run_node(nodes(pack)["FlowCacheSampler"], **dict(kw, causal=bad))
 
 
+def test_causal_run_previews_each_finished_block(pack, comfy, monkeypatch):
+    """With ComfyUI's latent preview on, the progress bar gets the last frame of each block as it finishes (the
+    previewer ComfyUI builds for Wan2.1 latents, given that frame in the model's latent space); off, nothing."""
+    import types
+
+    model = tiny_wan(seed=4, has_fps=False, dim=64)
+    sd = {"model." + k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"generator_ema": sd}, comfy.models_dir / "self_forcing_tiny.pt")
+    (loaded,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name="self_forcing_tiny.pt",
+                         dtype="fp32")["result"]
+    seen = []
+
+    class Previewer:
+        def decode_latent_to_preview_image(self, fmt, x0):
+            seen.append(tuple(x0.shape))
+            return (fmt, f"frame-{len(seen)}", 512)
+
+    methods = {"on": Previewer(), "off": None}
+    lp = types.ModuleType("latent_preview")
+    lp.get_previewer = lambda device, latent_format: methods[state]
+    formats = types.ModuleType("comfy.latent_formats")
+    formats.Wan21 = lambda: "wan21-format"
+    monkeypatch.setitem(sys.modules, "latent_preview", lp)
+    monkeypatch.setitem(sys.modules, "comfy.latent_formats", formats)
+    kw = sampler_inputs(pack, loaded, width=32, height=32, num_frames=33, causal_block_size=3, cfg=1.0,
+                        negative=None, method="flowcache", preset="custom", threshold=0.0)
+    kw["positive"] = cond(dim=32, tokens=5, seed=1)
+    state = "on"
+    run_node(nodes(pack)["FlowCacheSampler"], **kw)
+    # 3 blocks of 3 latent frames: a preview after each block's last step, of one frame [1, 16, 1, 4, 4]
+    assert seen == [(1, 16, 1, 4, 4)] * 3
+    assert [p for _, p in comfy.previews] == [("JPEG", f"frame-{i}", 512) for i in (1, 2, 3)]
+    comfy.previews.clear()
+    state = "off"
+    run_node(nodes(pack)["FlowCacheSampler"], **kw)
+    assert comfy.previews == [] and len(seen) == 3
+
+
 # ------------------------------------------------------------------------------------ runs that cannot fit
 
 def test_demo_at_4096_is_refused_before_it_starts_with_the_largest_size_that_fits(pack, comfy, demo_model):
