@@ -65,44 +65,51 @@ class FlowCacheSampler:
         return {
             "required": {
                 "model": ("FLOWCACHE_MODEL,MODEL", {
-                    "tooltip": "FlowCache Load Model's model (SkyReels-V2 / Wan2.1 or MAGI-1), or ComfyUI's own "
+                    "tooltip": "FlowCache Load Model's model (SkyReels-V2 / Wan2.1, causal Wan or MAGI-1), or ComfyUI's own "
                                "MODEL of a Wan2.1-architecture model (SkyReels-V2 DF 1.3B/14B, Wan2.1 T2V) from "
                                "Load Diffusion Model, any LoRA loader or a GGUF loader: its own layers run, so "
                                "its fp8/GGUF weights, LoRAs and partial loading apply. SkyReels' fps embedding, "
                                "which ComfyUI drops, is read back from the MODEL's file."}),
                 "positive": ("CONDITIONING", {"tooltip": "Prompt: umT5-XXL text states (CLIP Text Encode with "
                                                          "a Wan text encoder), or FlowCache Demo Text Encode."}),
-                "negative": ("CONDITIONING", {"tooltip": "Negative prompt (used when cfg > 1)."}),
+                "negative": ("CONDITIONING", {"tooltip": "Negative prompt (used when cfg > 1). Causal Wan models have "
+                                                         "no guidance: unused."}),
                 "width": _int(960, 16, 4096, "Video width in pixels; a multiple of 16.", 16),
                 "height": _int(544, 16, 4096, "Video height in pixels; a multiple of 16.", 16),
-                "num_frames": _int(97, 1, 10001, "Frames to generate: 4·k+1 for Wan. Longer than base_num_frames "
-                                                 "runs several overlapping windows."),
-                "steps": _int(50, 1, 1000, "Denoising steps per chunk."),
+                "num_frames": _int(97, 1, 10001, "Frames to generate: 4·k+1 for Wan. Diffusion forcing: longer "
+                                                 "than base_num_frames runs several overlapping windows; causal "
+                                                 "Wan: any length, block by block."),
+                "steps": _int(50, 1, 1000, "Denoising steps per chunk. Causal Wan: ignored (the schedule on "
+                                           "FlowCache Causal Options sets them: 4 or 3)."),
                 "cfg": _float(6.0, 0.0, 30.0, 0.1, "Classifier-free guidance scale; ≤ 1 skips the negative "
                                                    "pass (twice as fast). Not used by MAGI-1 (its guidance is "
-                                                   "built in)."),
+                                                   "built in) nor by causal Wan (no guidance)."),
                 "shift": _float(8.0, 0.0, 100.0, 0.1, "Flow-matching sigma shift (SkyReels uses 8 for "
-                                                      "text-to-video, MAGI-1 3)."),
+                                                      "text-to-video, MAGI-1 3). Causal Wan: ignored (its "
+                                                      "schedule's own)."),
                 "seed": _int(1024, 0, MAX_SEED, "Noise seed; the same seed and settings give the same video."),
-                "ar_step": _int(5, 0, 100, "Steps by which each chunk lags the previous one (0 = all chunks "
-                                           "denoise together; 5 = SkyReels' asynchronous mode)."),
+                "ar_step": _int(5, 0, 100, "Diffusion forcing only: steps by which each chunk lags the "
+                                           "previous one (0 = all chunks denoise together; 5 = SkyReels' "
+                                           "asynchronous mode)."),
                 "causal_block_size": _int(5, 1, 100, "Latent frames per chunk (the unit FlowCache caches); "
-                                                             "SkyReels uses 5, MAGI-1 6."),
-                "base_num_frames": _int(97, 1, 10001, "Frames per window (the model's native length); 4·k+1 "
-                                                      "for Wan."),
-                "overlap_history": _int(17, 1, 10001, "Frames each new window re-uses from the previous one; "
-                                                      "4·k+1 for Wan."),
-                "addnoise_condition": _int(20, 0, 1000, "Noise added to the re-used frames of a new window "
-                                                        "(SkyReels suggests 20; ≤ 50)."),
+                                                             "SkyReels uses 5, MAGI-1 6, Self-Forcing/CausVid 3, "
+                                                             "frame-wise Causal Forcing 1."),
+                "base_num_frames": _int(97, 1, 10001, "Diffusion forcing only: frames per window (the model's "
+                                                      "native length); 4·k+1 for Wan."),
+                "overlap_history": _int(17, 1, 10001, "Diffusion forcing only: frames each new window re-uses "
+                                                      "from the previous one; 4·k+1 for Wan."),
+                "addnoise_condition": _int(20, 0, 1000, "Diffusion forcing only: noise added to the re-used "
+                                                        "frames of a new window (SkyReels suggests 20; ≤ 50)."),
                 "solver": (SOLVER_NAMES, {"default": "unipc",
-                                          "tooltip": "Sampler: unipc (SkyReels' default) or euler."}),
+                                          "tooltip": "Diffusion forcing only: unipc (SkyReels' "
+                                                     "default) or euler. MAGI-1 and causal Wan use their own."}),
                 "keep_model_loaded": ("BOOLEAN", {"default": False,
                                                   "tooltip": "Keep the model on the GPU after sampling (faster "
                                                              "next run, less memory for other nodes)."}),
             },
             "optional": {
-                "cache": ("FLOWCACHE_CACHE", {"tooltip": "From FlowCache Cache: off, teacache or flowcache and "
-                                                         "their preset. Not connected: FlowCache with the model's "
+                "cache": ("FLOWCACHE_CACHE", {"tooltip": "From FlowCache Cache: the cache method and its "
+                                                         "preset. Not connected: FlowCache with the model's "
                                                          "slow preset."}),
                 "vae": ("VAE", {"tooltip": "Wan2.1 VAE: re-encodes the overlap between windows as SkyReels does. "
                                            "Without it the overlap is carried over in latent space."}),
