@@ -17,6 +17,12 @@ def forward_flops(tokens: int, context: int, dim: int, ffn: int, layers: int, te
     return layers * (linear + attn)
 
 
+def text_projection_flops(dim: int, layers: int, text_len: int) -> float:
+    """The cross-attention key/value projections of the text in one forward (part of ``forward_flops``): what a
+    loop that computes them once per run saves on every later forward."""
+    return layers * 4.0 * text_len * dim * dim
+
+
 def paper_window_flops(tokens_per_chunk: int, chunks: int, dim: int, ffn: int, layers: int, text_len: int) -> float:
     """The paper's 'one full-window forward': every chunk forwarded, chunk j attending to j chunks."""
     return sum(forward_flops(tokens_per_chunk, j * tokens_per_chunk, dim, ffn, layers, text_len)

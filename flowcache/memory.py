@@ -178,8 +178,10 @@ def estimate_causal(cfg, weights: dict[str, int], width: int, height: int, *, fr
     kept = blocks if kv_blocks is None else min(blocks, kv_blocks)
     per_row = cfg.num_layers * 2 * cfg.dim * c
     kv = kept * block_tokens * per_row
+    text_kv = cfg.num_layers * 2 * text_len * cfg.dim * c  # the text's cross-attention K/V, kept for the run
     return MemoryEstimate(
-        name, f"{width}x{height}, {frames} frames", weights, _wan_forward_bytes(cfg, block_tokens, 1, text_len, c),
+        name, f"{width}x{height}, {frames} frames", weights,
+        _wan_forward_bytes(cfg, block_tokens, 1, text_len, c) + text_kv,
         kv, kv, kept, {"forward": f"1 block x {block_tokens} tokens", "kv": f"{kept} of {blocks} blocks",
                        "kv_budget": f"{kept} of {blocks} blocks", "tokens_per_chunk": block_tokens, "compute": compute})
 

@@ -185,6 +185,11 @@ class RunState:
         self.stats.flops += flops
         self.stats.flops_paper += flops if paper is None else paper
 
+    def count_extra(self, flops: float, paper: float | None = None) -> None:
+        """Work done outside a counted forward (e.g. the text's keys/values computed once for the run)."""
+        self.stats.flops += flops
+        self.stats.flops_paper += 0.0 if paper is None else paper
+
     def count_vanilla(self, flops: float, paper: float | None = None) -> None:
         """What the vanilla loop (cache off) spends on this step, the reference of the FLOPs speedups."""
         self.stats.flops_nocache += flops

@@ -66,6 +66,30 @@ def test_loop_equals_a_step_by_step_rederivation(model, cond):
     assert stats.forwards == 3 * (4 + 1) and stats.reused == 0 and stats.iterations == [15]
 
 
+def test_text_keys_and_values_are_computed_once_per_run(model, cond):
+    """As the official loop does: each layer's cross-attention K/V projection of the text runs on the first
+    forward only (15 forwards here); the FLOP count says so, and off spends exactly the vanilla loop's FLOPs."""
+    from flowcache.flops import forward_flops, text_projection_flops
+
+    calls = []
+    hooks = [blk.cross_attn.k.register_forward_hook(lambda m, i, o: calls.append(1)) for blk in model.tree.blocks]
+    try:
+        _, stats = CausalWanPipeline(model, GEO, text_len=8)(cond, small(), CacheSettings())
+        assert len(calls) == len(model.tree.blocks)  # once per layer, not once per forward
+        _, again = CausalWanPipeline(model, GEO, text_len=8)(cond, small(), CacheSettings())
+        assert len(calls) == 2 * len(model.tree.blocks)  # a new run computes them again: nothing leaks
+    finally:
+        for h in hooks:
+            h.remove()
+    assert stats.flops == pytest.approx(stats.flops_nocache, rel=1e-12)
+    c = model.cfg
+    proj = text_projection_flops(c.dim, c.num_layers, 8)
+    # the paper's column counts every forward whole; the real one saves the projection on 14 of 15 forwards
+    assert stats.flops_paper - stats.flops == pytest.approx(14 * proj, rel=1e-9)
+    assert proj == c.num_layers * 4 * 8 * c.dim * c.dim
+    assert forward_flops(48, 48, c.dim, c.ffn_dim, c.num_layers, 8) > proj
+
+
 def test_replay_from_recorded_draws_is_exact(model, cond):
     rec = SeededNoise(11, record=True)
     a, _ = CausalWanPipeline(model, GEO, 8)(cond, small(), noise=rec)

@@ -290,8 +290,9 @@ class WanForward:
 
     def _block(self, blk: nn.Module, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor,
                rope: tuple[torch.Tensor, torch.Tensor], layer: int, kv: ChunkAttention | None,
-               mask: torch.Tensor | None) -> torch.Tensor:
-        """One block: x [B, L, D]; e0 [B, F, 6, D] fp32 per-frame modulation; ctx [B, S, D] embedded text."""
+               mask: torch.Tensor | None, text_kv: dict | None = None) -> torch.Tensor:
+        """One block: x [B, L, D]; e0 [B, F, 6, D] fp32 per-frame modulation; ctx [B, S, D] embedded text.
+        ``text_kv``: layer -> the cross-attention's (k, v) [B, H, S, Dh] of this ``ctx``, filled on first use."""
         b, n, d = x.shape
         f = e0.shape[1]
         heads, eps = self.cfg.num_heads, self.cfg.eps
@@ -311,22 +312,32 @@ class WanForward:
         y = (attention(q, k, v, mask) if kv is None else kv.attend(layer, q, k, v)).transpose(1, 2).flatten(2)
         x = (x.float() + gate(blk.self_attn.o(y), m[2])).to(x.dtype)
 
-        q, k, v = (t.transpose(1, 2) for t in self._project(blk.cross_attn, heads, blk.norm3(x), ctx))
-        x = x + blk.cross_attn.o(attention(q, k, v).transpose(1, 2).flatten(2))
+        ca = blk.cross_attn
+        if text_kv is not None and layer in text_kv:  # the text's keys/values do not change within a run
+            q = ca.norm_q(ca.q(blk.norm3(x))).unflatten(-1, (heads, -1)).transpose(1, 2)
+            k, v = text_kv[layer]
+        else:
+            q, k, v = (t.transpose(1, 2) for t in self._project(ca, heads, blk.norm3(x), ctx))
+            if text_kv is not None:
+                text_kv[layer] = (k, v)
+        x = x + ca.o(attention(q, k, v).transpose(1, 2).flatten(2))
 
         y = blk.ffn(modulate(x, m[3], m[4]))
         return (x.float() + gate(y, m[5])).to(x.dtype)
 
     def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor, grid: tuple[int, int, int],
                    frame_offset: int | tuple[int, ...] = 0, kv: ChunkAttention | None = None,
-                   mask: torch.Tensor | None = None, between: Callable[[], None] | None = None) -> torch.Tensor:
+                   mask: torch.Tensor | None = None, between: Callable[[], None] | None = None,
+                   text_kv: dict | None = None) -> torch.Tensor:
         """All transformer blocks on tokens x [B, L, D]; RoPE frames start at ``frame_offset`` (a tuple: the
         first frames of equal chunks laid end to end, see ``rope_angles``). With ``kv`` the self-attention is
         the context's (chunk by chunk against stored K/V), otherwise plain attention under ``mask``.
-        ``between`` runs after every block: a cancel point inside long forwards (it raises to stop)."""
+        ``between`` runs after every block: a cancel point inside long forwards (it raises to stop).
+        ``text_kv``: a dict kept by the caller for this ``ctx``: the cross-attention keys/values are computed on
+        the first call and reused after (as the causal Wan models' own loop does)."""
         rope = self.rope(grid, frame_offset)
         for i, block in enumerate(self.tree.blocks):
-            x = self._block(block, x, e0, ctx, rope, i, kv, mask)
+            x = self._block(block, x, e0, ctx, rope, i, kv, mask, text_kv)
             if between is not None:
                 between()
         return x

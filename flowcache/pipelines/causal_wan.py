@@ -29,7 +29,7 @@ import torch
 from ..cache import CacheSettings, make_policy
 from ..cache.base import CachePolicy
 from ..errors import InputError
-from ..flops import forward_flops
+from ..flops import forward_flops, text_projection_flops
 from ..kv.scoring import CompressionConfig
 from ..kv.store import KVStore
 from ..models.wan import WanForward
@@ -196,8 +196,12 @@ class _CausalLoop:
         lay = store.layers[0]
         rows = lay.used if d["block"] in lay.ranges else lay.used + block_tok
         cfgm = self.pipe.model.cfg
-        run.count_vanilla(forward_flops(block_tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers,
-                                        self.call.contexts["cond"].shape[1]))
+        text = self.call.contexts["cond"].shape[1]
+        # the official loop computes the text's keys/values once per video, not in every forward
+        proj = text_projection_flops(cfgm.dim, cfgm.num_layers, text)
+        run.count_vanilla(forward_flops(block_tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, text) - proj
+                          + (proj if step.index == 0 else 0.0),
+                          forward_flops(block_tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, text))
         return self.call.predict(d["emb"], step.units, d["spans"], decisions, run)["cond"]
 
     def update(self, step: Step, v: torch.Tensor, run: RunState) -> None:
@@ -248,7 +252,7 @@ class CausalWanPipeline:
                                                       "kv_mode": settings.kv_mode, "blocks": plan.blocks})
         run = RunState(policy or make_policy(cache), stats, ("cond",), len(settings.denoising_steps), hooks)
         # a block attends to the stored blocks and itself: the store is the attention (block-causal by layout)
-        call = WanStep(model, contexts, settings.fps, window_attention=True)
+        call = WanStep(model, contexts, settings.fps, window_attention=True, text_kv_once=True)
         loop = _CausalLoop(self, settings, plan, call, cache, noise or SeededNoise(settings.seed))
         return run_loop(loop, run), stats
 

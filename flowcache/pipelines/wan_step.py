@@ -16,7 +16,7 @@ import torch
 
 from ..cache.base import UnitSignal
 from ..errors import InputError
-from ..flops import forward_flops
+from ..flops import forward_flops, text_projection_flops
 from ..kv.store import StepAttention
 from ..models.wan import WanForward
 from ..runner import Decisions, RunState, Unit
@@ -64,10 +64,13 @@ class WanStep:
     """The Wan model call of one step. contexts: embedded text per branch, in the run's branch order."""
 
     def __init__(self, model: WanForward, contexts: dict[str, torch.Tensor], fps: float | None,
-                 window_attention: bool = False):
+                 window_attention: bool = False, text_kv_once: bool = False):
+        """text_kv_once: compute the cross-attention keys/values of the text once per run and reuse them (the
+        causal Wan models' official loop does; SkyReels' recomputes them every forward)."""
         self.model, self.contexts, self.fps = model, contexts, fps
         self.branches = list(contexts)
         self.window_attention = window_attention
+        self.text_kv: dict[tuple[int, ...], dict] | None = {} if text_kv_once else None
 
     def embed(self, x_in: torch.Tensor, t_frames: torch.Tensor, pos: torch.Tensor | None,
               spans: list[UnitSpan]) -> Embedded:
@@ -130,9 +133,14 @@ class WanStep:
         if window is None:
             store_rows = slice(None) if len(rows) == len(self.branches) else list(rows)
             kv = StepAttention(run.stores["kv"], [u.id for u in units], sizes, store_rows, self.window_attention)
+        text_kv = None if self.text_kv is None else self.text_kv.setdefault(tuple(rows), {})
+        fresh_text = text_kv is not None and not text_kv
         out = model.run_blocks(tokens, mod, ctx, grid, offsets, kv, None if window is None else window["mask"],
-                               between=run.check_cancel)
+                               between=run.check_cancel, text_kv=text_kv)
         run.count_call()
+        text_proj = text_projection_flops(cfgm.dim, cfgm.num_layers, ctx.shape[1])
+        if fresh_text:  # computed once for these branches: counted once
+            run.count_extra(len(rows) * text_proj)
         start = 0
         for u, (_, tok), n in zip(units, tok_spans, sizes):
             for i, b in enumerate(branches):
@@ -142,7 +150,8 @@ class WanStep:
                     run.remember(b, u.id, res - emb.h0[:, tok])
                 if window is None:
                     dims = (cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, ctx.shape[1])
-                    run.count_forward(forward_flops(n, kv.context_rows[u.id], *dims),
+                    once = text_proj if text_kv is not None else 0.0  # the text's K/V were not recomputed
+                    run.count_forward(forward_flops(n, kv.context_rows[u.id], *dims) - once,
                                       forward_flops(n, kv.causal_rows[u.id], *dims))
                 else:
                     run.count_forward(*window["flops"][b])
