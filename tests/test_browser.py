@@ -37,7 +37,8 @@ PACK_NAME = "ComfyUI-FlowCache"
 EXPECTED = {p.stem for p in (ROOT / "workflows").glob("*.json")}
 NEEDS_MODEL_FILES = EXPECTED - {"flowcache_demo_cpu"}
 NODE_TYPES = {"FlowCacheSampler", "FlowCacheCache", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine",
-              "FlowCacheDemoTextEncode", "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader"}
+              "FlowCacheDemoTextEncode", "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader",
+              "FlowCacheCausalOptions"}
 DEMO_ASSETS = ROOT / "flowcache" / "demo" / "assets"
 # Page noise of frontend 1.27.10 with no network (comfyui-host.md §8.4): not ours, ignored.
 BENIGN = ("Cannot read properties of undefined (reading 'id')", "ERR_NAME_NOT_RESOLVED", "Error fetching file size",
@@ -148,6 +149,10 @@ def test_extension_and_workflows_in_the_editor(server, tools):
     listing = http_json(server.url + "/workflow_templates")
     assert set(listing.get(PACK_NAME, [])) == EXPECTED, listing
     result = drive(server, tools, timeout=600)
+    # the cache node's API-prompt inputs: every input the server declares for it (its widgets)
+    cache_def = http_json(server.url + "/object_info/FlowCacheCache")["FlowCacheCache"]["input"]
+    cache_inputs = {*cache_def.get("required", {}), *cache_def.get("optional", {})}
+    assert {"method", "preset", *KNOBS} <= cache_inputs, cache_inputs
 
     ext = result["extension"]
     assert ext["registered"] == 1, "FlowCache.UI must register exactly once even when web/ is served twice"
@@ -204,7 +209,7 @@ def test_extension_and_workflows_in_the_editor(server, tools):
                 if entry["class_type"] == "FlowCacheSampler" and (inputs & set(KNOBS + ("preset", "flowcache_map"))
                                                                   or "cache" not in inputs):
                     problems.append(f"{name}: sampler prompt inputs {sorted(inputs)}")
-                if entry["class_type"] == "FlowCacheCache" and inputs != {"method", "preset", *KNOBS}:
+                if entry["class_type"] == "FlowCacheCache" and inputs != cache_inputs:
                     problems.append(f"{name}: cache node prompt inputs {sorted(inputs)}")
     # the preset lock on FlowCache Cache follows its widgets and the model the sampler it feeds uses
     it = result["interaction"]

@@ -319,7 +319,7 @@ async function check(browser) {
     ready: !!(window.__flowcache && window.__flowcache.ready),
     errors: (window.__flowcache && window.__flowcache.errors) || [],
     types: ["FlowCacheSampler", "FlowCacheCache", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine", "FlowCacheDemoTextEncode",
-      "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader"]
+      "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader", "FlowCacheCausalOptions"]
       .filter((t) => t in LiteGraph.registered_node_types),
   }));
   const exts = await getJSON(page, "/extensions");
