@@ -11,7 +11,8 @@ Every shipped workflow is loaded the way the Templates dialog does (GET /api/wor
 app.loadGraphData) and checked for missing-node dialogs, warning toasts and widget mismatches; then the CPU demo
 workflow is queued and the test waits for the mp4 <video> preview and the per-chunk compute/reuse map. FlowCache
 Cache's preset lock is driven by hand (a calibrated file's own numbers from the server, custom, off, unplugged), and
-a small run without a cache node shows the sampler's note.
+a small run without a cache node shows the sampler's note and FlowCache Load Model's notes (what it decided), which
+picking another model hides.
 Screenshots go to tests/artifacts/browser/ (gitignored).
 """
 from __future__ import annotations
@@ -313,5 +314,12 @@ def test_sampler_note_without_a_cache_node(server, tools):
     assert result["note"] and result["note"].startswith("no cache node connected"), result["note"]
     drawn = result["drawn"]
     assert drawn and drawn["note"].startswith("no cache node connected") and drawn["windows"] == 2, drawn
+    # FlowCache Load Model ran: its decisions are drawn on it, and picking another model hides them
+    ln = result["loaderNotes"]
+    assert ln["after"]["notes"] and any("diffusion forcing loop" in n for n in ln["after"]["notes"]), ln
+    assert ln["after"]["drawnLines"] >= len(ln["after"]["notes"]) + 1 and ln["after"]["height"] > 0, ln  # + title
+    assert ln["after"]["widgetSerialized"] is False, ln
+    assert ln["cleared"]["notes"] is None and ln["cleared"]["height"] == 0 and ln["cleared"]["drawnLines"] == 0, ln
+    assert "flowcache_notes" not in ln["promptInputs"], ln["promptInputs"]
     assert not result["extErrorsAfter"], result["extErrorsAfter"]
     assert not [ln for ln in ours(result["logs"]) if "flowcache" in ln.lower()], result["logs"]

@@ -6,8 +6,8 @@ it uses (from ComfyUI 0.3.64): node types exist, widget counts and values are va
 types, each sampler takes its cache settings from a FlowCache Cache node, each workflow has a Note and a ``.jpg``
 thumbnail, and the settings are valid for the model's loop (diffusion forcing: the window planning; causal Wan: the
 causal loop's own settings class and plan; MAGI-1: its stage schedule), and named presets hold the values the
-server's preset route shows. The web extension's preset lock (``web/flowcache_presets.js``) and map drawing are run under
-``node`` when it is installed.
+server's preset route shows. The web extension's preset lock (``web/flowcache_presets.js``), map drawing and loader
+notes (``web/flowcache_notes.js``) are run under ``node`` when it is installed.
 """
 from __future__ import annotations
 
@@ -867,6 +867,57 @@ done();
     assert r.returncode == 0 and r.stdout.startswith("ok "), r.stdout + r.stderr
 
 
+def test_loader_notes_rules_in_node(tmp_path):
+    """web/flowcache_notes.js: the loader's notes from its executed output, when they still apply, and their
+    wrapping, run by node."""
+    node = _node_or_skip()
+    script = tmp_path / "notes_test.mjs"
+    script.write_text(JS_CHECK + f"""
+const N = await import({json.dumps((WEB / "flowcache_notes.js").as_uri())});
+// what the loader returns: {{"ui": {{"flowcache_notes": [...]}}}}; the frontend passes the ui dict to onExecuted
+const out = {{ flowcache_notes: ["causal loop (chosen on the loader)", "  layers:   comfy ops  ", "", 3, null] }};
+check(show(N.notesFromOutput(out)) === show(["causal loop (chosen on the loader)", "layers: comfy ops"]), 'cleaned', N.notesFromOutput(out));
+check(N.notesFromOutput({{ images: [] }}) === null && N.notesFromOutput(null) === null
+  && N.notesFromOutput({{ flowcache_notes: 'x' }}) === null, 'no notes in the output: null (keep what is shown)');
+check(show(N.notesFromOutput({{ flowcache_notes: [] }})) === '[]', 'an empty list is an answer');
+check(N.notesFromOutput({{ flowcache_notes: Array.from({{ length: 20 }}, (_, i) => 'n' + i) }}).length === N.MAX_NOTES, 'capped');
+
+// the notes belong to one load: model_name, loop, weights, magi_variant
+const k1 = N.notesKey({{ model_name: 'a.pt', dtype: 'auto', loop: 'causal', weights: 'generator_ema', magi_variant: 'auto' }});
+check(k1 === N.notesKey({{ model_name: 'a.pt', dtype: 'fp32', loop: 'causal', weights: 'generator_ema', magi_variant: 'auto' }}), 'dtype is not part of the key');
+for (const [w, v] of [['model_name', 'b.pt'], ['loop', 'auto'], ['weights', 'generator'], ['magi_variant', 'distill']]) {{
+  const other = N.notesKey({{ model_name: 'a.pt', loop: 'causal', weights: 'generator_ema', magi_variant: 'auto', [w]: v }});
+  check(other !== k1, 'a change of ' + w + ' changes the key');
+}}
+check(N.notesKey({{ model_name: 'a' }}) === N.notesKey({{ model_name: 'a', loop: undefined }}), 'missing widgets (older nodes)');
+const entry = {{ key: k1, notes: ['causal loop (chosen on the loader)'] }};
+check(show(N.visibleNotes(entry, k1)) === show(entry.notes), 'same load: shown');
+check(N.visibleNotes(entry, N.notesKey({{ model_name: 'b.pt' }})).length === 0, 'another model: hidden');
+check(N.visibleNotes(null, k1).length === 0 && N.visibleNotes({{ key: k1 }}, k1).length === 0, 'nothing recorded');
+
+// layout: a title line, bullets, continuation lines indented, capped with a line saying how many are left out
+check(N.noteLayout([], 300).length === 0 && N.notesHeight([], 300) === 0, 'no notes: no lines, no height');
+let lay = N.noteLayout(['causal loop (chosen on the loader)'], 400);
+check(lay.length === 2 && lay[0].title && lay[1].text === '• causal loop (chosen on the loader)' && !lay[1].indent, 'one note', lay);
+const long = 'diffusion forcing loop (a Wan2.1 / SkyReels-V2 DiT with nothing marking it causal)';
+lay = N.noteLayout([long], 200);
+check(lay.length > 2 && lay.slice(2).every((l) => l.indent) && lay.slice(1).map((l) => l.text).join(' ') === '• ' + long, 'wrapped', lay);
+check(N.notesHeight([long], 200) > N.notesHeight([long], 600), 'narrower: taller');
+lay = N.noteLayout(Array.from({{ length: 8 }}, () => long), 200);
+// whole notes only: 2 notes of 4 lines fit under the title within MAX_NOTE_LINES, the line after says 6 are left out
+check(lay.length <= N.MAX_NOTE_LINES && lay.filter((l) => l.text.startsWith('• ')).length === 2
+  && lay[lay.length - 1].text === '(6 more notes in the log)', 'capped lines', lay);
+// drawing: one fillText per line, none for no notes
+const calls = [];
+const ctx = new Proxy({{}}, {{ get: (t, k) => (k in t ? t[k] : (...a) => calls.push([k, ...a])), set: (t, k, v) => ((t[k] = v), true) }});
+check(N.drawNotes(ctx, ['a', 'b'], 300, 10) === 3 && calls.filter((c) => c[0] === 'fillText').length === 3, 'drawn', calls);
+check(N.drawNotes(ctx, [], 300, 10) === 0, 'nothing drawn');
+done();
+""", encoding="utf-8")
+    r = _run_mjs(node, script)
+    assert r.returncode == 0 and r.stdout.startswith("ok "), r.stdout + r.stderr
+
+
 def test_web_extension_parses_as_an_es_module(tmp_path):
     node = _node_or_skip()
     src = (WEB / "flowcache.js").read_text(encoding="utf-8")
@@ -970,6 +1021,32 @@ const ctx = new Proxy({}, { get: (t, k) => (k === 'measureText' ? () => ({ width
 mapW.draw(ctx, sampler, 300, 0);
 const drawn = window.__flowcache.drawn['2'];
 check(drawn && drawn.windows === 1 && drawn.chunks === 2 && drawn.steps === 3 && /no cache node connected/.test(drawn.note), 'map and note', drawn);
+// the loader shows what it decided after it ran, until a widget that decides what is loaded changes
+function LoaderType() {}
+await e.beforeRegisterNodeDef(LoaderType, { name: 'FlowCacheModelLoader' });
+const loader2 = mk(4, 'FlowCacheModelLoader', [W('model_name', 'sf.pt'), W('dtype', 'auto'), W('loop', 'causal'),
+  W('weights', 'generator_ema'), W('magi_variant', 'auto')], [], [{ links: [] }], LoaderType.prototype);
+e.nodeCreated(loader2);
+const notesW = () => loader2.widgets.find((x) => x.name === 'flowcache_notes');
+loader2.onExecuted({ flowcache_notes: ['causal loop (chosen on the loader)', 'layers: comfy ops'] });
+check(notesW() && notesW().serialize === false && notesW().options.serialize === false, 'notes widget, never serialized');
+check(notesW().computeSize(300)[1] > 0, 'notes take room', notesW().computeSize(300));
+notesW().draw(ctx, loader2, 300, 0);
+check(window.__flowcache.notesDrawn['4'].lines === 3, 'title + 2 notes drawn', window.__flowcache.notesDrawn['4']);
+loader2.onExecuted({ images: [] });  // an output without notes leaves them
+check(notesW().computeSize(300)[1] > 0, 'kept by an output without notes');
+await set(loader2, 'dtype', 'fp32');
+check(notesW().computeSize(300)[1] > 0, 'dtype does not change what is loaded');
+await set(loader2, 'model_name', 'other.safetensors');
+check(notesW().computeSize(300)[1] === 0 && loader2.__fcNotes === null, 'cleared by the model widget', loader2.__fcNotes);
+notesW().draw(ctx, loader2, 300, 0);
+check(window.__flowcache.notesDrawn['4'].lines === 0, 'nothing drawn once cleared');
+loader2.onExecuted({ flowcache_notes: ['diffusion forcing loop (x)'] });
+await set(loader2, 'loop', 'diffusion_forcing');
+check(notesW().computeSize(300)[1] === 0, 'cleared by the loop widget');
+loader2.onExecuted({ flowcache_notes: ['diffusion forcing loop (x)'] });
+loader2.widgets.find((x) => x.name === 'weights').value = 'generator';  // set without a callback: stale all the same
+check(notesW().computeSize(300)[1] === 0, 'hidden when the values no longer match the load');
 check(window.__flowcache.errors.length === 0, 'no extension errors', window.__flowcache.errors);
 // the map module draws a run's stats on any canvas context
 const m = await import('./extensions/pack/flowcache_map.js');
