@@ -11,7 +11,8 @@ Every shipped workflow is loaded the way the Templates dialog does (GET /api/wor
 app.loadGraphData) and checked for missing-node dialogs, warning toasts and widget mismatches; then the CPU demo
 workflow is queued and the test waits for the mp4 <video> preview and the per-chunk compute/reuse map. FlowCache
 Cache's preset lock is driven by hand (a calibrated file's own numbers from the server, custom, off, unplugged), and
-a small run without a cache node shows the sampler's note.
+a small run without a cache node shows the sampler's note and FlowCache Load Model's notes (what it decided), which
+picking another model hides.
 Screenshots go to tests/artifacts/browser/ (gitignored).
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ PACK_NAME = "ComfyUI-FlowCache"
 EXPECTED = {p.stem for p in (ROOT / "workflows").glob("*.json")}
 NEEDS_MODEL_FILES = EXPECTED - {"flowcache_demo_cpu"}
 NODE_TYPES = {"FlowCacheSampler", "FlowCacheCache", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine",
-              "FlowCacheDemoTextEncode", "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader"}
+              "FlowCacheDemoTextEncode", "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader",
+              "FlowCacheCausalOptions"}
 DEMO_ASSETS = ROOT / "flowcache" / "demo" / "assets"
 # Page noise of frontend 1.27.10 with no network (comfyui-host.md §8.4): not ours, ignored.
 BENIGN = ("Cannot read properties of undefined (reading 'id')", "ERR_NAME_NOT_RESOLVED", "Error fetching file size",
@@ -148,6 +150,10 @@ def test_extension_and_workflows_in_the_editor(server, tools):
     listing = http_json(server.url + "/workflow_templates")
     assert set(listing.get(PACK_NAME, [])) == EXPECTED, listing
     result = drive(server, tools, timeout=600)
+    # the cache node's API-prompt inputs: every input the server declares for it (its widgets)
+    cache_def = http_json(server.url + "/object_info/FlowCacheCache")["FlowCacheCache"]["input"]
+    cache_inputs = {*cache_def.get("required", {}), *cache_def.get("optional", {})}
+    assert {"method", "preset", *KNOBS} <= cache_inputs, cache_inputs
 
     ext = result["extension"]
     assert ext["registered"] == 1, "FlowCache.UI must register exactly once even when web/ is served twice"
@@ -204,7 +210,7 @@ def test_extension_and_workflows_in_the_editor(server, tools):
                 if entry["class_type"] == "FlowCacheSampler" and (inputs & set(KNOBS + ("preset", "flowcache_map"))
                                                                   or "cache" not in inputs):
                     problems.append(f"{name}: sampler prompt inputs {sorted(inputs)}")
-                if entry["class_type"] == "FlowCacheCache" and inputs != {"method", "preset", *KNOBS}:
+                if entry["class_type"] == "FlowCacheCache" and inputs != cache_inputs:
                     problems.append(f"{name}: cache node prompt inputs {sorted(inputs)}")
     # the preset lock on FlowCache Cache follows its widgets and the model the sampler it feeds uses
     it = result["interaction"]
@@ -308,5 +314,12 @@ def test_sampler_note_without_a_cache_node(server, tools):
     assert result["note"] and result["note"].startswith("no cache node connected"), result["note"]
     drawn = result["drawn"]
     assert drawn and drawn["note"].startswith("no cache node connected") and drawn["windows"] == 2, drawn
+    # FlowCache Load Model ran: its decisions are drawn on it, and picking another model hides them
+    ln = result["loaderNotes"]
+    assert ln["after"]["notes"] and any("diffusion forcing loop" in n for n in ln["after"]["notes"]), ln
+    assert ln["after"]["drawnLines"] >= len(ln["after"]["notes"]) + 1 and ln["after"]["height"] > 0, ln  # + title
+    assert ln["after"]["widgetSerialized"] is False, ln
+    assert ln["cleared"]["notes"] is None and ln["cleared"]["height"] == 0 and ln["cleared"]["drawnLines"] == 0, ln
+    assert "flowcache_notes" not in ln["promptInputs"], ln["promptInputs"]
     assert not result["extErrorsAfter"], result["extErrorsAfter"]
     assert not [ln for ln in ours(result["logs"]) if "flowcache" in ln.lower()], result["logs"]

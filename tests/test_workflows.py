@@ -4,9 +4,10 @@ No ComfyUI needed: every workflow is checked against the pack's own node definit
 path with stubbed ComfyUI modules, ``pack``/``comfy`` fixtures in conftest.py) and a small table of the core nodes
 it uses (from ComfyUI 0.3.64): node types exist, widget counts and values are valid, links connect matching
 types, each sampler takes its cache settings from a FlowCache Cache node, each workflow has a Note and a ``.jpg``
-thumbnail, and the settings are valid for the model (named presets hold the values the server's preset route shows).
-The web extension's preset lock (``web/flowcache_presets.js``) and map drawing are run under ``node`` when it is
-installed.
+thumbnail, and the settings are valid for the model's loop (diffusion forcing: the window planning; causal Wan: the
+causal loop's own settings class and plan; MAGI-1: its stage schedule), and named presets hold the values the
+server's preset route shows. The web extension's preset lock (``web/flowcache_presets.js``), map drawing and loader
+notes (``web/flowcache_notes.js``) are run under ``node`` when it is installed.
 """
 from __future__ import annotations
 
@@ -26,18 +27,24 @@ WEB = ROOT / "web"
 DEMO_DIT = ROOT / "flowcache" / "demo" / "assets" / "demo_dit.safetensors"
 DEMO_ENTRY = "flowcache-demo (built-in, runs on CPU)"
 EXPECTED = {"flowcache_demo_cpu", "skyreels_v2_df_1.3b_t2v_fast", "skyreels_v2_df_1.3b_t2v_slow",
-            "skyreels_v2_df_1.3b_long_kv", "magi1_4.5b_distill_t2v_fast", "skyreels_v2_df_14b_native_lora_fast"}
+            "skyreels_v2_df_1.3b_long_kv", "magi1_4.5b_distill_t2v_fast", "skyreels_v2_df_14b_native_lora_fast",
+            "self_forcing_t2v_long_bounded_kv", "causal_forcing_framewise_t2v"}
 # The presets row each shipped workflow's model file has (what GET /flowcache/model_presets answers once the file
 # is in models/diffusion_models; the demo's row is read from its asset here).
 MODEL_KEYS = {"flowcache_demo_cpu": "demo", "skyreels_v2_df_1.3b_t2v_fast": "wan-1.3B",
               "skyreels_v2_df_1.3b_t2v_slow": "wan-1.3B", "skyreels_v2_df_1.3b_long_kv": "wan-1.3B",
-              "magi1_4.5b_distill_t2v_fast": "magi-4.5B", "skyreels_v2_df_14b_native_lora_fast": "wan-14B"}
+              "magi1_4.5b_distill_t2v_fast": "magi-4.5B", "skyreels_v2_df_14b_native_lora_fast": "wan-14B",
+              # causal Wan 1.3B (Self-Forcing, Causal Forcing): few-step block-by-block sampling has its own row
+              "self_forcing_t2v_long_bounded_kv": "wan-1.3B-causal", "causal_forcing_framewise_t2v": "wan-1.3B-causal"}
 # Widget orders of the saved workflows (widgets_values is positional).
 SAMPLER_WIDGETS = ["width", "height", "num_frames", "steps", "cfg", "shift", "seed", "control_after_generate",
                    "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition",
                    "solver", "keep_model_loaded"]
 CACHE_WIDGETS = ["method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda", "max_skips",
                  "attention"]  # more may follow
+CAUSAL_WIDGETS = ["kv_mode", "window_frames", "sink_frames", "schedule"]
+LOADER_WIDGETS = ["model_name", "dtype", "loop", "weights", "magi_variant"]
+WAN_PATCH = (1, 2, 2)  # Wan2.1's patch size (time, height, width)
 # preset row field -> cache node widget where the names differ (web/flowcache_presets.js FIELD_WIDGETS)
 FIELD_WIDGETS = {"warmup": "warmup_steps"}
 
@@ -261,6 +268,9 @@ def test_widget_orders_of_the_saved_workflows(node_defs):
     assert link_inputs(node_defs["FlowCacheSampler"])["cache"] == ("FLOWCACHE_CACHE", False)
     assert list(node_defs["FlowCacheCache"]["input"]["required"]["method"][0]) == [
         "off", "teacache", "flowcache", "magcache", "easycache"]
+    assert [name for name, _, _ in widget_specs(node_defs["FlowCacheCausalOptions"])] == CAUSAL_WIDGETS
+    assert [name for name, _, _ in widget_specs(node_defs["FlowCacheModelLoader"])] == LOADER_WIDGETS
+    assert link_inputs(node_defs["FlowCacheSampler"])["causal"] == ("FLOWCACHE_CAUSAL", False)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -344,11 +354,59 @@ def _link_into(node: dict, name: str) -> int:
     return next(i["link"] for i in node["inputs"] if i["name"] == name)
 
 
+def _linked_node(wf: dict, node: dict, input_name: str) -> dict | None:
+    """The node whose output feeds ``node``'s input ``input_name`` (None: not connected, or no such slot)."""
+    link_id = next((i.get("link") for i in node.get("inputs", []) if i["name"] == input_name), None)
+    if link_id is None:
+        return None
+    (link,) = [ln for ln in wf["links"] if ln[0] == link_id]
+    return next(n for n in wf["nodes"] if n["id"] == link[1])
+
+
+def _loop(wf: dict, node_defs: dict, pack, key: str) -> str:
+    """The sampling loop the workflow's model runs, decided by the pack's own ``wan_loop``: MAGI-1 its own; FlowCache
+    Load Model its loop widget, or for auto the file's name (metadata and a .pt's generator dict are only in the
+    file); ComfyUI's own MODEL of a Wan model runs diffusion forcing in the shipped workflows."""
+    if key.startswith("magi"):
+        return "magi"
+    loaders = nodes_of(wf, "FlowCacheModelLoader")
+    if not loaders:
+        return "diffusion_forcing"
+    (loader,) = loaders
+    w = widgets_by_name(loader, node_defs["FlowCacheModelLoader"])
+    name = w["model_name"]
+    ck = pack_submodule(pack, "flowcache.checkpoint").Checkpoint({}, [Path(name)])  # a .pt's layout: only in the file
+    return pack_submodule(pack, "flowcache.models").wan_loop(ck, (), w["loop"])[0]
+
+
+def causal_plan(wf: dict, node_defs: dict, pack, kv_budget: int):
+    """The causal loop's settings and plan for the workflow, built by the sampler's own code (nodes.causal): the
+    sampler's widgets and the FlowCache Causal Options node linked into its ``causal`` input."""
+    (sampler,) = nodes_of(wf, "FlowCacheSampler")
+    opts = _linked_node(wf, sampler, "causal")
+    assert opts is not None and opts["type"] == "FlowCacheCausalOptions", \
+        "a causal workflow shows its KV and schedule settings: FlowCache Causal Options into the sampler's causal input"
+    causal_nodes = pack_submodule(pack, "nodes.causal")
+    (options,) = causal_nodes.FlowCacheCausalOptions().build(
+        **widgets_by_name(opts, node_defs["FlowCacheCausalOptions"]))
+    sampler_mod = pack_submodule(pack, "nodes.sampler")
+    s = _sampler(wf, node_defs)
+    fields = set(sampler_mod.SamplerWidgets.__dataclass_fields__)
+    settings, ignored = causal_nodes.causal_settings(sampler_mod.SamplerWidgets(**{k: v for k, v in s.items()
+                                                                                    if k in fields}), options)
+    cw = pack_submodule(pack, "flowcache.pipelines.causal_wan")
+    geometry = pack_submodule(pack, "flowcache.pipelines.common").LatentGeometry(4, 8, 16)
+    return options, settings, cw.plan_causal(settings, geometry, WAN_PATCH, kv_budget), ignored
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
-    """Window planning accepts the settings, and named presets hold the values the UI will lock them to."""
+    """The model's loop accepts the settings (diffusion forcing: window planning; causal Wan: its settings class
+    and plan, never the DF windows; MAGI-1: its stage schedule), and named presets hold the values the UI will lock
+    them to."""
     df = pack_submodule(pack, "flowcache.pipelines.diffusion_forcing")
     wf = load_workflow(path)
+    (sampler,) = nodes_of(wf, "FlowCacheSampler")
     s = _sampler(wf, node_defs)
     c = _cache(wf, node_defs)
     name = _loader_name(wf, node_defs)
@@ -361,23 +419,31 @@ def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
     else:
         geometry = {"temporal_stride": 4, "spatial_stride": 8, "channels": 16}
     key = MODEL_KEYS[path.stem]
-    if key == "magi-4.5B":  # MAGI-1: whole chunks over a staggered window, steps split evenly over the stages
-        magi = pack_submodule(pack, "flowcache.pipelines.magi")
-        assert s["width"] % 16 == 0 and s["height"] % 16 == 0 and s["num_frames"] % 4 == 0
-        chunk = s["causal_block_size"]
-        assert magi.stage_schedule(s["num_frames"] // 4, chunk, 4, s["steps"])
-    else:
-        fields = set(df.DFSettings.__dataclass_fields__)
-        settings = df.DFSettings(**{k: v for k, v in s.items() if k in fields})
-        assert df.plan_windows(settings, df.LatentGeometry(**geometry))
-    answer = model_rows(pack, key)
-    assert answer["known"], answer
+    loop = _loop(wf, node_defs, pack, key)
+    # a causal model loads with the presets row of its own (what the loader's preset_key says for it)
+    assert key.endswith("-causal") == (loop == "causal"), (path.stem, key, loop)
     # the cache node's settings resolve for this model (what the sampler does at run time)
     presets = pack_submodule(pack, "flowcache.presets")
     to_field = {w: f for f, w in FIELD_WIDGETS.items()}
     custom = {to_field.get(k, k): v for k, v in c.items() if k not in ("method", "preset", "attention")}
     settings = presets.resolve_cache(key, c["method"], c["preset"], demo_extra(pack, key), **custom)
     assert settings.method == c["method"]
+    if loop == "magi":  # MAGI-1: whole chunks over a staggered window, steps split evenly over the stages
+        magi = pack_submodule(pack, "flowcache.pipelines.magi")
+        assert s["width"] % 16 == 0 and s["height"] % 16 == 0 and s["num_frames"] % 4 == 0
+        chunk = s["causal_block_size"]
+        assert magi.stage_schedule(s["num_frames"] // 4, chunk, 4, s["steps"])
+    elif loop == "causal":  # block by block against a KV cache: no windows, the causal loop's own checks
+        _, cs, plan, _ = causal_plan(wf, node_defs, pack, settings.kv_budget)
+        assert plan.blocks * plan.block_frames == plan.latent_frames == (s["num_frames"] - 1) // 4 + 1
+        assert cs.num_frame_per_block == s["causal_block_size"] and cs.seed == s["seed"]
+    else:
+        assert _linked_node(wf, sampler, "causal") is None, "causal options on a diffusion-forcing model do nothing"
+        fields = set(df.DFSettings.__dataclass_fields__)
+        dfs = df.DFSettings(**{k: v for k, v in s.items() if k in fields})
+        assert df.plan_windows(dfs, df.LatentGeometry(**geometry))
+    answer = model_rows(pack, key)
+    assert answer["known"], answer
     if c["method"] != "off" and c["preset"] in ("slow", "fast"):
         # what the cache node shows locked: each row field that has a widget (a row may carry more, e.g. strings)
         row = answer["rows"][c["method"]][c["preset"]]
@@ -487,6 +553,161 @@ def test_native_14b_lora_workflow(node_defs):
     assert (c["method"], c["preset"]) == ("flowcache", "fast")
     note = nodes_of(wf, "Note")[0]["widgets_values"][0]
     assert "Load Diffusion Model" in note and "LoRA" in note and "GGUF" in note
+
+
+def _causal_common(wf: dict, node_defs: dict, pack) -> dict:
+    """What both causal Wan workflows share: Wan text and VAE, the loader's causal loop, no CFG, the sampler's
+    unused diffusion-forcing widgets showing the schedule's own values, FlowCache Causal Options into ``causal``."""
+    (clip,) = nodes_of(wf, "CLIPLoader")
+    assert clip["widgets_values"][:2] == ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan"]
+    assert len(nodes_of(wf, "CLIPTextEncode")) == 2
+    (vae,) = nodes_of(wf, "VAELoader")
+    assert vae["widgets_values"] == ["wan_2.1_vae.safetensors"]
+    (loader,) = nodes_of(wf, "FlowCacheModelLoader")
+    lw = widgets_by_name(loader, node_defs["FlowCacheModelLoader"])
+    assert lw["loop"] == "causal" and lw["magi_variant"] == "auto", lw
+    (sampler,) = nodes_of(wf, "FlowCacheSampler")
+    assert _linked_node(wf, sampler, "model")["id"] == loader["id"]
+    assert _linked_node(wf, sampler, "vae") is None, "the causal loop has no windows to re-encode"
+    opts = _linked_node(wf, sampler, "causal")
+    assert opts["type"] == "FlowCacheCausalOptions"
+    assert [ln[5] for ln in wf["links"] if ln[0] == _link_into(sampler, "causal")] == ["FLOWCACHE_CAUSAL"]
+    s = _sampler(wf, node_defs)
+    c = _cache(wf, node_defs)
+    to_field = {w: f for f, w in FIELD_WIDGETS.items()}
+    settings = pack_submodule(pack, "flowcache.presets").resolve_cache(
+        "wan-1.3B-causal", c["method"], c["preset"], {},
+        **{to_field.get(k, k): v for k, v in c.items() if k not in ("method", "preset", "attention")})
+    options, cs, plan, ignored = causal_plan(wf, node_defs, pack, settings.kv_budget)
+    preset = pack_submodule(pack, "flowcache.pipelines.causal_wan").LOOP_PRESETS[options.schedule]
+    # the widgets the causal loop ignores show what runs: the schedule's step count and shift, no guidance
+    assert (s["steps"], s["shift"], s["cfg"]) == (len(preset["denoising_steps"]), preset["shift"], 1.0)
+    assert tuple(cs.denoising_steps) == tuple(preset["denoising_steps"]) and cs.warp == preset["warp"]
+    assert {"steps (the schedule's own)", "cfg (no guidance)"} <= set(ignored)
+    assert (s["width"], s["height"]) == (832, 480), "Self-Forcing's 480x832"
+    note = nodes_of(wf, "Note")[0]["widgets_values"][0]
+    assert "loop = causal" in note and "no classifier-free guidance" in note.lower()
+    assert "negative" in note and "not used" in note, "the note says the negative prompt is unused"
+    assert "http" not in note, "download facts are repositories and file names from the reference docs, no URLs"
+    assert not re.search(r"\d\s*(GB|GiB|MB|MiB)\b", note), "no memory figures: nothing here ran on a GPU"
+    return {"loader": lw, "sampler": s, "cache": c, "options": options, "settings": cs, "plan": plan, "note": note,
+            "kv_budget": settings.kv_budget}
+
+
+def test_self_forcing_long_bounded_kv_workflow(node_defs, pack):
+    """Self-Forcing's .pt (EMA weights), blocks of 3 latent frames, several hundred frames with a bounded KV cache,
+    decoded piece by piece into the file."""
+    wf = load_workflow(ROOT / "workflows" / "self_forcing_t2v_long_bounded_kv.json")
+    r = _causal_common(wf, node_defs, pack)
+    lw, s, options, plan = r["loader"], r["sampler"], r["options"], r["plan"]
+    assert (lw["model_name"], lw["weights"]) == ("self_forcing_dmd.pt", "generator_ema")
+    assert s["causal_block_size"] == 3 and options.schedule == "self_forcing"
+    assert s["num_frames"] >= 300 and plan.blocks >= 30, "a long video"
+    # bounded: the KV store holds the sink plus the newest blocks of the window, far fewer than the video's blocks
+    assert options.kv_mode in ("rolling", "compressed") and options.sink_frames > 0
+    assert options.window_frames == 21 and plan.sink_blocks == 1, "the trained horizon, the first block as the sink"
+    held = plan.window_blocks if options.kv_mode == "rolling" else plan.sink_blocks + r["kv_budget"] + 1
+    assert held < plan.blocks / 4, (held, plan.blocks)
+    # long video: decoded piece by piece straight into the file, never one IMAGE batch
+    (save,) = nodes_of(wf, "FlowCacheDecodeSave")
+    assert not nodes_of(wf, "VAEDecode") and not nodes_of(wf, "FlowCacheVideoCombine")
+    assert {i["name"] for i in save["inputs"] if i.get("link") is not None} == {"samples", "vae"}
+    assert _linked_node(wf, save, "samples")["type"] == "FlowCacheSampler"
+    assert _linked_node(wf, save, "vae")["type"] == "VAELoader"
+    assert widgets_by_name(save, node_defs["FlowCacheDecodeSave"])["frame_rate"] == 16.0, "Self-Forcing's 16 fps"
+    note = r["note"]
+    for fact in ("gdhe17/Self-Forcing", "checkpoints/self_forcing_dmd.pt", "models/diffusion_models",
+                 "generator_ema", "rolling", "compressed", "sink", "window_frames", "FlowCache Decode & Save Video",
+                 "not a GPU measurement", f"{s['num_frames']} frames"):
+        assert fact in note, fact
+
+
+def test_causal_forcing_framewise_workflow(node_defs, pack):
+    """ComfyUI's frame-wise Causal Forcing release: one latent frame per block, loaded as a causal model whatever
+    its file name, decoded with VAE Decode; the note gives only the download facts the reference docs have."""
+    wf = load_workflow(ROOT / "workflows" / "causal_forcing_framewise_t2v.json")
+    r = _causal_common(wf, node_defs, pack)
+    lw, s, options, plan = r["loader"], r["sampler"], r["options"], r["plan"]
+    assert lw["model_name"].endswith(".safetensors") and lw["weights"] == "auto"
+    (loader,) = nodes_of(wf, "FlowCacheModelLoader")
+    assert "models" not in loader["properties"], "no download URL: the reference docs do not give one"
+    assert s["causal_block_size"] == 1 and plan.block_frames == 1, "frame-wise: one latent frame per block"
+    assert plan.blocks == plan.latent_frames == 21 and s["num_frames"] == 81
+    assert options.schedule == "self_forcing" and options.kv_mode in ("rolling", "compressed")
+    (decode,) = nodes_of(wf, "VAEDecode")
+    assert _linked_node(wf, decode, "samples")["type"] == "FlowCacheSampler"
+    assert _linked_node(wf, decode, "vae")["type"] == "VAELoader"
+    (combine,) = nodes_of(wf, "FlowCacheVideoCombine")
+    assert _linked_node(wf, combine, "images")["id"] == decode["id"]
+    note = r["note"]
+    for fact in ("frame-wise", "PR #13082", "see the model's page", "causal_block_size 1", "models/diffusion_models"):
+        assert fact in note, fact
+
+
+def _pixel_frames(latent_frames: int) -> int:
+    return 4 * (latent_frames - 1) + 1
+
+
+@pytest.mark.parametrize("stem", ["self_forcing_t2v_long_bounded_kv", "causal_forcing_framewise_t2v"])
+def test_causal_workflow_runs_through_the_nodes(stem, node_defs, pack, comfy, monkeypatch):
+    """The workflow's own loader, Causal Options, Cache and sampler values through the pack's nodes, on a tiny random
+    causal Wan saved under the workflow's file name in its release format (Self-Forcing: a .pt with generator and
+    generator_ema) and taken for the 1.3B release by the loader; only the frame size is shrunk to 32x32. Every block
+    runs its schedule and the video comes out whole; the KV cache's peak is the same for a shorter video (bounded,
+    by construction of the store), while kv_mode global grows with the length."""
+    import torch
+    from safetensors.torch import save_file
+    from tiny_models import tiny_wan
+
+    wf = load_workflow(ROOT / "workflows" / f"{stem}.json")
+    n = pack.NODE_CLASS_MAPPINGS
+    vals = {t: widgets_by_name(nodes_of(wf, t)[0], node_defs[t])
+            for t in ("FlowCacheModelLoader", "FlowCacheCausalOptions", "FlowCacheCache", "FlowCacheSampler")}
+    monkeypatch.setitem(pack_submodule(pack, "flowcache.models.wan").WAN_SIZES, 64, "1.3B")
+    sd = {k: v.detach().clone() for k, v in tiny_wan(seed=4, has_fps=False, dim=64).state_dict().items()}
+    name = vals["FlowCacheModelLoader"]["model_name"]
+    if name.endswith(".pt"):  # Self-Forcing's layout: generator entries, keys under 'model.'
+        ema = {"model." + k: v for k, v in sd.items()}
+        torch.save({"generator": {k: torch.zeros_like(v) for k, v in ema.items()}, "generator_ema": ema, "critic": {}},
+                   comfy.models_dir / name)
+    else:
+        save_file(sd, str(comfy.models_dir / name))
+    out = n["FlowCacheModelLoader"]().load(**vals["FlowCacheModelLoader"])
+    (model,) = out["result"]
+    assert model.loaded.loop == "causal" and model.loaded.preset_key == "wan-1.3B-causal", out["ui"]
+    assert any("causal loop" in note for note in out["ui"]["flowcache_notes"]), out["ui"]
+    if name.endswith(".pt"):  # generator_ema, not the zeroed generator
+        assert float(model.loaded.model.patch_embedding.weight.abs().sum()) > 0
+    (cache,) = n["FlowCacheCache"]().build(**vals["FlowCacheCache"])
+    g = torch.Generator().manual_seed(1)
+    text = [[torch.randn(1, 5, 32, generator=g), {"pooled_output": None}]]
+    s = {k: v for k, v in vals["FlowCacheSampler"].items() if k != "control_after_generate"}
+
+    def run(kv_mode: str, num_frames: int) -> dict:
+        opts = {**vals["FlowCacheCausalOptions"], "kv_mode": kv_mode}
+        (causal,) = n["FlowCacheCausalOptions"]().build(**opts)
+        res = n["FlowCacheSampler"]().sample(**{**s, "width": 32, "height": 32, "num_frames": num_frames},
+                                             model=model, positive=text, negative=text, cache=cache, causal=causal,
+                                             unique_id="8")
+        stats = res["ui"]["flowcache_stats"][0]
+        latents = res["result"][0]["samples"]
+        assert latents.shape == (1, 16, (num_frames - 1) // 4 + 1, 4, 4) and torch.isfinite(latents).all()
+        return stats
+
+    opts = vals["FlowCacheCausalOptions"]
+    block = s["causal_block_size"]
+    stats = run(opts["kv_mode"], s["num_frames"])
+    blocks = ((s["num_frames"] - 1) // 4 + 1) // block
+    steps = s["steps"]
+    assert stats["settings"]["loop"] == "causal" and stats["settings"]["blocks"] == blocks
+    assert stats["computed"] + stats["reused"] == blocks * steps, "every block ran the schedule's steps"
+    assert stats["forwards"] == stats["computed"] + blocks, "and one clean pass each, writing its K/V"
+    # another length past the window (shorter than a long workflow's, longer than a window-long one's)
+    other = _pixel_frames(opts["window_frames"] + 2 * block)
+    assert other != s["num_frames"] and (s["num_frames"] - 1) // 4 + 1 >= opts["window_frames"]
+    assert run(opts["kv_mode"], other)["kv_peak_bytes"] == stats["kv_peak_bytes"] > 0, "bounded: flat in length"
+    short, long_ = sorted((other, s["num_frames"]))
+    assert run("global", long_)["kv_peak_bytes"] > run("global", short)["kv_peak_bytes"], "global grows"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -646,6 +867,57 @@ done();
     assert r.returncode == 0 and r.stdout.startswith("ok "), r.stdout + r.stderr
 
 
+def test_loader_notes_rules_in_node(tmp_path):
+    """web/flowcache_notes.js: the loader's notes from its executed output, when they still apply, and their
+    wrapping, run by node."""
+    node = _node_or_skip()
+    script = tmp_path / "notes_test.mjs"
+    script.write_text(JS_CHECK + f"""
+const N = await import({json.dumps((WEB / "flowcache_notes.js").as_uri())});
+// what the loader returns: {{"ui": {{"flowcache_notes": [...]}}}}; the frontend passes the ui dict to onExecuted
+const out = {{ flowcache_notes: ["causal loop (chosen on the loader)", "  layers:   comfy ops  ", "", 3, null] }};
+check(show(N.notesFromOutput(out)) === show(["causal loop (chosen on the loader)", "layers: comfy ops"]), 'cleaned', N.notesFromOutput(out));
+check(N.notesFromOutput({{ images: [] }}) === null && N.notesFromOutput(null) === null
+  && N.notesFromOutput({{ flowcache_notes: 'x' }}) === null, 'no notes in the output: null (keep what is shown)');
+check(show(N.notesFromOutput({{ flowcache_notes: [] }})) === '[]', 'an empty list is an answer');
+check(N.notesFromOutput({{ flowcache_notes: Array.from({{ length: 20 }}, (_, i) => 'n' + i) }}).length === N.MAX_NOTES, 'capped');
+
+// the notes belong to one load: model_name, loop, weights, magi_variant
+const k1 = N.notesKey({{ model_name: 'a.pt', dtype: 'auto', loop: 'causal', weights: 'generator_ema', magi_variant: 'auto' }});
+check(k1 === N.notesKey({{ model_name: 'a.pt', dtype: 'fp32', loop: 'causal', weights: 'generator_ema', magi_variant: 'auto' }}), 'dtype is not part of the key');
+for (const [w, v] of [['model_name', 'b.pt'], ['loop', 'auto'], ['weights', 'generator'], ['magi_variant', 'distill']]) {{
+  const other = N.notesKey({{ model_name: 'a.pt', loop: 'causal', weights: 'generator_ema', magi_variant: 'auto', [w]: v }});
+  check(other !== k1, 'a change of ' + w + ' changes the key');
+}}
+check(N.notesKey({{ model_name: 'a' }}) === N.notesKey({{ model_name: 'a', loop: undefined }}), 'missing widgets (older nodes)');
+const entry = {{ key: k1, notes: ['causal loop (chosen on the loader)'] }};
+check(show(N.visibleNotes(entry, k1)) === show(entry.notes), 'same load: shown');
+check(N.visibleNotes(entry, N.notesKey({{ model_name: 'b.pt' }})).length === 0, 'another model: hidden');
+check(N.visibleNotes(null, k1).length === 0 && N.visibleNotes({{ key: k1 }}, k1).length === 0, 'nothing recorded');
+
+// layout: a title line, bullets, continuation lines indented, capped with a line saying how many are left out
+check(N.noteLayout([], 300).length === 0 && N.notesHeight([], 300) === 0, 'no notes: no lines, no height');
+let lay = N.noteLayout(['causal loop (chosen on the loader)'], 400);
+check(lay.length === 2 && lay[0].title && lay[1].text === '• causal loop (chosen on the loader)' && !lay[1].indent, 'one note', lay);
+const long = 'diffusion forcing loop (a Wan2.1 / SkyReels-V2 DiT with nothing marking it causal)';
+lay = N.noteLayout([long], 200);
+check(lay.length > 2 && lay.slice(2).every((l) => l.indent) && lay.slice(1).map((l) => l.text).join(' ') === '• ' + long, 'wrapped', lay);
+check(N.notesHeight([long], 200) > N.notesHeight([long], 600), 'narrower: taller');
+lay = N.noteLayout(Array.from({{ length: 8 }}, () => long), 200);
+// whole notes only: 2 notes of 4 lines fit under the title within MAX_NOTE_LINES, the line after says 6 are left out
+check(lay.length <= N.MAX_NOTE_LINES && lay.filter((l) => l.text.startsWith('• ')).length === 2
+  && lay[lay.length - 1].text === '(6 more notes in the log)', 'capped lines', lay);
+// drawing: one fillText per line, none for no notes
+const calls = [];
+const ctx = new Proxy({{}}, {{ get: (t, k) => (k in t ? t[k] : (...a) => calls.push([k, ...a])), set: (t, k, v) => ((t[k] = v), true) }});
+check(N.drawNotes(ctx, ['a', 'b'], 300, 10) === 3 && calls.filter((c) => c[0] === 'fillText').length === 3, 'drawn', calls);
+check(N.drawNotes(ctx, [], 300, 10) === 0, 'nothing drawn');
+done();
+""", encoding="utf-8")
+    r = _run_mjs(node, script)
+    assert r.returncode == 0 and r.stdout.startswith("ok "), r.stdout + r.stderr
+
+
 def test_web_extension_parses_as_an_es_module(tmp_path):
     node = _node_or_skip()
     src = (WEB / "flowcache.js").read_text(encoding="utf-8")
@@ -749,6 +1021,32 @@ const ctx = new Proxy({}, { get: (t, k) => (k === 'measureText' ? () => ({ width
 mapW.draw(ctx, sampler, 300, 0);
 const drawn = window.__flowcache.drawn['2'];
 check(drawn && drawn.windows === 1 && drawn.chunks === 2 && drawn.steps === 3 && /no cache node connected/.test(drawn.note), 'map and note', drawn);
+// the loader shows what it decided after it ran, until a widget that decides what is loaded changes
+function LoaderType() {}
+await e.beforeRegisterNodeDef(LoaderType, { name: 'FlowCacheModelLoader' });
+const loader2 = mk(4, 'FlowCacheModelLoader', [W('model_name', 'sf.pt'), W('dtype', 'auto'), W('loop', 'causal'),
+  W('weights', 'generator_ema'), W('magi_variant', 'auto')], [], [{ links: [] }], LoaderType.prototype);
+e.nodeCreated(loader2);
+const notesW = () => loader2.widgets.find((x) => x.name === 'flowcache_notes');
+loader2.onExecuted({ flowcache_notes: ['causal loop (chosen on the loader)', 'layers: comfy ops'] });
+check(notesW() && notesW().serialize === false && notesW().options.serialize === false, 'notes widget, never serialized');
+check(notesW().computeSize(300)[1] > 0, 'notes take room', notesW().computeSize(300));
+notesW().draw(ctx, loader2, 300, 0);
+check(window.__flowcache.notesDrawn['4'].lines === 3, 'title + 2 notes drawn', window.__flowcache.notesDrawn['4']);
+loader2.onExecuted({ images: [] });  // an output without notes leaves them
+check(notesW().computeSize(300)[1] > 0, 'kept by an output without notes');
+await set(loader2, 'dtype', 'fp32');
+check(notesW().computeSize(300)[1] > 0, 'dtype does not change what is loaded');
+await set(loader2, 'model_name', 'other.safetensors');
+check(notesW().computeSize(300)[1] === 0 && loader2.__fcNotes === null, 'cleared by the model widget', loader2.__fcNotes);
+notesW().draw(ctx, loader2, 300, 0);
+check(window.__flowcache.notesDrawn['4'].lines === 0, 'nothing drawn once cleared');
+loader2.onExecuted({ flowcache_notes: ['diffusion forcing loop (x)'] });
+await set(loader2, 'loop', 'diffusion_forcing');
+check(notesW().computeSize(300)[1] === 0, 'cleared by the loop widget');
+loader2.onExecuted({ flowcache_notes: ['diffusion forcing loop (x)'] });
+loader2.widgets.find((x) => x.name === 'weights').value = 'generator';  // set without a callback: stale all the same
+check(notesW().computeSize(300)[1] === 0, 'hidden when the values no longer match the load');
 check(window.__flowcache.errors.length === 0, 'no extension errors', window.__flowcache.errors);
 // the map module draws a run's stats on any canvas context
 const m = await import('./extensions/pack/flowcache_map.js');

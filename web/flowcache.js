@@ -13,13 +13,17 @@
 //   with output.flowcache_stats, or the `flowcache.stats` event) a per-chunk compute/reuse map (chunks x steps per
 //   window) with the FLOPs speedup, FLOPs saved and peak KV size, and the run's note (e.g. no cache node
 //   connected) (drawn by flowcache_map.js).
+// * FlowCache Load Model: after it ran (`executed` with output.flowcache_notes) the loader's decisions (the loop and
+//   why, which weights of a .pt, distilled or base MAGI-1, the layers) under its widgets (flowcache_notes.js). They
+//   describe that load: picking another model_name, loop, weights or magi_variant hides them.
 //
 // Every hook is wrapped in try/catch: a failure here is logged once and never breaks the node or the graph.
-// Debug/test hook: window.__flowcache (server answers, progress, stats, drawn maps, errors) and
+// Debug/test hook: window.__flowcache (server answers, progress, stats, drawn maps, loader notes, errors) and
 // document.body.dataset.flowcacheMaps (number of maps drawn so far).
 import { app } from "../../scripts/app.js";
 import { drawMap, mapHeight } from "./flowcache_map.js";
 import { NAMED_PRESETS, chooseModel, lockPlan, shownText } from "./flowcache_presets.js";
+import { NOTE_KEY_WIDGETS, drawNotes, notesFromOutput, notesHeight, notesKey, visibleNotes } from "./flowcache_notes.js";
 
 const EXT_NAME = "FlowCache.UI";
 const SAMPLER = "FlowCacheSampler";
@@ -28,6 +32,7 @@ const LOADER = "FlowCacheModelLoader";
 const REROUTE = "Reroute";
 const MAP_WIDGET = "flowcache_map";
 const SOURCE_WIDGET = "flowcache_source";
+const NOTES_WIDGET = "flowcache_notes";
 const SOURCE_H = 18;
 
 const state = (window.__flowcache = window.__flowcache || {
@@ -38,8 +43,12 @@ const state = (window.__flowcache = window.__flowcache || {
   progress: {}, // node id -> last progress event
   stats: {}, // node id -> last stats dict
   drawn: {}, // node id -> {windows, chunks, steps, note, at} of the last map drawn
+  loaderNotes: {}, // loader node id -> {key, notes} of its last run
+  notesDrawn: {}, // loader node id -> {lines, at} of the last time its notes were drawn (lines 0: nothing shown)
   errors: [],
 });
+state.loaderNotes = state.loaderNotes || {}; // a state object from an older copy of this file
+state.notesDrawn = state.notesDrawn || {};
 
 function report(where, err) {
   try {
@@ -389,6 +398,60 @@ function setStats(node, stats) {
   fitNode(node);
 }
 
+// ------------------------------------------------------------------------------------------ loader notes
+
+function loaderKey(node) {
+  return notesKey(Object.fromEntries(NOTE_KEY_WIDGETS.map((k) => [k, widget(node, k)?.value])));
+}
+
+/** The notes of the loader's last run, if they still describe what its widgets would load. */
+function shownNotes(node) {
+  return visibleNotes(node.__fcNotes, loaderKey(node));
+}
+
+function ensureNotesWidget(node) {
+  let w = widget(node, NOTES_WIDGET);
+  if (w || !Array.isArray(node?.widgets) || typeof node.addCustomWidget !== "function") return w || null;
+  w = {
+    name: NOTES_WIDGET,
+    type: "flowcache_notes",
+    value: null,
+    serialize: false, // never in widgets_values (kept last, so no hole either)
+    options: { serialize: false }, // never in the API prompt
+    draw: guard("draw notes", function (ctx, n, width, y) {
+      const lines = drawNotes(ctx, shownNotes(n), width, y);
+      state.notesDrawn[String(n.id)] = { lines, at: Date.now() };
+    }),
+    computeSize: function (width) {
+      try {
+        const wd = width ?? node.size?.[0] ?? 0;
+        return [wd, notesHeight(shownNotes(node), wd)];
+      } catch (err) {
+        report("notes size", err);
+        return [width ?? 0, 0];
+      }
+    },
+    mouse: () => false,
+  };
+  node.addCustomWidget(w);
+  return w;
+}
+
+function setLoaderNotes(node, notes) {
+  node.__fcNotes = { key: loaderKey(node), notes };
+  state.loaderNotes[String(node.id)] = node.__fcNotes;
+  ensureNotesWidget(node);
+  fitNode(node);
+}
+
+/** A loader widget that decides what is loaded changed: the last run's notes no longer apply. */
+function clearLoaderNotes(node) {
+  if (!node.__fcNotes) return;
+  node.__fcNotes = null;
+  delete state.loaderNotes[String(node.id)];
+  fitNode(node);
+}
+
 // --------------------------------------------------------------------------------------------- register
 
 // The pack's web folder can be served twice (WEB_DIRECTORY under the folder name and pyproject's [tool.comfy] web
@@ -468,6 +531,19 @@ const extension = {
           return r;
         };
       }
+      if (name === LOADER) {
+        const onExecuted = nodeType.prototype.onExecuted;
+        nodeType.prototype.onExecuted = function (message) {
+          const r = onExecuted?.apply(this, arguments);
+          try {
+            const notes = notesFromOutput(message);
+            if (notes) setLoaderNotes(this, notes);
+          } catch (err) {
+            report("loader onExecuted", err);
+          }
+          return r;
+        };
+      }
       if (name === SAMPLER || name === CACHE || name === LOADER) {
         // a cache node's values follow its links: cache -> sampler(s) -> model <- loader
         const onConnectionsChange = nodeType.prototype.onConnectionsChange;
@@ -495,8 +571,15 @@ const extension = {
         // values from a loaded workflow are applied after nodeCreated; refresh once they are in
         setTimeout(() => refreshCache(node), 0);
       } else if (cls === LOADER) {
-        // picking a model asks the server again: a re-calibrated file shows its new rows
-        chainWidgetCallback(widget(node, "model_name"), () => requeryLater());
+        // picking a model asks the server again (a re-calibrated file shows its new rows), and hides the notes of
+        // the last load, as do the other choices that decide what is loaded
+        chainWidgetCallback(widget(node, "model_name"), () => {
+          clearLoaderNotes(node);
+          requeryLater();
+        });
+        for (const name of NOTE_KEY_WIDGETS) {
+          if (name !== "model_name") chainWidgetCallback(widget(node, name), () => clearLoaderNotes(node));
+        }
       }
     } catch (err) {
       report("nodeCreated", err);

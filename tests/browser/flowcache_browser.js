@@ -319,7 +319,7 @@ async function check(browser) {
     ready: !!(window.__flowcache && window.__flowcache.ready),
     errors: (window.__flowcache && window.__flowcache.errors) || [],
     types: ["FlowCacheSampler", "FlowCacheCache", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine", "FlowCacheDemoTextEncode",
-      "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader"]
+      "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader", "FlowCacheCausalOptions"]
       .filter((t) => t in LiteGraph.registered_node_types),
   }));
   const exts = await getJSON(page, "/extensions");
@@ -413,6 +413,36 @@ async function noteRun(browser) {
     const p = await window.app.graphToPrompt();
     return Object.values(p.output).map((n) => n.class_type);
   });
+  // FlowCache Load Model ran: its notes (what it decided) are drawn under its widgets until another model is picked
+  const loaderState = () => page.evaluate(async () => {
+    const n = window.app.graph._nodes.find((x) => x.type === "FlowCacheModelLoader");
+    const w = (n.widgets || []).find((x) => x.name === "flowcache_notes");
+    window.app.canvas.setDirty(true, true);
+    await new Promise((r) => setTimeout(r, 300)); // let the canvas draw a frame
+    const drawn = window.__flowcache.notesDrawn[String(n.id)];
+    return { notes: n.__fcNotes ? n.__fcNotes.notes : null, drawnLines: drawn ? drawn.lines : null,
+      height: w ? w.computeSize(n.size[0])[1] : null, widgetSerialized: w ? w.serialize : null, nodeHeight: n.size[1] };
+  });
+  const loaderNotes = { after: await loaderState() };
+  loaderNotes.promptInputs = await page.evaluate(async () => {
+    const p = await window.app.graphToPrompt();
+    return Object.keys(Object.values(p.output).find((n) => n.class_type === "FlowCacheModelLoader").inputs);
+  });
+  await page.evaluate(() => { // the grown loader may now reach into the nodes below it: move those down for the screenshot
+    const n = window.app.graph._nodes.find((x) => x.type === "FlowCacheModelLoader");
+    const bottom = n.pos[1] + n.size[1] + 40;
+    const below = window.app.graph._nodes.filter((o) => o !== n && o.pos[1] > n.pos[1] && o.pos[0] < n.pos[0] + n.size[0]
+      && o.pos[0] + o.size[0] > n.pos[0]);
+    const dy = Math.max(0, bottom - Math.min(...below.map((o) => o.pos[1]), Infinity));
+    for (const o of below) o.pos[1] += dy;
+    window.app.canvas.setDirty(true, true);
+  });
+  await hideChrome(page);
+  await fitView(page);
+  await page.screenshot({ path: path.join(OUT, "loader_notes.png"), clip: await canvasClip(page) });
+  await setWidget(page, "FlowCacheModelLoader", "model_name", "flowcache-demo (built-in, runs on CPU)");
+  loaderNotes.cleared = await loaderState();
+  state.loaderNotes = loaderNotes;
   state.extErrorsAfter = await page.evaluate(() => window.__flowcache.errors);
   console.log("RESULT " + JSON.stringify({ mode: "note", loaded: r, ...state, logs }));
 }
