@@ -190,7 +190,7 @@ SWEEP = {"teacache": _grid((0.05, 0.1, 0.2, 0.3, 0.5)),
 
 
 def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides: dict | None = None, log=print,
-              kit=None, grid: dict | None = None) -> list[dict]:
+              kit=None, grid: dict | None = None, attentions: tuple[str, ...] | None = None) -> list[dict]:
     """Each method over a grid of custom values (``SWEEP``; the rest from its slow preset), each chunk-path method
     with every attention (window, window_refresh, block_causal): FLOPs and wall speedups against off and PSNR,
     averaged over prompts and seeds; ``frontier`` marks the rows no other row beats in FLOPs speedup and PSNR at
@@ -207,8 +207,8 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
             base = kit.cache(method, "slow")
         except InputError:
             continue
-        attentions = ATTENTION if METHODS[method].path == "chunk" else (base.attention,)
-        for attention in attentions:
+        chosen = (attentions or ATTENTION) if METHODS[method].path == "chunk" else (base.attention,)
+        for attention in chosen:
             for custom in values:
                 points.append((method, attention, custom))
     refs = {}

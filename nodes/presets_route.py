@@ -1,4 +1,4 @@
-"""``GET /flowcache/model_presets?model_name=…``: the slow/fast values a model's cache presets hold.
+"""``GET /flowcache/model_presets?model_name=…[&loop=…]``: the slow/fast values a model's cache presets hold.
 
 FlowCache Cache locks the threshold / warm-up / KV-budget widgets of a named preset and shows its values. Only
 the server can read the chosen file's headers (family, size, embedded presets) and a calibrated
@@ -20,14 +20,14 @@ ROUTE = "/flowcache/model_presets"
 _registered = False
 
 
-def model_presets(model_name: str) -> dict:
+def model_presets(model_name: str, loop: str = "auto") -> dict:
     """The route's answer: ``preset_rows`` of the file, or ``{"known": False, "error": …}``; never raises.
 
     The frontend asks for whatever file is picked, so a damaged or hostile file must give an answer the
     widgets can show, not an HTTP 500.
     """
     try:
-        facts = header_facts(model_path(model_name))
+        facts = header_facts(model_path(model_name), loop)
         return {"model_name": model_name, "family": facts.family,
                 **preset_rows(facts.preset_key, facts.extra_presets)}
     except (FlowCacheError, OSError) as e:
@@ -45,12 +45,18 @@ def register_routes() -> bool:
     server = comfy_bridge.server_instance()
     if _registered or getattr(server, "routes", None) is None:
         return _registered
+    if any(getattr(r, "path", None) == ROUTE for r in server.routes):
+        # a second copy of the pack in custom_nodes: the first one answers; adding it twice stops the server
+        log.warning("FlowCache: %s is already registered (is the pack installed twice?); keeping the first.", ROUTE)
+        _registered = True
+        return True
     from aiohttp import web  # ComfyUI's own web framework: present whenever its server is
 
     @server.routes.get(ROUTE)
     async def _model_presets(request: web.Request) -> web.Response:
-        name = request.query.get("model_name", "")
-        return web.json_response(await asyncio.to_thread(model_presets, name))  # file reads off the event loop
+        name, loop = request.query.get("model_name", ""), request.query.get("loop", "auto")
+        # file reads off the event loop
+        return web.json_response(await asyncio.to_thread(model_presets, name, loop))
 
     _registered = True
     return True

@@ -65,3 +65,21 @@ def test_node_side_answer(pack, comfy):
     if demo_available(pack):
         demo = route.model_presets(pack_submodule(pack, "nodes.demo").DEMO_ENTRY)
         assert demo["key"] == "demo" and demo["rows"]["flowcache"]["fast"]["threshold"] == 0.15
+
+
+def test_the_loaders_loop_choice_picks_the_causal_rows(tmp_path, pack, comfy):
+    """A Wan file with nothing marking it causal answers with the diffusion-forcing row; with the loader's
+    loop = causal (the frontend sends it), with the causal row, as the sampler will use at run time."""
+    import torch
+
+    from tiny_models import save_wan, tiny_wan
+
+    route = pack_submodule(pack, "nodes.presets_route")
+    model = tiny_wan(seed=2, has_fps=False)
+    save_wan(model, comfy.models_dir / "plain_wan.safetensors")
+    auto = route.model_presets("plain_wan.safetensors")
+    causal = route.model_presets("plain_wan.safetensors", "causal")
+    assert auto["key"] + "-causal" == causal["key"], (auto, causal)
+    assert route.model_presets("plain_wan.safetensors", "diffusion_forcing")["key"] == auto["key"]
+    bad = route.model_presets("plain_wan.safetensors", "sideways")
+    assert bad["known"] is False and "loop='sideways'" in bad["error"]

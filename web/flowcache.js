@@ -111,12 +111,25 @@ function outputTargets(node, slot = 0, depth = 0) {
   return out;
 }
 
-/** The model_name chosen on the loader feeding this sampler (null when no FlowCache loader feeds it). */
+// A loader's loop choice other than auto travels with the file name (the presets differ per loop: a causal
+// model has rows of its own); a separator no file name holds.
+const LOOP_SEP = "\u0001";
+
+/** The model_name chosen on the loader feeding this sampler, with its loop when not auto (null when no
+ * FlowCache loader feeds it). */
 function modelNameOf(sampler) {
   const loader = inputLinkOrigin(sampler, "model");
   if (!loader || classOf(loader) !== LOADER) return null;
   const v = widget(loader, "model_name")?.value;
-  return v == null || v === "" ? null : String(v);
+  if (v == null || v === "") return null;
+  const loop = widget(loader, "loop")?.value;
+  return loop && loop !== "auto" ? `${v}${LOOP_SEP}${loop}` : String(v);
+}
+
+/** The route's query for a model identity from modelNameOf. */
+function presetsQuery(identity) {
+  const [name, loop] = String(identity).split(LOOP_SEP);
+  return `model_name=${encodeURIComponent(name)}` + (loop ? `&loop=${encodeURIComponent(loop)}` : "");
 }
 
 /** {name, reason}: the one model the samplers fed by this cache node use. */
@@ -138,7 +151,7 @@ function serverAnswer(name) {
   state.filePresets[name] = "pending";
   state.tickets[name] = ticket;
   api
-    .fetchApi(`/flowcache/model_presets?model_name=${encodeURIComponent(name)}`, { cache: "no-cache" })
+    .fetchApi(`/flowcache/model_presets?${presetsQuery(name)}`, { cache: "no-cache" })
     .then((resp) => (resp.ok ? resp.json() : { known: false, rows: {}, error: `HTTP ${resp.status}` }))
     .catch((err) => {
       report("model presets", err);
@@ -580,6 +593,8 @@ const extension = {
         for (const name of NOTE_KEY_WIDGETS) {
           if (name !== "model_name") chainWidgetCallback(widget(node, name), () => clearLoaderNotes(node));
         }
+        // the loop decides which presets row applies: the cache nodes show the new one
+        chainWidgetCallback(widget(node, "loop"), () => refreshAllCaches());
       }
     } catch (err) {
       report("nodeCreated", err);

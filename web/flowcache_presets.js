@@ -47,7 +47,7 @@ const REASONS = {
 };
 
 function shortName(name) {
-  const s = String(name || "");
+  const s = String(name || "").split("\u0001")[0]; // the file name, without the loader's loop choice
   const base = s.split(/[\\/]/).pop() || s;
   return base.length > 40 ? base.slice(0, 37) + "..." : base;
 }

@@ -283,8 +283,9 @@ class HeaderFacts:
     metadata: dict
 
 
-def header_facts(path: str | os.PathLike) -> HeaderFacts:
-    """``load_model``'s family and presets for a checkpoint, from its headers only (a 28 GB model is not read)."""
+def header_facts(path: str | os.PathLike, loop: str = "auto") -> HeaderFacts:
+    """``load_model``'s family and presets for a checkpoint, from its headers only (a 28 GB model is not read);
+    ``loop``: the loader's choice for Wan files (a causal model has presets rows of its own)."""
     files = checkpoint_files(path)
     shapes, meta = read_headers(files)
     prefix = split_prefix(shapes.keys(), ALL_ANCHORS)
@@ -294,7 +295,7 @@ def header_facts(path: str | os.PathLike) -> HeaderFacts:
         raise _not_a_model(files[0].name, bare)
     key = FAMILIES[family].preset_key(meta, bare)
     if family == "wan" and "flowcache.model_key" not in meta:  # as _build_wan: a causal model's own rows
-        if wan_loop(Checkpoint({}, files, metadata=dict(meta)), bare.keys())[0] == "causal":
+        if wan_loop(Checkpoint({}, files, metadata=dict(meta)), bare.keys(), loop)[0] == "causal":
             key += "-causal"
     extra, _ = model_presets(files, meta)
     return HeaderFacts(files, family, key, extra, meta)
