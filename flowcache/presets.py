@@ -205,13 +205,13 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
         for shared in SHARED_VALUES:
             if shared in names and shared in entry:
                 values[shared] = json.loads(json.dumps(entry[shared]))  # a copy
-        for k, v in (named or {}).items():
+        if isinstance(entry.get("attention"), str):  # the model's chunk-path attention, chosen by the benchmark
+            kv["attention"] = entry["attention"]
+        for k, v in (named or {}).items():  # a preset row's own attention, if any, wins
             if k in names:
                 values[k] = v
             elif k in kv:
                 kv[k] = v
-        if isinstance(entry.get("attention"), str):  # the model's chunk-path attention, chosen by the benchmark
-            kv["attention"] = entry["attention"]
     if preset == "custom" or not names:
         values.update({k: v for k, v in custom.items() if k in names and k not in SHARED_VALUES})
         kv.update({k: v for k, v in custom.items() if k in kv})

@@ -83,3 +83,19 @@ def test_the_loaders_loop_choice_picks_the_causal_rows(tmp_path, pack, comfy):
     assert route.model_presets("plain_wan.safetensors", "diffusion_forcing")["key"] == auto["key"]
     bad = route.model_presets("plain_wan.safetensors", "sideways")
     assert bad["known"] is False and "loop='sideways'" in bad["error"]
+
+
+def test_attention_from_the_entry_and_from_a_preset_row():
+    """The model's entry names its chunk attention; a preset row may name its own, which wins (custom starts from
+    the slow row); without either, block_causal (the FlowCache code's arithmetic)."""
+    from flowcache.presets import resolve_cache
+
+    row = {"threshold": 0.1, "warmup": 2}
+    table = {"m": {"coefficients": [1.0, 0.0], "attention": "window",
+                   "flowcache": {"slow": {**row, "attention": "window_refresh"}, "fast": row}},
+             "n": {"coefficients": [1.0, 0.0], "flowcache": {"slow": row, "fast": row}}}
+    assert resolve_cache("m", "flowcache", "slow", table).attention == "window_refresh"
+    assert resolve_cache("m", "flowcache", "fast", table).attention == "window"
+    # custom starts from the slow row, its attention included
+    assert resolve_cache("m", "flowcache", "custom", table, threshold=0.3).attention == "window_refresh"
+    assert resolve_cache("n", "flowcache", "fast", table).attention == "block_causal"
