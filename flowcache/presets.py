@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .cache.registry import METHODS, CacheSettings, method
+from .cache.registry import ATTENTION, METHODS, CacheSettings, method
 from .errors import CheckpointError, InputError
 
 log = logging.getLogger("FlowCache")
@@ -63,8 +63,13 @@ def check_table(table: object, source: str) -> dict:
             if not isinstance(section, dict):
                 raise _bad(source, f"entry {key!r} field {name!r}", "must be an object of presets")
             for preset, values in section.items():
-                if not isinstance(values, dict) or not all(_number(v) for v in values.values()):
+                if not isinstance(values, dict) or not all(_number(v) for k, v in values.items() if k != "attention"):
                     raise _bad(source, f"entry {key!r} field {name}.{preset}", "must be an object of numbers")
+                if "attention" in values and values["attention"] not in ATTENTION:
+                    raise _bad(source, f"entry {key!r} field {name}.{preset}.attention",
+                               f"must be one of {', '.join(ATTENTION)}")
+        if "attention" in entry and entry["attention"] not in ATTENTION:
+            raise _bad(source, f"entry {key!r} field 'attention'", f"must be one of {', '.join(ATTENTION)}")
         out[key] = entry
     return out
 

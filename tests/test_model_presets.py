@@ -99,3 +99,10 @@ def test_attention_from_the_entry_and_from_a_preset_row():
     # custom starts from the slow row, its attention included
     assert resolve_cache("m", "flowcache", "custom", table, threshold=0.3).attention == "window_refresh"
     assert resolve_cache("n", "flowcache", "fast", table).attention == "block_causal"
+    # a table file holding them passes the checks; a misspelt attention is refused, naming the field
+    from flowcache.errors import CheckpointError
+    from flowcache.presets import check_table
+    assert check_table(table, "t.json") == table
+    bad = {"m": {**table["m"], "flowcache": {"slow": {**row, "attention": "windowed"}}}}
+    with pytest.raises(CheckpointError, match=r"flowcache\.slow\.attention"):
+        check_table(bad, "t.json")
