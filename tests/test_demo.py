@@ -48,8 +48,11 @@ def test_demo_presets_are_embedded_and_resolve():
     entry = lm.extra_presets["demo"]
     assert len(entry["coefficients"]) == 5 and entry["calibration"]["points"] > 0
     s = resolve_cache("demo", "flowcache", "slow", lm.extra_presets)
-    assert s.config.threshold == 0.1 and s.config.warmup == 5 and s.config.coefficients == entry["coefficients"]
+    # picked from the sweep on the calibration prompts (entry["picked_from"] says which figures)
+    assert s.config.threshold == 0.12 and s.config.warmup == 3 and s.config.coefficients == entry["coefficients"]
+    assert s.attention == "window_refresh" and "calibration prompts" in entry["picked_from"]
     assert resolve_cache("demo", "teacache", "fast", lm.extra_presets).config.threshold == 0.2
+    assert resolve_cache("demo", "magcache", "fast", lm.extra_presets).attention == "window"
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def test_node_side_answer(pack, comfy):
     assert route.register_routes() is False  # the stub server has no route table: nothing registered
     if demo_available(pack):
         demo = route.model_presets(pack_submodule(pack, "nodes.demo").DEMO_ENTRY)
-        assert demo["key"] == "demo" and demo["rows"]["flowcache"]["fast"]["threshold"] == 0.15
+        assert demo["key"] == "demo" and demo["rows"]["flowcache"]["fast"]["threshold"] == 0.25
 
 
 def test_the_loaders_loop_choice_picks_the_causal_rows(tmp_path, pack, comfy):
