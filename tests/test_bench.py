@@ -28,7 +28,7 @@ PRESETS = {"tiny-bench": {"coefficients": [1.0, 0.0],
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def check_table(table: dict, expected: list[str] = ROWS) -> dict:
+def check_table(table: dict, expected: list[str] = ROWS, fast_reuses_more: bool = True) -> dict:
     rows = {r["mode"]: r for r in table["rows"]}
     assert list(rows) == expected
     off = rows["off"]
@@ -44,7 +44,8 @@ def check_table(table: dict, expected: list[str] = ROWS) -> dict:
         assert r["flops_speedup"] > 1.0
         assert r["flops_speedup"] == pytest.approx(off["tflops"] / r["tflops"], rel=1e-9)
     assert rows["teacache-fast"]["forwards"] < off["forwards"]  # forwards of the whole window
-    assert rows["flowcache-fast"]["forwards"] <= rows["flowcache-slow"]["forwards"]  # forwards of one chunk
+    if fast_reuses_more:  # same warm-up, higher threshold (forwards of one chunk)
+        assert rows["flowcache-fast"]["forwards"] <= rows["flowcache-slow"]["forwards"]
     # off runs cond and uncond as one batch per iteration; FlowCache batches a step's chunks and branches
     assert off["model_calls"] * 2 == off["forwards"]
     assert rows["flowcache-fast"]["model_calls"] < rows["flowcache-fast"]["forwards"] / 2
@@ -171,7 +172,8 @@ def test_bench_on_a_retrained_demo_file_uses_its_own_text_embedding(tmp_path):
                            for tag in ([""] + (["/a", "/b"] if m == "flowcache" else []))] + ["flowcache-fast+kv"]
     got = [r["mode"] for r in table["rows"]]
     assert [m.split("/")[0] for m in got] == [m.split("/")[0] for m in demo_rows], got
-    check_table(table, got)
+    # the demo's slow preset warms up 3 steps, fast 5: at 6 steps fast may compute more
+    check_table(table, got, fast_reuses_more=False)
     s = table["setting"]
     assert s["prompts"] == [prompt] and s["num_frames"] == demo.DEMO_SETTINGS["num_frames"]
     assert s["quality_on"] == "DemoCodec"
