@@ -157,12 +157,15 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
 
 
 def format_table(result: dict) -> str:
+    from .cache import METHODS
+
     head = (f"{'mode':22s} {'attention':>12s} {'forwards':>8s} {'calls':>6s} {'TFLOPs':>8s} {'wall s':>7s} "
             f"{'speedup':>8s} {'FLOPs x':>8s} {'paper x':>8s} {'PSNR dB':>8s} {'SSIM':>6s} {'peak KV':>9s}")
     lines = [f"torch threads: {result['setting'].get('torch_threads')}", head, "-" * len(head)]
     for r in result["rows"]:
         p = "inf" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.2f}"
-        att = r.get("attention", "") if r.get("method") != "off" else "-"
+        on_chunks = METHODS[r["method"]].path == "chunk" if r.get("method") in METHODS else False
+        att = r.get("attention", "") if on_chunks else "-"  # the window path attends as the model does
         lines.append(f"{r['mode']:22s} {att:>12s} {r['forwards']:8.0f} {r.get('model_calls', 0):6.0f} "
                      f"{r['tflops']:8.4f} {r['wall_s']:7.2f} {r['speedup']:7.2f}x {r['flops_speedup']:7.2f}x "
                      f"{r.get('flops_speedup_paper', r['flops_speedup']):7.2f}x {p:>8s} {r['ssim']:6.3f} "

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and 
 
 PACK_DIR_NAME = "flowcache-pack"
 TINY_FILE = "tiny_demo_space.safetensors"
+CAUSAL_FILE = "self_forcing_tiny.pt"
 DEMO_GEOMETRY = {"temporal_stride": 1, "spatial_stride": 8, "channels": 32, "position_channels": 2}
 
 
@@ -51,6 +52,12 @@ def host(tmp_path_factory):
         write_tiny_magi_files(work, vocab=32128)
     except ImportError:  # no `tokenizers` here: the MAGI-1 test skips
         pass
+    # a tiny Self-Forcing-style .pt (generator / generator_ema, keys prefixed "model."), text width of the demo
+    # text encoder's states, so a causal run needs no downloads
+    from tiny_models import tiny_wan
+    causal = tiny_wan(seed=4, has_fps=False, dim=64, text_dim=64)
+    sd = {"model." + k: v.detach().clone() for k, v in causal.state_dict().items()}
+    torch.save({"generator": sd, "generator_ema": sd, "critic": {}}, work / "diffusion_models" / CAUSAL_FILE)
     config = work / "extra_model_paths.yaml"
     config.write_text(f"flowcache_test:\n    base_path: {work}\n    custom_nodes: custom_nodes\n"
                       f"    diffusion_models: diffusion_models\n    text_encoders: text_encoders\n    vae: vae\n")
@@ -320,3 +327,39 @@ def test_magi_text_to_video_in_the_server(host):
     path = work / "output" / video["subfolder"] / video["filename"]
     frames = pack_submodule(pack, "flowcache.video").read_video(path)
     assert frames.shape == (24, 32, 32, 3) and video["frames"] == 24
+
+
+def test_causal_loop_through_the_nodes_in_the_server(host):
+    """A Self-Forcing .pt through FlowCache Load Model (the loop decided as causal, its notes on the node), FlowCache
+    Causal Options (rolling window with a sink) and the sampler, block by block, into core SaveLatent; then the
+    same graph again gives the same latents (no state carried between runs)."""
+    server, pack, work = host
+    need_demo(pack)  # its text encoder makes the 64-wide text states without weights
+    sampler = dict(width=32, height=32, num_frames=33, steps=4, cfg=1.0, shift=5.0, seed=7, ar_step=0,
+                   causal_block_size=3, base_num_frames=97, overlap_history=17, addnoise_condition=0,
+                   solver="unipc", keep_model_loaded=False, cache=["6", 0], causal=["5", 0])
+    prompt = {
+        "1": {"class_type": "FlowCacheModelLoader", "inputs": {"model_name": CAUSAL_FILE, "dtype": "fp32"}},
+        "2": {"class_type": "FlowCacheDemoTextEncode", "inputs": {"prompt": "a red circle bouncing on a blue "
+                                                                            "background"}},
+        "4": {"class_type": "FlowCacheSampler", "inputs": dict(sampler, model=["1", 0], positive=["2", 0],
+                                                               negative=["2", 0])},
+        "5": {"class_type": "FlowCacheCausalOptions", "inputs": {"kv_mode": "rolling", "window_frames": 6,
+                                                                 "sink_frames": 3, "schedule": "self_forcing"}},
+        "6": cache_node("off", "slow"),
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "latents/causal"}},
+    }
+    latents = []
+    for threshold in (0.1, 0.2):  # unused by method off; a changed input makes ComfyUI run the sampler again
+        prompt["6"]["inputs"]["threshold"] = threshold
+        entry = server.wait_done(server.queue(prompt, client_id=uuid.uuid4().hex))
+        errors = [m[1].get("exception_message") for m in entry["status"]["messages"] if m[0] == "execution_error"]
+        assert entry["status"]["status_str"] == "success", errors or server.log()[-3000:]
+        stats = entry["outputs"]["4"]["flowcache_stats"][0]
+        assert stats["settings"]["loop"] == "causal" and stats["settings"]["kv_mode"] == "rolling"
+        assert stats["forwards"] == 3 * (4 + 1)  # 3 blocks of 4 steps and a clean pass
+        notes = entry["outputs"]["1"]["flowcache_notes"]
+        assert any("Self-Forcing" in n for n in notes), notes
+        (latent,) = entry["outputs"]["7"]["latents"]
+        latents.append(read_latent(work / "output" / latent["subfolder"] / latent["filename"]))
+    assert latents[0].shape == (1, 16, 9, 4, 4) and torch.equal(latents[0], latents[1])
