@@ -176,7 +176,7 @@ def test_model_presets_route(host):
     tiny = ask(TINY_FILE)
     assert tiny["known"] and tiny["key"] == "tiny-test" and tiny["rows"]["flowcache"]["fast"]["kv_budget"] == 1
     demo = ask(pack_submodule(pack, "nodes.demo").DEMO_ENTRY)
-    assert demo["key"] == "demo" and demo["rows"]["flowcache"]["slow"]["threshold"] == 0.1
+    assert demo["key"] == "demo" and demo["rows"]["flowcache"]["slow"]["threshold"] == 0.12
     missing = ask("no_such_model.safetensors")
     assert missing["known"] is False and "not found in models/diffusion_models" in missing["error"]
 
