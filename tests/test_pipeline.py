@@ -193,6 +193,7 @@ def test_batched_chunks_and_branches_equal_one_forward_each(model, conds, monkey
     from flowcache.models.wan import rope_angles
 
     monkeypatch.setattr(store_mod, "MAX_MASK_ELEMENTS", mask_limit)
+    monkeypatch.setattr(store_mod, "MASK_DEVICES", {"cpu"})  # the masked call is the GPU's path: run it here
     cos, sin = rope_angles(16, (6, 4, 4), (0, 6), torch.device("cpu"))
     cos_a, _ = rope_angles(16, (3, 4, 4), 0, torch.device("cpu"))
     cos_b, _ = rope_angles(16, (3, 4, 4), 6, torch.device("cpu"))
