@@ -13,7 +13,7 @@ from .cache import CacheSettings
 from .errors import InputError
 from .metrics import psnr
 from .checkpoint import DTYPE_NAMES, compute_dtype
-from .memory import available_bytes, check_fits, estimate_wan, working_bytes
+from .memory import available_bytes, check_fits, df_need
 from .models import LoadedModel, load_model
 from .pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from .presets import resolve_cache
@@ -189,12 +189,9 @@ def generate(checkpoint: str, cond_path: str, out: str, uncond_path: str | None 
     pipe = DiffusionForcingPipeline(lm.model, geometry, lm.text_len, codec=codec if vae_path else None)
     cache = resolve_cache(lm.preset_key, cache_mode, preset, lm.extra_presets)
     window_path = (s.path if s.path != "auto" else cache.path) == "window"
-    need = lambda width, height: working_bytes(lambda: estimate_wan(  # noqa: E731
-        lm.config, {}, width, height, frames=s.num_frames, base_frames=s.base_num_frames, overlap=s.overlap_history,
-        chunk=s.causal_block_size, steps=s.steps, ar_step=s.ar_step, branches=2 if s.cfg > 1.0 else 1,
-        budget=cache.kv_budget, compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"), text_len=lm.text_len,
-        temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride, whole_window=window_path),
-        None if window_path else ("kv_budget" if cache.kv_budget else "kv"))
+    need = df_need(lm.config, s, window_path=window_path, kv_budget=cache.kv_budget,
+                   compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"), text_len=lm.text_len,
+                   temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride)
     check_fits(need, s.width, s.height, s.num_frames, available_bytes(torch.device(device)), device,
                geometry.spatial_stride * lm.config.patch_size[1], where="generate")
     z, stats = pipe(cond.to(device), uncond.to(device), s, cache)

@@ -342,6 +342,20 @@ def working_bytes(estimate: Callable[[], MemoryEstimate], kv: str | None) -> int
     return est.activations + (getattr(est, kv) if kv else 0)
 
 
+def df_need(cfg, s, *, window_path: bool, kv_budget: int, compute: str, text_len: int, temporal_stride: int,
+            spatial_stride: int) -> Callable[[int, int], int]:
+    """Working bytes of a diffusion-forcing run at a (width, height), the other settings taken from ``s`` (a
+    ``DFSettings``): the window path's whole-window forward, or the chunk path's forward and its KV stores."""
+    def need(width: int, height: int) -> int:
+        return working_bytes(lambda: estimate_wan(
+            cfg, {}, width, height, frames=s.num_frames, base_frames=s.base_num_frames, overlap=s.overlap_history,
+            chunk=s.causal_block_size, steps=s.steps, ar_step=s.ar_step, branches=2 if s.cfg > 1.0 else 1,
+            budget=kv_budget, compute=compute, text_len=text_len, temporal_stride=temporal_stride,
+            spatial_stride=spatial_stride, whole_window=window_path),
+            None if window_path else ("kv_budget" if kv_budget else "kv"))
+    return need
+
+
 def largest_fitting_size(need: Callable[[int, int], int], width: int, height: int, available: int,
                          unit: int) -> tuple[int, int] | None:
     """The largest (width, height) at about the same aspect ratio, both multiples of ``unit`` and no larger than
@@ -378,5 +392,5 @@ def check_fits(need: Callable[[int, int], int], width: int, height: int, frames:
 
 
 __all__ = ["MemoryEstimate", "RELEASED", "estimate", "estimate_wan", "estimate_magi", "estimate_causal",
-           "held_weight_bytes", "released_shapes", "checkpoint_shapes", "available_bytes", "working_bytes",
+           "held_weight_bytes", "released_shapes", "checkpoint_shapes", "available_bytes", "working_bytes", "df_need",
            "largest_fitting_size", "check_fits"]

@@ -185,10 +185,10 @@ class RunState:
         self.stats.flops += flops
         self.stats.flops_paper += flops if paper is None else paper
 
-    def count_extra(self, flops: float, paper: float | None = None) -> None:
-        """Work done outside a counted forward (e.g. the text's keys/values computed once for the run)."""
+    def count_extra(self, flops: float) -> None:
+        """Work done outside a counted forward, in the real column only (e.g. the text's keys/values computed once
+        for the run; the paper's accounting counts them in every forward)."""
         self.stats.flops += flops
-        self.stats.flops_paper += 0.0 if paper is None else paper
 
     def count_vanilla(self, flops: float, paper: float | None = None) -> None:
         """What the vanilla loop (cache off) spends on this step, the reference of the FLOPs speedups."""

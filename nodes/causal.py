@@ -10,8 +10,9 @@ from ..flowcache.cache import CacheSettings
 from ..flowcache.checkpoint import DTYPE_NAMES
 from ..flowcache.errors import InputError
 from ..flowcache.latent_format import wan_to_raw
-from ..flowcache.memory import estimate_causal
-from ..flowcache.pipelines.causal_wan import KV_MODES, LOOP_PRESETS, CausalSettings, CausalWanPipeline, plan_causal
+from ..flowcache.memory import estimate_causal, working_bytes
+from ..flowcache.pipelines.causal_wan import (KV_MODES, LOOP_PRESETS, CausalSettings, CausalWanPipeline,
+                                               kv_store_blocks, plan_causal)
 from ..flowcache.pipelines.common import LatentGeometry
 from ..flowcache.runner import RunHooks
 
@@ -86,7 +87,7 @@ def causal_settings(w: Any, options: CausalOptions | None) -> tuple[CausalSettin
 
 
 def causal_run(model: Any, w: Any, positive: Any, cache: CacheSettings, options: CausalOptions | None,
-               conditioning: Callable[[Any, str], Any], working_memory: Callable[..., int]
+               conditioning: Callable[[Any, str], Any]
                ) -> tuple[Callable[[RunHooks], tuple[dict, Any]], tuple[Callable[[int, int], int], int]]:
     """The causal loop's job, and its working memory at a (width, height) with the pixel multiple sizes keep;
     every input is checked here, before the model moves."""
@@ -94,8 +95,7 @@ def causal_run(model: Any, w: Any, positive: Any, cache: CacheSettings, options:
     settings, ignored = causal_settings(w, options)
     geometry = LatentGeometry(**lm.geometry)
     plan = plan_causal(settings, geometry, lm.config.patch_size, cache.kv_budget)
-    kv_blocks = {"global": None, "rolling": plan.window_blocks,
-                 "compressed": plan.sink_blocks + cache.kv_budget + 1}[settings.kv_mode]
+    kv_blocks = kv_store_blocks(plan, settings.kv_mode, cache.kv_budget)
     cond = conditioning(positive, "positive")
     log.info("FlowCache: causal loop, %d blocks of %d latent frames, kv %s; ignored here: %s", settings.num_frames,
              settings.num_frame_per_block, settings.kv_mode, ", ".join(ignored))
@@ -107,7 +107,7 @@ def causal_run(model: Any, w: Any, positive: Any, cache: CacheSettings, options:
             return {"samples": wan_to_raw(latents)}, stats
         return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
 
-    need = lambda width, height: working_memory(lambda: estimate_causal(  # noqa: E731
+    need = lambda width, height: working_bytes(lambda: estimate_causal(  # noqa: E731
         lm.config, {}, width, height, frames=settings.num_frames, block_frames=settings.num_frame_per_block,
         kv_blocks=kv_blocks, compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"), text_len=lm.text_len,
         temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride), "kv")

@@ -9,10 +9,9 @@ import torch
 
 from ..flowcache.cache import CacheSettings
 from ..flowcache.checkpoint import DTYPE_NAMES
-from ..flowcache.errors import FlowCacheError, InputError
+from ..flowcache.errors import InputError
 from ..flowcache.latent_format import wan_to_raw
-from ..flowcache.memory import check_fits, estimate_magi, estimate_wan
-from ..flowcache.memory import working_bytes as working_memory
+from ..flowcache.memory import check_fits, df_need, estimate_magi, working_bytes
 from ..flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry, plan_windows
 from ..flowcache.pipelines.magi import MagiPipeline, MagiSettings
 from ..flowcache.pipelines.wan_step import check_conditioning
@@ -272,13 +271,9 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
             return {"samples": wan_to_raw(latents)}, stats
         return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
 
-    window_path = cache.path == "window"
-    need = lambda width, height: working_memory(lambda: estimate_wan(  # noqa: E731
-        lm.config, {}, width, height, frames=w.num_frames, base_frames=w.base_num_frames,
-        overlap=w.overlap_history, chunk=w.causal_block_size, steps=w.steps, ar_step=w.ar_step,
-        branches=2 if w.cfg > 1.0 else 1, budget=cache.kv_budget, compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"),
-        text_len=lm.text_len, temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride,
-        whole_window=window_path), None if window_path else ("kv_budget" if cache.kv_budget else "kv"))
+    need = df_need(lm.config, settings, window_path=cache.path == "window", kv_budget=cache.kv_budget,
+                   compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"), text_len=lm.text_len,
+                   temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride)
     return job, (need, geometry.spatial_stride * lm.config.patch_size[1])
 
 
@@ -308,7 +303,7 @@ def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative:
         return {"samples": latents, "flowcache_codec": MAGI_CODEC, "flowcache_chunk_width": settings.chunk_width}, stats
 
     distill = bool(getattr(lm.model, "distill", False))
-    need = lambda width, height: working_memory(lambda: estimate_magi(  # noqa: E731
+    need = lambda width, height: working_bytes(lambda: estimate_magi(  # noqa: E731
         lm.config, {}, width, height, frames=w.num_frames, chunk=w.causal_block_size, passes=1 if distill else 2,
         budget=cache.kv_budget, compute=DTYPE_NAMES.get(lm.model.dtype, "fp32")),
         "kv_budget" if cache.kv_budget else "kv")
@@ -325,7 +320,7 @@ def _causal_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negativ
     def conditioning(cond: Any, name: str):
         return check_conditioning(conditioning_tensor(cond, name), lm.config.text_dim, lm.text_len, name)
 
-    return causal_run(model, w, positive, cache, extras["causal"], conditioning, working_memory)
+    return causal_run(model, w, positive, cache, extras["causal"], conditioning)
 
 
 # The loaded model's loop picks its run (data, not a type switch); adding a loop adds a row here.

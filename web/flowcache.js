@@ -221,38 +221,43 @@ function knobWidgets(node) {
   );
 }
 
-/** A one-line text under the cache node's widgets: where the values come from. */
-function ensureSourceWidget(node) {
-  let w = widget(node, SOURCE_WIDGET);
+/** A drawn, never-saved widget ``name`` on ``node`` (added once; null where the node cannot take one). */
+function ensureDrawnWidget(node, name, type, draw, computeSize) {
+  const w = widget(node, name);
   if (w || !Array.isArray(node?.widgets) || typeof node.addCustomWidget !== "function") return w || null;
-  w = {
-    name: SOURCE_WIDGET,
-    type: "flowcache_text",
+  const added = {
+    name,
+    type,
     value: null,
     serialize: false, // never in widgets_values (kept last, so no hole either)
     options: { serialize: false }, // never in the API prompt
-    draw: guard("draw source", function (ctx, n, width, y) {
-      const text = n.__fcPreset?.text;
-      if (!text) return;
-      ctx.save();
-      try {
-        ctx.font = "11px sans-serif";
-        ctx.textBaseline = "middle";
-        ctx.textAlign = "left";
-        const src = n.__fcPreset.source;
-        ctx.fillStyle = src === "missing" ? "#e0a040" : src === "server" ? "#8fc98f" : "#aaa";
-        let t = text;
-        while (t.length > 8 && ctx.measureText(t).width > width - 20) t = t.slice(0, -4) + "...";
-        ctx.fillText(t, 10, y + SOURCE_H / 2);
-      } finally {
-        ctx.restore();
-      }
-    }),
-    computeSize: (width) => [width ?? node.size?.[0] ?? 0, SOURCE_H],
+    draw,
+    computeSize,
     mouse: () => false,
   };
-  node.addCustomWidget(w);
-  return w;
+  node.addCustomWidget(added);
+  return added;
+}
+
+/** A one-line text under the cache node's widgets: where the values come from. */
+function ensureSourceWidget(node) {
+  return ensureDrawnWidget(node, SOURCE_WIDGET, "flowcache_text", guard("draw source", function (ctx, n, width, y) {
+    const text = n.__fcPreset?.text;
+    if (!text) return;
+    ctx.save();
+    try {
+      ctx.font = "11px sans-serif";
+      ctx.textBaseline = "middle";
+      ctx.textAlign = "left";
+      const src = n.__fcPreset.source;
+      ctx.fillStyle = src === "missing" ? "#e0a040" : src === "server" ? "#8fc98f" : "#aaa";
+      let t = text;
+      while (t.length > 8 && ctx.measureText(t).width > width - 20) t = t.slice(0, -4) + "...";
+      ctx.fillText(t, 10, y + SOURCE_H / 2);
+    } finally {
+      ctx.restore();
+    }
+  }), (width) => [width ?? node.size?.[0] ?? 0, SOURCE_H]);
 }
 
 function refreshCache(node) {
@@ -342,29 +347,17 @@ function drawMapWidget(ctx, node, width, y) {
 }
 
 function ensureMapWidget(node) {
-  let w = widget(node, MAP_WIDGET);
-  if (w) return w;
-  w = {
-    name: MAP_WIDGET,
-    type: "flowcache_map",
-    value: null,
-    serialize: false, // never in widgets_values (kept last, so no hole either)
-    options: { serialize: false }, // never in the API prompt
-    draw: guard("draw map", function (ctx, n, width, y) {
-      drawMapWidget(ctx, n, width, y);
-    }),
-    computeSize: function (width) {
-      try {
-        return [width ?? node.size[0], mapHeight(node.__fcInfo, width ?? node.size[0])];
-      } catch (err) {
-        report("map size", err);
-        return [width ?? 0, 0];
-      }
-    },
-    mouse: () => false,
-  };
-  node.addCustomWidget(w);
-  return w;
+  const draw = guard("draw map", function (ctx, n, width, y) {
+    drawMapWidget(ctx, n, width, y);
+  });
+  return ensureDrawnWidget(node, MAP_WIDGET, "flowcache_map", draw, function (width) {
+    try {
+      return [width ?? node.size[0], mapHeight(node.__fcInfo, width ?? node.size[0])];
+    } catch (err) {
+      report("map size", err);
+      return [width ?? 0, 0];
+    }
+  });
 }
 
 function fitNode(node) {
@@ -423,31 +416,19 @@ function shownNotes(node) {
 }
 
 function ensureNotesWidget(node) {
-  let w = widget(node, NOTES_WIDGET);
-  if (w || !Array.isArray(node?.widgets) || typeof node.addCustomWidget !== "function") return w || null;
-  w = {
-    name: NOTES_WIDGET,
-    type: "flowcache_notes",
-    value: null,
-    serialize: false, // never in widgets_values (kept last, so no hole either)
-    options: { serialize: false }, // never in the API prompt
-    draw: guard("draw notes", function (ctx, n, width, y) {
-      const lines = drawNotes(ctx, shownNotes(n), width, y);
-      state.notesDrawn[String(n.id)] = { lines, at: Date.now() };
-    }),
-    computeSize: function (width) {
-      try {
-        const wd = width ?? node.size?.[0] ?? 0;
-        return [wd, notesHeight(shownNotes(node), wd)];
-      } catch (err) {
-        report("notes size", err);
-        return [width ?? 0, 0];
-      }
-    },
-    mouse: () => false,
-  };
-  node.addCustomWidget(w);
-  return w;
+  const draw = guard("draw notes", function (ctx, n, width, y) {
+    const lines = drawNotes(ctx, shownNotes(n), width, y);
+    state.notesDrawn[String(n.id)] = { lines, at: Date.now() };
+  });
+  return ensureDrawnWidget(node, NOTES_WIDGET, "flowcache_notes", draw, function (width) {
+    try {
+      const wd = width ?? node.size?.[0] ?? 0;
+      return [wd, notesHeight(shownNotes(node), wd)];
+    } catch (err) {
+      report("notes size", err);
+      return [width ?? 0, 0];
+    }
+  });
 }
 
 function setLoaderNotes(node, notes) {

@@ -41,13 +41,12 @@ const NOTE_CHAR_W = 6; // about one character of 11px sans-serif: the note is wr
 const NOTE_MAX_LINES = 3;
 
 /** The run's note (stats.note, e.g. "no cache node connected: ..."), wrapped to ``width``; [] when there is none. */
-export function noteLines(stats, width) {
-  const note = stats && typeof stats.note === "string" ? stats.note.trim() : "";
-  if (!note) return [];
-  const per = Math.max(12, Math.floor((Math.max(40, width) - 2 * PAD) / NOTE_CHAR_W));
+/** ``text`` in lines of at most ``per`` characters, broken between words (a longer word is cut with "..."). */
+export function wrapWords(text, per) {
   const lines = [];
   let line = "";
-  for (const word of note.split(/\s+/)) {
+  for (const word of String(text).split(/\s+/)) {
+    if (!word) continue;
     const next = line ? `${line} ${word}` : word;
     if (next.length <= per) {
       line = next;
@@ -57,6 +56,14 @@ export function noteLines(stats, width) {
     line = word.length > per ? word.slice(0, per - 3) + "..." : word;
   }
   if (line) lines.push(line);
+  return lines;
+}
+
+export function noteLines(stats, width) {
+  const note = stats && typeof stats.note === "string" ? stats.note.trim() : "";
+  if (!note) return [];
+  const per = Math.max(12, Math.floor((Math.max(40, width) - 2 * PAD) / NOTE_CHAR_W));
+  const lines = wrapWords(note, per);
   if (lines.length > NOTE_MAX_LINES) {
     lines.length = NOTE_MAX_LINES;
     lines[NOTE_MAX_LINES - 1] = lines[NOTE_MAX_LINES - 1].slice(0, per - 3) + "...";

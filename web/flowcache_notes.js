@@ -1,8 +1,10 @@
 // FlowCache for ComfyUI: FlowCache Load Model's notes (what the loader decided: the sampling loop and why, which
 // weights of a .pt, distilled or base MAGI-1, the layers used), drawn under its widgets after it ran.
 // The loader returns {"ui": {"flowcache_notes": [...]}}; the frontend hands that to onExecuted. Pure functions
-// (no DOM, no graph, no app): flowcache.js owns the widget; tests/test_workflows.py runs these under node.
+// (no DOM, no graph, no app): flowcache.js owns the widget; tests/test_web.py runs these under node.
 // No side effects on import (ComfyUI loads every .js here).
+
+import { wrapWords } from "./flowcache_map.js";
 
 /** The loader's widgets whose values decide what it loads: a change makes the notes of the last load stale. */
 export const NOTE_KEY_WIDGETS = ["model_name", "loop", "weights", "magi_variant"];
@@ -41,22 +43,6 @@ export function visibleNotes(entry, key) {
   return entry.key === key ? entry.notes : [];
 }
 
-function wrap(text, per) {
-  const lines = [];
-  let line = "";
-  for (const word of text.split(" ")) {
-    const next = line ? `${line} ${word}` : word;
-    if (next.length <= per) {
-      line = next;
-      continue;
-    }
-    if (line) lines.push(line);
-    line = word.length > per ? word.slice(0, per - 3) + "..." : word;
-  }
-  if (line) lines.push(line);
-  return lines;
-}
-
 /**
  * The lines drawn for ``notes`` at ``width``: a title line, then each note as a bullet with its continuation
  * lines indented; at most MAX_NOTE_LINES, the last one then says how many notes are left out. [] for no notes.
@@ -67,7 +53,7 @@ export function noteLayout(notes, width) {
   const per = Math.max(12, Math.floor((Math.max(60, Number(width) || 0) - 2 * PAD) / CHAR_W) - 2);
   const lines = [{ text: "Loaded:", title: true }];
   for (let i = 0; i < list.length; i++) {
-    const wrapped = wrap(list[i], per);
+    const wrapped = wrapWords(list[i], per);
     if (lines.length + wrapped.length > MAX_NOTE_LINES) {
       const left = list.length - i;
       lines.length = Math.min(lines.length, MAX_NOTE_LINES - 1);

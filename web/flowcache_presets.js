@@ -1,6 +1,6 @@
 // FlowCache for ComfyUI: the preset lock of FlowCache Cache, as pure functions (no DOM, no graph, no app).
 // flowcache.js walks the graph, asks the server (GET /flowcache/model_presets) and applies the plan computed here;
-// tests/test_workflows.py runs these functions under node. No side effects on import (ComfyUI loads every .js here).
+// tests/test_web.py runs these functions under node. No side effects on import (ComfyUI loads every .js here).
 //
 // A route answer is {"model_name", "family", "key", "known": true, "rows": {method: {slow: {...}, fast: {...}}}}
 // (each row: threshold, warmup, kv_budget, mix_lambda, and any field a future method adds), or

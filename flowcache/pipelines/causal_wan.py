@@ -140,6 +140,13 @@ def plan_causal(s: CausalSettings, geo: LatentGeometry, patch: tuple[int, int, i
                       s.sink_frames // fb)
 
 
+def kv_store_blocks(plan: CausalPlan, kv_mode: str, kv_budget: int) -> int:
+    """Blocks the KV store holds at most: every block (global), the rolling window, or the sink plus the
+    compressed budget plus the block being written (compressed)."""
+    return {"global": plan.blocks, "rolling": min(plan.blocks, plan.window_blocks),
+            "compressed": min(plan.blocks, plan.sink_blocks + kv_budget + 1)}[kv_mode]
+
+
 class _CausalLoop:
     """The ``ChunkLoop`` of one causal run: one segment, a step per denoising step and one per clean pass."""
 
@@ -158,8 +165,7 @@ class _CausalLoop:
         p, cfgm = self.plan, self.pipe.model.cfg
         block_tok = p.block_frames * p.tokens_per_frame
         budget = self.cache.kv_budget * block_tok if self.s.kv_mode == "compressed" else 0
-        rows = {"global": p.blocks, "rolling": min(p.blocks, p.window_blocks),
-                "compressed": min(p.blocks, p.sink_blocks + self.cache.kv_budget + 1)}[self.s.kv_mode] * block_tok
+        rows = kv_store_blocks(p, self.s.kv_mode, self.cache.kv_budget) * block_tok
         run.stores["kv"] = KVStore(cfgm.num_layers, rows, budget, CompressionConfig(mix_lambda=self.cache.mix_lambda),
                                    p.tokens_per_frame, branches=1, pinned_chunks=p.sink_blocks)
         self.out = torch.zeros(1, self.pipe.geometry.channels, p.latent_frames, p.h, p.w)
@@ -257,4 +263,5 @@ class CausalWanPipeline:
         return run_loop(loop, run), stats
 
 
-__all__ = ["CausalSettings", "CausalWanPipeline", "KV_MODES", "LOOP_PRESETS", "plan_causal", "timesteps"]
+__all__ = ["CausalSettings", "CausalWanPipeline", "KV_MODES", "LOOP_PRESETS", "kv_store_blocks", "plan_causal",
+           "timesteps"]
