@@ -27,22 +27,24 @@ from .metrics import psnr, ssim
 @dataclass
 class Mode:
     """One row: a cache method and preset (``custom`` values for custom), optionally another chunk-path
-    attention than the preset's."""
+    attention or reuse than the preset's."""
 
     name: str
     method: str
     preset: str
     custom: dict | None = None
     attention: str | None = None
+    reuse: str | None = None
 
 
 ATTENTION_TAGS = {"window": "win", "window_refresh": "ref", "block_causal": "bc"}
+REUSE_TAGS = {"hold": "hold", "extrapolate": "ext"}
 
 
 def table_modes(kit) -> list[Mode]:
     """off, then every method with settings × slow/fast the model has presets for; FlowCache also with each other
-    chunk attention than its preset's ("/win", "/ref", "/bc"), side by side; and FlowCache fast with a one-chunk
-    KV budget."""
+    chunk attention than its preset's ("/win", "/ref", "/bc"); every chunk-path method also with the other reuse
+    than its preset's ("/hold", "/ext"), side by side; and FlowCache fast with a one-chunk KV budget."""
     from .cache import METHODS
     from .errors import InputError
 
@@ -59,10 +61,13 @@ def table_modes(kit) -> list[Mode]:
             if name == "flowcache":
                 modes += [Mode(f"{name}-{preset}/{tag}", name, preset, attention=attention)
                           for attention, tag in ATTENTION_TAGS.items() if attention != s.attention]
+            if s.path == "chunk":
+                modes += [Mode(f"{name}-{preset}/{tag}", name, preset, reuse=reuse)
+                          for reuse, tag in REUSE_TAGS.items() if reuse != s.reuse]
     fast = kit.cache("flowcache", "fast")
     modes.append(Mode("flowcache-fast+kv", "flowcache", "custom", {"threshold": fast.config.threshold,
                                                                    "warmup": fast.config.warmup, "kv_budget": 1},
-                      attention=fast.attention))
+                      attention=fast.attention, reuse=fast.reuse))
     return modes
 
 
@@ -70,6 +75,8 @@ def _cache_of(kit, m: Mode):
     cache = kit.cache(m.method, m.preset, **(m.custom or {}))
     if m.attention is not None:
         cache.attention = m.attention
+    if m.reuse is not None:
+        cache.reuse = m.reuse
     return cache
 
 
@@ -131,6 +138,7 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
         rows.append({
             "mode": m.name, "method": m.method, "preset": m.preset,
             "attention": _cache_of(kit, m).attention,
+            "reuse": _cache_of(kit, m).reuse,
             "forwards": mean["forwards"],
             "model_calls": mean["calls"],  # batched calls those forwards ran in
             "tflops": mean["flops"] / 1e12,
@@ -159,14 +167,16 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
 def format_table(result: dict) -> str:
     from .cache import METHODS
 
-    head = (f"{'mode':22s} {'attention':>12s} {'forwards':>8s} {'calls':>6s} {'TFLOPs':>8s} {'wall s':>7s} "
+    head = (f"{'mode':22s} {'attention':>14s} {'forwards':>8s} {'calls':>6s} {'TFLOPs':>8s} {'wall s':>7s} "
             f"{'speedup':>8s} {'FLOPs x':>8s} {'paper x':>8s} {'PSNR dB':>8s} {'SSIM':>6s} {'peak KV':>9s}")
     lines = [f"torch threads: {result['setting'].get('torch_threads')}", head, "-" * len(head)]
     for r in result["rows"]:
         p = "inf" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.2f}"
         on_chunks = METHODS[r["method"]].path == "chunk" if r.get("method") in METHODS else False
         att = r.get("attention", "") if on_chunks else "-"  # the window path attends as the model does
-        lines.append(f"{r['mode']:22s} {att:>12s} {r['forwards']:8.0f} {r.get('model_calls', 0):6.0f} "
+        if on_chunks and r.get("reuse") == "extrapolate":
+            att += "+ext"
+        lines.append(f"{r['mode']:22s} {att:>14s} {r['forwards']:8.0f} {r.get('model_calls', 0):6.0f} "
                      f"{r['tflops']:8.4f} {r['wall_s']:7.2f} {r['speedup']:7.2f}x {r['flops_speedup']:7.2f}x "
                      f"{r.get('flops_speedup_paper', r['flops_speedup']):7.2f}x {p:>8s} {r['ssim']:6.3f} "
                      f"{r['peak_kv_bytes'] / 2**20:7.2f}Mi")
@@ -193,12 +203,13 @@ SWEEP = {"teacache": _grid((0.05, 0.1, 0.2, 0.3, 0.5)),
 
 
 def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides: dict | None = None, log=print,
-              kit=None, grid: dict | None = None, attentions: tuple[str, ...] | None = None) -> list[dict]:
+              kit=None, grid: dict | None = None, attentions: tuple[str, ...] | None = None,
+              reuses: tuple[str, ...] | None = None) -> list[dict]:
     """Each method over a grid of custom values (``SWEEP``; the rest from its slow preset), each chunk-path method
-    with every attention (window, window_refresh, block_causal): FLOPs and wall speedups against off and PSNR,
-    averaged over prompts and seeds; ``frontier`` marks the rows no other row beats in FLOPs speedup and PSNR at
-    once."""
-    from .cache import ATTENTION, METHODS
+    with every attention (window, window_refresh, block_causal) and every reuse (hold, extrapolate): FLOPs and
+    wall speedups against off and PSNR, averaged over prompts and seeds; ``frontier`` marks the rows no other row
+    beats in FLOPs speedup and PSNR at once."""
+    from .cache import ATTENTION, METHODS, REUSE
     from .errors import InputError
     from .jobs import load_demo_kit
 
@@ -210,10 +221,11 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
             base = kit.cache(method, "slow")
         except InputError:
             continue
-        chosen = (attentions or ATTENTION) if METHODS[method].path == "chunk" else (base.attention,)
-        for attention in chosen:
-            for custom in values:
-                points.append((method, attention, custom))
+        on_chunks = METHODS[method].path == "chunk"
+        for attention in (attentions or ATTENTION) if on_chunks else (base.attention,):
+            for reuse in (reuses or REUSE) if on_chunks else (base.reuse,):
+                for custom in values:
+                    points.append((method, attention, reuse, custom))
     refs = {}
     acc: dict[int, dict] = {i: {"wall": [], "flops": [], "flops_off": [], "psnr": [], "off_wall": []}
                             for i in range(len(points))}
@@ -222,18 +234,18 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
             off_wall, (ref, _) = _median_run(lambda: kit.sample(prompt, seed, kit.cache("off", "slow"), **overrides),
                                              repeats)
             refs[(prompt, seed)] = ref
-            for i, (method, attention, custom) in enumerate(points):
+            for i, (method, attention, reuse, custom) in enumerate(points):
                 cache = kit.cache(method, "custom", **custom)
-                cache.attention = attention
+                cache.attention, cache.reuse = attention, reuse
                 wall, (video, stats) = _median_run(lambda: kit.sample(prompt, seed, cache, **overrides), repeats)
                 a = acc[i]
                 a["wall"].append(wall), a["off_wall"].append(off_wall), a["psnr"].append(psnr(video, ref))
                 a["flops"].append(stats.flops), a["flops_off"].append(stats.flops_nocache)
             log(f"  sweep {prompt[:40]!r} seed {seed}: {len(points)} settings")
     rows = []
-    for i, (method, attention, custom) in enumerate(points):
+    for i, (method, attention, reuse, custom) in enumerate(points):
         a = acc[i]
-        rows.append({"method": method, "attention": attention, "threshold": custom["threshold"],
+        rows.append({"method": method, "attention": attention, "reuse": reuse, "threshold": custom["threshold"],
                      "custom": custom,
                      "flops_speedup": sum(a["flops_off"]) / sum(a["flops"]),
                      "wall_speedup": sum(a["off_wall"]) / sum(a["wall"]), "psnr_db": statistics.mean(a["psnr"])})
@@ -245,12 +257,14 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
 
 
 def format_sweep(rows: list[dict]) -> str:
-    head = (f"{'method':10s} {'attention':>12s} {'settings':28s} {'FLOPs x':>8s} {'wall x':>7s} {'PSNR dB':>8s}  "
-            "frontier")
+    head = (f"{'method':10s} {'attention':>14s} {'reuse':>11s} {'settings':36s} {'FLOPs x':>8s} {'wall x':>7s} "
+            f"{'PSNR dB':>8s}  frontier")
     lines = [head, "-" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["method"], r["attention"], sorted(r["custom"].items()))):
+    for r in sorted(rows, key=lambda r: (r["method"], r["attention"], r.get("reuse", "hold"),
+                                         sorted(r["custom"].items()))):
         custom = " ".join(f"{k}={v:g}" for k, v in r["custom"].items())
-        lines.append(f"{r['method']:10s} {r['attention']:>12s} {custom:28s} {r['flops_speedup']:7.2f}x "
+        lines.append(f"{r['method']:10s} {r['attention']:>14s} {r.get('reuse', 'hold'):>11s} {custom:36s} "
+                     f"{r['flops_speedup']:7.2f}x "
                      f"{r['wall_speedup']:6.2f}x {r['psnr_db']:8.2f}  {'*' if r['frontier'] else ''}")
     return "\n".join(lines)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import CacheSettings
+from .cache import CacheSettings, residuals_kept
 from .errors import InputError
 from .metrics import psnr
 from .checkpoint import DTYPE_NAMES, compute_dtype
@@ -191,7 +191,8 @@ def generate(checkpoint: str, cond_path: str, out: str, uncond_path: str | None 
     window_path = (s.path if s.path != "auto" else cache.path) == "window"
     need = df_need(lm.config, s, window_path=window_path, kv_budget=cache.kv_budget,
                    compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"), text_len=lm.text_len,
-                   temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride)
+                   temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride,
+                   residuals=residuals_kept(cache))
     check_fits(need, s.width, s.height, s.num_frames, available_bytes(torch.device(device)), device,
                geometry.spatial_stride * lm.config.patch_size[1], where="generate")
     z, stats = pipe(cond.to(device), uncond.to(device), s, cache)

@@ -126,10 +126,11 @@ def estimate_wan(cfg, weights: dict[str, int], width: int, height: int, *, frame
                  base_frames: int = 97, overlap: int = 17, chunk: int = 5, steps: int = 50, ar_step: int = 5,
                  branches: int = 2, budget: int = 1, compute: str = "bf16", text_len: int = 512,
                  temporal_stride: int = 4, spatial_stride: int = 8, name: str = "wan",
-                 whole_window: bool = False) -> MemoryEstimate:
+                 whole_window: bool = False, residuals: int = 0) -> MemoryEstimate:
     """A SkyReels-V2 diffusion-forcing run with FlowCache's chunk path (defaults: SkyReels' 540P settings, CFG
     on, one window of 97 frames; ``frames`` > ``base_frames`` adds windows that start from an overlap).
-    ``whole_window``: the window path's forward (every chunk of the window at once) instead."""
+    ``whole_window``: the window path's forward (every chunk of the window at once) instead. ``residuals``: the
+    cache's backbone residuals kept per chunk and branch (``residuals_kept``), a window's worth each."""
     c = BYTES[compute]
     d, layers = cfg.dim, cfg.num_layers
     ps = cfg.patch_size
@@ -153,14 +154,16 @@ def estimate_wan(cfg, weights: dict[str, int], width: int, height: int, *, frame
     if whole_window:  # the window path (off, TeaCache): every chunk of the window, prefix included, each step
         most = nb
     tokens = most * chunk_tokens  # per branch, in the largest batched forward
-    activations = _wan_forward_bytes(cfg, branches * tokens, branches, text_len, c)
+    cached = residuals * branches * kv_rows * d * c  # kv_rows: the largest window's tokens
+    activations = _wan_forward_bytes(cfg, branches * tokens, branches, text_len, c) + cached
     per_row = layers * 2 * d * c  # keys and values of one token, every layer
     return MemoryEstimate(
         name, f"{width}x{height}, {frames} frames", weights, activations, branches * kv_rows * per_row,
         branches * kv_rows_budget * per_row, budget,
         {"forward": f"{branches} branches x {most} chunks x {chunk_tokens} tokens",
          "kv": f"{branches} x {kv_rows} tokens", "kv_budget": f"{branches} x {kv_rows_budget} tokens",
-         "tokens_per_chunk": chunk_tokens, "chunks_per_window": nb, "compute": compute})
+         "tokens_per_chunk": chunk_tokens, "chunks_per_window": nb, "compute": compute,
+         "cached_residuals": f"{residuals} x {branches} x {kv_rows} tokens"})
 
 
 def estimate_causal(cfg, weights: dict[str, int], width: int, height: int, *, frames: int = 81,
@@ -343,15 +346,16 @@ def working_bytes(estimate: Callable[[], MemoryEstimate], kv: str | None) -> int
 
 
 def df_need(cfg, s, *, window_path: bool, kv_budget: int, compute: str, text_len: int, temporal_stride: int,
-            spatial_stride: int) -> Callable[[int, int], int]:
+            spatial_stride: int, residuals: int = 0) -> Callable[[int, int], int]:
     """Working bytes of a diffusion-forcing run at a (width, height), the other settings taken from ``s`` (a
-    ``DFSettings``): the window path's whole-window forward, or the chunk path's forward and its KV stores."""
+    ``DFSettings``): the window path's whole-window forward, or the chunk path's forward and its KV stores;
+    plus the cache's residuals (``residuals_kept``)."""
     def need(width: int, height: int) -> int:
         return working_bytes(lambda: estimate_wan(
             cfg, {}, width, height, frames=s.num_frames, base_frames=s.base_num_frames, overlap=s.overlap_history,
             chunk=s.causal_block_size, steps=s.steps, ar_step=s.ar_step, branches=2 if s.cfg > 1.0 else 1,
             budget=kv_budget, compute=compute, text_len=text_len, temporal_stride=temporal_stride,
-            spatial_stride=spatial_stride, whole_window=window_path),
+            spatial_stride=spatial_stride, whole_window=window_path, residuals=residuals),
             None if window_path else ("kv_budget" if kv_budget else "kv"))
     return need
 

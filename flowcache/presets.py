@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .cache.registry import ATTENTION, METHODS, CacheSettings, method
+from .cache.registry import ATTENTION, METHODS, REUSE, CacheSettings, method
 from .errors import CheckpointError, InputError
 
 log = logging.getLogger("FlowCache")
@@ -33,6 +33,7 @@ BUILTIN_PRESETS = Path(__file__).resolve().parent / "presets.json"
 METADATA_KEY = "flowcache.presets"
 # A calibrated model's entry starts from its family's released row: the paper's thresholds, refitted rescale.
 SHARED_VALUES = ("coefficients", "mag_ratios")
+CHOICES = {"attention": ATTENTION, "reuse": REUSE}  # the fields of a presets entry or row that are words
 
 
 def _bad(source: str, where: str, why: str) -> CheckpointError:
@@ -63,13 +64,15 @@ def check_table(table: object, source: str) -> dict:
             if not isinstance(section, dict):
                 raise _bad(source, f"entry {key!r} field {name!r}", "must be an object of presets")
             for preset, values in section.items():
-                if not isinstance(values, dict) or not all(_number(v) for k, v in values.items() if k != "attention"):
+                if not isinstance(values, dict) or not all(_number(v) for k, v in values.items() if k not in CHOICES):
                     raise _bad(source, f"entry {key!r} field {name}.{preset}", "must be an object of numbers")
-                if "attention" in values and values["attention"] not in ATTENTION:
-                    raise _bad(source, f"entry {key!r} field {name}.{preset}.attention",
-                               f"must be one of {', '.join(ATTENTION)}")
-        if "attention" in entry and entry["attention"] not in ATTENTION:
-            raise _bad(source, f"entry {key!r} field 'attention'", f"must be one of {', '.join(ATTENTION)}")
+                for field_name, allowed in CHOICES.items():
+                    if field_name in values and values[field_name] not in allowed:
+                        raise _bad(source, f"entry {key!r} field {name}.{preset}.{field_name}",
+                                   f"must be one of {', '.join(allowed)}")
+        for field_name, allowed in CHOICES.items():
+            if field_name in entry and entry[field_name] not in allowed:
+                raise _bad(source, f"entry {key!r} field {field_name!r}", f"must be one of {', '.join(allowed)}")
         out[key] = entry
     return out
 
@@ -193,7 +196,7 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
     custom = {k: v for k, v in custom.items() if v is not None}
     names = [f.name for f in fields(m.config)]
     values: dict[str, Any] = {}
-    kv: dict[str, Any] = {"kv_budget": 0, "mix_lambda": 0.07, "attention": "block_causal"}
+    kv: dict[str, Any] = {"kv_budget": 0, "mix_lambda": 0.07, "attention": "block_causal", "reuse": "hold"}
     if names:  # methods with settings need the model's presets
         table = {**builtin_presets(), **(extra or {})}
         entry = table.get(model_key)
@@ -210,9 +213,10 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
         for shared in SHARED_VALUES:
             if shared in names and shared in entry:
                 values[shared] = json.loads(json.dumps(entry[shared]))  # a copy
-        if isinstance(entry.get("attention"), str):  # the model's chunk-path attention, chosen by the benchmark
-            kv["attention"] = entry["attention"]
-        for k, v in (named or {}).items():  # a preset row's own attention, if any, wins
+        for choice in CHOICES:  # the model's chunk-path attention and reuse, chosen by the benchmark
+            if isinstance(entry.get(choice), str):
+                kv[choice] = entry[choice]
+        for k, v in (named or {}).items():  # a preset row's own attention / reuse, if any, wins
             if k in names:
                 values[k] = v
             elif k in kv:
@@ -221,7 +225,7 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
         values.update({k: v for k, v in custom.items() if k in names and k not in SHARED_VALUES})
         kv.update({k: v for k, v in custom.items() if k in kv})
     return CacheSettings(method_name, m.config(**values), preset, kv["kv_budget"], kv["mix_lambda"], model_key,
-                         kv["attention"])
+                         kv["attention"], kv["reuse"])
 
 
 def preset_rows(model_key: str, extra: dict | None = None) -> dict:
@@ -261,6 +265,7 @@ class CacheRequest:
     preset: str = "slow"
     values: tuple[tuple[str, Any], ...] = ()
     attention: str | None = None  # None: the model's presets choose
+    reuse: str | None = None      # None: the model's presets choose
 
     def __post_init__(self) -> None:
         method(self.method)
@@ -269,8 +274,9 @@ class CacheRequest:
 
     def resolve(self, model_key: str, extra: dict | None = None) -> CacheSettings:
         settings = resolve_cache(model_key, self.method, self.preset, extra, **dict(self.values))
-        if self.attention is not None:
-            settings.attention = self.attention
+        if self.attention is not None or self.reuse is not None:
+            settings.attention = self.attention or settings.attention
+            settings.reuse = self.reuse or settings.reuse
             settings.__post_init__()
         return settings
 

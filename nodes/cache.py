@@ -32,6 +32,7 @@ CUSTOM_WIDGETS: dict[str, tuple[str, tuple]] = {
         "tooltip": "custom preset, magcache only: most steps in a row a chunk may reuse. Locked for slow/fast."})),
 }
 ATTENTION_CHOICES = ["auto", "window", "window_refresh", "block_causal"]
+REUSE_CHOICES = ["auto", "hold", "extrapolate"]
 
 
 class FlowCacheCache:
@@ -55,7 +56,14 @@ class FlowCacheCache:
                        "window_refresh = window, plus the not-started chunks' keys once and each finished chunk's "
                        "refreshed once (closest to off, a forward per chunk more); block_causal = only to chunks "
                        "up to itself (the FlowCache code). auto: the model's presets."})
-        return {"required": required}
+        # optional: API prompts saved before this widget existed still validate
+        optional = {"reuse": (REUSE_CHOICES, {
+            "default": "auto",
+            "tooltip": "What a chunk that skips its step applies: hold = its last computed result as it is (the "
+                       "reference codes); extrapolate = the line through its last two computed results, continued "
+                       "to this step (closer to off at the same speed, no extra compute, one more cached result "
+                       "per chunk). auto: the model's presets."})}
+        return {"required": required, "optional": optional}
 
     RETURN_TYPES = ("FLOWCACHE_CACHE",)
     RETURN_NAMES = ("cache",)
@@ -65,9 +73,12 @@ class FlowCacheCache:
     DESCRIPTION = ("How FlowCache Sampler reuses work between steps. Without this node the sampler runs FlowCache "
                    "with the model's slow preset.")
 
-    def build(self, method: str, preset: str, attention: str = "auto", **custom: Any) -> tuple[CacheRequest]:
+    def build(self, method: str, preset: str, attention: str = "auto", reuse: str = "auto",
+              **custom: Any) -> tuple[CacheRequest]:
         # every number is checked, used or not: NaN passes ComfyUI's own min/max checks
         values = tuple((CUSTOM_WIDGETS[k][0], finite(v, k)) for k, v in custom.items() if k in CUSTOM_WIDGETS)
-        if attention not in ATTENTION_CHOICES:
-            raise InputError(f"attention={attention!r}: must be one of {', '.join(ATTENTION_CHOICES)}.")
-        return (CacheRequest(method, preset, values, None if attention == "auto" else attention),)
+        for name, value, allowed in (("attention", attention, ATTENTION_CHOICES), ("reuse", reuse, REUSE_CHOICES)):
+            if value not in allowed:
+                raise InputError(f"FlowCache Cache: {name}={value!r}: must be one of {', '.join(allowed)}.")
+        return (CacheRequest(method, preset, values, None if attention == "auto" else attention,
+                             None if reuse == "auto" else reuse),)

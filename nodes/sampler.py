@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..flowcache.cache import CacheSettings
+from ..flowcache.cache import CacheSettings, residuals_kept
 from ..flowcache.checkpoint import DTYPE_NAMES
 from ..flowcache.errors import InputError
 from ..flowcache.latent_format import wan_to_raw
@@ -273,7 +273,8 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
 
     need = df_need(lm.config, settings, window_path=cache.path == "window", kv_budget=cache.kv_budget,
                    compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"), text_len=lm.text_len,
-                   temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride)
+                   temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride,
+                   residuals=residuals_kept(cache))
     return job, (need, geometry.spatial_stride * lm.config.patch_size[1])
 
 

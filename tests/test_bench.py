@@ -15,9 +15,11 @@ from flowcache.cli import main
 from tiny_models import save_wan, tiny_wan
 
 # the rows the tiny presets below give: off, every method × preset with presets, FlowCache also with the chunk
-# attentions other than its preset's (block_causal when a row names none), and FlowCache fast with a KV budget
+# attentions other than its preset's (block_causal when a row names none) and with the other reuse (hold when a
+# row names none), and FlowCache fast with a KV budget
 ROWS = ["off", "teacache-slow", "teacache-fast", "flowcache-slow", "flowcache-slow/win", "flowcache-slow/ref",
-        "flowcache-fast", "flowcache-fast/win", "flowcache-fast/ref", "flowcache-fast+kv"]
+        "flowcache-slow/ext", "flowcache-fast", "flowcache-fast/win", "flowcache-fast/ref", "flowcache-fast/ext",
+        "flowcache-fast+kv"]
 PRESETS = {"tiny-bench": {"coefficients": [1.0, 0.0],
                           "flowcache": {"slow": {"threshold": 0.3, "warmup": 2, "kv_budget": 0},
                                         "fast": {"threshold": 0.6, "warmup": 2, "kv_budget": 0}},
@@ -44,6 +46,10 @@ def check_table(table: dict, expected: list[str] = ROWS, fast_reuses_more: bool 
         assert r["flops_speedup"] > 1.0
         assert r["flops_speedup"] == pytest.approx(off["tflops"] / r["tflops"], rel=1e-9)
     assert rows["teacache-fast"]["forwards"] < off["forwards"]  # forwards of the whole window
+    for name in [n for n in expected if n.endswith(("/ext", "/hold"))]:  # another reuse: the same work
+        base = rows[name.rsplit("/", 1)[0]]
+        assert (rows[name]["forwards"], rows[name]["tflops"]) == (base["forwards"], base["tflops"])
+        assert rows[name]["reuse"] != base["reuse"]
     if fast_reuses_more:  # same warm-up, higher threshold (forwards of one chunk)
         assert rows["flowcache-fast"]["forwards"] <= rows["flowcache-slow"]["forwards"]
     # off runs cond and uncond as one batch per iteration; FlowCache batches a step's chunks and branches
@@ -166,10 +172,12 @@ def test_bench_on_a_retrained_demo_file_uses_its_own_text_embedding(tmp_path):
     assert main(["bench", "--model", str(model), "--prompts", "1", "--seeds", "1", "--repeats", "1", "--steps", "6",
                  "--json", str(out), "--quiet"]) == 0
     table = json.loads(out.read_text())["table"]
-    # the demo's presets: every method, FlowCache with its preset's attention and the two others
+    # the demo's presets: every method, FlowCache with its preset's attention and the two others, every chunk-path
+    # method with its preset's reuse and the other
     demo_rows = ["off"] + [f"{m}-{p}" + tag for m in ("teacache", "flowcache", "magcache", "easycache")
                            for p in ("slow", "fast")
-                           for tag in ([""] + (["/a", "/b"] if m == "flowcache" else []))] + ["flowcache-fast+kv"]
+                           for tag in ([""] + (["/a", "/b"] if m == "flowcache" else [])
+                                       + (["/r"] if m != "teacache" else []))] + ["flowcache-fast+kv"]
     got = [r["mode"] for r in table["rows"]]
     assert [m.split("/")[0] for m in got] == [m.split("/")[0] for m in demo_rows], got
     # the demo's slow preset warms up 3 steps, fast 5: at 6 steps fast may compute more

@@ -129,3 +129,20 @@ def test_available_bytes_on_this_machine():
     assert got is None or got > 0
     if Path("/proc/meminfo").exists():
         assert got is not None and got > 64 * 1024 ** 2
+
+
+def test_cached_residuals_count_in_the_estimate():
+    """Each cached chunk residual is a window's tokens x dim per branch: none for off, one to hold, two to
+    extrapolate (residuals_kept reads it from the cache settings)."""
+    from flowcache.cache import CacheSettings, residuals_kept
+
+    cfg = WanConfig()
+    base = estimate_wan(cfg, {}, 960, 544, frames=97)
+    one = estimate_wan(cfg, {}, 960, 544, frames=97, residuals=1)
+    two = estimate_wan(cfg, {}, 960, 544, frames=97, residuals=2)
+    window = 2 * 5 * 10200 * 1536 * 2  # 2 branches x 5 chunks x 10200 tokens x 1536 dims, bf16
+    assert one.activations - base.activations == window and two.activations - base.activations == 2 * window
+    assert residuals_kept(CacheSettings.of("off")) == 0
+    assert residuals_kept(CacheSettings.of("flowcache", threshold=0.0)) == 0  # never reuses: keeps nothing
+    assert residuals_kept(CacheSettings.of("flowcache", threshold=0.1)) == 1
+    assert residuals_kept(CacheSettings.of("flowcache", threshold=0.1, reuse="extrapolate")) == 2

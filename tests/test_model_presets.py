@@ -38,7 +38,7 @@ def test_rows_match_what_the_loaded_model_resolves(tmp_path):
             s = resolve_cache(lm.preset_key, method, preset, lm.extra_presets)
             assert info["rows"][method][preset] == {"threshold": s.config.threshold, "warmup": s.config.warmup,
                                                     "kv_budget": s.kv_budget, "mix_lambda": s.mix_lambda,
-                                                    "attention": s.attention}
+                                                    "attention": s.attention, "reuse": s.reuse}
     assert info["rows"]["flowcache"]["slow"]["threshold"] == 0.07
 
 

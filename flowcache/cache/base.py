@@ -41,6 +41,9 @@ class UnitState:
     acc: float = 0.0                       # accumulated rescaled change since the last compute
     prev_signal: torch.Tensor | None = None
     payload: torch.Tensor | None = None    # what a reuse applies
+    payload_step: int = -1                 # the unit's step that computed ``payload``
+    prev_payload: torch.Tensor | None = None  # extrapolate: the payload before it, from step ``prev_payload_step``
+    prev_payload_step: int = -1
     steps: int = 0                         # decisions taken for this unit so far
     computed: int = 0
     reused: int = 0
@@ -58,10 +61,15 @@ class CachePolicy:
     """The ``off`` policy and every policy's base: always compute. Subclasses override ``decide``.
 
     shared_decision: one decision per unit for every branch (key ``("*", unit)``), so cond and uncond stay in
-    one batched call; payloads stay per branch. reads: which ``UnitSignal`` tensor the rule looks at."""
+    one batched call; payloads stay per branch. reads: which ``UnitSignal`` tensor the rule looks at.
+    extrapolate: what a reuse applies (``CacheSettings.reuse``, set by ``make_policy``): False, the last computed
+    payload as it is (every reference implementation); True, its first-order extrapolation from the unit's last
+    two computed payloads, r_b + (r_b − r_a)·(k − b)/(b − a) for payloads computed at the unit's steps a < b and
+    a reuse at step k (a TaylorSeer-style forecast; the last payload alone while only one was computed)."""
 
     shared_decision = False
     reads = "primary"
+    extrapolate = False
 
     def __init__(self) -> None:
         self.states: dict[UnitKey, UnitState] = {}
@@ -108,15 +116,30 @@ class CachePolicy:
     def keeps_payload(self) -> bool:
         return False
 
+    def clock(self, key: UnitKey) -> int:
+        """The unit's current step: the index of the decision just taken for it (the shared one's, for a policy
+        with shared decisions, whose payloads are still kept per branch)."""
+        if self.shared_decision and isinstance(key, tuple):
+            key = ("*", key[1])
+        return self.state(key).steps - 1
+
     def remember(self, key: UnitKey, payload: torch.Tensor) -> None:
-        if self.keeps_payload:
-            self.state(key).payload = payload
+        if not self.keeps_payload:
+            return
+        st = self.state(key)
+        if self.extrapolate:  # keep the one before: a line needs two points
+            st.prev_payload, st.prev_payload_step = st.payload, st.payload_step
+        st.payload, st.payload_step = payload, self.clock(key)
 
     def recall(self, key: UnitKey) -> torch.Tensor:
-        payload = self.state(key).payload
-        if payload is None:
+        st = self.state(key)
+        if st.payload is None:
             raise RuntimeError(f"cache policy: reuse of {key!r} with nothing cached")
-        return payload
+        a, b = st.prev_payload_step, st.payload_step
+        if not self.extrapolate or st.prev_payload is None or b <= a:
+            return st.payload
+        # lerp from r_a through r_b, continued to step k: weight (k − a)/(b − a) > 1
+        return torch.lerp(st.prev_payload, st.payload, (self.clock(key) - a) / (b - a))
 
 
 class AccumulatedL1Policy(CachePolicy):

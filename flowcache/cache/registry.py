@@ -30,6 +30,7 @@ class CacheMethod:
 
 
 ATTENTION = ("window", "window_refresh", "block_causal")
+REUSE = ("hold", "extrapolate")
 METHODS: dict[str, CacheMethod] = {m.name: m for m in (
     CacheMethod("off", OffConfig, OffPolicy, "window", "compute every step: the model's vanilla loop"),
     CacheMethod("teacache", TeaCacheConfig, TeaCachePolicy, "window", "skip whole steps of the window"),
@@ -62,7 +63,10 @@ class CacheSettings:
     ones too, as the whole-window forward of ``off`` does), "window_refresh" (window, plus the not-started
     chunks' K/V written once as a window starts and each finished chunk's K/V refreshed once at t = 0, as the
     window feeds them: a forward per chunk more) or "block_causal" (the FlowCache code's per-chunk attention: a
-    chunk sees only the chunks up to itself)."""
+    chunk sees only the chunks up to itself).
+    reuse: what a reused unit applies, "hold" (its last computed residual, as every reference implementation
+    does) or "extrapolate" (the line through its last two computed residuals, continued to the current step:
+    no extra forwards, one more residual kept per unit and branch); see ``CachePolicy``."""
 
     method: str = "off"
     config: Any = field(default_factory=OffConfig)
@@ -71,6 +75,7 @@ class CacheSettings:
     mix_lambda: float = 0.07
     model_key: str = ""
     attention: str = "block_causal"
+    reuse: str = "hold"
 
     def __post_init__(self) -> None:
         m = method(self.method)
@@ -81,13 +86,16 @@ class CacheSettings:
         self.mix_lambda = finite(self.mix_lambda, "mix_lambda", 0.0, 1.0)
         if self.attention not in ATTENTION:
             raise InputError(f"attention={self.attention!r}: must be one of {', '.join(ATTENTION)}.")
+        if self.reuse not in REUSE:
+            raise InputError(f"reuse={self.reuse!r}: must be one of {', '.join(REUSE)}.")
 
     @classmethod
     def of(cls, method_name: str = "off", *, preset: str = "custom", kv_budget: int = 0, mix_lambda: float = 0.07,
-           model_key: str = "", attention: str = "block_causal", **knobs: Any) -> "CacheSettings":
+           model_key: str = "", attention: str = "block_causal", reuse: str = "hold",
+           **knobs: Any) -> "CacheSettings":
         """Settings from plain values, e.g. ``CacheSettings.of("flowcache", threshold=0.1, warmup=2)``."""
         config = method(method_name).config(**knobs)
-        return cls(method_name, config, preset, kv_budget, mix_lambda, model_key, attention)
+        return cls(method_name, config, preset, kv_budget, mix_lambda, model_key, attention, reuse)
 
     @property
     def path(self) -> str:
@@ -95,9 +103,18 @@ class CacheSettings:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "preset": self.preset, **asdict(self.config), "kv_budget": self.kv_budget,
-                "mix_lambda": self.mix_lambda, "attention": self.attention, "model_key": self.model_key}
+                "mix_lambda": self.mix_lambda, "attention": self.attention, "reuse": self.reuse, "model_key": self.model_key}
 
 
 def make_policy(settings: CacheSettings) -> CachePolicy:
     """A fresh policy for one run."""
-    return METHODS[settings.method].policy(settings.config)
+    policy = METHODS[settings.method].policy(settings.config)
+    policy.extrapolate = settings.reuse == "extrapolate"
+    return policy
+
+
+def residuals_kept(settings: CacheSettings) -> int:
+    """Payloads a run keeps per unit and branch: 0 when it never reuses, 1 to hold, 2 to extrapolate."""
+    if not make_policy(settings).keeps_payload:
+        return 0
+    return 2 if settings.reuse == "extrapolate" else 1

@@ -1,0 +1,153 @@
+"""reuse = extrapolate: a reused unit applies the line through its last two computed payloads, continued to the
+current step. Checked by arithmetic on dummy payloads (per branch, for per-branch and shared decisions), through
+the settings, presets and the cache node, and in the pipeline (same decisions and FLOPs as hold, other latents;
+no reuse, no difference)."""
+import pytest
+import torch
+
+from flowcache.cache import (CacheSettings, EasyCacheConfig, EasyCachePolicy, FlowCacheConfig, FlowCachePolicy,
+                             make_policy)
+from flowcache.errors import CheckpointError, InputError
+from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
+from flowcache.presets import CacheRequest, check_table, resolve_cache
+from comfy_helpers import pack_submodule, run_node, widget_defaults
+from tiny_models import tiny_wan
+
+
+def payload_of(step: int, branch: int) -> torch.Tensor:
+    """A payload that is not a line in the step, so a wrong step index gives a wrong number."""
+    return torch.tensor([float(step * step + 10 * branch), -float(step) - branch])
+
+
+def walk(policy, decisions: list[bool], branches=("cond", "uncond")) -> dict[str, list[torch.Tensor | None]]:
+    """Drive one unit for len(decisions) steps (True: the policy is forced to compute; the signal grows slowly, so
+    a large threshold reuses the rest); returns per branch what a reuse applied at each step (None: computed)."""
+    got = {b: [] for b in branches}
+    for k, force in enumerate(decisions):
+        if policy.shared_decision:
+            compute = {b: policy.should_compute(("*", 0), torch.full((2,), k + 1.0), force) for b in branches[:1]}
+            compute = {b: compute[branches[0]] for b in branches}
+        else:
+            compute = {b: policy.should_compute((b, 0), torch.full((2,), k + 1.0), force) for b in branches}
+        for i, b in enumerate(branches):
+            if compute[b]:
+                policy.remember((b, 0), payload_of(k, i))
+                got[b].append(None)
+            else:
+                got[b].append(policy.recall((b, 0)))
+    return got
+
+
+# steps 0, 1 and 4 compute (warm-up 2, then forced), steps 2, 3, 5, 6 reuse
+PATTERN = [True, True, False, False, True, False, False]
+
+
+def by_hand(branch: int) -> dict[int, torch.Tensor]:
+    r = {k: payload_of(k, branch) for k in (0, 1, 4)}
+    return {2: r[1] + (r[1] - r[0]) * 1, 3: r[1] + (r[1] - r[0]) * 2,
+            5: r[4] + (r[4] - r[1]) * (1 / 3), 6: r[4] + (r[4] - r[1]) * (2 / 3)}
+
+
+def flowcache_policy(reuse: str) -> FlowCachePolicy:
+    # a threshold no signal reaches: every unforced step after warm-up reuses
+    return make_policy(CacheSettings.of("flowcache", threshold=10.0, warmup=2, reuse=reuse))
+
+
+def test_extrapolated_reuse_by_arithmetic_per_branch():
+    got = walk(flowcache_policy("extrapolate"), PATTERN)
+    for i, b in enumerate(("cond", "uncond")):
+        expect = by_hand(i)
+        assert [k for k, v in enumerate(got[b]) if v is not None] == sorted(expect)
+        for k, v in expect.items():
+            torch.testing.assert_close(got[b][k], v, rtol=0, atol=1e-6)
+
+
+def test_hold_reuses_the_last_payload_as_it_is():
+    got = walk(flowcache_policy("hold"), PATTERN)
+    for i, b in enumerate(("cond", "uncond")):
+        assert torch.equal(got[b][2], payload_of(1, i)) and torch.equal(got[b][3], payload_of(1, i))
+        assert torch.equal(got[b][5], payload_of(4, i)) and torch.equal(got[b][6], payload_of(4, i))
+
+
+def test_one_computed_payload_is_held_until_there_are_two():
+    pol = make_policy(CacheSettings.of("flowcache", threshold=10.0, warmup=1, reuse="extrapolate"))
+    got = walk(pol, [True, False, False, True, False])
+    assert torch.equal(got["cond"][1], payload_of(0, 0)) and torch.equal(got["cond"][2], payload_of(0, 0))
+    r0, r3 = payload_of(0, 0), payload_of(3, 0)
+    torch.testing.assert_close(got["cond"][4], r3 + (r3 - r0) / 3, rtol=0, atol=1e-6)
+
+
+def test_shared_decisions_extrapolate_on_the_shared_step_count():
+    """EasyCache decides once for both branches; each branch's payloads still extrapolate on the unit's steps."""
+    pol = EasyCachePolicy(EasyCacheConfig(threshold=10.0, warmup=2))
+    pol.extrapolate = True
+    # EasyCache learns its rate k from two computes, so the rule reuses from step 2 on; force step 4
+    got = walk(pol, PATTERN)
+    for i, b in enumerate(("cond", "uncond")):
+        for k, v in by_hand(i).items():
+            torch.testing.assert_close(got[b][k], v, rtol=0, atol=1e-6)
+
+
+def test_reset_forgets_both_payloads():
+    pol = flowcache_policy("extrapolate")
+    walk(pol, PATTERN[:2])
+    pol.reset()
+    assert pol.states == {}
+
+
+def test_settings_presets_and_node_take_reuse():
+    assert make_policy(CacheSettings.of("flowcache", reuse="extrapolate")).extrapolate
+    assert not make_policy(CacheSettings.of("flowcache")).extrapolate
+    with pytest.raises(InputError, match="reuse='linear'.*hold, extrapolate"):
+        CacheSettings.of("flowcache", reuse="linear")
+    entry = {"coefficients": [1.0, 0.0], "reuse": "extrapolate",
+             "flowcache": {"slow": {"threshold": 0.1, "warmup": 3}, "fast": {"threshold": 0.2, "warmup": 3,
+                                                                              "reuse": "hold"}}}
+    table = check_table({"mine": entry}, "mine.presets.json")
+    assert resolve_cache("mine", "flowcache", "slow", table).reuse == "extrapolate"   # the entry's
+    assert resolve_cache("mine", "flowcache", "fast", table).reuse == "hold"          # the row's wins
+    assert resolve_cache("mine", "flowcache", "custom", table, threshold=0.3).reuse == "extrapolate"
+    assert CacheRequest("flowcache", "fast", (), None, "extrapolate").resolve("mine", table).reuse == "extrapolate"
+    for bad in ({**entry, "reuse": "lerp"},
+                {**entry, "flowcache": {"slow": {"threshold": 0.1, "reuse": 2}}}):
+        with pytest.raises(CheckpointError, match="mine.presets.json.*reuse.*must be one of hold, extrapolate"):
+            check_table({"mine": bad}, "mine.presets.json")
+
+
+def test_cache_node_reuse_widget(pack):
+    node = pack.NODE_CLASS_MAPPINGS["FlowCacheCache"]
+    errors = pack_submodule(pack, "flowcache.errors")
+    spec = node.INPUT_TYPES()
+    assert spec["optional"]["reuse"][0] == ["auto", "hold", "extrapolate"]  # optional: old API prompts validate
+    assert "tooltip" in spec["optional"]["reuse"][1]
+    defaults = widget_defaults(node)
+    assert defaults["reuse"] == "auto"
+    (req,) = run_node(node, **{**defaults, "reuse": "extrapolate"})
+    assert req.reuse == "extrapolate"
+    (req,) = run_node(node, **{k: v for k, v in defaults.items() if k != "reuse"})  # a prompt saved before it
+    assert req.reuse is None
+    with pytest.raises(errors.InputError, match="FlowCache Cache: reuse='sideways'"):
+        run_node(node, **{**defaults, "reuse": "sideways"})
+
+
+def _run(cache: CacheSettings):
+    model = tiny_wan(seed=3)
+    s = DFSettings(width=32, height=32, num_frames=12, steps=8, cfg=2.0, shift=5.0, seed=0, ar_step=2,
+                   causal_block_size=3, base_num_frames=12)
+    g = torch.Generator().manual_seed(0)
+    return DiffusionForcingPipeline(model, LatentGeometry(1, 4, 16), text_len=8)(
+        torch.randn(1, 8, 32, generator=g), torch.zeros(1, 8, 32), s, cache)
+
+
+@pytest.mark.parametrize("attention", ["window", "block_causal"])
+def test_in_the_pipeline_same_work_other_latents(attention):
+    kw = dict(threshold=10.0, warmup=2, attention=attention)
+    hold, s_hold = _run(CacheSettings.of("flowcache", **kw))
+    line, s_line = _run(CacheSettings.of("flowcache", reuse="extrapolate", **kw))
+    assert s_hold.reused > 0 and s_hold.maps == s_line.maps
+    assert (s_hold.forwards, s_hold.flops, s_hold.model_calls) == (s_line.forwards, s_line.flops, s_line.model_calls)
+    assert not torch.equal(hold, line) and torch.isfinite(line).all()
+    # nothing reused: nothing extrapolated
+    hold0, _ = _run(CacheSettings.of("flowcache", threshold=0.0, warmup=2, attention=attention))
+    line0, _ = _run(CacheSettings.of("flowcache", threshold=0.0, warmup=2, attention=attention, reuse="extrapolate"))
+    assert torch.equal(hold0, line0)
