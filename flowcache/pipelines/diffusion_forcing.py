@@ -153,6 +153,7 @@ class _Window:
     window: dict | None                 # window path: the attention mask and per-branch FLOPs of one forward
     chunk_steps: list[int] = field(default_factory=list)
     finished_at: dict[int, int] = field(default_factory=dict)  # chunk -> the iteration it took its last step
+    velocity: torch.Tensor | None = None  # the guided velocity of the step's units [1, C, F, h, w], reused
 
 
 class _DFLoop:
@@ -256,15 +257,18 @@ class _DFLoop:
         return self.call.signals(d["emb"], step.units)
 
     def compute(self, step: Step, decisions: Decisions, run: RunState) -> torch.Tensor:
-        """The guided velocity [1, C, F, h, w] (zeros outside the step's units)."""
+        """The guided velocity [1, C, F, h, w], valid on the step's units' frames (``update`` reads no other):
+        one buffer per window, written in place each step."""
         d, w = step.data, self.cur
         run.count_vanilla(sum(r for r, _ in w.vanilla.values()), sum(p for _, p in w.vanilla.values()))
         preds = self.call.predict(d["emb"], step.units, d["spans"], decisions, run, w.window)
-        full = {b: torch.zeros(d["x_in"].shape, dtype=torch.float32, device=d["x_in"].device)
-                .index_copy_(2, d["emb"].idx, p) for b, p in preds.items()}
-        if len(full) == 1:
-            return full["cond"]
-        return full["uncond"] + self.s.cfg * (full["cond"] - full["uncond"])
+        if len(preds) == 1:
+            guided = preds["cond"]
+        else:  # uncond + cfg · (cond − uncond), with one temporary
+            guided = (preds["cond"] - preds["uncond"]).mul_(self.s.cfg).add_(preds["uncond"])
+        if w.velocity is None:
+            w.velocity = torch.zeros(d["x_in"].shape, dtype=torch.float32, device=d["x_in"].device)
+        return w.velocity.index_copy_(2, d["emb"].idx, guided)
 
     def update(self, step: Step, v: torch.Tensor, run: RunState) -> None:
         s, w = self.s, self.cur

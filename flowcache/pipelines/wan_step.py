@@ -104,11 +104,16 @@ class WanStep:
         groups: dict[tuple[int, ...], list[int]] = {}
         for row, b in enumerate(names):
             groups.setdefault(tuple(i for i, c in enumerate(compute[b]) if c), []).append(row)
-        h = emb.h0.expand(len(names), -1, -1).clone()
+        # every branch computing every unit (most steps) makes one forward whose output is the whole buffer;
+        # otherwise each position is written once below, by a forward or a reuse (so no copy of h0 is needed)
+        h = None if units and list(groups) == [tuple(range(len(units)))] else \
+            emb.h0.new_empty((len(names),) + tuple(emb.h0.shape[1:]))
         for which, rows in groups.items():
             if which:
-                self._forward([units[i] for i in which], [spans[i] for i in which], [emb.spans[i] for i in which],
-                              rows, emb, run, window, h)
+                out = self._forward([units[i] for i in which], [spans[i] for i in which],
+                                    [emb.spans[i] for i in which], rows, emb, run, window, h)
+                if h is None:
+                    h = out.to(emb.h0.dtype)
         for row, b in enumerate(names):
             for i, (u, (_, tok)) in enumerate(zip(units, emb.spans)):
                 if not compute[b][i]:
@@ -118,12 +123,18 @@ class WanStep:
         return {b: pred[row:row + 1] for row, b in enumerate(names)}
 
     def _forward(self, units: list[Unit], spans: list[UnitSpan], tok_spans: list[tuple[slice, slice]],
-                 rows: list[int], emb: Embedded, run: RunState, window: dict | None, h: torch.Tensor) -> None:
+                 rows: list[int], emb: Embedded, run: RunState, window: dict | None,
+                 h: torch.Tensor | None) -> torch.Tensor:
         """One batched forward of ``units`` for the branches at ``rows``; writes their tokens into ``h``
-        [branches, L, D] and remembers each cacheable unit's backbone residual per branch."""
+        [branches, L, D] (None: the caller takes the output [rows, L_units, D] as it is) and remembers each
+        cacheable unit's backbone residual per branch."""
         model, cfgm = self.model, self.model.cfg
-        tokens = torch.cat([emb.h0[:, tok] for _, tok in tok_spans], dim=1).expand(len(rows), -1, -1)
-        mod = torch.cat([emb.e0[:, fr] for fr, _ in tok_spans], dim=1).expand(len(rows), -1, -1, -1)
+        if len(tok_spans) == len(emb.spans):  # every unit, in order: the embedding as it is (the blocks copy)
+            tokens, mod = emb.h0, emb.e0
+        else:
+            tokens = torch.cat([emb.h0[:, tok] for _, tok in tok_spans], dim=1)
+            mod = torch.cat([emb.e0[:, fr] for fr, _ in tok_spans], dim=1)
+        tokens, mod = tokens.expand(len(rows), -1, -1), mod.expand(len(rows), -1, -1, -1)
         ctx = torch.cat([self.contexts[self.branches[r]] for r in rows], dim=0)
         branches = [self.branches[r] for r in rows]
         sizes = [tok.stop - tok.start for _, tok in tok_spans]
@@ -145,7 +156,8 @@ class WanStep:
         for u, (_, tok), n in zip(units, tok_spans, sizes):
             for i, b in enumerate(branches):
                 res = out[i:i + 1, start:start + n]
-                h[rows[i]:rows[i] + 1, tok] = res
+                if h is not None:
+                    h[rows[i]:rows[i] + 1, tok] = res
                 if u.cacheable:
                     run.remember(b, u.id, res - emb.h0[:, tok])
                 if window is None:
@@ -156,3 +168,4 @@ class WanStep:
                 else:
                     run.count_forward(*window["flops"][b])
             start += n
+        return out
