@@ -27,6 +27,18 @@ PRESETS = {"tiny-bench": {"coefficients": [1.0, 0.0],
                                        "fast": {"threshold": 0.6, "warmup": 2, "kv_budget": 0}}}}
 
 
+def with_presets(path) -> None:
+    """Give a tiny checkpoint the key and presets above, in its metadata (as calibrate writes them)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update({"flowcache.model_key": "tiny-bench", "flowcache.presets": json.dumps(PRESETS)})
+    save_file(sd, str(path), metadata=meta)
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -72,14 +84,7 @@ def check_table(table: dict, expected: list[str] = ROWS, fast_reuses_more: bool 
 def test_bench_json_on_a_checkpoint(tmp_path):
     model = tiny_wan(seed=3)
     path = save_wan(model, tmp_path / "tiny.safetensors")
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata())
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    meta.update({"flowcache.model_key": "tiny-bench", "flowcache.presets": json.dumps(PRESETS)})
-    save_file(sd, str(path), metadata=meta)
+    with_presets(path)
     out = tmp_path / "bench.json"
     # 57 frames = 15 latent frames = 3 chunks of SkyReels' 5; 96x96 pixels (12x12 latents, enough for SSIM)
     assert main(["bench", "--model", str(path), "--prompts", "2", "--seeds", "1", "--repeats", "1", "--frames", "57",
@@ -185,3 +190,33 @@ def test_bench_on_a_retrained_demo_file_uses_its_own_text_embedding(tmp_path):
     s = table["setting"]
     assert s["prompts"] == [prompt] and s["num_frames"] == demo.DEMO_SETTINGS["num_frames"]
     assert s["quality_on"] == "DemoCodec"
+
+
+def test_sweep_covers_every_attention_and_reuse_and_marks_the_frontier(tmp_path):
+    """``run_sweep`` (what ``bench --sweep`` prints) on a tiny model: every chunk-path threshold with every
+    attention and both reuses (the reuse changes what a skip applies, never which steps skip: equal FLOPs), the
+    window path once with its preset's, and a frontier that no other row beats in FLOPs speedup and PSNR at once."""
+    from flowcache.bench import _grid, run_sweep
+    from flowcache.cache import ATTENTION, REUSE
+    from flowcache.jobs import load_checkpoint_kit
+
+    path = save_wan(tiny_wan(seed=3), tmp_path / "tiny.safetensors")
+    with_presets(path)
+    kit = load_checkpoint_kit(str(path), num_frames=57, steps=24, width=32, height=32)
+    # on this tiny model a threshold of 2 reuses most middle steps, 0 none
+    grid = {"flowcache": _grid((0.0, 2.0), warmup=2), "teacache": _grid((2.0,))}
+    rows = run_sweep(["a prompt"], [0], grid=grid, kit=kit, log=lambda *_: None)
+    fc = {(r["attention"], r["reuse"], r["threshold"]): r for r in rows if r["method"] == "flowcache"}
+    assert set(fc) == {(a, u, t) for a in ATTENTION for u in REUSE for t in (0.0, 2.0)}
+    tea = [r for r in rows if r["method"] == "teacache"]
+    assert len(tea) == 1 and tea[0]["reuse"] == "hold"
+    for attention in ATTENTION:
+        none, hold, line = (fc[(attention, u, t)] for u, t in (("hold", 0.0), ("hold", 2.0), ("extrapolate", 2.0)))
+        assert hold["flops_speedup"] > none["flops_speedup"]  # threshold 2 reuses
+        assert line["flops_speedup"] == pytest.approx(hold["flops_speedup"], rel=1e-12)
+        assert line["psnr_db"] != hold["psnr_db"]  # the reused chunks applied something else
+        assert fc[(attention, "extrapolate", 0.0)]["psnr_db"] == none["psnr_db"]  # nothing reused: the same video
+    for r in rows:
+        beaten = any(o["flops_speedup"] >= r["flops_speedup"] and o["psnr_db"] >= r["psnr_db"]
+                     and (o["flops_speedup"], o["psnr_db"]) != (r["flops_speedup"], r["psnr_db"]) for o in rows)
+        assert r["frontier"] == (not beaten)
