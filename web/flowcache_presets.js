@@ -95,7 +95,7 @@ export function lockPlan({ method, preset, knobs, model, answer } = {}) {
           : { locked: true, shown: "unused" };
       }
       return { ...base, source: "server", known: true, key, widgets,
-        text: `${preset} preset of ${key || shortName(m.name)}, read from the model file` };
+        text: `${preset} preset of ${key || shortName(m.name)}, read from the model file${autoChoices(row)}` };
     }
     return { ...base, source: "missing", key, widgets: all({ locked: true, shown: "model" }),
       text: `${key || shortName(m.name)} has no ${method} ${preset} preset: pick custom` };
@@ -107,6 +107,14 @@ export function lockPlan({ method, preset, knobs, model, answer } = {}) {
   }
   return { ...base, source: "model", widgets: all({ locked: true, shown: "model" }),
     text: `${preset}: from the model at run time (${why})` };
+}
+
+/** What "auto" on the attention and reuse widgets resolves to for a row, as a note ("" if the row names neither). */
+export function autoChoices(row) {
+  const said = [];
+  if (row && typeof row.attention === "string") said.push(`${row.attention} attention`);
+  if (row && typeof row.reuse === "string") said.push(`${row.reuse} reuse`);
+  return said.length ? ` (auto: ${said.join(", ")})` : "";
 }
 
 /** The text a locked widget shows for a plan entry (null: let the widget draw its own value). */
