@@ -176,7 +176,8 @@ def test_model_presets_route(host):
     tiny = ask(TINY_FILE)
     assert tiny["known"] and tiny["key"] == "tiny-test" and tiny["rows"]["flowcache"]["fast"]["kv_budget"] == 1
     demo = ask(pack_submodule(pack, "nodes.demo").DEMO_ENTRY)
-    assert demo["key"] == "demo" and demo["rows"]["flowcache"]["slow"]["threshold"] == 0.12
+    assert demo["key"] == "demo" and demo["rows"]["flowcache"]["slow"]["threshold"] == 0.15
+    assert demo["rows"]["flowcache"]["slow"]["reuse"] == "extrapolate"  # the row says what auto resolves to
     missing = ask("no_such_model.safetensors")
     assert missing["known"] is False and "not found in models/diffusion_models" in missing["error"]
 

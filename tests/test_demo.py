@@ -49,10 +49,12 @@ def test_demo_presets_are_embedded_and_resolve():
     assert len(entry["coefficients"]) == 5 and entry["calibration"]["points"] > 0
     s = resolve_cache("demo", "flowcache", "slow", lm.extra_presets)
     # picked from the sweep on the calibration prompts (entry["picked_from"] says which figures)
-    assert s.config.threshold == 0.12 and s.config.warmup == 3 and s.config.coefficients == entry["coefficients"]
-    assert s.attention == "window_refresh" and "calibration prompts" in entry["picked_from"]
-    assert resolve_cache("demo", "teacache", "fast", lm.extra_presets).config.threshold == 0.2
-    assert resolve_cache("demo", "magcache", "fast", lm.extra_presets).attention == "window"
+    assert s.config.threshold == 0.15 and s.config.warmup == 3 and s.config.coefficients == entry["coefficients"]
+    assert s.attention == "window_refresh" and s.reuse == "extrapolate"
+    assert "calibration prompts" in entry["picked_from"]
+    tea = resolve_cache("demo", "teacache", "fast", lm.extra_presets)
+    assert tea.config.threshold == 0.2 and tea.reuse == "hold"  # the baseline as its reference code runs it
+    assert resolve_cache("demo", "easycache", "fast", lm.extra_presets).attention == "window"
 
 
 @pytest.mark.slow
