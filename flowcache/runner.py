@@ -38,12 +38,14 @@ class Unit:
     id: the chunk's index in its segment, or ``"window"``; chunks: the map rows the decision is written to;
     force: compute whatever the policy says (a chunk's last step, a global first/last step, ...);
     cacheable: False for work that is always done and never decided or counted (a clean prefix writing its K/V).
+    output: False for a pass whose prediction nobody reads (it only writes K/V): the head skips it.
     """
 
     id: UnitId
     chunks: tuple[int, ...]
     force: bool = False
     cacheable: bool = True
+    output: bool = True
 
 
 @dataclass

@@ -269,3 +269,26 @@ def test_window_refresh_at_threshold_zero_is_much_closer_to_the_window_path(mode
     # both branches: 6 chunks prefilled as the window starts (chunk 0 starts at once), 6 refreshed after their
     # last step (the last chunk finishes at the window's final iteration)
     assert st_fresh.forwards - st_plain.forwards == 2 * (6 + 6)
+
+
+def test_head_runs_only_for_chunks_whose_prediction_is_read():
+    """window_refresh forwards the clean prefix, the not-started chunks and each just-finished chunk only to write
+    their K/V: the head runs on exactly the chunk-steps the solver moves (every new chunk, ``steps`` times)."""
+    from flowcache.pipelines import plan_windows
+
+    model = tiny_wan(seed=3)
+    geo = LatentGeometry(1, 4, 16)
+    s = DFSettings(width=32, height=32, num_frames=33, steps=8, cfg=2.0, shift=5.0, seed=0, ar_step=2,
+                   causal_block_size=3, base_num_frames=21, overlap_history=9)
+    headed, forwarded = [], []
+    head_out, run_blocks = model.head_out, model.run_blocks
+    model.head_out = lambda x, *a, **k: headed.append(x.shape[1]) or head_out(x, *a, **k)
+    model.run_blocks = lambda x, *a, **k: forwarded.append(x.shape[1]) or run_blocks(x, *a, **k)
+    g = torch.Generator().manual_seed(0)
+    DiffusionForcingPipeline(model, geo, text_len=8)(torch.randn(1, 8, 32, generator=g), torch.zeros(1, 8, 32), s,
+                                                     CacheSettings.of("flowcache", threshold=0.0,
+                                                                      attention="window_refresh"))
+    chunk_tokens = 3 * (32 // 4 // 2) ** 2
+    new_chunks = sum((w.length - w.prefix) // 3 for w in plan_windows(s, geo))
+    assert sum(headed) == new_chunks * s.steps * chunk_tokens
+    assert sum(forwarded) > sum(headed)  # the K/V-only passes were forwarded, not headed

@@ -177,7 +177,7 @@ class _CausalLoop:
             for i in range(n):
                 yield Step(b * (n + 1) + i, [Unit(b, (b,), force=i == n - 1)], [b], i,
                            data={"block": b, "i": i, "t": self.ts[i]})
-            yield Step(b * (n + 1) + n, [Unit(b, (b,), force=True, cacheable=False)], [b], n,
+            yield Step(b * (n + 1) + n, [Unit(b, (b,), force=True, cacheable=False, output=False)], [b], n,
                        data={"block": b, "i": n, "t": self.s.context_noise, "clean": True})
 
     def signals(self, step: Step) -> dict:

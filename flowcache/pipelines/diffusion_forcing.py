@@ -238,13 +238,13 @@ class _DFLoop:
                     if bool(upd[b]):
                         units.append(Unit(b, (b,), force=w.chunk_steps[b] == s.steps - 1))
                     elif b < pb and it == 0:  # the clean prefix: fill its K/V once
-                        units.append(Unit(b, (b,), force=True, cacheable=False))
+                        units.append(Unit(b, (b,), force=True, cacheable=False, output=False))
                     elif self.refresh and it == 0 and w.chunk_steps[b] == 0:
                         # the not-started chunks' K/V, once (t = 999 on their noise, as the window feeds them)
-                        units.append(Unit(b, (b,), force=True, cacheable=False))
+                        units.append(Unit(b, (b,), force=True, cacheable=False, output=False))
                     elif self.refresh and w.finished_at.get(b) == it - 1:
                         # a chunk that just finished, once more at t = 0: its clean K/V, as the window feeds it
-                        units.append(Unit(b, (b,), force=True, cacheable=False))
+                        units.append(Unit(b, (b,), force=True, cacheable=False, output=False))
                     else:
                         continue
                     spans.append(UnitSpan(slice(b * cbs, (b + 1) * cbs), b * cbs))
@@ -268,7 +268,7 @@ class _DFLoop:
             guided = (preds["cond"] - preds["uncond"]).mul_(self.s.cfg).add_(preds["uncond"])
         if w.velocity is None:
             w.velocity = torch.zeros(d["x_in"].shape, dtype=torch.float32, device=d["x_in"].device)
-        return w.velocity.index_copy_(2, d["emb"].idx, guided)
+        return w.velocity.index_copy_(2, self.call.output_frames(d["emb"], step.units), guided)
 
     def update(self, step: Step, v: torch.Tensor, run: RunState) -> None:
         s, w = self.s, self.cur

@@ -94,7 +94,8 @@ class WanStep:
 
     def predict(self, emb: Embedded, units: list[Unit], spans: list[UnitSpan], decisions: Decisions,
                 run: RunState, window: dict | None = None) -> dict[str, torch.Tensor]:
-        """Every branch's prediction for the units' frames [1, C, F_units, h, w] (fp32).
+        """Every branch's prediction for the frames of the units with ``output`` [1, C, F_out, h, w] (fp32;
+        ``output_frames`` says which segment frames they are).
 
         window: None on the chunk path (attention through ``run.stores["kv"]``); on the window path
         ``{"mask": bool mask or None, "flops": {branch: (FLOPs of one window forward, in the paper's accounting)}}``.
@@ -118,9 +119,26 @@ class WanStep:
             for i, (u, (_, tok)) in enumerate(zip(units, emb.spans)):
                 if not compute[b][i]:
                     h[row:row + 1, tok] = emb.h0[:, tok] + run.recall(b, u.id)
+        e = emb.e
+        if not all(u.output for u in units):  # passes that only wrote K/V need no head
+            kept = [span for u, span in zip(units, emb.spans) if u.output]
+            if not kept:
+                _, ph, pw = self.model.cfg.patch_size
+                empty = torch.zeros(1, self.model.cfg.out_dim, 0, emb.grid_hw[0] * ph, emb.grid_hw[1] * pw,
+                                    device=h.device)
+                return {b: empty for b in names}
+            h = torch.cat([h[:, tok] for _, tok in kept], dim=1)
+            e = torch.cat([emb.e[:, fr] for fr, _ in kept], dim=1)
         pt = self.model.cfg.patch_size[0]
-        pred = self.model.head_out(h, emb.e.expand(len(names), -1, -1), (emb.idx.numel() // pt,) + emb.grid_hw)
+        pred = self.model.head_out(h, e.expand(len(names), -1, -1), (e.shape[1] // pt,) + emb.grid_hw)
         return {b: pred[row:row + 1] for row, b in enumerate(names)}
+
+    @staticmethod
+    def output_frames(emb: Embedded, units: list[Unit]) -> torch.Tensor:
+        """The segment frames ``predict`` returned predictions for (its units with ``output``), in order."""
+        if all(u.output for u in units):
+            return emb.idx
+        return torch.cat([emb.idx[fr] for u, (fr, _) in zip(units, emb.spans) if u.output])
 
     def _forward(self, units: list[Unit], spans: list[UnitSpan], tok_spans: list[tuple[slice, slice]],
                  rows: list[int], emb: Embedded, run: RunState, window: dict | None,
