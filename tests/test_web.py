@@ -97,7 +97,7 @@ check(show(values(p)) === show({{ threshold: 0.123, warmup_steps: 2, kv_budget: 
 check(locked(p).every(Boolean) && !('method' in p.widgets) && !('preset' in p.widgets), 'all knobs locked, combos not', p.widgets);
 check(plan('flowcache', 'slow', ANSWER).widgets.threshold.value === 0.1, 'slow threshold');
 // what "auto" resolves to, from the row's words (a row without them says nothing)
-check(/\(auto: block_causal attention\)$/.test(plan('flowcache', 'fast', ANSWER).text), 'auto attention', plan('flowcache', 'fast', ANSWER).text);
+check(/\\(auto: block_causal attention\\)$/.test(plan('flowcache', 'fast', ANSWER).text), 'auto attention', plan('flowcache', 'fast', ANSWER).text);
 check(P.autoChoices({{ attention: 'window', reuse: 'extrapolate' }}) === ' (auto: window attention, extrapolate reuse)', 'auto both');
 check(!/auto/.test(plan('flowcache', 'slow', ANSWER).text), 'no words, no note', plan('flowcache', 'slow', ANSWER).text);
 check(plan('teacache', 'fast', ANSWER).widgets.threshold.value === 0.2, 'teacache fast threshold');

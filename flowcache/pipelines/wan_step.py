@@ -80,7 +80,8 @@ class WanStep:
         tok_frame = grid_hw[0] * grid_hw[1]
         idx = torch.cat([torch.arange(s.frames.start, s.frames.stop) for s in spans]).to(x_in.device)
         e, e0 = model.time_embed(t_frames.index_select(1, idx), self.fps)
-        h0 = model.embed(x_in.index_select(2, idx), None if pos is None else pos.index_select(2, idx))
+        # contiguous once here, not copied again by every op of the first block that reads it
+        h0 = model.embed(x_in.index_select(2, idx), None if pos is None else pos.index_select(2, idx)).contiguous()
         out, f0 = [], 0
         for s in spans:
             nf = s.frames.stop - s.frames.start
