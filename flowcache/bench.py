@@ -135,10 +135,11 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
     for m in modes:
         r = per_mode[m.name]
         mean = {k: statistics.mean(v) for k, v in r.items() if k not in ("wall", "kv")}
+        cache = _cache_of(kit, m)
         rows.append({
             "mode": m.name, "method": m.method, "preset": m.preset,
-            "attention": _cache_of(kit, m).attention,
-            "reuse": _cache_of(kit, m).reuse,
+            "attention": cache.attention,
+            "reuse": cache.reuse,
             "forwards": mean["forwards"],
             "model_calls": mean["calls"],  # batched calls those forwards ran in
             "tflops": mean["flops"] / 1e12,

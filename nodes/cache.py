@@ -61,8 +61,8 @@ class FlowCacheCache:
             "default": "auto",
             "tooltip": "What a chunk that skips its step applies: hold = its last computed result as it is (the "
                        "reference codes); extrapolate = the line through its last two computed results, continued "
-                       "to this step (closer to off at the same speed, no extra compute, one more cached result "
-                       "per chunk). auto: the model's presets."})}
+                       "to this step (no extra compute, one more cached result per chunk; on the demo closer to off "
+                       "with window_refresh attention, not always with window). auto: the model's presets."})}
         return {"required": required, "optional": optional}
 
     RETURN_TYPES = ("FLOWCACHE_CACHE",)

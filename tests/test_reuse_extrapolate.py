@@ -88,11 +88,14 @@ def test_shared_decisions_extrapolate_on_the_shared_step_count():
             torch.testing.assert_close(got[b][k], v, rtol=0, atol=1e-6)
 
 
-def test_reset_forgets_both_payloads():
-    pol = flowcache_policy("extrapolate")
-    walk(pol, PATTERN[:2])
+def test_a_reset_starts_a_new_line():
+    """After a reset (a new run or long-video window) a reuse extrapolates from nothing older than the reset: with
+    one payload since, it holds it."""
+    pol = make_policy(CacheSettings.of("flowcache", threshold=10.0, warmup=1, reuse="extrapolate"))
+    walk(pol, [True] * 4)  # payloads at steps 0-3 before the reset: kept, they would bend the line
     pol.reset()
-    assert pol.states == {}
+    got = walk(pol, [True, False])
+    assert torch.equal(got["cond"][1], payload_of(0, 0)) and torch.equal(got["uncond"][1], payload_of(0, 1))
 
 
 def test_settings_presets_and_node_take_reuse():

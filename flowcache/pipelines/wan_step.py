@@ -121,8 +121,8 @@ class WanStep:
                 if not compute[b][i]:
                     h[row:row + 1, tok] = emb.h0[:, tok] + run.recall(b, u.id)
         e = emb.e
-        if not all(u.output for u in units):  # passes that only wrote K/V need no head
-            kept = [span for u, span in zip(units, emb.spans) if u.output]
+        kept = self.output_spans(emb, units)
+        if kept is not None:  # passes that only wrote K/V need no head
             if not kept:
                 _, ph, pw = self.model.cfg.patch_size
                 empty = torch.zeros(1, self.model.cfg.out_dim, 0, emb.grid_hw[0] * ph, emb.grid_hw[1] * pw,
@@ -135,11 +135,16 @@ class WanStep:
         return {b: pred[row:row + 1] for row, b in enumerate(names)}
 
     @staticmethod
-    def output_frames(emb: Embedded, units: list[Unit]) -> torch.Tensor:
-        """The segment frames ``predict`` returned predictions for (its units with ``output``), in order."""
+    def output_spans(emb: Embedded, units: list[Unit]) -> list[tuple[slice, slice]] | None:
+        """The (frames, tokens) spans of the units with ``output``; None when that is every unit."""
         if all(u.output for u in units):
-            return emb.idx
-        return torch.cat([emb.idx[fr] for u, (fr, _) in zip(units, emb.spans) if u.output])
+            return None
+        return [span for u, span in zip(units, emb.spans) if u.output]
+
+    def output_frames(self, emb: Embedded, units: list[Unit]) -> torch.Tensor:
+        """The segment frames ``predict`` returned predictions for, in order."""
+        kept = self.output_spans(emb, units)
+        return emb.idx if kept is None else torch.cat([emb.idx[fr] for fr, _ in kept])
 
     def _forward(self, units: list[Unit], spans: list[UnitSpan], tok_spans: list[tuple[slice, slice]],
                  rows: list[int], emb: Embedded, run: RunState, window: dict | None,
