@@ -52,6 +52,11 @@ class UnitState:
     memo: dict = field(default_factory=dict)  # a method's own per-unit facts (EasyCache: its last input/output, k)
 
 
+def _compact(t: torch.Tensor) -> bool:
+    """Whether ``t`` is all of its storage (not a slice keeping a larger tensor alive)."""
+    return t.untyped_storage().nbytes() <= t.numel() * t.element_size()
+
+
 def relative_l1(signal: torch.Tensor, prev: torch.Tensor) -> float:
     """mean|a − b| / mean|b| (no epsilon, as the reference code)."""
     return float((signal - prev).abs().mean() / prev.abs().mean())
@@ -95,7 +100,8 @@ class CachePolicy:
         if not compute and not self.can_reuse(key):  # nothing to reuse yet (e.g. warmup 0)
             compute, st.acc = True, 0.0
             self.on_forced(st)
-        st.prev_signal = signal.detach()
+        # a slice of a step's whole input would keep all of it alive: keep a compact copy of the slice only
+        st.prev_signal = signal.detach() if _compact(signal) else signal.detach().clone()
         st.steps += 1
         st.computed += int(compute)
         st.reused += int(not compute)
@@ -115,6 +121,14 @@ class CachePolicy:
     @property
     def keeps_payload(self) -> bool:
         return False
+
+    def state_bytes(self, tokens: int, dim: int, compute_bytes: int, branches: int) -> int:
+        """Bytes this policy keeps for a segment's units of ``tokens`` tokens in all (Wan: width ``dim``, compute
+        dtype of ``compute_bytes``) over ``branches``: the cached residuals, one per unit and branch to hold,
+        two to extrapolate (the e0 signals of a few frames each are not counted)."""
+        if not self.keeps_payload:
+            return 0
+        return (2 if self.extrapolate else 1) * branches * tokens * dim * compute_bytes
 
     def clock(self, key: UnitKey) -> int:
         """The unit's current step: the index of the decision just taken for it (the shared one's, for a policy

@@ -2,8 +2,10 @@
 layer operations a model is built from (torch's own, or a host's, e.g. ComfyUI's casting layers)."""
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -36,8 +38,27 @@ class ChunkAttention(Protocol):
         ...
 
 
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+_BACKEND: ContextVar[AttentionFn | None] = ContextVar("flowcache_attention", default=None)
+
+
+@contextlib.contextmanager
+def attention_backend(fn: AttentionFn | None) -> Iterator[None]:
+    """Route every ``attention`` call made inside the block (this thread or task only) to ``fn(q, k, v, mask)``
+    with ``attention``'s shapes; None keeps the default. How a host supplies its own kernel for one run."""
+    token = _BACKEND.set(fn)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention, [B, Hq, Lq, D] x [B, Hkv, Lk, D] -> [B, Hq, Lq, D]; GQA when Hq > Hkv."""
+    """Scaled dot-product attention, [B, Hq, Lq, D] x [B, Hkv, Lk, D] -> [B, Hq, Lq, D]; GQA when Hq > Hkv.
+    torch's SDPA unless ``attention_backend`` routes it elsewhere."""
+    backend = _BACKEND.get()
+    if backend is not None:
+        return backend(q, k, v, mask)
     if q.shape[1] != k.shape[1]:
         group = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(group, dim=1)

@@ -210,12 +210,11 @@ class WanForward:
     timesteps, fp32 modulation and gates, RoPE in fp32, bf16-or-whatever compute dtype elsewhere.
 
     Subclasses provide ``cfg``, ``tree``, ``fps_layers`` (the module holding ``fps_embedding`` /
-    ``fps_projection``, or None), ``dtype`` (the compute dtype) and ``device`` (the compute device), and a
-    ``_rope_cache`` dict. ``WanDiT`` is the pack's own tree; ``WanTreeModel`` wraps any other one.
+    ``fps_projection``, or None), ``dtype`` (the compute dtype) and ``device`` (the compute device). The object
+    keeps no run state: ``WanDiT`` is the pack's own tree; ``WanTreeModel`` wraps any other one.
     """
 
     cfg: WanConfig
-    _rope_cache: dict
 
     @property
     def tree(self) -> nn.Module:
@@ -272,12 +271,8 @@ class WanForward:
         return self.tree.text_embedding(context.to(device=self.device, dtype=self.dtype))
 
     def rope(self, grid: tuple[int, int, int], frame_offset: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (grid, frame_offset, self.device)
-        if key not in self._rope_cache:
-            if len(self._rope_cache) > 64:
-                self._rope_cache.clear()
-            self._rope_cache[key] = rope_angles(self.cfg.head_dim, grid, frame_offset, self.device)
-        return self._rope_cache[key]
+        """RoPE tables cos, sin [L, head_dim/2] of a patch grid (see ``rope_angles``), on the compute device."""
+        return rope_angles(self.cfg.head_dim, grid, frame_offset, self.device)
 
     @staticmethod
     def _project(attn: nn.Module, heads: int, x: torch.Tensor, src: torch.Tensor
@@ -325,32 +320,108 @@ class WanForward:
         y = blk.ffn(modulate(x, m[3], m[4]))
         return (x.float() + gate(y, m[5])).to(x.dtype)
 
+    def _lean_block(self, blk: nn.Module, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor,
+                    rope: tuple[torch.Tensor, torch.Tensor], layer: int, kv: ChunkAttention | None,
+                    mask: torch.Tensor | None, text_kv: dict | None, slice_tokens: int) -> torch.Tensor:
+        """``_block``'s arithmetic with its token-wise stages one batch row and at most ``slice_tokens`` tokens
+        (whole frames) at a time; only q, k, v and the attention output exist for every row at once."""
+        b, n, d = x.shape
+        f = e0.shape[1]
+        heads, eps, per = self.cfg.num_heads, self.cfg.eps, n // f
+        step = max(1, slice_tokens // per)
+        pieces = [(r, slice(a, min(f, a + step))) for r in range(b) for a in range(0, f, step)]
+        m = (held(blk.modulation, e0.device)[:, None] + e0).unbind(2)  # 6 x [B, F, D]
+
+        def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            nf = shift.shape[1]
+            h = F.layer_norm(h.float(), (d,), eps=eps).view(1, nf, -1, d)
+            return (h * (1 + scale[:, :, None]) + shift[:, :, None]).view(1, -1, d).to(x.dtype)
+
+        def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            return (y.float().view(1, g.shape[1], -1, d) * g[:, :, None]).view(1, -1, d)
+
+        q, k, v = (x.new_empty(b, heads, n, d // heads) for _ in range(3))
+        for r, fr in pieces:
+            tok = slice(fr.start * per, fr.stop * per)
+            rows = slice(r, r + 1)
+            h = modulate(x[rows, tok], m[0][rows, fr], m[1][rows, fr])
+            qp, kp, vp = self._project(blk.self_attn, heads, h, h)
+            cos, sin = rope[0][tok], rope[1][tok]
+            q[rows, :, tok] = apply_rope(qp, cos, sin).transpose(1, 2)
+            k[rows, :, tok] = apply_rope(kp, cos, sin).transpose(1, 2)
+            v[rows, :, tok] = vp.transpose(1, 2)
+            del h, qp, kp, vp
+        y = attention(q, k, v, mask) if kv is None else kv.attend(layer, q, k, v)  # [B, H, L, Dh]
+        del q, k, v
+        ca = blk.cross_attn
+        if text_kv is not None and layer in text_kv:
+            tk, tv = text_kv[layer]
+        else:
+            tk = ca.norm_k(ca.k(ctx)).unflatten(-1, (heads, -1)).transpose(1, 2)
+            tv = ca.v(ctx).unflatten(-1, (heads, -1)).transpose(1, 2)
+            if text_kv is not None:
+                text_kv[layer] = (tk, tv)
+        out = torch.empty_like(x)
+        for r, fr in pieces:
+            tok = slice(fr.start * per, fr.stop * per)
+            rows = slice(r, r + 1)
+            xp = x[rows, tok]
+            yp = y[rows, :, tok].transpose(1, 2).flatten(2)
+            xp = (xp.float() + gate(blk.self_attn.o(yp), m[2][rows, fr])).to(x.dtype)
+            qx = ca.norm_q(ca.q(blk.norm3(xp))).unflatten(-1, (heads, -1)).transpose(1, 2)
+            xp = xp + ca.o(attention(qx, tk[rows], tv[rows]).transpose(1, 2).flatten(2))
+            yp = blk.ffn(modulate(xp, m[3][rows, fr], m[4][rows, fr]))
+            out[rows, tok] = (xp.float() + gate(yp, m[5][rows, fr])).to(x.dtype)
+        return out
+
     def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, ctx: torch.Tensor, grid: tuple[int, int, int],
                    frame_offset: int | tuple[int, ...] = 0, kv: ChunkAttention | None = None,
                    mask: torch.Tensor | None = None, between: Callable[[], None] | None = None,
-                   text_kv: dict | None = None) -> torch.Tensor:
+                   text_kv: dict | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   slice_tokens: int = 0) -> torch.Tensor:
         """All transformer blocks on tokens x [B, L, D]; RoPE frames start at ``frame_offset`` (a tuple: the
-        first frames of equal chunks laid end to end, see ``rope_angles``). With ``kv`` the self-attention is
-        the context's (chunk by chunk against stored K/V), otherwise plain attention under ``mask``.
-        ``between`` runs after every block: a cancel point inside long forwards (it raises to stop).
-        ``text_kv``: a dict kept by the caller for this ``ctx``: the cross-attention keys/values are computed on
-        the first call and reused after (as the causal Wan models' own loop does)."""
-        rope = self.rope(grid, frame_offset)
+        first frames of equal chunks laid end to end, see ``rope_angles``), or the tables ``rope`` given. With
+        ``kv`` the self-attention is the context's (chunk by chunk against stored K/V), otherwise plain
+        attention under ``mask``. ``between`` runs after every block: a cancel point inside long forwards (it
+        raises to stop). ``text_kv``: a dict kept by the caller for this ``ctx``: the cross-attention
+        keys/values are computed on the first call and reused after (as the causal Wan models' own loop does).
+        ``slice_tokens`` > 0: every block runs its token-wise stages one batch row (CFG branch) at a time and in
+        slices of at most that many tokens (whole frames), which lowers the peak; equal within float rounding."""
+        rope = self.rope(grid, frame_offset) if rope is None else rope
         for i, block in enumerate(self.tree.blocks):
-            x = self._block(block, x, e0, ctx, rope, i, kv, mask, text_kv)
+            if slice_tokens > 0:
+                x = self._lean_block(block, x, e0, ctx, rope, i, kv, mask, text_kv, slice_tokens)
+            else:
+                x = self._block(block, x, e0, ctx, rope, i, kv, mask, text_kv)
             if between is not None:
                 between()
         return x
 
-    def head_out(self, x: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def head_out(self, x: torch.Tensor, e: torch.Tensor, grid: tuple[int, int, int],
+                 slice_tokens: int = 0) -> torch.Tensor:
         """Tokens [B, L, D] and e [B, F, D] -> prediction [B, C, F, H, W] (fp32); the head uses e, not e0,
-        as the reference does."""
+        as the reference does. ``slice_tokens`` > 0: one batch row and at most that many tokens (whole frames)
+        at a time, as ``run_blocks`` does."""
         head = self.tree.head
         b, n, d = x.shape
         shift, scale = (held(head.modulation, e.device)[:, None] + e[:, :, None]).unbind(2)
-        h = F.layer_norm(x.float(), (d,), eps=self.cfg.eps).view(b, e.shape[1], -1, d)
-        h = (h * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, n, d)
-        out = head.head(h.to(self.dtype)).float()
+
+        def tokens_out(xs: torch.Tensor, sh: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+            h = F.layer_norm(xs.float(), (d,), eps=self.cfg.eps).view(xs.shape[0], sh.shape[1], -1, d)
+            h = (h * (1 + sc[:, :, None]) + sh[:, :, None]).view(xs.shape[0], xs.shape[1], d)
+            return head.head(h.to(self.dtype)).float()
+
+        if slice_tokens > 0:
+            f = e.shape[1]
+            per = n // f
+            step = max(1, slice_tokens // per)
+            out = x.new_empty((b, n, math.prod(self.cfg.patch_size) * self.cfg.out_dim), dtype=torch.float32)
+            for r in range(b):
+                for a in range(0, f, step):
+                    fr, tok = slice(a, min(f, a + step)), slice(a * per, min(f, a + step) * per)
+                    out[r:r + 1, tok] = tokens_out(x[r:r + 1, tok], shift[r:r + 1, fr], scale[r:r + 1, fr])
+        else:
+            out = tokens_out(x, shift, scale)
         f, hh, w = grid
         pt, ph, pw = self.cfg.patch_size
         out = out.view(out.shape[0], f, hh, w, pt, ph, pw, self.cfg.out_dim)
@@ -396,7 +467,6 @@ class WanDiT(WanForward, nn.Module):
         if cfg.has_fps:
             self.fps_embedding = ops.Embedding(2, d)
             self.fps_projection = nn.Sequential(ops.Linear(d, d), nn.SiLU(), ops.Linear(d, 6 * d))
-        self._rope_cache: dict = {}
         self.compute_device: torch.device | None = None
 
     @property
@@ -421,7 +491,7 @@ class WanDiT(WanForward, nn.Module):
 class WanTreeModel(WanForward):
     """``WanForward`` over a module tree that is not the pack's: e.g. the diffusion model of a ComfyUI MODEL.
 
-    The tree is only read and called, never changed; this object holds the run's own state (the RoPE tables).
+    The tree is only read and called, never changed.
     dtype / device: the compute dtype and device (the host's, which may differ from where weights are held).
     fps_layers: SkyReels' fps embedding when the tree has none (restored from the checkpoint file), or None.
     """
@@ -432,7 +502,6 @@ class WanTreeModel(WanForward):
         self._tree, self._fps = tree, fps_layers
         self.cfg = replace(cfg, has_fps=fps_layers is not None)
         self._dtype, self._device = dtype, torch.device(device)
-        self._rope_cache: dict = {}
 
     @property
     def tree(self) -> nn.Module:

@@ -24,9 +24,8 @@ from ..cache.base import CachePolicy
 from ..df_schedule import DFSchedule, timestep_matrix
 from ..errors import InputError
 from ..flops import forward_flops, paper_window_flops
-from ..kv.scoring import CompressionConfig
-from ..kv.store import KVStore
 from ..models.wan import WanForward, block_causal_mask
+from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, StepInfo, Unit, run_loop
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
@@ -141,52 +140,173 @@ def plan_windows(s: DFSettings, geo: LatentGeometry, patch: tuple[int, int, int]
 
 
 @dataclass
-class _Window:
-    """One window's latents and solvers while it runs."""
+class WindowPlan:
+    """One window of a run: its schedule, the units forwarded at each iteration, and its KV store (chunk path)."""
 
     win: Window
     sched: DFSchedule
+    steps: list[list[Unit]]          # per iteration: the units forwarded, in chunk order
+    store: StorePlan | None          # the chunk path's KV store of this window
+
+
+@dataclass
+class DFPlan:
+    """A diffusion-forcing run planned before anything moves: the checked settings, the windows with their
+    schedules and per-iteration units, token counts, the KV stores and the memory they all need. The sampler,
+    ``generate``, the memory estimate and the loop read this one object."""
+
+    settings: DFSettings
+    path: str                      # "window" (the vanilla loop) or "chunk" (FlowCache's)
+    attention: str                 # the chunk path's attention (CacheSettings.attention)
+    branches: tuple[str, ...]      # ("cond", "uncond") with CFG, ("cond",) without
+    windows: list[WindowPlan]
+    grid_hw: tuple[int, int]       # patch grid of a latent frame
+    tokens_per_frame: int
+    sigmas: list[float]
+    timesteps: list[float]
+    memory: MemoryPlan
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.settings.causal_block_size * self.tokens_per_frame
+
+
+def _window_units(sched: DFSchedule, nb: int, pb: int, steps: int, path: str, refresh: bool) -> list[list[Unit]]:
+    """Per iteration, what is forwarded. Window path: the whole window as one unit. Chunk path: every active chunk
+    (forced at its last step); at iteration 0 the clean prefix (its K/V, once); with ``refresh``, the
+    not-started chunks' K/V once at iteration 0 and each finished chunk once more right after its last step."""
+    out, done, finished_at = [], [0] * nb, {}
+    for it in range(sched.iterations):
+        upd = sched.update_mask[it]
+        if path == "window":
+            units = [Unit("window", tuple(range(nb)), force=it == sched.iterations - 1)]
+        else:
+            units = []
+            for b in range(nb):
+                if bool(upd[b]):
+                    units.append(Unit(b, (b,), force=done[b] == steps - 1))
+                elif (b < pb and it == 0) or (refresh and it == 0 and done[b] == 0) or (
+                        refresh and finished_at.get(b) == it - 1):
+                    # K/V-only passes: the clean prefix's; the not-started chunks' (t = 999 on their noise, as the
+                    # window feeds them); a chunk that just finished, once more at t = 0 (its clean K/V)
+                    units.append(Unit(b, (b,), force=True, cacheable=False, output=False))
+        out.append(units)
+        for b in range(nb):
+            if bool(upd[b]):
+                done[b] += 1
+                if done[b] == steps:
+                    finished_at[b] = it
+    return out
+
+
+def plan_df(s: DFSettings, cache: CacheSettings, cfg, geometry: LatentGeometry, dtype: torch.dtype,
+            text_len: int, options: MemoryOptions = MemoryOptions(), branches: tuple[str, ...] | None = None
+            ) -> DFPlan:
+    """Check ``s`` (errors name the widget) and plan the run: windows, schedules, units, stores and memory.
+
+    cfg: the model's ``WanConfig``; dtype: its compute dtype; branches: the text branches (default: cond, and
+    uncond when cfg > 1); options: how the run holds its memory (``flowcache.plan``)."""
+    windows = plan_windows(s, geometry, cfg.patch_size)
+    path = cache.path if s.path == "auto" else s.path
+    branches = branches or (("cond", "uncond") if s.cfg > 1.0 else ("cond",))
+    cbs = s.causal_block_size
+    sigmas, timesteps = flow_sigmas(s.steps, s.shift)
+    h_lat, w_lat = s.height // geometry.spatial_stride, s.width // geometry.spatial_stride
+    grid_hw = (h_lat // cfg.patch_size[1], w_lat // cfg.patch_size[2])
+    tok_frame = grid_hw[0] * grid_hw[1]
+    refresh = cache.attention == "window_refresh"
+    c = dtype_bytes(dtype)
+    plans = []
+    for w in windows:
+        nb, pb = w.length // cbs, w.prefix // cbs
+        sched = timestep_matrix(nb, timesteps, s.ar_step, pb)
+        store = None
+        if path == "chunk":
+            window_rows = nb * cbs * tok_frame
+            budget = cache.kv_budget * cbs * tok_frame
+            # budget + the chunks that can be unclean at once (+1: the chunk finishing this step), never more
+            # than the window; window_refresh registers every chunk as the window starts: the whole window
+            cap = window_rows if budget == 0 or refresh else min(
+                window_rows, budget + (sched.max_active() + 1 + pb) * cbs * tok_frame)
+            store = StorePlan("kv", cfg.num_layers, len(branches), cfg.num_heads, cfg.head_dim, cfg.head_dim, cap,
+                              c, options.kv_fp8, options.kv_offload, budget, 0, tok_frame, cache.mix_lambda)
+        plans.append(WindowPlan(w, sched, _window_units(sched, nb, pb, s.steps, path, refresh), store))
+    memory = _df_memory(s, cache, cfg, plans, grid_hw, dtype, text_len, options, branches, h_lat * w_lat,
+                        geometry)
+    return DFPlan(s, path, cache.attention, branches, plans, grid_hw, tok_frame, sigmas, timesteps, memory)
+
+
+def _df_memory(s: DFSettings, cache: CacheSettings, cfg, plans: list[WindowPlan], grid_hw, dtype, text_len: int,
+               options: MemoryOptions, branches, latent_pixels: int, geometry: LatentGeometry) -> MemoryPlan:
+    """The run's memory: the largest step (measured on meta tensors), the largest window's store, and what the
+    loop keeps besides: latents, solver state, the policy's cached residuals and signals, the text."""
+    cbs, c = s.causal_block_size, dtype_bytes(dtype)
+    frames, out_frames, read = 0, 0, None
+    for wp in plans:
+        for units in wp.steps:
+            n = sum(len(u.chunks) for u in units) * (wp.win.length // len(units[0].chunks)
+                                                     if units[0].id == "window" else cbs)
+            if n > frames:
+                frames = n
+                out_frames = sum(len(u.chunks) for u in units if u.output) * (
+                    wp.win.length // len(units[0].chunks) if units[0].id == "window" else cbs)
+                read = wp.store.capacity if wp.store is not None else None
+    activations = wan_forward_peak(cfg, dtype, frames, grid_hw, len(branches), text_len, options, read, out_frames)
+    longest = max(wp.win.length for wp in plans)
+    window_tokens = longest * grid_hw[0] * grid_hw[1] // cfg.patch_size[0]
+    latent = geometry.channels * longest * latent_pixels * 4  # one window's latents, fp32
+    solver = 3 if s.solver == "unipc" else 0  # UniPC keeps two predictions and the last sample per chunk
+    copies = 2 + solver + (1 if len(plans) > 1 and s.addnoise_condition > 0 else 0)  # x, velocity, (x_in)
+    total_frames = sum(wp.win.length - wp.win.prefix for wp in plans)
+    output = geometry.channels * total_frames * latent_pixels * 4
+    policy = make_policy(cache).state_bytes(window_tokens, cfg.dim, c, len(branches))
+    text = len(branches) * text_len * (cfg.text_dim * 4 + cfg.dim * c)  # padded conditioning and its embedding
+    stores = [max((wp.store for wp in plans if wp.store is not None), key=lambda st: st.bytes)] \
+        if plans[0].store is not None else []
+    facts = {"forward": f"{len(branches)} branches x {frames} latent frames x {grid_hw[0] * grid_hw[1]} tokens",
+             "windows": len(plans), "tokens_per_frame": grid_hw[0] * grid_hw[1],
+             "kv_rows": stores[0].capacity if stores else 0, "chunk_tokens": cbs * grid_hw[0] * grid_hw[1]}
+    return MemoryPlan(options, stores, activations, copies * latent + output + policy + text, facts)
+
+
+@dataclass
+class _Window:
+    """One window's latents and solvers while it runs."""
+
+    plan: WindowPlan
     x: torch.Tensor
     solvers: list
     pos: torch.Tensor | None
     vanilla: dict                       # per branch: (real, paper) FLOPs of one whole-window forward
     window: dict | None                 # window path: the attention mask and per-branch FLOPs of one forward
     chunk_steps: list[int] = field(default_factory=list)
-    finished_at: dict[int, int] = field(default_factory=dict)  # chunk -> the iteration it took its last step
     velocity: torch.Tensor | None = None  # the guided velocity of the step's units [1, C, F, h, w], reused
 
 
 class _DFLoop:
-    """The ``ChunkLoop`` of one diffusion-forcing run (see ``flowcache.runner``)."""
+    """The ``ChunkLoop`` of one diffusion-forcing run (see ``flowcache.runner``), reading its ``DFPlan``."""
 
-    def __init__(self, pipe: "DiffusionForcingPipeline", s: DFSettings, step: WanStep, path: str,
-                 kv: tuple[int, float], attention: str = "block_causal"):
-        self.pipe, self.s, self.call, self.path = pipe, s, step, path
-        self.kv_budget, self.mix_lambda = kv
-        self.windows = plan_windows(s, pipe.geometry, pipe.model.cfg.patch_size)
-        self.sigmas, timesteps = flow_sigmas(s.steps, s.shift)
-        cbs = s.causal_block_size
-        self.schedules = [timestep_matrix(w.length // cbs, timesteps, s.ar_step, w.prefix // cbs) for w in self.windows]
-        self.gen = torch.Generator(device="cpu").manual_seed(int(s.seed))
+    def __init__(self, pipe: "DiffusionForcingPipeline", plan: DFPlan, step: WanStep):
+        self.pipe, self.plan, self.s, self.call = pipe, plan, plan.settings, step
+        self.gen = torch.Generator(device="cpu").manual_seed(int(plan.settings.seed))
         self.prefix: torch.Tensor | None = None
         self.cur: _Window | None = None
-        self.refresh = attention == "window_refresh"
 
     def segments(self) -> list[Segment]:
         cbs = self.s.causal_block_size
-        return [Segment(w.index, w.length // cbs, sc.iterations) for w, sc in zip(self.windows, self.schedules)]
+        return [Segment(wp.win.index, wp.win.length // cbs, wp.sched.iterations) for wp in self.plan.windows]
 
     def start(self, seg: Segment, run: RunState) -> None:
-        s, model, geo = self.s, self.pipe.model, self.pipe.geometry
-        win, sched, cbs = self.windows[seg.index], self.schedules[seg.index], s.causal_block_size
+        s, model, geo, plan = self.s, self.pipe.model, self.pipe.geometry, self.plan
+        wp = plan.windows[seg.index]
+        win, cbs = wp.win, s.causal_block_size
         h_lat, w_lat = s.height // geo.spatial_stride, s.width // geo.spatial_stride
         x = torch.randn(1, geo.channels, win.length, h_lat, w_lat, generator=self.gen).to(model.device)
         if win.prefix:
             x[:, :, :win.prefix] = self.prefix.to(model.device)
         cfgm = model.cfg
-        grid_hw = (h_lat // cfgm.patch_size[1], w_lat // cfgm.patch_size[2])
-        tok_frame = grid_hw[0] * grid_hw[1]
-        nb, pb = seg.chunks, win.prefix // cbs
+        tok_frame = plan.tokens_per_frame
+        nb = seg.chunks
         # one whole-window forward per branch, what the vanilla loop spends every step: as computed (full
         # attention: every chunk sees the whole window) and in the paper's accounting (chunk j sees j chunks)
         dims = (cfgm.dim, cfgm.ffn_dim, cfgm.num_layers)
@@ -198,30 +318,23 @@ class _DFLoop:
                                                                               ctx.shape[1])
             vanilla[b] = (real, paper)
         window = None
-        if self.path == "chunk":
-            budget = self.kv_budget * cbs * tok_frame
-            # budget + the chunks that can be unclean at once (+1: the chunk finishing this step), never more
-            # than the whole window
-            cap = nb * cbs * tok_frame if budget == 0 or self.refresh else min(
-                nb * cbs * tok_frame, budget + (sched.max_active() + 1 + pb) * cbs * tok_frame)
-            comp = CompressionConfig(mix_lambda=self.mix_lambda)
-            run.stores["kv"] = KVStore(cfgm.num_layers, cap, budget, comp, tok_frame, len(self.call.branches))
-            for c in range(pb):
+        if wp.store is not None:
+            run.stores["kv"] = wp.store.build()
+            for c in range(win.prefix // cbs):
                 run.stores["kv"].mark_clean(c)
         else:
-            mask = (block_causal_mask((win.length,) + grid_hw, cbs, x.device)
+            mask = (block_causal_mask((win.length,) + plan.grid_hw, cbs, x.device)
                     if s.attention == "block_causal" else None)
             window = {"mask": mask, "flops": vanilla}
-        self.cur = _Window(win, sched, x, [make_solver(s.solver, self.sigmas) for _ in range(nb)],
+        self.cur = _Window(wp, x, [make_solver(s.solver, plan.sigmas) for _ in range(nb)],
                            geo.positions(win.length, h_lat, w_lat, x.device), vanilla, window, [0] * nb)
 
     def steps(self, seg: Segment):
         s, w = self.s, self.cur
-        cbs, win, nb = s.causal_block_size, w.win, seg.chunks
-        pb = win.prefix // cbs
-        for it in range(w.sched.iterations):
-            upd = w.sched.update_mask[it]
-            t_frames = w.sched.timesteps[it].repeat_interleave(cbs)[None].to(w.x.device)
+        cbs, win = s.causal_block_size, w.plan.win
+        for it, units in enumerate(w.plan.steps):
+            upd = w.plan.sched.update_mask[it]
+            t_frames = w.plan.sched.timesteps[it].repeat_interleave(cbs)[None].to(w.x.device)
             x_in = w.x
             if s.addnoise_condition > 0 and win.prefix:  # SkyReels: the carried-over prefix is re-noised a little
                 x_in = w.x.clone()
@@ -229,26 +342,11 @@ class _DFLoop:
                 n = torch.randn(w.x[:, :, :win.prefix].shape, generator=self.gen).to(w.x.device)
                 x_in[:, :, :win.prefix] = w.x[:, :, :win.prefix] * (1 - a) + n * a
                 t_frames[:, :win.prefix] = float(s.addnoise_condition)
-            if self.path == "window":
-                units = [Unit("window", tuple(range(nb)), force=it == w.sched.iterations - 1)]
+            if units[0].id == "window":
                 spans = [UnitSpan(slice(0, win.length), 0)]
             else:
-                units, spans = [], []
-                for b in range(nb):
-                    if bool(upd[b]):
-                        units.append(Unit(b, (b,), force=w.chunk_steps[b] == s.steps - 1))
-                    elif b < pb and it == 0:  # the clean prefix: fill its K/V once
-                        units.append(Unit(b, (b,), force=True, cacheable=False, output=False))
-                    elif self.refresh and it == 0 and w.chunk_steps[b] == 0:
-                        # the not-started chunks' K/V, once (t = 999 on their noise, as the window feeds them)
-                        units.append(Unit(b, (b,), force=True, cacheable=False, output=False))
-                    elif self.refresh and w.finished_at.get(b) == it - 1:
-                        # a chunk that just finished, once more at t = 0: its clean K/V, as the window feeds it
-                        units.append(Unit(b, (b,), force=True, cacheable=False, output=False))
-                    else:
-                        continue
-                    spans.append(UnitSpan(slice(b * cbs, (b + 1) * cbs), b * cbs))
-            active = [b for b in range(nb) if bool(upd[b])]
+                spans = [UnitSpan(slice(u.id * cbs, (u.id + 1) * cbs), u.id * cbs) for u in units]
+            active = [b for b in range(len(upd)) if bool(upd[b])]
             yield Step(it, units, active, data={"x_in": x_in, "t": t_frames, "upd": upd, "spans": spans})
 
     def signals(self, step: Step) -> dict:
@@ -280,16 +378,16 @@ class _DFLoop:
                 w.x[:, :, fr] = w.solvers[b].step(v[:, :, fr], w.x[:, :, fr])
                 w.chunk_steps[b] += 1
                 if w.chunk_steps[b] == s.steps:
-                    w.finished_at[b] = step.index
                     for st in run.stores.values():
                         st.mark_clean(b)
         step.chunk_step = w.chunk_steps[step.active[-1]] if step.active else 0
 
     def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
-        w = self.cur
-        if seg.index + 1 < len(self.windows):
-            self.prefix = self.pipe.next_prefix(w.x, self.windows[seg.index + 1].prefix, self.s)
-        return (w.x if w.win.prefix == 0 else w.x[:, :, w.win.prefix:]).float().cpu()
+        w, windows = self.cur, self.plan.windows
+        if seg.index + 1 < len(windows):
+            self.prefix = self.pipe.next_prefix(w.x, windows[seg.index + 1].win.prefix, self.s)
+        prefix = w.plan.win.prefix
+        return (w.x if prefix == 0 else w.x[:, :, prefix:]).float().cpu()
 
 
 class DiffusionForcingPipeline:
@@ -307,30 +405,38 @@ class DiffusionForcingPipeline:
         self.text_len = text_len
         self.codec = codec
 
+    def plan(self, settings: DFSettings, cache: CacheSettings | None = None,
+             options: MemoryOptions = MemoryOptions()) -> DFPlan:
+        """The run's ``DFPlan`` for this model (every input error, before any work)."""
+        return plan_df(settings, cache or CacheSettings(), self.model.cfg, self.geometry, self.model.dtype,
+                       self.text_len, options)
+
     @torch.inference_mode()
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor | None, settings: DFSettings,
                  cache: CacheSettings | None = None, hooks: RunHooks | None = None,
-                 policy: CachePolicy | None = None) -> tuple[torch.Tensor, RunStats]:
+                 policy: CachePolicy | None = None, plan: DFPlan | None = None) -> tuple[torch.Tensor, RunStats]:
         """Returns model-space latents [1, C, F, h, w] (fp32, CPU) and the run's statistics.
 
         cond/uncond: text states [1, S, text_dim] (uncond needed when cfg > 1); hooks: progress and cancel;
-        policy: use this policy instead of the one ``cache`` names (calibration's recorder).
+        policy: use this policy instead of the one ``cache`` names (calibration's recorder); plan: the run's
+        plan made by ``plan`` (default: planned here, K/V resident in the compute dtype).
         """
         cache = cache or CacheSettings()
-        s, model = settings, self.model
-        plan_windows(s, self.geometry, model.cfg.patch_size)  # every input error before any work
-        path = cache.path if s.path == "auto" else s.path
+        model = self.model
+        plan = plan or self.plan(settings, cache)  # every input error before any work
+        s = plan.settings
         texts = {"cond": check_conditioning(cond, model.cfg.text_dim, self.text_len, "positive")}
         if s.cfg > 1.0:
             if uncond is None:
                 raise InputError("negative: conditioning is required when cfg > 1.")
             texts["uncond"] = check_conditioning(uncond, model.cfg.text_dim, self.text_len, "negative")
         contexts = {b: model.text_embed(c.to(model.device)) for b, c in texts.items()}
-        stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": path})
+        stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": plan.path,
+                                                      "memory_plan": plan.memory.options.name})
         run = RunState(policy or make_policy(cache), stats, tuple(contexts), s.steps, hooks)
-        step = WanStep(model, contexts, s.fps, window_attention=cache.attention != "block_causal")
-        loop = _DFLoop(self, s, step, path, (cache.kv_budget, cache.mix_lambda), cache.attention)
-        return run_loop(loop, run), stats
+        step = WanStep(model, contexts, s.fps, window_attention=cache.attention != "block_causal",
+                       slice_tokens=plan.memory.options.slice_tokens)
+        return run_loop(_DFLoop(self, plan, step), run), stats
 
     def next_prefix(self, x: torch.Tensor, n_latents: int, s: DFSettings) -> torch.Tensor:
         """The next window's clean prefix: VAE re-encode of the last overlap_history decoded frames
@@ -342,5 +448,5 @@ class DiffusionForcingPipeline:
         return z[:, :, :n_latents].to(x.dtype)
 
 
-__all__ = ["DFSettings", "DiffusionForcingPipeline", "LatentGeometry", "LatentCodec", "StepInfo", "Window",
-           "plan_windows", "check_conditioning"]
+__all__ = ["DFPlan", "DFSettings", "DiffusionForcingPipeline", "LatentGeometry", "LatentCodec", "StepInfo", "Window",
+           "WindowPlan", "plan_df", "plan_windows", "check_conditioning"]

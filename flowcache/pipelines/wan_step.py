@@ -64,13 +64,23 @@ class WanStep:
     """The Wan model call of one step. contexts: embedded text per branch, in the run's branch order."""
 
     def __init__(self, model: WanForward, contexts: dict[str, torch.Tensor], fps: float | None,
-                 window_attention: bool = False, text_kv_once: bool = False):
+                 window_attention: bool = False, text_kv_once: bool = False, slice_tokens: int = 0):
         """text_kv_once: compute the cross-attention keys/values of the text once per run and reuse them (the
-        causal Wan models' official loop does; SkyReels' recomputes them every forward)."""
+        causal Wan models' official loop does; SkyReels' recomputes them every forward). slice_tokens: the lean
+        forward (``WanForward.run_blocks``), 0 for the batched one."""
         self.model, self.contexts, self.fps = model, contexts, fps
         self.branches = list(contexts)
         self.window_attention = window_attention
         self.text_kv: dict[tuple[int, ...], dict] | None = {} if text_kv_once else None
+        self.slice_tokens = slice_tokens
+        self._rope: tuple | None = None  # the last RoPE tables and their key: consecutive steps share them
+
+    def rope(self, grid: tuple[int, int, int], offsets: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables of a forward, kept for the next step (one entry: a run's memory stays bounded)."""
+        key = (grid, offsets)
+        if self._rope is None or self._rope[0] != key:
+            self._rope = (key, self.model.rope(grid, offsets))
+        return self._rope[1]
 
     def embed(self, x_in: torch.Tensor, t_frames: torch.Tensor, pos: torch.Tensor | None,
               spans: list[UnitSpan]) -> Embedded:
@@ -131,7 +141,8 @@ class WanStep:
             h = torch.cat([h[:, tok] for _, tok in kept], dim=1)
             e = torch.cat([emb.e[:, fr] for fr, _ in kept], dim=1)
         pt = self.model.cfg.patch_size[0]
-        pred = self.model.head_out(h, e.expand(len(names), -1, -1), (e.shape[1] // pt,) + emb.grid_hw)
+        pred = self.model.head_out(h, e.expand(len(names), -1, -1), (e.shape[1] // pt,) + emb.grid_hw,
+                                   self.slice_tokens)
         return {b: pred[row:row + 1] for row, b in enumerate(names)}
 
     @staticmethod
@@ -171,7 +182,8 @@ class WanStep:
         text_kv = None if self.text_kv is None else self.text_kv.setdefault(tuple(rows), {})
         fresh_text = text_kv is not None and not text_kv
         out = model.run_blocks(tokens, mod, ctx, grid, offsets, kv, None if window is None else window["mask"],
-                               between=run.check_cancel, text_kv=text_kv)
+                               between=run.check_cancel, text_kv=text_kv, rope=self.rope(grid, offsets),
+                               slice_tokens=self.slice_tokens)
         run.count_call()
         text_proj = text_projection_flops(cfgm.dim, cfgm.num_layers, ctx.shape[1])
         if fresh_text:  # computed once for these branches: counted once

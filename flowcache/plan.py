@@ -1,0 +1,295 @@
+"""What a run will hold, decided before it starts: the memory side of every family's run plan.
+
+A family's planner (``plan_df``, ``plan_causal``, ``MagiPipeline.plan``) checks the settings once and lays out
+its windows or blocks; this module gives it the shared pieces:
+
+* ``MemoryOptions``: how the run holds its memory. K/V resident on the device or offloaded to host memory, in
+  the compute dtype or fp8; CFG branches batched, or one after the other with the token-wise stages of every
+  block in slices (``lean``). ``candidates`` lists them fastest first, for the automatic plan.
+* ``StorePlan``: one KV store's rows, dtype and placement; its bytes are the bytes ``KVStore`` allocates (a
+  test checks them equal), and ``build`` makes the store.
+* ``MemoryPlan``: the stores, the largest forward's working set and what the run keeps besides (latents, solver
+  state, cached residuals, text): bytes on the device and in host memory.
+* ``wan_forward_peak``: the largest forward's working set, measured by running the model's own forward code on
+  meta tensors (shapes only, nothing computed) under the live-bytes counter, so it follows the code.
+* ``choose``: the first candidate that fits the device and the host, or a refusal naming what would fit.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from .errors import InputError
+from .kv.scoring import CompressionConfig
+from .kv.store import FP8, STAGING_SLOTS, KVStore, fp8_supported
+from .memtrack import track
+from .models.common import attention_backend
+
+GiB = 1024 ** 3
+KV_PLACEMENTS = ("auto", "device", "offload")
+KV_DTYPES = ("auto", "bf16", "fp8")
+LEAN_SLICE_TOKENS = 8192  # the most tokens a lean block's token-wise stage handles at once (whole frames)
+SCALE_BYTES = 4           # an fp8 row's scale per head, keys and values each
+HOST_MARGIN = 0.85        # offloaded K/V is pinned (never swapped): leave the OS the rest of the free RAM
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """How one run holds its memory.
+
+    kv_offload: stored K/V in host memory (pinned on CUDA), two layers staged on the device at a time.
+    kv_fp8: stored K/V in fp8 e4m3 with a scale per branch, head and chunk (else the compute dtype).
+    lean: CFG branches one after the other and every block's token-wise stages (projections, FFN) in slices of
+        at most ``LEAN_SLICE_TOKENS`` tokens; equal to the batched forward within float rounding.
+    """
+
+    kv_offload: bool = False
+    kv_fp8: bool = False
+    lean: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = ["offload" if self.kv_offload else "resident"]
+        if self.kv_fp8:
+            parts.append("fp8 K/V")
+        if self.lean:
+            parts.append("sequential branches")
+        return " + ".join(parts)
+
+    @property
+    def slice_tokens(self) -> int:
+        return LEAN_SLICE_TOKENS if self.lean else 0
+
+
+def candidates(kv_placement: str = "auto", kv_dtype: str = "auto", stores_kv: bool = True,
+               fp8_ok: bool = True) -> list[MemoryOptions]:
+    """The plans to try, fastest first: resident → fp8 K/V → offload (fp8) → sequential branches, narrowed by the
+    ``kv_placement`` / ``kv_dtype`` widgets. A run without stored K/V (the window path) has batched and lean only."""
+    if kv_placement not in KV_PLACEMENTS:
+        raise InputError(f"kv_placement={kv_placement!r}: must be one of {', '.join(KV_PLACEMENTS)}.")
+    if kv_dtype not in KV_DTYPES:
+        raise InputError(f"kv_dtype={kv_dtype!r}: must be one of {', '.join(KV_DTYPES)}.")
+    if not stores_kv:
+        return [MemoryOptions(), MemoryOptions(lean=True)]
+    dtypes = {"auto": [False, True] if fp8_ok else [False], "bf16": [False], "fp8": [True] if fp8_ok else [False]}
+    places = {"auto": [False, True], "device": [False], "offload": [True]}[kv_placement]
+    out: list[MemoryOptions] = []
+    for offload in places:
+        # offloaded rows cross the bus every step: fp8 (half the bytes) first when the dtype is free
+        for fp8 in (dtypes[kv_dtype][::-1] if offload and kv_dtype == "auto" else dtypes[kv_dtype]):
+            if offload and kv_dtype == "auto" and out and out[-1].kv_offload:
+                break  # offloaded bf16 never fits where offloaded fp8 does not
+            out.append(MemoryOptions(offload, fp8))
+    out.append(replace(out[-1], lean=True))
+    return out
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    """One KV store: ``layers`` × ``branches`` × ``heads`` × ``capacity`` rows of keys (``head_dim``) and values
+    (``value_dim``), in the compute dtype (``compute_bytes`` each) or fp8 with a 4-byte scale per row, head and
+    branch for keys and values; resident, or offloaded with two staging layers on the device."""
+
+    name: str
+    layers: int
+    branches: int
+    heads: int
+    head_dim: int
+    value_dim: int
+    capacity: int
+    compute_bytes: int
+    fp8: bool = False
+    offload: bool = False
+    budget: int = 0
+    pinned_chunks: int = 0
+    tokens_per_frame: int | None = None
+    mix_lambda: float = 0.07
+
+    @property
+    def layer_bytes(self) -> int:
+        rows = self.branches * self.heads * self.capacity
+        if self.fp8:
+            return rows * (self.head_dim + self.value_dim) + rows * 2 * SCALE_BYTES
+        return rows * (self.head_dim + self.value_dim) * self.compute_bytes
+
+    @property
+    def bytes(self) -> int:
+        return self.layers * self.layer_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        return min(STAGING_SLOTS, self.layers) * self.layer_bytes if self.offload else self.bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return self.bytes if self.offload else 0
+
+    def build(self) -> KVStore:
+        return KVStore(self.layers, self.capacity, self.budget, CompressionConfig(mix_lambda=self.mix_lambda),
+                       self.tokens_per_frame, self.branches, self.pinned_chunks, fp8=self.fp8, offload=self.offload)
+
+    def read_bytes(self, rows: int, branches: int) -> int:
+        """The transient one attention call's read makes: fp8 rows dequantized to the compute dtype."""
+        return branches * self.heads * rows * (self.head_dim + self.value_dim) * self.compute_bytes if self.fp8 else 0
+
+
+@dataclass
+class MemoryPlan:
+    """What one run holds. ``activations``: the largest step's working set; ``state``: what the run keeps
+    besides its K/V (latents, solver state, cached residuals, text); ``stores``: its KV stores (the largest
+    set alive at once). ``facts``: what the figures were computed from, for the notes and ``inspect``."""
+
+    options: MemoryOptions
+    stores: list[StorePlan]
+    activations: int
+    state: int
+    facts: dict = field(default_factory=dict)
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(s.bytes for s in self.stores)
+
+    @property
+    def device_bytes(self) -> int:
+        """Working memory on the device beside the weights (which a host may stream layer by layer)."""
+        return self.activations + self.state + sum(s.device_bytes for s in self.stores)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(s.host_bytes for s in self.stores)
+
+    def summary(self) -> str:
+        kv = f"K/V {self.kv_bytes / GiB:.2f} GiB" + (" (host)" if self.host_bytes else "")
+        return (f"{self.options.name}: device {self.device_bytes / GiB:.2f} GiB beside the weights "
+                f"(activations {self.activations / GiB:.2f}, state {self.state / GiB:.2f}, {kv})"
+                + (f", host {self.host_bytes / GiB:.2f} GiB" if self.host_bytes else ""))
+
+    def to_dict(self) -> dict:
+        return {"plan": self.options.name, "kv_offload": self.options.kv_offload, "kv_fp8": self.options.kv_fp8,
+                "lean": self.options.lean, "device_bytes": self.device_bytes, "host_bytes": self.host_bytes,
+                "activations": self.activations, "state": self.state, "kv_bytes": self.kv_bytes,
+                "stores": {s.name: s.bytes for s in self.stores}, "facts": dict(self.facts)}
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+# ------------------------------------------------------------------------------ the largest forward, measured
+
+@functools.lru_cache(maxsize=8)
+def _meta_wan(cfg_items: tuple, dtype: torch.dtype):
+    """One block of a Wan DiT on meta tensors (every block's working set is the same)."""
+    from .models.wan import WanConfig, WanDiT
+    cfg = WanConfig(**{**dict(cfg_items), "num_layers": 1})
+    with torch.device("meta"):
+        return WanDiT(cfg).to(dtype).eval().requires_grad_(False)
+
+
+def _meta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
+    """Attention as a memory-efficient kernel runs it (SDPA on a GPU, the flash kernel on a CPU): the output and
+    no tokens x keys score matrix."""
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+class _MetaAttention:
+    """The chunk path's attention as memory sees it: fp8 rows are dequantized to a copy of the rows read,
+    compute-dtype rows are read in place; the output is one new tensor like q."""
+
+    def __init__(self, read_rows: int, fp8: bool):
+        self.read_rows, self.fp8 = read_rows, fp8
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            shape = (q.shape[0], k.shape[1], self.read_rows, k.shape[-1])
+            keys, vals = k.new_empty(shape), v.new_empty(shape)
+            del keys, vals
+        return _meta_attention(q, k, v)
+
+
+def wan_forward_peak(cfg, dtype: torch.dtype, frames: int, grid_hw: tuple[int, int], branches: int, text_len: int,
+                     options: MemoryOptions, read_rows: int | None = None, out_frames: int | None = None) -> int:
+    """Peak bytes of one Wan step: ``branches`` × ``frames`` latent frames of a (h, w) patch grid embedded,
+    forwarded (attention over ``read_rows`` stored rows on the chunk path, None: the window's own tokens) and
+    the head run on ``out_frames`` frames; measured on meta tensors with this pack's own forward code."""
+    from .models.wan import WanConfig  # noqa: F401  (the config type the cache key is made of)
+    model = _meta_wan(tuple(sorted(cfg.to_dict().items())), dtype)
+    c = model.cfg
+    pt, ph, pw = c.patch_size
+    tokens = frames // pt * grid_hw[0] * grid_hw[1]
+    out_frames = frames if out_frames is None else out_frames
+    with torch.inference_mode(), torch.device("meta"), attention_backend(_meta_attention), track("meta") as mem:
+        x = torch.empty(1, c.in_dim, frames, grid_hw[0] * ph, grid_hw[1] * pw)
+        h0 = model.embed(x).contiguous()
+        e, e0 = model.time_embed(torch.empty(1, frames), None)
+        ctx = torch.empty(branches, text_len, c.dim, dtype=dtype)
+        rope = (torch.empty(tokens, c.head_dim // 2), torch.empty(tokens, c.head_dim // 2))
+        kv = None if read_rows is None else _MetaAttention(read_rows, options.kv_fp8)
+        out = model.run_blocks(h0.expand(branches, -1, -1), e0.expand(branches, -1, -1, -1), ctx,
+                               (frames // pt,) + tuple(grid_hw), 0, kv, rope=rope,
+                               slice_tokens=options.slice_tokens)
+        del x
+        n_out = out_frames // pt * grid_hw[0] * grid_hw[1]
+        pred = model.head_out(out[:, :n_out], e[:, :out_frames].expand(branches, -1, -1),
+                              (out_frames // pt,) + tuple(grid_hw), options.slice_tokens)
+        guided = torch.empty_like(pred[:1])
+        del out, pred, guided
+    return mem.peak
+
+
+# ------------------------------------------------------------------------------ choosing a plan
+
+def choose(build: Callable[[MemoryOptions], MemoryPlan], options: list[MemoryOptions], device_free: int | None,
+           host_free: int | None) -> tuple[MemoryPlan, list[MemoryPlan]]:
+    """The first of ``options`` whose plan fits ``device_free`` bytes beside the weights and, offloaded,
+    ``host_free`` (× ``HOST_MARGIN``) bytes of host memory; None figures are unknown and never refuse. Returns
+    the chosen plan and every plan tried; raises ``NoPlanFits`` when none fits."""
+    tried = []
+    for opt in options:
+        plan = build(opt)
+        tried.append(plan)
+        if fits(plan, device_free, host_free):
+            return plan, tried
+    raise NoPlanFits(tried, device_free, host_free)
+
+
+def fits(plan: MemoryPlan, device_free: int | None, host_free: int | None) -> bool:
+    device_ok = device_free is None or plan.device_bytes <= device_free
+    host_ok = host_free is None or plan.host_bytes <= host_free * HOST_MARGIN
+    return device_ok and host_ok
+
+
+class NoPlanFits(InputError):
+    """No candidate plan fits: ``tried`` holds each plan with its figures."""
+
+    def __init__(self, tried: list[MemoryPlan], device_free: int | None, host_free: int | None):
+        self.tried, self.device_free, self.host_free = tried, device_free, host_free
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        last = self.tried[-1]
+        dev = f"{self.device_free / GiB:.1f}" if self.device_free is not None else "?"
+        host_short = (self.host_free is not None and last.host_bytes > self.host_free * HOST_MARGIN)
+        if host_short and (self.device_free is None or last.device_bytes <= self.device_free):
+            return (f"kv_placement: offloading the K/V needs {last.host_bytes / GiB:.1f} GiB of host RAM; "
+                    f"{self.host_free * HOST_MARGIN / GiB:.1f} GiB can be pinned ({self.host_free / GiB:.1f} GiB "
+                    "free, less a margin for the system)")
+        return (f"the smallest plan ({last.options.name}) needs {last.device_bytes / GiB:.1f} GiB of device memory "
+                f"beside the weights; {dev} GiB is available")
+
+
+def fp8_reason(device: torch.device | str) -> str | None:
+    """Why fp8 K/V cannot be used on ``device`` (None: it can)."""
+    return fp8_supported(device) if FP8 is not None else f"torch {torch.__version__} has no float8_e4m3fn"
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = ["GiB", "KV_DTYPES", "KV_PLACEMENTS", "LEAN_SLICE_TOKENS", "MemoryOptions", "MemoryPlan", "NoPlanFits",
+           "StorePlan", "candidates", "choose", "dtype_bytes", "fits", "fp8_reason", "wan_forward_peak", "math"]
