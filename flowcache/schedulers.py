@@ -12,12 +12,22 @@ from dataclasses import dataclass, field
 import torch
 
 
+SIGMA_MAX = float(torch.tensor(0.999, dtype=torch.float32))  # the reference's sigma_max: 1 - 1/1000 held in fp32
+
+
 def flow_sigmas(steps: int, shift: float) -> tuple[list[float], list[int]]:
-    """(sigmas [steps + 1] ending in 0, model timesteps [steps]) for ``steps`` denoising steps."""
-    base = torch.linspace(0.999, 0.0, steps + 1, dtype=torch.float64)[:-1]
-    shifted = shift * base / (1 + (shift - 1) * base)
-    timesteps = [int(s * 1000) for s in shifted.tolist()]  # int64 truncation, as the reference
-    sigmas = [float(torch.tensor(s, dtype=torch.float32)) for s in shifted.tolist()] + [0.0]
+    """(sigmas [steps + 1] ending in 0, model timesteps [steps]) for ``steps`` denoising steps.
+
+    The reference's arithmetic to the bit: ``np.linspace(sigma_max, 0, steps + 1)[:-1]`` (i·step + start in
+    float64, with sigma_max the float32 0.999 it keeps), shifted in float64, then timesteps truncated to int64
+    and sigmas rounded to float32. (With 0.999 itself some sigmas move by one float32 ulp and, e.g. at shift 1,
+    some timesteps by one.)
+    """
+    step = (0.0 - SIGMA_MAX) / steps
+    base = [i * step + SIGMA_MAX for i in range(steps)]
+    shifted = [shift * b / (1 + (shift - 1) * b) for b in base]
+    timesteps = [int(s * 1000) for s in shifted]  # int64 truncation, as the reference
+    sigmas = [float(torch.tensor(s, dtype=torch.float32)) for s in shifted] + [0.0]
     return sigmas, timesteps
 
 
