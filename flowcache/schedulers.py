@@ -121,11 +121,10 @@ class UniPCSolver:
             return x_t - alpha_t * b_h * 0.5 * d1_t
         rk = (self._lam(i - 2) - self._lam(i - 1)) / h
         d1 = (self._outputs[-2] - m0) / rk
-        # rhos = solve([[1, 1], [rk, 1]], b)
-        rho1 = (b[0] - b[1]) / (1 - rk)
-        rho0 = b[0] - rho1
-        rho_c = (rho0, rho1)
-        return x_t - alpha_t * b_h * (rho_c[0] * d1 + rho_c[1] * d1_t)
+        # rhos_c = solve([[1, 1], [rk, 1]], b): rhos_c[0] weighs the older difference d1, rhos_c[1] the new one
+        rho0 = (b[0] - b[1]) / (1 - rk)
+        rho1 = b[0] - rho0
+        return x_t - alpha_t * b_h * (rho0 * d1 + rho1 * d1_t)
 
 
 SOLVERS = {"unipc": UniPCSolver, "euler": EulerSolver}
