@@ -27,6 +27,7 @@ from ..flops import forward_flops, paper_window_flops
 from ..kv.scoring import CompressionConfig
 from ..kv.store import KVStore
 from ..models.wan import WanForward, block_causal_mask
+from ..noise import NoiseSource, SeededNoise
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, StepInfo, Unit, run_loop
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
@@ -160,14 +161,14 @@ class _DFLoop:
     """The ``ChunkLoop`` of one diffusion-forcing run (see ``flowcache.runner``)."""
 
     def __init__(self, pipe: "DiffusionForcingPipeline", s: DFSettings, step: WanStep, path: str,
-                 kv: tuple[int, float], attention: str = "block_causal"):
+                 kv: tuple[int, float], attention: str = "block_causal", noise: NoiseSource | None = None):
         self.pipe, self.s, self.call, self.path = pipe, s, step, path
         self.kv_budget, self.mix_lambda = kv
         self.windows = plan_windows(s, pipe.geometry, pipe.model.cfg.patch_size)
         self.sigmas, timesteps = flow_sigmas(s.steps, s.shift)
         cbs = s.causal_block_size
         self.schedules = [timestep_matrix(w.length // cbs, timesteps, s.ar_step, w.prefix // cbs) for w in self.windows]
-        self.gen = torch.Generator(device="cpu").manual_seed(int(s.seed))
+        self.noise = noise or SeededNoise(s.seed)  # in order: a window's init, then its prefix re-noise per step
         self.prefix: torch.Tensor | None = None
         self.cur: _Window | None = None
         self.refresh = attention == "window_refresh"
@@ -180,7 +181,7 @@ class _DFLoop:
         s, model, geo = self.s, self.pipe.model, self.pipe.geometry
         win, sched, cbs = self.windows[seg.index], self.schedules[seg.index], s.causal_block_size
         h_lat, w_lat = s.height // geo.spatial_stride, s.width // geo.spatial_stride
-        x = torch.randn(1, geo.channels, win.length, h_lat, w_lat, generator=self.gen).to(model.device)
+        x = self.noise.draw((1, geo.channels, win.length, h_lat, w_lat), f"window {win.index} init").to(model.device)
         if win.prefix:
             x[:, :, :win.prefix] = self.prefix.to(model.device)
         cfgm = model.cfg
@@ -226,7 +227,8 @@ class _DFLoop:
             if s.addnoise_condition > 0 and win.prefix:  # SkyReels: the carried-over prefix is re-noised a little
                 x_in = w.x.clone()
                 a = 0.001 * s.addnoise_condition
-                n = torch.randn(w.x[:, :, :win.prefix].shape, generator=self.gen).to(w.x.device)
+                n = self.noise.draw(tuple(w.x[:, :, :win.prefix].shape),
+                                    f"window {win.index} iteration {it} prefix").to(w.x.device)
                 x_in[:, :, :win.prefix] = w.x[:, :, :win.prefix] * (1 - a) + n * a
                 t_frames[:, :win.prefix] = float(s.addnoise_condition)
             if self.path == "window":
@@ -310,11 +312,14 @@ class DiffusionForcingPipeline:
     @torch.inference_mode()
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor | None, settings: DFSettings,
                  cache: CacheSettings | None = None, hooks: RunHooks | None = None,
-                 policy: CachePolicy | None = None) -> tuple[torch.Tensor, RunStats]:
+                 policy: CachePolicy | None = None, noise: NoiseSource | None = None
+                 ) -> tuple[torch.Tensor, RunStats]:
         """Returns model-space latents [1, C, F, h, w] (fp32, CPU) and the run's statistics.
 
         cond/uncond: text states [1, S, text_dim] (uncond needed when cfg > 1); hooks: progress and cancel;
-        policy: use this policy instead of the one ``cache`` names (calibration's recorder).
+        policy: use this policy instead of the one ``cache`` names (calibration's recorder); noise: where every
+        draw comes from (default: seeded by ``settings.seed``), named "window {w} init" and
+        "window {w} iteration {i} prefix" (the prefix re-noise of ``addnoise_condition``).
         """
         cache = cache or CacheSettings()
         s, model = settings, self.model
@@ -329,7 +334,7 @@ class DiffusionForcingPipeline:
         stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": path})
         run = RunState(policy or make_policy(cache), stats, tuple(contexts), s.steps, hooks)
         step = WanStep(model, contexts, s.fps, window_attention=cache.attention != "block_causal")
-        loop = _DFLoop(self, s, step, path, (cache.kv_budget, cache.mix_lambda), cache.attention)
+        loop = _DFLoop(self, s, step, path, (cache.kv_budget, cache.mix_lambda), cache.attention, noise)
         return run_loop(loop, run), stats
 
     def next_prefix(self, x: torch.Tensor, n_latents: int, s: DFSettings) -> torch.Tensor:
