@@ -148,6 +148,20 @@ def test_noise_source_default_is_the_seeded_generator_in_order_and_replays(model
     assert not torch.equal(pipe(conds[0], conds[1], s, cache, noise=other)[0], default)
 
 
+def test_step_hook_reads_the_current_window_after_each_iteration(model, conds):
+    s = small(num_frames=21)
+    seen = []
+    out, stats = DiffusionForcingPipeline(model, GEO, text_len=8)(
+        conds[0], conds[1], s, CacheSettings(), RunHooks(on_step=lambda info: seen.append((info.window, info.preview()))))
+    assert len(seen) == sum(stats.iterations)
+    assert [w for w, _ in seen] == [0] * stats.iterations[0] + [1] * stats.iterations[1]
+    assert all(x.shape == (1, 16, 12, 8, 8) for _, x in seen)
+    last0, last1 = seen[stats.iterations[0] - 1][1], seen[-1][1]
+    torch.testing.assert_close(out, torch.cat([last0, last1[:, :, 3:]], 2), rtol=0, atol=0)
+    assert torch.equal(last1[:, :, :3], last0[:, :, -3:])  # the clean prefix, never stepped
+    assert not torch.equal(seen[0][1], seen[1][1])  # a copy of each step's latents, not a view of the buffer
+
+
 @pytest.mark.parametrize("kw,needle", [
     (dict(num_frames=13, base_num_frames=15), "causal_block_size"),
     (dict(num_frames=20), "last window"),

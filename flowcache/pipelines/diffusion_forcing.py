@@ -215,6 +215,7 @@ class _DFLoop:
             window = {"mask": mask, "flops": vanilla}
         self.cur = _Window(win, sched, x, [make_solver(s.solver, self.sigmas) for _ in range(nb)],
                            geo.positions(win.length, h_lat, w_lat, x.device), vanilla, window, [0] * nb)
+        run.preview = lambda: self.cur.x.clone()  # the whole window after the step, prefix included
 
     def steps(self, seg: Segment):
         s, w = self.s, self.cur
