@@ -83,7 +83,9 @@ class StepInfo:
     reused: int = 0
     chunk_step: int = 0    # steps taken by the newest active chunk
     chunk_steps: int = 0   # steps every chunk takes
-    preview: Callable[[], torch.Tensor] | None = None  # latents finished so far [1, C, F, h, w], on demand
+    # latents [1, C, F, h, w] on demand: the causal loop's frames finished so far; diffusion forcing's current
+    # window, every frame as the step left it
+    preview: Callable[[], torch.Tensor] | None = None
 
     def text(self) -> str:
         if self.active_chunks:

@@ -12,12 +12,22 @@ from dataclasses import dataclass, field
 import torch
 
 
+SIGMA_MAX = float(torch.tensor(0.999, dtype=torch.float32))  # the reference's sigma_max: 1 - 1/1000 held in fp32
+
+
 def flow_sigmas(steps: int, shift: float) -> tuple[list[float], list[int]]:
-    """(sigmas [steps + 1] ending in 0, model timesteps [steps]) for ``steps`` denoising steps."""
-    base = torch.linspace(0.999, 0.0, steps + 1, dtype=torch.float64)[:-1]
-    shifted = shift * base / (1 + (shift - 1) * base)
-    timesteps = [int(s * 1000) for s in shifted.tolist()]  # int64 truncation, as the reference
-    sigmas = [float(torch.tensor(s, dtype=torch.float32)) for s in shifted.tolist()] + [0.0]
+    """(sigmas [steps + 1] ending in 0, model timesteps [steps]) for ``steps`` denoising steps.
+
+    The reference's arithmetic to the bit: ``np.linspace(sigma_max, 0, steps + 1)[:-1]`` (i·step + start in
+    float64, with sigma_max the float32 0.999 it keeps), shifted in float64, then timesteps truncated to int64
+    and sigmas rounded to float32. (With 0.999 itself some sigmas move by one float32 ulp and, e.g. at shift 1,
+    some timesteps by one.)
+    """
+    step = (0.0 - SIGMA_MAX) / steps
+    base = [i * step + SIGMA_MAX for i in range(steps)]
+    shifted = [shift * b / (1 + (shift - 1) * b) for b in base]
+    timesteps = [int(s * 1000) for s in shifted]  # int64 truncation, as the reference
+    sigmas = [float(torch.tensor(s, dtype=torch.float32)) for s in shifted] + [0.0]
     return sigmas, timesteps
 
 
@@ -111,11 +121,10 @@ class UniPCSolver:
             return x_t - alpha_t * b_h * 0.5 * d1_t
         rk = (self._lam(i - 2) - self._lam(i - 1)) / h
         d1 = (self._outputs[-2] - m0) / rk
-        # rhos = solve([[1, 1], [rk, 1]], b)
-        rho1 = (b[0] - b[1]) / (1 - rk)
-        rho0 = b[0] - rho1
-        rho_c = (rho0, rho1)
-        return x_t - alpha_t * b_h * (rho_c[0] * d1 + rho_c[1] * d1_t)
+        # rhos_c = solve([[1, 1], [rk, 1]], b): rhos_c[0] weighs the older difference d1, rhos_c[1] the new one
+        rho0 = (b[0] - b[1]) / (1 - rk)
+        rho1 = b[0] - rho0
+        return x_t - alpha_t * b_h * (rho0 * d1 + rho1 * d1_t)
 
 
 SOLVERS = {"unipc": UniPCSolver, "euler": EulerSolver}

@@ -6,6 +6,7 @@ from flowcache.cache import CacheSettings
 from flowcache.df_schedule import timestep_matrix
 from flowcache.errors import InputError
 from flowcache.kv.store import KVStore, StepAttention
+from flowcache.noise import ReplayNoise, SeededNoise
 from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from flowcache.runner import RunHooks
 from flowcache.schedulers import flow_sigmas, make_solver
@@ -122,6 +123,43 @@ def test_long_video_windows_and_latent_overlap(model, conds):
     s = small(num_frames=21)  # 12 + 9 new latent frames over 2 windows, 3-frame overlap
     out, stats = run(model, conds, s, "off")
     assert out.shape == (1, 16, 21, 8, 8) and stats.windows == 2
+
+
+def test_noise_source_default_is_the_seeded_generator_in_order_and_replays(model, conds):
+    """Every draw comes from the noise source: by default one CPU generator seeded with ``seed``, drawn in the order
+    window 0's init, window 1's init, then window 1's prefix re-noise at each of its iterations; replaying the
+    recorded draws gives the same video bit for bit, and other draws another video."""
+    s = small(num_frames=21)  # 2 windows, the second with a 3-frame prefix re-noised every iteration
+    pipe = DiffusionForcingPipeline(model, GEO, text_len=8)
+    cache = CacheSettings.of("flowcache", threshold=0.5, warmup=1)
+    default, _ = pipe(conds[0], conds[1], s, cache)
+    rec = SeededNoise(s.seed, record=True)
+    recorded, _ = pipe(conds[0], conds[1], s, cache, noise=rec)
+    assert torch.equal(default, recorded)
+    iters = timestep_matrix(4, flow_sigmas(s.steps, s.shift)[1], s.ar_step, 1).iterations  # 4 chunks, 1 clean
+    names = ["window 0 init", "window 1 init"] + [f"window 1 iteration {i} prefix" for i in range(iters)]
+    assert [n for n, _ in rec.draws] == names
+    g = torch.Generator(device="cpu").manual_seed(s.seed)
+    for _, d in rec.draws:
+        assert torch.equal(d, torch.randn(d.shape, generator=g))
+    replayed, _ = pipe(conds[0], conds[1], s, cache, noise=ReplayNoise(rec.draws))
+    assert torch.equal(replayed, default)
+    other = ReplayNoise([(n, d if "prefix" not in n else torch.zeros_like(d)) for n, d in rec.draws])
+    assert not torch.equal(pipe(conds[0], conds[1], s, cache, noise=other)[0], default)
+
+
+def test_step_hook_reads_the_current_window_after_each_iteration(model, conds):
+    s = small(num_frames=21)
+    seen = []
+    out, stats = DiffusionForcingPipeline(model, GEO, text_len=8)(
+        conds[0], conds[1], s, CacheSettings(), RunHooks(on_step=lambda info: seen.append((info.window, info.preview()))))
+    assert len(seen) == sum(stats.iterations)
+    assert [w for w, _ in seen] == [0] * stats.iterations[0] + [1] * stats.iterations[1]
+    assert all(x.shape == (1, 16, 12, 8, 8) for _, x in seen)
+    last0, last1 = seen[stats.iterations[0] - 1][1], seen[-1][1]
+    torch.testing.assert_close(out, torch.cat([last0, last1[:, :, 3:]], 2), rtol=0, atol=0)
+    assert torch.equal(last1[:, :, :3], last0[:, :, -3:])  # the clean prefix, never stepped
+    assert not torch.equal(seen[0][1], seen[1][1])  # a copy of each step's latents, not a view of the buffer
 
 
 @pytest.mark.parametrize("kw,needle", [

@@ -25,6 +25,7 @@ from ..df_schedule import DFSchedule, timestep_matrix
 from ..errors import InputError
 from ..flops import forward_flops, paper_window_flops
 from ..models.wan import WanForward, block_causal_mask
+from ..noise import NoiseSource, SeededNoise
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, StepInfo, Unit, run_loop
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
@@ -286,9 +287,9 @@ class _Window:
 class _DFLoop:
     """The ``ChunkLoop`` of one diffusion-forcing run (see ``flowcache.runner``), reading its ``DFPlan``."""
 
-    def __init__(self, pipe: "DiffusionForcingPipeline", plan: DFPlan, step: WanStep):
+    def __init__(self, pipe: "DiffusionForcingPipeline", plan: DFPlan, step: WanStep, noise: NoiseSource | None):
         self.pipe, self.plan, self.s, self.call = pipe, plan, plan.settings, step
-        self.gen = torch.Generator(device="cpu").manual_seed(int(plan.settings.seed))
+        self.noise = noise or SeededNoise(plan.settings.seed)  # in order: a window's init, its prefix re-noise
         self.prefix: torch.Tensor | None = None
         self.cur: _Window | None = None
 
@@ -301,7 +302,7 @@ class _DFLoop:
         wp = plan.windows[seg.index]
         win, cbs = wp.win, s.causal_block_size
         h_lat, w_lat = s.height // geo.spatial_stride, s.width // geo.spatial_stride
-        x = torch.randn(1, geo.channels, win.length, h_lat, w_lat, generator=self.gen).to(model.device)
+        x = self.noise.draw((1, geo.channels, win.length, h_lat, w_lat), f"window {win.index} init").to(model.device)
         if win.prefix:
             x[:, :, :win.prefix] = self.prefix.to(model.device)
         cfgm = model.cfg
@@ -328,6 +329,8 @@ class _DFLoop:
             window = {"mask": mask, "flops": vanilla}
         self.cur = _Window(wp, x, [make_solver(s.solver, plan.sigmas) for _ in range(nb)],
                            geo.positions(win.length, h_lat, w_lat, x.device), vanilla, window, [0] * nb)
+        run.preview = lambda: self.cur.x.clone()  # the whole window after the step, prefix included
+        run.preview = lambda: self.cur.x.clone()  # the whole window after the step, prefix included
 
     def steps(self, seg: Segment):
         s, w = self.s, self.cur
@@ -339,7 +342,8 @@ class _DFLoop:
             if s.addnoise_condition > 0 and win.prefix:  # SkyReels: the carried-over prefix is re-noised a little
                 x_in = w.x.clone()
                 a = 0.001 * s.addnoise_condition
-                n = torch.randn(w.x[:, :, :win.prefix].shape, generator=self.gen).to(w.x.device)
+                n = self.noise.draw(tuple(w.x[:, :, :win.prefix].shape),
+                                    f"window {win.index} iteration {it} prefix").to(w.x.device)
                 x_in[:, :, :win.prefix] = w.x[:, :, :win.prefix] * (1 - a) + n * a
                 t_frames[:, :win.prefix] = float(s.addnoise_condition)
             if units[0].id == "window":
@@ -414,12 +418,15 @@ class DiffusionForcingPipeline:
     @torch.inference_mode()
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor | None, settings: DFSettings,
                  cache: CacheSettings | None = None, hooks: RunHooks | None = None,
-                 policy: CachePolicy | None = None, plan: DFPlan | None = None) -> tuple[torch.Tensor, RunStats]:
+                 policy: CachePolicy | None = None, plan: DFPlan | None = None, noise: NoiseSource | None = None
+                 ) -> tuple[torch.Tensor, RunStats]:
         """Returns model-space latents [1, C, F, h, w] (fp32, CPU) and the run's statistics.
 
         cond/uncond: text states [1, S, text_dim] (uncond needed when cfg > 1); hooks: progress and cancel;
         policy: use this policy instead of the one ``cache`` names (calibration's recorder); plan: the run's
-        plan made by ``plan`` (default: planned here, K/V resident in the compute dtype).
+        plan made by ``plan`` (default: planned here, K/V resident in the compute dtype); noise: where every
+        draw comes from (default: seeded by ``settings.seed``), named "window {w} init" and
+        "window {w} iteration {i} prefix" (the prefix re-noise of ``addnoise_condition``).
         """
         cache = cache or CacheSettings()
         model = self.model
@@ -436,7 +443,7 @@ class DiffusionForcingPipeline:
         run = RunState(policy or make_policy(cache), stats, tuple(contexts), s.steps, hooks)
         step = WanStep(model, contexts, s.fps, window_attention=cache.attention != "block_causal",
                        slice_tokens=plan.memory.options.slice_tokens)
-        return run_loop(_DFLoop(self, plan, step), run), stats
+        return run_loop(_DFLoop(self, plan, step, noise), run), stats
 
     def next_prefix(self, x: torch.Tensor, n_latents: int, s: DFSettings) -> torch.Tensor:
         """The next window's clean prefix: VAE re-encode of the last overlap_history decoded frames
