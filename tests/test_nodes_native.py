@@ -90,6 +90,17 @@ def test_without_the_file_the_run_warns_and_goes_on_without_fps(pack, comfy, df,
     assert torch.isfinite(a).all() and not torch.equal(a, b)
 
 
+def test_a_comfyui_model_without_presets_runs_easycache_with_no_cache_node(pack, comfy, df):
+    """A ComfyUI MODEL of a size the table does not know (as a GGUF or a fine-tune is): easycache, and the note."""
+    _, mp, _ = df
+    kw = sampler_inputs(pack, mp, positive=cond(32, 6, 1), negative=cond(32, 6, 2), num_frames=9,
+                        base_num_frames=9, causal_block_size=1, prompt=prompt_graph(), unique_id="5")
+    del kw["cache"]
+    stats = run_node(nodes(pack)["FlowCacheSampler"], **kw)["ui"]["flowcache_stats"][0]
+    assert stats["mode"] == "easycache" and stats["settings"]["model_key"] == "wan-dim64"
+    assert "'wan-dim64' has no presets: easycache" in stats["note"] and "python -m flowcache calibrate" in stats["note"]
+
+
 def test_working_memory_is_passed_to_comfyui(pack, comfy, df):
     _, mp, _ = df
     mm = comfy.modules["comfy.model_management"]
