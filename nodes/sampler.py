@@ -259,7 +259,8 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
         if vae is not None:
             log.warning("FlowCache: the demo model has its own codec; the connected vae is not used.")
     elif lm.latent_format != "wan21":
-        raise InputError(f"model: latent format {lm.latent_format!r} is not supported by this sampler.")
+        raise InputError(f"model: its latent format is {lm.latent_format!r}; FlowCache Sampler expects Wan2.1 VAE "
+                         f"latents ('wan21') or the built-in demo's ({DEMO_CODEC!r}).")
     elif vae is not None:
         codec = ComfyVAECodec(vae, after_call=lambda: comfy_bridge.load_to_device(model.patcher))
     elif len(windows) > 1:

@@ -43,11 +43,11 @@ class DemoTextEncoder(nn.Module):
         words = tokenize(prompt)
         unknown = [w for w in words if w not in self.index]
         if unknown:
-            raise InputError(f"demo text encoder: unknown word(s) {', '.join(repr(w) for w in dict.fromkeys(unknown))}. "
-                             f"The demo model knows only: {' '.join(self.vocabulary)} "
-                             "(e.g. 'a red circle bouncing on a blue background').")
+            raise InputError(f"demo text encoder: unknown word(s) {', '.join(repr(w) for w in dict.fromkeys(unknown))}; "
+                             "expected only words the demo model knows, e.g. 'a red circle bouncing on a blue "
+                             f"background'. All of them: {' '.join(self.vocabulary)}.")
         if len(words) > self.text_len:
-            raise InputError(f"demo text encoder: {len(words)} words; at most {self.text_len} fit.")
+            raise InputError(f"demo text encoder: {len(words)} words; expected at most {self.text_len}.")
         return [self.index[w] for w in words]
 
     def encode_ids(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:
