@@ -114,7 +114,8 @@ def _split_prefix(output_dir: Path, filename_prefix: str) -> tuple[list[str], st
     if not isinstance(filename_prefix, str) or not filename_prefix.strip():
         raise OutputPathError(f"filename_prefix is empty; {_PREFIX_EXPECTED}.")
     if "\x00" in filename_prefix:
-        raise OutputPathError(f"filename_prefix {_short(filename_prefix)} contains a NUL character; {_PREFIX_EXPECTED}.")
+        raise OutputPathError(f"filename_prefix {_short(filename_prefix)} contains a NUL character; "
+                              f"{_PREFIX_EXPECTED}.")
     if re.search(r"[\x01-\x1f\x7f]", filename_prefix):
         raise InputError(f"filename_prefix {_short(filename_prefix)} contains a control character (a line break, "
                          "tab, ...); use letters, digits, '-', '_' and '/'.")

@@ -49,7 +49,7 @@ def _tokenizer_json() -> Path:
     """ComfyUI ships the T5 v1.1 tokenizer; MAGI-1 uses the same vocabulary."""
     root = comfy_bridge.comfy_package_dir()
     if root is None:
-        raise CheckpointError("t5_name: MAGI-1 text encoding expects ComfyUI's T5 tokenizer "
+        raise CheckpointError("FlowCache MAGI-1 Text Encode: expected ComfyUI's T5 tokenizer "
                               "(comfy/text_encoders/t5_tokenizer/tokenizer.json); ComfyUI was not found.")
     return root / "text_encoders" / "t5_tokenizer" / "tokenizer.json"
 
