@@ -356,7 +356,7 @@ def compute_dtype(choice: str, stored: str) -> torch.dtype:
     if choice == "auto":
         return table.get(stored, torch.bfloat16)
     if choice not in table:
-        raise CheckpointError(f"dtype {choice!r} is not one of auto, fp32, bf16, fp16.")
+        raise CheckpointError(f"dtype={choice!r}: must be one of auto, fp32, bf16, fp16.")
     return table[choice]
 
 

@@ -16,3 +16,12 @@ class InputError(FlowCacheError):
 
 class OutputPathError(FlowCacheError):
     """An output path would leave the allowed output folder."""
+
+
+def led_by(name: str, error: FlowCacheError, *also: str) -> FlowCacheError:
+    """``error`` (same class) with its message led by ``name: ``, the widget or input whose value it is about,
+    unless the message already starts with ``name`` or one of ``also`` (``dtype=…: …``, ``model_name: …``)."""
+    message = str(error)
+    if any(message.startswith(n) and message[len(n):len(n) + 1] in (":", "=", " ") for n in (name, *also)):
+        return error
+    return type(error)(f"{name}: {message}")

@@ -387,12 +387,12 @@ def check_fits(need: Callable[[int, int], int], width: int, height: int, frames:
     if available is None or needed <= available:
         return needed
     fit = largest_fitting_size(need, width, height, available, unit)
-    hint = (f"the largest size that fits at this aspect ratio and frame count is {fit[0]}x{fit[1]}" if fit else
-            "no size fits at this frame count")
-    raise InputError(f"{where}: width={width}, height={height}, num_frames={frames} needs about "
-                     f"{needed / GiB:.1f} GiB of working memory (one forward and the KV cache, beside the weights); "
-                     f"the {device} has about {available / GiB:.1f} GiB available. {hint[0].upper() + hint[1:]}; "
-                     "fewer frames or a kv_budget also lower it.")
+    hint = (f"expected at most {fit[0]}x{fit[1]} (the largest size that fits at this aspect ratio and frame count)"
+            if fit else "no size fits at this frame count: expected fewer frames")
+    raise InputError(f"{where}: width={width}, height={height}, num_frames={frames} need about "
+                     f"{needed / GiB:.1f} GiB, the {device} has about {available / GiB:.1f} GiB; {hint}. The estimate "
+                     "is the working memory beside the weights (one forward and the KV cache); fewer frames or a "
+                     "kv_budget also lower it.")
 
 
 __all__ = ["MemoryEstimate", "RELEASED", "estimate", "estimate_wan", "estimate_magi", "estimate_causal",

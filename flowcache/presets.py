@@ -177,9 +177,15 @@ def calibrated_entry(base_key: str, fitted: dict[str, Any], calibration: dict) -
     return base
 
 
-def _no_presets(model_key: str, what: str) -> InputError:
-    return InputError(f"no {what} presets for model {model_key!r}. Run `python -m flowcache calibrate CHECKPOINT` "
-                      "to make a preset file for it, or pick preset = custom to set the numbers yourself.")
+CALIBRATE_HINT = "`python -m flowcache calibrate CHECKPOINT`"
+
+
+def _no_presets(model_key: str, method_name: str, preset: str) -> InputError:
+    return InputError(
+        f"preset={preset!r}: model {model_key!r} has no {method_name} {preset} preset; expected preset = custom, "
+        f"or a model with presets: {CALIBRATE_HINT} makes them (a preset file beside the checkpoint). "
+        f"{NO_PRESETS_METHOD} with preset = custom needs no calibration (and is what FlowCache Sampler runs "
+        "with no FlowCache Cache node connected).")
 
 
 def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | None = None,
@@ -201,15 +207,16 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
         table = {**builtin_presets(), **(extra or {})}
         entry = table.get(model_key)
         if entry is None and preset != "custom":
-            raise _no_presets(model_key, method_name)
+            raise _no_presets(model_key, method_name, preset)
         if entry is None:
-            log.warning("FlowCache: model %r has no presets; custom %s runs without a calibrated rescale "
-                        "(identity). `python -m flowcache calibrate CHECKPOINT` fits one.", model_key, method_name)
+            if set(SHARED_VALUES) & set(names):  # only methods with model-level values lack something
+                log.warning("FlowCache: model %r has no presets; custom %s runs without a calibrated rescale "
+                            "(identity). %s fits one.", model_key, method_name, CALIBRATE_HINT)
             entry = {}
         section = entry.get(method_name, {})
         named = section.get("slow" if preset == "custom" else preset)
         if named is None and preset != "custom":
-            raise _no_presets(model_key, f"{method_name} {preset!r}")
+            raise _no_presets(model_key, method_name, preset)
         for shared in SHARED_VALUES:
             if shared in names and shared in entry:
                 values[shared] = json.loads(json.dumps(entry[shared]))  # a copy
@@ -251,7 +258,8 @@ def preset_rows(model_key: str, extra: dict | None = None) -> dict:
     return {"key": model_key, "known": True, "rows": rows}
 
 
-__all__ = ["PRESET_NAMES", "CacheRequest", "DEFAULT_REQUEST", "resolve_cache", "preset_rows", "builtin_presets", "embedded_presets", "model_presets",
+__all__ = ["PRESET_NAMES", "CacheRequest", "DEFAULT_REQUEST", "NO_PRESETS_METHOD", "default_request", "has_presets",
+           "resolve_cache", "preset_rows", "builtin_presets", "embedded_presets", "model_presets",
            "read_preset_file", "write_preset_file", "embed_presets", "preset_sidecar", "calibrated_entry",
            "check_table"]
 
@@ -285,3 +293,24 @@ class CacheRequest:
 
 
 DEFAULT_REQUEST = CacheRequest("flowcache", "slow")  # what the sampler runs without a cache node
+NO_PRESETS_METHOD = "easycache"  # ... on a model without FlowCache presets: learns its rate at run time
+
+
+def has_presets(model_key: str, extra: dict | None = None, method_name: str = "flowcache",
+                preset: str = "slow") -> bool:
+    """Whether the presets table (built-in, plus the model's ``extra``) has ``method_name``'s ``preset`` row."""
+    entry = {**builtin_presets(), **(extra or {})}.get(model_key)
+    return isinstance(entry, dict) and isinstance(entry.get(method_name, {}).get(preset), dict)
+
+
+def default_request(model_key: str, extra: dict | None = None) -> tuple[CacheRequest, str]:
+    """What runs when no cache is chosen, and a note that says so: FlowCache's slow preset for a model that has
+    one; otherwise EasyCache with its own defaults, which need no calibration (the transformation rate it
+    skips by is measured per chunk during the run), so every model gets a cache."""
+    if has_presets(model_key, extra, DEFAULT_REQUEST.method, DEFAULT_REQUEST.preset):
+        return DEFAULT_REQUEST, "no cache node connected: FlowCache, the model's slow preset"
+    m = method(NO_PRESETS_METHOD).config()
+    knobs = ", ".join(f"{f.name} {getattr(m, f.name)}" for f in fields(m))
+    return CacheRequest(NO_PRESETS_METHOD, "custom"), (
+        f"no cache node connected and model {model_key!r} has no presets: {NO_PRESETS_METHOD}, which needs no "
+        f"calibration ({knobs}). For FlowCache's tuned slow/fast presets run {CALIBRATE_HINT}.")

@@ -94,8 +94,9 @@ def get_format(fmt: str | VideoFormat) -> VideoFormat:
 
 # ----------------------------------------------------------------------------------------------- paths
 
-_PREFIX_HELP = ("Use a plain name such as 'flowcache' or a relative path inside the output folder such as "
-                "'video/flowcache'; absolute paths, drive letters and '..' that climb out of it are not allowed.")
+# What a filename_prefix must be, said right after what was wrong with it.
+_PREFIX_EXPECTED = ("expected a name or a relative path inside the output folder, e.g. 'flowcache' or "
+                    "'video/flowcache' (no absolute path, drive letter or '..' that climbs out of it)")
 
 
 MAX_NAME_BYTES = 255  # one path component, on every common file system
@@ -111,9 +112,10 @@ def _short(text: str) -> str:
 def _split_prefix(output_dir: Path, filename_prefix: str) -> tuple[list[str], str]:
     """Validate ``filename_prefix`` and return (subfolder parts, file name stem); raise OutputPathError."""
     if not isinstance(filename_prefix, str) or not filename_prefix.strip():
-        raise OutputPathError(f"filename_prefix is empty. {_PREFIX_HELP}")
+        raise OutputPathError(f"filename_prefix is empty; {_PREFIX_EXPECTED}.")
     if "\x00" in filename_prefix:
-        raise OutputPathError(f"filename_prefix {filename_prefix!r} contains a NUL character. {_PREFIX_HELP}")
+        raise OutputPathError(f"filename_prefix {_short(filename_prefix)} contains a NUL character; "
+                              f"{_PREFIX_EXPECTED}.")
     if re.search(r"[\x01-\x1f\x7f]", filename_prefix):
         raise InputError(f"filename_prefix {_short(filename_prefix)} contains a control character (a line break, "
                          "tab, ...); use letters, digits, '-', '_' and '/'.")
@@ -123,21 +125,22 @@ def _split_prefix(output_dir: Path, filename_prefix: str) -> tuple[list[str], st
     # Both separators count on every host so a workflow made on Windows cannot escape on Linux and vice versa.
     win = PureWindowsPath(filename_prefix)
     if PurePosixPath(filename_prefix).is_absolute() or win.drive or win.root:
-        raise OutputPathError(f"filename_prefix {filename_prefix!r} is an absolute path. {_PREFIX_HELP}")
+        raise OutputPathError(f"filename_prefix {_short(filename_prefix)} is an absolute path; {_PREFIX_EXPECTED}.")
     parts: list[str] = []
     for part in re.split(r"[\\/]+", filename_prefix):
         if part in ("", "."):
             continue
         if part == "..":
             if not parts:
-                raise OutputPathError(
-                    f"filename_prefix {filename_prefix!r} leaves the output folder {output_dir}. {_PREFIX_HELP}")
+                raise OutputPathError(f"filename_prefix {_short(filename_prefix)} leaves the output folder; "
+                                      f"{_PREFIX_EXPECTED}. The output folder is {output_dir}.")
             parts.pop()
         else:
             parts.append(part)
     # "video/" or "a/b/.." name a folder, not a file; do not silently write "_00001.mp4" or "a_00001.mp4".
     if not parts or re.split(r"[\\/]+", filename_prefix.rstrip())[-1] in ("", ".", ".."):
-        raise OutputPathError(f"filename_prefix {filename_prefix!r} does not end in a file name. {_PREFIX_HELP}")
+        raise OutputPathError(f"filename_prefix {_short(filename_prefix)} does not end in a file name; "
+                              f"{_PREFIX_EXPECTED}.")
     # File systems cap a name at 255 bytes; the writer's hidden temp name adds ~30 to the stem.
     for part in parts[:-1]:
         if len(os.fsencode(part)) > MAX_NAME_BYTES:
@@ -161,7 +164,8 @@ def _output_folder(output_dir: str | os.PathLike[str], filename_prefix: str,
     sub_parts, stem = _split_prefix(root, filename_prefix)
     folder = root.joinpath(*sub_parts)
     if os.path.commonpath([root, os.path.abspath(folder)]) != str(root):
-        raise OutputPathError(f"filename_prefix {filename_prefix!r} leaves the output folder {root}. {_PREFIX_HELP}")
+        raise OutputPathError(f"filename_prefix {_short(filename_prefix)} leaves the output folder; "
+                              f"{_PREFIX_EXPECTED}. The output folder is {root}.")
     # A prefix like "FlowCache/demo_00001.mp4/x" would need an existing file to become a folder.
     for i in range(1, len(sub_parts) + 1):
         here = root.joinpath(*sub_parts[:i])

@@ -71,7 +71,7 @@ class FlowCacheCache:
     FUNCTION = "build"
     CATEGORY = "FlowCache"
     DESCRIPTION = ("How FlowCache Sampler reuses work between steps. Without this node the sampler runs FlowCache "
-                   "with the model's slow preset.")
+                   "with the model's slow preset, or easycache (no calibration needed) for a model without presets.")
 
     def build(self, method: str, preset: str, attention: str = "auto", reuse: str = "auto",
               **custom: Any) -> tuple[CacheRequest]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..flowcache.errors import InputError
+from ..flowcache.errors import FlowCacheError, InputError, led_by
 from .magi import MAGI_CODEC
 
 log = logging.getLogger("FlowCache")
@@ -69,7 +69,11 @@ class FlowCacheDemoTextEncode:
 
     def encode(self, prompt: str) -> tuple[list]:
         encoder = _require_demo("prompt").load_demo_text()
-        return ([[encoder.encode(prompt), {"pooled_output": None}]],)
+        try:
+            states = encoder.encode(prompt)
+        except FlowCacheError as e:
+            raise led_by("prompt", e) from e
+        return ([[states, {"pooled_output": None}]],)
 
 
 class FlowCacheDecode:

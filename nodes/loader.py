@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ..flowcache.errors import CheckpointError
+from ..flowcache.errors import CheckpointError, FlowCacheError, led_by
 from ..flowcache.models import LOOPS, MAGI_VARIANTS, LoadedModel, load_model
 from . import comfy_bridge
 from .demo import DEMO_ENTRY, demo_module
@@ -97,12 +97,15 @@ class FlowCacheModelLoader:
         path = model_path(model_name)
         device = comfy_bridge.torch_device()
         chosen = resolve_dtype(dtype, device.type)
-        # CheckpointError messages from the core already name the file; they reach the user unchanged. Inside
-        # ComfyUI the model is built from ComfyUI's layers: fp8 weights stay fp8, and ComfyUI's memory manager
-        # may load it partially and stream the rest, so the forward runs on ComfyUI's device, not where the
-        # first weight happens to be.
-        loaded = load_model(path, chosen, loop=loop, weights=None if weights == "auto" else weights,
-                            magi_variant=magi_variant, operations=comfy_bridge.operations())
+        # The core's messages name the file; the user is told which widget chose it first (unless the message is
+        # about another widget: loop=, weights=, magi_variant=). Inside ComfyUI the model is built from ComfyUI's
+        # layers: fp8 weights stay fp8, and ComfyUI's memory manager may load it partially and stream the rest, so
+        # the forward runs on ComfyUI's device, not where the first weight happens to be.
+        try:
+            loaded = load_model(path, chosen, loop=loop, weights=None if weights == "auto" else weights,
+                                magi_variant=magi_variant, operations=comfy_bridge.operations())
+        except FlowCacheError as e:
+            raise led_by("model_name", e, "dtype", "loop", "weights", "magi_variant") from e
         loaded.model.compute_device = device
         log.info("FlowCache: loaded %s (%s, %s, presets %s, layers %s)", loaded.checkpoint, loaded.family, chosen,
                  loaded.preset_key, comfy_bridge.operations().name)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..flowcache.errors import CheckpointError, InputError
+from ..flowcache.errors import CheckpointError, FlowCacheError, InputError, led_by
 from ..flowcache.models.magi_vae import MagiVAECodec, load_magi_vae
 from ..flowcache.text import (SPECIAL_TOKENS_FILENAME, SPECIAL_TOKENS_HELP, MagiSpecialTokens, T5Tokenizer,
                               encode_magi_prompt, find_magi_special_tokens, load_magi_special_tokens,
@@ -49,8 +49,8 @@ def _tokenizer_json() -> Path:
     """ComfyUI ships the T5 v1.1 tokenizer; MAGI-1 uses the same vocabulary."""
     root = comfy_bridge.comfy_package_dir()
     if root is None:
-        raise CheckpointError("MAGI-1 text encoding needs ComfyUI's comfy/text_encoders/t5_tokenizer/tokenizer.json; "
-                              "ComfyUI was not found.")
+        raise CheckpointError("FlowCache MAGI-1 Text Encode: expected ComfyUI's T5 tokenizer "
+                              "(comfy/text_encoders/t5_tokenizer/tokenizer.json); ComfyUI was not found.")
     return root / "text_encoders" / "t5_tokenizer" / "tokenizer.json"
 
 
@@ -86,7 +86,10 @@ class FlowCacheMagiTextEncode:
         special: MagiSpecialTokens = load_magi_special_tokens(tokens_path)
         device = comfy_bridge.text_encoder_device()
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        encoder = load_t5_encoder(path, dtype, device)
+        try:
+            encoder = load_t5_encoder(path, dtype, device)
+        except FlowCacheError as e:
+            raise led_by("t5_name", e) from e
         try:
             states, mask = encode_magi_prompt(prompt, encoder, T5Tokenizer(_tokenizer_json()))
         finally:
@@ -119,4 +122,8 @@ class FlowCacheMagiVAELoader:
             raise CheckpointError(f"vae_name: {vae_name} was not found in models/vae.")
         device = comfy_bridge.vae_device()
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # MAGI-1 runs its VAE in bf16
-        return (MagiVAECodec(load_magi_vae(path, dtype).to(device), device=device),)
+        try:
+            vae = load_magi_vae(path, dtype)
+        except FlowCacheError as e:
+            raise led_by("vae_name", e) from e
+        return (MagiVAECodec(vae.to(device), device=device),)

@@ -128,11 +128,10 @@ def native_wan_model(model: Any, prompt: Any = None, unique_id: Any = None) -> t
     kind = type(base).__name__
     try:
         cfg = wan_config_from_tree(tree, "model")
-    except InputError as e:
-        raise InputError(f"model: this MODEL is {kind} ({type(tree).__name__}), not a Wan2.1-architecture text-to-video "
-                         f"model. FlowCache Sampler takes SkyReels-V2 DF or Wan2.1 T2V from Load Diffusion Model, a "
-                         f"LoRA loader or a GGUF loader, or FlowCache Load Model's output (which also loads MAGI-1). "
-                         f"({e})") from None
+    except InputError as e:  # its message leads with "model: " and what was wrong; how to fix it follows
+        raise InputError(f"{e} This MODEL is {kind} ({type(tree).__name__}). FlowCache Sampler takes a Wan "
+                         "text-to-video model from Load Diffusion Model, a LoRA loader or a GGUF loader, or FlowCache "
+                         "Load Model's output (which also loads MAGI-1).") from None
     path, how = source_file(prompt, unique_id)
     meta, extra, key = _file_facts(path)
     geometry = dict(WAN_GEOMETRY)

@@ -15,7 +15,7 @@ from ..flowcache.memory import check_fits, df_need, estimate_magi, working_bytes
 from ..flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry, plan_windows
 from ..flowcache.pipelines.magi import MagiPipeline, MagiSettings
 from ..flowcache.pipelines.wan_step import check_conditioning
-from ..flowcache.presets import DEFAULT_REQUEST, CacheRequest
+from ..flowcache.presets import CacheRequest, default_request
 from ..flowcache.runner import RunHooks, StepInfo
 from ..flowcache.schedulers import SOLVERS
 from ..flowcache.stats import RunStats
@@ -109,7 +109,9 @@ class FlowCacheSampler:
             "optional": {
                 "cache": ("FLOWCACHE_CACHE", {"tooltip": "From FlowCache Cache: the cache method and its "
                                                          "preset. Not connected: FlowCache with the model's "
-                                                         "slow preset."}),
+                                                         "slow preset, or for a model without presets "
+                                                         "easycache, which needs no calibration (the node "
+                                                         "says which after the run)."}),
                 "vae": ("VAE", {"tooltip": "Wan2.1 VAE: re-encodes the overlap between windows as SkyReels does. "
                                            "Without it the overlap is carried over in latent space."}),
                 "magi_vae": ("FLOWCACHE_MAGI_VAE", {"tooltip": "MAGI-1 only: its VAE, needed to encode "
@@ -148,8 +150,8 @@ class FlowCacheSampler:
                              f"{', '.join(LOOP_RUNS)}).")
         w = SamplerWidgets(width, height, num_frames, steps, cfg, shift, seed, ar_step, causal_block_size,
                            base_num_frames, overlap_history, addnoise_condition, solver)
-        note = "" if cache is not None else "no cache node connected: FlowCache, the model's slow preset"
-        request = cache if cache is not None else DEFAULT_REQUEST
+        # no cache node: FlowCache's slow preset, or calibration-free easycache for a model without presets
+        request, note = (cache, "") if cache is not None else default_request(lm.preset_key, lm.extra_presets)
         if not isinstance(request, CacheRequest):
             raise InputError(f"cache: expected the output of FlowCache Cache, got {type(request).__name__}.")
         # Everything that can be wrong is checked before the model is moved or any step runs.
@@ -257,7 +259,8 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
         if vae is not None:
             log.warning("FlowCache: the demo model has its own codec; the connected vae is not used.")
     elif lm.latent_format != "wan21":
-        raise InputError(f"model: latent format {lm.latent_format!r} is not supported by this sampler.")
+        raise InputError(f"model: its latent format is {lm.latent_format!r}; FlowCache Sampler expects Wan2.1 VAE "
+                         f"latents ('wan21') or the built-in demo's ({DEMO_CODEC!r}).")
     elif vae is not None:
         codec = ComfyVAECodec(vae, after_call=lambda: comfy_bridge.load_to_device(model.patcher))
     elif len(windows) > 1:

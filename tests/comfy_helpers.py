@@ -109,8 +109,10 @@ TINY_PRESETS = {TINY_KEY: {
 
 def write_tiny_wan(path: Path, pack: types.ModuleType, *, text_dim: int = 24, text_len: int = 16, dim: int = 32,
                    layers: int = 2, heads: int = 2, seed: int = 0, latent_format: str | None = None,
-                   geometry: dict | None = None) -> Path:
-    """A random Wan2.1 DiT as a safetensors file with bare keys and ``flowcache.*`` metadata."""
+                   geometry: dict | None = None, model_key: str = TINY_KEY,
+                   presets: dict | None = TINY_PRESETS) -> Path:
+    """A random Wan2.1 DiT as a safetensors file with bare keys and ``flowcache.*`` metadata (``presets=None``:
+    no embedded presets, as a model nobody calibrated)."""
     from safetensors.torch import save_file
 
     wan = pack_submodule(pack, "flowcache.models.wan")
@@ -121,8 +123,9 @@ def write_tiny_wan(path: Path, pack: types.ModuleType, *, text_dim: int = 24, te
     gen = torch.Generator().manual_seed(seed)
     model = wan.WanDiT(cfg)
     sd = {k: (torch.randn(v.shape, generator=gen) * 0.05).contiguous() for k, v in model.state_dict().items()}
-    meta = {"flowcache.num_heads": str(heads), "flowcache.model_key": TINY_KEY, "flowcache.text_len": str(text_len),
-            "flowcache.presets": json.dumps(TINY_PRESETS)}
+    meta = {"flowcache.num_heads": str(heads), "flowcache.model_key": model_key, "flowcache.text_len": str(text_len)}
+    if presets is not None:
+        meta["flowcache.presets"] = json.dumps(presets)
     if latent_format:
         meta["flowcache.latent_format"] = latent_format
     if geometry:

@@ -1,11 +1,14 @@
 """Cache decisions checked by arithmetic, per unit and per branch, on dummy signals and in the pipeline."""
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
 
 from flowcache.cache import (AccumulatedL1Policy, CacheSettings, FlowCacheConfig, FlowCachePolicy,
                              relative_l1)
-from flowcache.presets import resolve_cache
+from flowcache.cache.easycache import EasyCacheConfig
+from flowcache.presets import SHARED_VALUES, default_request, resolve_cache
 from flowcache.df_schedule import timestep_matrix
 from flowcache.errors import InputError
 from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
@@ -115,6 +118,23 @@ def test_presets_are_data():
     # off needs no presets; custom runs an uncalibrated model with the identity rescale
     assert resolve_cache("wan-dim64", "off", "slow").method == "off"
     assert resolve_cache("wan-dim64", "flowcache", "custom", threshold=0.2).config.coefficients == [1.0, 0.0]
+
+
+def test_with_no_cache_chosen_every_model_gets_one():
+    """FlowCache's slow preset where the model has it; calibration-free easycache with its defaults otherwise."""
+    request, note = default_request("wan-1.3B")
+    assert (request.method, request.preset, note) == ("flowcache", "slow", "no cache node connected: FlowCache, "
+                                                                           "the model's slow preset")
+    request, note = default_request("wan-dim64")
+    settings = request.resolve("wan-dim64")
+    assert settings.method == "easycache" and settings.config == EasyCacheConfig() and settings.path == "chunk"
+    assert "'wan-dim64' has no presets" in note and "python -m flowcache calibrate" in note
+    # easycache's defaults read nothing calibrated: no model-level values among its settings
+    assert not {f.name for f in fields(EasyCacheConfig)} & set(SHARED_VALUES)
+    # a model's own presets count: a calibrated file's extra rows
+    extra = {"mine": {"coefficients": [1.0, 0.0], "flowcache": {"slow": {"threshold": 0.1, "warmup": 2}}}}
+    assert default_request("mine", extra)[0].method == "flowcache"
+    assert default_request("mine", {"mine": {"coefficients": [1.0, 0.0]}})[0].method == "easycache"
 
 
 @pytest.mark.parametrize("widget,value", [("threshold", float("nan")), ("threshold", float("inf")),

@@ -98,5 +98,5 @@ def test_generate_refuses_a_size_that_cannot_fit(tmp_path, capsys, monkeypatch):
     err = one_line_error(capsys, ["generate", ckpt, "--cond", str(cond), "--out", str(tmp_path / "o.mp4"), "--cache", "off",
                                   "--settings", '{"width": 4096, "height": 4096, "num_frames": 97, '
                                                 '"base_num_frames": 97, "steps": 2}'])
-    assert "generate: width=4096, height=4096, num_frames=97 needs about" in err and "largest size" in err, err
+    assert "generate: width=4096, height=4096, num_frames=97 need about" in err and "largest size" in err, err
     assert not ran and not list(tmp_path.glob("o.*"))

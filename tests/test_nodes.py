@@ -249,6 +249,39 @@ def test_sampler_cache_modes_and_presets(pack, comfy, tiny):
     assert "no cache node" in default["note"] and default["settings"]["threshold"] == slow["threshold"]
 
 
+def test_a_model_without_presets_runs_easycache_when_no_cache_node_is_connected(pack, comfy):
+    """A model nobody calibrated (a fine-tune of another size, a GGUF) still gets a cache: easycache, whose
+    defaults need no calibration; the node says so and names calibrate. slow/fast on it fail before any step."""
+    write_tiny_wan(comfy.models_dir / "uncalibrated.safetensors", pack, model_key="tiny-uncalibrated", presets=None)
+    (model,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name="uncalibrated.safetensors",
+                        dtype="fp32")["result"]
+    cls = nodes(pack)["FlowCacheSampler"]
+    kw = sampler_inputs(pack, model, steps=6)
+    del kw["cache"]
+    out = run_node(cls, **kw)
+    stats = out["ui"]["flowcache_stats"][0]
+    assert stats["mode"] == "easycache" and stats["settings"]["path"] == "chunk" and stats["computed"] > 0
+    assert "no cache node connected" in stats["note"] and "'tiny-uncalibrated' has no presets" in stats["note"]
+    assert "easycache" in stats["note"] and "python -m flowcache calibrate" in stats["note"]
+    assert comfy.events[-1][1]["stats"]["note"] == stats["note"]
+    # the same run as easycache chosen on the cache node with its default numbers
+    easy = pack_submodule(pack, "flowcache.cache.easycache").EasyCacheConfig()
+    chosen = run_node(cls, **sampler_inputs(pack, model, steps=6, method="easycache", preset="custom",
+                                            threshold=easy.threshold, warmup_steps=easy.warmup))
+    assert torch.equal(chosen["result"][0]["samples"], out["result"][0]["samples"])
+    assert chosen["ui"]["flowcache_stats"][0]["note"] == ""
+    # an explicit slow/fast still needs presets: a clear error, before the model moves
+    errors = pack_submodule(pack, "flowcache.errors")
+    comfy.loads.clear()
+    for method, preset in (("flowcache", "slow"), ("flowcache", "fast"), ("easycache", "slow"), ("teacache", "fast")):
+        with pytest.raises(errors.InputError) as e:
+            run_node(cls, **sampler_inputs(pack, model, method=method, preset=preset))
+        msg = str(e.value)
+        assert msg.startswith(f"preset='{preset}': model 'tiny-uncalibrated' has no {method} {preset} preset"), msg
+        assert "custom" in msg[:120] and "python -m flowcache calibrate" in msg
+    assert comfy.loads == []
+
+
 def test_cancel_stops_and_next_run_equals_fresh_run(pack, comfy, tiny):
     cls = nodes(pack)["FlowCacheSampler"]
     fresh = run_node(cls, **sampler_inputs(pack, tiny))["result"][0]["samples"]
@@ -531,7 +564,8 @@ def test_demo_at_4096_is_refused_before_it_starts_with_the_largest_size_that_fit
         run_node(n["FlowCacheSampler"], **kw)
     msg = str(e.value)
     assert "FlowCache Sampler" in msg and "width=4096, height=4096, num_frames=36" in msg and "GiB" in msg
-    fit = re.search(r"fits at this aspect ratio and frame count is (\d+)x(\d+)", msg)
+    fit = re.search(r"expected at most (\d+)x(\d+) \(the largest size that fits at this aspect ratio and frame "
+                    r"count\)", msg)
     assert fit, msg
     w, h = int(fit[1]), int(fit[2])
     assert w == h and 0 < w < 4096  # square in, square out
@@ -542,5 +576,5 @@ def test_demo_at_4096_is_refused_before_it_starts_with_the_largest_size_that_fit
     with pytest.raises(StubInterrupt):
         run_node(n["FlowCacheSampler"], **{**kw, "width": w, "height": h})
     assert len(comfy.loads) == 1
-    with pytest.raises(errors.InputError, match="needs about"):
+    with pytest.raises(errors.InputError, match="need about"):
         run_node(n["FlowCacheSampler"], **{**kw, "width": w + 64, "height": h + 64})

@@ -90,6 +90,17 @@ def test_without_the_file_the_run_warns_and_goes_on_without_fps(pack, comfy, df,
     assert torch.isfinite(a).all() and not torch.equal(a, b)
 
 
+def test_a_comfyui_model_without_presets_runs_easycache_with_no_cache_node(pack, comfy, df):
+    """A ComfyUI MODEL of a size the table does not know (as a GGUF or a fine-tune is): easycache, and the note."""
+    _, mp, _ = df
+    kw = sampler_inputs(pack, mp, positive=cond(32, 6, 1), negative=cond(32, 6, 2), num_frames=9,
+                        base_num_frames=9, causal_block_size=1, prompt=prompt_graph(), unique_id="5")
+    del kw["cache"]
+    stats = run_node(nodes(pack)["FlowCacheSampler"], **kw)["ui"]["flowcache_stats"][0]
+    assert stats["mode"] == "easycache" and stats["settings"]["model_key"] == "wan-dim64"
+    assert "'wan-dim64' has no presets: easycache" in stats["note"] and "python -m flowcache calibrate" in stats["note"]
+
+
 def test_working_memory_is_passed_to_comfyui(pack, comfy, df):
     _, mp, _ = df
     mm = comfy.modules["comfy.model_management"]
@@ -109,7 +120,8 @@ def test_working_memory_is_passed_to_comfyui(pack, comfy, df):
 def test_a_model_that_is_not_wan_is_refused_naming_the_input(pack, comfy):
     flux_like = torch.nn.Module()
     flux_like.double_blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
-    with pytest.raises(Exception, match=r"^model: this MODEL is StubBaseModel \(Module\), not a Wan2.1-architecture"):
+    with pytest.raises(Exception, match=r"^model: expected a Wan2.1-architecture model .* This MODEL is "
+                                         r"StubBaseModel \(Module\)\."):
         run(pack, StubModelPatcher(flux_like))
     with pytest.raises(Exception, match="^model: expected FlowCache Load Model's model or a ComfyUI MODEL, got str"):
         run(pack, "model.safetensors")

@@ -233,7 +233,8 @@ def test_host_rmsnorm_class_is_close():
 def test_not_a_wan_tree_is_refused_with_the_missing_names():
     flux_like = nn.Module()
     flux_like.double_blocks = nn.ModuleList([nn.Linear(2, 2)])
-    with pytest.raises(InputError, match=r"model: not a Wan2.1-architecture model \(Module has no patch_embedding"):
+    with pytest.raises(InputError, match=r"^model: expected a Wan2.1-architecture model .*; this Module has no "
+                                         r"patch_embedding"):
         wan_config_from_tree(flux_like)
     ref = tiny_wan(has_fps=False)
     tree = copy_into(foreign_tree(ref.cfg), ref.state_dict())
@@ -242,7 +243,8 @@ def test_not_a_wan_tree_is_refused_with_the_missing_names():
         WanTreeModel(tree, ref.cfg, torch.float32, "cpu")
     i2v = copy_into(foreign_tree(ref.cfg), ref.state_dict())
     i2v.img_emb = nn.Linear(2, 2)
-    with pytest.raises(InputError, match="image-to-video"):
+    with pytest.raises(InputError, match=r"^model: a Wan image-to-video model \(it has img_emb\); FlowCache runs "
+                                         "text-to-video"):
         wan_config_from_tree(i2v)
 
 

@@ -44,8 +44,9 @@ class MagCacheConfig:
         if not isinstance(self.mag_ratios, dict) or not self.mag_ratios or not all(
                 isinstance(v, list) and v and all(isinstance(x, (int, float)) and x > 0 for x in v)
                 for v in self.mag_ratios.values()):
-            raise InputError("magcache: this model has no calibrated magnitude ratios (mag_ratios). Run "
-                             "`python -m flowcache calibrate CHECKPOINT` to record them.")
+            raise InputError("method='magcache': this model has no calibrated magnitude ratios (mag_ratios); "
+                             "expected a calibrated model: `python -m flowcache calibrate CHECKPOINT` records them. "
+                             "easycache needs no calibration.")
 
 
 class MagCachePolicy(CachePolicy):

@@ -43,11 +43,12 @@ class DemoTextEncoder(nn.Module):
         words = tokenize(prompt)
         unknown = [w for w in words if w not in self.index]
         if unknown:
-            raise InputError(f"demo text encoder: unknown word(s) {', '.join(repr(w) for w in dict.fromkeys(unknown))}. "
-                             f"The demo model knows only: {' '.join(self.vocabulary)} "
-                             "(e.g. 'a red circle bouncing on a blue background').")
+            words_given = ", ".join(repr(w) for w in dict.fromkeys(unknown))
+            raise InputError(f"demo text encoder: unknown word(s) {words_given}; expected only words the demo model "
+                             "knows, e.g. 'a red circle bouncing on a blue background'. All of them: "
+                             f"{' '.join(self.vocabulary)}.")
         if len(words) > self.text_len:
-            raise InputError(f"demo text encoder: {len(words)} words; at most {self.text_len} fit.")
+            raise InputError(f"demo text encoder: {len(words)} words; expected at most {self.text_len}.")
         return [self.index[w] for w in words]
 
     def encode_ids(self, batch: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -57,6 +57,8 @@ class WanConfig:
 
 
 WAN_ANCHORS = ("head.modulation", "patch_embedding.weight", "blocks.0.self_attn.q.weight")
+WAN_T2V_EXPECTED = ("FlowCache runs text-to-video and diffusion-forcing Wan models (SkyReels-V2 DF, Wan2.1 T2V, "
+                    "Self-Forcing / CausVid)")
 
 
 def wan_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "checkpoint",
@@ -66,8 +68,7 @@ def wan_config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "check
         raise CheckpointError(
             f"{source}: not a Wan2.1 / SkyReels-V2 DiT: keys 'head.modulation' and 'patch_embedding.weight' are missing.")
     if any(k.startswith("img_emb.") for k in sd):
-        raise CheckpointError(f"{source}: a Wan image-to-video model (img_emb keys); only text-to-video and "
-                              "diffusion-forcing Wan models are supported.")
+        raise CheckpointError(f"{source}: a Wan image-to-video model (it has img_emb keys); {WAN_T2V_EXPECTED}.")
     dim = sd["head.modulation"].shape[-1]
     pe = sd["patch_embedding.weight"]
     layers = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
@@ -541,11 +542,10 @@ def check_wan_tree(tree: nn.Module, source: str = "model") -> None:
             except AttributeError:
                 missing.append(f"blocks.0.{name}")
     if missing:
-        raise InputError(f"{source}: not a Wan2.1-architecture model ({type(tree).__name__} has no "
-                         f"{', '.join(missing[:3])}); expected SkyReels-V2 DF or Wan2.1 text-to-video.")
+        raise InputError(f"{source}: expected a Wan2.1-architecture model (SkyReels-V2 DF, Wan2.1 text-to-video); "
+                         f"this {type(tree).__name__} has no {', '.join(missing[:3])}.")
     if getattr(tree, "img_emb", None) is not None:
-        raise InputError(f"{source}: a Wan image-to-video model (it has img_emb); only text-to-video and "
-                         "diffusion-forcing Wan models are supported.")
+        raise InputError(f"{source}: a Wan image-to-video model (it has img_emb); {WAN_T2V_EXPECTED}.")
 
 
 def _get(root: nn.Module, dotted: str):
