@@ -17,7 +17,6 @@ its windows or blocks; this module gives it the shared pieces:
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -191,8 +190,12 @@ def _meta_wan(cfg_items: tuple, dtype: torch.dtype):
 
 
 def _meta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
-    """Attention as a memory-efficient kernel runs it (SDPA on a GPU, the flash kernel on a CPU): the output and
-    no tokens x keys score matrix."""
+    """Attention as ``models.common.attention`` runs it with a memory-efficient kernel (SDPA on a GPU, the flash
+    kernel on a CPU): grouped-query keys and values repeated per query head, the output, and no tokens x keys
+    score matrix."""
+    if q.shape[1] != k.shape[1]:
+        shape = (k.shape[0], q.shape[1]) + tuple(k.shape[2:])
+        k, v = k.new_empty(shape), v.new_empty(shape)
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
@@ -238,6 +241,51 @@ def wan_forward_peak(cfg, dtype: torch.dtype, frames: int, grid_hw: tuple[int, i
                               (out_frames // pt,) + tuple(grid_hw), options.slice_tokens)
         guided = torch.empty_like(pred[:1])
         del out, pred, guided
+    return mem.peak
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_magi(cfg_items: tuple, dtype: torch.dtype):
+    """One layer of a MAGI-1 DiT on meta tensors."""
+    from .models.magi import MagiConfig, MagiDiT
+    cfg = MagiConfig(**{**dict(cfg_items), "num_layers": 1, "fp8_layers": ()})
+    with torch.device("meta"):
+        return MagiDiT(cfg, dtype)
+
+
+class _MetaContext:
+    """A MAGI-1 ``KVContext`` as memory sees it: the stored context plus the chunk, read in place from a
+    compute-dtype store, dequantized to a copy from an fp8 one."""
+
+    def __init__(self, read_rows: int, fp8: bool):
+        self.read_rows, self.fp8 = read_rows, fp8
+
+    def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        shape = (k.shape[0], k.shape[1], self.read_rows, k.shape[-1])
+        if self.fp8:
+            return k.new_empty(shape), v.new_empty(shape)
+        return k.new_empty(1).expand(shape), v.new_empty(1).expand(shape)
+
+
+def magi_forward_peak(cfg, dtype: torch.dtype, frames: int, h: int, w: int, caption_tokens: int,
+                      options: MemoryOptions, read_rows: int | None) -> int:
+    """Peak bytes of one MAGI-1 chunk forward (``frames`` latent frames of an h x w latent, one batch row, the
+    caption's ``caption_tokens`` valid tokens) attending to ``read_rows`` stored rows (None: itself only),
+    measured on meta tensors with the model's own layer code."""
+    model = _meta_magi(tuple(sorted(cfg.to_dict().items())), dtype)
+    c = model.config
+    p, pt = c.patch_size, c.t_patch_size
+    tokens = frames // pt * (h // p) * (w // p)
+    bands = 3 * c.rope_bands
+    with torch.inference_mode(), torch.device("meta"), attention_backend(_meta_attention), track("meta") as mem:
+        x = torch.empty(1, c.latent_channels, frames, h, w)
+        emb = model.embed_input(x).to(dtype)
+        cond = model.condition(torch.empty(1, 1))
+        rope = (torch.empty(tokens, bands), torch.empty(tokens, bands))
+        y = torch.empty(caption_tokens, c.xattn_dim, dtype=dtype)
+        kv = _MetaContext(read_rows, options.kv_fp8) if read_rows is not None else None
+        out = model.head(model.run_layers(emb, cond, rope, [(0, slice(None), y)], kv), (frames, h, w))
+        del x, emb, out
     return mem.peak
 
 
@@ -287,9 +335,6 @@ def fp8_reason(device: torch.device | str) -> str | None:
     return fp8_supported(device) if FP8 is not None else f"torch {torch.__version__} has no float8_e4m3fn"
 
 
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 __all__ = ["GiB", "KV_DTYPES", "KV_PLACEMENTS", "LEAN_SLICE_TOKENS", "MemoryOptions", "MemoryPlan", "NoPlanFits",
-           "StorePlan", "candidates", "choose", "dtype_bytes", "fits", "fp8_reason", "wan_forward_peak", "math"]
+           "StorePlan", "candidates", "choose", "dtype_bytes", "fits", "fp8_reason", "magi_forward_peak",
+           "wan_forward_peak"]

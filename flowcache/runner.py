@@ -181,6 +181,10 @@ class RunState:
     def recall(self, branch: str, unit: UnitId) -> torch.Tensor:
         return self.policy.recall((branch, unit))
 
+    def finished(self, unit: UnitId) -> None:
+        """The unit took its last step: its cached payloads and signals are dropped (memory stays bounded)."""
+        self.policy.forget(unit)
+
     # -- accounting --------------------------------------------------------------------------------
     def count_forward(self, flops: float, paper: float | None = None) -> None:
         """One transformer forward actually done: ``flops`` as computed, ``paper`` in the paper's accounting

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from flowcache.cache import CacheSettings
 from flowcache.errors import CheckpointError, InputError
+from flowcache import plan as plan_mod
 from flowcache.kv import store as store_mod
 from flowcache.models import load_model
 from flowcache.models.magi import MagiConfig, MagiDiT, magi_config_from_state_dict
@@ -310,7 +311,7 @@ def stores(monkeypatch):
             done = super().compress_clean(queries)
             events.append((len(made), done, tuple(queries[0].shape)))
             return done
-    monkeypatch.setattr(magi_mod, "KVStore", Recording)
+    monkeypatch.setattr(plan_mod, "KVStore", Recording)  # the run's stores are built from its plan
     return made, events
 
 

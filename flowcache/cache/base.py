@@ -83,6 +83,11 @@ class CachePolicy:
         """Drop all state: called at the start of every run and every long-video window."""
         self.states.clear()
 
+    def forget(self, unit: Hashable) -> None:
+        """Drop a finished unit's state in every branch: a long video keeps only the units still denoising."""
+        for key in [k for k in self.states if isinstance(k, tuple) and len(k) == 2 and k[1] == unit]:
+            del self.states[key]
+
     def prepare(self, chunk_steps: int) -> None:
         """Told once per run how many steps every chunk takes (for rules indexed by a chunk's own step)."""
 

@@ -476,13 +476,26 @@ class MagiDiT(nn.Module):
         rope = self.rope_tables(Tt, h, w, frame_offset=chunk_start * (Tt // n))
         cond = self.condition(t, distill_dt, uncond)
         captions = self._captions(caption, caption_mask, B, n, Lc)
+        return self.head(self.run_layers(tokens, cond, rope, captions, kv, between), (T, H, W))
+
+    def run_layers(self, tokens: torch.Tensor, cond: torch.Tensor, rope: tuple, captions: list,
+                   kv: KVContext | None = None, between: Callable[[], None] | None = None) -> torch.Tensor:
+        """Every layer on tokens [B, L, D] (compute dtype); cond [B, n, cond_dim]; captions from ``_captions``."""
         for layer in self.videodit_blocks.layers:
             tokens = layer(tokens, cond, rope, captions, kv)
             if between is not None:  # a cancel point inside long forwards (it raises to stop)
                 between()
+        return tokens
+
+    def head(self, tokens: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+        """Tokens [B, L, D] -> velocity [B, C, T, H, W] (fp32) of a latent of ``size`` (T, H, W)."""
+        cfg = self.config
+        T, H, W = size
+        p, pt = cfg.patch_size, cfg.t_patch_size
+        B = tokens.shape[0]
         out = self.final_linear.linear(self.videodit_blocks.final_layernorm(tokens.float()))
         # Unpatchify: channels are patch-position-major, channel-minor: (pT pH pW C).
-        out = out.view(B, Tt, h, w, pt, p, p, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = out.view(B, T // pt, H // p, W // p, pt, p, p, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = out.reshape(B, cfg.out_channels, T, H, W)
         if cfg.half_channel_vae:
             out = out[:, : cfg.out_channels // 2]

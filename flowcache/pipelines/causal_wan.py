@@ -30,10 +30,9 @@ from ..cache import CacheSettings, make_policy
 from ..cache.base import CachePolicy
 from ..errors import InputError
 from ..flops import forward_flops, text_projection_flops
-from ..kv.scoring import CompressionConfig
-from ..kv.store import KVStore
 from ..models.wan import WanForward
 from ..noise import NoiseSource, SeededNoise
+from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
 from ..stats import RunStats
 from ..validate import finite, whole
@@ -87,6 +86,9 @@ def timesteps(s: CausalSettings) -> list[float]:
 
 @dataclass
 class CausalPlan:
+    """A causal run's layout (``plan_causal``) and, for a given model (``plan_causal_run``), its KV store and
+    memory: what the sampler, the estimate and the loop read."""
+
     blocks: int
     block_frames: int
     latent_frames: int
@@ -95,6 +97,13 @@ class CausalPlan:
     tokens_per_frame: int
     window_blocks: int
     sink_blocks: int
+    settings: CausalSettings | None = None
+    store: StorePlan | None = None
+    memory: MemoryPlan | None = None
+
+    @property
+    def block_tokens(self) -> int:
+        return self.block_frames * self.tokens_per_frame
 
 
 def plan_causal(s: CausalSettings, geo: LatentGeometry, patch: tuple[int, int, int], kv_budget: int) -> CausalPlan:
@@ -137,7 +146,7 @@ def plan_causal(s: CausalSettings, geo: LatentGeometry, patch: tuple[int, int, i
                          "(blocks).")
     h, w = s.height // geo.spatial_stride, s.width // geo.spatial_stride
     return CausalPlan(latent // fb, fb, latent, h, w, (h // patch[1]) * (w // patch[2]), s.local_attn_frames // fb,
-                      s.sink_frames // fb)
+                      s.sink_frames // fb, s)
 
 
 def kv_store_blocks(plan: CausalPlan, kv_mode: str, kv_budget: int) -> int:
@@ -145,6 +154,29 @@ def kv_store_blocks(plan: CausalPlan, kv_mode: str, kv_budget: int) -> int:
     compressed budget plus the block being written (compressed)."""
     return {"global": plan.blocks, "rolling": min(plan.blocks, plan.window_blocks),
             "compressed": min(plan.blocks, plan.sink_blocks + kv_budget + 1)}[kv_mode]
+
+
+def plan_causal_run(s: CausalSettings, cache: CacheSettings, cfg, geo: LatentGeometry, dtype: torch.dtype,
+                    text_len: int, options: MemoryOptions = MemoryOptions()) -> CausalPlan:
+    """``plan_causal`` plus, for a model of config ``cfg`` computing in ``dtype``, its KV store and memory: one
+    block per forward (no guidance branch), the store of ``kv_store_blocks`` blocks, the text's keys/values
+    kept for the run, the latents of every block (the video's), the policy's residuals of one block."""
+    plan = plan_causal(s, geo, cfg.patch_size, cache.kv_budget)
+    c, tok = dtype_bytes(dtype), plan.block_tokens
+    budget = cache.kv_budget * tok if s.kv_mode == "compressed" else 0
+    plan.store = StorePlan("kv", cfg.num_layers, 1, cfg.num_heads, cfg.head_dim, cfg.head_dim,
+                           kv_store_blocks(plan, s.kv_mode, cache.kv_budget) * tok, c, options.kv_fp8,
+                           options.kv_offload, budget, plan.sink_blocks, plan.tokens_per_frame, cache.mix_lambda)
+    grid = (plan.h // cfg.patch_size[1], plan.w // cfg.patch_size[2])
+    activations = wan_forward_peak(cfg, dtype, plan.block_frames, grid, 1, text_len, options, plan.store.capacity)
+    latent = geo.channels * plan.h * plan.w * 4  # one latent frame, fp32
+    text = text_len * (cfg.text_dim * 4 + cfg.dim * c) + cfg.num_layers * 2 * text_len * cfg.dim * c
+    policy = make_policy(cache).state_bytes(tok, cfg.dim, c, 1)
+    state = latent * (plan.latent_frames + 3 * plan.block_frames) + text + policy
+    facts = {"forward": f"1 block x {tok} tokens", "kv_rows": plan.store.capacity, "blocks": plan.blocks,
+             "tokens_per_frame": plan.tokens_per_frame}
+    plan.memory = MemoryPlan(options, [plan.store], activations, state, facts)
+    return plan
 
 
 class _CausalLoop:
@@ -162,12 +194,8 @@ class _CausalLoop:
         return [Segment(0, self.plan.blocks, self.plan.blocks * (len(self.ts) + 1))]
 
     def start(self, seg: Segment, run: RunState) -> None:
-        p, cfgm = self.plan, self.pipe.model.cfg
-        block_tok = p.block_frames * p.tokens_per_frame
-        budget = self.cache.kv_budget * block_tok if self.s.kv_mode == "compressed" else 0
-        rows = kv_store_blocks(p, self.s.kv_mode, self.cache.kv_budget) * block_tok
-        run.stores["kv"] = KVStore(cfgm.num_layers, rows, budget, CompressionConfig(mix_lambda=self.cache.mix_lambda),
-                                   p.tokens_per_frame, branches=1, pinned_chunks=p.sink_blocks)
+        p = self.plan
+        run.stores["kv"] = p.store.build()
         self.out = torch.zeros(1, self.pipe.geometry.channels, p.latent_frames, p.h, p.w)
         run.preview = lambda: self.out[:, :, :self.done_frames]
 
@@ -226,6 +254,7 @@ class _CausalLoop:
         else:
             self.out[:, :, b * p.block_frames:(b + 1) * p.block_frames] = x0
             self.done_frames = (b + 1) * p.block_frames
+            run.finished(b)
 
     def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
         return self.out
@@ -243,25 +272,34 @@ class CausalWanPipeline:
         self.text_len = text_len
 
     @torch.inference_mode()
+    def plan(self, settings: CausalSettings, cache: CacheSettings | None = None,
+             options: MemoryOptions = MemoryOptions()) -> CausalPlan:
+        """The run's ``CausalPlan`` for this model (every input error, before any work)."""
+        return plan_causal_run(settings, cache or CacheSettings(), self.model.cfg, self.geometry, self.model.dtype,
+                               self.text_len, options)
+
     def __call__(self, cond: torch.Tensor, settings: CausalSettings, cache: CacheSettings | None = None,
                  hooks: RunHooks | None = None, noise: NoiseSource | None = None,
-                 policy: CachePolicy | None = None) -> tuple[torch.Tensor, RunStats]:
+                 policy: CachePolicy | None = None, plan: CausalPlan | None = None) -> tuple[torch.Tensor, RunStats]:
         """Latents [1, C, F, h, w] (fp32, CPU) and the run's statistics. cond: text states [1, S, text_dim]; no
         negative (these models run without CFG). noise: where every draw comes from (default: seeded by
-        ``settings.seed``)."""
+        ``settings.seed``). plan: made by ``plan`` (default: planned here, K/V resident)."""
         cache = cache or CacheSettings()
         model = self.model
-        plan = plan_causal(settings, self.geometry, model.cfg.patch_size, cache.kv_budget)  # errors before any work
+        plan = plan or self.plan(settings, cache)  # errors before any work
+        settings = plan.settings
         text = check_conditioning(cond, model.cfg.text_dim, self.text_len, "positive")
         contexts = {"cond": model.text_embed(text.to(model.device))}
         stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": "chunk", "loop": "causal",
-                                                      "kv_mode": settings.kv_mode, "blocks": plan.blocks})
+                                                      "kv_mode": settings.kv_mode, "blocks": plan.blocks,
+                                                      "memory_plan": plan.memory.options.name})
         run = RunState(policy or make_policy(cache), stats, ("cond",), len(settings.denoising_steps), hooks)
         # a block attends to the stored blocks and itself: the store is the attention (block-causal by layout)
-        call = WanStep(model, contexts, settings.fps, window_attention=True, text_kv_once=True)
+        call = WanStep(model, contexts, settings.fps, window_attention=True, text_kv_once=True,
+                       slice_tokens=plan.memory.options.slice_tokens)
         loop = _CausalLoop(self, settings, plan, call, cache, noise or SeededNoise(settings.seed))
         return run_loop(loop, run), stats
 
 
-__all__ = ["CausalSettings", "CausalWanPipeline", "KV_MODES", "LOOP_PRESETS", "kv_store_blocks", "plan_causal",
-           "timesteps"]
+__all__ = ["CausalPlan", "CausalSettings", "CausalWanPipeline", "KV_MODES", "LOOP_PRESETS", "kv_store_blocks",
+           "plan_causal", "plan_causal_run", "timesteps"]

@@ -382,6 +382,7 @@ class _DFLoop:
                 w.x[:, :, fr] = w.solvers[b].step(v[:, :, fr], w.x[:, :, fr])
                 w.chunk_steps[b] += 1
                 if w.chunk_steps[b] == s.steps:
+                    run.finished(b)
                     for st in run.stores.values():
                         st.mark_clean(b)
         step.chunk_step = w.chunk_steps[step.active[-1]] if step.active else 0

@@ -58,6 +58,7 @@ from ..errors import InputError
 from ..kv.scoring import CompressionConfig, select_queries
 from ..kv.store import KVStore
 from ..models.magi import MagiConfig, MagiDiT, distill_dt_for_steps
+from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, magi_forward_peak
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
 from ..stats import RunStats
 from ..validate import finite, whole
@@ -179,7 +180,10 @@ def magi_forward_flops(cfg: MagiConfig, tokens: int, context: int, text_tokens: 
 
 # ------------------------------------------------------------------------------------------------- helpers
 @dataclass
-class _Plan:
+class MagiPlan:
+    """A MAGI-1 run planned before anything moves: chunks, the stage schedule, the path, the guidance passes'
+    KV stores and the memory; what the sampler, the estimate and the loop read."""
+
     chunk_num: int
     offset: int            # clean prefix chunks
     prefix_frames: int     # latent frames of the prefix
@@ -189,6 +193,36 @@ class _Plan:
     tokens: int            # tokens per chunk
     tokens_per_frame: int
     schedule: list = field(default_factory=list)
+    path: str = "chunk"
+    distill: bool = True
+    stores: list[StorePlan] = field(default_factory=list)  # one per guidance pass that sees earlier chunks
+    memory: MemoryPlan | None = None
+
+
+def magi_memory(plan: MagiPlan, s: "MagiSettings", cache: CacheSettings, cfg: MagiConfig, dtype: torch.dtype,
+                options: MemoryOptions) -> None:
+    """Fill in ``plan``'s stores and memory: a store per stored pass (the distilled model 1, the base model 2)
+    of every chunk, or with a budget of ``kv_budget`` chunks of compressed history plus the window; one chunk per
+    forward (measured on meta tensors); the latents of the whole video, the window's copies, and per window
+    chunk the policy's signal (its patch-embedded input, fp32) and cached updates."""
+    c = dtype_bytes(dtype)
+    cap = (min(plan.chunk_num, max(plan.offset + 1, cache.kv_budget + s.window_size)) if cache.kv_budget > 0
+           else plan.chunk_num)
+    kv_heads = cfg.num_kv_heads
+    plan.stores = [StorePlan(name, cfg.num_layers, 1, kv_heads, cfg.head_dim, cfg.head_dim, cap * plan.tokens, c,
+                             options.kv_fp8, options.kv_offload, cache.kv_budget * plan.tokens, 0,
+                             plan.tokens_per_frame, cache.mix_lambda)
+                   for name in (("cond",) if plan.distill else ("cond", "pre"))]
+    activations = magi_forward_peak(cfg, dtype, s.chunk_width, plan.h, plan.w, cfg.caption_max_length, options,
+                                    plan.stores[0].capacity)
+    chunk_latent = cfg.latent_channels * s.chunk_width * plan.h * plan.w * 4
+    window = min(s.window_size, plan.chunk_num)
+    signal = plan.tokens * cfg.hidden_size * 4  # a chunk's patch-embedded input, fp32
+    payload = make_policy(cache).state_bytes(chunk_latent // 4, 1, 4, 1)  # a chunk's latent update(s), fp32
+    state = plan.chunk_num * chunk_latent + 3 * window * chunk_latent + window * (signal + payload)
+    facts = {"forward": f"1 chunk x {plan.tokens} tokens", "kv_rows": cap * plan.tokens, "chunks": plan.chunk_num,
+             "passes": len(plan.stores), "tokens_per_chunk": plan.tokens}
+    plan.memory = MemoryPlan(options, plan.stores, activations, state, facts)
 
 
 @dataclass
@@ -243,8 +277,8 @@ def cfg_weights(s: MagiSettings, t: float) -> tuple[float, float, float]:
 class _MagiLoop:
     """The ``ChunkLoop`` of one MAGI-1 run: one segment (the whole video), a step per global forward step."""
 
-    def __init__(self, pipe: "MagiPipeline", s: MagiSettings, plan: _Plan, inputs: dict, path: str,
-                 cache: CacheSettings):
+    def __init__(self, pipe: "MagiPipeline", s: MagiSettings, plan: MagiPlan, inputs: dict, cache: CacheSettings):
+        path = plan.path
         self.pipe, self.s, self.plan, self.path = pipe, s, plan, path
         self.model, self.cfgm = pipe.model, pipe.model.config
         self.text, self.null, self.pre = inputs["text"], inputs["null"], inputs["prefix"]
@@ -276,14 +310,8 @@ class _MagiLoop:
         if self.pre is not None:
             self.pre = self.pre.to(device)
             self.x[:, :, :plan.prefix_frames] = self.pre
-        if self.budget > 0:
-            cap_chunks = min(plan.chunk_num, max(plan.offset + 1, self.budget // plan.tokens + s.window_size))
-        else:
-            cap_chunks = plan.chunk_num
-        for p in self.passes:
-            if p.stored:
-                run.stores[p.name] = KVStore(self.cfgm.num_layers, cap_chunks * plan.tokens, self.budget, self.comp,
-                                             plan.tokens_per_frame)
+        for store in plan.stores:  # one per pass that sees earlier chunks
+            run.stores[store.name] = store.build()
         if self.budget > 0:
             self.taps = {name: _QueryTap(self.comp, plan.tokens_per_frame) for name in run.stores}
         dt = self._dt(0)
@@ -428,6 +456,7 @@ class _MagiLoop:
             self.counts[c] += 1
             if self.counts[c] == self.s.num_steps:
                 self.finished.append(c)
+                run.finished(c)
         step.chunk_step = self.counts[step.active[-1]]
         sched, k = self.plan.schedule, step.index
         if self.budget > 0 and k + 1 < len(sched) and sched[k + 1][-1][0] > step.active[-1]:
@@ -519,8 +548,11 @@ class MagiPipeline:
 
 
 
-    def plan(self, s: MagiSettings, prefix_frames: int = 0) -> _Plan:
-        """Check the settings and lay out chunks and schedule; raises InputError before any sampling."""
+    def plan(self, s: MagiSettings, prefix_frames: int = 0, cache: CacheSettings | None = None,
+             options: MemoryOptions = MemoryOptions()) -> MagiPlan:
+        """Check the settings and lay out chunks, schedule, stores and memory; raises InputError before any
+        sampling. ``prefix_frames``: latent frames of a clean prefix (``prefix_latent_frames``)."""
+        cache = cache or CacheSettings()
         cfgm, geo = self.model.config, self.geometry
         s.shift = finite(s.shift, "shift")
         for name in ("width", "height", "num_frames", "num_steps", "window_size", "chunk_width", "seed"):
@@ -555,8 +587,11 @@ class MagiPipeline:
         chunk_num = math.ceil(total / s.chunk_width)
         h, w = s.height // geo.spatial_stride, s.width // geo.spatial_stride
         tpf = (h // cfgm.patch_size) * (w // cfgm.patch_size)
-        return _Plan(chunk_num, offset, prefix_frames, chunk_num * s.chunk_width, h, w,
-                     (s.chunk_width // cfgm.t_patch_size) * tpf, tpf, schedule)
+        plan = MagiPlan(chunk_num, offset, prefix_frames, chunk_num * s.chunk_width, h, w,
+                        (s.chunk_width // cfgm.t_patch_size) * tpf, tpf, schedule,
+                        cache.path if s.path == "auto" else s.path, self.is_distill(s))
+        magi_memory(plan, s, cache, cfgm, self.model.dtype, options)
+        return plan
 
     def _captions(self, caption: torch.Tensor, mask: torch.Tensor | None, chunk_num: int, device):
         cfgm = self.model.config
@@ -617,30 +652,35 @@ class MagiPipeline:
     @torch.inference_mode()
     def __call__(self, caption: torch.Tensor, caption_mask: torch.Tensor | None, settings: MagiSettings,
                  cache: CacheSettings | None = None, prefix: torch.Tensor | None = None,
-                 hooks: RunHooks | None = None, policy: CachePolicy | None = None) -> tuple[torch.Tensor, RunStats]:
+                 hooks: RunHooks | None = None, policy: CachePolicy | None = None, plan: MagiPlan | None = None
+                 ) -> tuple[torch.Tensor, RunStats]:
         """Returns model-space latents [1, C, F, h, w] (fp32, CPU) and the run's statistics.
 
         caption [1, L, 4096] (or per chunk [1, chunks, L, 4096]) with caption_mask [1, L] (None: all valid);
         prefix: clean latents [1, C, P, h, w] (I2V: P = 1, V2V: P ≥ chunk_width) or pixels with a codec.
         T2V and I2V return every chunk (I2V keeps the image frame); V2V returns the frames after the prefix.
-        hooks: progress and cancel; policy: use this policy instead of the one ``cache`` names.
+        hooks: progress and cancel; policy: use this policy instead of the one ``cache`` names; plan: made by
+        ``plan`` with this prefix (default: planned here, K/V resident).
         """
         cache = cache or CacheSettings()
         s, geo = settings, self.geometry
         device = self.model.device
         pre = self._prefix_latents(prefix, (s.height // geo.spatial_stride, s.width // geo.spatial_stride)
                                    ) if prefix is not None else None
-        plan = self.plan(s, 0 if pre is None else pre.shape[2])
+        plan = plan or self.plan(s, 0 if pre is None else pre.shape[2], cache)
+        if plan.prefix_frames != (0 if pre is None else pre.shape[2]):
+            raise InputError(f"prefix: {0 if pre is None else pre.shape[2]} latent frames, but the plan was made for "
+                             f"{plan.prefix_frames}.")
         text, null = self._captions(caption, caption_mask, plan.chunk_num, device)
-        distill = self.is_distill(s)
-        path = cache.path if s.path == "auto" else s.path
-        stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": path})
+        distill, path = plan.distill, plan.path
+        stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": path,
+                                                      "memory_plan": plan.memory.options.name})
         stats.settings["magi"] = {"distill": distill, "passes": 1 if distill else 3, "chunks": plan.chunk_num,
                                   "prefix_chunks": plan.offset, "forward_steps": len(plan.schedule)}
         run = RunState(policy or make_policy(cache), stats, ("cond",), s.num_steps, hooks)
         inputs = {"text": text, "null": null, "prefix": pre, "distill": distill}
-        return run_loop(_MagiLoop(self, s, plan, inputs, path, cache), run), stats
+        return run_loop(_MagiLoop(self, s, plan, inputs, cache), run), stats
 
 
-__all__ = ["MagiPipeline", "MagiSettings", "stage_schedule", "time_schedule", "step_intervals", "magi_forward_flops",
+__all__ = ["MagiPipeline", "MagiPlan", "MagiSettings", "magi_memory", "stage_schedule", "time_schedule", "step_intervals", "magi_forward_flops",
            "cfg_weights"]
