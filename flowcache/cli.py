@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
 from .cache import METHODS
@@ -119,6 +120,7 @@ def _bench(a) -> int:
         return 0
     from . import demo
     from .jobs import RANDOM_WAN, load_checkpoint_kit, load_demo_kit
+    from .checkpoint import TORCH_SUFFIXES
     from .models import header_facts
     over = {k: v for k, v in (("steps", a.steps), ("num_frames", a.frames), ("width", a.width),
                               ("height", a.height)) if v}
@@ -128,7 +130,8 @@ def _bench(a) -> int:
     demo_prompts = demo.CALIBRATION_PROMPTS if a.calibration_prompts else demo.BENCH_PROMPTS
     if a.model == "demo":
         kit, prompts = load_demo_kit(), list(demo_prompts[:a.prompts])
-    elif a.model not in RANDOM_WAN and header_facts(a.model).preset_key == "demo":
+    elif (a.model not in RANDOM_WAN and Path(a.model).suffix not in TORCH_SUFFIXES  # demo files are safetensors
+          and header_facts(a.model).preset_key == "demo"):
         kit, prompts = load_demo_kit(a.model), list(demo_prompts[:a.prompts])  # a retrained demo model
     else:
         if a.frames:  # one window of that length, as the paper's 97-frame runs
