@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["calibrate"]:
         with _one_line_argparse_errors():
             return _run(_calibrate, None, argv[1:])
-    p = _Parser(prog="python -m flowcache", description=__doc__)
+    p = _Parser(prog="python -m flowcache", description="FlowCache from the command line. New here? Run "
+                                                        "`python -m flowcache demo` (a minute or two on a CPU, no "
+                                                        "downloads); each command has its own --help.")
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("inspect", help="print a checkpoint's family, the loop it runs, config, dtype and key layout, "
                                        "or with --memory its estimated VRAM")
