@@ -10,6 +10,7 @@ RSS is its own, decoding and streaming frames into an mp4 chunk by chunk.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .metrics import psnr, ssim
+from .progress import ENV as PROGRESS_ENV, Progress, bars_wanted
 
 
 @dataclass
@@ -80,21 +82,26 @@ def _cache_of(kit, m: Mode):
     return cache
 
 
-def _median_run(fn, repeats: int):
+def _median_run(fn, repeats: int, progress: Progress | None = None, label: str = ""):
+    """The median wall time of ``repeats`` calls of ``fn(hooks)`` and the last result; a bar per call."""
+    progress = progress or Progress.off()
     times, result = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
+    for i in range(repeats):
+        with progress.run(f"{label} {i + 1}/{repeats}" if repeats > 1 else label) as hooks:
+            t0 = time.perf_counter()
+            result = fn(hooks)
+            times.append(time.perf_counter() - t0)
     return statistics.median(times), result
 
 
 def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides: dict | None = None,
-              log=print, kit=None) -> dict:
+              log=print, kit=None, progress: Progress | None = None) -> dict:
     """The main table, on ``kit`` (a ``flowcache.jobs.SamplingKit``; default: the demo model).
-    Returns {"rows": [...], "overhead": {...}, "setting": {...}}."""
+    Returns {"rows": [...], "overhead": {...}, "setting": {...}}. ``log``: a line per mode's result;
+    ``progress``: a line before each phase and a bar per run (default: neither)."""
     from .jobs import load_demo_kit
 
+    progress = progress or Progress.off()
     kit = kit or load_demo_kit()
     overrides = overrides or {}
     modes = table_modes(kit)
@@ -103,12 +110,15 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
     per_mode: dict[str, dict] = {m.name: {k: [] for k in keys} for m in modes}
     t0_rows = {a: {"plain": [], "t0": [], "psnr": []} for a in ATTENTION_TAGS}
     torch.manual_seed(0)
+    each = f"the median of {repeats} runs each" if repeats > 1 else "one run each"
     for prompt in prompts:
         for seed in seeds:
+            progress.say(f"bench: prompt {prompt[:40]!r} seed {seed}: {len(modes)} modes, {each} ...")
             ref = None
             for m in modes:
                 cache = _cache_of(kit, m)
-                wall, (video, stats) = _median_run(lambda: kit.sample(prompt, seed, cache, **overrides), repeats)
+                wall, (video, stats) = _median_run(lambda h: kit.sample(prompt, seed, cache, h, **overrides), repeats,
+                                                   progress, m.name)
                 if m.name == "off":
                     ref = video
                 r = per_mode[m.name]
@@ -119,17 +129,24 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
                     r[k].append(v)
                 log(f"  {prompt[:40]!r} seed {seed} {m.name:22s} {wall:7.2f} s  forwards {stats.forwards:5d}")
             # the chunk path with no reuse, per attention: its distance to off, and the policy's bookkeeping
+            progress.say(f"bench: prompt {prompt[:40]!r} seed {seed}: the cache policy's bookkeeping, for "
+                         f"{', '.join(t0_rows)} attention: the chunk path without a policy and with FlowCache at "
+                         f"threshold 0 (computes everything), {each} ...")
             for attention, rows in t0_rows.items():
                 chunk_path = {**overrides, "path": "chunk"}
                 plain = kit.cache("off", "slow")
                 plain.attention = attention
                 t0 = kit.cache("flowcache", "custom", threshold=0.0)
                 t0.attention = attention
-                wall, _ = _median_run(lambda: kit.sample(prompt, seed, plain, **chunk_path), repeats)
+                wall, _ = _median_run(lambda h: kit.sample(prompt, seed, plain, h, **chunk_path), repeats, progress,
+                                      f"{attention} no policy")
                 rows["plain"].append(wall)
-                wall, (video, _) = _median_run(lambda: kit.sample(prompt, seed, t0, **chunk_path), repeats)
-                rows["t0"].append(wall)
+                wall_t0, (video, _) = _median_run(lambda h: kit.sample(prompt, seed, t0, h, **chunk_path), repeats,
+                                                  progress, f"{attention} threshold 0")
+                rows["t0"].append(wall_t0)
                 rows["psnr"].append(psnr(video, ref))
+                log(f"  {prompt[:40]!r} seed {seed} {attention} attention: no policy {wall:.2f} s, "
+                    f"threshold-0 FlowCache {wall_t0:.2f} s")
     off_wall = sum(per_mode["off"]["wall"])
     rows = []
     for m in modes:
@@ -181,11 +198,16 @@ def format_table(result: dict) -> str:
                      f"{r['tflops']:8.4f} {r['wall_s']:7.2f} {r['speedup']:7.2f}x {r['flops_speedup']:7.2f}x "
                      f"{r.get('flops_speedup_paper', r['flops_speedup']):7.2f}x {p:>8s} {r['ssim']:6.3f} "
                      f"{r['peak_kv_bytes'] / 2**20:7.2f}Mi")
+    lines += ["FLOPs x, paper x: off's counted FLOPs / this mode's (as computed; in the paper's accounting): counted, "
+              "not timed, so they do not move with the machine's load.",
+              "wall s: median wall seconds per run; speedup: off's wall time / this mode's, both timed in this process. "
+              "Wall times on a shared or busy machine are noisy.",
+              "PSNR dB, SSIM: this mode's video against off's (same prompt and seed, no cache); inf = identical."]
     for attention, o in result["overhead"].items():
-        lines.append(f"{attention} attention, chunk path with no reuse (threshold 0) vs off: PSNR "
-                     f"{o['threshold0_psnr_db']:.2f} dB; bookkeeping: threshold-0 flowcache "
-                     f"{o['flowcache_threshold0_s']:.2f} s vs no policy {o['chunked_s']:.2f} s -> "
-                     f"{100 * o['fraction']:+.1f}% (target < 3%)")
+        lines.append(f"{attention} attention, chunk path with no reuse (FlowCache at threshold 0) vs off: PSNR "
+                     f"{o['threshold0_psnr_db']:.2f} dB; policy bookkeeping, wall: {o['flowcache_threshold0_s']:.2f} s "
+                     f"with the policy vs {o['chunked_s']:.2f} s without -> {100 * o['fraction']:+.1f}% (target < 3% "
+                     "on an idle machine; a difference of two wall timings, mostly noise on a shared one)")
     return "\n".join(lines)
 
 
@@ -204,7 +226,7 @@ SWEEP = {"teacache": _grid((0.1, 0.2)),
 
 def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides: dict | None = None, log=print,
               kit=None, grid: dict | None = None, attentions: tuple[str, ...] | None = None,
-              reuses: tuple[str, ...] | None = None) -> list[dict]:
+              reuses: tuple[str, ...] | None = None, progress: Progress | None = None) -> list[dict]:
     """Each method over a grid of custom values (``SWEEP``; the rest from its slow preset), each chunk-path method
     with every attention (window, window_refresh, block_causal) and every reuse (hold, extrapolate): FLOPs and
     wall speedups against off and PSNR, averaged over prompts and seeds; ``frontier`` marks the rows no other row
@@ -213,6 +235,7 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
     from .errors import InputError
     from .jobs import load_demo_kit
 
+    progress = progress or Progress.off()
     kit = kit or load_demo_kit()
     overrides, grid = overrides or {}, grid or SWEEP
     points = []
@@ -231,13 +254,15 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
                             for i in range(len(points))}
     for prompt in prompts:
         for seed in seeds:
-            off_wall, (ref, _) = _median_run(lambda: kit.sample(prompt, seed, kit.cache("off", "slow"), **overrides),
-                                             repeats)
+            progress.say(f"sweep: prompt {prompt[:40]!r} seed {seed}: off, then {len(points)} settings ...")
+            off_wall, (ref, _) = _median_run(lambda h: kit.sample(prompt, seed, kit.cache("off", "slow"), h,
+                                                                  **overrides), repeats, progress, "off")
             refs[(prompt, seed)] = ref
             for i, (method, attention, reuse, custom) in enumerate(points):
                 cache = kit.cache(method, "custom", **custom)
                 cache.attention, cache.reuse = attention, reuse
-                wall, (video, stats) = _median_run(lambda: kit.sample(prompt, seed, cache, **overrides), repeats)
+                wall, (video, stats) = _median_run(lambda h: kit.sample(prompt, seed, cache, h, **overrides), repeats,
+                                                   progress, f"{i + 1}/{len(points)} {method} {attention} {reuse}")
                 a = acc[i]
                 a["wall"].append(wall), a["off_wall"].append(off_wall), a["psnr"].append(psnr(video, ref))
                 a["flops"].append(stats.flops), a["flops_off"].append(stats.flops_nocache)
@@ -266,6 +291,9 @@ def format_sweep(rows: list[dict]) -> str:
         lines.append(f"{r['method']:10s} {r['attention']:>14s} {r.get('reuse', 'hold'):>11s} {custom:36s} "
                      f"{r['flops_speedup']:7.2f}x "
                      f"{r['wall_speedup']:6.2f}x {r['psnr_db']:8.2f}  {'*' if r['frontier'] else ''}")
+    lines.append("FLOPs x: off's counted FLOPs / the setting's (machine-independent); wall x: off's wall time / the "
+                 "setting's, timed in this process (noisy on a shared or busy machine); PSNR: against off's video; "
+                 "frontier (*): no other row is as good in both FLOPs x and PSNR and better in one.")
     return "\n".join(lines)
 
 
@@ -288,7 +316,8 @@ def long_child(windows: int, budget: int, steps: int | None) -> dict:
     from . import demo
     cond, uncond = kit.text.encode(demo.DEMO_PROMPTS[0]), kit.text.encode("")
     from .pipelines import DFSettings
-    z, stats = kit.pipeline()(cond, uncond, DFSettings(**{**s.__dict__, **over}), cache)
+    with Progress(bars_wanted(), say=None).run(f"{windows} windows, kv_budget {budget}") as hooks:
+        z, stats = kit.pipeline()(cond, uncond, DFSettings(**{**s.__dict__, **over}), cache, hooks)
     sample_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         with VideoWriter(Path(d) / "long.mp4", "video/h264-mp4", fps=s.fps) as w:
@@ -302,14 +331,22 @@ def long_child(windows: int, budget: int, steps: int | None) -> dict:
             "kv_dropped": sum(stats.kv_dropped_per_layer)}
 
 
-def run_long(window_counts=(1, 2, 4, 8), steps: int | None = None, log=print) -> list[dict]:
+def _child_env(progress: Progress) -> dict:
+    """A child process draws its bar (on the stderr it shares with this one) when this one would."""
+    return {**os.environ, PROGRESS_ENV: "1" if progress.bars else "0"}
+
+
+def run_long(window_counts=(1, 2, 4, 8), steps: int | None = None, log=print,
+             progress: Progress | None = None) -> list[dict]:
+    progress = progress or Progress.off()
     rows = []
     for n in window_counts:
         for budget in (0, 1):
+            progress.say(f"bench --long: {n} window(s), kv_budget {budget}, in a fresh process ...")
             cmd = [sys.executable, "-m", "flowcache", "bench", "--long-child", str(n), str(budget)]
             if steps:
                 cmd += ["--steps", str(steps)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=_child_env(progress))
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             log(f"  windows {n} budget {budget}: {row['wall_s']:.1f} s, peak KV {row['peak_kv_bytes'] / 2**20:.2f} MiB, "
@@ -356,7 +393,8 @@ def causal_child(model: str, blocks: int, kv_mode: str, device: str = "cpu", bud
     cond = kit.text.encode("a red circle bouncing on a blue background")
     pipe = CausalWanPipeline(kit.loaded.model, geo, kit.loaded.text_len)
     t0 = time.perf_counter()
-    z, stats = pipe(cond, s, CacheSettings(kv_budget=budget if kv_mode == "compressed" else 0))
+    with Progress(bars_wanted(), say=None).run(f"causal {blocks} blocks, {kv_mode}") as hooks:
+        z, stats = pipe(cond, s, CacheSettings(kv_budget=budget if kv_mode == "compressed" else 0), hooks)
     sample_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         with VideoWriter(Path(d) / "causal.mp4", "video/h264-mp4", fps=s.fps) as writer:
@@ -367,12 +405,15 @@ def causal_child(model: str, blocks: int, kv_mode: str, device: str = "cpu", bud
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def run_causal(model: str = "demo", block_counts=(1, 2, 4, 8), device: str = "cpu", log=print) -> list[dict]:
+def run_causal(model: str = "demo", block_counts=(1, 2, 4, 8), device: str = "cpu", log=print,
+               progress: Progress | None = None) -> list[dict]:
+    progress = progress or Progress.off()
     rows = []
     for n in block_counts:
         for mode in CAUSAL_MODES:
+            progress.say(f"bench --loop causal: {model}, {n} block(s), {mode} KV, in a fresh process ...")
             cmd = [sys.executable, "-m", "flowcache", "bench", "--causal-child", model, str(n), mode, "--device", device]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=_child_env(progress))
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             log(f"  causal {model} blocks {n} {mode}: {row['block_s']:.2f} s a block, peak KV "

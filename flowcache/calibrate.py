@@ -200,11 +200,14 @@ class CalibrationRun:
 
 def calibrate(model_path: str | os.PathLike, run: CalibrationRun | None = None,
               out_path: str | os.PathLike | None = None, codec=None,
-              log: Callable[[str], None] | None = print) -> dict:
-    """Calibrate the checkpoint at ``model_path``; returns ``{model_key: entry}`` and writes it to ``out_path``."""
+              log: Callable[[str], None] | None = print, progress=None) -> dict:
+    """Calibrate the checkpoint at ``model_path``; returns ``{model_key: entry}`` and writes it to ``out_path``.
+    ``log``: a line per phase and per run; ``progress``: a ``flowcache.progress.Progress`` for a bar per run."""
     from .models import load_model
     from .pipelines.diffusion_forcing import DiffusionForcingPipeline, LatentGeometry
+    from .progress import Progress
 
+    progress = progress or Progress.off()
     run = run or CalibrationRun()
     lm = load_model(model_path, dtype=run.dtype, expect="wan")
     key = lm.preset_key
@@ -229,11 +232,15 @@ def calibrate(model_path: str | os.PathLike, run: CalibrationRun | None = None,
     recorder = ChunkSignalRecorder()
     uncond = encode(run.negative) if s.cfg > 1.0 else None
     t0 = time.perf_counter()
+    if log:
+        log(f"calibrate: {len(prompts) * len(run.seeds)} runs ({len(prompts)} prompts x {len(run.seeds)} seeds), "
+            f"{s.num_frames} frames, {s.steps} steps, every chunk computed at every step ...")
     for i, (p, seed) in enumerate((p, seed) for p in prompts for seed in run.seeds):
         s.seed = int(seed)
         recorder.run = i
         before = len(recorder.points)
-        pipe(encode(p), uncond, s, policy=recorder)
+        with progress.run(f"{p[:30]!r} seed {seed}") as hooks:
+            pipe(encode(p), uncond, s, hooks=hooks, policy=recorder)
         if log:
             log(f"calibrate: {p!r} seed {seed}: {len(recorder.points) - before} points "
                 f"({time.perf_counter() - t0:.1f} s)")
@@ -259,27 +266,42 @@ def calibrate(model_path: str | os.PathLike, run: CalibrationRun | None = None,
 
 # -- CLI ---------------------------------------------------------------------------------------------
 
-def main_calibrate(args: list[str]) -> int:
-    """``python -m flowcache calibrate CHECKPOINT [--prompts ...] [--seeds ...] [--steps N] [--out F] [--embed]``."""
+def calibrate_parser() -> argparse.ArgumentParser:
+    """``python -m flowcache calibrate``'s options."""
     ap = argparse.ArgumentParser(prog="python -m flowcache calibrate",
                                  description="Fit a Wan-architecture model's cache rescale polynomial (TeaCache-style: "
                                              "e0 change vs. the chunk's output change) and write a preset file.")
     ap.add_argument("checkpoint", metavar="CHECKPOINT", help="a Wan2.1 / SkyReels-V2 DiT file (.safetensors)")
-    ap.add_argument("--prompts", nargs="+", default=None, help="prompts (default for the demo: 3 demo prompts)")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--prompts", nargs="+", default=None,
+                    help="prompts to sample while recording (default for the demo model: its 3 calibration prompts; "
+                         "other models need them, with --conditioning or --random-conditioning)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
+                    help="seeds per prompt (default 0 1): each prompt x seed is one recorded run")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's default, 50)")
-    ap.add_argument("--degree", type=int, default=DEFAULT_DEGREE)
+    ap.add_argument("--degree", type=int, default=DEFAULT_DEGREE,
+                    help=f"degree of the fitted polynomial (default {DEFAULT_DEGREE}, as TeaCache's Wan fits)")
     ap.add_argument("--out", default=None, help="preset file to write (default: <checkpoint name>.presets.json beside "
                                                 "it, which the loader then reads by itself)")
     ap.add_argument("--embed", action="store_true", help="also store the presets in the checkpoint's metadata")
     ap.add_argument("--conditioning", default=None,
                     help="safetensors of saved text states, one per prompt ('' = negative); needed for non-demo models")
     ap.add_argument("--random-conditioning", action="store_true", help="use seeded random text states (prompt-free fit)")
-    ap.add_argument("--width", type=int, default=None)
-    ap.add_argument("--height", type=int, default=None)
-    ap.add_argument("--frames", type=int, default=None, help="num_frames (= base_num_frames: one window)")
-    ap.add_argument("--shift", type=float, default=None)
-    ap.add_argument("--cfg", type=float, default=None)
+    ap.add_argument("--width", type=int, default=None,
+                    help="video width in pixels (default: the demo's 64, or 480 for other models)")
+    ap.add_argument("--height", type=int, default=None,
+                    help="video height in pixels (default: the demo's 64, or 272 for other models)")
+    ap.add_argument("--frames", type=int, default=None,
+                    help="video frames, all in one window (default: the demo's 20, or 97 for other models)")
+    ap.add_argument("--shift", type=float, default=None,
+                    help="the flow-matching timestep shift (default: the model's, the demo 5, SkyReels 8)")
+    ap.add_argument("--cfg", type=float, default=None,
+                    help="classifier-free guidance scale (default: the model's, the demo 5, SkyReels 6)")
+    return ap
+
+
+def main_calibrate(args: list[str]) -> int:
+    """``python -m flowcache calibrate CHECKPOINT [--prompts ...] [--seeds ...] [--steps N] [--out F] [--embed]``."""
+    ap = calibrate_parser()
     a = ap.parse_args(args)
     try:
         from .models import load_model
@@ -292,9 +314,11 @@ def main_calibrate(args: list[str]) -> int:
         if a.frames is not None:
             s.num_frames = s.base_num_frames = a.frames
         out = a.out or str(preset_sidecar(checkpoint_files(a.checkpoint)[0]))
+        from .progress import Progress, bars_wanted
         result = calibrate(a.checkpoint, CalibrationRun(a.prompts, a.seeds, a.steps, a.degree, s,
                                                         conditioning=a.conditioning,
-                                                        random_conditioning=a.random_conditioning), out)
+                                                        random_conditioning=a.random_conditioning), out,
+                           progress=Progress(bars_wanted(), say=None))
         if a.embed:
             embed_presets(a.checkpoint, {k: v for k, v in result.items()})
             print(f"calibrate: embedded presets in {a.checkpoint}")
@@ -305,4 +329,4 @@ def main_calibrate(args: list[str]) -> int:
 
 
 __all__ = ["ChunkSignalRecorder", "CalibrationPoint", "CalibrationRun", "fit_rescale", "magnitude_ratios", "calibrate",
-           "main_calibrate"]
+           "calibrate_parser", "main_calibrate"]

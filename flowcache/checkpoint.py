@@ -6,9 +6,11 @@ nothing about model families; ``flowcache.models.detect_family`` decides what a 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,8 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
+
+log = logging.getLogger("FlowCache")
 
 # Key prefixes seen in the wild, longest first (ComfyUI packaging, Self-Forcing wrappers, ...).
 KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.", "model.", "net.")
@@ -162,10 +166,15 @@ def _unpickling_reason(e: BaseException) -> str:
         line = line.strip()
         if "WeightsUnpickler error:" in line:
             line = line.split("WeightsUnpickler error:", 1)[1].split(" Please ", 1)[0].strip()
+        if line.startswith("Unsupported operand"):  # e.g. FRAME (149): a pickle that torch.save did not write
+            return (f"its pickle uses an instruction the weights-only reader refuses ({line[:60].rstrip('.')}); "
+                    "torch.save does not write such files")
         if line.startswith(("Unsupported", "Trying to load unsupported")):
             return f"it holds a Python object that is not plain data: {line[:160].rstrip('.')}"
     return "it holds Python objects that are not plain data"
 
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")  # read with torch.load(weights_only=True)
 
 # Self-Forcing's .pt: {"generator", "critic", "generator_ema"}; CausVid's: {"generator"}. Weights sit under one.
 GENERATOR_ENTRIES = ("generator_ema", "generator")
@@ -177,15 +186,23 @@ def _read_torch(path: Path, out: dict[str, torch.Tensor], entry: str | None = No
     entry: for a Self-Forcing / CausVid dict, which generator to take (default generator_ema when present)."""
     how = (f"{path.name}: not loadable as a weights-only torch file ({{}}). Only safetensors and plain tensor "
            "dicts are accepted; code stored in a torch file is never run.")
-    try:
-        # mmap needs the zip format; files saved with _use_new_zipfile_serialization=False are read whole.
-        mmap = zipfile.is_zipfile(path)
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(how.format(_unpickling_reason(e))) from e
-    except Exception as e:
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise CheckpointError(how.format(f"{type(e).__name__}: {first}")) from e
+    # torch warns while it reads (e.g. "Detected pickle protocol 4", for a pickle torch did not write, which is
+    # what a hostile file usually is): its notes are caught here, so a refusal is the one line below and nothing
+    # else, and a file that loads says nothing either. They are logged for a bug report.
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        try:
+            # mmap needs the zip format; files saved with _use_new_zipfile_serialization=False are read whole.
+            mmap = zipfile.is_zipfile(path)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(how.format(_unpickling_reason(e))) from e
+        except Exception as e:
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            raise CheckpointError(how.format(f"{type(e).__name__}: {first}")) from e
+        finally:
+            for note in notes:
+                log.debug("FlowCache: reading %s, torch warned: %s", path.name, note.message)
     layout = "flat"
     if isinstance(obj, dict) and any(k in obj for k in GENERATOR_ENTRIES):
         have = [k for k in GENERATOR_ENTRIES if isinstance(obj.get(k), dict)]
@@ -334,7 +351,7 @@ def load_checkpoint(path: str | os.PathLike, anchors: Iterable[str] = (), weight
     for f in files:
         if f.suffix == ".safetensors" or f.name.endswith(".sft"):
             _read_safetensors(f, tensors, meta)
-        elif f.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        elif f.suffix in TORCH_SUFFIXES:
             layout = _read_torch(f, tensors, weights)
         else:
             raise CheckpointError(f"{f.name}: unsupported file type {f.suffix!r}; use .safetensors (or .pt/.pth weights).")

@@ -15,8 +15,10 @@ from .metrics import psnr
 from .checkpoint import DTYPE_NAMES, compute_dtype
 from .memory import available_bytes, check_fits, df_need
 from .models import LoadedModel, load_model
-from .pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
+from .pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry, plan_windows
 from .presets import resolve_cache
+from .progress import Progress
+from .runner import RunHooks
 from .stats import RunStats
 from .video import write_video
 
@@ -38,12 +40,13 @@ class SamplingKit:
     def cache(self, method: str, preset: str, **custom) -> CacheSettings:
         return resolve_cache(self.loaded.preset_key, method, preset, self.loaded.extra_presets, **custom)
 
-    def sample(self, prompt: str, seed: int, cache: CacheSettings, **overrides) -> tuple[torch.Tensor, RunStats]:
-        """Pixels [T, H, W, 3] in 0..1 and the run's stats."""
+    def sample(self, prompt: str, seed: int, cache: CacheSettings, hooks: RunHooks | None = None,
+               **overrides) -> tuple[torch.Tensor, RunStats]:
+        """Pixels [T, H, W, 3] in 0..1 and the run's stats; ``hooks``: progress (and cancel) of the run."""
         s = DFSettings(**{**self.settings.__dict__, **overrides, "seed": seed})
         cond = self.text.encode(prompt)
         uncond = self.text.encode("")
-        z, stats = self.pipeline()(cond, uncond, s, cache)
+        z, stats = self.pipeline()(cond, uncond, s, cache, hooks)
         return self.codec.decode(z), stats
 
 
@@ -125,10 +128,13 @@ def load_checkpoint_kit(model: str, device: str = "cpu", dtype: str = "auto", va
 
 
 def run_demo(prompt: str | None = None, preset: str = "fast", out: str | Path = "out/demo.mp4", seed: int = 0,
-             num_frames: int | None = None, steps: int | None = None, compare: bool = True) -> dict:
-    """Generate a demo video with FlowCache; with ``compare``, also run uncached and report speedup and PSNR."""
+             num_frames: int | None = None, steps: int | None = None, compare: bool = True,
+             progress: Progress | None = None) -> dict:
+    """Generate a demo video with FlowCache and write it; with ``compare``, then also run uncached and report the
+    wall speedup and PSNR. ``progress``: phase lines and step bars (the CLI's; default: silent)."""
     from . import demo
 
+    progress = progress or Progress.off()
     out = Path(out)
     fmt = {".mp4": "video/h264-mp4", ".webm": "video/webm", ".gif": "image/gif", ".webp": "image/webp"}.get(out.suffix)
     if fmt is None:  # checked before any sampling
@@ -137,17 +143,26 @@ def run_demo(prompt: str | None = None, preset: str = "fast", out: str | Path = 
     prompt = prompt or demo.DEMO_PROMPTS[0]
     over = {k: v for k, v in (("num_frames", num_frames), ("steps", steps)) if v is not None}
     cache = kit.cache("flowcache", preset)
+    s = DFSettings(**{**kit.settings.__dict__, **over})
+    plan_windows(s, LatentGeometry(**kit.loaded.geometry), kit.loaded.config.patch_size)  # bad settings: now
+    kit.text.encode(prompt)  # words the demo does not know: now
+    progress.say(f"sampling with FlowCache ({preset} preset): {s.num_frames} frames, {s.steps} steps, "
+                 f"prompt {prompt!r} ...")
     t0 = time.perf_counter()
-    video, stats = kit.sample(prompt, seed, cache, **over)
+    with progress.run(f"flowcache {preset}") as hooks:
+        video, stats = kit.sample(prompt, seed, cache, hooks, **over)
     t_fast = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_video(video, out, fmt, fps=kit.settings.fps)
+    write_video(video, out, fmt, fps=kit.settings.fps)  # written now: the comparison run is extra
+    progress.say(f"wrote {out} ({int(video.shape[0])} frames, prompt {prompt!r})")
     result = {"prompt": prompt, "preset": preset, "seed": seed, "frames": int(video.shape[0]), "out": str(out),
               "flowcache_seconds": round(t_fast, 2), "forwards": stats.forwards, "model_calls": stats.model_calls,
               "flops_speedup": round(stats.flops_speedup, 2)}
     if compare:
+        progress.say("sampling again with the cache off, for comparison (every chunk computed every step) ...")
         t0 = time.perf_counter()
-        ref, ref_stats = kit.sample(prompt, seed, kit.cache("off", "slow"), **over)
+        with progress.run("uncached") as hooks:
+            ref, ref_stats = kit.sample(prompt, seed, kit.cache("off", "slow"), hooks, **over)
         t_off = time.perf_counter() - t0
         result.update(off_seconds=round(t_off, 2), off_forwards=ref_stats.forwards, off_model_calls=ref_stats.model_calls,
                       wall_speedup=round(t_off / t_fast, 2), psnr_db=round(psnr(video, ref), 2))
@@ -156,13 +171,15 @@ def run_demo(prompt: str | None = None, preset: str = "fast", out: str | Path = 
 
 def generate(checkpoint: str, cond_path: str, out: str, uncond_path: str | None = None, vae_path: str | None = None,
              cache_mode: str = "flowcache", preset: str = "slow", dtype: str = "auto", device: str = "cpu",
-             **settings) -> dict:
+             progress: Progress | None = None, **settings) -> dict:
     """Run the DF pipeline from a checkpoint and saved text states (safetensors with a 'context' tensor).
 
     Writes a video when a VAE is given (or the model is the demo), else the latents as safetensors.
+    ``progress``: phase lines and a step bar (the CLI's; default: silent).
     """
     from safetensors.torch import load_file, save_file
 
+    progress = progress or Progress.off()
     lm = load_model(checkpoint, dtype=dtype, expect="wan")
     lm.model.to(device)
 
@@ -195,12 +212,18 @@ def generate(checkpoint: str, cond_path: str, out: str, uncond_path: str | None 
                    residuals=residuals_kept(cache))
     check_fits(need, s.width, s.height, s.num_frames, available_bytes(torch.device(device)), device,
                geometry.spatial_stride * lm.config.patch_size[1], where="generate")
-    z, stats = pipe(cond.to(device), uncond.to(device), s, cache)
+    plan_windows(s, geometry, lm.config.patch_size)
+    # said once the inputs are checked: a refusal stays the one line the CLI prints
+    progress.say(f"sampling {lm.checkpoint} ({cache_mode}, {preset}): {s.width}x{s.height}, {s.num_frames} frames, "
+                 f"{s.steps} steps on {device} ...")
+    with progress.run(cache_mode) as hooks:
+        z, stats = pipe(cond.to(device), uncond.to(device), s, cache, hooks)
     out_p = Path(out)
     out_p.parent.mkdir(parents=True, exist_ok=True)
     if codec is None:
         out_p = out_p.with_suffix(".safetensors")
         save_file({"latents": z.contiguous()}, str(out_p), metadata={"space": "model", "stats": stats.to_json()})
     else:
+        progress.say(f"decoding and writing {out_p} ...")
         write_video(codec.decode(z), out_p, "video/h264-mp4", fps=s.fps)
     return {"out": str(out_p), "stats": json.loads(stats.to_json())}

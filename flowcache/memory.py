@@ -21,8 +21,10 @@ The figures are estimates of what the pack's code keeps alive, not measurements:
 """
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -291,6 +293,46 @@ def checkpoint_shapes(path: str) -> tuple[str, object, dict[str, tuple[tuple[int
     return family, cfg, shapes
 
 
+def _check_model_named(model: str) -> None:
+    """A name that is neither a released architecture nor an existing path: say which names are released (a
+    mistyped one is the likely cause), and the closest."""
+    from .checkpoint import _is
+
+    if _is(lambda p: p.exists(), Path(model)):
+        return
+    near = difflib.get_close_matches(model.lower(), RELEASED, n=1, cutoff=0.5)
+    raise InputError(f"{model}: no such file or folder, nor a released architecture (those are "
+                     f"{', '.join(RELEASED)}){f'; did you mean {near[0]}?' if near else '.'}")
+
+
+def _own_settings(model: str) -> dict:
+    """``estimate_wan`` keywords a Wan checkpoint fixes itself, from its headers (safetensors only): its latent
+    geometry and text length (``flowcache.*`` metadata), and for the demo model its own default run
+    (``DEMO_SETTINGS``: 36 frames in two windows of 20, chunks of 4, ...) instead of SkyReels' 97 frames."""
+    from .checkpoint import checkpoint_files, read_headers
+    from .models import _meta_geometry, _meta_int
+
+    files = checkpoint_files(model)
+    if not all(f.suffix == ".safetensors" or f.name.endswith(".sft") for f in files):
+        return {}
+    _, meta = read_headers(files)
+    own: dict = {}
+    geometry = _meta_geometry(meta, files[0].name) or {}
+    own.update({k: geometry[k] for k in ("temporal_stride", "spatial_stride") if geometry.get(k, 0) >= 1})
+    text_len = _meta_int(meta, "flowcache.text_len", files[0].name)
+    if text_len:
+        own["text_len"] = text_len
+    if meta.get("flowcache.model_key") == "demo":
+        try:
+            from .demo import DEMO_SETTINGS as d
+        except ImportError:  # the core without its demo assets
+            return own
+        own.update(frames=d["num_frames"], base_frames=d["base_num_frames"], overlap=d["overlap_history"],
+                   chunk=d["causal_block_size"], steps=d["steps"], ar_step=d["ar_step"],
+                   branches=2 if d["cfg"] > 1.0 else 1)
+    return own
+
+
 def estimate(model: str, resolution: str, *, frames: int | None = None, budget: int = 1, compute: str = "bf16",
              weights: str = "bf16") -> MemoryEstimate:
     """The estimate for a checkpoint path or a ``RELEASED`` name at ``WIDTHxHEIGHT``."""
@@ -301,16 +343,21 @@ def estimate(model: str, resolution: str, *, frames: int | None = None, budget: 
     if budget < 0:
         raise InputError(f"--kv-budget {budget}: must be ≥ 0 chunks.")
     w, h = _parse_resolution(resolution)
+    own: dict = {}
     if model in RELEASED:
         family, cfg, shapes = released_shapes(model, weights)
     else:
+        _check_model_named(model)
         family, cfg, shapes = checkpoint_shapes(model)
+        own = _own_settings(model) if family == "wan" else {}
     held = held_weight_bytes(family, cfg, shapes, compute)
     label = model if model in RELEASED else str(model)
     if family == "wan":
         if w % 16 or h % 16:
             raise InputError(f"--memory {resolution}: Wan needs multiples of 16.")
-        return estimate_wan(cfg, held, w, h, frames=frames or 97, budget=budget, compute=compute, name=label)
+        default_frames = own.pop("frames", 97)  # one SkyReels window, unless the model says otherwise
+        return estimate_wan(cfg, held, w, h, frames=frames or default_frames, budget=budget, compute=compute,
+                            name=label, **own)
     if w % 16 or h % 16:
         raise InputError(f"--memory {resolution}: MAGI-1 needs multiples of 16.")
     return estimate_magi(cfg, held, w, h, frames=frames or 96, budget=budget, compute=compute, name=label)

@@ -220,3 +220,27 @@ def test_sweep_covers_every_attention_and_reuse_and_marks_the_frontier(tmp_path)
         beaten = any(o["flops_speedup"] >= r["flops_speedup"] and o["psnr_db"] >= r["psnr_db"]
                      and (o["flops_speedup"], o["psnr_db"]) != (r["flops_speedup"], r["psnr_db"]) for o in rows)
         assert r["frontier"] == (not beaten)
+
+
+def test_bench_says_each_phase_draws_a_bar_per_run_and_puts_its_figures_in_context(tmp_path, capsys):
+    """What ``bench`` prints while it runs (a line before each phase, the threshold-0 runs included; a bar per
+    run when bars are on) and the table's notes: what each figure is measured against, and that wall times are
+    noisy on a shared machine while the FLOP ratios are not."""
+    from flowcache.bench import format_table, run_table
+    from flowcache.jobs import load_checkpoint_kit
+    from flowcache.progress import Progress
+
+    path = save_wan(tiny_wan(seed=3), tmp_path / "tiny.safetensors")
+    with_presets(path)
+    kit = load_checkpoint_kit(str(path), base_num_frames=17)
+    said: list[str] = []
+    over = {"num_frames": 17, "steps": 2, "width": 96, "height": 96}  # 12x12 latents: enough for SSIM
+    res = run_table(["p"], [0], 1, over, log=lambda *_: None, kit=kit, progress=Progress(True, said.append))
+    assert said[0] == f"bench: prompt 'p' seed 0: {len(ROWS)} modes, one run each ..."
+    assert said[1].startswith("bench: prompt 'p' seed 0: the cache policy's bookkeeping") and "threshold 0" in said[1]
+    bars = capsys.readouterr().err.replace("\r", "\n")
+    for label in ("off: 100%", "flowcache-fast+kv: 100%", "window no policy: 100%", "block_causal threshold 0: 100%"):
+        assert label in bars, label
+    text = format_table(res)
+    assert "counted, not timed" in text and "noisy" in text and "off's wall time / this mode's" in text
+    assert text.count("target < 3% on an idle machine") == 3

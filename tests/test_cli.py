@@ -100,3 +100,137 @@ def test_generate_refuses_a_size_that_cannot_fit(tmp_path, capsys, monkeypatch):
                                                 '"base_num_frames": 97, "steps": 2}'])
     assert "generate: width=4096, height=4096, num_frames=97 need about" in err and "largest size" in err, err
     assert not ran and not list(tmp_path.glob("o.*"))
+
+
+# ------------------------------------------------------------------------------------ a newcomer's first minutes
+
+def parsers(monkeypatch) -> dict[str, "argparse.ArgumentParser"]:
+    """Every subcommand's parser, as ``main`` builds it (captured when it parses), plus calibrate's own."""
+    import argparse
+
+    import flowcache.cli as cli
+    from flowcache.calibrate import calibrate_parser
+
+    seen = []
+
+    def capture(self, *args, **kwargs):
+        seen.append(self)
+        raise SystemExit(0)
+    monkeypatch.setattr(cli._Parser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        main(["demo"])
+    (sub,) = [a for a in seen[0]._actions if isinstance(a, argparse._SubParsersAction)]
+    found = dict(sub.choices)
+    found["calibrate"] = calibrate_parser()  # the stub above only points at it
+    return found
+
+
+def test_every_option_of_every_subcommand_has_help(monkeypatch):
+    import argparse
+
+    found = parsers(monkeypatch)
+    assert {"inspect", "demo", "generate", "bench", "calibrate"} <= set(found)
+    missing = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, p in found.items() for a in p._actions
+               if not isinstance(a, argparse._HelpAction) and a.help != argparse.SUPPRESS
+               and len((a.help or "").split()) < 3]
+    assert not missing, f"options without a sentence of help: {missing}"
+
+
+def test_demo_help_lists_the_demo_vocabulary(capsys):
+    from flowcache.demo.data import VOCABULARY
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    words = set(out.replace(",", " ").split())
+    assert set(VOCABULARY) <= words, set(VOCABULARY) - words
+    for flag in ("--prompt", "--preset", "--seed", "--steps", "--frames"):
+        assert flag in out
+
+
+def demo_argv(tmp_path, *extra: str) -> list[str]:
+    return ["demo", "--steps", "1", "--frames", "4", "--out", str(tmp_path / "d.mp4"), *extra]
+
+
+def test_demo_shows_progress_and_writes_before_the_comparison(tmp_path, capsys, monkeypatch):
+    """Forced on (stderr is not a terminal here): a bar per run on stderr with steps, chunk and time left; the
+    video is written and said so before the uncached run starts; the FLOPs figure first, then wall with what it
+    is measured against."""
+    from flowcache.progress import ENV
+
+    monkeypatch.setenv(ENV, "1")
+    assert main(demo_argv(tmp_path)) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert "then again uncached, for comparison" in lines[0]
+    wrote = next(i for i, l in enumerate(lines) if l.startswith(f"wrote {tmp_path / 'd.mp4'} (4 frames"))
+    again = next(i for i, l in enumerate(lines) if l.startswith("sampling again with the cache off"))
+    flops = next(i for i, l in enumerate(lines) if l.startswith("FLOPs: "))
+    wall = next(i for i, l in enumerate(lines) if l.startswith("wall: "))
+    assert wrote < again < flops < wall
+    assert "uncached run just made" in lines[wall] and "noisy" in lines[wall] and "same on any machine" in lines[flops]
+    bars = err.replace("\r", "\n")
+    for label in ("flowcache fast: 100%", "uncached: 100%"):
+        assert label in bars, bars
+    assert "steps [" in bars and "window 1/1, chunk 0: step 1/1" in bars and "<00:00" in bars
+
+
+def test_demo_no_compare_says_so_and_draws_no_bar_off_a_terminal(tmp_path, capsys, monkeypatch):
+    from flowcache.progress import ENV
+
+    monkeypatch.delenv(ENV, raising=False)
+    assert main(demo_argv(tmp_path, "--no-compare")) == 0
+    out, err = capsys.readouterr()
+    assert "(no uncached comparison run: --no-compare)" in out.splitlines()[0]
+    assert "for comparison" not in out.replace("no uncached comparison", "") and "sampling again" not in out
+    assert out.splitlines()[1].startswith("sampling with FlowCache (fast preset): 4 frames, 1 steps")
+    assert f"wrote {tmp_path / 'd.mp4'}" in out and "FLOPs: " in out and "wall: " not in out
+    assert err == ""  # stderr is not a terminal: no bar, the phase lines above still say what runs
+    monkeypatch.setenv(ENV, "0")
+    assert main(demo_argv(tmp_path, "--no-compare")) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_errors_name_the_flag_the_user_typed(tmp_path, capsys):
+    err = one_line_error(capsys, ["demo", "--frames", "7", "--no-compare"])
+    assert "--frames 7 gives 7 latent frames" in err and "try --frames 4" in err and "num_frames" not in err
+    err = one_line_error(capsys, ["demo", "--steps", "0", "--no-compare"])
+    assert "--steps 0: must be at least 1" in err
+    err = one_line_error(capsys, ["bench", "--frames", "7", "--prompts", "1", "--seeds", "1", "--repeats", "1",
+                                  "--quiet"])
+    assert "--frames 7 gives" in err and "num_frames" not in err
+    from flowcache.demo import demo_model_path
+
+    demo_file = str(demo_model_path())
+    assert "--frames 3: less than one chunk" in one_line_error(capsys, ["inspect", demo_file, "--memory", "64x64",
+                                                                         "--frames", "3"])
+
+
+def test_inspect_prints_text_by_default_and_json_with_the_flag(tmp_path, capsys):
+    import json
+
+    ckpt = str(save_wan(tiny_wan(), tmp_path / "m.safetensors"))
+    assert main(["inspect", ckpt]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("m.safetensors: Wan2.1 / SkyReels-V2 DiT\n") and "  loop           diffusion_forcing" in text
+    with pytest.raises(ValueError):
+        json.loads(text)
+    assert main(["inspect", ckpt, "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["file"] == "m.safetensors" and facts["config"]["dim"] == 64
+
+
+def test_inspect_memory_of_the_demo_uses_its_own_frames(capsys):
+    from flowcache.demo import DEMO_SETTINGS, demo_model_path
+
+    assert main(["inspect", str(demo_model_path()), "--memory", "64x64"]) == 0
+    assert f"at 64x64, {DEMO_SETTINGS['num_frames']} frames" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_a_mistyped_released_name_lists_the_released_names(capsys):
+    from flowcache.memory import RELEASED
+
+    err = one_line_error(capsys, ["inspect", "skyreels-1.3b", "--memory", "960x544"])
+    assert err.startswith("error: skyreels-1.3b: no such file or folder") and "did you mean skyreels-v2-df-1.3b" in err
+    assert all(name in err for name in RELEASED)

@@ -9,6 +9,8 @@ import json
 import os
 import random
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ def preset_rows(path):
     facts = header_facts(path)
     return rows_for_key(facts.preset_key, facts.extra_presets)
 from flowcache.models import load_model
-from tiny_models import save_wan, tiny_wan
+from tiny_models import HOSTILE_FORMATS, save_wan, tiny_wan, write_hostile
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 INDEX = "model.safetensors.index.json"
@@ -213,6 +215,38 @@ def test_pickle_payload_never_runs(tmp_path, state_dict, zip_format):
     assert msg.startswith("evil.pt: not loadable as a weights-only torch file (it holds a Python object that is "
                           "not plain data: ") and "never run" in msg
     assert "weights_only` set to `False`" not in msg  # torch's own advice would be the wrong advice here
+
+
+def test_hostile_pt_refusal_is_exactly_one_line_subprocess(tmp_path):
+    """The issue's reproduction as a user runs it: torch's "Detected pickle protocol 4" warning (with a path into
+    torch) must not print before the refusal."""
+    marker = tmp_path / "pwned"
+    evil = write_hostile(tmp_path / "evil.pt", marker, "pickle4")
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "flowcache", "inspect", str(evil)], cwd=root, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and not marker.exists()
+    assert r.stderr.startswith("error: evil.pt: not loadable as a weights-only torch file") and r.stderr.count("\n") == 1, r.stderr
+    assert "Warning" not in r.stderr and "torch/" not in r.stderr
+
+
+@pytest.mark.parametrize("how", HOSTILE_FORMATS)
+def test_hostile_pt_is_refused_without_warnings_at_every_entry_point(tmp_path, state_dict, how, capsys, recwarn):
+    marker = tmp_path / "pwned"
+    evil = str(write_hostile(tmp_path / "evil.pt", marker, how, state_dict))
+    cond = tmp_path / "cond.safetensors"
+    save_file({"context": torch.zeros(1, 4, 32)}, str(cond))
+    with pytest.raises(CheckpointError) as e:
+        load_model(evil)
+    assert str(e.value).startswith("evil.pt: not loadable as a weights-only torch file") and "\n" not in str(e.value)
+    for argv in (["inspect", evil], ["inspect", evil, "--memory", "64x64"], ["generate", evil, "--cond", str(cond)],
+                 ["bench", "--model", evil], ["calibrate", evil]):
+        assert cli_main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert err.startswith("error: evil.pt: not loadable as a weights-only torch file") and err.count("\n") == 1, (argv, err)
+        assert "pwned" not in out
+    assert not marker.exists()
+    assert [str(w.message) for w in recwarn] == []  # torch's "Detected pickle protocol" note never escapes
 
 
 # ------------------------------------------------------------------------------------------- fuzzing

@@ -67,6 +67,23 @@ def test_node_side_answer(pack, comfy):
         assert demo["key"] == "demo" and demo["rows"]["flowcache"]["fast"]["threshold"] == 0.25
 
 
+
+def test_route_without_model_name_says_the_parameter_is_required(pack, comfy):
+    """GET /flowcache/model_presets with no model_name (or an empty one): status 400 and an error that names the
+    query parameter and what it holds, not "model_name:  was not found"."""
+    route = pack_submodule(pack, "nodes.presets_route")
+    for query in ({}, {"model_name": ""}, {"model_name": " ", "loop": "causal"}):
+        status, body = route.answer(query)
+        assert status == 400 and body["known"] is False and body["rows"] == {}, query
+        err = body["error"]
+        assert err.startswith("the query parameter model_name is required") and "models/diffusion_models" in err
+        assert "was not found" not in err
+    assert route.model_presets("")["error"] == body["error"]  # the function behind it says the same
+    write_tiny_wan(comfy.models_dir / "tiny.safetensors", pack)
+    status, body = route.answer({"model_name": "tiny.safetensors", "loop": "auto"})
+    assert status == 200 and body["known"] and body["key"] == "tiny-test"
+    assert "model_name" in route.__doc__ and "required" in route.__doc__
+
 def test_the_loaders_loop_choice_picks_the_causal_rows(tmp_path, pack, comfy):
     """A Wan file with nothing marking it causal answers with the diffusion-forcing row; with the loader's
     loop = causal (the frontend sends it), with the causal row, as the sampler will use at run time."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from comfy_helpers import pack_submodule, run_node, write_tiny_wan
+from tiny_models import HOSTILE_FORMATS, write_hostile
 
 
 def raw(path, header: bytes, data: bytes = b"\0" * 8):
@@ -67,6 +68,23 @@ def test_presets_route_answers_unforeseen_errors_too(pack, comfy, monkeypatch, c
         got = route.model_presets("tiny.safetensors")
     assert got["known"] is False and "RuntimeError: something nobody foresaw" in got["error"]
     assert "model_name" in got["error"] and any(r.exc_info for r in caplog.records)  # logged with its traceback
+
+
+
+@pytest.mark.parametrize("how", HOSTILE_FORMATS)
+def test_hostile_pt_in_the_models_folder_is_refused_in_one_line_without_warnings(pack, comfy, how, recwarn):
+    """The loader node and the presets route with a pickle-laden .pt: one message naming the file, no torch
+    warning on the side (the issue's "Detected pickle protocol 4"), nothing run."""
+    marker = comfy.models_dir / "pwned"
+    write_hostile(comfy.models_dir / "evil.pt", marker, how, {"blocks.0.w": torch.zeros(2)})
+    errors = pack_submodule(pack, "flowcache.errors")
+    with pytest.raises(errors.CheckpointError) as e:
+        run_node(pack.NODE_CLASS_MAPPINGS["FlowCacheModelLoader"], model_name="evil.pt", dtype="auto")
+    assert str(e.value).startswith("model_name: evil.pt: not loadable as a weights-only torch file") and "\n" not in str(e.value)
+    got = pack_submodule(pack, "nodes.presets_route").model_presets("evil.pt")
+    assert got["known"] is False and got["error"].startswith("evil.pt: ") and "\n" not in got["error"]
+    assert not marker.exists()
+    assert [str(w.message) for w in recwarn] == []
 
 
 # ----------------------------------------------------------------------------------------- filename_prefix
