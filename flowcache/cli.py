@@ -62,12 +62,16 @@ def _say_err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+RELEASED_NAMES = ("skyreels-v2-df-1.3b", "skyreels-v2-df-14b", "magi-1-4.5b-distill", "causal-wan-1.3b",
+                  "causal-wan-14b")  # flowcache.memory.RELEASED, without importing torch for --help
+
+
 def _inspect(a) -> int:
     from .memory import RELEASED, estimate
     if a.memory:
-        with _flags_named({"frames": "--frames"}):
+        with _flags_named({"frames": "--frames", "num_frames": "--frames", "width": "--memory width", "height": "--memory height"}):
             est = estimate(a.checkpoint, a.memory, frames=a.frames, budget=a.kv_budget, compute=a.dtype,
-                           weights=a.weight_dtype)
+                           weights=a.weight_dtype, method=a.method, preset=a.preset)
         print(json.dumps(est.to_dict(), indent=2) if a.json else est.table())
         return 0
     if a.checkpoint in RELEASED:
@@ -290,18 +294,23 @@ def main(argv: list[str] | None = None) -> int:
                                                         "downloads); each command has its own --help.")
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("inspect", help="print a checkpoint's family, the loop it runs, config, dtype and key layout, "
-                                       "or with --memory its estimated VRAM")
+                                       "or with --memory the memory of every plan (device and host)")
     i.add_argument("checkpoint", help="a checkpoint, or (with --memory) a released architecture: "
-                                      "skyreels-v2-df-1.3b, skyreels-v2-df-14b, magi-1-4.5b-distill")
+                                      + ", ".join(RELEASED_NAMES))
     i.add_argument("--weights", choices=["generator_ema", "generator"],
                    help="a Self-Forcing / CausVid .pt: which generator to read (default generator_ema)")
-    i.add_argument("--memory", metavar="WIDTHxHEIGHT", help="estimate VRAM at this resolution: weights per dtype, "
-                                                            "one batched chunk forward, KV stores with and without "
-                                                            "a budget")
+    i.add_argument("--memory", metavar="WIDTHxHEIGHT", help="estimate memory at this resolution for every plan "
+                                                            "(K/V resident or offloaded, bf16 or fp8, CFG branches "
+                                                            "batched or one after the other): device and host GiB, "
+                                                            "with the weights resident or streamed")
     i.add_argument("--frames", type=int, help="video frames for --memory (default: the model's own: the demo model "
                                               "36, a Wan/SkyReels window 97, MAGI-1 96)")
-    i.add_argument("--kv-budget", type=int, default=1, help="for --memory: chunks of compressed KV history "
-                                                            "(default 1)")
+    i.add_argument("--kv-budget", type=int, help="for --memory: chunks of compressed KV history (default: the "
+                                                 "preset's)")
+    i.add_argument("--method", default="flowcache", choices=list(METHODS),
+                   help="for --memory: the cache method whose preset is planned (default flowcache)")
+    i.add_argument("--preset", default="fast", choices=["slow", "fast"],
+                   help="for --memory: the preset planned (default fast)")
     i.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="for --memory: the compute dtype (default bf16)")
     i.add_argument("--weight-dtype", default="bf16", help="for --memory, released architectures only: bf16, fp16, "

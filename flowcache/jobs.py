@@ -4,16 +4,16 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from .cache import CacheSettings, residuals_kept
+from .cache import CacheSettings
 from .errors import InputError
 from .metrics import psnr
-from .checkpoint import DTYPE_NAMES, compute_dtype
-from .memory import available_bytes, check_fits, df_need
+from .checkpoint import compute_dtype
+from .memory import auto_plan, available_bytes, host_available_bytes
 from .models import LoadedModel, load_model
 from .pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry, plan_windows
 from .presets import resolve_cache
@@ -171,11 +171,13 @@ def run_demo(prompt: str | None = None, preset: str = "fast", out: str | Path = 
 
 def generate(checkpoint: str, cond_path: str, out: str, uncond_path: str | None = None, vae_path: str | None = None,
              cache_mode: str = "flowcache", preset: str = "slow", dtype: str = "auto", device: str = "cpu",
-             progress: Progress | None = None, **settings) -> dict:
+             progress: Progress | None = None, kv_placement: str = "auto", kv_dtype: str = "auto",
+             **settings) -> dict:
     """Run the DF pipeline from a checkpoint and saved text states (safetensors with a 'context' tensor).
 
     Writes a video when a VAE is given (or the model is the demo), else the latents as safetensors.
-    ``progress``: phase lines and a step bar (the CLI's; default: silent).
+    ``progress``: phase lines and a step bar (the CLI's; default: silent). ``kv_placement`` / ``kv_dtype``: as
+    FlowCache Cache's widgets (auto: the fastest memory plan that fits the device).
     """
     from safetensors.torch import load_file, save_file
 
@@ -204,20 +206,20 @@ def generate(checkpoint: str, cond_path: str, out: str, uncond_path: str | None 
         codec = demo.load_demo_codec()
     geometry = LatentGeometry(**lm.geometry)
     pipe = DiffusionForcingPipeline(lm.model, geometry, lm.text_len, codec=codec if vae_path else None)
-    cache = resolve_cache(lm.preset_key, cache_mode, preset, lm.extra_presets)
-    window_path = (s.path if s.path != "auto" else cache.path) == "window"
-    need = df_need(lm.config, s, window_path=window_path, kv_budget=cache.kv_budget,
-                   compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"), text_len=lm.text_len,
-                   temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride,
-                   residuals=residuals_kept(cache))
-    check_fits(need, s.width, s.height, s.num_frames, available_bytes(torch.device(device)), device,
-               geometry.spatial_stride * lm.config.patch_size[1], where="generate")
-    plan_windows(s, geometry, lm.config.patch_size)
+    cache = replace(resolve_cache(lm.preset_key, cache_mode, preset, lm.extra_presets), kv_placement=kv_placement,
+                    kv_dtype=kv_dtype)
+    dev = torch.device(device)
+    plan, note = auto_plan(lambda options, w, h: pipe.plan(replace(s, width=w, height=h), cache, options),
+                           cache.kv_placement, cache.kv_dtype, s.width, s.height, s.num_frames, dev,
+                           available_bytes(dev), host_available_bytes(), geometry.spatial_stride * lm.config.patch_size[1],
+                           where="generate")
+    if note:
+        progress.say(f"note: {note}")
     # said once the inputs are checked: a refusal stays the one line the CLI prints
     progress.say(f"sampling {lm.checkpoint} ({cache_mode}, {preset}): {s.width}x{s.height}, {s.num_frames} frames, "
                  f"{s.steps} steps on {device} ...")
     with progress.run(cache_mode) as hooks:
-        z, stats = pipe(cond.to(device), uncond.to(device), s, cache, hooks)
+        z, stats = pipe(cond.to(device), uncond.to(device), plan.settings, cache, hooks, plan=plan)
     out_p = Path(out)
     out_p.parent.mkdir(parents=True, exist_ok=True)
     if codec is None:

@@ -1,84 +1,90 @@
-"""How much device memory a FlowCache run needs: weights, one batched chunk forward, and the KV stores.
+"""How much memory a run needs, for every way of holding it: ``python -m flowcache inspect MODEL --memory WxH``.
 
-``python -m flowcache inspect CHECKPOINT --memory WIDTHxHEIGHT`` prints it for a checkpoint (read from its
-headers: a 28 GB model is not loaded) or for a released architecture built in memory on meta tensors
-(``RELEASED``), and the ComfyUI nodes pass the activation figure to ComfyUI's memory manager, so that it
-leaves room for the forward when it decides how much of a model to load.
+The figures come from the run plans the loops themselves read (``flowcache.plan`` and each family's planner), at
+the model's default setting, for a checkpoint (read from its headers: a 28 GB model is not loaded) or a
+released architecture built on meta tensors (``RELEASED``):
 
-The figures are estimates of what the pack's code keeps alive, not measurements:
+* **weights** as the pack holds them inside ComfyUI: fp8 weights stay fp8 (upcast layer by layer), the rest in
+  the compute dtype. Streamed (ComfyUI's lowvram), they stay in host RAM and about two blocks are on the device.
+* **working memory** beside the weights, per plan: the largest step's working set (measured on meta tensors
+  with the model's own code), what the run keeps (latents, solver state, cached residuals, text) and the KV
+  stores on the device (all of them resident, two staging layers offloaded); the offloaded K/V in host RAM.
 
-* **weights** as the pack holds them inside ComfyUI: fp8 weights stay fp8 (upcast layer by layer), everything
-  else in the compute dtype. Outside ComfyUI the CLI upcasts fp8 to the compute dtype at load.
-* **activations**: the peak working set of the largest forward of a run. Wan (FlowCache's chunk path): the
-  step that forwards the most chunks at once, every CFG branch in one batch; per block, the residual stream,
-  the fp32 modulation, q/k/v with RoPE's fp32 temporaries, or the FFN's hidden layer, whichever is larger;
-  plus the step's token buffers and the embedded text. Attention is counted as a memory-efficient kernel
-  (no tokens x keys score matrix), as PyTorch's SDPA runs on a GPU. MAGI-1: one chunk per forward.
-* **KV stores**: one per CFG branch (Wan) or stored guidance pass (MAGI-1), every layer's keys and values for
-  the store's capacity: a whole window without a budget; ``budget`` chunks of compressed history plus the
-  chunks that can be unclean at once with one (Wan's capacity rule in ``flowcache.pipelines``). MAGI-1
-  without a budget keeps every chunk of the video.
+The sampler node and ``generate`` choose among the same plans (``choose_plan``): the fastest that fits.
 """
 from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from .checkpoint import DTYPE_NAMES
-from .df_schedule import timestep_matrix
 from .errors import InputError
-from .schedulers import flow_sigmas
+from .plan import GiB, HOST_MARGIN, MemoryOptions, MemoryPlan, NoPlanFits, choose
 
-GiB = 1024 ** 3
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8_e4m3fn": 1, "fp8_e5m2": 1}
 FP8_NAMES = ("fp8_e4m3fn", "fp8_e5m2")
+COMPUTE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The plans ``inspect --memory`` prints, in the automatic order's spirit: fastest first.
+REPORT_OPTIONS = (MemoryOptions(), MemoryOptions(kv_fp8=True), MemoryOptions(kv_offload=True),
+                  MemoryOptions(kv_offload=True, kv_fp8=True), MemoryOptions(lean=True),
+                  MemoryOptions(kv_fp8=True, lean=True), MemoryOptions(kv_offload=True, kv_fp8=True, lean=True))
+STREAMED_BLOCKS = 2  # blocks of weights on the device at once when a host streams them (one computing, one next)
 
 
 @dataclass
-class MemoryEstimate:
-    """Bytes, each figure for the whole run's peak (see the module docstring)."""
+class MemoryReport:
+    """A model's weights and every plan's memory at one setting (``setting`` says which)."""
 
     model: str
-    resolution: str
-    weights: dict[str, int]            # held bytes per dtype name
-    activations: int                   # the largest forward's working set
-    kv: int                            # KV stores without a budget
-    kv_budget: int                     # KV stores with ``budget_chunks`` of compressed history
-    budget_chunks: int
-    facts: dict = field(default_factory=dict)  # tokens, batch, chunks: what the figures were computed from
+    setting: str
+    weights: dict[str, int]          # bytes per dtype name, as held
+    block_weights: int               # one transformer block's weights, as held
+    plans: list[MemoryPlan]
+    facts: dict = field(default_factory=dict)
 
     @property
     def weights_total(self) -> int:
         return sum(self.weights.values())
 
-    def total(self, budget: bool) -> int:
-        return self.weights_total + self.activations + (self.kv_budget if budget else self.kv)
+    def rows(self) -> list[dict]:
+        """Per plan: device bytes with the weights resident and streamed, host bytes (offloaded K/V, and with
+        streamed weights)."""
+        streamed = STREAMED_BLOCKS * self.block_weights
+        return [{"plan": p.label or p.options.name, "working": p.device_bytes,
+                 "device": self.weights_total + p.device_bytes, "device_streamed": streamed + p.device_bytes,
+                 "host": p.host_bytes, "host_streamed": p.host_bytes + self.weights_total,
+                 "activations": p.activations, "state": p.state, "kv": p.kv_bytes} for p in self.plans]
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["weights_total"] = self.weights_total
-        d["total"] = self.total(False)
-        d["total_with_budget"] = self.total(True)
-        return d
+        return {"model": self.model, "setting": self.setting, "weights": self.weights,
+                "weights_total": self.weights_total, "block_weights": self.block_weights, "plans": self.rows(),
+                "facts": self.facts}
 
     def table(self) -> str:
-        """A small text table in GiB."""
         def g(n: int) -> str:
-            return f"{n / GiB:.2f}"
-        rows = [("weights " + ", ".join(f"{k} {g(v)}" for k, v in sorted(self.weights.items())), self.weights_total),
-                (f"activations (one forward: {self.facts.get('forward', '')})", self.activations),
-                (f"KV stores, no budget ({self.facts.get('kv', '')})", self.kv),
-                (f"KV stores, kv_budget {self.budget_chunks} ({self.facts.get('kv_budget', '')})", self.kv_budget),
-                ("total, no budget", self.total(False)),
-                (f"total, kv_budget {self.budget_chunks}", self.total(True))]
-        width = max(len(r[0]) for r in rows)
-        head = f"{self.model} at {self.resolution} (GiB)"
-        return "\n".join([head] + [f"  {name:<{width}}  {g(n):>8}" for name, n in rows])
+            return f"{n / GiB:7.2f}"
+        w = ", ".join(f"{k} {v / GiB:.2f}" for k, v in sorted(self.weights.items()))
+        lines = [f"{self.model}: {self.setting}",
+                 f"  weights {self.weights_total / GiB:.2f} GiB ({w}); streamed by ComfyUI, {STREAMED_BLOCKS} blocks "
+                 f"({STREAMED_BLOCKS * self.block_weights / GiB:.2f} GiB) on the device and the rest in host RAM",
+                 f"  {'plan':44s} {'device GiB':>10s} {'streamed':>9s} {'host GiB':>9s} {'+weights':>9s}   "
+                 f"(working = activations + state + K/V on the device)",
+                 "  " + "-" * 88]
+        for r in self.rows():
+            lines.append(f"  {r['plan']:44s} {g(r['device']):>10s} {g(r['device_streamed']):>9s} "
+                         f"{g(r['host']):>9s} {g(r['host_streamed']):>9s}   working {r['working'] / GiB:.2f} = "
+                         f"{r['activations'] / GiB:.2f} + {r['state'] / GiB:.2f} + "
+                         f"{(r['working'] - r['activations'] - r['state']) / GiB:.2f}")
+        lines.append("  device: weights resident + working; streamed: two blocks of weights + working; host: the "
+                     "offloaded K/V (pinned), +weights: with the weights streamed from host RAM.")
+        if self.facts:
+            lines.append("  " + "; ".join(f"{k} {v}" for k, v in self.facts.items()))
+        return "\n".join(lines)
 
 
 def held_weight_bytes(family: str, cfg, shapes: dict[str, tuple[tuple[int, ...], str]], compute: str
@@ -113,112 +119,6 @@ def _parse_resolution(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _wan_forward_bytes(cfg, rows: int, branches: int, text_len: int, c: int) -> int:
-    """Working set of one Wan forward of ``rows`` tokens (all branches together), compute dtype of ``c`` bytes."""
-    d, f, ps = cfg.dim, cfg.ffn_dim, cfg.patch_size
-    block = max(rows * d * (5 * c + 8),            # q, k, v, attention output, o; RoPE's fp32 q/k temporaries
-                rows * (d * c + 2 * f * c),        # modulated input, FFN hidden and its GELU
-                rows * d * (8 + c))                # fp32 LayerNorm and modulation of the residual
-    step = rows * d * c * 3 + rows * (cfg.out_dim * math.prod(ps)) * 4  # token buffers, head output
-    text = branches * text_len * d * c * 3          # embedded text and one block's cross-attention keys/values
-    return rows * d * c + block + step + text
-
-
-def estimate_wan(cfg, weights: dict[str, int], width: int, height: int, *, frames: int = 97,
-                 base_frames: int = 97, overlap: int = 17, chunk: int = 5, steps: int = 50, ar_step: int = 5,
-                 branches: int = 2, budget: int = 1, compute: str = "bf16", text_len: int = 512,
-                 temporal_stride: int = 4, spatial_stride: int = 8, name: str = "wan",
-                 whole_window: bool = False, residuals: int = 0) -> MemoryEstimate:
-    """A SkyReels-V2 diffusion-forcing run with FlowCache's chunk path (defaults: SkyReels' 540P settings, CFG
-    on, one window of 97 frames; ``frames`` > ``base_frames`` adds windows that start from an overlap).
-    ``whole_window``: the window path's forward (every chunk of the window at once) instead. ``residuals``: the
-    cache's backbone residuals kept per chunk and branch (``residuals_kept``), a window's worth each."""
-    c = BYTES[compute]
-    d, layers = cfg.dim, cfg.num_layers
-    ps = cfg.patch_size
-    tok_frame = (height // spatial_stride // ps[1]) * (width // spatial_stride // ps[2])
-    chunk_tokens = chunk * tok_frame // ps[0]
-    total_lat = (frames - 1) // temporal_stride + 1
-    base_lat = min(total_lat, (base_frames - 1) // temporal_stride + 1)
-    overlap_lat = (overlap - 1) // temporal_stride + 1 if total_lat > base_lat else 0
-    nb = base_lat // chunk
-    if nb < 1:
-        raise InputError(f"frames={frames}: less than one chunk of {chunk} latent frames.")
-    _, timesteps = flow_sigmas(steps, 8.0)
-    most, kv_rows, kv_rows_budget = 0, 0, 0
-    for pb in ((0, overlap_lat // chunk) if overlap_lat else (0,)):
-        sched = timestep_matrix(nb, timesteps, ar_step, pb)
-        per_step = [int(sched.update_mask[i].sum()) + (pb if i == 0 else 0) for i in range(sched.iterations)]
-        most = max(most, max(per_step))
-        window_rows = nb * chunk_tokens
-        kv_rows = max(kv_rows, window_rows)
-        kv_rows_budget = max(kv_rows_budget, min(window_rows, (budget + sched.max_active() + 1 + pb) * chunk_tokens))
-    if whole_window:  # the window path (off, TeaCache): every chunk of the window, prefix included, each step
-        most = nb
-    tokens = most * chunk_tokens  # per branch, in the largest batched forward
-    cached = residuals * branches * kv_rows * d * c  # kv_rows: the largest window's tokens
-    activations = _wan_forward_bytes(cfg, branches * tokens, branches, text_len, c) + cached
-    per_row = layers * 2 * d * c  # keys and values of one token, every layer
-    return MemoryEstimate(
-        name, f"{width}x{height}, {frames} frames", weights, activations, branches * kv_rows * per_row,
-        branches * kv_rows_budget * per_row, budget,
-        {"forward": f"{branches} branches x {most} chunks x {chunk_tokens} tokens",
-         "kv": f"{branches} x {kv_rows} tokens", "kv_budget": f"{branches} x {kv_rows_budget} tokens",
-         "tokens_per_chunk": chunk_tokens, "chunks_per_window": nb, "compute": compute,
-         "cached_residuals": f"{residuals} x {branches} x {kv_rows} tokens"})
-
-
-def estimate_causal(cfg, weights: dict[str, int], width: int, height: int, *, frames: int = 81,
-                    block_frames: int = 3, kv_blocks: int | None = None, compute: str = "bf16",
-                    text_len: int = 512, temporal_stride: int = 4, spatial_stride: int = 8,
-                    name: str = "wan-causal") -> MemoryEstimate:
-    """A causal Wan run (Self-Forcing, CausVid, Causal Forcing): one block per forward, no guidance branch; the
-    KV store holds ``kv_blocks`` blocks (None: every block of the video, kv_mode global)."""
-    c = BYTES[compute]
-    ps = cfg.patch_size
-    tok_frame = (height // spatial_stride // ps[1]) * (width // spatial_stride // ps[2])
-    latent = (frames - 1) // temporal_stride + 1
-    blocks = max(1, latent // block_frames)
-    block_tokens = block_frames * tok_frame // ps[0]
-    kept = blocks if kv_blocks is None else min(blocks, kv_blocks)
-    per_row = cfg.num_layers * 2 * cfg.dim * c
-    kv = kept * block_tokens * per_row
-    text_kv = cfg.num_layers * 2 * text_len * cfg.dim * c  # the text's cross-attention K/V, kept for the run
-    return MemoryEstimate(
-        name, f"{width}x{height}, {frames} frames", weights,
-        _wan_forward_bytes(cfg, block_tokens, 1, text_len, c) + text_kv,
-        kv, kv, kept, {"forward": f"1 block x {block_tokens} tokens", "kv": f"{kept} of {blocks} blocks",
-                       "kv_budget": f"{kept} of {blocks} blocks", "tokens_per_chunk": block_tokens, "compute": compute})
-
-
-def estimate_magi(cfg, weights: dict[str, int], width: int, height: int, *, frames: int = 96, chunk: int = 6,
-                  window: int = 4, passes: int = 1, budget: int = 1, compute: str = "bf16",
-                  text_len: int = 800, temporal_stride: int = 4, spatial_stride: int = 8,
-                  name: str = "magi") -> MemoryEstimate:
-    """A MAGI-1 run (defaults: the distilled model, one stored pass, 96 frames: 4 chunks of 6; the base model's
-    guidance keeps two stores, ``passes=2``)."""
-    c = BYTES[compute]
-    d, f, layers = cfg.hidden_size, cfg.ffn_hidden_size * (2 if cfg.gated_linear_unit else 1), cfg.num_layers
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    tok_frame = (height // spatial_stride // cfg.patch_size) * (width // spatial_stride // cfg.patch_size)
-    tokens = chunk * tok_frame
-    chunks = max(1, math.ceil(frames // temporal_stride / chunk))
-    block = max(tokens * (d * c + 2 * q * c + 2 * kv * c + 2 * (q + kv) * 4 + 2 * q * c + 2 * q * 4 + d * 4),
-                tokens * (d * c + 2 * f * c))
-    activations = tokens * d * (c + 4) + block + text_len * cfg.xattn_dim * 4 * 2
-    per_row = layers * 2 * kv * c
-    cap = chunks
-    cap_budget = min(chunks, max(1, budget + window))
-    return MemoryEstimate(
-        name, f"{width}x{height}, {frames} frames", weights, activations, passes * cap * tokens * per_row,
-        passes * cap_budget * tokens * per_row, budget,
-        {"forward": f"1 chunk x {tokens} tokens", "kv": f"{passes} x {cap} chunks",
-         "kv_budget": f"{passes} x {cap_budget} chunks", "tokens_per_chunk": tokens, "chunks": chunks,
-         "compute": compute})
-
-
-# ------------------------------------------------------------------------------ what to estimate for
-
 def _released_wan(dim: int, ffn: int, heads: int, layers: int, fps: bool) -> dict:
     return {"family": "wan", "config": dict(dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers, has_fps=fps)}
 
@@ -227,7 +127,11 @@ RELEASED = {
     "skyreels-v2-df-1.3b": _released_wan(1536, 8960, 12, 30, True),   # inject_sample_info: the fps embedding
     "skyreels-v2-df-14b": _released_wan(5120, 13824, 40, 40, False),
     "magi-1-4.5b-distill": {"family": "magi", "config": {}},           # MagiConfig's defaults are the 4.5B
+    "causal-wan-1.3b": {**_released_wan(1536, 8960, 12, 30, False), "loop": "causal"},  # Self-Forcing, CausVid
+    "causal-wan-14b": {**_released_wan(5120, 13824, 40, 40, False), "loop": "causal"},  # a 14B causal Wan
 }
+PRESET_ROWS = {"skyreels-v2-df-1.3b": "wan-1.3B", "skyreels-v2-df-14b": "wan-14B", "magi-1-4.5b-distill": "magi-4.5B",
+               "causal-wan-1.3b": "wan-1.3B-causal", "causal-wan-14b": "wan-14B-causal"}
 MAGI_FP8_LAYERS = lambda layers: tuple(range(1, layers - 1))  # noqa: E731  the fp8 release: all but first/last
 
 
@@ -306,9 +210,9 @@ def _check_model_named(model: str) -> None:
 
 
 def _own_settings(model: str) -> dict:
-    """``estimate_wan`` keywords a Wan checkpoint fixes itself, from its headers (safetensors only): its latent
-    geometry and text length (``flowcache.*`` metadata), and for the demo model its own default run
-    (``DEMO_SETTINGS``: 36 frames in two windows of 20, chunks of 4, ...) instead of SkyReels' 97 frames."""
+    """What a Wan checkpoint fixes itself, from its headers (safetensors only): its latent geometry and text length
+    (``flowcache.*`` metadata), and for the demo model its own default run (``DEMO_SETTINGS``) instead of
+    SkyReels' 97 frames at 540P."""
     from .checkpoint import checkpoint_files, read_headers
     from .models import _meta_geometry, _meta_int
 
@@ -318,49 +222,124 @@ def _own_settings(model: str) -> dict:
     _, meta = read_headers(files)
     own: dict = {}
     geometry = _meta_geometry(meta, files[0].name) or {}
-    own.update({k: geometry[k] for k in ("temporal_stride", "spatial_stride") if geometry.get(k, 0) >= 1})
+    if geometry:
+        own["geometry"] = geometry
     text_len = _meta_int(meta, "flowcache.text_len", files[0].name)
     if text_len:
         own["text_len"] = text_len
     if meta.get("flowcache.model_key") == "demo":
         try:
-            from .demo import DEMO_SETTINGS as d
+            from .demo import DEMO_SETTINGS
         except ImportError:  # the core without its demo assets
             return own
-        own.update(frames=d["num_frames"], base_frames=d["base_num_frames"], overlap=d["overlap_history"],
-                   chunk=d["causal_block_size"], steps=d["steps"], ar_step=d["ar_step"],
-                   branches=2 if d["cfg"] > 1.0 else 1)
+        own["settings"] = dict(DEMO_SETTINGS)
     return own
 
 
-def estimate(model: str, resolution: str, *, frames: int | None = None, budget: int = 1, compute: str = "bf16",
-             weights: str = "bf16") -> MemoryEstimate:
-    """The estimate for a checkpoint path or a ``RELEASED`` name at ``WIDTHxHEIGHT``."""
-    if compute not in ("bf16", "fp16", "fp32"):
+def _block_bytes(weights: dict[str, int], cfg, family: str) -> int:
+    """One transformer block's share of the weights (the blocks are nearly all of them)."""
+    layers = cfg.num_layers
+    return sum(weights.values()) // max(1, layers)
+
+
+def family_planner(family: str, loop: str, cfg, dtype: torch.dtype, *, frames: int | None, text_len: int,
+                   cache, geometry: dict | None = None, settings: dict | None = None, distill: bool = True
+                   ) -> tuple[Callable[[MemoryOptions, int, int], Any], str]:
+    """A function (options, width, height) -> the family's run plan at the model's default setting (SkyReels'
+    540P diffusion forcing with 97 frames; Self-Forcing's 81 frames; MAGI-1's 96), and a line saying which."""
+    from .pipelines.common import LatentGeometry
+
+    if family == "magi":
+        from .pipelines.magi import MagiSettings, plan_magi
+        geo = LatentGeometry(**(geometry or {"temporal_stride": 4, "spatial_stride": 8,
+                                             "channels": cfg.latent_channels}))
+        n = frames or 96
+
+        def magi(options: MemoryOptions, width: int, height: int):
+            s = MagiSettings(num_frames=n, width=width, height=height)
+            return plan_magi(s, cfg, geo, dtype, distill, 0, cache, options)
+        return magi, f"MAGI-1 {'distilled' if distill else 'base'}, {n} frames, {cache.method} {cache.preset}"
+    geo = LatentGeometry(**(geometry or {}))
+    if loop == "causal":
+        from .pipelines.causal_wan import CausalSettings, plan_causal_run
+        n = frames or 81
+
+        def causal(options: MemoryOptions, width: int, height: int):
+            s = CausalSettings(width=width, height=height, num_frames=n)
+            return plan_causal_run(s, cache, cfg, geo, dtype, text_len, options)
+        return causal, f"causal loop, {n} frames, kv_mode rolling (21-frame window), {cache.method} {cache.preset}"
+    from dataclasses import fields as dc_fields
+
+    from .pipelines.diffusion_forcing import DFSettings, plan_df
+    known = {f.name for f in dc_fields(DFSettings)}
+    base = {k: v for k, v in (settings or {}).items() if k in known}
+    base.setdefault("base_num_frames", 97)
+    base["num_frames"] = frames or base.get("num_frames", 97)
+    if frames and "settings" not in (settings or {}):
+        base["base_num_frames"] = min(base["base_num_frames"], frames) if frames <= 97 else base["base_num_frames"]
+
+    def df(options: MemoryOptions, width: int, height: int):
+        s = DFSettings(**{**base, "width": width, "height": height})
+        return plan_df(s, cache, cfg, geo, dtype, text_len, options)
+    return df, (f"diffusion forcing, {base['num_frames']} frames, {cache.method} {cache.preset} "
+                f"({cache.attention} attention, kv_budget {cache.kv_budget})")
+
+
+def estimate(model: str, resolution: str, *, frames: int | None = None, budget: int | None = None,
+             compute: str = "bf16", weights: str = "bf16", method: str = "flowcache", preset: str = "fast",
+             options: tuple[MemoryOptions, ...] = REPORT_OPTIONS) -> MemoryReport:
+    """Every plan's memory for a checkpoint path or a ``RELEASED`` name at ``WIDTHxHEIGHT``, with the model's
+    ``method``/``preset`` cache settings (``budget``: another kv_budget)."""
+    from .presets import resolve_cache
+
+    if compute not in COMPUTE:
         raise InputError(f"--dtype {compute!r}: the compute dtype is bf16, fp16 or fp32.")
     if weights not in BYTES:
         raise InputError(f"--weight-dtype {weights!r}: one of {', '.join(BYTES)}.")
-    if budget < 0:
+    if budget is not None and budget < 0:
         raise InputError(f"--kv-budget {budget}: must be ≥ 0 chunks.")
     w, h = _parse_resolution(resolution)
     own: dict = {}
     if model in RELEASED:
         family, cfg, shapes = released_shapes(model, weights)
+        loop = RELEASED[model].get("loop", "magi" if family == "magi" else "diffusion_forcing")
+        key, extra = PRESET_ROWS[model], {}
     else:
         _check_model_named(model)
+        from .models import header_facts
         family, cfg, shapes = checkpoint_shapes(model)
+        facts = header_facts(model)
+        key, extra = facts.preset_key, facts.extra_presets
+        loop = "magi" if family == "magi" else ("causal" if key.endswith("-causal") else "diffusion_forcing")
         own = _own_settings(model) if family == "wan" else {}
     held = held_weight_bytes(family, cfg, shapes, compute)
-    label = model if model in RELEASED else str(model)
-    if family == "wan":
-        if w % 16 or h % 16:
-            raise InputError(f"--memory {resolution}: Wan needs multiples of 16.")
-        default_frames = own.pop("frames", 97)  # one SkyReels window, unless the model says otherwise
-        return estimate_wan(cfg, held, w, h, frames=frames or default_frames, budget=budget, compute=compute,
-                            name=label, **own)
-    if w % 16 or h % 16:
-        raise InputError(f"--memory {resolution}: MAGI-1 needs multiples of 16.")
-    return estimate_magi(cfg, held, w, h, frames=frames or 96, budget=budget, compute=compute, name=label)
+    unit = 16
+    if w % unit or h % unit:
+        raise InputError(f"--memory {resolution}: width and height must be multiples of {unit}.")
+    try:
+        cache = resolve_cache(key, method, preset, extra)
+    except InputError:  # no presets for this model: its calibration-free chunk cache
+        cache = resolve_cache(key, "easycache", "custom", extra)
+    if budget is not None:
+        cache.kv_budget = budget
+    planner, setting = family_planner(family, loop, cfg, COMPUTE[compute], frames=frames,
+                                      text_len=own.get("text_len", 800 if family == "magi" else 512),
+                                      cache=cache, geometry=own.get("geometry"), settings=own.get("settings"))
+    if family == "magi":  # one chunk, one pass per forward: nothing to run one after the other
+        options = tuple(o for o in options if not o.lean)
+    plans = [planner(o, w, h).memory for o in options]
+    facts = dict(plans[0].facts)
+    if family == "wan" and loop == "diffusion_forcing":  # the window path (off, TeaCache) for comparison
+        window, _ = family_planner(family, loop, cfg, COMPUTE[compute], frames=frames,
+                                   text_len=own.get("text_len", 512), cache=resolve_cache(key, "off", "slow", extra),
+                                   geometry=own.get("geometry"), settings=own.get("settings"))
+        for o in (MemoryOptions(), MemoryOptions(lean=True)):
+            plan = window(o, w, h).memory
+            plan.label = f"off / teacache ({'sequential branches' if o.lean else 'whole window'})"
+            plans.append(plan)
+    label = model if model in RELEASED else Path(model).name
+    return MemoryReport(label, f"{w}x{h}, {setting}, {compute} compute", held, _block_bytes(held, cfg, family),
+                        plans, facts)
 
 
 # ------------------------------------------------------------------------------ refusing what cannot fit
@@ -382,29 +361,9 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def working_bytes(estimate: Callable[[], MemoryEstimate], kv: str | None) -> int:
-    """Bytes a run needs beside the weights (one forward, plus the KV stores ``kv`` names: "kv" or "kv_budget");
-    0 when the estimate does not apply (the run's own checks then report the bad settings)."""
-    try:
-        est = estimate()
-    except (InputError, ValueError, ZeroDivisionError):
-        return 0
-    return est.activations + (getattr(est, kv) if kv else 0)
-
-
-def df_need(cfg, s, *, window_path: bool, kv_budget: int, compute: str, text_len: int, temporal_stride: int,
-            spatial_stride: int, residuals: int = 0) -> Callable[[int, int], int]:
-    """Working bytes of a diffusion-forcing run at a (width, height), the other settings taken from ``s`` (a
-    ``DFSettings``): the window path's whole-window forward, or the chunk path's forward and its KV stores;
-    plus the cache's residuals (``residuals_kept``)."""
-    def need(width: int, height: int) -> int:
-        return working_bytes(lambda: estimate_wan(
-            cfg, {}, width, height, frames=s.num_frames, base_frames=s.base_num_frames, overlap=s.overlap_history,
-            chunk=s.causal_block_size, steps=s.steps, ar_step=s.ar_step, branches=2 if s.cfg > 1.0 else 1,
-            budget=kv_budget, compute=compute, text_len=text_len, temporal_stride=temporal_stride,
-            spatial_stride=spatial_stride, whole_window=window_path, residuals=residuals),
-            None if window_path else ("kv_budget" if kv_budget else "kv"))
-    return need
+def host_available_bytes() -> int | None:
+    """Host RAM a run could pin for offloaded K/V: Linux's MemAvailable (None when unknown)."""
+    return available_bytes(torch.device("cpu"))
 
 
 def largest_fitting_size(need: Callable[[int, int], int], width: int, height: int, available: int,
@@ -425,23 +384,54 @@ def largest_fitting_size(need: Callable[[int, int], int], width: int, height: in
     return best
 
 
-def check_fits(need: Callable[[int, int], int], width: int, height: int, frames: int, available: int | None,
-               device: str, unit: int, where: str = "FlowCache Sampler") -> int:
-    """Refuse a run whose working memory (one forward and the KV stores, beside the weights, which ComfyUI can
-    stream layer by layer) exceeds what ``device`` has available, naming the largest size that fits. Returns
-    the need in bytes. ``available`` None: unknown, nothing is refused."""
-    needed = need(width, height)
-    if available is None or needed <= available:
-        return needed
-    fit = largest_fitting_size(need, width, height, available, unit)
-    hint = (f"expected at most {fit[0]}x{fit[1]} (the largest size that fits at this aspect ratio and frame count)"
-            if fit else "no size fits at this frame count: expected fewer frames")
-    raise InputError(f"{where}: width={width}, height={height}, num_frames={frames} need about "
-                     f"{needed / GiB:.1f} GiB, the {device} has about {available / GiB:.1f} GiB; {hint}. The estimate "
-                     "is the working memory beside the weights (one forward and the KV cache); fewer frames or a "
-                     "kv_budget also lower it.")
+def choose_plan(planner: Callable[[MemoryOptions, int, int], Any], options: list[MemoryOptions], width: int,
+                height: int, frames: int, device_free: int | None, host_free: int | None, device: str, unit: int,
+                where: str = "FlowCache Sampler"):
+    """The fastest of ``options`` whose plan fits ``device_free`` bytes beside the weights and ``host_free`` bytes
+    of host RAM (None: unknown, never refused). When none fits, the refusal names both figures and, when the
+    device is short, the largest size at this aspect ratio that the smallest plan fits."""
+    try:
+        return choose(lambda o: planner(o, width, height), options, device_free, host_free)[0]
+    except NoPlanFits as e:
+        last = e.tried[-1]
+        smallest = options[-1]
+        if host_free is not None and last.memory.host_bytes > host_free * HOST_MARGIN and (
+                device_free is None or last.memory.device_bytes <= device_free):
+            raise InputError(f"{where}: kv_placement offload needs {last.memory.host_bytes / GiB:.1f} GiB of host "
+                             f"RAM for the K/V at width={width}, height={height}, num_frames={frames}; "
+                             f"{host_free * HOST_MARGIN / GiB:.1f} GiB can be pinned ({host_free / GiB:.1f} GiB free, "
+                             "less a margin for the system). Expected a smaller size, fewer frames, kv_dtype fp8 "
+                             "or a kv_budget.") from None
+        fit = largest_fitting_size(lambda w, h: planner(smallest, w, h).memory.device_bytes, width, height,
+                                   device_free, unit)
+        hint = (f"expected at most {fit[0]}x{fit[1]} (the largest size the smallest plan fits at this aspect ratio "
+                "and frame count)" if fit else "no size fits at this frame count: expected fewer frames")
+        raise InputError(f"{where}: width={width}, height={height}, num_frames={frames} need about "
+                         f"{last.memory.device_bytes / GiB:.1f} GiB beside the weights even with the smallest plan "
+                         f"({smallest.name}); the {device} has about {device_free / GiB:.1f} GiB; {hint}. Fewer "
+                         "frames or a kv_budget also lower it.") from None
 
 
-__all__ = ["MemoryEstimate", "RELEASED", "estimate", "estimate_wan", "estimate_magi", "estimate_causal",
-           "held_weight_bytes", "released_shapes", "checkpoint_shapes", "available_bytes", "working_bytes", "df_need",
-           "largest_fitting_size", "check_fits"]
+def auto_plan(planner: Callable[[MemoryOptions, int, int], Any], kv_placement: str, kv_dtype: str, width: int,
+              height: int, frames: int, device: torch.device, device_free: int | None, host_free: int | None,
+              unit: int, where: str = "FlowCache Sampler") -> tuple[Any, str]:
+    """The automatic plan: the fastest of ``candidates`` (narrowed by the ``kv_placement`` / ``kv_dtype`` widgets)
+    that fits, and a note when ``kv_dtype = fp8`` was asked for where the device cannot hold fp8 (then the model's
+    dtype is used). On a CPU the K/V are already in host RAM: auto never offloads there."""
+    from .plan import candidates, fp8_reason
+
+    note = ""
+    reason = fp8_reason(device) if kv_dtype != "bf16" else None
+    if reason and kv_dtype == "fp8":
+        note = f"kv_dtype=fp8 is not available here ({reason}); keys/values were kept in the model's dtype"
+    if device.type == "cpu" and kv_placement == "auto":
+        kv_placement, host_free = "device", None
+    stores_kv = bool(planner(MemoryOptions(), width, height).memory.stores)
+    options = candidates(kv_placement, kv_dtype, stores_kv, fp8_ok=reason is None)
+    return choose_plan(planner, options, width, height, frames, device_free, host_free, device.type, unit,
+                       where), note
+
+
+__all__ = ["MemoryReport", "RELEASED", "REPORT_OPTIONS", "auto_plan", "available_bytes", "choose_plan", "estimate",
+           "family_planner", "held_weight_bytes", "host_available_bytes", "largest_fitting_size", "released_shapes",
+           "checkpoint_shapes"]

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .cache.registry import KV_DTYPES, KV_PLACEMENTS
 from .errors import InputError
 from .kv.scoring import CompressionConfig
 from .kv.store import FP8, STAGING_SLOTS, KVStore, fp8_supported
@@ -29,8 +30,6 @@ from .memtrack import track
 from .models.common import attention_backend
 
 GiB = 1024 ** 3
-KV_PLACEMENTS = ("auto", "device", "offload")
-KV_DTYPES = ("auto", "bf16", "fp8")
 LEAN_SLICE_TOKENS = 8192  # the most tokens a lean block's token-wise stage handles at once (whole frames)
 SCALE_BYTES = 4           # an fp8 row's scale per head, keys and values each
 HOST_MARGIN = 0.85        # offloaded K/V is pinned (never swapped): leave the OS the rest of the free RAM
@@ -147,6 +146,7 @@ class MemoryPlan:
     activations: int
     state: int
     facts: dict = field(default_factory=dict)
+    label: str = ""  # a name for tables, when the options alone do not say which run it is
 
     @property
     def kv_bytes(self) -> int:
@@ -225,7 +225,8 @@ def wan_forward_peak(cfg, dtype: torch.dtype, frames: int, grid_hw: tuple[int, i
     pt, ph, pw = c.patch_size
     tokens = frames // pt * grid_hw[0] * grid_hw[1]
     out_frames = frames if out_frames is None else out_frames
-    with torch.inference_mode(), torch.device("meta"), attention_backend(_meta_attention), track("meta") as mem:
+    with torch.inference_mode(), torch.device("meta"), attention_backend(_meta_attention), \
+            track("meta", collect=False) as mem:
         x = torch.empty(1, c.in_dim, frames, grid_hw[0] * ph, grid_hw[1] * pw)
         h0 = model.embed(x).contiguous()
         e, e0 = model.time_embed(torch.empty(1, frames), None)
@@ -277,7 +278,8 @@ def magi_forward_peak(cfg, dtype: torch.dtype, frames: int, h: int, w: int, capt
     p, pt = c.patch_size, c.t_patch_size
     tokens = frames // pt * (h // p) * (w // p)
     bands = 3 * c.rope_bands
-    with torch.inference_mode(), torch.device("meta"), attention_backend(_meta_attention), track("meta") as mem:
+    with torch.inference_mode(), torch.device("meta"), attention_backend(_meta_attention), \
+            track("meta", collect=False) as mem:
         x = torch.empty(1, c.latent_channels, frames, h, w)
         emb = model.embed_input(x).to(dtype)
         cond = model.condition(torch.empty(1, 1))
@@ -291,43 +293,36 @@ def magi_forward_peak(cfg, dtype: torch.dtype, frames: int, h: int, w: int, capt
 
 # ------------------------------------------------------------------------------ choosing a plan
 
-def choose(build: Callable[[MemoryOptions], MemoryPlan], options: list[MemoryOptions], device_free: int | None,
-           host_free: int | None) -> tuple[MemoryPlan, list[MemoryPlan]]:
-    """The first of ``options`` whose plan fits ``device_free`` bytes beside the weights and, offloaded,
-    ``host_free`` (× ``HOST_MARGIN``) bytes of host memory; None figures are unknown and never refuse. Returns
-    the chosen plan and every plan tried; raises ``NoPlanFits`` when none fits."""
+def choose(build: Callable[[MemoryOptions], object], options: list[MemoryOptions], device_free: int | None,
+           host_free: int | None) -> tuple[object, list]:
+    """The first of ``options`` whose run plan (``build(options)``: a family plan with a ``memory``) fits
+    ``device_free`` bytes beside the weights and, offloaded, ``host_free`` (× ``HOST_MARGIN``) bytes of host
+    memory; None figures are unknown and never refuse. Returns the chosen plan and every plan tried; raises
+    ``NoPlanFits`` when none fits."""
     tried = []
     for opt in options:
         plan = build(opt)
         tried.append(plan)
-        if fits(plan, device_free, host_free):
+        if fits(plan.memory, device_free, host_free):
             return plan, tried
     raise NoPlanFits(tried, device_free, host_free)
 
 
-def fits(plan: MemoryPlan, device_free: int | None, host_free: int | None) -> bool:
-    device_ok = device_free is None or plan.device_bytes <= device_free
-    host_ok = host_free is None or plan.host_bytes <= host_free * HOST_MARGIN
+def fits(memory: MemoryPlan, device_free: int | None, host_free: int | None) -> bool:
+    device_ok = device_free is None or memory.device_bytes <= device_free
+    host_ok = host_free is None or memory.host_bytes <= host_free * HOST_MARGIN
     return device_ok and host_ok
 
 
 class NoPlanFits(InputError):
-    """No candidate plan fits: ``tried`` holds each plan with its figures."""
+    """No candidate plan fits: ``tried`` holds each run plan tried (``.memory`` has its figures)."""
 
-    def __init__(self, tried: list[MemoryPlan], device_free: int | None, host_free: int | None):
+    def __init__(self, tried: list, device_free: int | None, host_free: int | None):
         self.tried, self.device_free, self.host_free = tried, device_free, host_free
-        super().__init__(self.describe())
-
-    def describe(self) -> str:
-        last = self.tried[-1]
-        dev = f"{self.device_free / GiB:.1f}" if self.device_free is not None else "?"
-        host_short = (self.host_free is not None and last.host_bytes > self.host_free * HOST_MARGIN)
-        if host_short and (self.device_free is None or last.device_bytes <= self.device_free):
-            return (f"kv_placement: offloading the K/V needs {last.host_bytes / GiB:.1f} GiB of host RAM; "
-                    f"{self.host_free * HOST_MARGIN / GiB:.1f} GiB can be pinned ({self.host_free / GiB:.1f} GiB "
-                    "free, less a margin for the system)")
-        return (f"the smallest plan ({last.options.name}) needs {last.device_bytes / GiB:.1f} GiB of device memory "
-                f"beside the weights; {dev} GiB is available")
+        last = tried[-1].memory
+        dev = f"{device_free / GiB:.1f} GiB" if device_free is not None else "an unknown amount"
+        super().__init__(f"memory: the smallest plan ({last.options.name}) needs {last.device_bytes / GiB:.1f} GiB "
+                         f"beside the weights and {last.host_bytes / GiB:.1f} GiB of host RAM; the device has {dev}.")
 
 
 def fp8_reason(device: torch.device | str) -> str | None:

@@ -18,11 +18,11 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .cache.registry import ATTENTION, METHODS, REUSE, CacheSettings, method
+from .cache.registry import ATTENTION, KV_DTYPES, KV_PLACEMENTS, METHODS, REUSE, CacheSettings, method
 from .errors import CheckpointError, InputError
 
 log = logging.getLogger("FlowCache")
@@ -252,7 +252,8 @@ def preset_rows(model_key: str, extra: dict | None = None) -> dict:
                 s = resolve_cache(model_key, name, preset, extra)
             except InputError:
                 continue
-            shown = {k: v for k, v in s.to_dict().items() if k not in ("method", "preset", "model_key")
+            shown = {k: v for k, v in s.to_dict().items()
+                     if k not in ("method", "preset", "model_key", "kv_placement", "kv_dtype")  # not preset values
                      and k not in SHARED_VALUES}
             rows.setdefault(name, {})[preset] = shown
     return {"key": model_key, "known": True, "rows": rows}
@@ -274,19 +275,22 @@ class CacheRequest:
     values: tuple[tuple[str, Any], ...] = ()
     attention: str | None = None  # None: the model's presets choose
     reuse: str | None = None      # None: the model's presets choose
+    kv_placement: str = "auto"    # where stored K/V live (``flowcache.plan``)
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         method(self.method)
         if self.preset not in PRESET_NAMES:
             raise InputError(f"preset={self.preset!r}: must be one of {', '.join(PRESET_NAMES)}.")
+        for name, value, allowed in (("kv_placement", self.kv_placement, KV_PLACEMENTS),
+                                     ("kv_dtype", self.kv_dtype, KV_DTYPES)):
+            if value not in allowed:
+                raise InputError(f"FlowCache Cache: {name}={value!r}: must be one of {', '.join(allowed)}.")
 
     def resolve(self, model_key: str, extra: dict | None = None) -> CacheSettings:
         settings = resolve_cache(model_key, self.method, self.preset, extra, **dict(self.values))
-        if self.attention is not None or self.reuse is not None:
-            settings.attention = self.attention or settings.attention
-            settings.reuse = self.reuse or settings.reuse
-            settings.__post_init__()
-        return settings
+        return replace(settings, attention=self.attention or settings.attention, reuse=self.reuse or settings.reuse,
+                       kv_placement=self.kv_placement, kv_dtype=self.kv_dtype)  # a new object, checked anew
 
     def describe(self) -> str:
         return f"{self.method} ({self.preset})" if self.method != "off" else "off"

@@ -145,8 +145,13 @@ class RunState:
         for i, b in enumerate(self.branches[:2]):
             (s.maps if i == 0 else s.maps_uncond).append(["".join(c) for c in self.maps[b]])
         stores = list(self.stores.values())
+        for st in stores:
+            st.flush()
         if stores:
             s.kv_peak_bytes = max(s.kv_peak_bytes, sum(st.allocated_bytes for st in stores))
+            s.kv_device_bytes = max(s.kv_device_bytes, sum(st.device_bytes for st in stores))
+            s.kv_host_bytes = max(s.kv_host_bytes, sum(st.host_bytes for st in stores))
+            s.kv_moved_bytes += sum(sum(st.moved.values()) for st in stores)
         for st in stores:
             s.kv_allocated_bytes = max(s.kv_allocated_bytes, st.allocated_bytes)
             kv = st.stats()

@@ -28,7 +28,10 @@ class RunStats:
     flops_paper: float = 0.0
     flops_nocache_paper: float = 0.0
     wall_seconds: float = 0.0
-    kv_peak_bytes: int = 0
+    kv_peak_bytes: int = 0       # K/V held at once, device and host
+    kv_device_bytes: int = 0     # of which on the compute device (all of it resident; two staging layers offloaded)
+    kv_host_bytes: int = 0       # of which offloaded to host memory
+    kv_moved_bytes: int = 0      # bytes an offloaded store copied between host and device, both ways
     kv_allocated_bytes: int = 0
     kv_kept_per_layer: list[int] = field(default_factory=list)
     kv_dropped_per_layer: list[int] = field(default_factory=list)

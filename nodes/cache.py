@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..flowcache.cache import METHODS
+from ..flowcache.cache import KV_DTYPES, KV_PLACEMENTS, METHODS
 from ..flowcache.presets import PRESET_NAMES, CacheRequest
 from ..flowcache.errors import InputError
 from ..flowcache.validate import finite
@@ -33,6 +33,8 @@ CUSTOM_WIDGETS: dict[str, tuple[str, tuple]] = {
 }
 ATTENTION_CHOICES = ["auto", "window", "window_refresh", "block_causal"]
 REUSE_CHOICES = ["auto", "hold", "extrapolate"]
+KV_PLACEMENT_CHOICES = list(KV_PLACEMENTS)
+KV_DTYPE_CHOICES = list(KV_DTYPES)
 
 
 class FlowCacheCache:
@@ -62,7 +64,20 @@ class FlowCacheCache:
             "tooltip": "What a chunk that skips its step applies: hold = its last computed result as it is (the "
                        "reference codes); extrapolate = the line through its last two computed results, continued "
                        "to this step (no extra compute, one more cached result per chunk; on the demo closer to off "
-                       "with window_refresh attention, not always with window). auto: the model's presets."})}
+                       "with window_refresh attention, not always with window). auto: the model's presets."}),
+            "kv_placement": (KV_PLACEMENT_CHOICES, {
+                "default": "auto",
+                "tooltip": "Where the stored keys/values of finished and earlier chunks live. auto: on the GPU when "
+                           "they fit, else in system RAM (the sampler picks the fastest plan that fits and says which "
+                           "after the run); device: always on the GPU; offload: always in system RAM (pinned), "
+                           "two layers at a time on the GPU, copied while the layer before computes. Only the chunk "
+                           "path and the causal and MAGI-1 loops store keys/values."}),
+            "kv_dtype": (KV_DTYPE_CHOICES, {
+                "default": "auto",
+                "tooltip": "How stored keys/values are held. auto: the model's precision when it fits, else fp8; "
+                           "bf16: the model's own precision (bf16, or fp16/fp32 if it computes in that); fp8: half "
+                           "the memory (e4m3 with a scale per chunk and head, a small quality cost). Where the GPU "
+                           "cannot hold fp8, bf16 is used and the node says so."})}
         return {"required": required, "optional": optional}
 
     RETURN_TYPES = ("FLOWCACHE_CACHE",)
@@ -74,11 +89,11 @@ class FlowCacheCache:
                    "with the model's slow preset, or easycache (no calibration needed) for a model without presets.")
 
     def build(self, method: str, preset: str, attention: str = "auto", reuse: str = "auto",
-              **custom: Any) -> tuple[CacheRequest]:
+              kv_placement: str = "auto", kv_dtype: str = "auto", **custom: Any) -> tuple[CacheRequest]:
         # every number is checked, used or not: NaN passes ComfyUI's own min/max checks
         values = tuple((CUSTOM_WIDGETS[k][0], finite(v, k)) for k, v in custom.items() if k in CUSTOM_WIDGETS)
         for name, value, allowed in (("attention", attention, ATTENTION_CHOICES), ("reuse", reuse, REUSE_CHOICES)):
             if value not in allowed:
                 raise InputError(f"FlowCache Cache: {name}={value!r}: must be one of {', '.join(allowed)}.")
         return (CacheRequest(method, preset, values, None if attention == "auto" else attention,
-                             None if reuse == "auto" else reuse),)
+                             None if reuse == "auto" else reuse, kv_placement, kv_dtype),)

@@ -3,16 +3,13 @@ the sampler's run for models whose loop is causal (Self-Forcing, CausVid, Causal
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ..flowcache.cache import CacheSettings
-from ..flowcache.checkpoint import DTYPE_NAMES
 from ..flowcache.errors import InputError
 from ..flowcache.latent_format import wan_to_raw
-from ..flowcache.memory import estimate_causal, working_bytes
-from ..flowcache.pipelines.causal_wan import (KV_MODES, LOOP_PRESETS, CausalSettings, CausalWanPipeline,
-                                               kv_store_blocks, plan_causal)
+from ..flowcache.pipelines.causal_wan import KV_MODES, LOOP_PRESETS, CausalSettings, CausalWanPipeline, plan_causal
 from ..flowcache.pipelines.common import LatentGeometry
 from ..flowcache.runner import RunHooks
 
@@ -87,28 +84,25 @@ def causal_settings(w: Any, options: CausalOptions | None) -> tuple[CausalSettin
 
 
 def causal_run(model: Any, w: Any, positive: Any, cache: CacheSettings, options: CausalOptions | None,
-               conditioning: Callable[[Any, str], Any]
-               ) -> tuple[Callable[[RunHooks], tuple[dict, Any]], tuple[Callable[[int, int], int], int]]:
-    """The causal loop's job, and its working memory at a (width, height) with the pixel multiple sizes keep;
-    every input is checked here, before the model moves."""
+               conditioning: Callable[[Any, str], Any]) -> tuple[Callable[..., tuple[dict, Any]], Callable, int]:
+    """The causal loop's job (hooks, plan), its planner (memory options, width, height) and the pixel multiple
+    sizes keep; every input is checked here, before the model moves."""
     lm = model.loaded
     settings, ignored = causal_settings(w, options)
     geometry = LatentGeometry(**lm.geometry)
-    plan = plan_causal(settings, geometry, lm.config.patch_size, cache.kv_budget)
-    kv_blocks = kv_store_blocks(plan, settings.kv_mode, cache.kv_budget)
+    pipe = CausalWanPipeline(lm.model, geometry, lm.text_len)
+    plan_causal(settings, geometry, lm.config.patch_size, cache.kv_budget)  # every settings error now
     cond = conditioning(positive, "positive")
-    log.info("FlowCache: causal loop, %d blocks of %d latent frames, kv %s; ignored here: %s", settings.num_frames,
-             settings.num_frame_per_block, settings.kv_mode, ", ".join(ignored))
+    log.info("FlowCache: causal loop, %d frames in blocks of %d latent frames, kv %s; ignored here: %s",
+             settings.num_frames, settings.num_frame_per_block, settings.kv_mode, ", ".join(ignored))
 
-    def job(hooks: RunHooks):
-        latents, stats = CausalWanPipeline(lm.model, geometry, lm.text_len)(cond, settings, cache, hooks)
+    def job(hooks: RunHooks, plan):
+        latents, stats = pipe(cond, plan.settings, cache, hooks, plan=plan)
         stats.settings["ignored_widgets"] = ignored
         if lm.latent_format == "wan21":
             return {"samples": wan_to_raw(latents)}, stats
         return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
 
-    need = lambda width, height: working_bytes(lambda: estimate_causal(  # noqa: E731
-        lm.config, {}, width, height, frames=settings.num_frames, block_frames=settings.num_frame_per_block,
-        kv_blocks=kv_blocks, compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"), text_len=lm.text_len,
-        temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride), "kv")
-    return job, (need, geometry.spatial_stride * lm.config.patch_size[1])
+    def plan(memory: Any, width: int, height: int):
+        return pipe.plan(replace(settings, width=width, height=height), cache, memory)
+    return job, plan, geometry.spatial_stride * lm.config.patch_size[1]

@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 
 from ..flowcache.cache import CacheSettings, residuals_kept
-from ..flowcache.checkpoint import DTYPE_NAMES
 from ..flowcache.errors import InputError
 from ..flowcache.latent_format import wan_to_raw
-from ..flowcache.memory import check_fits, df_need, estimate_magi, working_bytes
-from ..flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry, plan_windows
+from ..flowcache.memory import auto_plan, host_available_bytes
+from ..flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from ..flowcache.pipelines.magi import MagiPipeline, MagiSettings
+from ..flowcache.plan import MemoryOptions
 from ..flowcache.pipelines.wan_step import check_conditioning
 from ..flowcache.presets import CacheRequest, default_request
 from ..flowcache.runner import RunHooks, StepInfo
@@ -157,22 +157,24 @@ class FlowCacheSampler:
         # Everything that can be wrong is checked before the model is moved or any step runs.
         cache_settings = request.resolve(lm.preset_key, lm.extra_presets)
         extras = {"vae": vae, "magi_vae": magi_vae, "prefix_images": prefix_images, "causal": causal}
-        job, (need, unit) = run(model, w, positive, negative, cache_settings, extras)
+        spec = run(model, w, positive, negative, cache_settings, extras)
         device = comfy_bridge.torch_device()
-        memory = check_fits(need, width, height, num_frames, comfy_bridge.available_memory(device), device.type,
-                            unit)
-        log.info("FlowCache: sampling %s %dx%d, %d frames, %d steps, cache %s%s", lm.family, width, height,
-                 num_frames, steps, request.describe(), f" ({note})" if note else "")
-        comfy_bridge.load_to_device(model.patcher, memory)
+        plan, memory_note = memory_plan(spec, cache_settings, w, device)
+        note = "; ".join(n for n in (note, memory_note) if n)
+        log.info("FlowCache: sampling %s %dx%d, %d frames, %d steps, cache %s, memory %s%s", lm.family, width, height,
+                 num_frames, steps, request.describe(), plan.memory.summary(), f" ({note})" if note else "")
+        comfy_bridge.load_to_device(model.patcher, plan.memory.device_bytes)
         try:
-            latents, stats = job(RunHooks(self._on_step(unique_id, lm.latent_format), comfy_bridge.check_interrupted))
+            latents, stats = spec.job(RunHooks(self._on_step(unique_id, lm.latent_format),
+                                               comfy_bridge.check_interrupted), plan)
         finally:
             if not keep_model_loaded:
                 comfy_bridge.offload(model.patcher)
 
         summary = stats.summary()
         log.info("FlowCache: %s", summary)
-        stats_dict = {**stats.to_dict(), "note": note}
+        stats_dict = {**stats.to_dict(), "note": note, "memory_plan": plan.memory.to_dict(),
+                      "memory": plan.memory.summary()}
         comfy_bridge.send_event("flowcache.stats", {"node": unique_id, "stats": stats_dict, "summary": summary})
         return {"ui": {"flowcache_stats": [stats_dict]}, "result": (latents,)}
 
@@ -217,10 +219,36 @@ class SamplerWidgets:
     solver: str
 
 
-Job = Callable[[RunHooks], "tuple[dict, RunStats]"]
-# Bytes a run needs beside the weights at a given (width, height), the other widgets as set; with the pixel
-# multiple that sizes must keep (to name the largest size that fits).
-Need = tuple[Callable[[int, int], int], int]
+@dataclass
+class RunSpec:
+    """A checked run of one family: ``plan(options, width, height)`` makes its run plan (at another size too, to
+    name the largest that fits), ``job(hooks, plan)`` runs it; sizes keep multiples of ``unit`` pixels."""
+
+    job: Callable[[RunHooks, Any], "tuple[dict, RunStats]"]
+    plan: Callable[[MemoryOptions, int, int], Any]
+    unit: int
+
+
+def planned_once(make: Callable[[MemoryOptions, int, int], Any]) -> Callable[[MemoryOptions, int, int], Any]:
+    """``make`` with each (options, width, height) planned once: a plan's dry run of the largest forward is not
+    free at 540P, and the sampler asks for the first one twice (checking the settings, then choosing)."""
+    made: dict = {}
+
+    def plan(options: MemoryOptions, width: int, height: int):
+        key = (options, width, height)
+        if key not in made:
+            made[key] = make(options, width, height)
+        return made[key]
+    return plan
+
+
+def memory_plan(spec: RunSpec, cache: CacheSettings, w: "SamplerWidgets", device) -> tuple[Any, str]:
+    """The fastest plan that fits ComfyUI's device and the host RAM, and a note for the node (``auto_plan``)."""
+    plan, note = auto_plan(spec.plan, cache.kv_placement, cache.kv_dtype, w.width, w.height, w.num_frames, device,
+                           comfy_bridge.available_memory(device), host_available_bytes(), spec.unit)
+    if note:
+        log.warning("FlowCache: %s.", note)
+    return plan, note
 
 
 def sampler_model(model: Any, prompt: Any = None, unique_id: Any = None) -> FlowCacheModel:
@@ -235,7 +263,7 @@ def sampler_model(model: Any, prompt: Any = None, unique_id: Any = None) -> Flow
 
 
 def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
-             extras: dict) -> "tuple[Job, Need]":
+             extras: dict) -> RunSpec:
     """SkyReels-V2 diffusion forcing (Wan2.1 DiTs and the built-in demo)."""
     lm = model.loaded
     vae, magi_vae, prefix_images = extras["vae"], extras["magi_vae"], extras["prefix_images"]
@@ -247,13 +275,15 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
                           base_num_frames=w.base_num_frames, overlap_history=w.overlap_history,
                           addnoise_condition=w.addnoise_condition, solver=w.solver)
     geometry = LatentGeometry(**lm.geometry)
-    windows = plan_windows(settings, geometry, lm.config.patch_size)
+    pipe = DiffusionForcingPipeline(lm.model, geometry, lm.text_len)
+    plan = planned_once(lambda options, width, height: pipe.plan(replace(settings, width=width, height=height),
+                                                                 cache, options))
+    windows = plan(MemoryOptions(), w.width, w.height).windows  # every settings error now
     cond = check_conditioning(conditioning_tensor(positive, "positive"), lm.config.text_dim, lm.text_len, "positive")
     uncond = None
     if w.cfg > 1.0:
         uncond = check_conditioning(conditioning_tensor(negative, "negative"), lm.config.text_dim, lm.text_len,
                                     "negative")
-    codec = None
     if lm.latent_format == DEMO_CODEC:
         # The demo carries the overlap over in latent space, as the CLI's demo job does (same videos).
         if vae is not None:
@@ -262,27 +292,22 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
         raise InputError(f"model: its latent format is {lm.latent_format!r}; FlowCache Sampler expects Wan2.1 VAE "
                          f"latents ('wan21') or the built-in demo's ({DEMO_CODEC!r}).")
     elif vae is not None:
-        codec = ComfyVAECodec(vae, after_call=lambda: comfy_bridge.load_to_device(model.patcher))
+        pipe.codec = ComfyVAECodec(vae, after_call=lambda: comfy_bridge.load_to_device(model.patcher))
     elif len(windows) > 1:
         log.info("FlowCache: no vae connected; the %d-window video carries its overlap over in latent space "
                  "(SkyReels re-encodes it with the VAE).", len(windows))
 
-    def job(hooks: RunHooks):
-        pipe = DiffusionForcingPipeline(lm.model, geometry, lm.text_len, codec)
-        latents, stats = pipe(cond, uncond, settings, cache, hooks)
+    def job(hooks: RunHooks, run_plan):
+        latents, stats = pipe(cond, uncond, run_plan.settings, cache, hooks, plan=run_plan)
         if lm.latent_format == "wan21":
             return {"samples": wan_to_raw(latents)}, stats
         return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
 
-    need = df_need(lm.config, settings, window_path=cache.path == "window", kv_budget=cache.kv_budget,
-                   compute=DTYPE_NAMES.get(lm.model.dtype, "fp32"), text_len=lm.text_len,
-                   temporal_stride=geometry.temporal_stride, spatial_stride=geometry.spatial_stride,
-                   residuals=residuals_kept(cache))
-    return job, (need, geometry.spatial_stride * lm.config.patch_size[1])
+    return RunSpec(job, plan, geometry.spatial_stride * lm.config.patch_size[1])
 
 
 def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
-              extras: dict) -> "tuple[Job, Need]":
+              extras: dict) -> RunSpec:
     """MAGI-1 chunk-wise autoregression: width, height, num_frames, steps, shift, seed and causal_block_size
     (MAGI's chunk_width) apply; the diffusion-forcing widgets (cfg, ar_step, windows, solver) do not: distilled
     MAGI-1 has guidance built in and the base model uses MAGI's own guidance schedule."""
@@ -299,23 +324,21 @@ def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative:
             raise InputError("prefix_images: encoding the prefix needs the MAGI-1 VAE; connect FlowCache Load "
                              "MAGI-1 VAE to magi_vae.")
         prefix = prefix_images[..., :3].float()
-    plan = pipe.plan(settings, pipe.prefix_latent_frames(prefix))
-    caption, mask = magi_caption(positive, "positive", lm.config.caption_channels, plan.chunk_num)
+    prefix_frames = pipe.prefix_latent_frames(prefix)
+    plan = planned_once(lambda options, width, height: pipe.plan(replace(settings, width=width, height=height),
+                                                                 prefix_frames, cache, options))
+    chunks = plan(MemoryOptions(), w.width, w.height).chunk_num  # every settings error now
+    caption, mask = magi_caption(positive, "positive", lm.config.caption_channels, chunks)
 
-    def job(hooks: RunHooks):
-        latents, stats = pipe(caption, mask, settings, cache, prefix, hooks)
+    def job(hooks: RunHooks, run_plan):
+        latents, stats = pipe(caption, mask, run_plan.settings, cache, prefix, hooks, plan=run_plan)
         return {"samples": latents, "flowcache_codec": MAGI_CODEC, "flowcache_chunk_width": settings.chunk_width}, stats
 
-    distill = bool(getattr(lm.model, "distill", False))
-    need = lambda width, height: working_bytes(lambda: estimate_magi(  # noqa: E731
-        lm.config, {}, width, height, frames=w.num_frames, chunk=w.causal_block_size, passes=1 if distill else 2,
-        budget=cache.kv_budget, compute=DTYPE_NAMES.get(lm.model.dtype, "fp32")),
-        "kv_budget" if cache.kv_budget else "kv")
-    return job, (need, 16)
+    return RunSpec(job, plan, 16)
 
 
 def _causal_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
-                extras: dict) -> "tuple[Job, Need]":
+                extras: dict) -> RunSpec:
     """Causal Wan block by block (Self-Forcing, CausVid, Causal Forcing): no guidance, the negative is unused."""
     lm = model.loaded
     if extras["prefix_images"] is not None or extras["magi_vae"] is not None:
@@ -324,9 +347,10 @@ def _causal_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negativ
     def conditioning(cond: Any, name: str):
         return check_conditioning(conditioning_tensor(cond, name), lm.config.text_dim, lm.text_len, name)
 
-    return causal_run(model, w, positive, cache, extras["causal"], conditioning)
+    job, plan, unit = causal_run(model, w, positive, cache, extras["causal"], conditioning)
+    return RunSpec(job, planned_once(plan), unit)
 
 
 # The loaded model's loop picks its run (data, not a type switch); adding a loop adds a row here.
-LOOP_RUNS: dict[str, Callable[..., "tuple[Job, Need]"]] = {"diffusion_forcing": _wan_run, "causal": _causal_run,
+LOOP_RUNS: dict[str, Callable[..., RunSpec]] = {"diffusion_forcing": _wan_run, "causal": _causal_run,
                                                           "magi": _magi_run}

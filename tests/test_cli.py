@@ -203,8 +203,8 @@ def test_errors_name_the_flag_the_user_typed(tmp_path, capsys):
     from flowcache.demo import demo_model_path
 
     demo_file = str(demo_model_path())
-    assert "--frames 3: less than one chunk" in one_line_error(capsys, ["inspect", demo_file, "--memory", "64x64",
-                                                                         "--frames", "3"])
+    assert "--frames 3 gives 3 latent frames" in one_line_error(capsys, ["inspect", demo_file, "--memory", "64x64",
+                                                                          "--frames", "3"])
 
 
 def test_inspect_prints_text_by_default_and_json_with_the_flag(tmp_path, capsys):
@@ -225,7 +225,7 @@ def test_inspect_memory_of_the_demo_uses_its_own_frames(capsys):
     from flowcache.demo import DEMO_SETTINGS, demo_model_path
 
     assert main(["inspect", str(demo_model_path()), "--memory", "64x64"]) == 0
-    assert f"at 64x64, {DEMO_SETTINGS['num_frames']} frames" in capsys.readouterr().out.splitlines()[0]
+    assert f"64x64, diffusion forcing, {DEMO_SETTINGS['num_frames']} frames" in capsys.readouterr().out.splitlines()[0]
 
 
 def test_a_mistyped_released_name_lists_the_released_names(capsys):

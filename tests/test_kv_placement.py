@@ -9,6 +9,8 @@ from flowcache.kv.scoring import CompressionConfig
 from flowcache.kv.store import FP8_MAX, KVStore, StepAttention, dequantize, fp8_supported, quantize
 from flowcache.memtrack import track
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _drive(store: KVStore, seed: int = 0, steps: int = 12, T: int = 8, layers: int = 3) -> list[torch.Tensor]:
     """Diffusion-forcing-like traffic: two chunks active at a time, written by both branches or by one,

@@ -1,4 +1,5 @@
-"""``python -m flowcache inspect … --memory WxH``: the VRAM estimate of weights, one forward and the KV stores."""
+"""Memory: the run plans' figures (``inspect --memory``), the estimate equal to what the stores allocate for every
+family, attention, budget, placement and dtype, the automatic plan and its refusals."""
 from __future__ import annotations
 
 import json
@@ -10,32 +11,52 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowcache.memory import GiB, estimate, estimate_wan, released_shapes
+from flowcache.cache import CacheSettings
+from flowcache.errors import InputError
+from flowcache.memory import GiB, estimate, released_shapes
 from flowcache.models.wan import WanConfig
+from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
+from flowcache.pipelines.diffusion_forcing import plan_df
+from flowcache.plan import MemoryOptions, candidates
 from tiny_models import save_wan, tiny_wan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KV_1_3B_540P = 2 * 5 * 10200 * 30 * 2 * 1536 * 2  # 2 branches x 5 chunks x 10200 tokens x 30 layers x K,V x dim x bf16
 
 
 def test_kv_stores_of_the_released_1_3b_at_540p():
     e = estimate("skyreels-v2-df-1.3b", "960x544")
-    tokens_per_chunk = 5 * (544 // 16) * (960 // 16)  # 5 latent frames of a 34 x 60 patch grid
-    assert e.facts["tokens_per_chunk"] == tokens_per_chunk == 10200
-    # every chunk of the 97-frame window is unclean at once (ar_step 5 x 5 chunks < 50 steps): the store holds
-    # the window, for each of the 2 CFG branches, keys and values of 30 layers x 1536 dims in bf16
-    assert e.kv == 2 * 5 * tokens_per_chunk * 30 * 2 * 1536 * 2
-    assert e.kv_budget == e.kv  # a budget bounds history, and one window has none yet
+    assert e.facts["tokens_per_frame"] == (544 // 16) * (960 // 16) == 2040 and e.facts["chunk_tokens"] == 10200
+    plans = {r["plan"]: r for r in e.rows()}
+    # every chunk of the 97-frame window is in the store (window_refresh registers them all as the window starts)
+    assert plans["resident"]["kv"] == KV_1_3B_540P
+    # fp8: one byte per element plus a 4-byte scale per row and head for keys and values (12 heads of 128)
+    assert plans["resident + fp8 K/V"]["kv"] == KV_1_3B_540P // 2 + 2 * 51000 * 30 * 12 * 2 * 4
+    # offloaded: the K/V in host memory, two layers of it staged on the device
+    off = plans["offload"]
+    assert off["host"] == KV_1_3B_540P and off["working"] - off["activations"] - off["state"] == KV_1_3B_540P // 15
     params = sum(math.prod(s) for s, _ in released_shapes("skyreels-v2-df-1.3b")[2].values())
     assert 1.43e9 < params < 1.44e9 and e.weights == {"bf16": 2 * params}
-    assert e.facts["forward"] == "2 branches x 5 chunks x 10200 tokens"
-    assert 3 * GiB < e.activations < 8 * GiB
+    assert e.facts["forward"] == "2 branches x 25 latent frames x 2040 tokens"
+    # the window path stores no K/V; sequential branches lower every plan's activations
+    assert plans["off / teacache (whole window)"]["kv"] == 0
+    assert plans["resident + sequential branches"]["activations"] < plans["resident"]["activations"] / 2
 
 
-def test_a_budget_bounds_the_store_when_fewer_chunks_are_active():
-    cfg = WanConfig()
-    short = estimate_wan(cfg, {}, 960, 544, frames=97, ar_step=5, steps=30)
-    assert short.kv_budget == short.kv  # 30 steps / ar_step 5 = 6 >= 5 chunks: all active
-    sync = estimate_wan(cfg, {}, 960, 544, frames=97, ar_step=20, steps=30, budget=0)
-    assert sync.facts["forward"].startswith("2 branches x 2 chunks")  # chunks 20 steps apart: 2 at once
-    assert sync.kv_budget == 2 * (0 + 2 + 1) * 10200 * 30 * 2 * 1536 * 2  # budget + active + the finishing one
+def test_the_targets_of_the_memory_plan():
+    """The estimates behind the README's table: 1.3B at 540P, FlowCache fast, fits 8 GiB with offload and 16 GiB
+    resident with fp8 K/V; 14B in fp8 with streamed weights fits 24 GiB and 64 GB of host RAM; MAGI-1-4.5B-distill
+    fits 16 GiB."""
+    small = {r["plan"]: r for r in estimate("skyreels-v2-df-1.3b", "960x544").rows()}
+    assert small["offload + fp8 K/V + sequential branches"]["device"] <= 8 * GiB
+    assert small["resident + fp8 K/V + sequential branches"]["device"] <= 16 * GiB
+    assert small["resident"]["device"] > 24 * GiB  # and why the plan matters
+    big = {r["plan"]: r for r in estimate("skyreels-v2-df-14b", "960x544", weights="fp8_e4m3fn").rows()}
+    lean = big["offload + fp8 K/V + sequential branches"]
+    assert lean["device_streamed"] <= 24 * GiB and lean["host_streamed"] <= 64e9
+    magi = {r["plan"]: r for r in estimate("magi-1-4.5b-distill", "720x720").rows()}
+    assert min(r["device"] for r in magi.values()) <= 16 * GiB
 
 
 def test_fp8_weights_and_magi():
@@ -43,11 +64,12 @@ def test_fp8_weights_and_magi():
     fp8 = estimate("skyreels-v2-df-14b", "960x544", weights="fp8_e4m3fn").weights  # --weight-dtype
     assert set(fp8) == {"bf16", "fp8_e4m3fn"} and fp8["bf16"] < 0.01 * GiB
     assert abs(fp8["fp8_e4m3fn"] * 2 - bf16["bf16"]) < 0.01 * bf16["bf16"]
-    m = estimate("magi-1-4.5b-distill", "720x720")
+    m = estimate("magi-1-4.5b-distill", "720x720", preset="slow", budget=0)
     assert m.facts["tokens_per_chunk"] == 6 * 45 * 45 and m.facts["chunks"] == 4
-    assert m.kv == 4 * 6 * 45 * 45 * 34 * 2 * 8 * 128 * 2  # 4 chunks, 34 layers, 8 kv heads x 128, bf16
-    long = estimate("magi-1-4.5b-distill", "720x720", frames=480, budget=1)
-    assert long.kv == 5 * m.kv and long.kv_budget == m.kv * 5 // 4  # budget 1 + window 4 chunks
+    resident = m.rows()[0]
+    assert resident["kv"] == 4 * 6 * 45 * 45 * 34 * 2 * 8 * 128 * 2  # 4 chunks, 34 layers, 8 kv heads x 128, bf16
+    long = estimate("magi-1-4.5b-distill", "720x720", frames=480, budget=1).rows()[0]
+    assert long["kv"] == resident["kv"] * 5 // 4  # budget 1 + window 4 chunks, however long the video
     assert "fp32" in m.weights  # the modules MAGI-1 promotes to fp32
 
 
@@ -57,39 +79,30 @@ def test_estimate_from_a_checkpoint_reads_its_header(tmp_path):
     e = estimate(str(fp8), "64x64", frames=17)
     n = sum(v.numel() for v in model.state_dict().values())
     assert sum(e.weights.values()) < 2 * n and e.weights["fp8_e4m3fn"] > 0  # fp8 stays fp8, the rest bf16
-    assert e.facts["tokens_per_chunk"] == 5 * 16
+    assert e.facts["chunk_tokens"] == 5 * 16
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flowcache", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "flowcache", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_cli(tmp_path):
     r = run_cli("inspect", "skyreels-v2-df-1.3b", "--memory", "960x544")
     assert r.returncode == 0, r.stderr
-    assert "KV stores, no budget (2 x 51000 tokens)" in r.stdout and "weights bf16 2.67" in r.stdout
+    for plan in ("resident", "resident + fp8 K/V", "offload", "offload + fp8 K/V + sequential branches",
+                 "off / teacache (whole window)"):
+        assert f"\n  {plan} " in r.stdout
+    assert "weights 2.67 GiB" in r.stdout
     r = run_cli("inspect", "magi-1-4.5b-distill", "--memory", "720x720", "--json")
     d = json.loads(r.stdout)
-    assert d["total"] == d["weights_total"] + d["activations"] + d["kv"]
+    assert all(p["device"] == d["weights_total"] + p["working"] for p in d["plans"])
     r = run_cli("inspect", "skyreels-v2-df-1.3b", "--memory", "960by544")
     assert r.returncode == 2 and r.stderr.startswith("error: --memory '960by544'")
     r = run_cli("inspect", "skyreels-v2-df-14b")
     assert r.returncode == 2 and "add --memory" in r.stderr
     path = save_wan(tiny_wan(), tmp_path / "m.safetensors")
     r = run_cli("inspect", str(path), "--memory", "64x64", "--frames", "17", "--dtype", "fp32")
-    assert r.returncode == 0 and "weights fp32" in r.stdout
-
-
-def test_estimate_of_a_magi_checkpoint(tmp_path):
-    from safetensors.torch import save_file
-    from test_magi_model import SMALL, make_sd
-
-    save_file(make_sd(**SMALL, seed=1), str(tmp_path / "magi.safetensors"))
-    e = estimate(str(tmp_path / "magi.safetensors"), "64x64", frames=24, budget=0)
-    assert e.facts["tokens_per_chunk"] == 6 * 4 * 4 and e.facts["chunks"] == 1
-    assert set(e.weights) == {"bf16", "fp32"}  # the promoted modules stay fp32
-    # one chunk of 96 tokens, keys and values of every layer's kv heads, bf16
-    assert e.kv == 96 * SMALL["layers"] * 2 * SMALL["kv"] * SMALL["dh"] * 2
+    assert r.returncode == 0 and "fp32 compute" in r.stdout
 
 
 def test_largest_fitting_size_by_arithmetic():
@@ -104,26 +117,7 @@ def test_largest_fitting_size_by_arithmetic():
     assert largest_fitting_size(need, 1200, 800, 10 ** 9, 16) == (1200, 800)  # never larger than asked
 
 
-def test_check_fits_refuses_naming_the_widgets_and_the_size_that_fits():
-    from flowcache.errors import InputError
-    from flowcache.memory import GiB, check_fits
-
-    need = lambda w, h: w * h * 1024  # noqa: E731
-    assert check_fits(need, 512, 512, 33, None, "cuda", 16) == 512 * 512 * 1024  # unknown: never refused
-    assert check_fits(need, 512, 512, 33, GiB, "cuda", 16) == 512 * 512 * 1024
-    with pytest.raises(InputError) as e:
-        check_fits(need, 4096, 2048, 33, GiB, "cuda", 16)
-    msg = str(e.value)
-    assert "width=4096, height=2048, num_frames=33" in msg and "8.0 GiB" in msg and "1.0 GiB" in msg
-    # the longer side's largest multiple of 16 that fits: 1456 (with 720 below it: 1,073,479,680 bytes <= 1 GiB);
-    # 1472x736 needs 1,109,393,408
-    assert "1456x720" in msg and "cuda" in msg
-    assert need(1456, 720) <= GiB < need(1472, 736)
-
-
 def test_available_bytes_on_this_machine():
-    import torch
-
     from flowcache.memory import available_bytes
     got = available_bytes(torch.device("cpu"))
     assert got is None or got > 0
@@ -131,18 +125,136 @@ def test_available_bytes_on_this_machine():
         assert got is not None and got > 64 * 1024 ** 2
 
 
-def test_cached_residuals_count_in_the_estimate():
+def test_cached_residuals_count_in_the_plan():
     """Each cached chunk residual is a window's tokens x dim per branch: none for off, one to hold, two to
-    extrapolate (residuals_kept reads it from the cache settings)."""
-    from flowcache.cache import CacheSettings, residuals_kept
-
-    cfg = WanConfig()
-    base = estimate_wan(cfg, {}, 960, 544, frames=97)
-    one = estimate_wan(cfg, {}, 960, 544, frames=97, residuals=1)
-    two = estimate_wan(cfg, {}, 960, 544, frames=97, residuals=2)
+    extrapolate; EasyCache also keeps each unit's last input (compute dtype) and its fp32 input and output."""
+    cfg, geo = WanConfig(), LatentGeometry()
+    s = DFSettings(num_frames=97)
     window = 2 * 5 * 10200 * 1536 * 2  # 2 branches x 5 chunks x 10200 tokens x 1536 dims, bf16
-    assert one.activations - base.activations == window and two.activations - base.activations == 2 * window
-    assert residuals_kept(CacheSettings.of("off")) == 0
-    assert residuals_kept(CacheSettings.of("flowcache", threshold=0.0)) == 0  # never reuses: keeps nothing
-    assert residuals_kept(CacheSettings.of("flowcache", threshold=0.1)) == 1
-    assert residuals_kept(CacheSettings.of("flowcache", threshold=0.1, reuse="extrapolate")) == 2
+
+    def state(**kw):
+        return plan_df(s, CacheSettings.of(**kw), cfg, geo, torch.bfloat16, 512).memory.state
+    base = state(method_name="flowcache", threshold=0.0)  # never reuses: keeps nothing
+    assert state(method_name="flowcache", threshold=0.1) - base == window
+    assert state(method_name="flowcache", threshold=0.1, reuse="extrapolate") - base == 2 * window
+    assert state(method_name="easycache", threshold=0.1) - base == window + window // 2 // 2 * (2 + 8)
+
+
+# -- the estimate equals what the stores allocate --------------------------------------------------------------
+
+OPTIONS = [MemoryOptions(), MemoryOptions(kv_fp8=True), MemoryOptions(kv_offload=True),
+           MemoryOptions(kv_offload=True, kv_fp8=True)]
+
+
+def _check_stores(plan, stats) -> None:
+    memory = plan.memory
+    assert stats.kv_device_bytes == sum(st.device_bytes for st in memory.stores) > 0
+    assert stats.kv_host_bytes == sum(st.host_bytes for st in memory.stores)
+    assert stats.kv_peak_bytes == sum(st.device_bytes + st.host_bytes for st in memory.stores)
+    if memory.options.kv_offload:
+        assert stats.kv_host_bytes == memory.kv_bytes and stats.kv_moved_bytes > 0
+
+
+@pytest.mark.parametrize("attention", ["window", "window_refresh", "block_causal"])
+@pytest.mark.parametrize("budget", [0, 1])
+def test_df_estimate_equals_allocation(attention, budget):
+    model = tiny_wan(seed=5)
+    geo = LatentGeometry(1, 4, 16)
+    s = DFSettings(width=32, height=32, num_frames=24, steps=3, cfg=2.0, shift=5.0, seed=0, ar_step=1,
+                   causal_block_size=3, base_num_frames=15, overlap_history=6)  # two windows of 5 and 3 + 3 chunks
+    cache = CacheSettings.of("flowcache", threshold=0.5, warmup=1, kv_budget=budget, attention=attention)
+    pipe = DiffusionForcingPipeline(model, geo, text_len=8)
+    for opt in OPTIONS:
+        plan = pipe.plan(s, cache, opt)
+        _, stats = pipe(torch.randn(1, 8, 32), torch.zeros(1, 8, 32), s, cache, plan=plan)
+        _check_stores(plan, stats)
+
+
+@pytest.mark.parametrize("kv_mode", ["global", "rolling", "compressed"])
+def test_causal_estimate_equals_allocation(kv_mode):
+    from flowcache.pipelines.causal_wan import CausalSettings, CausalWanPipeline
+
+    model = tiny_wan(seed=2, has_fps=False)
+    pipe = CausalWanPipeline(model, LatentGeometry(1, 4, 16), text_len=8)
+    s = CausalSettings(width=32, height=32, num_frames=12, num_frame_per_block=2, kv_mode=kv_mode,
+                       local_attn_frames=6, sink_frames=2, denoising_steps=(1000.0, 500.0))
+    cache = CacheSettings.of("flowcache", threshold=0.5, warmup=1, kv_budget=1)
+    for opt in OPTIONS:
+        plan = pipe.plan(s, cache, opt)
+        _, stats = pipe(torch.randn(1, 8, 32), s, cache, plan=plan)
+        _check_stores(plan, stats)
+
+
+@pytest.mark.parametrize("distill", [True, False])
+@pytest.mark.parametrize("budget", [0, 1])
+def test_magi_estimate_equals_allocation(distill, budget):
+    from test_magi_model import SMALL, make_sd
+    from test_magi_pipeline import GEO, tiny_settings
+
+    from flowcache.models.magi import MagiDiT, magi_config_from_state_dict
+    from flowcache.pipelines.magi import MagiPipeline
+
+    sd = make_sd(**SMALL, seed=4)
+    model = MagiDiT(magi_config_from_state_dict(sd), dtype=torch.float32)
+    model.load_state_dict(sd)
+    pipe = MagiPipeline(model.eval(), GEO)
+    s = tiny_settings(num_frames=40, num_steps=4, distill=distill)  # 10 latent frames: 5 chunks, 4 at once
+    cache = CacheSettings.of("flowcache", threshold=0.05, warmup=1, kv_budget=budget)
+    caption = torch.randn(1, 6, SMALL["cap"])
+    for opt in OPTIONS:
+        plan = pipe.plan(s, 0, cache, opt)
+        assert len(plan.stores) == (1 if distill else 2)
+        _, stats = pipe(caption, None, s, cache, plan=plan)
+        _check_stores(plan, stats)
+
+
+# -- the automatic plan -----------------------------------------------------------------------------------
+
+def test_candidates_in_the_automatic_order():
+    names = [o.name for o in candidates()]
+    assert names == ["resident", "resident + fp8 K/V", "offload + fp8 K/V", "offload + fp8 K/V + sequential branches"]
+    assert [o.name for o in candidates("device", "bf16")] == ["resident", "resident + sequential branches"]
+    assert [o.name for o in candidates("offload", "bf16")] == ["offload", "offload + sequential branches"]
+    assert [o.name for o in candidates(fp8_ok=False)] == ["resident", "offload", "offload + sequential branches"]
+    assert [o.name for o in candidates(stores_kv=False)] == ["resident", "resident + sequential branches"]
+    with pytest.raises(InputError, match="kv_placement='gpu'"):
+        candidates("gpu")
+
+
+def _df_planner(cache):
+    cfg, geo = WanConfig(), LatentGeometry()
+
+    def planner(options, width, height):
+        return plan_df(DFSettings(width=width, height=height, num_frames=97), cache, cfg, geo, torch.bfloat16, 512,
+                       options)
+    return planner
+
+
+def test_choose_plan_takes_the_fastest_that_fits_and_refuses_with_figures():
+    from flowcache.memory import choose_plan
+
+    planner = _df_planner(CacheSettings.of("flowcache", threshold=0.2, attention="window_refresh"))
+    opts = candidates()
+    sizes = {o.name: planner(o, 960, 544).memory for o in opts}
+    pick = lambda dev, host: choose_plan(planner, opts, 960, 544, 97, dev, host, "cuda", 16)  # noqa: E731
+    assert pick(None, None).memory.options == opts[0]  # unknown memory: never refused
+    need = {name: m.device_bytes for name, m in sizes.items()}
+    lean = "offload + fp8 K/V + sequential branches"
+    assert need["resident"] > need["resident + fp8 K/V"] > need["offload + fp8 K/V"] > need[lean]
+    assert pick(need["resident"], 64 * GiB).memory.options.name == "resident"
+    assert pick(need["resident"] - 1, 64 * GiB).memory.options.name == "resident + fp8 K/V"
+    assert pick(need["offload + fp8 K/V"], 64 * GiB).memory.options.name == "offload + fp8 K/V"
+    assert pick(need[lean], 64 * GiB).memory.options.name == lean
+    with pytest.raises(InputError) as e:  # host RAM short for the offloaded K/V: both figures, no size hint
+        pick(need[lean], 4 * GiB)
+    assert str(e.value).startswith("FlowCache Sampler: kv_placement offload needs 9.0 GiB of host RAM")
+    assert "3.4 GiB can be pinned (4.0 GiB free" in str(e.value)
+    with pytest.raises(InputError) as e:  # the device too small for any plan: the size that fits
+        pick(1 * GiB, 64 * GiB)
+    msg = str(e.value)
+    assert msg.startswith("FlowCache Sampler: width=960, height=544, num_frames=97 need about 2.6 GiB")
+    assert "(offload + fp8 K/V + sequential branches)" in msg and "expected at most " in msg
+    w, h = (int(v) for v in msg.split("expected at most ")[1].split(" ")[0].split("x"))
+    smallest = opts[-1]
+    assert planner(smallest, w, h).memory.device_bytes <= GiB < planner(smallest, w + 16, 544 * (w + 16) // 960 // 16
+                                                                          * 16).memory.device_bytes

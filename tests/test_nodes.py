@@ -564,8 +564,8 @@ def test_demo_at_4096_is_refused_before_it_starts_with_the_largest_size_that_fit
         run_node(n["FlowCacheSampler"], **kw)
     msg = str(e.value)
     assert "FlowCache Sampler" in msg and "width=4096, height=4096, num_frames=36" in msg and "GiB" in msg
-    fit = re.search(r"expected at most (\d+)x(\d+) \(the largest size that fits at this aspect ratio and frame "
-                    r"count\)", msg)
+    fit = re.search(r"expected at most (\d+)x(\d+) \(the largest size the smallest plan fits at this aspect ratio "
+                    r"and frame count\)", msg)
     assert fit, msg
     w, h = int(fit[1]), int(fit[2])
     assert w == h and 0 < w < 4096  # square in, square out

@@ -31,6 +31,8 @@ class CacheMethod:
 
 ATTENTION = ("window", "window_refresh", "block_causal")
 REUSE = ("hold", "extrapolate")
+KV_PLACEMENTS = ("auto", "device", "offload")  # where stored K/V live (``flowcache.plan``)
+KV_DTYPES = ("auto", "bf16", "fp8")            # bf16: the model's compute dtype
 METHODS: dict[str, CacheMethod] = {m.name: m for m in (
     CacheMethod("off", OffConfig, OffPolicy, "window", "compute every step: the model's vanilla loop"),
     CacheMethod("teacache", TeaCacheConfig, TeaCachePolicy, "window", "skip whole steps of the window"),
@@ -66,7 +68,9 @@ class CacheSettings:
     chunk sees only the chunks up to itself).
     reuse: what a reused unit applies, "hold" (its last computed residual, as every reference implementation
     does) or "extrapolate" (the line through its last two computed residuals, continued to the current step:
-    no extra forwards, one more residual kept per unit and branch); see ``CachePolicy``."""
+    no extra forwards, one more residual kept per unit and branch); see ``CachePolicy``.
+    kv_placement / kv_dtype: how stored K/V are held, "auto" (the automatic plan: the fastest that fits) or a
+    fixed "device" / "offload" and "bf16" (the model's compute dtype) / "fp8" (``flowcache.plan``)."""
 
     method: str = "off"
     config: Any = field(default_factory=OffConfig)
@@ -76,6 +80,8 @@ class CacheSettings:
     model_key: str = ""
     attention: str = "block_causal"
     reuse: str = "hold"
+    kv_placement: str = "auto"
+    kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         m = method(self.method)
@@ -88,6 +94,10 @@ class CacheSettings:
             raise InputError(f"attention={self.attention!r}: must be one of {', '.join(ATTENTION)}.")
         if self.reuse not in REUSE:
             raise InputError(f"reuse={self.reuse!r}: must be one of {', '.join(REUSE)}.")
+        if self.kv_placement not in KV_PLACEMENTS:
+            raise InputError(f"kv_placement={self.kv_placement!r}: must be one of {', '.join(KV_PLACEMENTS)}.")
+        if self.kv_dtype not in KV_DTYPES:
+            raise InputError(f"kv_dtype={self.kv_dtype!r}: must be one of {', '.join(KV_DTYPES)}.")
 
     @classmethod
     def of(cls, method_name: str = "off", *, preset: str = "custom", kv_budget: int = 0, mix_lambda: float = 0.07,
@@ -103,7 +113,8 @@ class CacheSettings:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "preset": self.preset, **asdict(self.config), "kv_budget": self.kv_budget,
-                "mix_lambda": self.mix_lambda, "attention": self.attention, "reuse": self.reuse, "model_key": self.model_key}
+                "mix_lambda": self.mix_lambda, "attention": self.attention, "reuse": self.reuse, "model_key": self.model_key,
+                "kv_placement": self.kv_placement, "kv_dtype": self.kv_dtype}
 
 
 def make_policy(settings: CacheSettings) -> CachePolicy:

@@ -197,6 +197,7 @@ class MagiPlan:
     distill: bool = True
     stores: list[StorePlan] = field(default_factory=list)  # one per guidance pass that sees earlier chunks
     memory: MemoryPlan | None = None
+    settings: "MagiSettings | None" = None  # the checked settings
 
 
 def magi_memory(plan: MagiPlan, s: "MagiSettings", cache: CacheSettings, cfg: MagiConfig, dtype: torch.dtype,
@@ -518,6 +519,52 @@ def _tokens(cap_mask) -> int:
     return int(cap_mask[1].sum())
 
 
+def plan_magi(s: MagiSettings, cfgm: MagiConfig, geo: LatentGeometry, dtype: torch.dtype, distill: bool,
+              prefix_frames: int = 0, cache: CacheSettings | None = None,
+              options: MemoryOptions = MemoryOptions()) -> MagiPlan:
+    """Check the settings (errors name the widget) and lay out chunks, schedule, stores and memory for a MAGI-1
+    model of config ``cfgm`` computing in ``dtype``. ``prefix_frames``: latent frames of a clean prefix."""
+    cache = cache or CacheSettings()
+    s.shift = finite(s.shift, "shift")
+    for name in ("width", "height", "num_frames", "num_steps", "window_size", "chunk_width", "seed"):
+        setattr(s, name, whole(getattr(s, name), name))
+    if s.path not in PATHS:
+        raise InputError(f"path={s.path!r}: must be one of {', '.join(PATHS)}.")
+    if s.noise2clean_kvrange is not None and (
+            any(int(r) < 1 for r in s.noise2clean_kvrange)
+            or (s.noise2clean_kvrange and s.num_steps % len(s.noise2clean_kvrange))):
+        raise InputError(f"noise2clean_kvrange={list(s.noise2clean_kvrange)}: ranges must be ≥ 1 and their "
+                         f"count must divide num_steps={s.num_steps} (MAGI-1 uses [5, 4, 3, 2]).")
+    unit = geo.spatial_stride * cfgm.patch_size
+    for name, val in (("width", s.width), ("height", s.height)):
+        if val <= 0 or val % unit:
+            raise InputError(f"{name}={val}: must be a positive multiple of {unit} for MAGI-1 "
+                             f"(nearest: {max(unit, round(val / unit) * unit)}).")
+    if s.num_frames < geo.temporal_stride:
+        raise InputError(f"num_frames={s.num_frames}: must be at least {geo.temporal_stride} "
+                         f"(one latent frame); MAGI-1 makes chunks of {s.chunk_width * geo.temporal_stride} "
+                         "frames.")
+    if s.chunk_width < 1 or s.chunk_width % cfgm.t_patch_size:
+        raise InputError(f"chunk_width={s.chunk_width}: must be a positive multiple of {cfgm.t_patch_size}.")
+    if s.shift < 1.0:
+        raise InputError(f"shift={s.shift}: must be ≥ 1 (the reference uses 3).")
+    if s.num_steps == 12 and s.shortcut_mode not in ("8,16,16", "16,16,8"):
+        raise InputError(f"shortcut_mode={s.shortcut_mode!r}: must be '8,16,16' or '16,16,8'.")
+    if not (len(s.cfg_t_range) == len(s.prev_chunk_scales) == len(s.text_scales)):
+        raise InputError("cfg_t_range, prev_chunk_scales and text_scales must have the same length.")
+    total = s.num_frames // geo.temporal_stride + prefix_frames
+    offset = prefix_frames // s.chunk_width
+    schedule = stage_schedule(total, s.chunk_width, s.window_size, s.num_steps, offset)
+    chunk_num = math.ceil(total / s.chunk_width)
+    h, w = s.height // geo.spatial_stride, s.width // geo.spatial_stride
+    tpf = (h // cfgm.patch_size) * (w // cfgm.patch_size)
+    plan = MagiPlan(chunk_num, offset, prefix_frames, chunk_num * s.chunk_width, h, w,
+                    (s.chunk_width // cfgm.t_patch_size) * tpf, tpf, schedule,
+                    cache.path if s.path == "auto" else s.path, distill, settings=s)
+    magi_memory(plan, s, cache, cfgm, dtype, options)
+    return plan
+
+
 class MagiPipeline:
     """Sample a MAGI-1 DiT over a whole video; see the module docstring."""
 
@@ -550,48 +597,9 @@ class MagiPipeline:
 
     def plan(self, s: MagiSettings, prefix_frames: int = 0, cache: CacheSettings | None = None,
              options: MemoryOptions = MemoryOptions()) -> MagiPlan:
-        """Check the settings and lay out chunks, schedule, stores and memory; raises InputError before any
-        sampling. ``prefix_frames``: latent frames of a clean prefix (``prefix_latent_frames``)."""
-        cache = cache or CacheSettings()
-        cfgm, geo = self.model.config, self.geometry
-        s.shift = finite(s.shift, "shift")
-        for name in ("width", "height", "num_frames", "num_steps", "window_size", "chunk_width", "seed"):
-            setattr(s, name, whole(getattr(s, name), name))
-        if s.path not in PATHS:
-            raise InputError(f"path={s.path!r}: must be one of {', '.join(PATHS)}.")
-        if s.noise2clean_kvrange is not None and (
-                any(int(r) < 1 for r in s.noise2clean_kvrange)
-                or (s.noise2clean_kvrange and s.num_steps % len(s.noise2clean_kvrange))):
-            raise InputError(f"noise2clean_kvrange={list(s.noise2clean_kvrange)}: ranges must be ≥ 1 and their "
-                             f"count must divide num_steps={s.num_steps} (MAGI-1 uses [5, 4, 3, 2]).")
-        unit = geo.spatial_stride * cfgm.patch_size
-        for name, val in (("width", s.width), ("height", s.height)):
-            if val <= 0 or val % unit:
-                raise InputError(f"{name}={val}: must be a positive multiple of {unit} for MAGI-1 "
-                                 f"(nearest: {max(unit, round(val / unit) * unit)}).")
-        if s.num_frames < geo.temporal_stride:
-            raise InputError(f"num_frames={s.num_frames}: must be at least {geo.temporal_stride} "
-                             f"(one latent frame); MAGI-1 makes chunks of {s.chunk_width * geo.temporal_stride} "
-                             "frames.")
-        if s.chunk_width < 1 or s.chunk_width % cfgm.t_patch_size:
-            raise InputError(f"chunk_width={s.chunk_width}: must be a positive multiple of {cfgm.t_patch_size}.")
-        if s.shift < 1.0:
-            raise InputError(f"shift={s.shift}: must be ≥ 1 (the reference uses 3).")
-        if s.num_steps == 12 and s.shortcut_mode not in ("8,16,16", "16,16,8"):
-            raise InputError(f"shortcut_mode={s.shortcut_mode!r}: must be '8,16,16' or '16,16,8'.")
-        if not (len(s.cfg_t_range) == len(s.prev_chunk_scales) == len(s.text_scales)):
-            raise InputError("cfg_t_range, prev_chunk_scales and text_scales must have the same length.")
-        total = s.num_frames // geo.temporal_stride + prefix_frames
-        offset = prefix_frames // s.chunk_width
-        schedule = stage_schedule(total, s.chunk_width, s.window_size, s.num_steps, offset)
-        chunk_num = math.ceil(total / s.chunk_width)
-        h, w = s.height // geo.spatial_stride, s.width // geo.spatial_stride
-        tpf = (h // cfgm.patch_size) * (w // cfgm.patch_size)
-        plan = MagiPlan(chunk_num, offset, prefix_frames, chunk_num * s.chunk_width, h, w,
-                        (s.chunk_width // cfgm.t_patch_size) * tpf, tpf, schedule,
-                        cache.path if s.path == "auto" else s.path, self.is_distill(s))
-        magi_memory(plan, s, cache, cfgm, self.model.dtype, options)
-        return plan
+        """The run's ``MagiPlan`` for this model (``plan_magi``); raises InputError before any sampling."""
+        return plan_magi(s, self.model.config, self.geometry, self.model.dtype, self.is_distill(s), prefix_frames,
+                         cache, options)
 
     def _captions(self, caption: torch.Tensor, mask: torch.Tensor | None, chunk_num: int, device):
         cfgm = self.model.config
@@ -668,6 +676,7 @@ class MagiPipeline:
         pre = self._prefix_latents(prefix, (s.height // geo.spatial_stride, s.width // geo.spatial_stride)
                                    ) if prefix is not None else None
         plan = plan or self.plan(s, 0 if pre is None else pre.shape[2], cache)
+        s = plan.settings
         if plan.prefix_frames != (0 if pre is None else pre.shape[2]):
             raise InputError(f"prefix: {0 if pre is None else pre.shape[2]} latent frames, but the plan was made for "
                              f"{plan.prefix_frames}.")
@@ -682,5 +691,5 @@ class MagiPipeline:
         return run_loop(_MagiLoop(self, s, plan, inputs, cache), run), stats
 
 
-__all__ = ["MagiPipeline", "MagiPlan", "MagiSettings", "magi_memory", "stage_schedule", "time_schedule", "step_intervals", "magi_forward_flops",
+__all__ = ["MagiPipeline", "MagiPlan", "MagiSettings", "magi_memory", "plan_magi", "stage_schedule", "time_schedule", "step_intervals", "magi_forward_flops",
            "cfg_weights"]
