@@ -40,6 +40,7 @@ class PromptSchedule:
     transition: str = "auto"
     blend_blocks: int = 4
     keep_sink: bool = True
+    extras: list[dict] = field(default_factory=list)  # per entry, the CONDITIONING's extras (MAGI-1's mask, tokens)
     latent_starts: list[int] = field(default_factory=list)  # filled by ``check``
 
     @classmethod
