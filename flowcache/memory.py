@@ -226,6 +226,13 @@ def _released_wan(dim: int, ffn: int, heads: int, layers: int, fps: bool) -> dic
 RELEASED = {
     "skyreels-v2-df-1.3b": _released_wan(1536, 8960, 12, 30, True),   # inject_sample_info: the fps embedding
     "skyreels-v2-df-14b": _released_wan(5120, 13824, 40, 40, False),
+    # causal releases: block by block, a bounded store (in 3-frame blocks), any length in flat memory.
+    # Krea Realtime 14B (Wan2.1-T2V-14B): its store holds the 3-frame context and the block.
+    "krea-realtime-14b": {**_released_wan(5120, 13824, 40, 40, False),
+                          "causal": {"block_frames": 3, "kv_blocks": 2, "frames": 105}},
+    # LongLive v1.0 (Wan2.1-T2V-1.3B, its LoRA merged): a 12-frame window (sink included)
+    "longlive-1.3b": {**_released_wan(1536, 8960, 12, 30, False),
+                      "causal": {"block_frames": 3, "kv_blocks": 4, "frames": 237}},
     "magi-1-4.5b-distill": {"family": "magi", "config": {}},           # MagiConfig's defaults are the 4.5B
 }
 MAGI_FP8_LAYERS = lambda layers: tuple(range(1, layers - 1))  # noqa: E731  the fp8 release: all but first/last
@@ -352,6 +359,12 @@ def estimate(model: str, resolution: str, *, frames: int | None = None, budget: 
         own = _own_settings(model) if family == "wan" else {}
     held = held_weight_bytes(family, cfg, shapes, compute)
     label = model if model in RELEASED else str(model)
+    causal = RELEASED.get(model, {}).get("causal") if model in RELEASED else None
+    if family == "wan" and causal:
+        if w % 16 or h % 16:
+            raise InputError(f"--memory {resolution}: Wan needs multiples of 16.")
+        return estimate_causal(cfg, held, w, h, frames=frames or causal["frames"], block_frames=causal["block_frames"],
+                               kv_blocks=causal["kv_blocks"], compute=compute, name=label)
     if family == "wan":
         if w % 16 or h % 16:
             raise InputError(f"--memory {resolution}: Wan needs multiples of 16.")
