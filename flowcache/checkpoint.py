@@ -180,10 +180,12 @@ TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")  # read with torch.load(weight
 GENERATOR_ENTRIES = ("generator_ema", "generator")
 
 
-def _read_torch(path: Path, out: dict[str, torch.Tensor], entry: str | None = None) -> str:
-    """Read a weights-only torch file into ``out``; returns its layout ("flat", or the generator entry taken).
+def _read_torch(path: Path, out: dict[str, torch.Tensor], entry: str | None = None,
+                wrappers: tuple[str, ...] = ()) -> str:
+    """Read a weights-only torch file into ``out``; returns its layout ("flat", or the entry taken).
 
-    entry: for a Self-Forcing / CausVid dict, which generator to take (default generator_ema when present)."""
+    entry: for a Self-Forcing / CausVid dict, which generator to take (default generator_ema when present).
+    wrappers: other entries whose dict holds the weights (LongLive's lora.pt: 'generator_lora')."""
     how = (f"{path.name}: not loadable as a weights-only torch file ({{}}). Only safetensors and plain tensor "
            "dicts are accepted; code stored in a torch file is never run.")
     # torch warns while it reads (e.g. "Detected pickle protocol 4", for a pickle torch did not write, which is
@@ -204,7 +206,10 @@ def _read_torch(path: Path, out: dict[str, torch.Tensor], entry: str | None = No
             for note in notes:
                 log.debug("FlowCache: reading %s, torch warned: %s", path.name, note.message)
     layout = "flat"
-    if isinstance(obj, dict) and any(k in obj for k in GENERATOR_ENTRIES):
+    wrapper = next((k for k in wrappers if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+    if wrapper is not None:
+        obj, layout = obj[wrapper], wrapper
+    elif isinstance(obj, dict) and any(k in obj for k in GENERATOR_ENTRIES):
         have = [k for k in GENERATOR_ENTRIES if isinstance(obj.get(k), dict)]
         pick = entry or (have[0] if have else None)
         if pick not in have:
@@ -337,12 +342,14 @@ def split_prefix(keys: Iterable[str], anchors: Iterable[str]) -> str:
     return ""
 
 
-def load_checkpoint(path: str | os.PathLike, anchors: Iterable[str] = (), weights: str | None = None) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, anchors: Iterable[str] = (), weights: str | None = None,
+                    entries: tuple[str, ...] = ()) -> Checkpoint:
     """Read every tensor of a checkpoint on the CPU and strip a known key prefix.
 
     ``anchors`` are bare key names used to find the prefix; keys outside that prefix (a VAE or text encoder
     packed into the same file) are dropped. ``weights``: for Self-Forcing / CausVid .pt files, the generator entry
-    to read (default: generator_ema when present).
+    to read (default: generator_ema when present). ``entries``: other wrapper entries of a torch file to read
+    the weights from (LongLive's 'generator_lora').
     """
     files = checkpoint_files(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -352,7 +359,7 @@ def load_checkpoint(path: str | os.PathLike, anchors: Iterable[str] = (), weight
         if f.suffix == ".safetensors" or f.name.endswith(".sft"):
             _read_safetensors(f, tensors, meta)
         elif f.suffix in TORCH_SUFFIXES:
-            layout = _read_torch(f, tensors, weights)
+            layout = _read_torch(f, tensors, weights, entries)
         else:
             raise CheckpointError(f"{f.name}: unsupported file type {f.suffix!r}; use .safetensors (or .pt/.pth weights).")
     if not tensors:

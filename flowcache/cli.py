@@ -63,7 +63,7 @@ def _say_err(text: str) -> None:
 
 
 RELEASED_NAMES = ("skyreels-v2-df-1.3b", "skyreels-v2-df-14b", "magi-1-4.5b-distill", "causal-wan-1.3b",
-                  "causal-wan-14b")  # flowcache.memory.RELEASED, without importing torch for --help
+                  "causal-wan-14b", "krea-realtime-14b", "longlive-1.3b")  # memory.RELEASED, without torch for --help
 
 
 def _inspect(a) -> int:

@@ -129,9 +129,15 @@ RELEASED = {
     "magi-1-4.5b-distill": {"family": "magi", "config": {}},           # MagiConfig's defaults are the 4.5B
     "causal-wan-1.3b": {**_released_wan(1536, 8960, 12, 30, False), "loop": "causal"},  # Self-Forcing, CausVid
     "causal-wan-14b": {**_released_wan(5120, 13824, 40, 40, False), "loop": "causal"},  # a 14B causal Wan
+    # Krea Realtime 14B (Wan2.1-T2V-14B): its store holds the 3-frame context and the block
+    "krea-realtime-14b": {**_released_wan(5120, 13824, 40, 40, False), "loop": "krea_realtime"},
+    # LongLive v1.0 (Wan2.1-T2V-1.3B, its LoRA merged): a 12-frame window with a 3-frame sink
+    "longlive-1.3b": {**_released_wan(1536, 8960, 12, 30, False), "loop": "causal",
+                      "settings": {"local_attn_frames": 12, "sink_frames": 3}},
 }
 PRESET_ROWS = {"skyreels-v2-df-1.3b": "wan-1.3B", "skyreels-v2-df-14b": "wan-14B", "magi-1-4.5b-distill": "magi-4.5B",
-               "causal-wan-1.3b": "wan-1.3B-causal", "causal-wan-14b": "wan-14B-causal"}
+               "causal-wan-1.3b": "wan-1.3B-causal", "causal-wan-14b": "wan-14B-causal",
+               "krea-realtime-14b": "wan-14B-causal", "longlive-1.3b": "wan-1.3B-causal"}
 MAGI_FP8_LAYERS = lambda layers: tuple(range(1, layers - 1))  # noqa: E731  the fp8 release: all but first/last
 
 
@@ -260,14 +266,25 @@ def family_planner(family: str, loop: str, cfg, dtype: torch.dtype, *, frames: i
             return plan_magi(s, cfg, geo, dtype, distill, 0, cache, options)
         return magi, f"MAGI-1 {'distilled' if distill else 'base'}, {n} frames, {cache.method} {cache.preset}"
     geo = LatentGeometry(**(geometry or {}))
+    if loop == "krea_realtime":
+        from .pipelines.krea_realtime import KreaSettings, plan_krea_run
+        n = frames or 105
+
+        def krea(options: MemoryOptions, width: int, height: int):
+            return plan_krea_run(KreaSettings(width=width, height=height, num_frames=n), cache, cfg, geo, dtype,
+                                 text_len, options)
+        return krea, f"Krea Realtime loop, {n} frames (a 3-frame context per block), {cache.method} {cache.preset}"
     if loop == "causal":
         from .pipelines.causal_wan import CausalSettings, plan_causal_run
         n = frames or 81
+        own = settings or {}
 
         def causal(options: MemoryOptions, width: int, height: int):
-            s = CausalSettings(width=width, height=height, num_frames=n)
+            s = CausalSettings(**{**own, "width": width, "height": height, "num_frames": n})
             return plan_causal_run(s, cache, cfg, geo, dtype, text_len, options)
-        return causal, f"causal loop, {n} frames, kv_mode rolling (21-frame window), {cache.method} {cache.preset}"
+        window = own.get("local_attn_frames", 21)
+        return causal, (f"causal loop, {n} frames, kv_mode rolling ({window}-frame window), {cache.method} "
+                        f"{cache.preset}")
     from dataclasses import fields as dc_fields
 
     from .pipelines.diffusion_forcing import DFSettings, plan_df
@@ -304,14 +321,18 @@ def estimate(model: str, resolution: str, *, frames: int | None = None, budget: 
         family, cfg, shapes = released_shapes(model, weights)
         loop = RELEASED[model].get("loop", "magi" if family == "magi" else "diffusion_forcing")
         key, extra = PRESET_ROWS[model], {}
+        own = {"settings": RELEASED[model]["settings"]} if "settings" in RELEASED[model] else {}
     else:
         _check_model_named(model)
         from .models import header_facts
         family, cfg, shapes = checkpoint_shapes(model)
         facts = header_facts(model)
         key, extra = facts.preset_key, facts.extra_presets
-        loop = "magi" if family == "magi" else ("causal" if key.endswith("-causal") else "diffusion_forcing")
+        loop = facts.loop
         own = _own_settings(model) if family == "wan" else {}
+        if loop == "longlive":
+            own["settings"] = RELEASED["longlive-1.3b"]["settings"]
+            loop = "causal"
     held = held_weight_bytes(family, cfg, shapes, compute)
     unit = 16
     if w % unit or h % unit:

@@ -36,6 +36,8 @@ class RunStats:
     kv_kept_per_layer: list[int] = field(default_factory=list)
     kv_dropped_per_layer: list[int] = field(default_factory=list)
     compress_seconds: float = 0.0
+    # prompt changes (``flowcache.prompts.switch_record``): where each took effect, for the node's map
+    switches: list[dict] = field(default_factory=list)
 
     @property
     def flops_speedup(self) -> float:

@@ -6,6 +6,7 @@ from .demo import FlowCacheDecode, FlowCacheDemoTextEncode
 from .loader import FlowCacheModelLoader
 from .magi import FlowCacheMagiTextEncode, FlowCacheMagiVAELoader
 from .presets_route import register_routes
+from .prompts import FlowCachePromptSchedule
 from .sampler import FlowCacheSampler
 from .video import FlowCacheVideoCombine
 
@@ -20,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "FlowCacheDecodeSave": FlowCacheDecodeSave,
     "FlowCacheMagiTextEncode": FlowCacheMagiTextEncode,
     "FlowCacheMagiVAELoader": FlowCacheMagiVAELoader,
+    "FlowCachePromptSchedule": FlowCachePromptSchedule,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -33,6 +35,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FlowCacheDecodeSave": "FlowCache Decode & Save Video",
     "FlowCacheMagiTextEncode": "FlowCache MAGI-1 Text Encode",
     "FlowCacheMagiVAELoader": "FlowCache Load MAGI-1 VAE",
+    "FlowCachePromptSchedule": "FlowCache Prompt Schedule",
 }
 
 register_routes()  # GET /flowcache/model_presets, inside a running ComfyUI only

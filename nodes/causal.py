@@ -9,8 +9,11 @@ from typing import Any, Callable
 from ..flowcache.cache import CacheSettings
 from ..flowcache.errors import InputError
 from ..flowcache.latent_format import wan_to_raw
-from ..flowcache.pipelines.causal_wan import KV_MODES, LOOP_PRESETS, CausalSettings, CausalWanPipeline, plan_causal
+from ..flowcache.pipelines.causal_wan import (KV_MODES, LOOP_PRESETS, CausalSettings, CausalWanPipeline,
+                                               check_prompts, plan_causal)
 from ..flowcache.pipelines.common import LatentGeometry
+from ..flowcache.pipelines.krea_realtime import KreaRealtimePipeline, KreaSettings, needs_vae, plan_krea
+from ..flowcache.prompts import PromptSchedule
 from ..flowcache.runner import RunHooks
 
 log = logging.getLogger("FlowCache")
@@ -69,15 +72,24 @@ class FlowCacheCausalOptions:
         return (CausalOptions(kv_mode, int(window_frames), int(sink_frames), schedule),)
 
 
-def causal_settings(w: Any, options: CausalOptions | None) -> tuple[CausalSettings, list[str]]:
-    """The loop's settings from the sampler's widgets and the options; and the widgets the causal loop ignores
-    (said once in the log, so nobody tunes a knob that does nothing)."""
-    opt = options or CausalOptions()
+# Each causal release's own loop, as data: its options when no FlowCache Causal Options is connected, and how it
+# changes prompt. LongLive v1.0: configs/longlive_inference.yaml (local_attn_size 12, sink_size 3, global_sink).
+RELEASES: dict[str, dict] = {
+    "causal": {"options": CausalOptions(), "prompt_rule": "switch"},
+    "longlive": {"options": CausalOptions("rolling", 12, 3, "self_forcing"), "prompt_rule": "recache"},
+}
+
+
+def causal_settings(w: Any, options: CausalOptions | None, loop: str = "causal") -> tuple[CausalSettings, list[str]]:
+    """The loop's settings from the sampler's widgets and the options (the release's own without the node); and
+    the widgets the causal loop ignores (said once in the log, so nobody tunes a knob that does nothing)."""
+    release = RELEASES[loop]
+    opt = options or release["options"]
     if not isinstance(opt, CausalOptions):
         raise InputError(f"causal: expected the output of FlowCache Causal Options, got {type(opt).__name__}.")
     s = CausalSettings(width=w.width, height=w.height, num_frames=w.num_frames, num_frame_per_block=w.causal_block_size,
                        seed=w.seed, kv_mode=opt.kv_mode, local_attn_frames=opt.window_frames,
-                       sink_frames=opt.sink_frames, **LOOP_PRESETS[opt.schedule])
+                       sink_frames=opt.sink_frames, prompt_rule=release["prompt_rule"], **LOOP_PRESETS[opt.schedule])
     ignored = ["steps (the schedule's own)", "cfg (no guidance)", "shift (the schedule's own)", "ar_step",
                "base_num_frames", "overlap_history", "addnoise_condition", "solver"]
     return s, ignored
@@ -88,11 +100,12 @@ def causal_run(model: Any, w: Any, positive: Any, cache: CacheSettings, options:
     """The causal loop's job (hooks, plan), its planner (memory options, width, height) and the pixel multiple
     sizes keep; every input is checked here, before the model moves."""
     lm = model.loaded
-    settings, ignored = causal_settings(w, options)
+    settings, ignored = causal_settings(w, options, lm.loop)
     geometry = LatentGeometry(**lm.geometry)
     pipe = CausalWanPipeline(lm.model, geometry, lm.text_len)
     plan_causal(settings, geometry, lm.config.patch_size, cache.kv_budget)  # every settings error now
-    cond = conditioning(positive, "positive")
+    cond = prompts_or_tensor(positive, conditioning)
+    check_prompts(cond, settings.num_frames, geometry.temporal_stride, lm.config.text_dim, lm.text_len)
     log.info("FlowCache: causal loop, %d frames in blocks of %d latent frames, kv %s; ignored here: %s",
              settings.num_frames, settings.num_frame_per_block, settings.kv_mode, ", ".join(ignored))
 
@@ -106,3 +119,44 @@ def causal_run(model: Any, w: Any, positive: Any, cache: CacheSettings, options:
     def plan(memory: Any, width: int, height: int):
         return pipe.plan(replace(settings, width=width, height=height), cache, memory)
     return job, plan, geometry.spatial_stride * lm.config.patch_size[1]
+
+
+def prompts_or_tensor(positive: Any, conditioning: Callable[[Any, str], Any]) -> Any:
+    """The ``positive`` input as the causal loops take it: FlowCache Prompt Schedule's prompts as they are, a
+    CONDITIONING as its checked text states."""
+    return positive if isinstance(positive, PromptSchedule) else conditioning(positive, "positive")
+
+
+def krea_run(model: Any, w: Any, positive: Any, cache: CacheSettings, codec: Any,
+             conditioning: Callable[[Any, str], Any]) -> tuple[Callable[..., tuple[dict, Any]], Callable, int]:
+    """Krea Realtime 14B's loop: the release's schedule (5 steps, shift 5, a 3-frame context); width, height,
+    num_frames, seed and causal_block_size apply. ``codec``: the VAE, needed from block 2 on. Returns the job
+    (hooks, plan), the planner (memory options, width, height) and the pixel multiple sizes keep."""
+    lm = model.loaded
+    geometry = LatentGeometry(**lm.geometry)
+    settings = KreaSettings(width=w.width, height=w.height, num_frames=w.num_frames,
+                            num_frame_per_block=w.causal_block_size, seed=w.seed)
+    pipe = KreaRealtimePipeline(lm.model, geometry, lm.text_len, codec)
+    plan = plan_krea(settings, geometry, lm.config.patch_size)
+    if codec is None and needs_vae(plan, settings):
+        raise InputError("vae: Krea Realtime's loop re-encodes the oldest frame of its context through the VAE from "
+                         "block 2 on; connect the Wan2.1 VAE (Load VAE) to FlowCache Sampler's vae input.")
+    cond = prompts_or_tensor(positive, conditioning)
+    check_prompts(cond, settings.num_frames, geometry.temporal_stride, lm.config.text_dim, lm.text_len)
+    if (w.width, w.height) != (832, 480):
+        log.warning("FlowCache: Krea Realtime 14B was trained at 832x480; %dx%d runs with its true tokens per frame "
+                    "but away from what the model learned.", w.width, w.height)
+    ignored = ["steps (the release's 5)", "cfg (no guidance)", "shift (the release's 5)", "ar_step",
+               "base_num_frames", "overlap_history", "addnoise_condition", "solver"]
+    log.info("FlowCache: Krea Realtime loop, %d blocks; ignored here: %s", plan.blocks, ", ".join(ignored))
+
+    def job(hooks: RunHooks, run_plan):
+        latents, stats = pipe(cond, settings, cache, hooks, plan=run_plan)  # the plan is at this size
+        stats.settings["ignored_widgets"] = ignored
+        if lm.latent_format == "wan21":
+            return {"samples": wan_to_raw(latents)}, stats
+        return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
+
+    def planner(memory: Any, width: int, height: int):
+        return pipe.plan(replace(settings, width=width, height=height), cache, memory)
+    return job, planner, geometry.spatial_stride * lm.config.patch_size[1]

@@ -13,6 +13,7 @@ from .demo import DEMO_ENTRY, demo_module
 log = logging.getLogger("FlowCache")
 
 DTYPES = ["auto", "fp32", "bf16", "fp16"]
+NO_LORA = "none"
 
 
 @dataclass
@@ -70,10 +71,13 @@ class FlowCacheModelLoader:
         }, "optional": {  # optional: API prompts saved before these widgets existed still run (as "auto")
             "loop": (list(LOOPS), {
                 "default": "auto",
-                "tooltip": "Wan-architecture files: diffusion_forcing (SkyReels-V2 DF, Wan2.1) or causal "
-                           "(Self-Forcing, CausVid, Causal Forcing: block by block with a KV cache). They have the "
-                           "same keys, so auto decides from the file's metadata, a Self-Forcing/CausVid .pt, "
-                           "SkyReels' fps layers or the file name, and says which on the node."}),
+                "tooltip": "Wan-architecture files: diffusion_forcing (SkyReels-V2 DF, Wan2.1), causal "
+                           "(Self-Forcing, CausVid, Causal Forcing: block by block with a KV cache), longlive "
+                           "(LongLive v1.0: a 12-frame window, 3-frame sink, re-cache on a prompt change) or "
+                           "krea_realtime (Krea Realtime 14B: its context rebuilt each block, needs the VAE). They "
+                           "have the same keys, so auto decides from the file's metadata, a LongLive LoRA, the "
+                           "releases' file names, a Self-Forcing/CausVid .pt, SkyReels' fps layers or Krea's "
+                           "'model.'-prefixed 14B layout, and says which on the node."}),
             "weights": (["auto", "generator_ema", "generator"], {
                 "default": "auto",
                 "tooltip": "Self-Forcing / CausVid .pt files only: which generator to load (auto: generator_ema "
@@ -83,6 +87,11 @@ class FlowCacheModelLoader:
                 "tooltip": "MAGI-1 files only: distill (one pass, guidance distilled in) or base (3-pass "
                            "guidance). auto: the folder holding the weights says 'distill' for the distilled "
                            "release (inference_weight.distill)."}),
+            "lora": ([NO_LORA] + comfy_bridge.filename_list("loras"), {
+                "default": NO_LORA,
+                "tooltip": "A LoRA from models/loras merged into the weights at load: LongLive's lora.pt on "
+                           "longlive_base.pt (a LoRA whose keys match nothing in the model is refused). For a "
+                           "ComfyUI MODEL use ComfyUI's own LoRA loader instead."}),
         }}
 
     RETURN_TYPES = ("FLOWCACHE_MODEL",)
@@ -93,8 +102,13 @@ class FlowCacheModelLoader:
     DESCRIPTION = "Loads a SkyReels-V2 / Wan2.1 or MAGI-1 video model for FlowCache Sampler."
 
     def load(self, model_name: str, dtype: str = "auto", loop: str = "auto", weights: str = "auto",
-             magi_variant: str = "auto") -> dict:
+             magi_variant: str = "auto", lora: str = NO_LORA) -> dict:
         path = model_path(model_name)
+        lora_path = None
+        if lora and lora != NO_LORA:
+            lora_path = comfy_bridge.full_path("loras", lora)
+            if lora_path is None:
+                raise CheckpointError(f"lora: {lora} was not found in models/loras.")
         device = comfy_bridge.torch_device()
         chosen = resolve_dtype(dtype, device.type)
         # The core's messages name the file; the user is told which widget chose it first (unless the message is
@@ -103,9 +117,9 @@ class FlowCacheModelLoader:
         # the forward runs on ComfyUI's device, not where the first weight happens to be.
         try:
             loaded = load_model(path, chosen, loop=loop, weights=None if weights == "auto" else weights,
-                                magi_variant=magi_variant, operations=comfy_bridge.operations())
+                                magi_variant=magi_variant, operations=comfy_bridge.operations(), lora=lora_path)
         except FlowCacheError as e:
-            raise led_by("model_name", e, "dtype", "loop", "weights", "magi_variant") from e
+            raise led_by("model_name", e, "dtype", "loop", "weights", "magi_variant", "lora") from e
         loaded.model.compute_device = device
         log.info("FlowCache: loaded %s (%s, %s, presets %s, layers %s)", loaded.checkpoint, loaded.family, chosen,
                  loaded.preset_key, comfy_bridge.operations().name)

@@ -127,3 +127,34 @@ class FlowCacheMagiVAELoader:
         except FlowCacheError as e:
             raise led_by("vae_name", e) from e
         return (MagiVAECodec(vae.to(device), device=device),)
+
+
+def magi_scheduled_captions(prompts: Any, width: int, plan: Any, settings: Any, temporal_stride: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """FlowCache Prompt Schedule's prompts -> MAGI-1's per-chunk captions ``([1, chunks, L, width], [1, chunks, L])``
+    and the switch records: chunk c takes the prompt that holds at its first latent frame (c · chunk_width, the
+    latent's frames counted from its start). Each prompt is built as ``magi_caption`` builds one (its special
+    tokens, if any); prompts of different lengths are padded to the longest, the padding masked out."""
+    from ..flowcache.prompts import switch_record
+
+    prompts.check(settings.num_frames, temporal_stride)
+    built = []
+    for i, entry in enumerate(prompts.entries):
+        extra = prompts.extras[i] if i < len(prompts.extras) else {}
+        built.append(magi_caption([[entry.states, extra]], f"prompts entry {i + 1}", width, plan.chunk_num))
+    longest = max(c.shape[2] for c, _ in built)
+    caps, masks = [], []
+    for c, m in built:
+        pad = longest - c.shape[2]
+        caps.append(torch.nn.functional.pad(c, (0, 0, 0, pad)))
+        masks.append(torch.nn.functional.pad(m.long(), (0, pad)))
+    caption = torch.empty_like(caps[0])
+    mask = torch.empty_like(masks[0])
+    switches, current = [], 0
+    for chunk in range(plan.chunk_num):
+        entry = prompts.entry_at(chunk * settings.chunk_width)
+        caption[:, chunk], mask[:, chunk] = caps[entry][:, chunk], masks[entry][:, chunk]
+        if entry != current:
+            switches.append(switch_record(chunk, chunk * settings.chunk_width, entry, "chunk", temporal_stride))
+            current = entry
+    return caption, mask, switches

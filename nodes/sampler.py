@@ -16,14 +16,15 @@ from ..flowcache.pipelines.magi import MagiPipeline, MagiSettings
 from ..flowcache.plan import MemoryOptions
 from ..flowcache.pipelines.wan_step import check_conditioning
 from ..flowcache.presets import CacheRequest, default_request
+from ..flowcache.prompts import PromptSchedule
 from ..flowcache.runner import RunHooks, StepInfo
 from ..flowcache.schedulers import SOLVERS
 from ..flowcache.stats import RunStats
 from . import comfy_bridge
-from .causal import causal_run
+from .causal import causal_run, krea_run
 from .demo import DEMO_CODEC
 from .loader import FlowCacheModel
-from .magi import MAGI_CODEC, magi_caption
+from .magi import MAGI_CODEC, magi_caption, magi_scheduled_captions
 from .native import is_comfy_model, native_wan_model
 from .vae_codec import ComfyVAECodec
 
@@ -69,8 +70,10 @@ class FlowCacheSampler:
                                "Load Diffusion Model, any LoRA loader or a GGUF loader: its own layers run, so "
                                "its fp8/GGUF weights, LoRAs and partial loading apply. SkyReels' fps embedding, "
                                "which ComfyUI drops, is read back from the MODEL's file."}),
-                "positive": ("CONDITIONING", {"tooltip": "Prompt: umT5-XXL text states (CLIP Text Encode with "
-                                                         "a Wan text encoder), or FlowCache Demo Text Encode."}),
+                "positive": ("CONDITIONING,FLOWCACHE_PROMPTS", {
+                    "tooltip": "Prompt: umT5-XXL text states (CLIP Text Encode with a Wan text encoder), or "
+                               "FlowCache Demo Text Encode; or FlowCache Prompt Schedule's prompts that change over "
+                               "the video (each loop changes at its block, window or chunk boundaries)."}),
                 "negative": ("CONDITIONING", {"tooltip": "Negative prompt (used when cfg > 1). Causal Wan models have "
                                                          "no guidance: unused."}),
                 "width": _int(960, 16, 4096, "Video width in pixels; a multiple of 16.", 16),
@@ -112,8 +115,10 @@ class FlowCacheSampler:
                                                          "slow preset, or for a model without presets "
                                                          "easycache, which needs no calibration (the node "
                                                          "says which after the run)."}),
-                "vae": ("VAE", {"tooltip": "Wan2.1 VAE: re-encodes the overlap between windows as SkyReels does. "
-                                           "Without it the overlap is carried over in latent space."}),
+                "vae": ("VAE", {"tooltip": "Wan2.1 VAE: re-encodes the overlap between windows as SkyReels does "
+                                           "(without it the overlap is carried over in latent space). Krea "
+                                           "Realtime 14B needs it: its loop re-encodes a context frame every "
+                                           "block from block 2 on."}),
                 "magi_vae": ("FLOWCACHE_MAGI_VAE", {"tooltip": "MAGI-1 only: its VAE, needed to encode "
                                                                "prefix_images."}),
                 "prefix_images": ("IMAGE", {"tooltip": "MAGI-1 only: one image (image-to-video) or the frames of "
@@ -279,7 +284,13 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
     plan = planned_once(lambda options, width, height: pipe.plan(replace(settings, width=width, height=height),
                                                                  cache, options))
     windows = plan(MemoryOptions(), w.width, w.height).windows  # every settings error now
-    cond = check_conditioning(conditioning_tensor(positive, "positive"), lm.config.text_dim, lm.text_len, "positive")
+    if isinstance(positive, PromptSchedule):  # each window reads the prompt at its first new frame
+        cond = positive.check(settings.num_frames, geometry.temporal_stride)
+        for i, e in enumerate(cond.entries, start=1):
+            check_conditioning(e.states, lm.config.text_dim, lm.text_len, f"prompts entry {i}")
+    else:
+        cond = check_conditioning(conditioning_tensor(positive, "positive"), lm.config.text_dim, lm.text_len,
+                                  "positive")
     uncond = None
     if w.cfg > 1.0:
         uncond = check_conditioning(conditioning_tensor(negative, "negative"), lm.config.text_dim, lm.text_len,
@@ -327,11 +338,17 @@ def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative:
     prefix_frames = pipe.prefix_latent_frames(prefix)
     plan = planned_once(lambda options, width, height: pipe.plan(replace(settings, width=width, height=height),
                                                                  prefix_frames, cache, options))
-    chunks = plan(MemoryOptions(), w.width, w.height).chunk_num  # every settings error now
-    caption, mask = magi_caption(positive, "positive", lm.config.caption_channels, chunks)
+    first = plan(MemoryOptions(), w.width, w.height)  # every settings error now
+    switches: list[dict] = []
+    if isinstance(positive, PromptSchedule):  # MAGI-1 takes a caption per chunk: each chunk its prompt's
+        caption, mask, switches = magi_scheduled_captions(positive, lm.config.caption_channels, first, settings,
+                                                          LatentGeometry(**lm.geometry).temporal_stride)
+    else:
+        caption, mask = magi_caption(positive, "positive", lm.config.caption_channels, first.chunk_num)
 
     def job(hooks: RunHooks, run_plan):
         latents, stats = pipe(caption, mask, run_plan.settings, cache, prefix, hooks, plan=run_plan)
+        stats.switches = switches
         return {"samples": latents, "flowcache_codec": MAGI_CODEC, "flowcache_chunk_width": settings.chunk_width}, stats
 
     return RunSpec(job, plan, 16)
@@ -351,6 +368,25 @@ def _causal_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negativ
     return RunSpec(job, planned_once(plan), unit)
 
 
+def _krea_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: Any, cache: CacheSettings,
+              extras: dict) -> RunSpec:
+    """Krea Realtime 14B: its own causal loop (a context rebuilt per block through the VAE); no guidance."""
+    lm = model.loaded
+    if extras["prefix_images"] is not None or extras["magi_vae"] is not None:
+        raise InputError("prefix_images / magi_vae: only MAGI-1 models take these; disconnect them.")
+    if extras["causal"] is not None:
+        log.warning("FlowCache: Krea Realtime keeps its own context cache; FlowCache Causal Options is not used.")
+    vae = extras["vae"]
+    codec = None if vae is None else ComfyVAECodec(vae, after_call=lambda: comfy_bridge.load_to_device(model.patcher))
+
+    def conditioning(cond: Any, name: str):
+        return check_conditioning(conditioning_tensor(cond, name), lm.config.text_dim, lm.text_len, name)
+
+    job, plan, unit = krea_run(model, w, positive, cache, codec, conditioning)
+    return RunSpec(job, planned_once(plan), unit)
+
+
 # The loaded model's loop picks its run (data, not a type switch); adding a loop adds a row here.
 LOOP_RUNS: dict[str, Callable[..., RunSpec]] = {"diffusion_forcing": _wan_run, "causal": _causal_run,
-                                                          "magi": _magi_run}
+                                                "longlive": _causal_run, "krea_realtime": _krea_run,
+                                                "magi": _magi_run}

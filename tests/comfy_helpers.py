@@ -26,7 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_IDS = ("FlowCacheModelLoader", "FlowCacheSampler", "FlowCacheCache", "FlowCacheCausalOptions", "FlowCacheDecode", "FlowCacheVideoCombine",
-            "FlowCacheDemoTextEncode", "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader")
+            "FlowCacheDemoTextEncode", "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader",
+            "FlowCachePromptSchedule")
 
 
 # ----------------------------------------------------------------------------------------- importing

@@ -39,7 +39,7 @@ EXPECTED = {p.stem for p in (ROOT / "workflows").glob("*.json")}
 NEEDS_MODEL_FILES = EXPECTED - {"flowcache_demo_cpu"}
 NODE_TYPES = {"FlowCacheSampler", "FlowCacheCache", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine",
               "FlowCacheDemoTextEncode", "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader",
-              "FlowCacheCausalOptions"}
+              "FlowCacheCausalOptions", "FlowCachePromptSchedule"}
 DEMO_ASSETS = ROOT / "flowcache" / "demo" / "assets"
 # Page noise of frontend 1.27.10 with no network (comfyui-host.md §8.4): not ours, ignored.
 BENIGN = ("Cannot read properties of undefined (reading 'id')", "ERR_NAME_NOT_RESOLVED", "Error fetching file size",

@@ -141,7 +141,8 @@ def test_sampler_and_other_widget_orders(pack):
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}  # the prompt: where a MODEL came from
     req = spec["required"]
     assert req["model"][0] == "FLOWCACHE_MODEL,MODEL"  # ComfyUI's union type: FlowCache Load Model's or a MODEL
-    assert req["positive"][0] == req["negative"][0] == "CONDITIONING"
+    assert req["negative"][0] == "CONDITIONING"
+    assert req["positive"][0] == "CONDITIONING,FLOWCACHE_PROMPTS"  # a prompt, or FlowCache Prompt Schedule's
     assert req["solver"][0] == ["unipc", "euler"]
     defaults = widget_defaults(nodes(pack)["FlowCacheSampler"])
     assert {k: defaults[k] for k in ("width", "height", "num_frames", "steps", "cfg", "shift", "seed", "ar_step",
@@ -161,8 +162,9 @@ def test_sampler_and_other_widget_orders(pack):
     loader = nodes(pack)["FlowCacheModelLoader"].INPUT_TYPES()
     assert list(loader["required"]) == ["model_name", "dtype"]
     # optional widgets (default auto), so API prompts saved before them still validate in the server
-    assert list(loader["optional"]) == ["loop", "weights", "magi_variant"]
-    assert all(spec[1]["default"] == "auto" for spec in loader["optional"].values())
+    assert list(loader["optional"]) == ["loop", "weights", "magi_variant", "lora"]
+    assert all(spec[1]["default"] == "auto" for k, spec in loader["optional"].items() if k != "lora")
+    assert loader["optional"]["lora"][1]["default"] == "none"
     vc = nodes(pack)["FlowCacheVideoCombine"].INPUT_TYPES()["required"]
     assert list(vc) == ["images", "frame_rate", "loop_count", "filename_prefix", "format", "crf"]
     assert vc["format"][1]["default"] == "video/h264-mp4"

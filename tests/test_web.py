@@ -345,7 +345,13 @@ const ctx2 = new Proxy({}, { get: (t, k) => (k === 'measureText' ? () => ({ widt
 const info = { stats: { maps: [['CCR', 'CRR'], ['', 'CC']], flops_speedup: 2, flops: 1, flops_nocache: 2 } };
 const shown = m.drawMap(ctx2, info, 300, 0);
 check(shown && shown.windows === 2 && shown.chunks === 2 && shown.steps === 3 && m.mapHeight(info, 300) > 0
-  && calls.includes('fillRect') && shown.note === '', 'map', shown);
+  && calls.includes('fillRect') && shown.note === '' && shown.switches === 0, 'map', shown);
+// prompt changes: a marker at the block where each takes effect (causal), at the window that reads it (DF)
+const causal = { stats: { maps: [['CCCC', 'CCCC', 'CCCC']], switches: [{ chunk: 1, entry: 2, rule: 'recache' },
+  { chunk: 2, entry: 3, rule: 'switch' }, { chunk: 9, entry: 4, rule: 'switch' }] } };
+check(m.drawMap(ctx2, causal, 300, 0).switches === 2, 'switch markers (one past the map skipped)');
+const df = { stats: { maps: [['CC', 'CC'], ['', 'CC']], switches: [{ chunk: 1, entry: 2, rule: 'window' }] } };
+check(m.drawMap(ctx2, df, 300, 0).switches === 1, 'a window switch marker');
 console.log('ext ' + e.name);
 done();
 """, encoding="utf-8")

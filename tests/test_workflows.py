@@ -39,7 +39,7 @@ SAMPLER_WIDGETS = ["width", "height", "num_frames", "steps", "cfg", "shift", "se
 CACHE_WIDGETS = ["method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda", "max_skips",
                  "attention"]  # more may follow
 CAUSAL_WIDGETS = ["kv_mode", "window_frames", "sink_frames", "schedule"]
-LOADER_WIDGETS = ["model_name", "dtype", "loop", "weights", "magi_variant"]
+LOADER_WIDGETS = ["model_name", "dtype", "loop", "weights", "magi_variant", "lora"]  # lora: new, at the end
 WAN_PATCH = (1, 2, 2)  # Wan2.1's patch size (time, height, width)
 # preset row field -> cache node widget where the names differ (web/flowcache_presets.js FIELD_WIDGETS)
 FIELD_WIDGETS = {"warmup": "warmup_steps"}

@@ -3,7 +3,7 @@
 // flowcache.js, which owns the widget and the page state. No side effects on import (ComfyUI loads every .js here).
 
 const COLORS = { computed: "#e8893a", reused: "#3bb273", empty: "#2a2a2a", prefix: "#444c56", text: "#ddd", dim: "#999",
-  note: "#e0a040" };
+  note: "#e0a040", switch: "#4aa3ff" };
 
 // ------------------------------------------------------------------------------------------- formatting
 
@@ -166,6 +166,12 @@ export function drawMap(ctx, info, width, y) {
     const { per, cellW, cellH, cols, rows, gap, labelH, windows } = lay;
     const blockW = cols * cellW;
     const blockH = labelH + rows * cellH + gap;
+    const origin = (wi) => [PAD + (wi % per) * (blockW + gap), yy + Math.floor(wi / per) * blockH];
+    if ((stats.switches || []).length) {
+      ctx.fillStyle = COLORS.dim;
+      ctx.font = "9px sans-serif";
+      ctx.fillText("▸ prompt change", width - PAD - ctx.measureText("▸ prompt change").width, yy - LINE);
+    }
     windows.forEach((chunks, wi) => {
       const bx = PAD + (wi % per) * (blockW + gap);
       const by = yy + Math.floor(wi / per) * blockH;
@@ -197,7 +203,25 @@ export function drawMap(ctx, info, width, y) {
         }
       }
     });
-    return { windows: windows.length, chunks: rows, steps: cols, note: note.join(" ") };
+    // prompt changes (RunStats.switches): a line above the block or chunk where one takes effect, or above the
+    // window that reads it (diffusion forcing: rule "window"), with the entry's number
+    let marked = 0;
+    for (const sw of stats.switches || []) {
+      const perWindow = sw.rule === "window";
+      const wi = perWindow ? sw.chunk : 0;
+      const row = perWindow ? 0 : sw.chunk;
+      if (wi >= windows.length || row >= rows) continue;
+      const [bx, by] = origin(wi);
+      if (by - yy > MAX_MAP_H + 30) continue;
+      const ry = by + labelH + row * cellH;
+      ctx.fillStyle = COLORS.switch;
+      ctx.fillRect(bx - 3, ry - 1, blockW + 3, 2);
+      ctx.fillRect(bx - 3, ry - 1, 2, Math.max(3, cellH));
+      ctx.font = "9px sans-serif";
+      ctx.fillText(`▸${sw.entry}`, bx + blockW + 2, ry - 4);
+      marked++;
+    }
+    return { windows: windows.length, chunks: rows, steps: cols, note: note.join(" "), switches: marked };
   } finally {
     ctx.restore();
   }

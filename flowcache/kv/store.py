@@ -532,3 +532,28 @@ class StepAttention:
         """Boolean [Lq, ends[-1]]: a chunk's queries see the rows up to the end of its slot."""
         limit = torch.tensor(ends, device=device).repeat_interleave(torch.tensor(self.tokens, device=device))
         return torch.arange(ends[-1], device=device)[None, :] < limit[:, None]
+
+
+class RewriteAttention:
+    """``ChunkAttention`` of a pass that rewrites rows already stored (a causal loop re-caching its window with a
+    new prompt): the forward's tokens are laid end to end; ``targets`` maps stored chunk ids to the token range
+    of the forward whose K/V replace theirs (chunks not named keep their rows; tokens not named write nothing);
+    then every query attends to every stored row, as the re-cache of LongLive does (its queries see the whole
+    cache, the rows they just wrote included).
+
+    unit: the id the FLOP count is kept under (``context_rows`` / ``causal_rows``, rows read at layer 0)."""
+
+    def __init__(self, store: KVStore, targets: dict[int, slice], unit: object):
+        self.store, self.targets, self.unit = store, dict(targets), unit
+        self.context_rows: dict[object, int] = {}
+        self.causal_rows: dict[object, int] = {}
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        for cid, tok in sorted(self.targets.items()):
+            n = tok.stop - tok.start
+            self.store.write(layer, [cid], [n], q[:, :, tok], k[:, :, tok], v[:, :, tok], slice(None))
+        if layer == 0:
+            used = self.store.layers[0].used
+            self.context_rows = {self.unit: used}
+            self.causal_rows = {self.unit: used}
+        return attention(q, *self.store.rows(layer, slice(None)))

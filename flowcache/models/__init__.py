@@ -91,14 +91,23 @@ def _wan_preset_key(meta: Mapping[str, str], shapes: Mapping[str, tuple]) -> str
     return meta.get("flowcache.model_key") or f"wan-{WAN_SIZES.get(dim, f'dim{dim}')}"
 
 
-LOOPS = ("auto", "diffusion_forcing", "causal")
+# causal: Self-Forcing, CausVid, Causal Forcing; longlive: LongLive v1.0 (the causal loop with its 12-frame window,
+# 3-frame sink and re-cache on a prompt change); krea_realtime: Krea Realtime 14B (its context is rebuilt per block)
+LOOPS = ("auto", "diffusion_forcing", "causal", "longlive", "krea_realtime")
 _CAUSAL_NAMES = re.compile(r"self[_-]?forcing|causvid|causal", re.IGNORECASE)
+# The releases' own file names (longlive_base.pt, krea-realtime-video-14b.safetensors)
+_RELEASE_NAMES = (("longlive", re.compile(r"longlive", re.IGNORECASE)),
+                  ("krea_realtime", re.compile(r"krea|realtime", re.IGNORECASE)))
+KREA_DIM = 5120  # Krea Realtime 14B is a Wan2.1-T2V-14B
 
 
-def wan_loop(ck: Checkpoint, keys, choice: str = "auto") -> tuple[str, str]:
-    """(loop, why) for a Wan-architecture checkpoint. Self-Forcing, CausVid and Causal Forcing have exactly the
-    Wan2.1-T2V-1.3B keys, so ``auto`` decides from metadata ``flowcache.loop``, a .pt's generator dict, SkyReels
-    DF's fps layers, or the file's own name, in that order."""
+def wan_loop(ck: Checkpoint, keys, choice: str = "auto", lora_layout: str | None = None,
+             dim: int | None = None) -> tuple[str, str]:
+    """(loop, why) for a Wan-architecture checkpoint. The causal releases have exactly Wan2.1's keys, so ``auto``
+    decides from, in order: metadata ``flowcache.loop``; a LongLive LoRA (its 'generator_lora' entry); the file's
+    own name (LongLive's, Krea Realtime's); a .pt's generator dict (Self-Forcing / CausVid); SkyReels DF's fps
+    layers; a 'model.'-prefixed Wan2.1-14B (Krea Realtime's release layout: the training wrapper's state dict);
+    a causal file name. ``dim``: the model width (from 'head.modulation'), when known."""
     if choice not in LOOPS:
         raise CheckpointError(f"loop={choice!r}: must be one of {', '.join(LOOPS)}.")
     if choice != "auto":
@@ -106,28 +115,58 @@ def wan_loop(ck: Checkpoint, keys, choice: str = "auto") -> tuple[str, str]:
     meta = ck.metadata.get("flowcache.loop")
     if meta in LOOPS[1:]:
         return meta, f"metadata flowcache.loop = {meta}"
+    if lora_layout == "generator_lora":
+        return "longlive", "a LongLive LoRA (its 'generator_lora' entry)"
+    name = ck.files[0].name
+    for loop, pattern in _RELEASE_NAMES:
+        if pattern.search(name):
+            return loop, f"the file name {name!r}"
     if ck.layout != "flat":
         return "causal", f"a Self-Forcing / CausVid .pt (read its '{ck.layout}' weights)"
     if "fps_embedding.weight" in keys:
         return "diffusion_forcing", "SkyReels-V2 DF's fps layers"
-    if _CAUSAL_NAMES.search(ck.files[0].name):
-        return "causal", f"the file name {ck.files[0].name!r}"
+    if ck.prefix == "model." and dim == KREA_DIM:
+        return "krea_realtime", "a 'model.'-prefixed Wan2.1-14B, the layout of Krea Realtime 14B's release"
+    if _CAUSAL_NAMES.search(name):
+        return "causal", f"the file name {name!r}"
     return "diffusion_forcing", "a Wan2.1 / SkyReels-V2 DiT with nothing marking it causal"
+
+
+CAUSAL_LOOPS = ("causal", "longlive", "krea_realtime")  # block by block: presets rows of their own
+
+
+def _wan_dim(tensors: Mapping) -> int | None:
+    t = tensors.get("head.modulation")
+    return int(t.shape[-1]) if t is not None else None
 
 
 def _build_wan(ck: Checkpoint, dtype: torch.dtype, options: Mapping[str, str],
                operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
     meta, loop = ck.metadata, options.get("loop", "auto")
+    lora_note = None
+    lora_layout = None
+    if options.get("lora"):
+        from .lora import merge_lora, read_lora  # only when a LoRA is given
+        lora = read_lora(options["lora"])
+        merged = merge_lora(ck.tensors, lora, ck.name, dtype)
+        lora_layout = lora.layout
+        lora_note = f"LoRA {lora.name} merged into {merged} of its {len(lora.pairs)} modules' weights"
     model = build_wan(ck.tensors, dtype, ck.name, _meta_int(meta, "flowcache.num_heads", ck.name), operations)
-    chosen, why = wan_loop(ck, ck.tensors.keys(), loop)
+    chosen, why = wan_loop(ck, ck.tensors.keys(), loop, lora_layout, _wan_dim(ck.tensors))
     key = _wan_preset_key(meta, {k: tuple(v.shape) for k, v in ck.tensors.items() if k == "head.modulation"})
-    if chosen == "causal" and "flowcache.model_key" not in meta:
+    if chosen in CAUSAL_LOOPS and "flowcache.model_key" not in meta:
         key += "-causal"  # few-step block-by-block sampling has presets of its own
     lm = LoadedModel("wan", model, model.cfg, ck.name, ck.prefix, ck.main_dtype, key,
                      text_len=_meta_int(meta, "flowcache.text_len", ck.name) or 512, metadata=meta,
                      geometry=_meta_geometry(meta, ck.name) or dict(WAN_GEOMETRY), loop=chosen)
     lm.latent_format = meta.get("flowcache.latent_format", "demo" if key == "demo" else "wan21")
     lm.notes.append(f"{chosen.replace('_', ' ')} loop ({why})")
+    if lora_note:
+        lm.notes.append(lora_note)
+    elif chosen == "longlive":
+        lm.notes.append("no LoRA merged: LongLive samples with its lora.pt on the base; pick it on the lora widget")
+    if chosen == "krea_realtime":
+        lm.notes.append("Krea Realtime was trained at 832x480; other sizes run with their true tokens per frame")
     return lm
 
 
@@ -246,7 +285,7 @@ def read_checkpoint(path: str | os.PathLike, weights: str | None = None) -> tupl
 
 def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None = None, loop: str = "auto",
                weights: str | None = None, magi_variant: str = "auto",
-               operations: Operations = TORCH_OPERATIONS) -> LoadedModel:
+               operations: Operations = TORCH_OPERATIONS, lora: str | os.PathLike | None = None) -> LoadedModel:
     """Load a checkpoint of any supported family on the CPU.
 
     dtype: the compute dtype: auto (fp32/bf16/fp16 as stored, bf16 for fp8), fp32, bf16 or fp16.
@@ -256,14 +295,19 @@ def load_model(path: str | os.PathLike, dtype: str = "auto", expect: str | None 
     magi_variant: auto, distill or base (MAGI-1 files; see ``magi_distill_decision``).
     operations: the layers to build the model from (torch's; inside ComfyUI its casting layers, with which fp8
         weights stay fp8 in memory and the host may load the model partially).
+    lora: a LoRA file merged into the weights before the model is built (``flowcache.models.lora``; LongLive's
+        lora.pt). Wan-architecture files only.
     """
     ck, family = read_checkpoint(path, weights)
+    if lora and family != "wan":
+        raise CheckpointError(f"lora: {ck.name} is a {FAMILIES[family].title}; LoRAs are merged into Wan-architecture "
+                              "models only.")
     if expect and family != expect:
         raise CheckpointError(f"{ck.name}: this is a {FAMILIES[family].title} checkpoint, but this loader expects a "
                               f"{FAMILIES[expect].title}. Use the matching loader node.")
     fam = FAMILIES[family]
-    lm = fam.build(ck, compute_dtype(dtype, fam.stored_dtype(ck)), {"loop": loop, "magi_variant": magi_variant},
-                   operations)
+    lm = fam.build(ck, compute_dtype(dtype, fam.stored_dtype(ck)),
+                   {"loop": loop, "magi_variant": magi_variant, "lora": str(lora) if lora else ""}, operations)
     if operations is not TORCH_OPERATIONS:
         lm.notes.append(f"layers: {operations.name}")
     lm.extra_presets, sidecar = model_presets(ck.files, ck.metadata)
@@ -281,6 +325,7 @@ class HeaderFacts:
     preset_key: str
     extra_presets: dict
     metadata: dict
+    loop: str = "diffusion_forcing"  # the loop ``auto`` picks (MAGI-1: "magi")
 
 
 def header_facts(path: str | os.PathLike, loop: str = "auto") -> HeaderFacts:
@@ -294,23 +339,32 @@ def header_facts(path: str | os.PathLike, loop: str = "auto") -> HeaderFacts:
     if family is None:
         raise _not_a_model(files[0].name, bare)
     key = FAMILIES[family].preset_key(meta, bare)
-    if family == "wan" and "flowcache.model_key" not in meta:  # as _build_wan: a causal model's own rows
-        if wan_loop(Checkpoint({}, files, metadata=dict(meta)), bare.keys(), loop)[0] == "causal":
+    chosen = "magi"
+    if family == "wan":
+        dim = bare["head.modulation"][-1] if "head.modulation" in bare else None
+        chosen = wan_loop(Checkpoint({}, files, prefix, metadata=dict(meta)), bare.keys(), loop, None, dim)[0]
+        if "flowcache.model_key" not in meta and chosen in CAUSAL_LOOPS:  # as _build_wan: a causal model's own rows
             key += "-causal"
     extra, _ = model_presets(files, meta)
-    return HeaderFacts(files, family, key, extra, meta)
+    return HeaderFacts(files, family, key, extra, meta, chosen)
 
 
-def inspect_checkpoint(path: str | os.PathLike, weights: str | None = None) -> dict:
+def inspect_checkpoint(path: str | os.PathLike, weights: str | None = None,
+                       lora: str | os.PathLike | None = None) -> dict:
     """What ``python -m flowcache inspect`` prints: family, the loop ``auto`` picks and why, config, dtype and key
-    layout."""
+    layout. ``lora``: a LoRA to be merged (its layout takes part in the loop's choice; it is not merged here)."""
     ck, family = read_checkpoint(path, weights)
-    loop, why = wan_loop(ck, ck.tensors.keys()) if family == "wan" else ("magi", "a MAGI-1 DiT")
+    layout = None
+    if lora:
+        from .lora import read_lora
+        layout = read_lora(lora).layout
+    loop, why = (wan_loop(ck, ck.tensors.keys(), "auto", layout, _wan_dim(ck.tensors)) if family == "wan"
+                 else ("magi", "a MAGI-1 DiT"))
     return {"file": ck.name, "family": FAMILIES[family].title, "loop": loop, "loop_reason": why,
             "torch_layout": ck.layout, "key_prefix": ck.prefix or "(none)", "tensors": len(ck.tensors),
             "dtypes": ck.dtypes, "parameters": sum(t.numel() for t in ck.tensors.values()),
             "config": FAMILIES[family].config(ck)}
 
 
-__all__ = ["MAGI_ANCHORS", "MAGI_VARIANTS", "LOOPS", "wan_loop", "LoadedModel", "load_model", "header_facts", "HeaderFacts", "inspect_checkpoint", "detect_family",
+__all__ = ["MAGI_ANCHORS", "MAGI_VARIANTS", "LOOPS", "CAUSAL_LOOPS", "wan_loop", "LoadedModel", "load_model", "header_facts", "HeaderFacts", "inspect_checkpoint", "detect_family",
            "FAMILIES", "Family", "WanDiT", "magi_distill_decision"]

@@ -18,6 +18,14 @@ the rest of the clean history per head to ``kv_budget`` blocks (importance minus
 everything (memory grows with length: the baseline). Each block may reuse its cached residual between its
 steps (any cache method on the chunk path), though with 3-4 steps there is little to skip.
 
+Prompts may change over time (``flowcache.prompts.PromptSchedule``): a change takes effect at the first block
+that starts at or after its latent frame, by the loop's rule. "switch" (Self-Forcing, CausVid): the block and
+everything after it read the new text, the stored K/V stay as they were. "recache" (LongLive's
+``_recache_after_switch``): before that block, one forward of the last ``min(window, f)`` generated frames at
+t = ``context_noise`` with the new text rewrites their stored K/V, laid onto the store's rows from the newest
+back (its output is discarded); with ``keep_sink`` (LongLive's ``global_sink``) the sink keeps its old K/V unless
+the re-cache starts at frame 0. LongLive v1.0 is this loop with a 12-frame window, a 3-frame sink and re-cache.
+
 Every random draw comes from one ``NoiseSource`` (default: seeded), so a run replays exactly from its draws.
 """
 from __future__ import annotations
@@ -32,7 +40,9 @@ from ..errors import InputError
 from ..flops import forward_flops, text_projection_flops
 from ..models.wan import WanForward
 from ..noise import NoiseSource, SeededNoise
+from ..kv.store import RewriteAttention
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
+from ..prompts import PromptSchedule, as_schedule, switch_record
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
 from ..stats import RunStats
 from ..validate import finite, whole
@@ -45,6 +55,8 @@ LOOP_PRESETS: dict[str, dict] = {
     "self_forcing": {"denoising_steps": (1000.0, 750.0, 500.0, 250.0), "warp": True, "shift": 5.0},
     "causvid": {"denoising_steps": (1000.0, 757.0, 522.0), "warp": False, "shift": 8.0},
 }
+# How each release's own loop changes prompt (``flowcache.prompts``); "auto" on a schedule takes this.
+PROMPT_RULES = ("switch", "recache")
 
 
 @dataclass
@@ -70,6 +82,7 @@ class CausalSettings:
     local_attn_frames: int = 21
     sink_frames: int = 3
     context_noise: float = 0.0
+    prompt_rule: str = "switch"  # the model's own rule for a prompt change: "switch" or "recache" (LongLive)
 
 
 def timesteps(s: CausalSettings) -> list[float]:
@@ -131,6 +144,9 @@ def plan_causal(s: CausalSettings, geo: LatentGeometry, patch: tuple[int, int, i
         ok = max(fb, latent // max(fb, 1) * max(fb, 1))
         raise InputError(f"num_frame_per_block={fb}: must divide the {latent} latent frames of num_frames="
                          f"{s.num_frames}; try num_frames={geo.pixel_frames(ok)}.")
+    if s.prompt_rule not in PROMPT_RULES:
+        raise InputError(f"transition={s.prompt_rule!r}: this loop changes prompt by {' or '.join(PROMPT_RULES)} "
+                         "(blend is Krea Realtime's rule).")
     if s.kv_mode not in KV_MODES:
         raise InputError(f"kv_mode={s.kv_mode!r}: must be one of {', '.join(KV_MODES)}.")
     if s.local_attn_frames < fb or s.local_attn_frames % fb:
@@ -179,38 +195,95 @@ def plan_causal_run(s: CausalSettings, cache: CacheSettings, cfg, geo: LatentGeo
     return plan
 
 
+def check_prompts(cond: "torch.Tensor | PromptSchedule", num_frames: int, temporal_stride: int, text_dim: int,
+                  text_len: int) -> tuple[PromptSchedule, list[torch.Tensor]]:
+    """The schedule checked against the video, and each entry's text states [1, text_len, text_dim] (padded)."""
+    prompts = as_schedule(cond).check(num_frames, temporal_stride)
+    names = ["positive"] if len(prompts.entries) == 1 else [f"prompts entry {i}" for i in range(1, len(prompts.entries) + 1)]
+    texts = [check_conditioning(e.states, text_dim, text_len, n) for e, n in zip(prompts.entries, names)]
+    return prompts, texts
+
+
 class _CausalLoop:
     """The ``ChunkLoop`` of one causal run: one segment, a step per denoising step and one per clean pass."""
 
     def __init__(self, pipe: "CausalWanPipeline", s: CausalSettings, plan: CausalPlan, call: WanStep,
-                 cache: CacheSettings, noise: NoiseSource):
+                 cache: CacheSettings, noise: NoiseSource, prompts: PromptSchedule, texts: list[torch.Tensor]):
         self.pipe, self.s, self.plan, self.call, self.cache, self.noise = pipe, s, plan, call, cache, noise
+        self.prompts, self.texts = prompts, texts  # texts: each entry's states, checked and padded
         self.ts = timesteps(s)
         self.x: torch.Tensor | None = None      # the current block's latents
         self.out: torch.Tensor | None = None    # every finished block's x0
         self.done_frames = 0
+        self.entry = 0                          # the prompt entry the blocks read now
+        fb = plan.block_frames
+        # the blocks where the prompt changes, and the entry from there on
+        self.changes = {b: prompts.entry_at(b * fb) for b in range(1, plan.blocks)
+                        if prompts.entry_at(b * fb) != prompts.entry_at((b - 1) * fb)}
+        self.recaches = s.prompt_rule == "recache"
 
     def segments(self) -> list[Segment]:
-        return [Segment(0, self.plan.blocks, self.plan.blocks * (len(self.ts) + 1))]
+        n = self.plan.blocks * (len(self.ts) + 1) + (len(self.changes) if self.recaches else 0)
+        return [Segment(0, self.plan.blocks, n)]
 
     def start(self, seg: Segment, run: RunState) -> None:
         p = self.plan
+        self.run = run
         run.stores["kv"] = p.store.build()
         self.out = torch.zeros(1, self.pipe.geometry.channels, p.latent_frames, p.h, p.w)
         run.preview = lambda: self.out[:, :, :self.done_frames]
 
     def steps(self, seg: Segment):
-        n = len(self.ts)
+        n, k = len(self.ts), 0
         for b in range(self.plan.blocks):
+            if b in self.changes and self.recaches:
+                yield Step(k, [Unit(b, (), force=True, cacheable=False, output=False)], [b], 0,
+                           data={"block": b, "i": -1, "t": self.s.context_noise, "recache": True})
+                k += 1
             for i in range(n):
-                yield Step(b * (n + 1) + i, [Unit(b, (b,), force=i == n - 1)], [b], i,
-                           data={"block": b, "i": i, "t": self.ts[i]})
-            yield Step(b * (n + 1) + n, [Unit(b, (b,), force=True, cacheable=False, output=False)], [b], n,
+                yield Step(k, [Unit(b, (b,), force=i == n - 1)], [b], i, data={"block": b, "i": i, "t": self.ts[i]})
+                k += 1
+            yield Step(k, [Unit(b, (b,), force=True, cacheable=False, output=False)], [b], n,
                        data={"block": b, "i": n, "t": self.s.context_noise, "clean": True})
+            k += 1
+
+    def _change_prompt(self, b: int, run: RunState) -> None:
+        """From block ``b`` on the blocks read the entry that holds there (called once, at its first step)."""
+        self.entry = self.changes[b]
+        self.call.set_contexts({"cond": self.pipe.model.text_embed(self.texts[self.entry].to(self.pipe.model.device))})
+        run.stats.switches.append(switch_record(b, b * self.plan.block_frames, self.entry, self.s.prompt_rule,
+                                                self.pipe.geometry.temporal_stride))
+
+    def _recache_layout(self, b: int, store) -> tuple[int, dict[int, slice]]:
+        """(first frame, store chunk -> token range) of block ``b``'s re-cache: the last min(window, f) frames,
+        laid onto the stored chunks from the newest back; the sink keeps its rows under ``keep_sink`` unless the
+        re-cache starts at frame 0 (LongLive's write start)."""
+        p, fb = self.plan, self.plan.block_frames
+        blocks = b if self.s.kv_mode == "global" else min(p.window_blocks, b)
+        first = (b - blocks) * fb
+        stored = sorted(store.layers[0].ranges)
+        targets, tok = {}, fb * p.tokens_per_frame
+        for j, cid in enumerate(reversed(stored[-blocks:])):
+            r = blocks - 1 - j  # the re-cached block laid on this chunk, counted from the first
+            if self.prompts.keep_sink and first > 0 and cid < p.sink_blocks:
+                continue
+            targets[cid] = slice(r * tok, (r + 1) * tok)
+        return first, targets
 
     def signals(self, step: Step) -> dict:
         d, p = step.data, self.plan
         b = d["block"]
+        if b in self.changes and self.entry != self.changes[b]:
+            self._change_prompt(b, self.run)
+        if d.get("recache"):
+            first, d["targets"] = self._recache_layout(b, self.run.stores["kv"])
+            n = b * p.block_frames - first
+            d["x_in"] = self.out[:, :, first:b * p.block_frames].to(self.pipe.model.device)
+            d["spans"] = [UnitSpan(slice(0, n), first)]
+            t = torch.full((1, n), float(d["t"]), device=d["x_in"].device)
+            pos = self.pipe.geometry.positions(n, p.h, p.w, d["x_in"].device)
+            d["emb"] = self.call.embed(d["x_in"], t, pos, d["spans"])
+            return {}
         if d["i"] == 0:
             self.x = self.noise.draw((1, self.pipe.geometry.channels, p.block_frames, p.h, p.w), f"block {b} init")
         x_in = self.out[:, :, b * p.block_frames:(b + 1) * p.block_frames] if d.get("clean") else self.x
@@ -224,24 +297,33 @@ class _CausalLoop:
     def compute(self, step: Step, decisions: Decisions, run: RunState) -> torch.Tensor:
         d, p = step.data, self.plan
         store = run.stores["kv"]
+        cfgm = self.pipe.model.cfg
+        text = self.call.contexts["cond"].shape[1]
+        if d.get("recache"):  # the vanilla loop re-caches too: counted as it is
+            rows, tok = store.layers[0].used, d["x_in"].shape[2] * p.tokens_per_frame
+            flops = forward_flops(tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, text)
+            run.count_vanilla(flops, flops)
+            kv = RewriteAttention(store, d["targets"], d["block"])
+            return self.call.predict(d["emb"], step.units, d["spans"], decisions, run, kv=kv)["cond"]
         if d["i"] == 0 and self.s.kv_mode == "rolling":  # the official rolling cache evicts as a block starts
             store.drop_oldest(p.window_blocks - p.sink_blocks - 1)
         block_tok = p.block_frames * p.tokens_per_frame
         lay = store.layers[0]
         rows = lay.used if d["block"] in lay.ranges else lay.used + block_tok
-        cfgm = self.pipe.model.cfg
-        text = self.call.contexts["cond"].shape[1]
-        # the official loop computes the text's keys/values once per video, not in every forward
+        # the official loop computes the text's keys/values once per prompt, not in every forward
         proj = text_projection_flops(cfgm.dim, cfgm.num_layers, text)
+        fresh_text = step.index == 0 or (d["i"] == 0 and d["block"] in self.changes and not self.recaches)
         run.count_vanilla(forward_flops(block_tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, text) - proj
-                          + (proj if step.index == 0 else 0.0),
+                          + (proj if fresh_text else 0.0),
                           forward_flops(block_tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, text))
         return self.call.predict(d["emb"], step.units, d["spans"], decisions, run)["cond"]
 
     def update(self, step: Step, v: torch.Tensor, run: RunState) -> None:
         d, p = step.data, self.plan
         b, i = d["block"], d["i"]
-        step.chunk_step = min(i + 1, len(self.ts))
+        step.chunk_step = max(0, min(i + 1, len(self.ts)))
+        if d.get("recache"):  # the re-cache only rewrote K/V
+            return
         if d.get("clean"):  # the clean pass only wrote K/V
             run.stores["kv"].mark_clean(b)
             return
@@ -278,18 +360,25 @@ class CausalWanPipeline:
         return plan_causal_run(settings, cache or CacheSettings(), self.model.cfg, self.geometry, self.model.dtype,
                                self.text_len, options)
 
-    def __call__(self, cond: torch.Tensor, settings: CausalSettings, cache: CacheSettings | None = None,
-                 hooks: RunHooks | None = None, noise: NoiseSource | None = None,
+    def __call__(self, cond: "torch.Tensor | PromptSchedule", settings: CausalSettings,
+                 cache: CacheSettings | None = None, hooks: RunHooks | None = None, noise: NoiseSource | None = None,
                  policy: CachePolicy | None = None, plan: CausalPlan | None = None) -> tuple[torch.Tensor, RunStats]:
-        """Latents [1, C, F, h, w] (fp32, CPU) and the run's statistics. cond: text states [1, S, text_dim]; no
-        negative (these models run without CFG). noise: where every draw comes from (default: seeded by
-        ``settings.seed``). plan: made by ``plan`` (default: planned here, K/V resident)."""
+        """Latents [1, C, F, h, w] (fp32, CPU) and the run's statistics. cond: text states [1, S, text_dim], or a
+        ``PromptSchedule`` of them (see the module docstring); no negative (these models run without CFG).
+        noise: where every draw comes from (default: seeded by ``settings.seed``). plan: made by ``plan``
+        (default: planned here, K/V resident)."""
         cache = cache or CacheSettings()
         model = self.model
         plan = plan or self.plan(settings, cache)  # errors before any work
         settings = plan.settings
-        text = check_conditioning(cond, model.cfg.text_dim, self.text_len, "positive")
-        contexts = {"cond": model.text_embed(text.to(model.device))}
+        prompts, texts = check_prompts(cond, settings.num_frames, self.geometry.temporal_stride, model.cfg.text_dim,
+                                       self.text_len)
+        rule = prompts.rule(settings.prompt_rule)
+        if rule not in PROMPT_RULES:
+            raise InputError(f"transition={rule!r}: this loop changes prompt by {' or '.join(PROMPT_RULES)} "
+                             "(blend is Krea Realtime's rule).")
+        settings.prompt_rule = rule
+        contexts = {"cond": model.text_embed(texts[0].to(model.device))}
         stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": "chunk", "loop": "causal",
                                                       "kv_mode": settings.kv_mode, "blocks": plan.blocks,
                                                       "memory_plan": plan.memory.options.name})
@@ -297,9 +386,9 @@ class CausalWanPipeline:
         # a block attends to the stored blocks and itself: the store is the attention (block-causal by layout)
         call = WanStep(model, contexts, settings.fps, window_attention=True, text_kv_once=True,
                        slice_tokens=plan.memory.options.slice_tokens)
-        loop = _CausalLoop(self, settings, plan, call, cache, noise or SeededNoise(settings.seed))
+        loop = _CausalLoop(self, settings, plan, call, cache, noise or SeededNoise(settings.seed), prompts, texts)
         return run_loop(loop, run), stats
 
 
-__all__ = ["CausalPlan", "CausalSettings", "CausalWanPipeline", "KV_MODES", "LOOP_PRESETS", "kv_store_blocks",
-           "plan_causal", "plan_causal_run", "timesteps"]
+__all__ = ["CausalPlan", "CausalSettings", "CausalWanPipeline", "KV_MODES", "LOOP_PRESETS", "PROMPT_RULES",
+           "check_prompts", "kv_store_blocks", "plan_causal", "plan_causal_run", "timesteps"]

@@ -27,6 +27,7 @@ from ..flops import forward_flops, paper_window_flops
 from ..models.wan import WanForward, block_causal_mask
 from ..noise import NoiseSource, SeededNoise
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
+from ..prompts import PromptSchedule, as_schedule, switch_record
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, StepInfo, Unit, run_loop
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
@@ -287,11 +288,18 @@ class _Window:
 class _DFLoop:
     """The ``ChunkLoop`` of one diffusion-forcing run (see ``flowcache.runner``), reading its ``DFPlan``."""
 
-    def __init__(self, pipe: "DiffusionForcingPipeline", plan: DFPlan, step: WanStep, noise: NoiseSource | None):
+    def __init__(self, pipe: "DiffusionForcingPipeline", plan: DFPlan, step: WanStep, noise: NoiseSource | None,
+                 prompts: PromptSchedule | None = None, texts: list[torch.Tensor] | None = None):
         self.pipe, self.plan, self.s, self.call = pipe, plan, plan.settings, step
         self.noise = noise or SeededNoise(plan.settings.seed)  # in order: a window's init, its prefix re-noise
         self.prefix: torch.Tensor | None = None
         self.cur: _Window | None = None
+        self.prompts, self.texts, self.entry = prompts, texts, 0
+        # each window's first new latent frame (after its prefix): where its prompt is read
+        self.first_new, f = [], 0
+        for wp in plan.windows:
+            self.first_new.append(f)
+            f += wp.win.length - wp.win.prefix
 
     def segments(self) -> list[Segment]:
         cbs = self.s.causal_block_size
@@ -302,6 +310,14 @@ class _DFLoop:
         wp = plan.windows[seg.index]
         win, cbs = wp.win, s.causal_block_size
         h_lat, w_lat = s.height // geo.spatial_stride, s.width // geo.spatial_stride
+        if self.prompts is not None:  # a window reads the prompt that holds at its first new frame
+            entry = self.prompts.entry_at(self.first_new[seg.index])
+            if entry != self.entry:
+                self.entry = entry
+                self.call.set_contexts({**self.call.contexts,
+                                        "cond": model.text_embed(self.texts[entry].to(model.device))})
+                run.stats.switches.append(switch_record(seg.index, self.first_new[seg.index], entry, "window",
+                                                        geo.temporal_stride))
         x = self.noise.draw((1, geo.channels, win.length, h_lat, w_lat), f"window {win.index} init").to(model.device)
         if win.prefix:
             x[:, :, :win.prefix] = self.prefix.to(model.device)
@@ -417,13 +433,14 @@ class DiffusionForcingPipeline:
                        self.text_len, options)
 
     @torch.inference_mode()
-    def __call__(self, cond: torch.Tensor, uncond: torch.Tensor | None, settings: DFSettings,
+    def __call__(self, cond: "torch.Tensor | PromptSchedule", uncond: torch.Tensor | None, settings: DFSettings,
                  cache: CacheSettings | None = None, hooks: RunHooks | None = None,
                  policy: CachePolicy | None = None, plan: DFPlan | None = None, noise: NoiseSource | None = None
                  ) -> tuple[torch.Tensor, RunStats]:
         """Returns model-space latents [1, C, F, h, w] (fp32, CPU) and the run's statistics.
 
-        cond/uncond: text states [1, S, text_dim] (uncond needed when cfg > 1); hooks: progress and cancel;
+        cond/uncond: text states [1, S, text_dim] (uncond needed when cfg > 1); cond may be a ``PromptSchedule``:
+        each window reads the prompt that holds at its first new (non-prefix) frame; hooks: progress and cancel;
         policy: use this policy instead of the one ``cache`` names (calibration's recorder); plan: the run's
         plan made by ``plan`` (default: planned here, K/V resident in the compute dtype); noise: where every
         draw comes from (default: seeded by ``settings.seed``), named "window {w} init" and
@@ -433,7 +450,11 @@ class DiffusionForcingPipeline:
         model = self.model
         plan = plan or self.plan(settings, cache)  # every input error before any work
         s = plan.settings
-        texts = {"cond": check_conditioning(cond, model.cfg.text_dim, self.text_len, "positive")}
+        prompts = as_schedule(cond).check(s.num_frames, self.geometry.temporal_stride)
+        names = ["positive"] if len(prompts.entries) == 1 else [f"prompts entry {i + 1}" for i in range(len(prompts.entries))]
+        entries = [check_conditioning(e.states, model.cfg.text_dim, self.text_len, n)
+                   for e, n in zip(prompts.entries, names)]
+        texts = {"cond": entries[0]}
         if s.cfg > 1.0:
             if uncond is None:
                 raise InputError("negative: conditioning is required when cfg > 1.")
@@ -444,7 +465,7 @@ class DiffusionForcingPipeline:
         run = RunState(policy or make_policy(cache), stats, tuple(contexts), s.steps, hooks)
         step = WanStep(model, contexts, s.fps, window_attention=cache.attention != "block_causal",
                        slice_tokens=plan.memory.options.slice_tokens)
-        return run_loop(_DFLoop(self, plan, step, noise), run), stats
+        return run_loop(_DFLoop(self, plan, step, noise, prompts, entries), run), stats
 
     def next_prefix(self, x: torch.Tensor, n_latents: int, s: DFSettings) -> torch.Tensor:
         """The next window's clean prefix: VAE re-encode of the last overlap_history decoded frames

@@ -75,6 +75,14 @@ class WanStep:
         self.slice_tokens = slice_tokens
         self._rope: tuple | None = None  # the last RoPE tables and their key: consecutive steps share them
 
+    def set_contexts(self, contexts: dict[str, torch.Tensor]) -> None:
+        """New embedded text per branch (a prompt change); the text's keys/values are computed again."""
+        if list(contexts) != self.branches:
+            raise ValueError(f"branches {list(contexts)} differ from the run's {self.branches}")
+        self.contexts = contexts
+        if self.text_kv is not None:
+            self.text_kv = {}
+
     def rope(self, grid: tuple[int, int, int], offsets: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE tables of a forward, kept for the next step (one entry: a run's memory stays bounded)."""
         key = (grid, offsets)
@@ -104,12 +112,14 @@ class WanStep:
         return {u.id: UnitSignal(emb.e0[:, fr], emb.h0[:, tok]) for u, (fr, tok) in zip(units, emb.spans)}
 
     def predict(self, emb: Embedded, units: list[Unit], spans: list[UnitSpan], decisions: Decisions,
-                run: RunState, window: dict | None = None) -> dict[str, torch.Tensor]:
+                run: RunState, window: dict | None = None, kv=None) -> dict[str, torch.Tensor]:
         """Every branch's prediction for the frames of the units with ``output`` [1, C, F_out, h, w] (fp32;
         ``output_frames`` says which segment frames they are).
 
         window: None on the chunk path (attention through ``run.stores["kv"]``); on the window path
         ``{"mask": bool mask or None, "flops": {branch: (FLOPs of one window forward, in the paper's accounting)}}``.
+        kv: on the chunk path, the attention to use instead of ``StepAttention`` over ``run.stores["kv"]`` (a pass
+        that rewrites stored rows, e.g. ``RewriteAttention``); it has ``context_rows`` / ``causal_rows`` as well.
         """
         names = self.branches
         compute = {b: [decisions[(b, u.id)] for u in units] for b in names}
@@ -123,7 +133,7 @@ class WanStep:
         for which, rows in groups.items():
             if which:
                 out = self._forward([units[i] for i in which], [spans[i] for i in which],
-                                    [emb.spans[i] for i in which], rows, emb, run, window, h)
+                                    [emb.spans[i] for i in which], rows, emb, run, window, h, kv)
                 if h is None:
                     h = out.to(emb.h0.dtype)
         for row, b in enumerate(names):
@@ -159,7 +169,7 @@ class WanStep:
 
     def _forward(self, units: list[Unit], spans: list[UnitSpan], tok_spans: list[tuple[slice, slice]],
                  rows: list[int], emb: Embedded, run: RunState, window: dict | None,
-                 h: torch.Tensor | None) -> torch.Tensor:
+                 h: torch.Tensor | None, kv=None) -> torch.Tensor:
         """One batched forward of ``units`` for the branches at ``rows``; writes their tokens into ``h``
         [branches, L, D] (None: the caller takes the output [rows, L_units, D] as it is) and remembers each
         cacheable unit's backbone residual per branch."""
@@ -175,8 +185,7 @@ class WanStep:
         sizes = [tok.stop - tok.start for _, tok in tok_spans]
         grid = (sum(fr.stop - fr.start for fr, _ in tok_spans) // cfgm.patch_size[0],) + tuple(emb.grid_hw)
         offsets = tuple(s.frame_offset for s in spans)
-        kv = None
-        if window is None:
+        if window is None and kv is None:
             store_rows = slice(None) if len(rows) == len(self.branches) else list(rows)
             kv = StepAttention(run.stores["kv"], [u.id for u in units], sizes, store_rows, self.window_attention)
         text_kv = None if self.text_kv is None else self.text_kv.setdefault(tuple(rows), {})
