@@ -61,6 +61,11 @@ FORMATS: dict[str, VideoFormat] = {
         codec="libx264", container="mp4", pix_fmt="yuv420p",
         even_size=True,  # yuv420p subsamples chroma 2x2; libx264 rejects odd sizes
         crf_range=(0, 51), widgets={"crf": 19},
+        # No B-frames: with them, libx264's mb-tree (as in PyAV 18's x264 core 165) reads memory it never
+        # initialised, so the same frames encode differently depending on the heap (in a long-running ComfyUI,
+        # from one prompt to the next: up to 30/255 per pixel). Without B-frames the file is a function of the
+        # frames; mb-tree stays (about 4% more bytes at the same crf, not the ~20% of turning mb-tree off).
+        codec_options={"bf": "0"},
     ),
     "video/webm": VideoFormat(
         name="video/webm", extension="webm", encoder="pyav", is_video=True, mime="video/webm",

@@ -222,6 +222,42 @@ def test_cache_node_settings_and_the_note_without_one(host):
         ("flowcache", "slow", slow["threshold"]), stats["settings"]
 
 
+def test_alternating_seeds_give_identical_videos_per_seed(host):
+    """Issue 24 (8): the demo graph (FlowCache fast, 8 steps) queued at once with seeds 0, 1, 0, 1, ... gives, per
+    seed, bit-identical latents, bit-identical mp4 files and the same cache decisions. ComfyUI keeps the loader's
+    model, the text states and the cache request between prompts and re-runs the sampler, decoder and video
+    writer each time (the seed before differs). The latents were always identical; the mp4s were not, because
+    libx264's B-frame mb-tree read uninitialised memory (``flowcache.video``)."""
+    server, pack, work = host
+    need_demo(pack)
+    why = demo_missing(pack)
+    if why:
+        pytest.skip(why)
+    demo_entry = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
+    seeds = [0, 1] * 6
+    client = uuid.uuid4().hex
+    pids = [server.queue(graph(demo_entry, f"alt/seed{seed}", steps=8, seed=seed, preset="fast"), client_id=client)
+            for seed in seeds]
+    video = pack_submodule(pack, "flowcache.video")
+    first: dict[int, tuple] = {}
+    for i, (seed, pid) in enumerate(zip(seeds, pids)):
+        entry = server.wait_done(pid)
+        video_path, latent_path = outputs_of(entry, work)
+        stats = entry["outputs"]["4"]["flowcache_stats"][0]
+        assert (stats["settings"]["method"], stats["settings"]["preset"]) == ("flowcache", "fast")
+        got = (read_latent(latent_path), video_path.read_bytes(), video.read_video(video_path),
+               (stats["maps"], stats["maps_uncond"], stats["forwards"]))
+        if seed not in first:
+            first[seed] = got
+            continue
+        want = first[seed]
+        assert torch.equal(got[0], want[0]), f"prompt {i} (seed {seed}): latents differ from the first seed-{seed} run"
+        assert got[3] == want[3], f"prompt {i} (seed {seed}): other cache decisions than the first seed-{seed} run"
+        diff = int(abs(got[2].astype(int) - want[2].astype(int)).max())
+        assert got[1] == want[1], f"prompt {i} (seed {seed}): the mp4 differs (up to {diff}/255 per pixel)"
+    assert not torch.equal(first[0][0], first[1][0])  # the seed reaches the run
+
+
 TERMINAL = ("execution_success", "execution_error", "execution_interrupted")
 
 

@@ -1,4 +1,8 @@
+import hashlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,6 +48,36 @@ def test_round_trip(tmp_path, fmt, min_db):
     assert out.dtype == np.uint8 and out.shape == (12, 48, 64, 3)
     assert psnr(torch.from_numpy(out).float() / 255, clip) > min_db
     assert listing(tmp_path) == [path.name]  # the temp file was renamed away
+
+
+ENCODE_IN_CHILD = r"""
+import hashlib, sys, torch
+from flowcache.video import write_video
+n, size, fmt, out = 36, 64, sys.argv[1], sys.argv[2]
+x = torch.zeros(n, size, size, 3)  # a disc moving over a gradient, as small as the demo's videos
+yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+x[..., 1] = 0.3 * xx / size
+for t in range(n):
+    d = ((xx - (0.2 + 0.6 * t / n) * size) ** 2 + (yy - 0.5 * size) ** 2).sqrt()
+    x[t, ..., 0] = ((size * 0.2 - d) / 2).clamp(0, 1)
+write_video(x, out, fmt, fps=8)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MALLOC_PERTURB_ is glibc's")
+@pytest.mark.parametrize("fmt", ["video/h264-mp4"])
+def test_same_frames_same_file_whatever_the_heap_holds(tmp_path, fmt):
+    """Issue 24 (8): libx264's mb-tree with B-frames reads memory it never initialised, so in a long-running
+    ComfyUI the same frames gave a different mp4 (up to 30/255 per pixel) from one prompt to the next. glibc's
+    MALLOC_PERTURB_ fills fresh allocations with a byte: two different bytes must give the same file."""
+    root = Path(__file__).resolve().parent.parent
+    digests = []
+    for byte in ("85", "170"):
+        out = tmp_path / f"{byte}.{FORMATS[fmt].extension}"
+        env = dict(os.environ, MALLOC_PERTURB_=byte, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+        subprocess.run([sys.executable, "-c", ENCODE_IN_CHILD, fmt, str(out)], env=env, check=True, timeout=120)
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
 
 
 def test_streaming_writes_in_several_calls(tmp_path):
