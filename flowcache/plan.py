@@ -24,7 +24,7 @@ import torch
 
 from .cache.registry import KV_DTYPES, KV_PLACEMENTS
 from .errors import InputError
-from .kv.scoring import CompressionConfig
+from .kv.scoring import CompressionConfig, compress
 from .kv.store import FP8, STAGING_SLOTS, KVStore, fp8_supported
 from .memtrack import track
 from .models.common import attention_backend
@@ -182,9 +182,10 @@ def dtype_bytes(dtype: torch.dtype) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _meta_wan(cfg_items: tuple, dtype: torch.dtype):
-    """One block of a Wan DiT on meta tensors (every block's working set is the same)."""
+    """Two blocks of a Wan DiT on meta tensors: every block's working set is the same, and the second one's
+    input is a block's output, as in every block of a real run but the first."""
     from .models.wan import WanConfig, WanDiT
-    cfg = WanConfig(**{**dict(cfg_items), "num_layers": 1})
+    cfg = WanConfig(**{**dict(cfg_items), "num_layers": 2})
     with torch.device("meta"):
         return WanDiT(cfg).to(dtype).eval().requires_grad_(False)
 
@@ -200,31 +201,50 @@ def _meta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None
 
 
 class _MetaAttention:
-    """The chunk path's attention as memory sees it: fp8 rows are dequantized to a copy of the rows read,
-    compute-dtype rows are read in place; the output is one new tensor like q."""
+    """The chunk path's attention as memory sees it: the store's rows read in place (compute dtype) or dequantized
+    to a copy (fp8); with a budget, the compression a write can start first: the clean rows scored (the real
+    ``compress`` on meta tensors) and the rows after them moved up (copied)."""
 
-    def __init__(self, read_rows: int, fp8: bool):
-        self.read_rows, self.fp8 = read_rows, fp8
+    def __init__(self, store: StorePlan, unit_tokens: int):
+        self.store, self.unit_tokens = store, unit_tokens
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.fp8:
-            shape = (q.shape[0], k.shape[1], self.read_rows, k.shape[-1])
-            keys, vals = k.new_empty(shape), v.new_empty(shape)
-            del keys, vals
-        return _meta_attention(q, k, v)
+        st = self.store
+        b, h, d = q.shape[0], k.shape[1], k.shape[-1]
+
+        def rows(n: int) -> torch.Tensor:
+            return k.new_empty((b, h, n, d)) if st.fp8 else k.new_empty(1).expand(b, h, n, d)
+        if st.budget > 0 and self.unit_tokens:  # a finished chunk joins the clean history: compressed to budget
+            clean = min(st.capacity, st.budget + self.unit_tokens)
+            kept = compress(q[:, :, :self.unit_tokens], rows(clean), rows(clean), st.budget,
+                            CompressionConfig(mix_lambda=st.mix_lambda), st.tokens_per_frame)
+            del kept
+            moved = [k.new_empty((st.branches, h, st.capacity - clean, d), dtype=FP8 if st.fp8 else k.dtype)
+                     for _ in range(2)]
+            del moved
+        keys, vals = rows(st.capacity), rows(st.capacity)
+        return _meta_attention(q, keys, vals)
 
 
 def wan_forward_peak(cfg, dtype: torch.dtype, frames: int, grid_hw: tuple[int, int], branches: int, text_len: int,
-                     options: MemoryOptions, read_rows: int | None = None, out_frames: int | None = None) -> int:
+                     options: MemoryOptions, store: StorePlan | None = None, out_frames: int | None = None,
+                     unit_tokens: int = 0) -> int:
     """Peak bytes of one Wan step: ``branches`` × ``frames`` latent frames of a (h, w) patch grid embedded,
-    forwarded (attention over ``read_rows`` stored rows on the chunk path, None: the window's own tokens) and
-    the head run on ``out_frames`` frames; measured on meta tensors with this pack's own forward code."""
-    from .models.wan import WanConfig  # noqa: F401  (the config type the cache key is made of)
-    model = _meta_wan(tuple(sorted(cfg.to_dict().items())), dtype)
+    forwarded (attention through ``store`` on the chunk path, whose units have ``unit_tokens`` tokens; None:
+    plain attention over the window's own tokens) and the head run on ``out_frames`` frames; measured on meta
+    tensors with this pack's own forward code (once per set of arguments: the figures are pure)."""
+    return _wan_forward_peak(tuple(sorted(cfg.to_dict().items())), dtype, frames, tuple(grid_hw), branches, text_len,
+                             options, store, frames if out_frames is None else out_frames, unit_tokens)
+
+
+@functools.lru_cache(maxsize=512)
+def _wan_forward_peak(cfg_items: tuple, dtype: torch.dtype, frames: int, grid_hw: tuple[int, int], branches: int,
+                      text_len: int, options: MemoryOptions, store: StorePlan | None, out_frames: int,
+                      unit_tokens: int) -> int:
+    model = _meta_wan(cfg_items, dtype)
     c = model.cfg
     pt, ph, pw = c.patch_size
     tokens = frames // pt * grid_hw[0] * grid_hw[1]
-    out_frames = frames if out_frames is None else out_frames
     with torch.inference_mode(), torch.device("meta"), attention_backend(_meta_attention), \
             track("meta", collect=False) as mem:
         x = torch.empty(1, c.in_dim, frames, grid_hw[0] * ph, grid_hw[1] * pw)
@@ -232,7 +252,7 @@ def wan_forward_peak(cfg, dtype: torch.dtype, frames: int, grid_hw: tuple[int, i
         e, e0 = model.time_embed(torch.empty(1, frames), None)
         ctx = torch.empty(branches, text_len, c.dim, dtype=dtype)
         rope = (torch.empty(tokens, c.head_dim // 2), torch.empty(tokens, c.head_dim // 2))
-        kv = None if read_rows is None else _MetaAttention(read_rows, options.kv_fp8)
+        kv = None if store is None else _MetaAttention(store, unit_tokens)
         out = model.run_blocks(h0.expand(branches, -1, -1), e0.expand(branches, -1, -1, -1), ctx,
                                (frames // pt,) + tuple(grid_hw), 0, kv, rope=rope,
                                slice_tokens=options.slice_tokens)
@@ -247,9 +267,9 @@ def wan_forward_peak(cfg, dtype: torch.dtype, frames: int, grid_hw: tuple[int, i
 
 @functools.lru_cache(maxsize=4)
 def _meta_magi(cfg_items: tuple, dtype: torch.dtype):
-    """One layer of a MAGI-1 DiT on meta tensors."""
+    """Two layers of a MAGI-1 DiT on meta tensors (as ``_meta_wan``)."""
     from .models.magi import MagiConfig, MagiDiT
-    cfg = MagiConfig(**{**dict(cfg_items), "num_layers": 1, "fp8_layers": ()})
+    cfg = MagiConfig(**{**dict(cfg_items), "num_layers": 2, "fp8_layers": ()})
     with torch.device("meta"):
         return MagiDiT(cfg, dtype)
 
@@ -272,8 +292,15 @@ def magi_forward_peak(cfg, dtype: torch.dtype, frames: int, h: int, w: int, capt
                       options: MemoryOptions, read_rows: int | None) -> int:
     """Peak bytes of one MAGI-1 chunk forward (``frames`` latent frames of an h x w latent, one batch row, the
     caption's ``caption_tokens`` valid tokens) attending to ``read_rows`` stored rows (None: itself only),
-    measured on meta tensors with the model's own layer code."""
-    model = _meta_magi(tuple(sorted(cfg.to_dict().items())), dtype)
+    measured on meta tensors with the model's own layer code (once per set of arguments)."""
+    return _magi_forward_peak(tuple(sorted(cfg.to_dict().items())), dtype, frames, h, w, caption_tokens, options,
+                              read_rows)
+
+
+@functools.lru_cache(maxsize=128)
+def _magi_forward_peak(cfg_items: tuple, dtype: torch.dtype, frames: int, h: int, w: int, caption_tokens: int,
+                       options: MemoryOptions, read_rows: int | None) -> int:
+    model = _meta_magi(cfg_items, dtype)
     c = model.config
     p, pt = c.patch_size, c.t_patch_size
     tokens = frames // pt * (h // p) * (w // p)

@@ -247,12 +247,14 @@ def test_choose_plan_takes_the_fastest_that_fits_and_refuses_with_figures():
     assert pick(need[lean], 64 * GiB).memory.options.name == lean
     with pytest.raises(InputError) as e:  # host RAM short for the offloaded K/V: both figures, no size hint
         pick(need[lean], 4 * GiB)
-    assert str(e.value).startswith("FlowCache Sampler: kv_placement offload needs 9.0 GiB of host RAM")
+    assert str(e.value).startswith(f"FlowCache Sampler: kv_placement offload needs {sizes[lean].host_bytes / GiB:.1f} "
+                                   "GiB of host RAM")
     assert "3.4 GiB can be pinned (4.0 GiB free" in str(e.value)
     with pytest.raises(InputError) as e:  # the device too small for any plan: the size that fits
         pick(1 * GiB, 64 * GiB)
     msg = str(e.value)
-    assert msg.startswith("FlowCache Sampler: width=960, height=544, num_frames=97 need about 2.6 GiB")
+    assert msg.startswith("FlowCache Sampler: width=960, height=544, num_frames=97 need about "
+                          f"{need[lean] / GiB:.1f} GiB beside the weights even with the smallest plan")
     assert "(offload + fp8 K/V + sequential branches)" in msg and "expected at most " in msg
     w, h = (int(v) for v in msg.split("expected at most ")[1].split(" ")[0].split("x"))
     smallest = opts[-1]

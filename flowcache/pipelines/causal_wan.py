@@ -184,7 +184,8 @@ def plan_causal_run(s: CausalSettings, cache: CacheSettings, cfg, geo: LatentGeo
                            kv_store_blocks(plan, s.kv_mode, cache.kv_budget) * tok, c, options.kv_fp8,
                            options.kv_offload, budget, plan.sink_blocks, plan.tokens_per_frame, cache.mix_lambda)
     grid = (plan.h // cfg.patch_size[1], plan.w // cfg.patch_size[2])
-    activations = wan_forward_peak(cfg, dtype, plan.block_frames, grid, 1, text_len, options, plan.store.capacity)
+    activations = wan_forward_peak(cfg, dtype, plan.block_frames, grid, 1, text_len, options, plan.store,
+                                   unit_tokens=tok)
     latent = geo.channels * plan.h * plan.w * 4  # one latent frame, fp32
     text = text_len * (cfg.text_dim * 4 + cfg.dim * c) + cfg.num_layers * 2 * text_len * cfg.dim * c
     policy = make_policy(cache).state_bytes(tok, cfg.dim, c, 1)

@@ -240,35 +240,53 @@ def plan_df(s: DFSettings, cache: CacheSettings, cfg, geometry: LatentGeometry, 
 
 def _df_memory(s: DFSettings, cache: CacheSettings, cfg, plans: list[WindowPlan], grid_hw, dtype, text_len: int,
                options: MemoryOptions, branches, latent_pixels: int, geometry: LatentGeometry) -> MemoryPlan:
-    """The run's memory: the largest step (measured on meta tensors), the largest window's store, and what the
-    loop keeps besides: latents, solver state, the policy's cached residuals and signals, the text."""
-    cbs, c = s.causal_block_size, dtype_bytes(dtype)
-    frames, out_frames, read = 0, 0, None
-    for wp in plans:
-        for units in wp.steps:
-            n = sum(len(u.chunks) for u in units) * (wp.win.length // len(units[0].chunks)
-                                                     if units[0].id == "window" else cbs)
-            if n > frames:
-                frames = n
-                out_frames = sum(len(u.chunks) for u in units if u.output) * (
-                    wp.win.length // len(units[0].chunks) if units[0].id == "window" else cbs)
-                read = wp.store.capacity if wp.store is not None else None
-    activations = wan_forward_peak(cfg, dtype, frames, grid_hw, len(branches), text_len, options, read, out_frames)
-    longest = max(wp.win.length for wp in plans)
-    window_tokens = longest * grid_hw[0] * grid_hw[1] // cfg.patch_size[0]
-    latent = geometry.channels * longest * latent_pixels * 4  # one window's latents, fp32
+    """The run's memory at its highest point, iteration by iteration: the step's forward (its working set measured
+    on meta tensors, once per size) on top of what the loop holds by then (the window's latents, the solvers'
+    state of the chunks started, the guided-velocity buffer, the policy's payloads of the units still
+    denoising, the text, the finished windows' output), beside the largest window's KV store."""
+    cbs, c, branch_n = s.causal_block_size, dtype_bytes(dtype), len(branches)
+    tokens_per_frame = grid_hw[0] * grid_hw[1] // cfg.patch_size[0]
+    frame = geometry.channels * latent_pixels * 4  # one latent frame, fp32
+    payload = make_policy(cache).state_bytes(1, cfg.dim, c, branch_n)  # per token of a unit holding payloads
+    text = branch_n * text_len * (cfg.text_dim * 4 + cfg.dim * c)  # padded conditioning and its embedding
     solver = 3 if s.solver == "unipc" else 0  # UniPC keeps two predictions and the last sample per chunk
-    copies = 2 + solver + (1 if len(plans) > 1 and s.addnoise_condition > 0 else 0)  # x, velocity, (x_in)
-    total_frames = sum(wp.win.length - wp.win.prefix for wp in plans)
-    output = geometry.channels * total_frames * latent_pixels * 4
-    policy = make_policy(cache).state_bytes(window_tokens, cfg.dim, c, len(branches))
-    text = len(branches) * text_len * (cfg.text_dim * 4 + cfg.dim * c)  # padded conditioning and its embedding
+    held_at: dict[tuple[int, int, int], int] = {}  # (window, frames forwarded, frames output) -> most held then
+    output = 0
+    for w, wp in enumerate(plans):
+        nb, length = wp.sched.update_mask.shape[1], wp.win.length
+        base = text + output + length * frame * (2 if wp.win.prefix and s.addnoise_condition > 0 else 1)
+        started, done = [False] * nb, [0] * nb
+        for it, units in enumerate(wp.steps):
+            n = length if wp.store is None else cbs * len(units)
+            out = length if wp.store is None else cbs * sum(u.output for u in units)
+            if wp.store is None:
+                holding = length * tokens_per_frame if it > 0 else 0
+            else:
+                holding = sum(1 for b in range(nb) if started[b] and done[b] < s.steps) * cbs * tokens_per_frame
+            held = (base + payload * holding + solver * sum(started) * cbs * frame
+                    + (length * frame if it > 0 else 0))  # the guided velocity, from the first step on
+            held_at[(w, n, out)] = max(held_at.get((w, n, out), 0), held)
+            for b in range(nb):
+                if bool(wp.sched.update_mask[it][b]):
+                    started[b], done[b] = True, done[b] + 1
+        output += (length - wp.win.prefix) * frame
+    # a step's working set grows with the frames it forwards and outputs: measure only steps no other step
+    # outdoes in frames, output and what is held at once
+    best = (-1, 0, 0, 0)  # (total, activations, state, frames)
+    for (w, n, out), held in held_at.items():
+        if any(n2 >= n and o2 >= out and h2 >= held and (n2, o2, h2) != (n, out, held)
+               for (w2, n2, o2), h2 in held_at.items() if plans[w2].store == plans[w].store):
+            continue
+        act = wan_forward_peak(cfg, dtype, n, grid_hw, branch_n, text_len, options, plans[w].store, out,
+                               cbs * tokens_per_frame)
+        if act + held > best[0]:
+            best = (act + held, act, held, n)
     stores = [max((wp.store for wp in plans if wp.store is not None), key=lambda st: st.bytes)] \
         if plans[0].store is not None else []
-    facts = {"forward": f"{len(branches)} branches x {frames} latent frames x {grid_hw[0] * grid_hw[1]} tokens",
+    facts = {"forward": f"{branch_n} branches x {best[3]} latent frames x {grid_hw[0] * grid_hw[1]} tokens",
              "windows": len(plans), "tokens_per_frame": grid_hw[0] * grid_hw[1],
              "kv_rows": stores[0].capacity if stores else 0, "chunk_tokens": cbs * grid_hw[0] * grid_hw[1]}
-    return MemoryPlan(options, stores, activations, copies * latent + output + policy + text, facts)
+    return MemoryPlan(options, stores, best[1], best[2], facts)
 
 
 @dataclass

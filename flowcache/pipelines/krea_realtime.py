@@ -121,7 +121,7 @@ def plan_krea_run(s: KreaSettings, cache: CacheSettings, cfg, geo: LatentGeometr
                            options.kv_fp8, options.kv_offload, 0, 0, T, cache.mix_lambda)
     grid = (plan.h // cfg.patch_size[1], plan.w // cfg.patch_size[2])
     frames = max(s.context_frames, plan.block_frames)
-    activations = wan_forward_peak(cfg, dtype, frames, grid, 1, text_len, options, rows)
+    activations = wan_forward_peak(cfg, dtype, frames, grid, 1, text_len, options, plan.store)
     latent = geo.channels * plan.h * plan.w * 4
     text = text_len * (cfg.text_dim * 4 + cfg.dim * c) + cfg.num_layers * 2 * text_len * cfg.dim * c
     policy = make_policy(cache).state_bytes(plan.block_tokens, cfg.dim, c, 1)
