@@ -11,6 +11,7 @@ from ..flowcache.cache import CacheSettings, residuals_kept
 from ..flowcache.errors import InputError
 from ..flowcache.latent_format import wan_to_raw
 from ..flowcache.memory import auto_plan, host_available_bytes
+from ..flowcache.models.common import attention_backend
 from ..flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from ..flowcache.pipelines.magi import MagiPipeline, MagiSettings
 from ..flowcache.plan import MemoryOptions
@@ -25,7 +26,7 @@ from .causal import causal_run, krea_run
 from .demo import DEMO_CODEC
 from .loader import FlowCacheModel
 from .magi import MAGI_CODEC, magi_caption, magi_scheduled_captions
-from .native import is_comfy_model, native_wan_model
+from .native import is_comfy_model, native_wan_model, unapplied_patches
 from .vae_codec import ComfyVAECodec
 
 log = logging.getLogger("FlowCache")
@@ -147,6 +148,7 @@ class FlowCacheSampler:
                keep_model_loaded: bool = False, cache: CacheRequest | None = None, vae: Any = None,
                magi_vae: Any = None, prefix_images: Any = None, causal: Any = None, unique_id: Any = None,
                prompt: Any = None) -> dict:
+        native = is_comfy_model(model)
         model = sampler_model(model, prompt, unique_id)
         lm = model.loaded
         run = LOOP_RUNS.get(lm.loop)
@@ -165,21 +167,32 @@ class FlowCacheSampler:
         spec = run(model, w, positive, negative, cache_settings, extras)
         device = comfy_bridge.torch_device()
         plan, memory_note = memory_plan(spec, cache_settings, w, device)
-        note = "; ".join(n for n in (note, memory_note) if n)
+        # ComfyUI's attention (its kernel, and a MODEL's optimized_attention_override) for every attention of the
+        # run; what else a MODEL carries is named on the node when FlowCache does not apply it
+        options = (getattr(model.patcher, "model_options", None) or {}).get("transformer_options")
+        attention = comfy_bridge.host_attention(options)
+        unapplied = unapplied_patches(model.patcher) if native else []
+        for line in unapplied:
+            log.warning("FlowCache: the MODEL's %s.", line)
+        note = "; ".join(n for n in (note, memory_note, *(f"MODEL {u}" for u in unapplied)) if n)
         log.info("FlowCache: sampling %s %dx%d, %d frames, %d steps, cache %s, memory %s%s", lm.family, width, height,
                  num_frames, steps, request.describe(), plan.memory.summary(), f" ({note})" if note else "")
         comfy_bridge.load_to_device(model.patcher, plan.memory.device_bytes)
         try:
-            latents, stats = spec.job(RunHooks(self._on_step(unique_id, lm.latent_format),
-                                               comfy_bridge.check_interrupted), plan)
+            with attention_backend(attention):  # None without ComfyUI: torch's SDPA
+                latents, stats = spec.job(RunHooks(self._on_step(unique_id, lm.latent_format),
+                                                   comfy_bridge.check_interrupted), plan)
         finally:
             if not keep_model_loaded:
                 comfy_bridge.offload(model.patcher)
 
         summary = stats.summary()
         log.info("FlowCache: %s", summary)
+        notes = list(lm.notes) + ([attention.describe()] if attention is not None else []) + \
+            [f"MODEL {u}" for u in unapplied]
         stats_dict = {**stats.to_dict(), "note": note, "memory_plan": plan.memory.to_dict(),
-                      "memory": plan.memory.summary()}
+                      "memory": plan.memory.summary(), "notes": notes,
+                      "attention": attention.to_dict() if attention is not None else {"kernel": "sdpa"}}
         comfy_bridge.send_event("flowcache.stats", {"node": unique_id, "stats": stats_dict, "summary": summary})
         return {"ui": {"flowcache_stats": [stats_dict]}, "result": (latents,)}
 

@@ -289,6 +289,11 @@ def widget_defaults(cls: type) -> dict:
     return out
 
 
+def node_classes(pack: types.ModuleType) -> dict[str, type]:
+    """The pack's node classes by node id."""
+    return pack.NODE_CLASS_MAPPINGS
+
+
 def run_node(cls: type, **inputs: Any) -> Any:
     """Call a node the way ComfyUI's executor does: a fresh instance, keyword arguments."""
     return getattr(cls(), cls.FUNCTION)(**inputs)
@@ -312,16 +317,17 @@ def http_json(url: str, data: Any = None, timeout: float = 30.0) -> Any:
 
 
 class ComfyServer:
-    """``python main.py --cpu ...`` as a subprocess; log in ``log_path``; killed by ``stop``."""
+    """``python main.py --cpu ... [extra_args]`` as a subprocess; log in ``log_path``; killed by ``stop``."""
 
-    def __init__(self, comfy_path: Path, python: str, workdir: Path, extra_config: Path, output_dir: Path):
+    def __init__(self, comfy_path: Path, python: str, workdir: Path, extra_config: Path, output_dir: Path,
+                 extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "comfyui.log"
         self.cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                     "--disable-auto-launch", "--extra-model-paths-config", str(extra_config),
                     "--output-directory", str(output_dir), "--temp-directory", str(workdir / "temp"),
-                    "--user-directory", str(workdir / "user")]
+                    "--user-directory", str(workdir / "user"), *extra_args]
         self.cwd = comfy_path
         self.proc: subprocess.Popen | None = None
 
