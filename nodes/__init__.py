@@ -1,6 +1,15 @@
-"""ComfyUI nodes of the FlowCache pack (V1 node API). Thin glue over ``flowcache``."""
+"""ComfyUI nodes of the FlowCache pack, on ComfyUI's V3 node API (``comfy_api.v0_0_2``; see ``comfy_v3``).
+Thin glue over ``flowcache``.
+
+The pack registers them through ``comfy_entrypoint`` (the root ``__init__.py``); ``NODE_CLASSES`` and
+``DISPLAY_NAMES`` list them by node id for the pack's own use (tests, the CLI). The pack deliberately exports no
+``NODE_CLASS_MAPPINGS``: ComfyUI would then load it as a V1 pack and ignore ``comfy_entrypoint``.
+"""
+from __future__ import annotations
+
 from .cache import FlowCacheCache
 from .causal import FlowCacheCausalOptions
+from .comfy_v3 import ComfyExtension, io
 from .decode_save import FlowCacheDecodeSave
 from .demo import FlowCacheDecode, FlowCacheDemoTextEncode
 from .loader import FlowCacheModelLoader
@@ -10,34 +19,27 @@ from .prompts import FlowCachePromptSchedule
 from .sampler import FlowCacheSampler
 from .video import FlowCacheVideoCombine
 
-NODE_CLASS_MAPPINGS = {
-    "FlowCacheModelLoader": FlowCacheModelLoader,
-    "FlowCacheSampler": FlowCacheSampler,
-    "FlowCacheCache": FlowCacheCache,
-    "FlowCacheCausalOptions": FlowCacheCausalOptions,
-    "FlowCacheDecode": FlowCacheDecode,
-    "FlowCacheVideoCombine": FlowCacheVideoCombine,
-    "FlowCacheDemoTextEncode": FlowCacheDemoTextEncode,
-    "FlowCacheDecodeSave": FlowCacheDecodeSave,
-    "FlowCacheMagiTextEncode": FlowCacheMagiTextEncode,
-    "FlowCacheMagiVAELoader": FlowCacheMagiVAELoader,
-    "FlowCachePromptSchedule": FlowCachePromptSchedule,
-}
+NODES: list[type[io.ComfyNode]] = [
+    FlowCacheModelLoader, FlowCacheSampler, FlowCacheCache, FlowCacheCausalOptions, FlowCacheDecode,
+    FlowCacheVideoCombine, FlowCacheDemoTextEncode, FlowCacheDecodeSave, FlowCacheMagiTextEncode,
+    FlowCacheMagiVAELoader, FlowCachePromptSchedule,
+]
+NODE_CLASSES: dict[str, type[io.ComfyNode]] = {cls.define_schema().node_id: cls for cls in NODES}
+DISPLAY_NAMES: dict[str, str] = {node_id: cls.define_schema().display_name for node_id, cls in NODE_CLASSES.items()}
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "FlowCacheModelLoader": "FlowCache Load Model",
-    "FlowCacheSampler": "FlowCache Sampler",
-    "FlowCacheCache": "FlowCache Cache",
-    "FlowCacheCausalOptions": "FlowCache Causal Options",
-    "FlowCacheDecode": "FlowCache Decode",
-    "FlowCacheVideoCombine": "FlowCache Video Combine",
-    "FlowCacheDemoTextEncode": "FlowCache Demo Text Encode",
-    "FlowCacheDecodeSave": "FlowCache Decode & Save Video",
-    "FlowCacheMagiTextEncode": "FlowCache MAGI-1 Text Encode",
-    "FlowCacheMagiVAELoader": "FlowCache Load MAGI-1 VAE",
-    "FlowCachePromptSchedule": "FlowCache Prompt Schedule",
-}
+
+class FlowCacheExtension(ComfyExtension):
+    """The pack as a V3 extension: its node list."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> FlowCacheExtension:
+    """What ComfyUI calls to load the pack (nodes.py ``load_custom_node``, V3 packs)."""
+    return FlowCacheExtension()
+
 
 register_routes()  # GET /flowcache/model_presets, inside a running ComfyUI only
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODES", "NODE_CLASSES", "DISPLAY_NAMES", "FlowCacheExtension", "comfy_entrypoint"]

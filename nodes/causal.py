@@ -15,6 +15,7 @@ from ..flowcache.pipelines.common import LatentGeometry
 from ..flowcache.pipelines.krea_realtime import KreaRealtimePipeline, KreaSettings, needs_vae, plan_krea
 from ..flowcache.prompts import PromptSchedule
 from ..flowcache.runner import RunHooks
+from .comfy_v3 import FLOWCACHE_CAUSAL, check_choices, io
 
 log = logging.getLogger("FlowCache")
 
@@ -29,47 +30,52 @@ class CausalOptions:
     schedule: str = "self_forcing"
 
 
-class FlowCacheCausalOptions:
+class FlowCacheCausalOptions(io.ComfyNode):
     """How a causal Wan model (Self-Forcing, CausVid, Causal Forcing) keeps its KV cache bounded over long videos,
     and which few-step schedule it was distilled for."""
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "kv_mode": (list(KV_MODES), {
-                "default": "rolling",
-                "tooltip": "rolling: keep the sink and the newest blocks inside the window (the official rolling "
-                           "cache); compressed: keep the sink and compress older history per head to the cache "
-                           "node's kv_budget blocks (FlowCache); global: keep every block (memory grows with the "
-                           "video; the model was trained for 21 latent frames)."}),
-            "window_frames": ("INT", {
-                "default": 21, "min": 1, "max": 10000, "step": 1,
-                "tooltip": "rolling: latent frames attended to, the current block included (21 = Self-Forcing's "
-                           "trained horizon); whole blocks."}),
-            "sink_frames": ("INT", {
-                "default": 3, "min": 0, "max": 10000, "step": 1,
-                "tooltip": "Leading latent frames always kept (an attention sink), whole blocks; 0 = none."}),
-            "schedule": (list(LOOP_PRESETS), {
-                "default": "self_forcing",
-                "tooltip": "self_forcing: 4 steps [1000, 750, 500, 250] warped with shift 5 (Self-Forcing, Causal "
-                           "Forcing); causvid: 3 steps [1000, 757, 522] unwarped, shift 8."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowCacheCausalOptions", display_name="FlowCache Causal Options", category="FlowCache",
+            description="Options of the causal loop (Self-Forcing, CausVid, Causal Forcing): how the KV cache stays "
+                        "bounded for any length, and the few-step schedule. Without it: rolling, 21-frame window, "
+                        "3-frame sink, Self-Forcing's schedule.",
+            inputs=[
+                # the KV cache over a long video
+                io.Combo.Input(
+                    "kv_mode", options=list(KV_MODES), default="rolling",
+                    tooltip="rolling: keep the sink and the newest blocks inside the window (the official rolling "
+                            "cache); compressed: keep the sink and compress older history per head to the cache "
+                            "node's kv_budget blocks (FlowCache); global: keep every block (memory grows with the "
+                            "video; the model was trained for 21 latent frames)."),
+                io.Int.Input(
+                    "window_frames", default=21, min=1, max=10000, step=1,
+                    tooltip="rolling: latent frames attended to, the current block included (21 = Self-Forcing's "
+                            "trained horizon); whole blocks."),
+                io.Int.Input(
+                    "sink_frames", default=3, min=0, max=10000, step=1,
+                    tooltip="Leading latent frames always kept (an attention sink), whole blocks; 0 = none."),
+                # the schedule the model was distilled for
+                io.Combo.Input(
+                    "schedule", options=list(LOOP_PRESETS), default="self_forcing",
+                    tooltip="self_forcing: 4 steps [1000, 750, 500, 250] warped with shift 5 (Self-Forcing, Causal "
+                            "Forcing); causvid: 3 steps [1000, 757, 522] unwarped, shift 8."),
+            ],
+            outputs=[FLOWCACHE_CAUSAL.Output(display_name="causal",
+                                             tooltip="Causal-loop options, for FlowCache Sampler's causal input.")])
 
-    RETURN_TYPES = ("FLOWCACHE_CAUSAL",)
-    RETURN_NAMES = ("causal",)
-    OUTPUT_TOOLTIPS = ("Causal-loop options, for FlowCache Sampler's causal input.",)
-    FUNCTION = "build"
-    CATEGORY = "FlowCache"
-    DESCRIPTION = ("Options of the causal loop (Self-Forcing, CausVid, Causal Forcing): how the KV cache stays "
-                   "bounded for any length, and the few-step schedule. Without it: rolling, 21-frame window, "
-                   "3-frame sink, Self-Forcing's schedule.")
+    @classmethod
+    def validate_inputs(cls, kv_mode: str, schedule: str) -> bool | str:
+        return check_choices(cls, kv_mode=kv_mode, schedule=schedule)
 
-    def build(self, kv_mode: str, window_frames: int, sink_frames: int, schedule: str) -> tuple[CausalOptions]:
+    @classmethod
+    def execute(cls, kv_mode: str, window_frames: int, sink_frames: int, schedule: str) -> io.NodeOutput:
         if kv_mode not in KV_MODES:
             raise InputError(f"kv_mode={kv_mode!r}: must be one of {', '.join(KV_MODES)}.")
         if schedule not in LOOP_PRESETS:
             raise InputError(f"schedule={schedule!r}: must be one of {', '.join(LOOP_PRESETS)}.")
-        return (CausalOptions(kv_mode, int(window_frames), int(sink_frames), schedule),)
+        return io.NodeOutput(CausalOptions(kv_mode, int(window_frames), int(sink_frames), schedule))
 
 
 # Each causal release's own loop, as data: its options when no FlowCache Causal Options is connected, and how it

@@ -166,6 +166,73 @@ def offload(patcher: Any) -> None:
     mm.soft_empty_cache()
 
 
+# ----------------------------------------------------------------------------------------- attention
+
+class HostAttention:
+    """ComfyUI's attention as the core's attention function (``flowcache.models.common.attention_backend``).
+
+    The core calls ``fn(q, k, v, mask)`` with q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D] (grouped-query when
+    Hq > Hkv) and an optional boolean mask [Lq, Lk] (True: attend). This hands the call to ComfyUI's
+    ``optimized_attention`` (the kernel ComfyUI chose at start: --use-sage-attention, --use-flash-attention,
+    pytorch, sub-quadratic, ...) with ``skip_reshape`` / ``skip_output_reshape`` for that layout and the MODEL's
+    ``transformer_options``, so an ``optimized_attention_override`` set on the MODEL (attention-patch nodes) is
+    called the way ComfyUI's own Wan calls it: ``override(kernel, q, k, v, heads=..., mask=..., ...)``.
+
+    * Masks: ComfyUI's kernels take additive float masks (attention_basic reads a boolean one as a per-key
+      padding mask, and flash / sage take none: ComfyUI falls back to SDPA for a masked call); the boolean mask
+      becomes 0 / -inf in q's dtype, exactly what SDPA makes of a boolean mask itself.
+    * Grouped-query attention (MAGI-1: 6 query heads per key/value head in the 4.5B): ComfyUI's kernels take one
+      head count for q, k and v (``heads``), so the key/value heads are repeated here first.
+    * MAGI-1's calls all come here (self-attention over the stored context, per-chunk block-causal slices, the
+      per-caption cross-attention); none of its shapes needs the core's own kernel. Only the VAEs' attention
+      (flowcache/models/wan_vae.py, magi_vae.py: one head over a frame's pixels) stays on SDPA: it is not the
+      DiT's, and ComfyUI's own VAEs do not go through optimized_attention either.
+    """
+
+    def __init__(self, kernel: Callable, transformer_options: dict | None, override: bool):
+        self.kernel = kernel
+        self.options = transformer_options if transformer_options is not None else {}
+        self.override = override
+        self.calls = 0
+
+    @property
+    def kernel_name(self) -> str:
+        return getattr(self.kernel, "__name__", type(self.kernel).__name__)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
+        b, heads, lq, d = q.shape
+        if k.shape[1] != heads:
+            group = heads // k.shape[1]
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        out = self.kernel(q, k, v, heads=heads, mask=mask, skip_reshape=True, skip_output_reshape=True,
+                          transformer_options=self.options)
+        if out.shape == (b, lq, heads * v.shape[-1]):  # a kernel (or override) that ignored skip_output_reshape
+            out = out.view(b, lq, heads, v.shape[-1]).transpose(1, 2)
+        return out
+
+    def describe(self) -> str:
+        how = "the MODEL's optimized_attention_override around " if self.override else ""
+        return f"attention: {how}ComfyUI's {self.kernel_name}"
+
+    def to_dict(self) -> dict:
+        return {"kernel": self.kernel_name, "override": self.override, "calls": self.calls}
+
+
+def host_attention(transformer_options: dict | None = None) -> HostAttention | None:
+    """The run's attention function from ComfyUI (None without ComfyUI: the core keeps torch's SDPA)."""
+    attention = _module("comfy.ldm.modules.attention")
+    kernel = getattr(attention, "optimized_attention", None) if attention is not None else None
+    if kernel is None:
+        return None
+    options = dict(transformer_options or {})
+    return HostAttention(kernel, options, "optimized_attention_override" in options)
+
+
 # ---------------------------------------------------------------------------------- progress, cancel
 
 class _NoProgress:

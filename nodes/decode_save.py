@@ -15,7 +15,8 @@ from ..flowcache.models.wan_vae import build_wan_vae
 from . import comfy_bridge
 from .demo import DEMO_CODEC, _require_demo
 from .magi import MAGI_CODEC
-from .video import DEFAULT_FORMAT, FILE_WIDGETS, check_output, open_output, preview
+from .comfy_v3 import FLOWCACHE_MAGI_VAE, check_choices, hidden_value, io
+from .video import DEFAULT_FORMAT, FILENAME_OUTPUT, check_output, file_inputs, open_output, preview
 
 log = logging.getLogger("FlowCache")
 
@@ -47,32 +48,35 @@ def latent_stream(samples: dict, vae: Any, magi_vae: Any) -> tuple[StreamDecoder
     return wan_stream_from_comfy(vae), 4
 
 
-class FlowCacheDecodeSave:
+class FlowCacheDecodeSave(io.ComfyNode):
     """Decode latents piece by piece straight into a video file (long videos in flat memory)."""
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {"samples": ("LATENT", {"tooltip": "Latents from FlowCache Sampler."}), **FILE_WIDGETS},
-            "optional": {
-                "vae": ("VAE", {"tooltip": "The Wan2.1 VAE (wan_2.1_vae), for SkyReels-V2 / Wan latents."}),
-                "magi_vae": ("FLOWCACHE_MAGI_VAE", {"tooltip": "MAGI-1's VAE, for MAGI-1 latents."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowCacheDecodeSave", display_name="FlowCache Decode & Save Video", category="FlowCache",
+            description="Decodes a video chunk by chunk straight into the encoder: memory stays flat however long "
+                        "the video is. Cancel leaves no partial file.",
+            inputs=[
+                io.Latent.Input("samples", tooltip="Latents from FlowCache Sampler."),
+                *file_inputs(),
+                # the decoder: the one that matches the latents
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The Wan2.1 VAE (wan_2.1_vae), for SkyReels-V2 / Wan latents."),
+                FLOWCACHE_MAGI_VAE.Input("magi_vae", optional=True, tooltip="MAGI-1's VAE, for MAGI-1 latents."),
+            ],
+            outputs=[io.String.Output(display_name="filename", tooltip=FILENAME_OUTPUT)],
+            hidden=[io.Hidden.unique_id], is_output_node=True)
 
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("filename",)
-    OUTPUT_TOOLTIPS = ("Full path of the written file.",)
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    CATEGORY = "FlowCache"
-    DESCRIPTION = ("Decodes a video chunk by chunk straight into the encoder: memory stays flat however long the "
-                   "video is. Cancel leaves no partial file.")
+    @classmethod
+    def validate_inputs(cls, format: str) -> bool | str:
+        return check_choices(cls, format=format)
 
-    def save(self, samples: dict, frame_rate: float = 24.0, loop_count: int = 0, filename_prefix: str = "FlowCache",
-             format: str = DEFAULT_FORMAT, crf: int = 19, vae: Any = None, magi_vae: Any = None,
-             unique_id: Any = None) -> dict:
+    @classmethod
+    def execute(cls, samples: dict, frame_rate: float = 24.0, loop_count: int = 0, filename_prefix: str = "FlowCache",
+                format: str = DEFAULT_FORMAT, crf: int = 19, vae: Any = None,
+                magi_vae: Any = None) -> io.NodeOutput:
+        unique_id = hidden_value(cls, "unique_id")
         check_output(filename_prefix, format, frame_rate, loop_count, crf)  # before the VAE is even built
         decode, piece = latent_stream(samples, vae, magi_vae)
         latents = samples["samples"]

@@ -8,6 +8,7 @@ from typing import Any
 from ..flowcache.errors import CheckpointError, FlowCacheError, led_by
 from ..flowcache.models import LOOPS, MAGI_VARIANTS, LoadedModel, load_model
 from . import comfy_bridge
+from .comfy_v3 import FLOWCACHE_MODEL, check_choices, io
 from .demo import DEMO_ENTRY, demo_module
 
 log = logging.getLogger("FlowCache")
@@ -52,57 +53,67 @@ def model_path(model_name: str) -> str:
     return path
 
 
-class FlowCacheModelLoader:
+class FlowCacheModelLoader(io.ComfyNode):
     """Load a SkyReels-V2 / Wan2.1 diffusion-forcing model, a MAGI-1 model (or the built-in CPU demo) for the
     FlowCache sampler; the family is recognised from the file's keys."""
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model_name": ([DEMO_ENTRY] + comfy_bridge.filename_list("diffusion_models"), {
-                "tooltip": "Video DiT from models/diffusion_models: SkyReels-V2-DF (1.3B, 14B), Wan2.1 T2V or "
-                           "MAGI-1 (any shard of a sharded model loads all of it; a MAGI-1 folder named '…distill…' "
-                           "is the distilled model), or the small built-in demo model that runs on a CPU."}),
-            "dtype": (DTYPES, {
-                "default": "auto",
-                "tooltip": "Compute precision. auto: the file's own precision on a GPU (bf16 for fp8 files, whose "
-                           "weights stay fp8 in memory and are upcast layer by layer), fp32 on the CPU where half "
-                           "precision is slow."}),
-        }, "optional": {  # optional: API prompts saved before these widgets existed still run (as "auto")
-            "loop": (list(LOOPS), {
-                "default": "auto",
-                "tooltip": "Wan-architecture files: diffusion_forcing (SkyReels-V2 DF, Wan2.1), causal "
-                           "(Self-Forcing, CausVid, Causal Forcing: block by block with a KV cache), longlive "
-                           "(LongLive v1.0: a 12-frame window, 3-frame sink, re-cache on a prompt change) or "
-                           "krea_realtime (Krea Realtime 14B: its context rebuilt each block, needs the VAE). They "
-                           "have the same keys, so auto decides from the file's metadata, a LongLive LoRA, the "
-                           "releases' file names, a Self-Forcing/CausVid .pt, SkyReels' fps layers or Krea's "
-                           "'model.'-prefixed 14B layout, and says which on the node."}),
-            "weights": (["auto", "generator_ema", "generator"], {
-                "default": "auto",
-                "tooltip": "Self-Forcing / CausVid .pt files only: which generator to load (auto: generator_ema "
-                           "when the file has it, the EMA weights the authors sample with)."}),
-            "magi_variant": (list(MAGI_VARIANTS), {
-                "default": "auto",
-                "tooltip": "MAGI-1 files only: distill (one pass, guidance distilled in) or base (3-pass "
-                           "guidance). auto: the folder holding the weights says 'distill' for the distilled "
-                           "release (inference_weight.distill)."}),
-            "lora": ([NO_LORA] + comfy_bridge.filename_list("loras"), {
-                "default": NO_LORA,
-                "tooltip": "A LoRA from models/loras merged into the weights at load: LongLive's lora.pt on "
-                           "longlive_base.pt (a LoRA whose keys match nothing in the model is refused). For a "
-                           "ComfyUI MODEL use ComfyUI's own LoRA loader instead."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowCacheModelLoader", display_name="FlowCache Load Model", category="FlowCache",
+            description="Loads a SkyReels-V2 / Wan2.1 or MAGI-1 video model for FlowCache Sampler.",
+            inputs=[
+                # the file and its precision
+                io.Combo.Input(
+                    "model_name", options=[DEMO_ENTRY] + comfy_bridge.filename_list("diffusion_models"),
+                    tooltip="Video DiT from models/diffusion_models: SkyReels-V2-DF (1.3B, 14B), Wan2.1 T2V or "
+                            "MAGI-1 (any shard of a sharded model loads all of it; a MAGI-1 folder named "
+                            "'…distill…' is the distilled model), or the small built-in demo model that runs on a "
+                            "CPU."),
+                io.Combo.Input(
+                    "dtype", options=DTYPES, default="auto",
+                    tooltip="Compute precision. auto: the file's own precision on a GPU (bf16 for fp8 files, whose "
+                            "weights stay fp8 in memory and are upcast layer by layer), fp32 on the CPU where half "
+                            "precision is slow."),
+                # what the file is, when its keys do not say (optional: API prompts saved before these widgets
+                # existed still run, as "auto")
+                io.Combo.Input(
+                    "loop", options=list(LOOPS), default="auto", optional=True,
+                    tooltip="Wan-architecture files: diffusion_forcing (SkyReels-V2 DF, Wan2.1), causal "
+                            "(Self-Forcing, CausVid, Causal Forcing: block by block with a KV cache), longlive "
+                            "(LongLive v1.0: a 12-frame window, 3-frame sink, re-cache on a prompt change) or "
+                            "krea_realtime (Krea Realtime 14B: its context rebuilt each block, needs the VAE). They "
+                            "have the same keys, so auto decides from the file's metadata, a LongLive LoRA, the "
+                            "releases' file names, a Self-Forcing/CausVid .pt, SkyReels' fps layers or Krea's "
+                            "'model.'-prefixed 14B layout, and says which on the node."),
+                io.Combo.Input(
+                    "weights", options=["auto", "generator_ema", "generator"], default="auto", optional=True,
+                    tooltip="Self-Forcing / CausVid .pt files only: which generator to load (auto: generator_ema "
+                            "when the file has it, the EMA weights the authors sample with)."),
+                io.Combo.Input(
+                    "magi_variant", options=list(MAGI_VARIANTS), default="auto", optional=True,
+                    tooltip="MAGI-1 files only: distill (one pass, guidance distilled in) or base (3-pass "
+                            "guidance). auto: the folder holding the weights says 'distill' for the distilled "
+                            "release (inference_weight.distill)."),
+                # merged at load
+                io.Combo.Input(
+                    "lora", options=[NO_LORA] + comfy_bridge.filename_list("loras"), default=NO_LORA, optional=True,
+                    tooltip="A LoRA from models/loras merged into the weights at load: LongLive's lora.pt on "
+                            "longlive_base.pt (a LoRA whose keys match nothing in the model is refused). For a "
+                            "ComfyUI MODEL use ComfyUI's own LoRA loader instead."),
+            ],
+            outputs=[FLOWCACHE_MODEL.Output(display_name="model", tooltip="The loaded model, for FlowCache Sampler.")])
 
-    RETURN_TYPES = ("FLOWCACHE_MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The loaded model, for FlowCache Sampler.",)
-    FUNCTION = "load"
-    CATEGORY = "FlowCache"
-    DESCRIPTION = "Loads a SkyReels-V2 / Wan2.1 or MAGI-1 video model for FlowCache Sampler."
+    @classmethod
+    def validate_inputs(cls, model_name: str, dtype: str = "auto", loop: str | None = None,
+                        weights: str | None = None, magi_variant: str | None = None,
+                        lora: str | None = None) -> bool | str:
+        return check_choices(cls, model_name=model_name, dtype=dtype, loop=loop, weights=weights,
+                             magi_variant=magi_variant, lora=lora)
 
-    def load(self, model_name: str, dtype: str = "auto", loop: str = "auto", weights: str = "auto",
-             magi_variant: str = "auto", lora: str = NO_LORA) -> dict:
+    @classmethod
+    def execute(cls, model_name: str, dtype: str = "auto", loop: str = "auto", weights: str = "auto",
+                magi_variant: str = "auto", lora: str = NO_LORA) -> io.NodeOutput:
         path = model_path(model_name)
         lora_path = None
         if lora and lora != NO_LORA:
@@ -127,4 +138,4 @@ class FlowCacheModelLoader:
             log.info("FlowCache: %s: %s", loaded.checkpoint, note)
         model = FlowCacheModel(loaded, comfy_bridge.make_patcher(loaded.model), model_name, chosen)
         # the loader's decisions (loop, distilled or not, ...) are shown on the node
-        return {"ui": {"flowcache_notes": list(loaded.notes)}, "result": (model,)}
+        return io.NodeOutput(model, ui={"flowcache_notes": list(loaded.notes)})

@@ -13,6 +13,7 @@ from ..flowcache.text import (SPECIAL_TOKENS_FILENAME, SPECIAL_TOKENS_HELP, Magi
                               encode_magi_prompt, find_magi_special_tokens, load_magi_special_tokens,
                               load_t5_encoder, magi_chunk_captions)
 from . import comfy_bridge
+from .comfy_v3 import FLOWCACHE_MAGI_VAE, check_choices, io
 
 log = logging.getLogger("FlowCache")
 
@@ -54,28 +55,32 @@ def _tokenizer_json() -> Path:
     return root / "text_encoders" / "t5_tokenizer" / "tokenizer.json"
 
 
-class FlowCacheMagiTextEncode:
+class FlowCacheMagiTextEncode(io.ComfyNode):
     """Encode a prompt for MAGI-1: T5-v1.1-XXL states at length 800, plus MAGI's special tokens."""
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "t5_name": (comfy_bridge.filename_list("text_encoders"), {
-                "tooltip": "T5-v1.1-XXL from models/text_encoders: t5xxl_fp16.safetensors or "
-                           "t5xxl_fp8_e4m3fn.safetensors, the files Flux and SD3 use."}),
-            "prompt": ("STRING", {"multiline": True, "default": "",
-                                  "tooltip": "What the video shows. MAGI-1 cleans the text (lower case, no URLs) "
-                                             "and reads up to 800 tokens."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowCacheMagiTextEncode", display_name="FlowCache MAGI-1 Text Encode", category="FlowCache/MAGI-1",
+            description=f"T5-XXL text encoder for MAGI-1. Needs MAGI-1's special tokens: {SPECIAL_TOKENS_FILENAME} "
+                        "in models/text_encoders.",
+            inputs=[
+                io.Combo.Input("t5_name", options=comfy_bridge.filename_list("text_encoders"),
+                               tooltip="T5-v1.1-XXL from models/text_encoders: t5xxl_fp16.safetensors or "
+                                       "t5xxl_fp8_e4m3fn.safetensors, the files Flux and SD3 use."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="What the video shows. MAGI-1 cleans the text (lower case, no URLs) and "
+                                        "reads up to 800 tokens."),
+            ],
+            outputs=[io.Conditioning.Output(
+                tooltip="MAGI-1 text conditioning (with its mask and special tokens), for FlowCache Sampler.")])
 
-    RETURN_TYPES = ("CONDITIONING",)
-    OUTPUT_TOOLTIPS = ("MAGI-1 text conditioning (with its mask and special tokens), for FlowCache Sampler.",)
-    FUNCTION = "encode"
-    CATEGORY = "FlowCache/MAGI-1"
-    DESCRIPTION = (f"T5-XXL text encoder for MAGI-1. Needs MAGI-1's special tokens: {SPECIAL_TOKENS_FILENAME} "
-                   "in models/text_encoders.")
+    @classmethod
+    def validate_inputs(cls, t5_name: str) -> bool | str:
+        return check_choices(cls, t5_name=t5_name)
 
-    def encode(self, t5_name: str, prompt: str) -> tuple[list]:
+    @classmethod
+    def execute(cls, t5_name: str, prompt: str) -> io.NodeOutput:
         path = comfy_bridge.full_path("text_encoders", t5_name)
         if path is None:
             raise CheckpointError(f"t5_name: {t5_name} was not found in models/text_encoders.")
@@ -95,28 +100,32 @@ class FlowCacheMagiTextEncode:
         finally:
             del encoder
             comfy_bridge.soft_empty_cache()
-        return ([[states.cpu(), {"attention_mask": mask.cpu(), TOKENS_KEY: special, "pooled_output": None}]],)
+        return io.NodeOutput([[states.cpu(), {"attention_mask": mask.cpu(), TOKENS_KEY: special,
+                                              "pooled_output": None}]])
 
 
-class FlowCacheMagiVAELoader:
+class FlowCacheMagiVAELoader(io.ComfyNode):
     """Load MAGI-1's ViT VAE (8x spatial, 4x temporal, 16 channels)."""
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "vae_name": (comfy_bridge.filename_list("vae"), {
-                "tooltip": "MAGI-1's VAE from models/vae (the release's ckpt/vae/diffusion_pytorch_model.safetensors, "
-                           "e.g. renamed magi1_vae.safetensors)."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowCacheMagiVAELoader", display_name="FlowCache Load MAGI-1 VAE", category="FlowCache/MAGI-1",
+            description="Loads MAGI-1's own VAE; decoding tiles the video as MAGI-1 does.",
+            inputs=[io.Combo.Input(
+                "vae_name", options=comfy_bridge.filename_list("vae"),
+                tooltip="MAGI-1's VAE from models/vae (the release's ckpt/vae/diffusion_pytorch_model.safetensors, "
+                        "e.g. renamed magi1_vae.safetensors).")],
+            outputs=[FLOWCACHE_MAGI_VAE.Output(
+                display_name="magi_vae",
+                tooltip="MAGI-1's VAE, for FlowCache Decode, FlowCache Decode & Save Video and prefix images.")])
 
-    RETURN_TYPES = ("FLOWCACHE_MAGI_VAE",)
-    RETURN_NAMES = ("magi_vae",)
-    OUTPUT_TOOLTIPS = ("MAGI-1's VAE, for FlowCache Decode, FlowCache Decode & Save Video and prefix images.",)
-    FUNCTION = "load"
-    CATEGORY = "FlowCache/MAGI-1"
-    DESCRIPTION = "Loads MAGI-1's own VAE; decoding tiles the video as MAGI-1 does."
+    @classmethod
+    def validate_inputs(cls, vae_name: str) -> bool | str:
+        return check_choices(cls, vae_name=vae_name)
 
-    def load(self, vae_name: str) -> tuple[MagiVAECodec]:
+    @classmethod
+    def execute(cls, vae_name: str) -> io.NodeOutput:
         path = comfy_bridge.full_path("vae", vae_name)
         if path is None:
             raise CheckpointError(f"vae_name: {vae_name} was not found in models/vae.")
@@ -126,7 +135,7 @@ class FlowCacheMagiVAELoader:
             vae = load_magi_vae(path, dtype)
         except FlowCacheError as e:
             raise led_by("vae_name", e) from e
-        return (MagiVAECodec(vae.to(device), device=device),)
+        return io.NodeOutput(MagiVAECodec(vae.to(device), device=device))
 
 
 def magi_scheduled_captions(prompts: Any, width: int, plan: Any, settings: Any, temporal_stride: int

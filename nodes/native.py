@@ -158,4 +158,89 @@ def native_wan_model(model: Any, prompt: Any = None, unique_id: Any = None) -> t
     return lm, name
 
 
-__all__ = ["is_comfy_model", "native_wan_model", "source_file", "compute_dtype_of", "LOADER_FILE_WIDGETS"]
+# What a MODEL may carry besides its weights, and what FlowCache Sampler does with it. FlowCache runs its own
+# chunked forward over the MODEL's layers, not ComfyUI's sampler and Wan forward: LoRA and other weight patches
+# apply (ComfyUI patches the layers at load), and so does an optimized_attention_override (every attention goes
+# through ComfyUI's optimized_attention with the MODEL's transformer_options: nodes.comfy_bridge.HostAttention).
+# Everything else is named on the node as not applied, never dropped silently.
+APPLIED_TRANSFORMER_OPTIONS = {"optimized_attention_override"}
+WHY_NOT = {
+    "patches_replace": "FlowCache's chunked forward calls the blocks' layers, not ComfyUI's blocks",
+    "patches": "FlowCache's chunked forward has no ComfyUI patch points",
+    "wrappers": "FlowCache runs its own loop and forward, not ComfyUI's sampler or model forward",
+    "callbacks": "FlowCache runs its own loop, not ComfyUI's sampler",
+    "model_sampling": "FlowCache Sampler's shift and steps widgets set the schedule",
+    "sampler": "FlowCache computes guidance itself, from the cfg widget",
+}
+SAMPLER_FUNCTIONS = ("sampler_cfg_function", "sampler_post_cfg_function", "sampler_pre_cfg_function",
+                     "sampler_calc_cond_batch_function", "model_function_wrapper", "denoise_mask_function")
+IGNORED_OPTIONS = {"transformer_options", "disable_cfg1_optimization"}  # a flag of the cfg functions above
+
+
+def _keys(value: Any) -> list[str]:
+    """Readable names of a patch dict's entries: ('double_block', 3) -> 'double_block 3'."""
+    if not isinstance(value, dict):
+        return []
+    return [" ".join(str(p) for p in k) if isinstance(k, tuple) else str(k) for k, v in value.items() if v]
+
+
+def _nested(value: Any) -> list[str]:
+    """{'dit': {('double_block', 0): fn}} -> ['dit double_block 0']; {'outer_sample': {'easycache': [fn]}} ->
+    ['outer_sample (easycache)']."""
+    out = []
+    for name, inner in (value or {}).items() if isinstance(value, dict) else ():
+        if isinstance(inner, dict):
+            keys = _keys(inner)
+            if keys and all(isinstance(k, tuple) for k in inner):
+                out += [f"{name} {k}" for k in keys]
+            elif keys:
+                out.append(f"{name} ({', '.join(k if k != 'None' else 'unnamed' for k in keys)})")
+        elif inner:
+            out.append(str(name))
+    return out
+
+
+def unapplied_patches(model: Any) -> list[str]:
+    """What of a ComfyUI MODEL's patches, wrappers and options FlowCache Sampler does not apply, one phrase each
+    ("wrappers outer_sample (easycache): not applied (...)"); [] for a plain MODEL (weights and LoRAs only)."""
+    notes: list[str] = []
+    options = getattr(model, "model_options", None) or {}
+    to = options.get("transformer_options", None) or {}
+    for key in ("patches_replace", "patches", "wrappers", "callbacks"):
+        names = _nested(to.get(key))
+        if names:
+            notes.append(f"{key} {', '.join(names)}: not applied ({WHY_NOT[key]})")
+    other = [k for k in to if k not in APPLIED_TRANSFORMER_OPTIONS and k not in WHY_NOT and to[k] is not None]
+    if other:
+        notes.append(f"transformer_options {', '.join(map(str, other))}: not read by FlowCache")
+    funcs = [k for k in options if k in SAMPLER_FUNCTIONS and options[k]]
+    if funcs:
+        notes.append(f"{', '.join(funcs)}: not applied ({WHY_NOT['sampler']})")
+    rest = [k for k in options if k not in SAMPLER_FUNCTIONS and k not in IGNORED_OPTIONS and options[k]]
+    if rest:
+        notes.append(f"model_options {', '.join(map(str, rest))}: not read by FlowCache")
+    for attr, key in (("wrappers", "wrappers"), ("callbacks", "callbacks")):
+        names = _nested(getattr(model, attr, None))
+        if names:
+            notes.append(f"{key} {', '.join(names)}: not applied ({WHY_NOT[key]})")
+    objects = list(getattr(model, "object_patches", None) or {})
+    if "model_sampling" in objects:
+        notes.append(f"model_sampling patch: not applied ({WHY_NOT['model_sampling']})")
+    objects = [o for o in objects if o != "model_sampling"]
+    if objects:
+        notes.append(f"object patches {', '.join(objects)}: not applied (FlowCache calls the MODEL's layers, "
+                     f"not its patched methods)")
+    hooks = getattr(model, "hook_patches", None) or {}
+    if hooks:
+        notes.append(f"{len(hooks)} hook patch{'es' if len(hooks) > 1 else ''}: not applied (FlowCache runs its "
+                     f"own loop, not ComfyUI's sampler)")
+    for attr, what in (("injections", "injections"), ("additional_models", "additional models")):
+        names = _keys(getattr(model, attr, None))
+        if names:
+            notes.append(f"{what} {', '.join(names)}: not applied (FlowCache runs its own loop, not ComfyUI's "
+                         f"sampler)")
+    return notes
+
+
+__all__ = ["is_comfy_model", "native_wan_model", "source_file", "compute_dtype_of", "unapplied_patches",
+           "LOADER_FILE_WIDGETS"]

@@ -11,6 +11,7 @@ from ..flowcache.cache import CacheSettings, residuals_kept
 from ..flowcache.errors import InputError
 from ..flowcache.latent_format import wan_to_raw
 from ..flowcache.memory import auto_plan, host_available_bytes
+from ..flowcache.models.common import attention_backend
 from ..flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from ..flowcache.pipelines.magi import MagiPipeline, MagiSettings
 from ..flowcache.plan import MemoryOptions
@@ -22,10 +23,12 @@ from ..flowcache.schedulers import SOLVERS
 from ..flowcache.stats import RunStats
 from . import comfy_bridge
 from .causal import causal_run, krea_run
+from .comfy_v3 import (FLOWCACHE_CACHE, FLOWCACHE_CAUSAL, FLOWCACHE_MAGI_VAE, FLOWCACHE_MODEL,
+                       FLOWCACHE_PROMPTS, check_choices, hidden_value, io)
 from .demo import DEMO_CODEC
 from .loader import FlowCacheModel
 from .magi import MAGI_CODEC, magi_caption, magi_scheduled_captions
-from .native import is_comfy_model, native_wan_model
+from .native import is_comfy_model, native_wan_model, unapplied_patches
 from .vae_codec import ComfyVAECodec
 
 log = logging.getLogger("FlowCache")
@@ -34,14 +37,14 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 SOLVER_NAMES = list(SOLVERS)  # unipc first: the default
 
 
-def _int(default: int, lo: int, hi: int, tooltip: str, step: int = 1) -> tuple:
+def _int(name: str, default: int, lo: int, hi: int, tooltip: str, step: int = 1):
     # Frame counts keep step 1: the frontend snaps INT widgets to min + k·step, and the demo model (temporal
     # stride 1) needs counts such as 36 that a Wan-style step of 4 would not allow.
-    return ("INT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tooltip})
+    return io.Int.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tooltip)
 
 
-def _float(default: float, lo: float, hi: float, step: float, tooltip: str) -> tuple:
-    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": step / 10, "tooltip": tooltip})
+def _float(name: str, default: float, lo: float, hi: float, step: float, tooltip: str):
+    return io.Float.Input(name, default=default, min=lo, max=hi, step=step, round=step / 10, tooltip=tooltip)
 
 
 def conditioning_tensor(cond: Any, name: str) -> torch.Tensor:
@@ -57,96 +60,122 @@ def conditioning_tensor(cond: Any, name: str) -> torch.Tensor:
     return tensor
 
 
-class FlowCacheSampler:
+def _model_inputs() -> list:
+    """What is sampled: the model (FlowCache Load Model's or ComfyUI's own MODEL) and the prompts."""
+    return [
+        io.MultiType.Input(
+            "model", types=[FLOWCACHE_MODEL, io.Model],
+            tooltip="FlowCache Load Model's model (SkyReels-V2 / Wan2.1, causal Wan or MAGI-1), or ComfyUI's own "
+                    "MODEL of a Wan2.1-architecture model (SkyReels-V2 DF 1.3B/14B, Wan2.1 T2V) from Load Diffusion "
+                    "Model, any LoRA loader or a GGUF loader: its own layers run, so its fp8/GGUF weights, LoRAs and "
+                    "partial loading apply. SkyReels' fps embedding, which ComfyUI drops, is read back from the "
+                    "MODEL's file."),
+        io.MultiType.Input(
+            "positive", types=[io.Conditioning, FLOWCACHE_PROMPTS],
+            tooltip="Prompt: umT5-XXL text states (CLIP Text Encode with a Wan text encoder), or FlowCache Demo "
+                    "Text Encode; or FlowCache Prompt Schedule's prompts that change over the video (each loop "
+                    "changes at its block, window or chunk boundaries)."),
+        io.Conditioning.Input("negative", tooltip="Negative prompt (used when cfg > 1). Causal Wan models have no "
+                                                  "guidance: unused."),
+    ]
+
+
+def _video_inputs() -> list:
+    """The video's size and the sampling schedule (every loop)."""
+    return [
+        _int("width", 960, 16, 4096, "Video width in pixels; a multiple of 16.", 16),
+        _int("height", 544, 16, 4096, "Video height in pixels; a multiple of 16.", 16),
+        _int("num_frames", 97, 1, 10001, "Frames to generate: 4·k+1 for Wan. Diffusion forcing: longer than "
+                                         "base_num_frames runs several overlapping windows; causal Wan: any length, "
+                                         "block by block."),
+        _int("steps", 50, 1, 1000, "Denoising steps per chunk. Causal Wan: ignored (the schedule on FlowCache "
+                                   "Causal Options sets them: 4 or 3)."),
+        _float("cfg", 6.0, 0.0, 30.0, 0.1, "Classifier-free guidance scale; ≤ 1 skips the negative pass (twice as "
+                                           "fast). Not used by MAGI-1 (its guidance is built in) nor by causal Wan "
+                                           "(no guidance)."),
+        _float("shift", 8.0, 0.0, 100.0, 0.1, "Flow-matching sigma shift (SkyReels uses 8 for text-to-video, MAGI-1 "
+                                              "3). Causal Wan: ignored (its schedule's own)."),
+        _int("seed", 1024, 0, MAX_SEED, "Noise seed; the same seed and settings give the same video."),
+    ]
+
+
+def _chunk_inputs() -> list:
+    """Diffusion forcing's chunks and windows (causal_block_size is every loop's chunk)."""
+    return [
+        _int("ar_step", 5, 0, 100, "Diffusion forcing only: steps by which each chunk lags the previous one (0 = all "
+                                   "chunks denoise together; 5 = SkyReels' asynchronous mode)."),
+        _int("causal_block_size", 5, 1, 100, "Latent frames per chunk (the unit FlowCache caches); SkyReels uses 5, "
+                                             "MAGI-1 6, Self-Forcing/CausVid 3, frame-wise Causal Forcing 1."),
+        _int("base_num_frames", 97, 1, 10001, "Diffusion forcing only: frames per window (the model's native "
+                                              "length); 4·k+1 for Wan."),
+        _int("overlap_history", 17, 1, 10001, "Diffusion forcing only: frames each new window re-uses from the "
+                                              "previous one; 4·k+1 for Wan."),
+        _int("addnoise_condition", 20, 0, 1000, "Diffusion forcing only: noise added to the re-used frames of a new "
+                                                "window (SkyReels suggests 20; ≤ 50)."),
+        io.Combo.Input("solver", options=SOLVER_NAMES, default="unipc",
+                       tooltip="Diffusion forcing only: unipc (SkyReels' default) or euler. MAGI-1 and causal Wan use "
+                               "their own."),
+        io.Boolean.Input("keep_model_loaded", default=False,
+                         tooltip="Keep the model on the GPU after sampling (faster next run, less memory for other "
+                                 "nodes)."),
+    ]
+
+
+def _optional_inputs() -> list:
+    """Options and per-family extras, all optional."""
+    return [
+        FLOWCACHE_CACHE.Input(
+            "cache", optional=True,
+            tooltip="From FlowCache Cache: the cache method and its preset. Not connected: FlowCache with the "
+                    "model's slow preset, or for a model without presets easycache, which needs no calibration (the "
+                    "node says which after the run)."),
+        io.Vae.Input(
+            "vae", optional=True,
+            tooltip="Wan2.1 VAE: re-encodes the overlap between windows as SkyReels does (without it the overlap is "
+                    "carried over in latent space). Krea Realtime 14B needs it: its loop re-encodes a context frame "
+                    "every block from block 2 on."),
+        FLOWCACHE_MAGI_VAE.Input("magi_vae", optional=True,
+                                 tooltip="MAGI-1 only: its VAE, needed to encode prefix_images."),
+        io.Image.Input("prefix_images", optional=True,
+                       tooltip="MAGI-1 only: one image (image-to-video) or the frames of a video to continue (a "
+                               "multiple of 4 frames)."),
+        FLOWCACHE_CAUSAL.Input(
+            "causal", optional=True,
+            tooltip="Causal Wan models only (Self-Forcing, CausVid, Causal Forcing): FlowCache Causal Options. Not "
+                    "connected: a rolling 21-frame window with a 3-frame sink, Self-Forcing's schedule."),
+    ]
+
+
+class FlowCacheSampler(io.ComfyNode):
     """Generate a video with a diffusion-forcing model, reusing per-chunk computation (FlowCache)."""
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": ("FLOWCACHE_MODEL,MODEL", {
-                    "tooltip": "FlowCache Load Model's model (SkyReels-V2 / Wan2.1, causal Wan or MAGI-1), or ComfyUI's own "
-                               "MODEL of a Wan2.1-architecture model (SkyReels-V2 DF 1.3B/14B, Wan2.1 T2V) from "
-                               "Load Diffusion Model, any LoRA loader or a GGUF loader: its own layers run, so "
-                               "its fp8/GGUF weights, LoRAs and partial loading apply. SkyReels' fps embedding, "
-                               "which ComfyUI drops, is read back from the MODEL's file."}),
-                "positive": ("CONDITIONING,FLOWCACHE_PROMPTS", {
-                    "tooltip": "Prompt: umT5-XXL text states (CLIP Text Encode with a Wan text encoder), or "
-                               "FlowCache Demo Text Encode; or FlowCache Prompt Schedule's prompts that change over "
-                               "the video (each loop changes at its block, window or chunk boundaries)."}),
-                "negative": ("CONDITIONING", {"tooltip": "Negative prompt (used when cfg > 1). Causal Wan models have "
-                                                         "no guidance: unused."}),
-                "width": _int(960, 16, 4096, "Video width in pixels; a multiple of 16.", 16),
-                "height": _int(544, 16, 4096, "Video height in pixels; a multiple of 16.", 16),
-                "num_frames": _int(97, 1, 10001, "Frames to generate: 4·k+1 for Wan. Diffusion forcing: longer "
-                                                 "than base_num_frames runs several overlapping windows; causal "
-                                                 "Wan: any length, block by block."),
-                "steps": _int(50, 1, 1000, "Denoising steps per chunk. Causal Wan: ignored (the schedule on "
-                                           "FlowCache Causal Options sets them: 4 or 3)."),
-                "cfg": _float(6.0, 0.0, 30.0, 0.1, "Classifier-free guidance scale; ≤ 1 skips the negative "
-                                                   "pass (twice as fast). Not used by MAGI-1 (its guidance is "
-                                                   "built in) nor by causal Wan (no guidance)."),
-                "shift": _float(8.0, 0.0, 100.0, 0.1, "Flow-matching sigma shift (SkyReels uses 8 for "
-                                                      "text-to-video, MAGI-1 3). Causal Wan: ignored (its "
-                                                      "schedule's own)."),
-                "seed": _int(1024, 0, MAX_SEED, "Noise seed; the same seed and settings give the same video."),
-                "ar_step": _int(5, 0, 100, "Diffusion forcing only: steps by which each chunk lags the "
-                                           "previous one (0 = all chunks denoise together; 5 = SkyReels' "
-                                           "asynchronous mode)."),
-                "causal_block_size": _int(5, 1, 100, "Latent frames per chunk (the unit FlowCache caches); "
-                                                             "SkyReels uses 5, MAGI-1 6, Self-Forcing/CausVid 3, "
-                                                             "frame-wise Causal Forcing 1."),
-                "base_num_frames": _int(97, 1, 10001, "Diffusion forcing only: frames per window (the model's "
-                                                      "native length); 4·k+1 for Wan."),
-                "overlap_history": _int(17, 1, 10001, "Diffusion forcing only: frames each new window re-uses "
-                                                      "from the previous one; 4·k+1 for Wan."),
-                "addnoise_condition": _int(20, 0, 1000, "Diffusion forcing only: noise added to the re-used "
-                                                        "frames of a new window (SkyReels suggests 20; ≤ 50)."),
-                "solver": (SOLVER_NAMES, {"default": "unipc",
-                                          "tooltip": "Diffusion forcing only: unipc (SkyReels' "
-                                                     "default) or euler. MAGI-1 and causal Wan use their own."}),
-                "keep_model_loaded": ("BOOLEAN", {"default": False,
-                                                  "tooltip": "Keep the model on the GPU after sampling (faster "
-                                                             "next run, less memory for other nodes)."}),
-            },
-            "optional": {
-                "cache": ("FLOWCACHE_CACHE", {"tooltip": "From FlowCache Cache: the cache method and its "
-                                                         "preset. Not connected: FlowCache with the model's "
-                                                         "slow preset, or for a model without presets "
-                                                         "easycache, which needs no calibration (the node "
-                                                         "says which after the run)."}),
-                "vae": ("VAE", {"tooltip": "Wan2.1 VAE: re-encodes the overlap between windows as SkyReels does "
-                                           "(without it the overlap is carried over in latent space). Krea "
-                                           "Realtime 14B needs it: its loop re-encodes a context frame every "
-                                           "block from block 2 on."}),
-                "magi_vae": ("FLOWCACHE_MAGI_VAE", {"tooltip": "MAGI-1 only: its VAE, needed to encode "
-                                                               "prefix_images."}),
-                "prefix_images": ("IMAGE", {"tooltip": "MAGI-1 only: one image (image-to-video) or the frames of "
-                                                       "a video to continue (a multiple of 4 frames)."}),
-                "causal": ("FLOWCACHE_CAUSAL", {"tooltip": "Causal Wan models only (Self-Forcing, CausVid, Causal "
-                                                           "Forcing): FlowCache Causal Options. Not connected: a "
-                                                           "rolling 21-frame window with a 3-frame sink, Self-Forcing's "
-                                                           "schedule."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
-        }
+    def define_schema(cls) -> io.Schema:
+        # input order = the saved workflows' order (widgets_values are positional): the required inputs, then the
+        # optional ones; the hidden prompt tells where a ComfyUI MODEL came from (nodes.native)
+        return io.Schema(
+            node_id="FlowCacheSampler", display_name="FlowCache Sampler", category="FlowCache",
+            description="SkyReels-V2 diffusion forcing (or MAGI-1 chunk-wise autoregression, chosen from the loaded "
+                        "model) with FlowCache: each chunk of frames decides per step whether to recompute or reuse "
+                        "its cached result. ar_step, base_num_frames, overlap_history, addnoise_condition, solver and "
+                        "cfg apply to diffusion forcing only.",
+            inputs=[*_model_inputs(), *_video_inputs(), *_chunk_inputs(), *_optional_inputs()],
+            outputs=[io.Latent.Output(display_name="samples", tooltip="Video latents; decode with FlowCache Decode "
+                                                                      "(or VAE Decode for Wan models).")],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt])
 
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("samples",)
-    OUTPUT_TOOLTIPS = ("Video latents; decode with FlowCache Decode (or VAE Decode for Wan models).",)
-    FUNCTION = "sample"
-    CATEGORY = "FlowCache"
-    DESCRIPTION = ("SkyReels-V2 diffusion forcing (or MAGI-1 chunk-wise autoregression, chosen from the loaded "
-                   "model) with FlowCache: each chunk of frames decides per step whether to recompute or reuse its "
-                   "cached result. ar_step, base_num_frames, overlap_history, addnoise_condition, solver and cfg "
-                   "apply to diffusion forcing only.")
+    @classmethod
+    def validate_inputs(cls, solver: str) -> bool | str:
+        return check_choices(cls, solver=solver)
 
-    def sample(self, model: FlowCacheModel, positive: Any, negative: Any, width: int, height: int, num_frames: int,
-               steps: int, cfg: float, shift: float, seed: int, ar_step: int, causal_block_size: int,
-               base_num_frames: int, overlap_history: int, addnoise_condition: int, solver: str,
-               keep_model_loaded: bool = False, cache: CacheRequest | None = None, vae: Any = None,
-               magi_vae: Any = None, prefix_images: Any = None, causal: Any = None, unique_id: Any = None,
-               prompt: Any = None) -> dict:
+    @classmethod
+    def execute(cls, model: Any, positive: Any, negative: Any, width: int, height: int, num_frames: int,
+                steps: int, cfg: float, shift: float, seed: int, ar_step: int, causal_block_size: int,
+                base_num_frames: int, overlap_history: int, addnoise_condition: int, solver: str,
+                keep_model_loaded: bool = False, cache: CacheRequest | None = None, vae: Any = None,
+                magi_vae: Any = None, prefix_images: Any = None, causal: Any = None) -> io.NodeOutput:
+        unique_id, prompt = hidden_value(cls, "unique_id"), hidden_value(cls, "prompt")
+        native = is_comfy_model(model)
         model = sampler_model(model, prompt, unique_id)
         lm = model.loaded
         run = LOOP_RUNS.get(lm.loop)
@@ -165,23 +194,34 @@ class FlowCacheSampler:
         spec = run(model, w, positive, negative, cache_settings, extras)
         device = comfy_bridge.torch_device()
         plan, memory_note = memory_plan(spec, cache_settings, w, device)
-        note = "; ".join(n for n in (note, memory_note) if n)
+        # ComfyUI's attention (its kernel, and a MODEL's optimized_attention_override) for every attention of the
+        # run; what else a MODEL carries is named on the node when FlowCache does not apply it
+        options = (getattr(model.patcher, "model_options", None) or {}).get("transformer_options")
+        attention = comfy_bridge.host_attention(options)
+        unapplied = unapplied_patches(model.patcher) if native else []
+        for line in unapplied:
+            log.warning("FlowCache: the MODEL's %s.", line)
+        note = "; ".join(n for n in (note, memory_note, *(f"MODEL {u}" for u in unapplied)) if n)
         log.info("FlowCache: sampling %s %dx%d, %d frames, %d steps, cache %s, memory %s%s", lm.family, width, height,
                  num_frames, steps, request.describe(), plan.memory.summary(), f" ({note})" if note else "")
         comfy_bridge.load_to_device(model.patcher, plan.memory.device_bytes)
         try:
-            latents, stats = spec.job(RunHooks(self._on_step(unique_id, lm.latent_format),
-                                               comfy_bridge.check_interrupted), plan)
+            with attention_backend(attention):  # None without ComfyUI: torch's SDPA
+                latents, stats = spec.job(RunHooks(cls._on_step(unique_id, lm.latent_format),
+                                                   comfy_bridge.check_interrupted), plan)
         finally:
             if not keep_model_loaded:
                 comfy_bridge.offload(model.patcher)
 
         summary = stats.summary()
         log.info("FlowCache: %s", summary)
+        notes = list(lm.notes) + ([attention.describe()] if attention is not None else []) + \
+            [f"MODEL {u}" for u in unapplied]
         stats_dict = {**stats.to_dict(), "note": note, "memory_plan": plan.memory.to_dict(),
-                      "memory": plan.memory.summary()}
+                      "memory": plan.memory.summary(), "notes": notes,
+                      "attention": attention.to_dict() if attention is not None else {"kernel": "sdpa"}}
         comfy_bridge.send_event("flowcache.stats", {"node": unique_id, "stats": stats_dict, "summary": summary})
-        return {"ui": {"flowcache_stats": [stats_dict]}, "result": (latents,)}
+        return io.NodeOutput(latents, ui={"flowcache_stats": [stats_dict]})
 
     @staticmethod
     def _on_step(unique_id: Any, latent_format: str = ""):

@@ -277,21 +277,84 @@ class ComfyStubs:
 # ------------------------------------------------------------------------------- node call helpers
 
 def widget_defaults(cls: type) -> dict:
-    """Default values of every widget of a V1 node (what a fresh node in the editor would send)."""
+    """Default values of every widget of a node (what a fresh node in the editor would send), from its V1 view
+    (``INPUT_TYPES()``, which ComfyUI derives from a V3 schema; combos are ``("COMBO", {"options": [...]})``)."""
     out = {}
     for section in ("required", "optional"):
         for name, spec in cls.INPUT_TYPES().get(section, {}).items():
             kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-            if isinstance(kind, list):
-                out[name] = opts.get("default", kind[0])
+            options = kind if isinstance(kind, list) else opts.get("options") if kind == "COMBO" else None
+            if options is not None:
+                out[name] = opts.get("default", options[0] if options else None)
             elif "default" in opts:
                 out[name] = opts["default"]
     return out
 
 
+def combo_options(spec: tuple | list) -> list | None:
+    """The choices of a combo input's V1 view (``("COMBO", {"options": [...]})`` from a V3 schema, or V1's own
+    ``([...], {...})``), or None for any other input."""
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    if isinstance(kind, list):
+        return kind
+    return list(opts.get("options") or []) if kind == "COMBO" else None
+
+
+def node_classes(pack: types.ModuleType) -> dict[str, type]:
+    """The pack's node classes by node id."""
+    return pack.NODE_CLASSES
+
+
 def run_node(cls: type, **inputs: Any) -> Any:
-    """Call a node the way ComfyUI's executor does: a fresh instance, keyword arguments."""
-    return getattr(cls(), cls.FUNCTION)(**inputs)
+    """Call a node the way ComfyUI's executor calls a V3 node: its hidden inputs (the ones its schema asks for,
+    e.g. ``unique_id``, ``prompt``) on a clone of the class (``cls.hidden``), the rest as keyword arguments to
+    ``EXECUTE_NORMALIZED``. The ``NodeOutput`` comes back in V1's shape for the assertions: ``{"ui", "result"}``
+    when the node returned a UI message, else the result tuple."""
+    hidden = {}
+    for name, spec in cls.INPUT_TYPES().get("hidden", {}).items():
+        if name in inputs:
+            hidden[spec[0] if isinstance(spec, (tuple, list)) else spec] = inputs.pop(name)
+    out = getattr(cls.PREPARE_CLASS_CLONE(hidden), cls.FUNCTION)(**inputs)
+    ui = out.ui if out.ui is None or isinstance(out.ui, dict) else out.ui.as_dict()
+    result = tuple(out.args)
+    return {"ui": ui, "result": result} if ui is not None else result
+
+
+WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """A UI workflow (what the editor saves) as the API prompt the frontend's graphToPrompt sends for it, read with
+    ``object_info`` (the server's, or a pack's V1 view): each node's widgets_values taken in its widget order
+    (required, then optional inputs; a seed's control_after_generate value skipped), links as [node id, slot].
+    Nodes the server does not know (Note) and muted or bypassed nodes are left out; a workflow saved before a
+    widget existed simply has no value for it (the server uses the default)."""
+    links = {link[0]: link for link in workflow.get("links", [])}
+    prompt = {}
+    for node in workflow["nodes"]:
+        info = object_info.get(node["type"])
+        if info is None or node.get("mode", 0) in (2, 4):
+            continue
+        values = iter(node.get("widgets_values") or [])
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        inputs: dict = {}
+        for section in ("required", "optional"):
+            for name in info.get("input_order", {}).get(section, list(info["input"].get(section, {}))):
+                spec = info["input"][section][name]
+                kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+                if (isinstance(kind, list) or kind in WIDGET_KINDS) and not opts.get("forceInput"):
+                    value = next(values, _MISSING)
+                    if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+                        next(values, None)
+                    if value is not _MISSING and name not in linked:
+                        inputs[name] = value
+                if name in linked:
+                    inputs[name] = [str(linked[name][1]), linked[name][2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+_MISSING = object()
 
 
 # ----------------------------------------------------------------------------- real ComfyUI server
@@ -312,16 +375,17 @@ def http_json(url: str, data: Any = None, timeout: float = 30.0) -> Any:
 
 
 class ComfyServer:
-    """``python main.py --cpu ...`` as a subprocess; log in ``log_path``; killed by ``stop``."""
+    """``python main.py --cpu ... [extra_args]`` as a subprocess; log in ``log_path``; killed by ``stop``."""
 
-    def __init__(self, comfy_path: Path, python: str, workdir: Path, extra_config: Path, output_dir: Path):
+    def __init__(self, comfy_path: Path, python: str, workdir: Path, extra_config: Path, output_dir: Path,
+                 extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "comfyui.log"
         self.cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                     "--disable-auto-launch", "--extra-model-paths-config", str(extra_config),
                     "--output-directory", str(output_dir), "--temp-directory", str(workdir / "temp"),
-                    "--user-directory", str(workdir / "user")]
+                    "--user-directory", str(workdir / "user"), *extra_args]
         self.cwd = comfy_path
         self.proc: subprocess.Popen | None = None
 

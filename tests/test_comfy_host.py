@@ -8,6 +8,7 @@ process never imports ComfyUI (and never needs the pack root on sys.path).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from comfy_helpers import (NODE_IDS, ROOT, TINY_KEY, TINY_PRESETS, ComfyServer, MiniWebSocket, demo_available,
-                           demo_missing, http_json, import_pack, pack_submodule, write_tiny_wan)
+                           demo_missing, http_json, import_pack, pack_submodule, ui_to_api, write_tiny_wan)
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to a ComfyUI "
@@ -133,8 +134,16 @@ def read_latent(path: Path) -> torch.Tensor:
     return load_file(str(path))["latent_tensor"]
 
 
+FILE_LISTS = {("FlowCacheModelLoader", "model_name"), ("FlowCacheModelLoader", "lora"),
+              ("FlowCacheMagiTextEncode", "t5_name"), ("FlowCacheMagiVAELoader", "vae_name")}
+
+
 def test_nodes_are_listed(host):
+    """The pack registers through comfy_entrypoint (V3; it has no NODE_CLASS_MAPPINGS, which ComfyUI would read
+    first), and the server describes every node exactly as the pack's schemas do outside ComfyUI (the stand-in
+    of nodes/comfy_v3.py): same inputs, types, options and tooltips, in the same order."""
     server, pack, _ = host
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and callable(pack.comfy_entrypoint)
     info = http_json(server.url + "/object_info")
     missing = [n for n in NODE_IDS if n not in info]
     assert not missing, f"not registered: {missing}\n{server.log()[-3000:]}"
@@ -142,14 +151,24 @@ def test_nodes_are_listed(host):
     for node_id in NODE_IDS:
         node = info[node_id]
         assert node["category"] in ("FlowCache", "FlowCache/MAGI-1")
-        assert node["display_name"] == pack.NODE_DISPLAY_NAME_MAPPINGS[node_id]
-        cls = pack.NODE_CLASS_MAPPINGS[node_id]
-        assert node["output"] == list(cls.RETURN_TYPES)
-        assert list(node["input"]["required"]) == list(cls.INPUT_TYPES()["required"])
-        assert node["input_order"]["required"] == list(cls.INPUT_TYPES()["required"])
+        assert node["display_name"] == pack.DISPLAY_NAMES[node_id]
+        cls = pack.NODE_CLASSES[node_id]
+        assert node["output"] == list(cls.RETURN_TYPES) and node["output_name"] == list(cls.RETURN_NAMES)
+        assert node["output_tooltips"] == list(cls.OUTPUT_TOOLTIPS) and node["description"] == cls.DESCRIPTION
+        assert node["output_node"] is cls.OUTPUT_NODE
+        ours = json.loads(json.dumps(cls.INPUT_TYPES()))  # tuples as JSON lists, as the server sends them
+        for section in ("required", "optional"):
+            for name in ours.get(section, {}):
+                if (node_id, name) in FILE_LISTS:  # the model folders differ between the server and this process
+                    ours[section][name][1].pop("options")
+                    node["input"][section][name][1].pop("options")
+        assert node["input"] == ours, node_id
+        assert node["input_order"] == {k: list(v) for k, v in ours.items()}
     sampler = info["FlowCacheSampler"]
+    assert sampler["input"]["required"]["model"][0] == "FLOWCACHE_MODEL,MODEL"
     assert sampler["input"]["optional"]["vae"][0] == "VAE"
-    assert sampler["input"]["hidden"] == {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}  # PROMPT: where a MODEL came from
+    # PROMPT: where a MODEL came from
+    assert sampler["input"]["hidden"] == {"unique_id": ["UNIQUE_ID"], "prompt": ["PROMPT"]}
     assert info["FlowCacheVideoCombine"]["output_node"] is True
     # WEB_DIRECTORY serves web/ under the folder name; pyproject's [tool.comfy] web serves it again under the
     # project name when the two differ (as here), which web/flowcache.js guards against (it registers once).
@@ -158,7 +177,8 @@ def test_nodes_are_listed(host):
         rel = js.relative_to(ROOT / "web").as_posix()
         assert f"/extensions/{PACK_DIR_NAME}/{rel}" in served, served
     demo_entry = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
-    models = info["FlowCacheModelLoader"]["input"]["required"]["model_name"][0]
+    loader = http_json(server.url + "/object_info/FlowCacheModelLoader")["FlowCacheModelLoader"]
+    models = loader["input"]["required"]["model_name"][1]["options"]
     assert models[0] == demo_entry
     if demo_available(pack):
         assert TINY_FILE in models  # found through the extra diffusion_models path
@@ -400,3 +420,86 @@ def test_causal_loop_through_the_nodes_in_the_server(host):
         (latent,) = entry["outputs"]["7"]["latents"]
         latents.append(read_latent(work / "output" / latent["subfolder"] / latent["filename"]))
     assert latents[0].shape == (1, 16, 9, 4, 4) and torch.equal(latents[0], latents[1])
+
+
+SHIPPED = sorted((ROOT / "workflows").glob("*.json"))
+FILE_WIDGET_NAMES = {"model_name", "lora", "t5_name", "vae_name", "clip_name", "unet_name", "lora_name", "ckpt_name"}
+
+
+def test_shipped_workflows_validate_in_the_server(host):
+    """Every shipped workflow, turned into the API prompt the editor sends (widget values by the server's own
+    widget order), passes the server's validation of the V3 nodes: the only complaints are model files this test
+    server does not have, refused when queued as V1 combos were (ComfyUI does not check V3 combos itself; the
+    nodes' validate_inputs do). (tests/test_browser.py loads each one in the editor itself.)"""
+    server, pack, _ = host
+    info = http_json(server.url + "/object_info")
+    import urllib.error
+
+    for path in SHIPPED:
+        if path.stem == "flowcache_demo_cpu":
+            continue  # it needs no files, so it would run: see the next test
+        prompt = ui_to_api(json.loads(path.read_text(encoding="utf-8")), info)
+        assert any(n["class_type"].startswith("FlowCache") for n in prompt.values())
+        try:
+            answer = http_json(server.url + "/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+            pytest.fail(f"{path.name}: queued although its model files are missing: {answer}")
+        except urllib.error.HTTPError as e:
+            assert e.code == 400
+            body = json.loads(e.read().decode())
+        problems = []
+        for node_id, err in body.get("node_errors", {}).items():
+            for item in err["errors"]:
+                name, details = item.get("extra_info", {}).get("input_name"), item.get("details", "")
+                if item["type"] == "custom_validation_failed":  # the pack's own combo check (check_choices)
+                    named = [part.split(":")[0] for part in details.split(" - ", 1)[-1].split("; ")]
+                    if set(named) <= FILE_WIDGET_NAMES:
+                        continue
+                elif item["type"] == "value_not_in_list" and name in FILE_WIDGET_NAMES:  # core V1 loaders
+                    continue
+                problems.append((path.name, err["class_type"], item["type"], name, details))
+        assert body.get("node_errors") and not problems, problems
+
+
+def test_shipped_demo_workflow_and_an_api_prompt_saved_before_v3_run(host):
+    """The shipped CPU demo workflow (converted as the editor does, with the server's V3 node descriptions) and an
+    API prompt saved with the V1 nodes before they moved to V3 (tests/data/api_prompt_v1_demo.json: the same graph
+    as the pack's V1 nodes turned it into, from before the loader's and cache node's optional widgets existed)
+    both run, with the same latents. Both at 8 steps instead of the workflow's 50, to keep the test short."""
+    server, pack, work = host
+    need_demo(pack)
+    why = demo_missing(pack)
+    if why:
+        pytest.skip(why)
+    info = http_json(server.url + "/object_info")
+    shipped = ui_to_api(json.loads((ROOT / "workflows" / "flowcache_demo_cpu.json").read_text(encoding="utf-8")), info)
+    saved = json.loads((ROOT / "tests" / "data" / "api_prompt_v1_demo.json").read_text(encoding="utf-8"))
+    assert set(shipped) == set(saved) and shipped["4"]["inputs"]["steps"] == 50
+    shipped["4"]["inputs"]["steps"] = 8
+    latents = []
+    for name, prompt in (("shipped", shipped), ("saved", saved)):
+        prompt = dict(prompt, latent={"class_type": "SaveLatent",
+                                      "inputs": {"samples": ["4", 0], "filename_prefix": f"api/{name}"}})
+        entry = server.wait_done(server.queue(prompt, client_id=uuid.uuid4().hex))
+        errors = [m[1].get("exception_message") for m in entry["status"]["messages"] if m[0] == "execution_error"]
+        assert entry["status"]["status_str"] == "success", errors
+        (video,) = entry["outputs"]["6"]["images"]
+        assert video["filename"].endswith(".mp4") and entry["outputs"]["6"]["animated"] == [True]
+        assert entry["outputs"]["1"]["flowcache_notes"]  # the loader's notes (V3 ui dict) reach the history
+        (item,) = entry["outputs"]["latent"]["latents"]
+        latents.append(read_latent(work / "output" / item["subfolder"] / item["filename"]))
+    assert latents[0].shape == (1, 32, 36, 8, 8) and torch.equal(latents[0], latents[1])
+
+
+def test_a_bad_choice_is_refused_when_queued(host):
+    """As with the V1 nodes, a combo value that is not one of its options (here a cache method and a model file)
+    is refused by POST /prompt with the widget named, before anything runs."""
+    server, pack, _ = host
+    import urllib.error
+
+    prompt = graph("no_such_model.safetensors", "bad_choice", method="sideways")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        http_json(server.url + "/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    assert caught.value.code == 400
+    errors = json.loads(caught.value.read().decode())["node_errors"]
+    assert "method: 'sideways' is not one of off, teacache, flowcache" in errors["8"]["errors"][0]["details"]
+    assert "model_name: 'no_such_model.safetensors' is not one of" in errors["1"]["errors"][0]["details"]

@@ -197,7 +197,7 @@ def test_sampler_accepts_both_model_types(native):
     server, _, _ = native
     spec = http_json(server.url + "/object_info/FlowCacheSampler")["FlowCacheSampler"]["input"]
     assert spec["required"]["model"][0] == "FLOWCACHE_MODEL,MODEL"
-    assert spec["hidden"] == {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}
+    assert spec["hidden"] == {"unique_id": ["UNIQUE_ID"], "prompt": ["PROMPT"]}
 
 
 def test_unet_loader_model_equals_flowcache_loader(native):

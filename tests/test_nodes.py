@@ -2,6 +2,7 @@
 modules the nodes use are stubbed (``comfy`` fixture in conftest.py)."""
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 from tiny_models import tiny_wan
-from comfy_helpers import (NODE_IDS, ROOT, TINY_KEY, TINY_PRESETS, StubInterrupt, demo_available, demo_missing,
-                           pack_submodule, run_node, widget_defaults, write_tiny_wan)
+from comfy_helpers import (NODE_IDS, ROOT, TINY_KEY, TINY_PRESETS, StubInterrupt, combo_options, demo_available,
+                           demo_missing, pack_submodule, run_node, widget_defaults, write_tiny_wan)
 
 SAMPLER_ORDER = ["model", "positive", "negative", "width", "height", "num_frames", "steps", "cfg", "shift", "seed",
                  "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition",
@@ -25,7 +26,7 @@ TINY = dict(width=32, height=32, num_frames=33, steps=3, cfg=2.0, shift=8.0, see
 
 
 def nodes(pack):
-    return pack.NODE_CLASS_MAPPINGS
+    return pack.NODE_CLASSES
 
 
 def cond(dim: int = 24, tokens: int = 5, seed: int = 0) -> list:
@@ -83,17 +84,17 @@ class FakeWanVAE:
 # ------------------------------------------------------------------------------------------ contract
 
 def test_pack_imports_like_comfyui_without_comfyui(pack):
-    assert set(pack.NODE_CLASS_MAPPINGS) == set(NODE_IDS)
-    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_IDS)
+    assert set(pack.NODE_CLASSES) == set(NODE_IDS)
+    assert set(pack.DISPLAY_NAMES) == set(NODE_IDS)
     assert pack.WEB_DIRECTORY == "./web" and (ROOT / "web").is_dir()
     # The pack's nodes/ is only reachable relatively; it must never become the top-level `nodes` module.
     top = sys.modules.get("nodes")
     assert top is None or Path(getattr(top, "__file__", "") or "").resolve().parent != ROOT / "nodes"
-    assert pack.NODE_CLASS_MAPPINGS["FlowCacheSampler"].__module__.startswith(pack.__name__ + ".")
+    assert pack.NODE_CLASSES["FlowCacheSampler"].__module__.startswith(pack.__name__ + ".")
     # Without ComfyUI the model list holds only the built-in demo entry.
     demo_entry = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
     if "folder_paths" not in sys.modules:
-        assert pack.NODE_CLASS_MAPPINGS["FlowCacheModelLoader"].INPUT_TYPES()["required"]["model_name"][0] == \
+        assert combo_options(pack.NODE_CLASSES["FlowCacheModelLoader"].INPUT_TYPES()["required"]["model_name"]) == \
             [demo_entry]
 
 
@@ -104,7 +105,7 @@ def test_input_types_contract(pack, comfy, node_id):
     assert set(spec) <= {"required", "optional", "hidden"} and spec["required"]
     for section in ("required", "optional"):
         for name, entry in spec.get(section, {}).items():
-            kind = entry[0]
+            kind = combo_options(entry) if combo_options(entry) is not None else entry[0]
             opts = entry[1] if len(entry) > 1 else {}
             assert isinstance(opts.get("tooltip"), str) and len(opts["tooltip"]) > 10, f"{node_id}.{name}: tooltip"
             if isinstance(kind, list):
@@ -124,7 +125,7 @@ def test_input_types_contract(pack, comfy, node_id):
                 assert isinstance(opts["default"], str)
             else:
                 assert kind.isupper(), f"{node_id}.{name}: type {kind!r}"
-    assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
+    assert isinstance(cls.RETURN_TYPES, (tuple, list)) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
     for attr in ("RETURN_NAMES", "OUTPUT_TOOLTIPS"):
         if hasattr(cls, attr):
             assert len(getattr(cls, attr)) == len(cls.RETURN_TYPES)
@@ -138,12 +139,12 @@ def test_sampler_and_other_widget_orders(pack):
     assert list(spec["required"]) == SAMPLER_ORDER  # UI workflows store widget values by position
     assert list(spec["optional"]) == ["cache", "vae", "magi_vae", "prefix_images", "causal"]
     assert spec["optional"]["cache"][0] == "FLOWCACHE_CACHE"
-    assert spec["hidden"] == {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"}  # the prompt: where a MODEL came from
+    assert spec["hidden"] == {"unique_id": ("UNIQUE_ID",), "prompt": ("PROMPT",)}  # the prompt: where a MODEL came from
     req = spec["required"]
     assert req["model"][0] == "FLOWCACHE_MODEL,MODEL"  # ComfyUI's union type: FlowCache Load Model's or a MODEL
     assert req["negative"][0] == "CONDITIONING"
     assert req["positive"][0] == "CONDITIONING,FLOWCACHE_PROMPTS"  # a prompt, or FlowCache Prompt Schedule's
-    assert req["solver"][0] == ["unipc", "euler"]
+    assert combo_options(req["solver"]) == ["unipc", "euler"]
     defaults = widget_defaults(nodes(pack)["FlowCacheSampler"])
     assert {k: defaults[k] for k in ("width", "height", "num_frames", "steps", "cfg", "shift", "seed", "ar_step",
                                      "causal_block_size", "base_num_frames", "overlap_history",
@@ -152,10 +153,11 @@ def test_sampler_and_other_widget_orders(pack):
         causal_block_size=5, base_num_frames=97, overlap_history=17, addnoise_condition=20, keep_model_loaded=False)
     assert req["width"][1]["step"] == 16
     cache = nodes(pack)["FlowCacheCache"].INPUT_TYPES()["required"]
-    assert list(cache) == CACHE_ORDER and nodes(pack)["FlowCacheCache"].RETURN_TYPES == ("FLOWCACHE_CACHE",)
-    assert cache["method"][0] == ["off", "teacache", "flowcache", "magcache", "easycache"]
-    assert cache["method"][1]["default"] == "flowcache" and cache["attention"][0] == ["auto", "window", "window_refresh", "block_causal"]
-    assert cache["preset"][0] == ["slow", "fast", "custom"] and cache["preset"][1]["default"] == "slow"
+    assert list(cache) == CACHE_ORDER and list(nodes(pack)["FlowCacheCache"].RETURN_TYPES) == ["FLOWCACHE_CACHE"]
+    assert combo_options(cache["method"]) == ["off", "teacache", "flowcache", "magcache", "easycache"]
+    assert cache["method"][1]["default"] == "flowcache"
+    assert combo_options(cache["attention"]) == ["auto", "window", "window_refresh", "block_causal"]
+    assert combo_options(cache["preset"]) == ["slow", "fast", "custom"] and cache["preset"][1]["default"] == "slow"
     assert {k: widget_defaults(nodes(pack)["FlowCacheCache"])[k] for k in CACHE_ORDER[2:]} == dict(
         threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07, max_skips=3, attention="auto")
     assert cache["threshold"][1]["step"] == 0.005
@@ -173,19 +175,41 @@ def test_sampler_and_other_widget_orders(pack):
     assert list(ds["required"]) == ["samples", "frame_rate", "loop_count", "filename_prefix", "format", "crf"]
     assert list(ds["optional"]) == ["vae", "magi_vae"] and nodes(pack)["FlowCacheDecodeSave"].OUTPUT_NODE is True
     assert list(nodes(pack)["FlowCacheMagiTextEncode"].INPUT_TYPES()["required"]) == ["t5_name", "prompt"]
-    assert nodes(pack)["FlowCacheMagiVAELoader"].RETURN_TYPES == ("FLOWCACHE_MAGI_VAE",)
+    assert list(nodes(pack)["FlowCacheMagiVAELoader"].RETURN_TYPES) == ["FLOWCACHE_MAGI_VAE"]
     assert nodes(pack)["FlowCacheVideoCombine"].OUTPUT_NODE is True
-    assert nodes(pack)["FlowCacheModelLoader"].RETURN_TYPES == ("FLOWCACHE_MODEL",)
-    assert nodes(pack)["FlowCacheSampler"].RETURN_TYPES == ("LATENT",)
-    assert nodes(pack)["FlowCacheDecode"].RETURN_TYPES == ("IMAGE",)
-    assert nodes(pack)["FlowCacheDemoTextEncode"].RETURN_TYPES == ("CONDITIONING",)
+    assert list(nodes(pack)["FlowCacheModelLoader"].RETURN_TYPES) == ["FLOWCACHE_MODEL"]
+    assert list(nodes(pack)["FlowCacheSampler"].RETURN_TYPES) == ["LATENT"]
+    assert list(nodes(pack)["FlowCacheDecode"].RETURN_TYPES) == ["IMAGE"]
+    assert list(nodes(pack)["FlowCacheDemoTextEncode"].RETURN_TYPES) == ["CONDITIONING"]
+
+
+def test_combo_values_are_checked_as_v1_combos_were(pack):
+    """validate_inputs (what ComfyUI calls when a prompt is queued) refuses a combo value that is not one of its
+    options, naming the widget; a prompt saved before an optional combo existed passes."""
+    cache, loader = nodes(pack)["FlowCacheCache"], nodes(pack)["FlowCacheModelLoader"]
+    assert cache.validate_inputs(method="flowcache", preset="slow") is True
+    assert cache.validate_inputs(method="flowcache", preset="slow", attention="auto", reuse="hold",
+                                 kv_placement="offload", kv_dtype="fp8") is True
+    assert cache.validate_inputs(method="sideways", preset="slow", reuse="back") == (
+        "method: 'sideways' is not one of off, teacache, flowcache, magcache, easycache; "
+        "reuse: 'back' is not one of auto, hold, extrapolate")
+    demo = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
+    assert loader.validate_inputs(model_name=demo) is True
+    assert "model_name: 'missing.safetensors' is not one of" in loader.validate_inputs(model_name="missing.safetensors")
+    assert nodes(pack)["FlowCacheSampler"].validate_inputs(solver="heun").startswith("solver: 'heun'")
+    for node_id in NODE_IDS:  # every combo of every node is checked
+        cls = nodes(pack)[node_id]
+        combos = {name for part in ("required", "optional") for name, spec in cls.INPUT_TYPES().get(part, {}).items()
+                  if combo_options(spec) is not None}
+        checked = set(inspect.signature(cls.validate_inputs).parameters) if combos else set()
+        assert combos == checked, node_id
 
 
 # -------------------------------------------------------------------------------------------- loader
 
 def test_loader_lists_and_loads_the_tiny_model(pack, comfy, tiny):
     spec = nodes(pack)["FlowCacheModelLoader"].INPUT_TYPES()["required"]
-    assert spec["model_name"][0] == [pack_submodule(pack, "nodes.demo").DEMO_ENTRY, "tiny_wan.safetensors"]
+    assert combo_options(spec["model_name"]) == [pack_submodule(pack, "nodes.demo").DEMO_ENTRY, "tiny_wan.safetensors"]
     assert tiny.loaded.family == "wan" and tiny.loaded.preset_key == "tiny-test"
     assert tiny.dtype == "fp32"  # auto on a CPU device
     assert next(tiny.loaded.model.parameters()).dtype == torch.float32

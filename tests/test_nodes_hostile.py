@@ -79,7 +79,7 @@ def test_hostile_pt_in_the_models_folder_is_refused_in_one_line_without_warnings
     write_hostile(comfy.models_dir / "evil.pt", marker, how, {"blocks.0.w": torch.zeros(2)})
     errors = pack_submodule(pack, "flowcache.errors")
     with pytest.raises(errors.CheckpointError) as e:
-        run_node(pack.NODE_CLASS_MAPPINGS["FlowCacheModelLoader"], model_name="evil.pt", dtype="auto")
+        run_node(pack.NODE_CLASSES["FlowCacheModelLoader"], model_name="evil.pt", dtype="auto")
     assert str(e.value).startswith("model_name: evil.pt: not loadable as a weights-only torch file") and "\n" not in str(e.value)
     got = pack_submodule(pack, "nodes.presets_route").model_presets("evil.pt")
     assert got["known"] is False and got["error"].startswith("evil.pt: ") and "\n" not in got["error"]
@@ -90,7 +90,7 @@ def test_hostile_pt_in_the_models_folder_is_refused_in_one_line_without_warnings
 # ----------------------------------------------------------------------------------------- filename_prefix
 
 def nodes(pack):
-    return pack.NODE_CLASS_MAPPINGS
+    return pack.NODE_CLASSES
 
 
 def combine(pack, prefix: str, **over):

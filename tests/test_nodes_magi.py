@@ -27,7 +27,7 @@ CACHE = dict(method="flowcache", preset="custom", threshold=0.05, warmup_steps=1
 
 
 def nodes(pack):
-    return pack.NODE_CLASS_MAPPINGS
+    return pack.NODE_CLASSES
 
 
 def write_tiny_magi_files(models_root: Path, vocab: int | None = None) -> None:

@@ -167,3 +167,41 @@ def test_loader_builds_from_comfyui_operations(pack, comfy, monkeypatch):
     assert fm.loaded.model.compute_device == torch.device("cpu")
     out = run(pack, fm)
     assert torch.isfinite(out["result"][0]["samples"]).all()
+
+
+def test_patches_the_sampler_does_not_apply_are_named(pack, comfy, df):
+    """What a MODEL carries besides weights: an attention override is used; block replacements, wrappers,
+    callbacks, sampler functions, object patches and unknown options are named in the note and the notes."""
+    _, mp, _ = df
+    plain = run(pack, mp, prompt=prompt_graph(), unique_id="5")["ui"]["flowcache_stats"][0]
+    assert "not applied" not in plain["note"] and not any("not applied" in n for n in plain["notes"])
+    assert plain["attention"] == {"kernel": "sdpa"}  # no ComfyUI: the core's own SDPA
+
+    mp.model_options = {"transformer_options": {
+        "optimized_attention_override": lambda func, *a, **k: func(*a, **k),
+        "patches_replace": {"dit": {("double_block", 3): lambda args, extra: args}},
+        "patches": {"attn1_patch": [lambda *a: a]},
+        "wrappers": {"diffusion_model": {"easycache": [lambda *a: a]}},
+        "easycache": object()},
+        "sampler_post_cfg_function": [lambda args: args["denoised"]], "disable_cfg1_optimization": True}
+    mp.wrappers = {"outer_sample": {"easycache": [lambda *a: a]}, "apply_model": {}}
+    mp.callbacks = {"on_pre_run": {None: [lambda *a: None]}}
+    mp.object_patches = {"model_sampling": object(), "diffusion_model.blocks.0.forward": object()}
+    stats = run(pack, mp, prompt=prompt_graph(), unique_id="5")["ui"]["flowcache_stats"][0]
+    notes = [n for n in stats["notes"] if n.startswith("MODEL ")]
+    assert notes == [
+        "MODEL patches_replace dit double_block 3: not applied (FlowCache's chunked forward calls the blocks' "
+        "layers, not ComfyUI's blocks)",
+        "MODEL patches attn1_patch: not applied (FlowCache's chunked forward has no ComfyUI patch points)",
+        "MODEL wrappers diffusion_model (easycache): not applied (FlowCache runs its own loop and forward, not "
+        "ComfyUI's sampler or model forward)",
+        "MODEL transformer_options easycache: not read by FlowCache",
+        "MODEL sampler_post_cfg_function: not applied (FlowCache computes guidance itself, from the cfg widget)",
+        "MODEL wrappers outer_sample (easycache): not applied (FlowCache runs its own loop and forward, not "
+        "ComfyUI's sampler or model forward)",
+        "MODEL callbacks on_pre_run (unnamed): not applied (FlowCache runs its own loop, not ComfyUI's sampler)",
+        "MODEL model_sampling patch: not applied (FlowCache Sampler's shift and steps widgets set the schedule)",
+        "MODEL object patches diffusion_model.blocks.0.forward: not applied (FlowCache calls the MODEL's layers, "
+        "not its patched methods)"]
+    for n in notes:
+        assert n in stats["note"]

@@ -190,7 +190,7 @@ def test_payload_pt_refused_as_base_and_as_lora(tmp_path, how):
 
 # ---------------------------------------------------------------------------------------------------- nodes
 def _nodes(pack):
-    return pack.NODE_CLASS_MAPPINGS
+    return pack.NODE_CLASSES
 
 
 def _cond(seed: int, dim: int = 32) -> list:

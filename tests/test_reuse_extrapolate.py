@@ -10,7 +10,7 @@ from flowcache.cache import (CacheSettings, EasyCacheConfig, EasyCachePolicy, Fl
 from flowcache.errors import CheckpointError, InputError
 from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from flowcache.presets import CacheRequest, check_table, resolve_cache
-from comfy_helpers import pack_submodule, run_node, widget_defaults
+from comfy_helpers import combo_options, pack_submodule, run_node, widget_defaults
 from tiny_models import tiny_wan
 
 
@@ -118,10 +118,10 @@ def test_settings_presets_and_node_take_reuse():
 
 
 def test_cache_node_reuse_widget(pack):
-    node = pack.NODE_CLASS_MAPPINGS["FlowCacheCache"]
+    node = pack.NODE_CLASSES["FlowCacheCache"]
     errors = pack_submodule(pack, "flowcache.errors")
     spec = node.INPUT_TYPES()
-    assert spec["optional"]["reuse"][0] == ["auto", "hold", "extrapolate"]  # optional: old API prompts validate
+    assert combo_options(spec["optional"]["reuse"]) == ["auto", "hold", "extrapolate"]  # optional: old API prompts validate
     assert "tooltip" in spec["optional"]["reuse"][1]
     defaults = widget_defaults(node)
     assert defaults["reuse"] == "auto"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from comfy_helpers import combo_options, run_node
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 WEB = ROOT / "web"
@@ -103,7 +105,7 @@ def pack_submodule(pack, dotted: str):
 def node_defs(pack):
     """{class name: {"input": INPUT_TYPES(), "output": RETURN_TYPES}} for the pack's nodes and the core table."""
     defs = {}
-    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+    for name, cls in pack.NODE_CLASSES.items():
         defs[name] = {"input": cls.INPUT_TYPES(), "output": tuple(cls.RETURN_TYPES),
                       "output_node": bool(getattr(cls, "OUTPUT_NODE", False))}
     for name, d in CORE_NODES.items():
@@ -112,12 +114,18 @@ def node_defs(pack):
     return defs
 
 
+def spec_kind(spec) -> object:
+    """An input's type, or a combo's list of choices (a V3 schema's combos read ``("COMBO", {"options": [...]})``)."""
+    options = combo_options(spec)
+    return options if options is not None else spec[0]
+
+
 def widget_specs(node_def: dict) -> list[tuple[str, object, dict]]:
     """The frontend's widgets of a node in order: (name, type or combo list, options), seed controls included."""
     out = []
     for section in ("required", "optional"):
         for name, spec in node_def["input"].get(section, {}).items():
-            kind = spec[0]
+            kind = spec_kind(spec)
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
             if opts.get("forceInput"):
                 continue
@@ -133,7 +141,7 @@ def link_inputs(node_def: dict) -> dict[str, tuple[str, bool]]:
     out = {}
     for section in ("required", "optional"):
         for name, spec in node_def["input"].get(section, {}).items():
-            kind = spec[0]
+            kind = spec_kind(spec)
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
             if isinstance(kind, str) and kind != FILES and (kind not in WIDGET_TYPES or opts.get("forceInput")):
                 out[name] = (kind, section == "required")
@@ -262,7 +270,7 @@ def test_widget_orders_of_the_saved_workflows(node_defs):
     assert cache[:len(CACHE_WIDGETS)] == CACHE_WIDGETS, "new cache knobs go at the end"
     assert node_defs["FlowCacheCache"]["output"] == ("FLOWCACHE_CACHE",)
     assert link_inputs(node_defs["FlowCacheSampler"])["cache"] == ("FLOWCACHE_CACHE", False)
-    assert list(node_defs["FlowCacheCache"]["input"]["required"]["method"][0]) == [
+    assert combo_options(node_defs["FlowCacheCache"]["input"]["required"]["method"]) == [
         "off", "teacache", "flowcache", "magcache", "easycache"]
     assert [name for name, _, _ in widget_specs(node_defs["FlowCacheCausalOptions"])] == CAUSAL_WIDGETS
     assert [name for name, _, _ in widget_specs(node_defs["FlowCacheModelLoader"])] == LOADER_WIDGETS
@@ -383,8 +391,8 @@ def causal_plan(wf: dict, node_defs: dict, pack, kv_budget: int):
     assert opts is not None and opts["type"] == "FlowCacheCausalOptions", \
         "a causal workflow shows its KV and schedule settings: FlowCache Causal Options into the sampler's causal input"
     causal_nodes = pack_submodule(pack, "nodes.causal")
-    (options,) = causal_nodes.FlowCacheCausalOptions().build(
-        **widgets_by_name(opts, node_defs["FlowCacheCausalOptions"]))
+    (options,) = run_node(causal_nodes.FlowCacheCausalOptions,
+                          **widgets_by_name(opts, node_defs["FlowCacheCausalOptions"]))
     sampler_mod = pack_submodule(pack, "nodes.sampler")
     s = _sampler(wf, node_defs)
     fields = set(sampler_mod.SamplerWidgets.__dataclass_fields__)
@@ -656,7 +664,7 @@ def test_causal_workflow_runs_through_the_nodes(stem, node_defs, pack, comfy, mo
     from tiny_models import tiny_wan
 
     wf = load_workflow(ROOT / "workflows" / f"{stem}.json")
-    n = pack.NODE_CLASS_MAPPINGS
+    n = pack.NODE_CLASSES
     vals = {t: widgets_by_name(nodes_of(wf, t)[0], node_defs[t])
             for t in ("FlowCacheModelLoader", "FlowCacheCausalOptions", "FlowCacheCache", "FlowCacheSampler")}
     monkeypatch.setitem(pack_submodule(pack, "flowcache.models.wan").WAN_SIZES, 64, "1.3B")
@@ -668,23 +676,22 @@ def test_causal_workflow_runs_through_the_nodes(stem, node_defs, pack, comfy, mo
                    comfy.models_dir / name)
     else:
         save_file(sd, str(comfy.models_dir / name))
-    out = n["FlowCacheModelLoader"]().load(**vals["FlowCacheModelLoader"])
+    out = run_node(n["FlowCacheModelLoader"], **vals["FlowCacheModelLoader"])
     (model,) = out["result"]
     assert model.loaded.loop == "causal" and model.loaded.preset_key == "wan-1.3B-causal", out["ui"]
     assert any("causal loop" in note for note in out["ui"]["flowcache_notes"]), out["ui"]
     if name.endswith(".pt"):  # generator_ema, not the zeroed generator
         assert float(model.loaded.model.patch_embedding.weight.abs().sum()) > 0
-    (cache,) = n["FlowCacheCache"]().build(**vals["FlowCacheCache"])
+    (cache,) = run_node(n["FlowCacheCache"], **vals["FlowCacheCache"])
     g = torch.Generator().manual_seed(1)
     text = [[torch.randn(1, 5, 32, generator=g), {"pooled_output": None}]]
     s = {k: v for k, v in vals["FlowCacheSampler"].items() if k != "control_after_generate"}
 
     def run(kv_mode: str, num_frames: int) -> dict:
         opts = {**vals["FlowCacheCausalOptions"], "kv_mode": kv_mode}
-        (causal,) = n["FlowCacheCausalOptions"]().build(**opts)
-        res = n["FlowCacheSampler"]().sample(**{**s, "width": 32, "height": 32, "num_frames": num_frames},
-                                             model=model, positive=text, negative=text, cache=cache, causal=causal,
-                                             unique_id="8")
+        (causal,) = run_node(n["FlowCacheCausalOptions"], **opts)
+        res = run_node(n["FlowCacheSampler"], **{**s, "width": 32, "height": 32, "num_frames": num_frames},
+                       model=model, positive=text, negative=text, cache=cache, causal=causal, unique_id="8")
         stats = res["ui"]["flowcache_stats"][0]
         latents = res["result"][0]["samples"]
         assert latents.shape == (1, 16, (num_frames - 1) // 4 + 1, 4, 4) and torch.isfinite(latents).all()
@@ -713,14 +720,14 @@ def test_workflow_converts_to_a_valid_api_prompt(path, node_defs, pack, comfy):
 
     wf = load_workflow(path)
     for node in wf["nodes"]:
-        cls = pack.NODE_CLASS_MAPPINGS.get(node["type"])
+        cls = pack.NODE_CLASSES.get(node["type"])
         if cls is None:
             continue
         kw = {k: v for k, v in widgets_by_name(node, node_defs[node["type"]]).items() if k != "control_after_generate"}
-        params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+        params = inspect.signature(cls.execute).parameters  # what EXECUTE_NORMALIZED calls with the inputs
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             unknown = set(kw) - set(params)
-            assert not unknown, f"{node['type']}: widgets {unknown} are not parameters of {cls.FUNCTION}"
+            assert not unknown, f"{node['type']}: widgets {unknown} are not parameters of execute"
         if node["type"] == "FlowCacheCache":  # cheap and pure: build the request the sampler will get
-            (request,) = getattr(cls(), cls.FUNCTION)(**kw)
+            (request,) = run_node(cls, **kw)
             assert (request.method, request.preset) == (kw["method"], kw["preset"])

@@ -227,6 +227,10 @@ class SelfAndCrossAttention(nn.Module):
         k = self._qk(self.linear_qkv.k, self.k_layernorm, h, rope)  # [B, G, L, Dh]
         v = self.linear_qkv.v(h).view(B, L, -1, Dh).transpose(1, 2)
         keys, vals = kv.extend(layer, q, k, v) if kv is not None else (k, v)
+        # Every attention below goes through ``attention`` (a host's kernel under ``attention_backend``): grouped
+        # query heads as they are (the host repeats key/value heads if its kernel needs equal counts), the
+        # block-causal chunks as slices (no mask), each caption's cross-attention on its valid tokens only (the
+        # official code's varlen kernel, one call per caption here).
         ctx = keys.shape[2] - L  # tokens of earlier chunks held by the context
         if n_chunks == 1:
             core = attention(q, keys, vals)

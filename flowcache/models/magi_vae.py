@@ -103,6 +103,7 @@ class _Attention(nn.Module):
         if self.ln_in_attn:
             qkv = _qkv_normalise(qkv)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, Dh]
+        # the VAE's own attention stays on SDPA: attention_backend routes the DiT's attention only
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 

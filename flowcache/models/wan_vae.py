@@ -104,6 +104,7 @@ class AttentionBlock(nn.Module):
     def _frame(self, x: torch.Tensor) -> torch.Tensor:  # [N,C,H,W]
         n, c, h, w = x.shape
         q, k, v = self.to_qkv(self.norm(x)).reshape(n, 3, c, h * w).transpose(2, 3).unsqueeze(2).unbind(1)
+        # the VAE's own attention stays on SDPA: attention_backend routes the DiT's attention only
         y = F.scaled_dot_product_attention(q, k, v)  # [N,1,HW,C]
         return self.proj(y.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
 

@@ -319,7 +319,8 @@ async function check(browser) {
     ready: !!(window.__flowcache && window.__flowcache.ready),
     errors: (window.__flowcache && window.__flowcache.errors) || [],
     types: ["FlowCacheSampler", "FlowCacheCache", "FlowCacheModelLoader", "FlowCacheDecode", "FlowCacheVideoCombine", "FlowCacheDemoTextEncode",
-      "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader", "FlowCacheCausalOptions"]
+      "FlowCacheDecodeSave", "FlowCacheMagiTextEncode", "FlowCacheMagiVAELoader", "FlowCacheCausalOptions",
+      "FlowCachePromptSchedule"]
       .filter((t) => t in LiteGraph.registered_node_types),
   }));
   const exts = await getJSON(page, "/extensions");
@@ -476,7 +477,8 @@ async function videoSmoke(browser) {
       previewWidgets: window.app.graph._nodes.filter((n) => n.type === "FlowCacheVideoCombine")
         .map((n) => ({ media: n.previewMediaType, widgets: (n.widgets || []).map((w) => w.name) })),
     }));
-    if (state.errors.length || state.videos.some((v) => v.ready >= 2)) break;
+    // ready and laid out: the <video> can have its data a moment before the node's DOM widget is placed
+    if (state.errors.length || state.videos.some((v) => v.ready >= 2 && v.visible)) break;
     await page.waitForTimeout(500);
   }
   await page.waitForTimeout(800);

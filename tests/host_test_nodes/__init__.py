@@ -8,6 +8,11 @@ temporary custom_nodes folder of the ComfyUI server it starts.
   most ``bytes`` of weights on the device. On a CPU ComfyUI always loads models whole (no VRAM to save), so
   this shim passes the budget to ``LoadedModel.model_load``, which then takes ComfyUI's own partial-loading
   (lowvram) path: layers past the budget stay where they are stored and cast, and apply LoRA patches, at use.
+* FlowCacheTestAttentionOverride: a clone of a MODEL with an ``optimized_attention_override`` (what
+  attention-patch nodes set) that counts its calls under ``tag`` and multiplies the attention's output by
+  ``scale`` (1: the kernel's result unchanged); FlowCacheTestAttentionCalls (an output node) reports the count.
+* FlowCacheTestBlockPatch: a clone of a MODEL with a block replacement (patches_replace "dit" double_block 0), as
+  block-patch nodes set one; FlowCache does not apply it and must say so.
 """
 import copy
 
@@ -67,5 +72,66 @@ class FlowCacheTestWeightBudget:
         return (out, None)
 
 
+ATTENTION_CALLS: dict[str, int] = {}
+
+
+class FlowCacheTestAttentionOverride:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "run"}),
+                             "scale": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "testing"
+
+    def patch(self, model, tag, scale):
+        ATTENTION_CALLS[tag] = 0
+
+        def override(func, *args, **kwargs):
+            ATTENTION_CALLS[tag] += 1
+            out = func(*args, **kwargs)
+            return out if scale == 1.0 else out * scale
+
+        out = model.clone()
+        out.model_options["transformer_options"]["optimized_attention_override"] = override
+        return (out,)
+
+
+class FlowCacheTestAttentionCalls:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "tag": ("STRING", {"default": "run"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "report"
+    CATEGORY = "testing"
+    OUTPUT_NODE = True
+
+    def report(self, samples, tag):
+        return {"ui": {"attention_calls": [ATTENTION_CALLS.get(tag, -1)]}}
+
+
+class FlowCacheTestBlockPatch:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "testing"
+
+    def patch(self, model):
+        def replace(args, extra):
+            return extra["original_block"](args)
+
+        out = model.clone()
+        out.set_model_patch_replace(replace, "dit", "double_block", 0)
+        return (out,)
+
+
 NODE_CLASS_MAPPINGS = {"FlowCacheTestConditioning": FlowCacheTestConditioning,
-                       "FlowCacheTestWeightBudget": FlowCacheTestWeightBudget}
+                       "FlowCacheTestWeightBudget": FlowCacheTestWeightBudget,
+                       "FlowCacheTestAttentionOverride": FlowCacheTestAttentionOverride,
+                       "FlowCacheTestAttentionCalls": FlowCacheTestAttentionCalls,
+                       "FlowCacheTestBlockPatch": FlowCacheTestBlockPatch}
