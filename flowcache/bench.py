@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,9 @@ class Mode:
     custom: dict | None = None
     attention: str | None = None
     reuse: str | None = None
+    kv_placement: str = "auto"   # "auto" here: resident, in the compute dtype
+    kv_dtype: str = "auto"
+    replay: str | None = None    # the mode whose decisions this one replays (same computes, same reuses)
 
 
 ATTENTION_TAGS = {"window": "win", "window_refresh": "ref", "block_causal": "bc"}
@@ -70,16 +73,27 @@ def table_modes(kit) -> list[Mode]:
     modes.append(Mode("flowcache-fast+kv", "flowcache", "custom", {"threshold": fast.config.threshold,
                                                                    "warmup": fast.config.warmup, "kv_budget": 1},
                       attention=fast.attention, reuse=fast.reuse))
+    # how K/V are held, with flowcache-fast's own decisions: fp8's cost is the storage's alone; offloading is
+    # exact (on a CPU bit-identical), its cost is the copies
+    modes += [Mode("flowcache-fast+fp8kv", "flowcache", "fast", kv_dtype="fp8", replay="flowcache-fast"),
+              Mode("flowcache-fast+offload", "flowcache", "fast", kv_placement="offload", replay="flowcache-fast")]
     return modes
 
 
 def _cache_of(kit, m: Mode):
     cache = kit.cache(m.method, m.preset, **(m.custom or {}))
-    if m.attention is not None:
-        cache.attention = m.attention
-    if m.reuse is not None:
-        cache.reuse = m.reuse
-    return cache
+    return replace(cache, attention=m.attention or cache.attention, reuse=m.reuse or cache.reuse,
+                   kv_placement=m.kv_placement, kv_dtype=m.kv_dtype)
+
+
+def _measure_peak(kit, run) -> int:
+    """The peak bytes a run allocates on the kit's device (live tensor bytes on a CPU: one extra, untimed run,
+    since counting slows every op; the allocator's peak on a GPU)."""
+    from .memtrack import track
+
+    with track(kit.loaded.model.device) as mem:
+        run()
+    return mem.peak
 
 
 def _median_run(fn, repeats: int, progress: Progress | None = None, label: str = ""):
@@ -105,8 +119,11 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
     kit = kit or load_demo_kit()
     overrides = overrides or {}
     modes = table_modes(kit)
+    from .cache import make_policy
+    from .cache.replay import RecordedPolicy, ReplayedPolicy
+
     keys = ("wall", "psnr", "ssim", "forwards", "calls", "flops", "flops_nocache", "flops_paper",
-            "flops_nocache_paper", "kv")
+            "flops_nocache_paper", "kv", "peak", "moved", "psnr_replayed")
     per_mode: dict[str, dict] = {m.name: {k: [] for k in keys} for m in modes}
     t0_rows = {a: {"plain": [], "t0": [], "psnr": []} for a in ATTENTION_TAGS}
     torch.manual_seed(0)
@@ -114,18 +131,33 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
     for prompt in prompts:
         for seed in seeds:
             progress.say(f"bench: prompt {prompt[:40]!r} seed {seed}: {len(modes)} modes, {each} ...")
-            ref = None
+            ref, videos, logs = None, {}, {}
+            replayed = {m.replay for m in modes if m.replay}
             for m in modes:
                 cache = _cache_of(kit, m)
-                wall, (video, stats) = _median_run(lambda h: kit.sample(prompt, seed, cache, h, **overrides), repeats,
-                                                   progress, m.name)
+
+                def sample(hooks, cache=cache, m=m):
+                    policy = make_policy(cache)
+                    if m.name in replayed:  # record the decisions another mode replays
+                        policy = RecordedPolicy(policy)
+                        logs[m.name] = policy.log
+                    elif m.replay:
+                        policy = ReplayedPolicy(policy, logs[m.replay])
+                    return kit.sample(prompt, seed, cache, hooks, policy=policy, **overrides)
+                wall, (video, stats) = _median_run(sample, repeats, progress, m.name)
                 if m.name == "off":
                     ref = video
+                videos[m.name] = video
                 r = per_mode[m.name]
+                if not r["peak"]:  # the peak does not depend on the prompt: measured once per mode
+                    r["peak"].append(_measure_peak(kit, lambda: sample(None)))
+                steps = sum(stats.iterations) or 1
                 for k, v in (("wall", wall), ("psnr", psnr(video, ref)), ("ssim", ssim(video, ref)),
                              ("forwards", stats.forwards), ("calls", stats.model_calls), ("flops", stats.flops),
                              ("flops_nocache", stats.flops_nocache), ("flops_paper", stats.flops_paper),
-                             ("flops_nocache_paper", stats.flops_nocache_paper), ("kv", stats.kv_peak_bytes)):
+                             ("flops_nocache_paper", stats.flops_nocache_paper), ("kv", stats.kv_peak_bytes),
+                             ("moved", stats.kv_moved_bytes / steps),
+                             ("psnr_replayed", psnr(video, videos[m.replay]) if m.replay else float("inf"))):
                     r[k].append(v)
                 log(f"  {prompt[:40]!r} seed {seed} {m.name:22s} {wall:7.2f} s  forwards {stats.forwards:5d}")
             # the chunk path with no reuse, per attention: its distance to off, and the policy's bookkeeping
@@ -151,7 +183,7 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
     rows = []
     for m in modes:
         r = per_mode[m.name]
-        mean = {k: statistics.mean(v) for k, v in r.items() if k not in ("wall", "kv")}
+        mean = {k: statistics.mean(v) for k, v in r.items() if k not in ("wall", "kv", "peak")}
         cache = _cache_of(kit, m)
         rows.append({
             "mode": m.name, "method": m.method, "preset": m.preset,
@@ -168,6 +200,9 @@ def run_table(prompts: list[str], seeds: list[int], repeats: int = 3, overrides:
             "psnr_db": mean["psnr"] if m.name != "off" else float("inf"),
             "ssim": mean["ssim"],
             "peak_kv_bytes": max(r["kv"]),
+            "peak_bytes": max(r["peak"]),           # measured: everything the run allocated at its highest point
+            "moved_bytes_per_step": mean["moved"],  # offloaded K/V copied host <-> device per step, both ways
+            "replays": m.replay, "psnr_vs_replayed_db": mean["psnr_replayed"],
         })
     setting = {**kit.settings.__dict__, **overrides, "prompts": prompts, "seeds": seeds, "repeats": repeats,
                "model": kit.loaded.checkpoint, "torch_threads": torch.get_num_threads(),
@@ -186,7 +221,8 @@ def format_table(result: dict) -> str:
     from .cache import METHODS
 
     head = (f"{'mode':22s} {'attention':>14s} {'forwards':>8s} {'calls':>6s} {'TFLOPs':>8s} {'wall s':>7s} "
-            f"{'speedup':>8s} {'FLOPs x':>8s} {'paper x':>8s} {'PSNR dB':>8s} {'SSIM':>6s} {'peak KV':>9s}")
+            f"{'speedup':>8s} {'FLOPs x':>8s} {'paper x':>8s} {'PSNR dB':>8s} {'SSIM':>6s} {'peak KV':>9s} "
+            f"{'peak':>9s} {'moved/step':>10s}")
     lines = [f"torch threads: {result['setting'].get('torch_threads')}", head, "-" * len(head)]
     for r in result["rows"]:
         p = "inf" if r["psnr_db"] == float("inf") else f"{r['psnr_db']:.2f}"
@@ -197,12 +233,25 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['mode']:22s} {att:>14s} {r['forwards']:8.0f} {r.get('model_calls', 0):6.0f} "
                      f"{r['tflops']:8.4f} {r['wall_s']:7.2f} {r['speedup']:7.2f}x {r['flops_speedup']:7.2f}x "
                      f"{r.get('flops_speedup_paper', r['flops_speedup']):7.2f}x {p:>8s} {r['ssim']:6.3f} "
-                     f"{r['peak_kv_bytes'] / 2**20:7.2f}Mi")
+                     f"{r['peak_kv_bytes'] / 2**20:7.2f}Mi {r.get('peak_bytes', 0) / 2**20:7.1f}Mi "
+                     f"{r.get('moved_bytes_per_step', 0) / 2**20:8.2f}Mi")
     lines += ["FLOPs x, paper x: off's counted FLOPs / this mode's (as computed; in the paper's accounting): counted, "
               "not timed, so they do not move with the machine's load.",
               "wall s: median wall seconds per run; speedup: off's wall time / this mode's, both timed in this process. "
               "Wall times on a shared or busy machine are noisy.",
-              "PSNR dB, SSIM: this mode's video against off's (same prompt and seed, no cache); inf = identical."]
+              "PSNR dB, SSIM: this mode's video against off's (same prompt and seed, no cache); inf = identical.",
+              "peak KV: the K/V stores' bytes (host and device); peak: every byte the run allocated at its highest "
+              "point, measured (live tensor bytes on a CPU, the allocator's peak on a GPU); moved/step: offloaded K/V "
+              "copied between host and device per step (÷ the bus bandwidth = its time on a GPU)."]
+    by_mode = {r["mode"]: r for r in result["rows"]}
+    for r in result["rows"]:
+        if r.get("replays") in by_mode:
+            base, p = by_mode[r["replays"]], r["psnr_vs_replayed_db"]
+            cost = base["psnr_db"] - r["psnr_db"] if r["psnr_db"] != float("inf") else 0.0
+            lines.append(f"{r['mode']}: {r['replays']}'s own decisions replayed, so only how K/V are held differs: "
+                         + ("bit-identical to it" if p == float("inf") else
+                            f"PSNR {p:.2f} dB against it; against off {r['psnr_db']:.2f} dB vs {base['psnr_db']:.2f} "
+                            f"dB, a cost of {cost:.2f} dB (negative: closer to off; target for fp8 K/V: at most 0.5)"))
     for attention, o in result["overhead"].items():
         lines.append(f"{attention} attention, chunk path with no reuse (FlowCache at threshold 0) vs off: PSNR "
                      f"{o['threshold0_psnr_db']:.2f} dB; policy bookkeeping, wall: {o['flowcache_threshold0_s']:.2f} s "
@@ -428,4 +477,58 @@ def format_causal(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"{r['blocks']:6d} {r['frames']:6d} {r['kv_mode']:>10s} {r['block_s']:8.3f} "
                      f"{r['peak_kv_bytes'] / 2**20:11.3f} {r['peak_rss_mib']:12.0f}")
+    return "\n".join(lines)
+
+
+# -- memory: the plans' estimates against what runs allocate ------------------------------------------------------
+def run_memory(model: str = "random-wan-1.3B", device: str = "cpu", width: int = 160, height: int = 96,
+               frames: int = 17, steps: int = 3, log=print, progress: Progress | None = None) -> list[dict]:
+    """Each memory plan of ``model`` at a reduced size (one window of ``frames`` frames in chunks of one latent
+    frame, ``steps`` steps, ar_step 1), for the window path (off) and FlowCache's fast preset: the plan's estimate
+    beside the peak measured while it runs (live tensor bytes on a CPU, where host and device are one memory:
+    the offloaded rows count too; the allocator's peak on a GPU, the device's share only)."""
+    from .jobs import load_checkpoint_kit
+    from .memory import REPORT_OPTIONS
+    from .memtrack import track
+    from .pipelines import DFSettings
+
+    progress = progress or Progress.off()
+    progress.say(f"bench --memory: building {model} on {device} ...")
+    kit = load_checkpoint_kit(model, device)
+    s = DFSettings(width=width, height=height, num_frames=frames, base_num_frames=frames, steps=steps, ar_step=1,
+                   causal_block_size=1, seed=0)
+    pipe = kit.pipeline()
+    cond, uncond = kit.text.encode("benchmark prompt 0"), kit.text.encode("")
+    dev = kit.loaded.model.device
+    rows = []
+    for method, preset in (("off", "slow"), ("flowcache", "fast")):
+        cache = kit.cache(method, preset)
+        for options in REPORT_OPTIONS:
+            if method == "off" and (options.kv_fp8 or options.kv_offload):
+                continue  # no K/V stored: the same run
+            plan = pipe.plan(s, cache, options)
+            with progress.run(f"{method} {options.name}") as hooks, track(dev) as mem:
+                pipe(cond, uncond, s, cache, hooks, plan=plan)
+            estimate = plan.memory.device_bytes + (plan.memory.host_bytes if dev.type == "cpu" else 0)
+            row = {"method": method, "plan": options.name, "estimated": estimate, "measured": mem.peak,
+                   "ratio": mem.peak / estimate, "activations": plan.memory.activations, "state": plan.memory.state,
+                   "kv": plan.memory.kv_bytes, "how": mem.how}
+            rows.append(row)
+            log(f"  {method:9s} {options.name:42s} estimated {estimate / 2**20:9.1f} MiB, measured "
+                f"{mem.peak / 2**20:9.1f} MiB ({row['ratio']:.3f})")
+    for r in rows:
+        r.update(model=model, device=str(dev), size=f"{width}x{height}, {frames} frames, {steps} steps")
+    return rows
+
+
+def format_memory(rows: list[dict]) -> str:
+    head = f"{'method':10s} {'plan':42s} {'estimated MiB':>13s} {'measured MiB':>13s} {'ratio':>6s}"
+    first = rows[0] if rows else {}
+    lines = [f"{first.get('model')} on {first.get('device')}, {first.get('size')}; measured: {first.get('how')}",
+             head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['method']:10s} {r['plan']:42s} {r['estimated'] / 2**20:13.1f} {r['measured'] / 2**20:13.1f} "
+                     f"{r['ratio']:6.3f}")
+    lines.append("estimated: the run plan's working memory beside the weights (on a CPU also the offloaded rows: "
+                 "host and device are one memory there); measured: the peak of what the run allocated.")
     return "\n".join(lines)

@@ -209,6 +209,13 @@ def _bench(a) -> int:
         model, n, mode = a.causal_child
         print(json.dumps(bench.causal_child(model, int(n), mode, a.device)))
         return 0
+    if a.memory:
+        model = "random-wan-1.3B" if a.model == "demo" else a.model
+        rows = bench.run_memory(model, a.device, a.width or 160, a.height or 96, a.frames or 17, a.steps or 3,
+                                log=log, progress=progress)
+        print(bench.format_memory(rows))
+        _write_json(a.json, {"memory": rows})
+        return 0
     if a.loop == "causal":
         rows = bench.run_causal(a.model, tuple(a.windows), a.device, log=log, progress=progress)
         print(bench.format_causal(rows))
@@ -382,12 +389,35 @@ def main(argv: list[str] | None = None) -> int:
                    help="the demo's calibration prompts instead of the benchmark's (to pick presets from data)")
     b.add_argument("--long-child", nargs=2, help=argparse.SUPPRESS)
     b.add_argument("--causal-child", nargs=3, help=argparse.SUPPRESS)
+    b.add_argument("--memory", action="store_true",
+                   help="each memory plan's estimate beside the peak measured while it runs: --model (default "
+                        "random-wan-1.3B, the released 1.3B with random weights) at a reduced size (default 160x96, "
+                        "17 frames, 3 steps; --width/--height/--frames/--steps), off and FlowCache fast")
     b.add_argument("--loop", choices=["diffusion_forcing", "causal"], default="diffusion_forcing",
                    help="causal: per-block time, KV bytes and peak RSS of the causal loop for global, rolling and "
                         "compressed eviction (--windows gives the block counts)")
     sub.add_parser("calibrate", help="fit a model's rescale polynomial and write a preset file (see --help)")
+    gc = sub.add_parser("gpucheck", help="the device check: random-wan-1.3B at 960x544 for a few steps on a GPU, one "
+                                         "table (per-step time off vs FlowCache, peak memory measured vs estimated "
+                                         "for each plan, the offload overhead, masked vs per-chunk attention)")
+    gc.add_argument("--device", default="cuda", help="torch device (default cuda; cpu with --small only)")
+    gc.add_argument("--small", action="store_true", help="a tiny model at 64x64 instead: checks the script itself "
+                                                        "in seconds, on any device")
+    gc.add_argument("--steps", type=int, default=4, help="denoising steps per chunk (default 4)")
+    gc.add_argument("--json", metavar="FILE", help="also write the table's rows to this JSON file")
+    gc.add_argument("--quiet", action="store_true", help="print only the table")
     a = p.parse_args(argv)
-    return _run({"inspect": _inspect, "demo": _demo, "generate": _generate, "bench": _bench}[a.cmd], a)
+    return _run({"inspect": _inspect, "demo": _demo, "generate": _generate, "bench": _bench,
+                 "gpucheck": _gpucheck}[a.cmd], a)
+
+
+def _gpucheck(a) -> int:
+    from .gpucheck import format_check, run_check
+
+    rows = run_check(a.device, small=a.small, steps=a.steps, log=(lambda *_: None) if a.quiet else _say)
+    print(format_check(rows))
+    _write_json(a.json, {"gpucheck": rows})
+    return 0
 
 
 def _run(command: Callable[..., int], *args: object) -> int:

@@ -41,12 +41,13 @@ class SamplingKit:
         return resolve_cache(self.loaded.preset_key, method, preset, self.loaded.extra_presets, **custom)
 
     def sample(self, prompt: str, seed: int, cache: CacheSettings, hooks: RunHooks | None = None,
-               **overrides) -> tuple[torch.Tensor, RunStats]:
-        """Pixels [T, H, W, 3] in 0..1 and the run's stats; ``hooks``: progress (and cancel) of the run."""
+               policy=None, **overrides) -> tuple[torch.Tensor, RunStats]:
+        """Pixels [T, H, W, 3] in 0..1 and the run's stats; ``hooks``: progress (and cancel) of the run;
+        ``policy``: instead of the one ``cache`` names (e.g. replaying another run's decisions)."""
         s = DFSettings(**{**self.settings.__dict__, **overrides, "seed": seed})
         cond = self.text.encode(prompt)
         uncond = self.text.encode("")
-        z, stats = self.pipeline()(cond, uncond, s, cache, hooks)
+        z, stats = self.pipeline()(cond, uncond, s, cache, hooks, policy)
         return self.codec.decode(z), stats
 
 

@@ -62,6 +62,12 @@ class MemoryOptions:
     def slice_tokens(self) -> int:
         return LEAN_SLICE_TOKENS if self.lean else 0
 
+    @staticmethod
+    def of(cache) -> "MemoryOptions":
+        """What cache settings fix by themselves: kv_placement "offload" and kv_dtype "fp8"; "auto" is resident
+        in the compute dtype here (the automatic choice needs the device's free memory: ``memory.auto_plan``)."""
+        return MemoryOptions(kv_offload=cache.kv_placement == "offload", kv_fp8=cache.kv_dtype == "fp8")
+
 
 def candidates(kv_placement: str = "auto", kv_dtype: str = "auto", stores_kv: bool = True,
                fp8_ok: bool = True) -> list[MemoryOptions]:

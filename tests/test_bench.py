@@ -19,7 +19,7 @@ from tiny_models import save_wan, tiny_wan
 # row names none), and FlowCache fast with a KV budget
 ROWS = ["off", "teacache-slow", "teacache-fast", "flowcache-slow", "flowcache-slow/win", "flowcache-slow/ref",
         "flowcache-slow/ext", "flowcache-fast", "flowcache-fast/win", "flowcache-fast/ref", "flowcache-fast/ext",
-        "flowcache-fast+kv"]
+        "flowcache-fast+kv", "flowcache-fast+fp8kv", "flowcache-fast+offload"]
 PRESETS = {"tiny-bench": {"coefficients": [1.0, 0.0],
                           "flowcache": {"slow": {"threshold": 0.3, "warmup": 2, "kv_budget": 0},
                                         "fast": {"threshold": 0.6, "warmup": 2, "kv_budget": 0}},
@@ -77,6 +77,15 @@ def check_table(table: dict, expected: list[str] = ROWS, fast_reuses_more: bool 
         assert o["threshold0_psnr_db"] > 0
     t0 = {a: o["threshold0_psnr_db"] for a, o in table["overhead"].items()}
     assert t0["window_refresh"] >= t0["window"]  # refreshing K/V brings the chunk path closer to off
+    # how K/V are held, with flowcache-fast's own decisions: offloaded is exact and copies each step; fp8 stores
+    # fewer bytes at a small distance; every run's measured peak covers its K/V
+    fast, fp8, offload = rows["flowcache-fast"], rows["flowcache-fast+fp8kv"], rows["flowcache-fast+offload"]
+    assert fp8["replays"] == offload["replays"] == "flowcache-fast"
+    assert offload["psnr_vs_replayed_db"] == math.inf and offload["forwards"] == fast["forwards"]
+    assert offload["moved_bytes_per_step"] > 0 == fast["moved_bytes_per_step"]
+    assert fp8["forwards"] == fast["forwards"] and 30 < fp8["psnr_vs_replayed_db"] < math.inf
+    assert fp8["peak_kv_bytes"] < fast["peak_kv_bytes"] / 1.5
+    assert all(r["peak_bytes"] >= r["peak_kv_bytes"] and r["peak_bytes"] > 0 for r in rows.values())
     return rows
 
 
@@ -182,7 +191,7 @@ def test_bench_on_a_retrained_demo_file_uses_its_own_text_embedding(tmp_path):
     demo_rows = ["off"] + [f"{m}-{p}" + tag for m in ("teacache", "flowcache", "magcache", "easycache")
                            for p in ("slow", "fast")
                            for tag in ([""] + (["/a", "/b"] if m == "flowcache" else [])
-                                       + (["/r"] if m != "teacache" else []))] + ["flowcache-fast+kv"]
+                                       + (["/r"] if m != "teacache" else []))] + ["flowcache-fast+kv", "flowcache-fast+fp8kv", "flowcache-fast+offload"]
     got = [r["mode"] for r in table["rows"]]
     assert [m.split("/")[0] for m in got] == [m.split("/")[0] for m in demo_rows], got
     # the demo's slow preset warms up 3 steps, fast 5: at 6 steps fast may compute more

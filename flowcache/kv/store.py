@@ -219,12 +219,14 @@ class KVStore:
         return src.numel() * src.element_size()
 
     def _prefetch(self, layer: int) -> None:
-        """Bring ``layer``'s used rows into its staging slot (on the copy stream on CUDA)."""
+        """Bring ``layer``'s used rows into its staging slot (on the copy stream on CUDA). The slot's ready event
+        is recorded even when nothing is copied: it also orders the layer's writes after the write-back of the
+        layer that held the slot before."""
         lay, slot = self.layers[layer], self._slots[layer % STAGING_SLOTS]
         slot.layer = layer
-        if lay.k is None or slot.k is None:
+        if slot.k is None:
             return
-        n = lay.used
+        n = lay.used if lay.k is not None else 0
         with torch.cuda.stream(self._stream) if self._stream is not None else _nothing():
             if self._stream is not None and slot.released is not None:
                 self._stream.wait_event(slot.released)  # compute is done with the layer that was here

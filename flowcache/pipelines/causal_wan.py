@@ -370,7 +370,7 @@ class CausalWanPipeline:
         (default: planned here, K/V resident)."""
         cache = cache or CacheSettings()
         model = self.model
-        plan = plan or self.plan(settings, cache)  # errors before any work
+        plan = plan or self.plan(settings, cache, MemoryOptions.of(cache))  # errors before any work
         settings = plan.settings
         prompts, texts = check_prompts(cond, settings.num_frames, self.geometry.temporal_stride, model.cfg.text_dim,
                                        self.text_len)

@@ -466,7 +466,7 @@ class DiffusionForcingPipeline:
         """
         cache = cache or CacheSettings()
         model = self.model
-        plan = plan or self.plan(settings, cache)  # every input error before any work
+        plan = plan or self.plan(settings, cache, MemoryOptions.of(cache))  # every input error before any work
         s = plan.settings
         prompts = as_schedule(cond).check(s.num_frames, self.geometry.temporal_stride)
         names = ["positive"] if len(prompts.entries) == 1 else [f"prompts entry {i + 1}" for i in range(len(prompts.entries))]

@@ -313,7 +313,7 @@ class KreaRealtimePipeline:
         cache = cache or CacheSettings()
         model = self.model
         settings = replace(settings)
-        plan = plan or self.plan(settings, cache)
+        plan = plan or self.plan(settings, cache, MemoryOptions.of(cache))
         prompts, texts = check_prompts(cond, settings.num_frames, self.geometry.temporal_stride, model.cfg.text_dim,
                                        self.text_len)
         rule = prompts.rule("blend")

@@ -675,7 +675,7 @@ class MagiPipeline:
         device = self.model.device
         pre = self._prefix_latents(prefix, (s.height // geo.spatial_stride, s.width // geo.spatial_stride)
                                    ) if prefix is not None else None
-        plan = plan or self.plan(s, 0 if pre is None else pre.shape[2], cache)
+        plan = plan or self.plan(s, 0 if pre is None else pre.shape[2], cache, MemoryOptions.of(cache))
         s = plan.settings
         if plan.prefix_frames != (0 if pre is None else pre.shape[2]):
             raise InputError(f"prefix: {0 if pre is None else pre.shape[2]} latent frames, but the plan was made for "
