@@ -18,6 +18,7 @@ SAMPLER_ORDER = ["model", "positive", "negative", "width", "height", "num_frames
                  "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition",
                  "solver", "keep_model_loaded"]
 CACHE_ORDER = ["method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda", "max_skips", "attention"]
+CACHE_OPTIONAL = ["reuse", "kv_placement", "kv_dtype"]  # optional: API prompts saved before them still validate
 
 # Three SkyReels-style windows of 5 latent frames (2 carried over), 1-frame chunks, a few steps: well under 1 s.
 TINY = dict(width=32, height=32, num_frames=33, steps=3, cfg=2.0, shift=8.0, seed=7, ar_step=1,
@@ -46,7 +47,7 @@ def sampler_inputs(pack, model, **over) -> dict:
     kw = widget_defaults(nodes(pack)["FlowCacheSampler"])
     kw.update(TINY, model=model, positive=cond(seed=1), negative=cond(seed=2), unique_id="5")
     kw.update(over)
-    widgets = {k: kw.pop(k) for k in CACHE_ORDER if k in kw}
+    widgets = {k: kw.pop(k) for k in CACHE_ORDER + CACHE_OPTIONAL if k in kw}
     if widgets:
         kw["cache"] = cache_node(pack, **widgets)
     return kw
@@ -161,6 +162,11 @@ def test_sampler_and_other_widget_orders(pack):
     assert {k: widget_defaults(nodes(pack)["FlowCacheCache"])[k] for k in CACHE_ORDER[2:]} == dict(
         threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07, max_skips=3, attention="auto")
     assert cache["threshold"][1]["step"] == 0.005
+    optional = nodes(pack)["FlowCacheCache"].INPUT_TYPES()["optional"]
+    assert list(optional) == CACHE_OPTIONAL and all(spec[1]["default"] == "auto" for spec in optional.values())
+    assert combo_options(optional["kv_placement"]) == ["auto", "device", "offload"]
+    assert combo_options(optional["kv_dtype"]) == ["auto", "bf16", "fp8"]
+    assert all(spec[1].get("tooltip") for spec in optional.values())
     loader = nodes(pack)["FlowCacheModelLoader"].INPUT_TYPES()
     assert list(loader["required"]) == ["model_name", "dtype"]
     # optional widgets (default auto), so API prompts saved before them still validate in the server
@@ -604,3 +610,27 @@ def test_demo_at_4096_is_refused_before_it_starts_with_the_largest_size_that_fit
     assert len(comfy.loads) == 1
     with pytest.raises(errors.InputError, match="need about"):
         run_node(n["FlowCacheSampler"], **{**kw, "width": w + 64, "height": h + 64})
+
+
+def test_sampler_picks_the_fastest_memory_plan_that_fits_and_shows_it(pack, comfy, tiny, monkeypatch):
+    """auto: resident K/V while they fit ComfyUI's free memory, fp8 K/V when only that fits; the widgets fix the
+    placement and dtype; the chosen plan is in the node's stats; fp8 where it cannot run keeps the model's dtype
+    and says so."""
+    cls = nodes(pack)["FlowCacheSampler"]
+    chunk = dict(method="flowcache", preset="custom", threshold=10.0, warmup_steps=1)
+    first = run_node(cls, **sampler_inputs(pack, tiny, **chunk))["ui"]["flowcache_stats"][0]
+    plan = first["memory_plan"]
+    assert plan["plan"] == "resident" and first["memory"].startswith("resident: device ")
+    assert plan["kv_bytes"] == first["kv_peak_bytes"] > 0  # the estimate is what the stores allocated
+    comfy.free_memory = plan["device_bytes"] - 1
+    tight = run_node(cls, **sampler_inputs(pack, tiny, **chunk))["ui"]["flowcache_stats"][0]
+    assert tight["memory_plan"]["plan"] == "resident + fp8 K/V" and tight["kv_peak_bytes"] < first["kv_peak_bytes"]
+    comfy.free_memory = 64 * 1024 ** 3
+    fixed = run_node(cls, **sampler_inputs(pack, tiny, **chunk, kv_placement="offload", kv_dtype="bf16"))
+    stats = fixed["ui"]["flowcache_stats"][0]
+    assert stats["memory_plan"]["plan"] == "offload" and stats["kv_host_bytes"] > 0 and stats["kv_moved_bytes"] > 0
+    plan_mod = pack_submodule(pack, "flowcache.plan")
+    monkeypatch.setattr(plan_mod, "fp8_supported", lambda device: "no float8 here")
+    asked = run_node(cls, **sampler_inputs(pack, tiny, **chunk, kv_dtype="fp8"))["ui"]["flowcache_stats"][0]
+    assert asked["memory_plan"]["plan"] == "resident" and "kv_dtype=fp8 is not available here (no float8 here)" in \
+        asked["note"]

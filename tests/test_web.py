@@ -150,6 +150,13 @@ check(M.noteLines({{ note: '' }}, 300).length === 0 && M.noteLines({{}}, 300).le
 const lines = M.noteLines({{ note: "no cache node connected: FlowCache, the model's slow preset" }}, 200);
 check(lines.length >= 2 && lines.join(' ') === "no cache node connected: FlowCache, the model's slow preset", 'note wrapped', lines);
 check(M.mapHeight({{ stats: {{ maps: [['CR']], note: 'x' }} }}, 300) > M.mapHeight({{ stats: {{ maps: [['CR']], note: '' }} }}, 300), 'note height');
+
+// the memory plan the sampler chose: one more line, with the host share only when offloaded
+const memPlan = {{ plan: 'offload + fp8 K/V', device_bytes: 5 * 2 ** 30, host_bytes: 9 * 2 ** 30 }};
+check(M.memoryLine({{ memory_plan: memPlan }}) === 'memory: offload + fp8 K/V · 5.0 GiB on the device beside the weights · 9.0 GiB in RAM', 'memory line', M.memoryLine({{ memory_plan: memPlan }}));
+check(M.memoryLine({{ memory_plan: {{ plan: 'resident', device_bytes: 2 ** 20, host_bytes: 0 }} }}) === 'memory: resident · 1.0 MiB on the device beside the weights', 'resident line', M.memoryLine({{ memory_plan: {{ plan: 'resident', device_bytes: 2 ** 20, host_bytes: 0 }} }}));
+check(M.memoryLine({{}}) === '', 'no plan');
+check(M.mapHeight({{ stats: {{ maps: [['CR']], memory_plan: memPlan }} }}, 300) > M.mapHeight({{ stats: {{ maps: [['CR']] }} }}, 300), 'plan height');
 done();
 """, encoding="utf-8")
     r = _run_mjs(node, script)

@@ -29,7 +29,17 @@ function summaryLines(stats) {
   const kv = stats.kv_peak_bytes ? `peak KV ${fmtBytes(stats.kv_peak_bytes)}` : "peak KV —";
   const secs = stats.wall_seconds ? ` · ${Number(stats.wall_seconds).toFixed(1)} s` : "";
   const line2 = `${mode} · computed ${stats.computed ?? 0} / reused ${stats.reused ?? 0} · ${kv}${secs}`;
-  return [line1, line2];
+  const plan = memoryLine(stats);
+  return plan ? [line1, line2, plan] : [line1, line2];
+}
+
+/** The memory plan the sampler chose (stats.memory_plan), e.g. "memory: offload + fp8 K/V · 5.3 GiB on the device
+ * beside the weights · 9.0 GiB in RAM"; "" when the run did not say. */
+export function memoryLine(stats) {
+  const plan = stats && stats.memory_plan;
+  if (!plan || typeof plan.plan !== "string") return "";
+  const host = plan.host_bytes ? ` · ${fmtBytes(plan.host_bytes)} in RAM` : "";
+  return `memory: ${plan.plan} · ${fmtBytes(plan.device_bytes || 0)} on the device beside the weights${host}`;
 }
 
 // --------------------------------------------------------------------------------------------- the map
@@ -103,7 +113,7 @@ export function mapHeight(info, width) {
   if (info.stats) {
     const lay = layoutMap(info.stats.maps, width);
     h += noteLines(info.stats, width).length * LINE;
-    h += 2 * LINE + LINE; // two summary lines + legend
+    h += (summaryLines(info.stats).length + 1) * LINE; // the summary lines + legend
     if (lay) h += Math.min(lay.height, MAX_MAP_H + 40) + 4;
   }
   return h;
@@ -137,15 +147,17 @@ export function drawMap(ctx, info, width, y) {
       ctx.fillText(line, PAD, yy);
       yy += LINE;
     }
-    const [l1, l2] = summaryLines(stats);
+    const [l1, ...rest] = summaryLines(stats);
     ctx.fillStyle = COLORS.text;
     ctx.font = "bold 11px sans-serif";
     ctx.fillText(l1, PAD, yy);
     yy += LINE;
     ctx.font = "11px sans-serif";
     ctx.fillStyle = COLORS.dim;
-    ctx.fillText(l2, PAD, yy);
-    yy += LINE;
+    for (const line of rest) {
+      ctx.fillText(line, PAD, yy);
+      yy += LINE;
+    }
     // legend
     const legend = [["computed", COLORS.computed], ["reused", COLORS.reused]];
     if ((stats.maps || []).some((w) => (w || []).some((c) => !c) && (w || []).slice(1).some((c) => c))) {
