@@ -1,6 +1,6 @@
 """What a run will hold, decided before it starts: the memory side of every family's run plan.
 
-A family's planner (``plan_df``, ``plan_causal``, ``MagiPipeline.plan``) checks the settings once and lays out
+A family's planner (``plan_df``, ``plan_causal_run``, ``plan_krea_run``, ``plan_magi``) checks the settings once and lays out
 its windows or blocks; this module gives it the shared pieces:
 
 * ``MemoryOptions``: how the run holds its memory. K/V resident on the device or offloaded to host memory, in
@@ -10,9 +10,10 @@ its windows or blocks; this module gives it the shared pieces:
   test checks them equal), and ``build`` makes the store.
 * ``MemoryPlan``: the stores, the largest forward's working set and what the run keeps besides (latents, solver
   state, cached residuals, text): bytes on the device and in host memory.
-* ``wan_forward_peak``: the largest forward's working set, measured by running the model's own forward code on
+* ``wan_forward_peak`` / ``magi_forward_peak``: a step's working set, measured by running the model's own forward code on
   meta tensors (shapes only, nothing computed) under the live-bytes counter, so it follows the code.
-* ``choose``: the first candidate that fits the device and the host, or a refusal naming what would fit.
+* ``choose``: the first candidate that fits the device and the host (``memory.auto_plan`` adds the refusal
+  that names what would fit).
 """
 from __future__ import annotations
 
@@ -135,10 +136,6 @@ class StorePlan:
     def build(self) -> KVStore:
         return KVStore(self.layers, self.capacity, self.budget, CompressionConfig(mix_lambda=self.mix_lambda),
                        self.tokens_per_frame, self.branches, self.pinned_chunks, fp8=self.fp8, offload=self.offload)
-
-    def read_bytes(self, rows: int, branches: int) -> int:
-        """The transient one attention call's read makes: fp8 rows dequantized to the compute dtype."""
-        return branches * self.heads * rows * (self.head_dim + self.value_dim) * self.compute_bytes if self.fp8 else 0
 
 
 @dataclass

@@ -131,7 +131,7 @@ class KVStore:
         self.peak_rows = 0
         self.compress_seconds = 0.0
         self.moved = {"to_device": 0, "to_host": 0}  # bytes an offloaded store copied each way
-        self._slots = [_Buffers() for _ in range(STAGING_SLOTS)] if offload else []
+        self._slots = [_Buffers() for _ in range(min(STAGING_SLOTS, num_layers))] if offload else []
         self._open: int | None = None      # the offloaded layer being worked on
         self._dirty: tuple[int, int] | None = None  # its rows changed since it was opened
         self._stream = None                # CUDA copy stream
@@ -212,7 +212,7 @@ class KVStore:
             if layer + 1 < self.num_layers:
                 self._prefetch(layer + 1)
             return slot
-        return self._slots[layer % STAGING_SLOTS]
+        return self._slots[layer % len(self._slots)]
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> int:
         dst.copy_(src, non_blocking=self._stream is not None)
@@ -222,7 +222,7 @@ class KVStore:
         """Bring ``layer``'s used rows into its staging slot (on the copy stream on CUDA). The slot's ready event
         is recorded even when nothing is copied: it also orders the layer's writes after the write-back of the
         layer that held the slot before."""
-        lay, slot = self.layers[layer], self._slots[layer % STAGING_SLOTS]
+        lay, slot = self.layers[layer], self._slots[layer % len(self._slots)]
         slot.layer = layer
         if slot.k is None:
             return
@@ -239,7 +239,7 @@ class KVStore:
                 slot.ready.record(self._stream)
 
     def _load(self, layer: int) -> _Buffers:
-        slot = self._slots[layer % STAGING_SLOTS]
+        slot = self._slots[layer % len(self._slots)]
         if slot.layer != layer:  # not prefetched (the first layer of a forward)
             self._prefetch(layer)
         if self._stream is not None and slot.ready is not None:
@@ -254,7 +254,7 @@ class KVStore:
     def _close(self) -> None:
         """Write the open layer's changed rows back to host memory (asynchronously on CUDA)."""
         layer, self._open = self._open, None
-        slot, lay = self._slots[layer % STAGING_SLOTS], self.layers[layer]
+        slot, lay = self._slots[layer % len(self._slots)], self.layers[layer]
         if self._stream is not None:
             slot.released = torch.cuda.Event()
             slot.released.record(torch.cuda.current_stream(slot.k.device))
