@@ -83,6 +83,9 @@ check(P.widgetForField('warmup') === 'warmup_steps' && P.widgetForField('thresho
 check(P.widgetForField('magcache_k') === 'magcache_k' && P.fieldForWidget('warmup_steps') === 'warmup'
   && P.fieldForWidget('magcache_k') === 'magcache_k', 'fields of other methods');
 check(show(P.knobNames(WIDGETS)) === show(KNOBS), 'knobNames', P.knobNames(WIDGETS));
+// the memory plan's widgets are read whatever the method and preset (method off included): never locked
+check(show(P.knobNames([...WIDGETS, 'attention', 'reuse', 'kv_placement', 'kv_dtype'])) === show(KNOBS), 'free widgets');
+check(!('kv_placement' in plan('off', 'slow', ANSWER, MODEL, [...WIDGETS, 'kv_placement', 'kv_dtype']).widgets), 'off frees kv');
 
 // which model: one sampler, several with the same model, different models, no loader, no sampler
 check(show(P.chooseModel(['a'])) === show({{ name: 'a', reason: null }}), 'one model');
