@@ -26,14 +26,18 @@ DEMO_DIT = ROOT / "flowcache" / "demo" / "assets" / "demo_dit.safetensors"
 DEMO_ENTRY = "flowcache-demo (built-in, runs on CPU)"
 EXPECTED = {"flowcache_demo_cpu", "skyreels_v2_df_1.3b_t2v_fast", "skyreels_v2_df_1.3b_t2v_slow",
             "skyreels_v2_df_1.3b_long_kv", "magi1_4.5b_distill_t2v_fast", "skyreels_v2_df_14b_native_lora_fast",
-            "self_forcing_t2v_long_bounded_kv", "causal_forcing_framewise_t2v"}
+            "self_forcing_t2v_long_bounded_kv", "causal_forcing_framewise_t2v", "krea_realtime_14b_prompt_changes",
+            "longlive_interactive_story_three_prompts"}
 # The presets row each shipped workflow's model file has (what GET /flowcache/model_presets answers once the file
 # is in models/diffusion_models; the demo's row is read from its asset here).
 MODEL_KEYS = {"flowcache_demo_cpu": "demo", "skyreels_v2_df_1.3b_t2v_fast": "wan-1.3B",
               "skyreels_v2_df_1.3b_t2v_slow": "wan-1.3B", "skyreels_v2_df_1.3b_long_kv": "wan-1.3B",
               "magi1_4.5b_distill_t2v_fast": "magi-4.5B", "skyreels_v2_df_14b_native_lora_fast": "wan-14B",
               # causal Wan 1.3B (Self-Forcing, Causal Forcing): few-step block-by-block sampling has its own row
-              "self_forcing_t2v_long_bounded_kv": "wan-1.3B-causal", "causal_forcing_framewise_t2v": "wan-1.3B-causal"}
+              "self_forcing_t2v_long_bounded_kv": "wan-1.3B-causal", "causal_forcing_framewise_t2v": "wan-1.3B-causal",
+              # LongLive v1.0 is a causal 1.3B; Krea Realtime a causal 14B, which has no presets row yet (method off)
+              "longlive_interactive_story_three_prompts": "wan-1.3B-causal",
+              "krea_realtime_14b_prompt_changes": "wan-14B-causal"}
 # Widget orders of the saved workflows (widgets_values is positional).
 SAMPLER_WIDGETS = ["width", "height", "num_frames", "steps", "cfg", "shift", "seed", "control_after_generate",
                    "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition",
@@ -76,7 +80,7 @@ CORE_NODES = {
 }
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = ["fixed", "increment", "decrement", "randomize"]
-MODEL_FILE_WIDGETS = ("model_name", "t5_name", "vae_name")  # the pack's own combos listing a model folder
+MODEL_FILE_WIDGETS = ("model_name", "t5_name", "vae_name", "lora")  # the pack's own combos listing a model folder
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 
 
@@ -335,7 +339,8 @@ def test_sampler_takes_its_cache_from_a_cache_node(path, node_defs):
     assert len(sampler["widgets_values"]) == len(SAMPLER_WIDGETS)
     node = _cache_node(wf)
     assert len(nodes_of(wf, "FlowCacheCache")) == 1
-    assert [i["name"] for i in node.get("inputs", [])] == CACHE_WIDGETS, "the cache node's widget inputs"
+    names = [i["name"] for i in node.get("inputs", [])]
+    assert names[:len(CACHE_WIDGETS)] == CACHE_WIDGETS, "the cache node's widget inputs"  # newer ones may follow
     (out,) = node["outputs"]
     assert (out["name"], out["type"], out["links"]) == ("cache", "FLOWCACHE_CACHE", [_link_into(sampler, "cache")])
     # the sampler's link inputs in the order the node declares them (required, then optional: cache first)
@@ -370,22 +375,25 @@ def _linked_node(wf: dict, node: dict, input_name: str) -> dict | None:
 def _loop(wf: dict, node_defs: dict, pack, key: str) -> str:
     """The sampling loop the workflow's model runs, decided by the pack's own ``wan_loop``: MAGI-1 its own; FlowCache
     Load Model its loop widget, or for auto the file's name (metadata and a .pt's generator dict are only in the
-    file); ComfyUI's own MODEL of a Wan model runs diffusion forcing in the shipped workflows."""
+    file); ComfyUI's own MODEL of a Wan model (Load Diffusion Model) by its file's name, as the sampler decides it
+    (nodes/native.py)."""
     if key.startswith("magi"):
         return "magi"
     loaders = nodes_of(wf, "FlowCacheModelLoader")
-    if not loaders:
-        return "diffusion_forcing"
-    (loader,) = loaders
-    w = widgets_by_name(loader, node_defs["FlowCacheModelLoader"])
-    name = w["model_name"]
+    if loaders:
+        (loader,) = loaders
+        w = widgets_by_name(loader, node_defs["FlowCacheModelLoader"])
+        name, choice = w["model_name"], w["loop"]
+    else:
+        name, choice = _loader_name(wf, node_defs), "auto"
     ck = pack_submodule(pack, "flowcache.checkpoint").Checkpoint({}, [Path(name)])  # a .pt's layout: only in the file
-    return pack_submodule(pack, "flowcache.models").wan_loop(ck, (), w["loop"])[0]
+    return pack_submodule(pack, "flowcache.models").wan_loop(ck, (), choice)[0]
 
 
-def causal_plan(wf: dict, node_defs: dict, pack, kv_budget: int):
+def causal_plan(wf: dict, node_defs: dict, pack, kv_budget: int, loop: str = "causal"):
     """The causal loop's settings and plan for the workflow, built by the sampler's own code (nodes.causal): the
-    sampler's widgets and the FlowCache Causal Options node linked into its ``causal`` input."""
+    sampler's widgets and the FlowCache Causal Options node linked into its ``causal`` input; ``loop``: the
+    model's (causal or longlive: the release's rule for a prompt change)."""
     (sampler,) = nodes_of(wf, "FlowCacheSampler")
     opts = _linked_node(wf, sampler, "causal")
     assert opts is not None and opts["type"] == "FlowCacheCausalOptions", \
@@ -397,10 +405,20 @@ def causal_plan(wf: dict, node_defs: dict, pack, kv_budget: int):
     s = _sampler(wf, node_defs)
     fields = set(sampler_mod.SamplerWidgets.__dataclass_fields__)
     settings, ignored = causal_nodes.causal_settings(sampler_mod.SamplerWidgets(**{k: v for k, v in s.items()
-                                                                                    if k in fields}), options)
+                                                                                    if k in fields}), options, loop)
     cw = pack_submodule(pack, "flowcache.pipelines.causal_wan")
     geometry = pack_submodule(pack, "flowcache.pipelines.common").LatentGeometry(4, 8, 16)
     return options, settings, cw.plan_causal(settings, geometry, WAN_PATCH, kv_budget), ignored
+
+
+def krea_plan(wf: dict, node_defs: dict, pack):
+    """Krea Realtime's plan for the workflow, as the sampler's ``krea_run`` builds its settings (nodes.causal)."""
+    kr = pack_submodule(pack, "flowcache.pipelines.krea_realtime")
+    s = _sampler(wf, node_defs)
+    settings = kr.KreaSettings(width=s["width"], height=s["height"], num_frames=s["num_frames"],
+                               num_frame_per_block=s["causal_block_size"], seed=s["seed"])
+    geometry = pack_submodule(pack, "flowcache.pipelines.common").LatentGeometry(4, 8, 16)
+    return kr.plan_krea(settings, geometry, WAN_PATCH)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -425,7 +443,8 @@ def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
     key = MODEL_KEYS[path.stem]
     loop = _loop(wf, node_defs, pack, key)
     # a causal model loads with the presets row of its own (what the loader's preset_key says for it)
-    assert key.endswith("-causal") == (loop == "causal"), (path.stem, key, loop)
+    causal_loops = pack_submodule(pack, "flowcache.models").CAUSAL_LOOPS
+    assert key.endswith("-causal") == (loop in causal_loops), (path.stem, key, loop)
     # the cache node's settings resolve for this model (what the sampler does at run time)
     presets = pack_submodule(pack, "flowcache.presets")
     to_field = {w: f for f, w in FIELD_WIDGETS.items()}
@@ -437,17 +456,21 @@ def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
         assert s["width"] % 16 == 0 and s["height"] % 16 == 0 and s["num_frames"] % 4 == 0
         chunk = s["causal_block_size"]
         assert magi.stage_schedule(s["num_frames"] // 4, chunk, 4, s["steps"])
-    elif loop == "causal":  # block by block against a KV cache: no windows, the causal loop's own checks
-        _, cs, plan, _ = causal_plan(wf, node_defs, pack, settings.kv_budget)
+    elif loop in ("causal", "longlive"):  # block by block against a KV cache: no windows, the causal loop's checks
+        _, cs, plan, _ = causal_plan(wf, node_defs, pack, settings.kv_budget, loop)
         assert plan.blocks * plan.block_frames == plan.latent_frames == (s["num_frames"] - 1) // 4 + 1
         assert cs.num_frame_per_block == s["causal_block_size"] and cs.seed == s["seed"]
+    elif loop == "krea_realtime":  # its own loop: a context rebuilt per block, the release's schedule
+        assert _linked_node(wf, sampler, "causal") is None, "Krea Realtime keeps its own cache: Causal Options unused"
+        plan = krea_plan(wf, node_defs, pack)
+        assert plan.blocks * plan.block_frames == plan.latent_frames == (s["num_frames"] - 1) // 4 + 1
     else:
         assert _linked_node(wf, sampler, "causal") is None, "causal options on a diffusion-forcing model do nothing"
         fields = set(df.DFSettings.__dataclass_fields__)
         dfs = df.DFSettings(**{k: v for k, v in s.items() if k in fields})
         assert df.plan_windows(dfs, df.LatentGeometry(**geometry))
     answer = model_rows(pack, key)
-    assert answer["known"], answer
+    assert answer["known"] or c["method"] == "off", answer  # a model without presets runs with method off
     if c["method"] != "off" and c["preset"] in ("slow", "fast"):
         # what the cache node shows locked: each row field that has a widget (a row may carry more, e.g. strings)
         row = answer["rows"][c["method"]][c["preset"]]
@@ -731,3 +754,176 @@ def test_workflow_converts_to_a_valid_api_prompt(path, node_defs, pack, comfy):
         if node["type"] == "FlowCacheCache":  # cheap and pure: build the request the sampler will get
             (request,) = run_node(cls, **kw)
             assert (request.method, request.preset) == (kw["method"], kw["preset"])
+
+
+# ------------------------------------------------------------------- Krea Realtime 14B and LongLive v1.0
+
+def _schedule(wf: dict, node_defs: dict, pack, frames: int) -> tuple[dict, list[dict], object]:
+    """The Prompt Schedule node feeding the sampler's positive input: (its widgets by name, the CLIP Text Encode
+    node of each connected prompt in order, the schedule checked against ``frames`` with its latent starts)."""
+    import torch
+
+    (sampler,) = nodes_of(wf, "FlowCacheSampler")
+    node = _linked_node(wf, sampler, "positive")
+    assert node["type"] == "FlowCachePromptSchedule", "the prompts reach the sampler through FlowCache Prompt Schedule"
+    w = widgets_by_name(node, node_defs["FlowCachePromptSchedule"])
+    texts = []
+    for i in range(1, 7):
+        src = _linked_node(wf, node, f"conditioning_{i}")
+        if src is not None:
+            assert src["type"] == "CLIPTextEncode" and _linked_node(wf, src, "clip")["type"] == "CLIPLoader"
+            texts.append(src)
+    cond = [[torch.zeros(1, 4, 8), {}]]
+    inputs = {k: v for k, v in w.items()}
+    inputs.update({f"conditioning_{i}": cond for i in range(1, len(texts) + 1)})
+    (schedule,) = run_node(pack.NODE_CLASSES["FlowCachePromptSchedule"], **inputs)
+    return w, texts, schedule.check(frames, 4)
+
+
+def _change_blocks(schedule, block_frames: int) -> list[int]:
+    """The blocks where a causal loop changes prompt: the first block starting at or after each entry's latent
+    start (what the loops' ``changes`` tables say)."""
+    return [-(-start // block_frames) for start in schedule.latent_starts[1:]]
+
+
+def test_krea_realtime_workflow(node_defs, pack):
+    """Krea Realtime 14B through ComfyUI's Load Diffusion Model in fp8 (sized for a 24 GB card at 832x480), a long
+    video of four prompts blended at block boundaries by Krea's own rule, the VAE into the sampler (its context
+    re-encode) and into Decode & Save; no presets row for the 14B causal model yet, so the cache runs off."""
+    wf = load_workflow(ROOT / "workflows" / "krea_realtime_14b_prompt_changes.json")
+    assert not nodes_of(wf, "FlowCacheModelLoader") and not nodes_of(wf, "FlowCacheCausalOptions")
+    (unet,) = nodes_of(wf, "UNETLoader")
+    assert unet["widgets_values"] == ["krea-realtime-video-14b.safetensors", "fp8_e4m3fn"]
+    assert _loop(wf, node_defs, pack, "wan-14B-causal") == "krea_realtime", "the sampler knows Krea by the file name"
+    (sampler,) = nodes_of(wf, "FlowCacheSampler")
+    assert _linked_node(wf, sampler, "model")["id"] == unet["id"]
+    (clip,) = nodes_of(wf, "CLIPLoader")
+    assert clip["widgets_values"][:2] == ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan"]
+    (vae,) = nodes_of(wf, "VAELoader")
+    assert vae["widgets_values"] == ["wan_2.1_vae.safetensors"]
+    assert _linked_node(wf, sampler, "vae")["id"] == vae["id"], "Krea re-encodes its oldest context frame"
+    (save,) = nodes_of(wf, "FlowCacheDecodeSave")
+    assert _linked_node(wf, save, "vae")["id"] == vae["id"] and _linked_node(wf, save, "samples")["id"] == sampler["id"]
+    assert widgets_by_name(save, node_defs["FlowCacheDecodeSave"])["frame_rate"] == 16.0
+    s = _sampler(wf, node_defs)
+    assert (s["width"], s["height"], s["steps"], s["cfg"], s["shift"]) == (832, 480, 5, 1.0, 5.0), "the release's"
+    plan = krea_plan(wf, node_defs, pack)
+    assert plan.block_frames == 3 and plan.blocks == 40 and s["num_frames"] == 477, "a long video: 40 blocks"
+    negative = _linked_node(wf, sampler, "negative")
+    assert negative["type"] == "CLIPTextEncode" and negative["widgets_values"] == [""]
+    w, texts, schedule = _schedule(wf, node_defs, pack, s["num_frames"])
+    assert len(texts) == 4 and all(t["widgets_values"][0] for t in texts), "several prompts"
+    assert (w["transition"], w["blend_blocks"]) == ("auto", 4), "Krea's own rule: a blend over the release's 4 blocks"
+    assert schedule.rule("blend") == "blend"
+    assert _change_blocks(schedule, plan.block_frames) == [10, 20, 30]
+    c = _cache(wf, node_defs)
+    assert c["method"] == "off" and (c["kv_placement"], c["kv_dtype"]) == ("auto", "auto")
+    assert not model_rows(pack, "wan-14B-causal")["known"], "if Krea gets presets, reconsider method off here"
+    # 24 GB: with fp8 weights some plan fits with room to spare (the sampler picks it), in bf16 none would
+    memory = pack_submodule(pack, "flowcache.memory")
+    gib = 2 ** 30
+    fp8 = {r["plan"]: r["device"] for r in memory.estimate("krea-realtime-14b", "832x480", frames=477,
+                                                           weights="fp8_e4m3fn", method="off").rows()}
+    bf16 = memory.estimate("krea-realtime-14b", "832x480", frames=477, method="off").rows()
+    assert fp8["resident + fp8 K/V"] < 20 * gib and fp8["resident"] < 23 * gib, fp8
+    assert min(r["device"] for r in bf16) > 24 * gib
+    note = nodes_of(wf, "Note")[0]["widgets_values"][0]
+    for fact in ("krea/krea-realtime-video", "models/diffusion_models/krea-realtime-video-14b.safetensors",
+                 "fp8_e4m3fn", "krea", "24 GB", "not a GPU measurement", "477 frames", "40 blocks", "blend_blocks",
+                 "vae input", "frame 120", "block 10", "easycache", "custom", "not used"):
+        assert fact in note, fact
+    assert "http" not in note
+
+
+def test_longlive_workflow(node_defs, pack):
+    """LongLive v1.0: the base .pt with its lora.pt merged by FlowCache Load Model, the release's 12-frame window and
+    3-frame sink on Causal Options, three prompts changing by re-cache where LongLive's interactive config switches
+    (latent frames 40 and 80), decoded piece by piece."""
+    wf = load_workflow(ROOT / "workflows" / "longlive_interactive_story_three_prompts.json")
+    (loader,) = nodes_of(wf, "FlowCacheModelLoader")
+    lw = widgets_by_name(loader, node_defs["FlowCacheModelLoader"])
+    assert (lw["model_name"], lw["loop"], lw["lora"]) == ("longlive_base.pt", "longlive", "lora.pt")
+    models = pack_submodule(pack, "flowcache.models")
+    ck = pack_submodule(pack, "flowcache.checkpoint").Checkpoint({}, [Path(lw["model_name"])])
+    assert models.wan_loop(ck, (), "auto")[0] == "longlive", "auto would pick LongLive too (its file name)"
+    s = _sampler(wf, node_defs)
+    c = _cache(wf, node_defs)
+    options, cs, plan, ignored = causal_plan(wf, node_defs, pack, 0, "longlive")
+    assert (options.kv_mode, options.window_frames, options.sink_frames, options.schedule) == \
+        ("rolling", 12, 3, "self_forcing"), "LongLive's release setting"
+    assert options == pack_submodule(pack, "nodes.causal").RELEASES["longlive"]["options"]
+    assert cs.prompt_rule == "recache" and (plan.window_blocks, plan.sink_blocks, plan.blocks) == (4, 1, 40)
+    assert (s["width"], s["height"], s["num_frames"], s["steps"], s["cfg"]) == (832, 480, 477, 4, 1.0)
+    assert {"steps (the schedule's own)", "cfg (no guidance)"} <= set(ignored)
+    w, texts, schedule = _schedule(wf, node_defs, pack, s["num_frames"])
+    assert len(texts) == 3 and all(t["widgets_values"][0] for t in texts)
+    assert (w["transition"], w["keep_sink"]) == ("recache", True), "LongLive's re-cache with its global sink"
+    assert schedule.latent_starts == [0, 40, 80], "LongLive's interactive switch_frame_indices"
+    assert _change_blocks(schedule, plan.block_frames) == [14, 27]
+    assert (c["method"], c["preset"]) == ("flowcache", "slow")
+    (save,) = nodes_of(wf, "FlowCacheDecodeSave")
+    assert _linked_node(wf, save, "vae")["type"] == "VAELoader"
+    assert widgets_by_name(save, node_defs["FlowCacheDecodeSave"])["frame_rate"] == 16.0
+    note = nodes_of(wf, "Note")[0]["widgets_values"][0]
+    for fact in ("Efficient-Large-Model/LongLive-1.3B", "models/diffusion_models/longlive_base.pt",
+                 "models/loras/lora.pt", "generator_lora", "loop = longlive", "recache", "global_sink",
+                 "window_frames 12", "sink_frames 3", "block 14", "block 27",
+                 "python -m flowcache convert longlive-base", "python -m flowcache convert longlive-lora",
+                 "not a GPU measurement", "not used"):
+        assert fact in note, fact
+    assert "http" not in note and not re.search(r"\d\s*(GB|GiB|MB|MiB)\b", note)
+
+
+def test_longlive_workflow_runs_through_the_nodes(node_defs, pack, comfy):
+    """The LongLive workflow's loader (a tiny base in the release's .pt layout, its LoRA in LongLive's lora.pt
+    layout), Prompt Schedule, Causal Options, Cache and sampler values through the pack's nodes; only the frame
+    size is shrunk to 32x32 and the video to 24 blocks (its first change at the workflow's block 14, the second
+    moved to block 20). Each change re-caches once; the KV cache's peak is the same as a shorter video's."""
+    import torch
+    from tiny_models import tiny_wan
+
+    wf = load_workflow(ROOT / "workflows" / "longlive_interactive_story_three_prompts.json")
+    n = pack.NODE_CLASSES
+    vals = {t: widgets_by_name(nodes_of(wf, t)[0], node_defs[t])
+            for t in ("FlowCacheModelLoader", "FlowCacheCausalOptions", "FlowCacheCache", "FlowCacheSampler",
+                      "FlowCachePromptSchedule")}
+    monkey = pack_submodule(pack, "flowcache.models.wan").WAN_SIZES
+    monkey[64] = "1.3B"
+    try:
+        model = tiny_wan(seed=4, has_fps=False, dim=64)
+        sd = {"model." + k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save({"generator": sd}, comfy.models_dir / vals["FlowCacheModelLoader"]["model_name"])
+        g = torch.Generator().manual_seed(2)
+        lora = {}
+        for b in range(2):
+            for mod in ("self_attn.q", "cross_attn.o", "ffn.0"):
+                w = sd[f"model.blocks.{b}.{mod}.weight"]
+                lora[f"base_model.model.blocks.{b}.{mod}.lora_A.weight"] = torch.randn(4, w.shape[1], generator=g) * .05
+                lora[f"base_model.model.blocks.{b}.{mod}.lora_B.weight"] = torch.randn(w.shape[0], 4, generator=g) * .05
+        (comfy.models_dir.parent / "loras").mkdir()
+        torch.save({"generator_lora": lora}, comfy.models_dir.parent / "loras" / vals["FlowCacheModelLoader"]["lora"])
+        out = run_node(n["FlowCacheModelLoader"], **vals["FlowCacheModelLoader"])
+    finally:
+        monkey.pop(64)
+    (loaded,) = out["result"]
+    assert loaded.loaded.loop == "longlive" and loaded.loaded.preset_key == "wan-1.3B-causal"
+    assert any("merged into 6 of its 6" in note for note in out["ui"]["flowcache_notes"]), out["ui"]
+    (cache,) = run_node(n["FlowCacheCache"], **vals["FlowCacheCache"])
+    (causal,) = run_node(n["FlowCacheCausalOptions"], **vals["FlowCacheCausalOptions"])
+    texts = [[[torch.randn(1, 5, 32, generator=g), {}]] for _ in range(3)]
+    s = {k: v for k, v in vals["FlowCacheSampler"].items() if k != "control_after_generate"}
+
+    def run(blocks: int, starts: tuple[int, ...]) -> dict:
+        sw = {**vals["FlowCachePromptSchedule"], **{f"start_frame_{i}": f for i, f in enumerate(starts, start=2)}}
+        (prompts,) = run_node(n["FlowCachePromptSchedule"], conditioning_1=texts[0], conditioning_2=texts[1],
+                              conditioning_3=texts[2], **sw)
+        frames = 4 * 3 * blocks - 3
+        res = run_node(n["FlowCacheSampler"], **{**s, "width": 32, "height": 32, "num_frames": frames}, model=loaded,
+                       positive=prompts, negative=texts[0], cache=cache, causal=causal, unique_id="11")
+        assert torch.isfinite(res["result"][0]["samples"]).all()
+        return res["ui"]["flowcache_stats"][0]
+
+    stats = run(24, (160, 4 * 60 - 3))  # the workflow's first change (block 14), the second at block 20
+    assert [(x["chunk"], x["rule"], x["entry"]) for x in stats["switches"]] == [(14, "recache", 2), (20, "recache", 3)]
+    assert stats["forwards"] == stats["computed"] + 24 + 2, "a clean pass per block and one re-cache per change"
+    assert run(8, (4 * 15 - 3, 4 * 21 - 3))["kv_peak_bytes"] == stats["kv_peak_bytes"] > 0, "flat in length"

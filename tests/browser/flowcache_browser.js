@@ -17,7 +17,7 @@
 //   DEMO_PRESET          run the demo with this preset (on its FlowCache Cache node) instead of the workflow's
 //   CALIBRATED_MODEL     check: a model file whose calibrated presets the cache node must show (default my_finetune.safetensors)
 //   NOTE_MODEL, NOTE_STEPS  note: the (small) model file and steps of the run without a cache node
-//   FIT_NODES=1          export: size the sampler and cache nodes to their widgets before saving
+//   FIT_NODES=1          export: size the sampler, cache and prompt schedule nodes to their widgets before saving
 //   PLAYWRIGHT_CORE_DIR  node_modules folder holding playwright-core (default /tmp/pw/node_modules)
 //   CHROMIUM             chromium executable (default: `which chromium`)
 //
@@ -497,7 +497,7 @@ async function exportWorkflows(browser) {
     if (process.env.FIT_NODES === "1") {
       await page.evaluate(() => {
         for (const n of window.app.graph._nodes) {
-          if (n.type !== "FlowCacheSampler" && n.type !== "FlowCacheCache") continue;
+          if (!["FlowCacheSampler", "FlowCacheCache", "FlowCachePromptSchedule"].includes(n.type)) continue;
           const size = n.computeSize();
           n.setSize([Math.max(n.size[0], size[0]), size[1]]);
         }
