@@ -1,4 +1,4 @@
-"""``python -m flowcache``: inspect, generate, demo (the main job), bench, calibrate."""
+"""``python -m flowcache``: inspect, generate, demo (the main job), bench, calibrate, convert."""
 from __future__ import annotations
 
 import argparse
@@ -397,6 +397,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="causal: per-block time, KV bytes and peak RSS of the causal loop for global, rolling and "
                         "compressed eviction (--windows gives the block counts)")
     sub.add_parser("calibrate", help="fit a model's rescale polynomial and write a preset file (see --help)")
+    cv = sub.add_parser("convert", help="LongLive v1.0's release files as safetensors for ComfyUI's own loaders "
+                                        "(Load Diffusion Model, LoraLoaderModelOnly)",
+                        description=textwrap.fill(
+                            "ComfyUI cannot read LongLive's release files as they are ({'generator': ...}, "
+                            "{'generator_lora': ...}). longlive-lora writes lora.pt in ComfyUI's LoRA layout for the "
+                            "Wan2.1 diffusion model (LoraLoaderModelOnly at strength 1 applies what FlowCache Load "
+                            "Model's merge does); longlive-base writes longlive_base.pt's weights with bare Wan2.1 "
+                            "keys (Load Diffusion Model), marked so that FlowCache runs LongLive's loop whatever the "
+                            "file is called. Inputs are read as data only (weights_only: a pickle that would run code "
+                            "is refused); the output is written complete or not at all.", 79))
+    cv.add_argument("kind", choices=["longlive-lora", "longlive-base"], help="what SRC is")
+    cv.add_argument("src", help="the release file: lora.pt (longlive-lora) or longlive_base.pt (longlive-base)")
+    cv.add_argument("dst", help="the .safetensors file to write (e.g. into ComfyUI/models/loras or "
+                                "models/diffusion_models)")
+    cv.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="store the weights in this dtype (default: "
+                                                                     "as stored in SRC)")
+    cv.add_argument("--force", action="store_true", help="replace DST if it exists")
     gc = sub.add_parser("gpucheck", help="the device check: random-wan-1.3B at 960x544 for a few steps on a GPU, one "
                                          "table (per-step time off vs FlowCache, peak memory measured vs estimated "
                                          "for each plan, the offload overhead, masked vs per-chunk attention)")
@@ -408,7 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--quiet", action="store_true", help="print only the table")
     a = p.parse_args(argv)
     return _run({"inspect": _inspect, "demo": _demo, "generate": _generate, "bench": _bench,
-                 "gpucheck": _gpucheck}[a.cmd], a)
+                 "gpucheck": _gpucheck, "convert": _convert}[a.cmd], a)
+
+
+def _convert(a) -> int:
+    from .convert import convert
+
+    done = convert(a.kind, a.src, a.dst, a.dtype, a.force)
+    print(f"wrote {done.summary}; {done.bytes / 2**20:.1f} MiB")
+    return 0
 
 
 def _gpucheck(a) -> int:

@@ -3,8 +3,9 @@
 Read safely (safetensors, or ``torch.load(weights_only=True)`` through ``flowcache.checkpoint``). Accepted
 layouts: peft's (``base_model.model.<module>.lora_A.weight`` [r, in] / ``lora_B.weight`` [out, r], optionally
 ``lora_A.default.weight``), with or without a wrapper entry (LongLive's ``lora.pt`` is
-``{'generator_lora': {...}}``), and the same names behind any known key prefix (``model.``,
-``diffusion_model.``). The scale is alpha / rank: a ``<module>.alpha`` tensor when the file has one, else the
+``{'generator_lora': {...}}``), ComfyUI's ``<module>.lora_down.weight`` (A) / ``lora_up.weight`` (B) (what
+``python -m flowcache convert longlive-lora`` writes), and the same names behind any known key prefix
+(``model.``, ``diffusion_model.``). The scale is alpha / rank: a ``<module>.alpha`` tensor when the file has one, else the
 ``alpha`` given (None: alpha = rank, scale 1, as LongLive's rank 256 / alpha 256).
 
 A LoRA whose keys match no weight of the base is refused, with the count of matched keys, so a LoRA for another
@@ -23,7 +24,8 @@ from ..checkpoint import KNOWN_PREFIXES, load_checkpoint
 from ..errors import CheckpointError
 
 LORA_WRAPPERS = ("generator_lora",)  # LongLive's lora.pt: the peft state dict under this entry
-_PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight$")
+_PAIR = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB]|up|down)(?:\.default)?\.weight$")
+_SIDES = {"A": "A", "B": "B", "down": "A", "up": "B"}  # ComfyUI's / kohya's lora_down = A, lora_up = B
 
 
 @dataclass
@@ -53,13 +55,13 @@ def read_lora(path: str | os.PathLike, alpha: float | None = None) -> LoRA:
     for key, t in ck.tensors.items():
         m = _PAIR.match(key)
         if m:
-            raw.setdefault(_bare(m["module"]), {})[m["side"]] = t
+            raw.setdefault(_bare(m["module"]), {})[_SIDES[m["side"]]] = t
         elif key.endswith(".alpha") and t.numel() == 1:
             alphas[_bare(key[:-len(".alpha")])] = float(t)
     if not raw:
         sample = ", ".join(sorted(ck.tensors)[:3])
-        raise CheckpointError(f"{name}: not a LoRA: no '<module>.lora_A.weight' / 'lora_B.weight' pairs (found "
-                              f"keys like {sample}).")
+        raise CheckpointError(f"{name}: not a LoRA: no '<module>.lora_A.weight' / 'lora_B.weight' (or "
+                              f"'lora_down' / 'lora_up') pairs (found keys like {sample}).")
     pairs = {}
     for module, sides in raw.items():
         if set(sides) != {"A", "B"}:
