@@ -20,7 +20,7 @@ import torch
 
 from ..flowcache.checkpoint import DTYPE_NAMES, Checkpoint, read_named_tensors
 from ..flowcache.errors import CheckpointError, InputError
-from ..flowcache.models import WAN_GEOMETRY, LoadedModel, header_facts, wan_loop
+from ..flowcache.models import CAUSAL_LOOPS, WAN_GEOMETRY, LoadedModel, header_facts, wan_loop
 from ..flowcache.models.wan import (FPS_SHAPES, WAN_ANCHORS, WAN_SIZES, WanTreeModel, fps_layers_from_tensors,
                                     wan_config_from_tree)
 from ..flowcache.presets import model_presets
@@ -145,10 +145,11 @@ def native_wan_model(model: Any, prompt: Any = None, unique_id: Any = None) -> t
     preset_key = key or f"wan-{WAN_SIZES.get(cfg.dim, f'dim{cfg.dim}')}"
     text_len = int(meta.get("flowcache.text_len", 512)) if str(meta.get("flowcache.text_len", "512")).isdigit() else 512
     stored = DTYPE_NAMES.get(base.get_dtype(), str(base.get_dtype()).replace("torch.", ""))
-    # the loop, as FlowCache Load Model decides it: metadata, SkyReels' fps layers, the file's name
+    # the loop, as FlowCache Load Model decides it: metadata, SkyReels' fps layers, the file's name; a causal
+    # loop (causal, longlive, krea_realtime) takes the causal presets row, as the loader's models do
     loop, why = ("diffusion_forcing", "no file to read it from") if path is None else wan_loop(
         Checkpoint({}, [Path(path)], metadata=dict(meta)), {"fps_embedding.weight"} if fps is not None else set())
-    if loop == "causal" and not preset_key.endswith("-causal") and "flowcache.model_key" not in meta:
+    if loop in CAUSAL_LOOPS and not preset_key.endswith("-causal") and "flowcache.model_key" not in meta:
         preset_key += "-causal"
     lm = LoadedModel("wan", runner, runner.cfg, name, "", stored, preset_key, text_len=text_len, geometry=geometry,
                      extra_presets=extra, metadata=meta, loop=loop)
