@@ -414,18 +414,63 @@ def format_long(rows: list[dict]) -> str:
 
 
 # -- the causal loop: per-block time and memory by eviction mode -------------------------------------------------
-CAUSAL_MODES = ("global", "rolling", "compressed")
+# global / rolling / compressed: the causal loop's KV modes (Self-Forcing's geometry); longlive: LongLive v1.0's
+# setting (rolling, a 12-frame window, a 3-frame sink, blocks of 3) with a prompt switch half-way, re-cached;
+# krea: Krea Realtime's loop (its cache rebuilt from a 3-frame context every block, the oldest context frame
+# through the codec and back) with a prompt change half-way, blended
+CAUSAL_MODES = ("global", "rolling", "compressed", "longlive", "krea")
+
+
+class RoundTripCodec:
+    """A stand-in VAE that round-trips exactly, for timing Krea's loop on a model without its VAE: each latent
+    frame's channels packed into ``spatial``×``spatial`` pixel patches (zero padded), repeated ``temporal`` times
+    (the first latent frame once, as a Wan VAE decodes), and unpacked again by ``encode``. Not pixels anyone
+    should look at: the bench's video is written through the kit's own codec."""
+
+    def __init__(self, channels: int, spatial: int, temporal: int):
+        if channels > 3 * spatial * spatial:
+            raise ValueError(f"{channels} channels do not fit {spatial}x{spatial} patches of 3 colours")
+        self.c, self.s, self.t = channels, spatial, temporal
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[1, C, F, h, w] -> [T, h·s, w·s, 3], T = 1 + temporal·(F − 1)."""
+        _, c, f, h, w = latents.shape
+        x = torch.zeros(f, 3 * self.s * self.s, h, w, dtype=torch.float32)
+        x[:, :c] = latents[0].permute(1, 0, 2, 3).float().cpu()
+        frames = torch.nn.functional.pixel_shuffle(x, self.s).permute(0, 2, 3, 1)  # [F, h·s, w·s, 3]
+        return torch.cat([frames[:1], frames[1:].repeat_interleave(self.t, dim=0)])
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[T, H, W, 3] -> [1, C, F, H/s, W/s]: the first frame, then every ``temporal``-th (the last of each
+        group), as the decoded frames were laid out."""
+        keep = pixels[:1] if pixels.shape[0] == 1 else torch.cat([pixels[:1], pixels[self.t::self.t]])
+        x = torch.nn.functional.pixel_unshuffle(keep.permute(0, 3, 1, 2).float(), self.s)[:, :self.c]
+        return x.permute(1, 0, 2, 3)[None]
+
+
+def _prompt_change(kit, geo, blocks: int, fpb: int):
+    """Two prompts, the second from the first frame of block ``blocks // 2`` (one prompt for a single block)."""
+    from .prompts import PromptEntry, PromptSchedule
+
+    first = kit.text.encode("a red circle bouncing on a blue background")
+    if blocks < 2:
+        return PromptSchedule([PromptEntry(0, first)])
+    second = kit.text.encode("a green square moving left on a yellow background")
+    return PromptSchedule([PromptEntry(0, first), PromptEntry(geo.pixel_frames((blocks // 2) * fpb), second)])
 
 
 def causal_child(model: str, blocks: int, kv_mode: str, device: str = "cpu", budget: int = 1) -> dict:
     """One causal run (in a fresh process, so peak RSS is its own): ``blocks`` blocks of the causal loop, decoded
     block by block into an mp4 as they are written (frames never all in memory). ``model``: "demo" (the demo
-    model's weights in the causal loop: memory and time only, it was not trained causal) or a Wan kit name."""
+    model's weights in the causal loop: memory and time only, it was not trained causal) or a Wan kit name.
+    ``kv_mode``: one of ``CAUSAL_MODES`` (longlive and krea: those releases' loops, see above)."""
     from .cache import CacheSettings
     from .pipelines.causal_wan import CausalSettings, CausalWanPipeline
     from .pipelines.common import LatentGeometry
     from .video import VideoWriter
 
+    if kv_mode not in CAUSAL_MODES:
+        raise ValueError(f"kv_mode {kv_mode!r}: one of {', '.join(CAUSAL_MODES)}")
     if model == "demo":
         from .jobs import load_demo_kit
 
@@ -436,14 +481,31 @@ def causal_child(model: str, blocks: int, kv_mode: str, device: str = "cpu", bud
 
         kit = load_checkpoint_kit(model, device)
         w, h, fpb, window, sink = 832, 480, 3, 21, 3  # Self-Forcing's geometry and trained horizon
+    if kv_mode in ("longlive", "krea"):
+        fpb = 3  # both releases' blocks
     geo = LatentGeometry(**kit.loaded.geometry)
-    s = CausalSettings(width=w, height=h, num_frames=geo.pixel_frames(blocks * fpb), num_frame_per_block=fpb,
-                       kv_mode=kv_mode, local_attn_frames=window, sink_frames=sink)
-    cond = kit.text.encode("a red circle bouncing on a blue background")
-    pipe = CausalWanPipeline(kit.loaded.model, geo, kit.loaded.text_len)
+    frames = geo.pixel_frames(blocks * fpb)
     t0 = time.perf_counter()
     with Progress(bars_wanted(), say=None).run(f"causal {blocks} blocks, {kv_mode}") as hooks:
-        z, stats = pipe(cond, s, CacheSettings(kv_budget=budget if kv_mode == "compressed" else 0), hooks)
+        if kv_mode == "krea":
+            from .pipelines.krea_realtime import KreaRealtimePipeline, KreaSettings
+
+            codec = kit.codec if model == "demo" else RoundTripCodec(geo.channels, geo.spatial_stride,
+                                                                    geo.temporal_stride)
+            s = KreaSettings(width=w, height=h, num_frames=frames, num_frame_per_block=fpb)
+            pipe = KreaRealtimePipeline(kit.loaded.model, geo, kit.loaded.text_len, codec)
+            z, stats = pipe(_prompt_change(kit, geo, blocks, fpb), s, CacheSettings(), hooks)
+        else:
+            if kv_mode == "longlive":  # LongLive v1.0's configs: window 12, sink 3, re-cache on a switch
+                s = CausalSettings(width=w, height=h, num_frames=frames, num_frame_per_block=fpb, kv_mode="rolling",
+                                   local_attn_frames=12, sink_frames=3, prompt_rule="recache")
+                cond = _prompt_change(kit, geo, blocks, fpb)
+            else:
+                s = CausalSettings(width=w, height=h, num_frames=frames, num_frame_per_block=fpb, kv_mode=kv_mode,
+                                   local_attn_frames=window, sink_frames=sink)
+                cond = kit.text.encode("a red circle bouncing on a blue background")
+            pipe = CausalWanPipeline(kit.loaded.model, geo, kit.loaded.text_len)
+            z, stats = pipe(cond, s, CacheSettings(kv_budget=budget if kv_mode == "compressed" else 0), hooks)
     sample_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         with VideoWriter(Path(d) / "causal.mp4", "video/h264-mp4", fps=s.fps) as writer:
@@ -451,15 +513,16 @@ def causal_child(model: str, blocks: int, kv_mode: str, device: str = "cpu", bud
                 writer.write(kit.codec.decode(z[:, :, i:i + fpb]))
     return {"blocks": blocks, "kv_mode": kv_mode, "frames": int(z.shape[2]), "sample_s": sample_s,
             "block_s": sample_s / blocks, "peak_kv_bytes": stats.kv_peak_bytes,
+            "switches": len(stats.switches),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def run_causal(model: str = "demo", block_counts=(1, 2, 4, 8), device: str = "cpu", log=print,
-               progress: Progress | None = None) -> list[dict]:
+               progress: Progress | None = None, modes: tuple[str, ...] = CAUSAL_MODES) -> list[dict]:
     progress = progress or Progress.off()
     rows = []
     for n in block_counts:
-        for mode in CAUSAL_MODES:
+        for mode in modes:
             progress.say(f"bench --loop causal: {model}, {n} block(s), {mode} KV, in a fresh process ...")
             cmd = [sys.executable, "-m", "flowcache", "bench", "--causal-child", model, str(n), mode, "--device", device]
             out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env=_child_env(progress))
@@ -472,11 +535,15 @@ def run_causal(model: str = "demo", block_counts=(1, 2, 4, 8), device: str = "cp
 
 def format_causal(rows: list[dict]) -> str:
     head = (f"{'blocks':>6s} {'frames':>6s} {'kv_mode':>10s} {'s/block':>8s} {'peak KV MiB':>11s} "
-            f"{'peak RSS MiB':>12s}")
+            f"{'peak RSS MiB':>12s} {'switches':>8s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['blocks']:6d} {r['frames']:6d} {r['kv_mode']:>10s} {r['block_s']:8.3f} "
-                     f"{r['peak_kv_bytes'] / 2**20:11.3f} {r['peak_rss_mib']:12.0f}")
+                     f"{r['peak_kv_bytes'] / 2**20:11.3f} {r['peak_rss_mib']:12.0f} {r.get('switches', 0):8d}")
+    lines.append("frames: latent frames. global/rolling/compressed: the causal loop's KV modes; longlive: LongLive "
+                 "v1.0 (rolling, 12-frame window, 3-frame sink, blocks of 3, a prompt switch half-way re-cached); "
+                 "krea: Krea Realtime's loop (its cache rebuilt from a 3-frame context each block, a prompt change "
+                 "half-way blended). Bounded modes keep peak KV flat as the blocks grow.")
     return "\n".join(lines)
 
 

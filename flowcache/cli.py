@@ -395,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                         "17 frames, 3 steps; --width/--height/--frames/--steps), off and FlowCache fast")
     b.add_argument("--loop", choices=["diffusion_forcing", "causal"], default="diffusion_forcing",
                    help="causal: per-block time, KV bytes and peak RSS of the causal loop for global, rolling and "
-                        "compressed eviction (--windows gives the block counts)")
+                        "compressed eviction, LongLive's setting (12-frame window, 3-frame sink, a prompt switch "
+                        "re-cached) and Krea Realtime's loop (its context rebuilt each block) (--windows gives the "
+                        "block counts)")
     sub.add_parser("calibrate", help="fit a model's rescale polynomial and write a preset file (see --help)")
     cv = sub.add_parser("convert", help="LongLive v1.0's release files as safetensors for ComfyUI's own loaders "
                                         "(Load Diffusion Model, LoraLoaderModelOnly)",

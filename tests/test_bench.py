@@ -253,3 +253,30 @@ def test_bench_says_each_phase_draws_a_bar_per_run_and_puts_its_figures_in_conte
     text = format_table(res)
     assert "counted, not timed" in text and "noisy" in text and "off's wall time / this mode's" in text
     assert text.count("target < 3% on an idle machine") == 3
+
+
+@pytest.mark.parametrize("mode", ["longlive", "krea"])
+def test_causal_bench_rows_of_longlive_and_krea_keep_kv_flat(mode):
+    """bench --loop causal's LongLive row (window 12, sink 3, a prompt switch re-cached) and Krea row (its context
+    rebuilt every block through the demo's codec, a prompt change blended): the KV bytes stay the same as the
+    blocks grow past the window, where kv_mode global grows."""
+    from flowcache import bench
+
+    rows = [bench.causal_child("demo", n, mode) for n in (5, 8)]
+    assert [r["frames"] for r in rows] == [15, 24] and all(r["switches"] == 1 for r in rows)
+    assert rows[0]["peak_kv_bytes"] == rows[1]["peak_kv_bytes"] > 0, rows
+    grows = [bench.causal_child("demo", n, "global")["peak_kv_bytes"] for n in (2, 4)]
+    assert grows[1] > grows[0]
+    assert mode in bench.format_causal(rows)
+
+
+def test_round_trip_codec_is_exact():
+    """The stand-in codec for Krea's loop on a model without its VAE gives back the latent frame it decoded."""
+    from flowcache.bench import RoundTripCodec
+
+    codec = RoundTripCodec(16, 8, 4)
+    z = torch.randn(1, 16, 3, 2, 3)
+    pixels = codec.decode(z)
+    assert pixels.shape == (9, 16, 24, 3)
+    assert torch.equal(codec.encode(pixels[-1:]), z[:, :, -1:])
+    assert torch.equal(codec.encode(pixels), z)
