@@ -236,6 +236,9 @@ async function hideChrome(page) {
   await page.evaluate(() => {
     try {
       window.app.canvas.show_info = false;
+      // text at any zoom: a tall graph is fitted below the level-of-detail threshold (8 px text), where the canvas
+      // would draw the nodes as empty boxes
+      window.app.canvas.min_font_size_for_lod = 0;
       window.app.canvas.setDirty(true, true);
     } catch (_) {}
   });
@@ -486,14 +489,30 @@ async function videoSmoke(browser) {
   console.log("RESULT " + JSON.stringify({ mode: "video", ...state, logs }));
 }
 
+/** Whether fontconfig has a font for Chinese text (headless Chromium draws boxes for glyphs it has no font for). */
+function hasCJKFont() {
+  try {
+    return execSync("fc-list :lang=zh family").toString().trim().length > 0;
+  } catch (_) {
+    return false;
+  }
+}
+
 /** Maintainers: re-save each workflow as the frontend serialises it (canonical 0.4 format) and make thumbnails. */
 async function exportWorkflows(browser) {
   const logs = [];
   const page = await openEditor(browser, logs);
   const listing = JSON.parse((await getJSON(page, "/api/workflow_templates")).body)[PACK] || [];
   const names = process.env.WORKFLOWS ? process.env.WORKFLOWS.split(",").filter(Boolean) : listing;
+  const cjkFont = hasCJKFont();
   for (const name of names) {
     const r = await loadAndInspect(page, name);
+    const text = JSON.stringify(await page.evaluate(() => window.app.graph.serialize()));
+    if (!cjkFont && /[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]/.test(text)) {
+      // e.g. the Chinese negative prompt of the Wan workflows: install a CJK font (Debian: fonts-wqy-microhei)
+      console.log(`WARNING ${name}: it holds CJK text and fontconfig has no CJK font (fc-list :lang=zh is empty): ` +
+        "its thumbnail will show boxes; install one, e.g. apt-get install fonts-wqy-microhei");
+    }
     if (process.env.FIT_NODES === "1") {
       await page.evaluate(() => {
         for (const n of window.app.graph._nodes) {
