@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowcache.cache import (AccumulatedL1Policy, CacheSettings, FlowCacheConfig, FlowCachePolicy,
-                             relative_l1)
+from flowcache.cache import AccumulatedL1Config, AccumulatedL1Policy, CacheSettings, relative_l1
 from flowcache.cache.easycache import EasyCacheConfig
 from flowcache.presets import SHARED_VALUES, default_request, resolve_cache
 from flowcache.df_schedule import timestep_matrix
@@ -35,7 +34,7 @@ def expected_decisions(rels, threshold, warmup, forced_last=True, poly=(1.0, 0.0
 
 def test_rule_on_dummy_signals_per_unit_and_branch():
     # signal s_k = 1 + k*0.1 for unit A, constant for unit B: relative L1s are known exactly
-    pol = FlowCachePolicy(FlowCacheConfig(threshold=0.25, warmup=2, coefficients=[1.0, 0.0]))
+    pol = AccumulatedL1Policy(AccumulatedL1Config(threshold=0.25, warmup=2, coefficients=[1.0, 0.0]))
     sa = [torch.full((4,), 1.0 + 0.1 * k) for k in range(10)]
     rels = [0.0] + [relative_l1(sa[k], sa[k - 1]) for k in range(1, 10)]
     got_cond = []
@@ -55,7 +54,7 @@ def test_rule_on_dummy_signals_per_unit_and_branch():
 
 def test_polynomial_rescale_and_threshold_zero():
     poly = [2.0, 0.0, 0.05]  # 2x^2 + 0.05
-    pol = AccumulatedL1Policy(threshold=0.2, warmup=1, coefficients=poly)
+    pol = AccumulatedL1Policy(AccumulatedL1Config(threshold=0.2, warmup=1, coefficients=poly))
     sig = [torch.full((3,), v) for v in (1.0, 1.1, 1.2, 1.25, 1.3, 2.0)]
     rels = [0.0] + [relative_l1(sig[k], sig[k - 1]) for k in range(1, 6)]
     got = []
@@ -64,7 +63,7 @@ def test_polynomial_rescale_and_threshold_zero():
         if got[-1]:
             pol.remember("u", torch.zeros(1))
     assert got == expected_decisions(rels, 0.2, 1, forced_last=False, poly=poly)
-    never = AccumulatedL1Policy(threshold=0.0, warmup=0, coefficients=[1.0, -1.0])  # negative rescale
+    never = AccumulatedL1Policy(AccumulatedL1Config(threshold=0.0, warmup=0, coefficients=[1.0, -1.0]))  # negative rescale
     assert all(never.should_compute("u", s) for s in sig)
 
 
