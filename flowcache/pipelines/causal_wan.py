@@ -45,7 +45,7 @@ from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forwar
 from ..prompts import PromptSchedule, as_schedule, switch_record
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
 from ..stats import RunStats
-from ..validate import finite, whole
+from ..validate import finite, whole_fields
 from .common import LatentGeometry
 from .wan_step import UnitSpan, WanStep, check_conditioning
 
@@ -121,23 +121,15 @@ class CausalPlan:
 
 def plan_causal(s: CausalSettings, geo: LatentGeometry, patch: tuple[int, int, int], kv_budget: int) -> CausalPlan:
     """Validate the settings (errors name the widget) and lay out the blocks; nothing runs before this passes."""
-    for name in ("width", "height", "num_frames", "num_frame_per_block", "seed", "local_attn_frames", "sink_frames"):
-        setattr(s, name, whole(getattr(s, name), name))
+    whole_fields(s, "width", "height", "num_frames", "num_frame_per_block", "seed", "local_attn_frames", "sink_frames")
     s.shift = finite(s.shift, "shift", 0.0)
     s.fps = finite(s.fps, "fps", 0.0)
     s.context_noise = finite(s.context_noise, "context_noise", 0.0, 1000.0)
     if not s.denoising_steps or any(not 0 < finite(t, "denoising_steps", 0.0, 1000.0) for t in s.denoising_steps):
         raise InputError(f"denoising_steps={list(s.denoising_steps)}: must be timesteps in (0, 1000], e.g. "
                          "[1000, 750, 500, 250] (Self-Forcing).")
-    unit = geo.spatial_stride * patch[1]
-    for name, val in (("width", s.width), ("height", s.height)):
-        if val <= 0 or val % unit:
-            raise InputError(f"{name}={val}: must be a positive multiple of {unit} for this model "
-                             f"(nearest: {max(unit, round(val / unit) * unit)}).")
-    ts = geo.temporal_stride
-    if s.num_frames < 1 or (s.num_frames - 1) % ts:
-        raise InputError(f"num_frames={s.num_frames}: must be {ts}·k+1 (nearest: "
-                         f"{max(1, round((s.num_frames - 1) / ts)) * ts + 1}).")
+    geo.check_size(s.width, s.height, patch[1])
+    geo.check_frames("num_frames", s.num_frames)
     fb = s.num_frame_per_block
     latent = geo.latent_frames(s.num_frames)
     if fb < 1 or latent % fb:

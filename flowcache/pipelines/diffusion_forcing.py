@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import CacheSettings, make_policy
+from ..cache.registry import check_path
 from ..cache.base import CachePolicy
 from ..df_schedule import DFSchedule, timestep_matrix
 from ..errors import InputError
@@ -31,11 +32,9 @@ from ..prompts import PromptSchedule, as_schedule, switch_record
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, StepInfo, Unit, run_loop
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
-from ..validate import finite, whole
+from ..validate import finite, whole_fields
 from .common import LatentCodec, LatentGeometry
 from .wan_step import UnitSpan, WanStep, check_conditioning
-
-PATHS = ("auto", "window", "chunk")
 
 
 @dataclass
@@ -78,24 +77,16 @@ def _check_numbers(s: DFSettings) -> None:
     if s.shift <= 0:
         raise InputError(f"shift={s.shift}: must be > 0 (SkyReels uses 8 for text-to-video).")
     s.fps = finite(s.fps, "fps", 0.0)
-    for name in ("width", "height", "num_frames", "steps", "base_num_frames", "overlap_history",
-                 "addnoise_condition", "causal_block_size", "ar_step", "seed"):
-        setattr(s, name, whole(getattr(s, name), name))
+    whole_fields(s, "width", "height", "num_frames", "steps", "base_num_frames", "overlap_history", "addnoise_condition",
+                 "causal_block_size", "ar_step", "seed")
 
 
 def plan_windows(s: DFSettings, geo: LatentGeometry, patch: tuple[int, int, int] = (1, 2, 2)) -> list[Window]:
     """Validate the settings and split the video into SkyReels windows; raises InputError before sampling."""
     _check_numbers(s)
-    unit = geo.spatial_stride * patch[1]
-    for name, val in (("width", s.width), ("height", s.height)):
-        if val <= 0 or val % unit:
-            raise InputError(f"{name}={val}: must be a positive multiple of {unit} for this model "
-                             f"(nearest: {max(unit, round(val / unit) * unit)}).")
-    ts = geo.temporal_stride
-    for name, val in (("num_frames", s.num_frames), ("base_num_frames", s.base_num_frames)):
-        if val < 1 or (val - 1) % ts:
-            raise InputError(f"{name}={val}: must be {ts}·k+1 for a model with {ts}x temporal compression "
-                             f"(nearest: {max(1, round((val - 1) / ts)) * ts + 1}).")
+    geo.check_size(s.width, s.height, patch[1])
+    geo.check_frames("num_frames", s.num_frames)
+    geo.check_frames("base_num_frames", s.base_num_frames)
     if s.steps < 1:
         raise InputError(f"steps={s.steps}: must be at least 1.")
     if s.ar_step < 0:
@@ -104,8 +95,7 @@ def plan_windows(s: DFSettings, geo: LatentGeometry, patch: tuple[int, int, int]
         raise InputError(f"solver={s.solver!r}: must be one of {', '.join(SOLVERS)}.")
     if s.attention not in ("full", "block_causal"):
         raise InputError(f"attention={s.attention!r}: must be 'full' or 'block_causal'.")
-    if s.path not in PATHS:
-        raise InputError(f"path={s.path!r}: must be one of {', '.join(PATHS)}.")
+    check_path(s.path)
     if not 0 <= s.addnoise_condition <= 1000:
         raise InputError(f"addnoise_condition={s.addnoise_condition}: must lie in 0..1000 (SkyReels suggests ≤ 50).")
     cbs = s.causal_block_size
@@ -209,7 +199,7 @@ def plan_df(s: DFSettings, cache: CacheSettings, cfg, geometry: LatentGeometry, 
     cfg: the model's ``WanConfig``; dtype: its compute dtype; branches: the text branches (default: cond, and
     uncond when cfg > 1); options: how the run holds its memory (``flowcache.plan``)."""
     windows = plan_windows(s, geometry, cfg.patch_size)
-    path = cache.path if s.path == "auto" else s.path
+    path = cache.run_path(s.path)
     branches = branches or (("cond", "uncond") if s.cfg > 1.0 else ("cond",))
     cbs = s.causal_block_size
     sigmas, timesteps = flow_sigmas(s.steps, s.shift)

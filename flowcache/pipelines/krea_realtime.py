@@ -45,7 +45,7 @@ from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forwar
 from ..prompts import PromptSchedule, switch_record
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
 from ..stats import RunStats
-from ..validate import finite, whole
+from ..validate import finite, whole, whole_fields
 from .causal_wan import CausalPlan, CausalSettings, check_prompts, plan_causal
 from .common import LatentCodec, LatentGeometry
 from .wan_step import UnitSpan, WanStep
@@ -86,8 +86,7 @@ def release_schedule(steps: int, shift: float, strength: float = 1.0) -> tuple[l
 
 def plan_krea(s: KreaSettings, geo: LatentGeometry, patch: tuple[int, int, int]) -> CausalPlan:
     """Validate the settings (errors name the widget) and lay out the blocks."""
-    for name in ("context_frames", "steps", "blend_blocks"):
-        setattr(s, name, whole(getattr(s, name), name))
+    whole_fields(s, "context_frames", "steps", "blend_blocks")
     s.shift = finite(s.shift, "shift", 0.0)
     fb = whole(s.num_frame_per_block, "num_frame_per_block")
     if s.steps < 2:
