@@ -1,4 +1,5 @@
-"""FlowCache Sampler: SkyReels-V2 diffusion forcing with FlowCache / TeaCache caching."""
+"""FlowCache Sampler: one node for every loop the loaded model runs (SkyReels-V2 / Wan diffusion forcing, causal
+Wan and LongLive, Krea Realtime, MAGI-1), with any cache method, on the memory plan that fits."""
 from __future__ import annotations
 
 import logging

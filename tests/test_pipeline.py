@@ -263,7 +263,7 @@ def test_batched_chunks_and_branches_equal_one_forward_each(model, conds, monkey
         for c in range(3):
             model.run_blocks(h[:, tok[c]].expand(2, -1, -1), e0[:, fr[c]].expand(2, -1, -1, -1), torch.cat(ctxs),
                              (3, 4, 4), 3 * c, both.view(c))
-        kv = StepAttention(both, [0, 2], [48, 48], slice(None), window=False)
+        kv = StepAttention(both, [0, 2], [48, 48], slice(None), causal=True)
         got = model.run_blocks(torch.cat([h[:, tok[0]], h[:, tok[2]]], 1).expand(2, -1, -1),
                                torch.cat([e0[:, fr[0]], e0[:, fr[2]]], 1).expand(2, -1, -1, -1),
                                torch.cat(ctxs), (6, 4, 4), (0, 6), kv)

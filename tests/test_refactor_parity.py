@@ -54,7 +54,7 @@ WAN = dict(width=32, height=32, num_frames=21, steps=6, cfg=3.0, shift=5.0, seed
 C = dict(threshold=1.5, warmup=1, coefficients=[1.0, 0.0], attention="block_causal")  # the recorded arithmetic
 WAN_CASES = {
     "wan_off": ({}, CacheSettings()),
-    "wan_off_blockcausal": ({"attention": "block_causal"}, CacheSettings()),
+    "wan_off_blockcausal": ({"window_mask": "block_causal"}, CacheSettings()),
     "wan_off_chunked": ({"path": "chunk"}, CacheSettings(attention="block_causal")),
     "wan_teacache": ({}, CacheSettings.of("teacache", **C)),
     "wan_flowcache": ({}, CacheSettings.of("flowcache", **C)),

@@ -6,6 +6,7 @@ Units are keyed by ``(branch, unit_id)`` so the cond and uncond passes never sha
 latent update for MAGI-1) with ``remember`` / ``recall``; it reads only the policy's ``shared_decision`` flag,
 never which method it has. A method's rule is its ``decide`` (and ``on_forced``); the bookkeeping around it
 (counters, the last signal, a reuse with nothing cached turned into a compute) is ``should_compute``'s, once.
+Observers that are no method (calibration's recorder, ``replay``) wrap ``should_compute`` itself.
 """
 from __future__ import annotations
 

@@ -227,13 +227,21 @@ class _CausalLoop:
         run.preview = lambda: self.out[:, :, :self.done_frames]
 
     def steps(self, seg: Segment):
-        n, k = len(self.ts), 0
-        for b in range(self.plan.blocks):
+        """Per block: the re-cache (on a prompt change, under "recache"), the denoising steps, the clean pass. A
+        block's new prompt and its fresh noise are taken as its first step is asked for (a generator: after the
+        previous step's update), so the draws keep the official loop's order."""
+        n, k, p = len(self.ts), 0, self.plan
+        for b in range(p.blocks):
+            if b in self.changes:
+                self._change_prompt(b, self.run)
             if b in self.changes and self.recaches:
                 yield Step(k, [Unit(b, (), force=True, cacheable=False, output=False)], [b], 0,
                            data={"block": b, "i": -1, "t": self.s.context_noise, "recache": True})
                 k += 1
             for i in range(n):
+                if i == 0:
+                    self.x = self.noise.draw((1, self.pipe.geometry.channels, p.block_frames, p.h, p.w),
+                                             f"block {b} init")
                 yield Step(k, [Unit(b, (b,), force=i == n - 1)], [b], i, data={"block": b, "i": i, "t": self.ts[i]})
                 k += 1
             yield Step(k, [Unit(b, (b,), force=True, cacheable=False, output=False)], [b], n,
@@ -241,7 +249,7 @@ class _CausalLoop:
             k += 1
 
     def _change_prompt(self, b: int, run: RunState) -> None:
-        """From block ``b`` on the blocks read the entry that holds there (called once, at its first step)."""
+        """From block ``b`` on the blocks read the entry that holds there (called once, before its first step)."""
         self.entry = self.changes[b]
         self.call.set_contexts({"cond": self.pipe.model.text_embed(self.texts[self.entry].to(self.pipe.model.device))})
         run.stats.switches.append(switch_record(b, b * self.plan.block_frames, self.entry, self.s.prompt_rule,
@@ -264,10 +272,9 @@ class _CausalLoop:
         return first, targets
 
     def signals(self, step: Step) -> dict:
+        """The step's input embedded (into ``step.data``) and the block's signal; a re-cache has none."""
         d, p = step.data, self.plan
         b = d["block"]
-        if b in self.changes and self.entry != self.changes[b]:
-            self._change_prompt(b, self.run)
         if d.get("recache"):
             first, d["targets"] = self._recache_layout(b, self.run.stores["kv"])
             n = b * p.block_frames - first
@@ -277,8 +284,6 @@ class _CausalLoop:
             pos = self.pipe.geometry.positions(n, p.h, p.w, d["x_in"].device)
             d["emb"] = self.call.embed(d["x_in"], t, pos, d["spans"])
             return {}
-        if d["i"] == 0:
-            self.x = self.noise.draw((1, self.pipe.geometry.channels, p.block_frames, p.h, p.w), f"block {b} init")
         x_in = self.out[:, :, b * p.block_frames:(b + 1) * p.block_frames] if d.get("clean") else self.x
         d["x_in"] = x_in.to(self.pipe.model.device)
         t = torch.full((1, p.block_frames), float(d["t"]), device=d["x_in"].device)
@@ -377,7 +382,7 @@ class CausalWanPipeline:
                                                       "memory_plan": plan.memory.options.name})
         run = RunState(policy or make_policy(cache), stats, ("cond",), len(settings.denoising_steps), hooks)
         # a block attends to the stored blocks and itself: the store is the attention (block-causal by layout)
-        call = WanStep(model, contexts, settings.fps, window_attention=True, text_kv_once=True,
+        call = WanStep(model, contexts, settings.fps, causal=False, text_kv_once=True,
                        slice_tokens=plan.memory.options.slice_tokens)
         loop = _CausalLoop(self, settings, plan, call, cache, noise or SeededNoise(settings.seed), prompts, texts)
         return run_loop(loop, run), stats

@@ -323,8 +323,8 @@ class _MagiLoop:
     def steps(self, seg: Segment):
         plan, cw = self.plan, self.s.chunk_width
         total, prev_ids = len(plan.schedule), None
-        for k, window in enumerate(plan.schedule):
-            ids = [c for c, _ in window]
+        for k, chunks in enumerate(plan.schedule):
+            ids = [c for c, _ in chunks]
             cs, ce = ids[0], ids[-1] + 1
             x_win = self.x[:, :, cs * cw:ce * cw].clone()
             if self.pre is not None and plan.prefix_frames > cs * cw:  # re-pad the prefix frames inside the window
@@ -336,12 +336,12 @@ class _MagiLoop:
             else:
                 units = [Unit("window", tuple(ids), force or ids != prev_ids)]
             prev_ids = ids
-            yield Step(k, units, ids, data={"window": window, "x_win": x_win, "cs": cs, "ce": ce})
+            yield Step(k, units, ids, data={"chunks": chunks, "x_win": x_win, "cs": cs, "ce": ce})
 
     def signals(self, step: Step) -> dict:
         d, cw, model = step.data, self.s.chunk_width, self.model
         x_win, cs = d["x_win"], d["cs"]
-        d["chunk_x"] = {c: x_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] for c, _ in d["window"]}
+        d["chunk_x"] = {c: x_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] for c, _ in d["chunks"]}
         if self.path == "chunk":
             return {c: UnitSignal(model.embed_input(d["chunk_x"][c]).to(model.dtype), d["chunk_x"][c])
                     for c in step.active}
@@ -359,8 +359,8 @@ class _MagiLoop:
             # MAGI-1's clean refresh: the chunk that just finished, at clean_t, null caption, seeing itself only
             c = cs - 1
             self._clean_forward(self.x[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], c, dt, run)
-        t_of = {c: float(self.ts[i]) for c, i in d["window"]}
-        idx_of = dict(d["window"])
+        t_of = {c: float(self.ts[i]) for c, i in d["chunks"]}
+        idx_of = dict(d["chunks"])
         v: dict[int, torch.Tensor] = {}
         for c in step.active:
             if not decide[c]:
@@ -407,10 +407,10 @@ class _MagiLoop:
         total = 0.0
         if refresh_passes and d["cs"] > self.plan.offset and step.index % self.per == 0:
             total += refresh_passes * magi_forward_flops(cfgm, tok, tok, _tokens(self.null))
-        for c, i in d["window"]:
+        for c, i in d["chunks"]:
             for p in self._passes_for(self._weights(float(self.ts[i]))):
                 total += magi_forward_flops(cfgm, tok, rows(p, c, i), _tokens(self._caption(p, c)))
-        if self._nearly_clean(float(self.ts[d["window"][0][1]])):
+        if self._nearly_clean(float(self.ts[d["chunks"][0][1]])):
             total += magi_forward_flops(cfgm, tok, tok, _tokens(self._caption(self.passes[0], d["cs"])))
         return total
 
@@ -432,7 +432,7 @@ class _MagiLoop:
         """Euler for computed units; a reused unit adds its last computed update."""
         d, cw = step.data, self.s.chunk_width
         x_win, cs, ce = d["x_win"], d["cs"], d["ce"]
-        dt_of = {c: float(self.ts[i + 1] - self.ts[i]) for c, i in d["window"]}
+        dt_of = {c: float(self.ts[i + 1] - self.ts[i]) for c, i in d["chunks"]}
         new_win = x_win.clone()
         if self.path == "chunk":
             for c in step.active:
