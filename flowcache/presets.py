@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .cache.magcache import ratios_are_valid
 from .cache.registry import ATTENTION, KV_DTYPES, KV_PLACEMENTS, METHODS, REUSE, CacheSettings, method
 from .errors import CheckpointError, InputError
 
@@ -54,9 +55,7 @@ def check_table(table: object, source: str) -> dict:
         coef = entry.get("coefficients")
         if not isinstance(coef, list) or not coef or not all(_number(c) for c in coef):
             raise _bad(source, f"entry {key!r} field 'coefficients'", "must be a non-empty list of numbers")
-        ratios = entry.get("mag_ratios", {})
-        if not isinstance(ratios, dict) or not all(isinstance(v, list) and v and all(_number(x) and x > 0 for x in v)
-                                                   for v in ratios.values()):
+        if not ratios_are_valid(entry.get("mag_ratios", {})):
             raise _bad(source, f"entry {key!r} field 'mag_ratios'", "must map branches to lists of positive numbers")
         for name, section in entry.items():
             if name not in METHODS:

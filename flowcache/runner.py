@@ -1,19 +1,19 @@
 """The shared chunk-loop runner: one denoising loop under every model family.
 
 A model family is a ``ChunkLoop``: it says which segments the video has (long-video windows; the whole video
-for MAGI-1 and causal Wan), which units are active at each step and at which timesteps, how their inputs are
-built, how the model is called for the units that compute, and how the solver moves the latents. The runner
-owns everything else, written once: the cache policy and its decisions, the KV stores, the statistics and
-FLOP totals, the compute/reuse maps, progress, and the cancel point. All of it lives in one ``RunState``
-made per call and dropped with it, so nothing leaks between runs, between two sampler nodes, or out of a
-cancelled run.
+for MAGI-1 and the causal loops), which units are active at each step and at which timesteps, how their inputs
+are built, how the model is called for the units that compute, and how the solver moves the latents; its plan
+makes its KV stores (``StorePlan.build``). The runner does the rest, written once: the cache policy and its
+decisions, the statistics and FLOP totals (the stores' sizes among them), the compute/reuse maps, progress,
+and the cancel point. All of it lives in one ``RunState`` made per call and dropped with it, so nothing leaks
+between runs, between two sampler nodes, or out of a cancelled run.
 
 One step, as ``run_loop`` drives it::
 
     signals = loop.signals(step)                 # the cache signal of each unit (e.g. a chunk's e0)
     decisions = run.decide(step, signals)        # per (branch, unit): compute or reuse
-    out = loop.compute(step, decisions, run)     # model calls for what computes; reuse via run.recall
-    loop.update(step, out, run)                  # the solver
+    out = loop.compute(step, decisions, run)     # model calls for what computes (Wan: reuse via run.recall)
+    loop.update(step, out, run)                  # the solver (MAGI-1: a reused unit's update via run.recall)
 """
 from __future__ import annotations
 

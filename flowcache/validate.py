@@ -35,3 +35,10 @@ def whole(value: object, name: str, lo: int | None = None, hi: int | None = None
     if v != int(v):
         raise InputError(f"{name}={v:g}: must be a whole number.")
     return int(v)
+
+
+def whole_fields(obj: object, *names: str) -> None:
+    """Each named attribute of ``obj`` (a settings dataclass) replaced by its value as a whole number; errors as
+    ``whole``, naming the attribute (the widget of the same name)."""
+    for name in names:
+        setattr(obj, name, whole(getattr(obj, name), name))

@@ -414,9 +414,11 @@ class VideoWriter:
         self._done = True
         self._images = []
         if self._container is not None:
+            import av
+
             try:
                 self._container.close()
-            except Exception:
+            except (av.FFmpegError, OSError):
                 pass  # the file is being thrown away; a muxer complaint about it does not matter
             self._container = None
         self._cleanup()

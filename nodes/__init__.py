@@ -11,7 +11,8 @@ from .cache import FlowCacheCache
 from .causal import FlowCacheCausalOptions
 from .comfy_v3 import ComfyExtension, io
 from .decode_save import FlowCacheDecodeSave
-from .demo import FlowCacheDecode, FlowCacheDemoTextEncode
+from .decode import FlowCacheDecode
+from .demo import FlowCacheDemoTextEncode
 from .loader import FlowCacheModelLoader
 from .magi import FlowCacheMagiTextEncode, FlowCacheMagiVAELoader
 from .presets_route import register_routes

@@ -88,7 +88,8 @@ def _memory_inputs() -> list:
 
 
 class FlowCacheCache(io.ComfyNode):
-    """Choose how FlowCache Sampler reuses work: off, TeaCache (whole steps) or FlowCache (per chunk)."""
+    """Choose how FlowCache Sampler reuses work: the method (off, TeaCache's whole steps, or per chunk FlowCache,
+    MagCache, EasyCache), its preset, the chunk path's attention and reuse, and where stored K/V live."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:

@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 from ..flowcache.cache import CacheSettings
 from ..flowcache.errors import InputError
-from ..flowcache.latent_format import wan_to_raw
 from ..flowcache.pipelines.causal_wan import (KV_MODES, LOOP_PRESETS, CausalSettings, CausalWanPipeline,
                                                check_prompts, plan_causal)
 from ..flowcache.pipelines.common import LatentGeometry
@@ -16,6 +15,7 @@ from ..flowcache.pipelines.krea_realtime import KreaRealtimePipeline, KreaSettin
 from ..flowcache.prompts import PromptSchedule
 from ..flowcache.runner import RunHooks
 from .comfy_v3 import FLOWCACHE_CAUSAL, check_choices, io
+from .latents import sampler_latent
 
 log = logging.getLogger("FlowCache")
 
@@ -118,9 +118,7 @@ def causal_run(model: Any, w: Any, positive: Any, cache: CacheSettings, options:
     def job(hooks: RunHooks, plan):
         latents, stats = pipe(cond, plan.settings, cache, hooks, plan=plan)
         stats.settings["ignored_widgets"] = ignored
-        if lm.latent_format == "wan21":
-            return {"samples": wan_to_raw(latents)}, stats
-        return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
+        return sampler_latent(latents, lm.latent_format), stats
 
     def plan(memory: Any, width: int, height: int):
         return pipe.plan(replace(settings, width=width, height=height), cache, memory)
@@ -159,9 +157,7 @@ def krea_run(model: Any, w: Any, positive: Any, cache: CacheSettings, codec: Any
     def job(hooks: RunHooks, run_plan):
         latents, stats = pipe(cond, settings, cache, hooks, plan=run_plan)  # the plan is at this size
         stats.settings["ignored_widgets"] = ignored
-        if lm.latent_format == "wan21":
-            return {"samples": wan_to_raw(latents)}, stats
-        return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
+        return sampler_latent(latents, lm.latent_format), stats
 
     def planner(memory: Any, width: int, height: int):
         return pipe.plan(replace(settings, width=width, height=height), cache, memory)

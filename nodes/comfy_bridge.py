@@ -22,13 +22,22 @@ log = logging.getLogger("FlowCache")
 
 
 def _module(name: str) -> ModuleType | None:
+    """ComfyUI's module ``name``, or None when it is not there (the pack running on its own: CPU, no cancel). A
+    module that is there but fails to import is no reason to run without ComfyUI's device and cancel: its error
+    surfaces, naming the module."""
     mod = sys.modules.get(name)
     if mod is not None:
         return mod
     try:
         return importlib.import_module(name)
-    except Exception:  # absent, or present but unusable outside a running ComfyUI (e.g. no CUDA)
-        return None
+    except ModuleNotFoundError as e:
+        if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
+            return None  # the module, or a package above it, is absent
+        raise ImportError(f"FlowCache: ComfyUI's {name} is installed but cannot be imported: it needs "
+                          f"{e.name!r}, which is missing.") from e
+    except Exception as e:  # noqa: BLE001 - re-raised with the module's name: a broken install, not "no ComfyUI"
+        raise ImportError(f"FlowCache: ComfyUI's {name} is installed but failed to import ({type(e).__name__}: "
+                          f"{e}).") from e
 
 
 # ------------------------------------------------------------------------------------------- devices

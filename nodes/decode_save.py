@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..flowcache.decode_save import StreamDecoder, framewise_decoder, stream_decode_to_video
+from ..flowcache.decode_save import StreamDecoder, stream_decode_to_video
 from ..flowcache.errors import InputError
 from ..flowcache.models.wan_vae import build_wan_vae
 from . import comfy_bridge
-from .demo import DEMO_CODEC, _require_demo
-from .magi import MAGI_CODEC
-from .comfy_v3 import FLOWCACHE_MAGI_VAE, check_choices, hidden_value, io
+from .comfy_v3 import check_choices, hidden_value, io
+from .latents import decoder_inputs, tagged_decoder
 from .video import DEFAULT_FORMAT, FILENAME_OUTPUT, check_output, file_inputs, open_output, preview
 
 log = logging.getLogger("FlowCache")
@@ -34,15 +33,9 @@ def wan_stream_from_comfy(vae: Any) -> StreamDecoder:
 
 def latent_stream(samples: dict, vae: Any, magi_vae: Any) -> tuple[StreamDecoder, int]:
     """The decoder for these latents and how many latent frames to decode per piece."""
-    if not isinstance(samples, dict) or "samples" not in samples:
-        raise InputError("samples: expected a LATENT from FlowCache Sampler.")
-    kind = samples.get("flowcache_codec")
-    if kind == DEMO_CODEC:
-        return framewise_decoder(_require_demo("samples").load_demo_codec()), 4
-    if kind == MAGI_CODEC:
-        if magi_vae is None:
-            raise InputError("magi_vae: these are MAGI-1 latents; connect FlowCache Load MAGI-1 VAE to magi_vae.")
-        return magi_vae.stream_decoder(), int(samples.get("flowcache_chunk_width", 6))
+    tagged = tagged_decoder(samples, magi_vae)
+    if tagged is not None:
+        return tagged
     if vae is None:
         raise InputError("vae: these are Wan2.1 latents; connect Load VAE with the Wan2.1 VAE (wan_2.1_vae).")
     return wan_stream_from_comfy(vae), 4
@@ -60,10 +53,7 @@ class FlowCacheDecodeSave(io.ComfyNode):
             inputs=[
                 io.Latent.Input("samples", tooltip="Latents from FlowCache Sampler."),
                 *file_inputs(),
-                # the decoder: the one that matches the latents
-                io.Vae.Input("vae", optional=True,
-                             tooltip="The Wan2.1 VAE (wan_2.1_vae), for SkyReels-V2 / Wan latents."),
-                FLOWCACHE_MAGI_VAE.Input("magi_vae", optional=True, tooltip="MAGI-1's VAE, for MAGI-1 latents."),
+                *decoder_inputs("The Wan2.1 VAE (wan_2.1_vae), for SkyReels-V2 / Wan latents."),
             ],
             outputs=[io.String.Output(display_name="filename", tooltip=FILENAME_OUTPUT)],
             hidden=[io.Hidden.unique_id], is_output_node=True)

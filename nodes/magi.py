@@ -17,7 +17,6 @@ from .comfy_v3 import FLOWCACHE_MAGI_VAE, check_choices, io
 
 log = logging.getLogger("FlowCache")
 
-MAGI_CODEC = "magi"  # value of a LATENT's "flowcache_codec" key for MAGI-1 latents (raw VAE latents x 0.18215)
 TOKENS_KEY = "flowcache_magi_special_tokens"  # where the text node leaves the special tokens in CONDITIONING
 
 

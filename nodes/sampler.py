@@ -1,4 +1,5 @@
-"""FlowCache Sampler: SkyReels-V2 diffusion forcing with FlowCache / TeaCache caching."""
+"""FlowCache Sampler: one node for every loop the loaded model runs (SkyReels-V2 / Wan diffusion forcing, causal
+Wan and LongLive, Krea Realtime, MAGI-1), with any cache method, on the memory plan that fits."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,6 @@ import torch
 
 from ..flowcache.cache import CacheSettings, residuals_kept
 from ..flowcache.errors import InputError
-from ..flowcache.latent_format import wan_to_raw
 from ..flowcache.memory import auto_plan, host_available_bytes
 from ..flowcache.models.common import attention_backend
 from ..flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
@@ -25,9 +25,9 @@ from . import comfy_bridge
 from .causal import causal_run, krea_run
 from .comfy_v3 import (FLOWCACHE_CACHE, FLOWCACHE_CAUSAL, FLOWCACHE_MAGI_VAE, FLOWCACHE_MODEL,
                        FLOWCACHE_PROMPTS, check_choices, hidden_value, io)
-from .demo import DEMO_CODEC
 from .loader import FlowCacheModel
-from .magi import MAGI_CODEC, magi_caption, magi_scheduled_captions
+from .latents import DEMO_CODEC, MAGI_CODEC, WAN_FORMAT, sampler_latent
+from .magi import magi_caption, magi_scheduled_captions
 from .native import is_comfy_model, native_wan_model, unapplied_patches
 from .vae_codec import ComfyVAECodec
 
@@ -339,7 +339,7 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
         # The demo carries the overlap over in latent space, as the CLI's demo job does (same videos).
         if vae is not None:
             log.warning("FlowCache: the demo model has its own codec; the connected vae is not used.")
-    elif lm.latent_format != "wan21":
+    elif lm.latent_format != WAN_FORMAT:
         raise InputError(f"model: its latent format is {lm.latent_format!r}; FlowCache Sampler expects Wan2.1 VAE "
                          f"latents ('wan21') or the built-in demo's ({DEMO_CODEC!r}).")
     elif vae is not None:
@@ -350,9 +350,7 @@ def _wan_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative: 
 
     def job(hooks: RunHooks, run_plan):
         latents, stats = pipe(cond, uncond, run_plan.settings, cache, hooks, plan=run_plan)
-        if lm.latent_format == "wan21":
-            return {"samples": wan_to_raw(latents)}, stats
-        return {"samples": latents, "flowcache_codec": lm.latent_format}, stats
+        return sampler_latent(latents, lm.latent_format), stats
 
     return RunSpec(job, plan, geometry.spatial_stride * lm.config.patch_size[1])
 
@@ -389,7 +387,7 @@ def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative:
     def job(hooks: RunHooks, run_plan):
         latents, stats = pipe(caption, mask, run_plan.settings, cache, prefix, hooks, plan=run_plan)
         stats.switches = switches
-        return {"samples": latents, "flowcache_codec": MAGI_CODEC, "flowcache_chunk_width": settings.chunk_width}, stats
+        return sampler_latent(latents, MAGI_CODEC, settings.chunk_width), stats
 
     return RunSpec(job, plan, 16)
 

@@ -107,7 +107,7 @@ def test_diffusion_forcing_routes_every_attention(monkeypatch, wan, text, path, 
         monkeypatch.setattr(store_mod, "MASK_DEVICES", {"cpu"})
 
     def run():
-        settings = DFSettings(**DF, attention="block_causal" if masked and path == "window" else "full")
+        settings = DFSettings(**DF, window_mask="block_causal" if masked and path == "window" else "full")
         settings.path = path
         return DiffusionForcingPipeline(wan, DF_GEO, text_len=8)(text[0], text[1], settings, cache)[0]
 

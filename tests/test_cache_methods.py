@@ -126,3 +126,64 @@ def test_every_method_has_presets_for_the_released_models():
                 assert s.method == method and s.preset == preset
     mag = resolve_cache("wan-1.3B", "magcache", "slow").config
     assert len(mag.mag_ratios["cond"]) == 50 and mag.mag_ratios["uncond"][1] == pytest.approx(1.02213)
+
+
+# -- pinned to hand-worked numbers: the reference rule, not this package's code, produced the expected strings ---
+def test_magcache_pinned_to_the_reference_rule_by_hand():
+    """MagCache4Wan2.1: after the retention steps, Γ *= γ_k, err += |1 − Γ|, steps += 1; skip while err is within
+    the threshold and steps ≤ K, else compute and reset (Γ = 1, err = 0, steps = 0). γ: MagCache4Wan2.1's
+    published Wan2.1-T2V-1.3B cond ratios (the pack's wan-1.3B presets), taken at 10 steps by MagCache's
+    nearest_interp: indices round(k·49/9) = 0, 5, 11, 16, 22, 27, 33, 38, 44, 49 give
+    γ = 1.0, 0.99634, 0.99535, 0.99518, 0.99388, 0.99171, 0.98758, 0.97977, 0.95086, 0.81838.
+    Retention 0.2 (2 of 10 steps); the last step computes (the pipeline forces it)."""
+    ratios = resolve_cache("wan-1.3B", "magcache", "slow").config.mag_ratios
+    cases = {
+        # threshold 0.06, K 2 (MagCache's slow Wan setting):
+        # k2: Γ = 0.99535, err = 0.00465, 1 skip -> R
+        # k3: Γ = 0.99535·0.99518 = 0.990552, err = 0.00465 + 0.009448 = 0.014098, 2 skips -> R
+        # k4: a 3rd skip > K -> C;  k5: Γ = 0.99171, err = 0.00829 -> R
+        # k6: Γ = 0.99171·0.98758 = 0.979393, err = 0.028897 -> R;  k7: 3rd skip -> C
+        # k8: Γ = 0.95086, err = 0.04914 -> R;  k9: last -> C
+        (0.06, 2): "CCRRCRRCRC",
+        # threshold 0.02, K 3: k4: err = 0.014098 + |1 − 0.990552·0.99388| = 0.029607 > 0.02 -> C
+        # k5: err = 0.00829 -> R;  k6: err = 0.028897 -> C;  k7: err = |1 − 0.97977| = 0.02023 -> C
+        # k8: err = 0.04914 -> C;  k9: last -> C
+        (0.02, 3): "CCRRCRCCCC",
+    }
+    for (threshold, k_max), want in cases.items():
+        policy = MagCachePolicy(MagCacheConfig(threshold=threshold, max_skips=k_max, warmup=2, mag_ratios=ratios))
+        policy.prepare(10)
+        got = ""
+        for k in range(10):
+            compute = policy.should_compute(("cond", 0), torch.zeros(1), force=k == 9)
+            got += "C" if compute else "R"
+            if compute:
+                policy.remember(("cond", 0), torch.zeros(1))
+        assert got == want, (threshold, k_max)
+
+
+def test_easycache_pinned_by_hand():
+    """EasyCache's transformation rate, as this pack applies it per chunk: k = rel(Δo) / rel(Δx) between the two
+    latest computed steps (rel: mean |change| / mean |earlier|), then acc += k · rel(x_n vs x_{n−1}) each step;
+    reuse while acc < threshold, else compute and reset. Threshold 0.1, warm-up 2, 8 steps; inputs x and the
+    outputs o = x + residual of the computed steps as below, one decision for both branches (the first teaches k)."""
+    x = [1.0, 1.1, 1.12, 1.14, 1.16, 1.2, 1.24, 1.3]
+    o = {0: 2.0, 1: 2.42, 4: 2.6, 7: 2.9}  # outputs of the steps that compute
+    # k0, k1: warm-up -> C; after k1: k = rel(2.42, 2.0) / rel(1.1, 1.0) = 0.21 / 0.1 = 2.1
+    # k2: acc = 2.1·(0.02/1.1)  = 0.0381818 -> R
+    # k3: acc += 2.1·(0.02/1.12) = 0.0756818 -> R
+    # k4: acc += 2.1·(0.02/1.14) = 0.1125239 -> C, acc = 0; k = rel(2.6, 2.42) / rel(1.16, 1.1) = 0.0743802 /
+    #     0.0545455 = 1.3636364
+    # k5: acc = 1.3636364·(0.04/1.16) = 0.0470219 -> R
+    # k6: acc += 1.3636364·(0.04/1.2) = 0.0924764 -> R
+    # k7: the last step -> C
+    policy = EasyCachePolicy(EasyCacheConfig(threshold=0.1, warmup=2))
+    got = ""
+    for n, xn in enumerate(x):
+        signal = torch.full((4,), xn)
+        compute = policy.should_compute(("*", 0), UnitSignal(torch.zeros(1), signal), force=n == 7)
+        got += "C" if compute else "R"
+        if compute:
+            policy.remember(("cond", 0), torch.full((4,), o[n]) - signal)
+            policy.remember(("uncond", 0), torch.full((4,), 5 * o[n]) - signal)  # does not teach k
+    assert got == "CCRRCRRC"

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowcache.cache import (AccumulatedL1Policy, CacheSettings, FlowCacheConfig, FlowCachePolicy,
-                             relative_l1)
+from flowcache.cache import AccumulatedL1Config, AccumulatedL1Policy, CacheSettings, make_policy, relative_l1
 from flowcache.cache.easycache import EasyCacheConfig
 from flowcache.presets import SHARED_VALUES, default_request, resolve_cache
 from flowcache.df_schedule import timestep_matrix
@@ -35,7 +34,7 @@ def expected_decisions(rels, threshold, warmup, forced_last=True, poly=(1.0, 0.0
 
 def test_rule_on_dummy_signals_per_unit_and_branch():
     # signal s_k = 1 + k*0.1 for unit A, constant for unit B: relative L1s are known exactly
-    pol = FlowCachePolicy(FlowCacheConfig(threshold=0.25, warmup=2, coefficients=[1.0, 0.0]))
+    pol = AccumulatedL1Policy(AccumulatedL1Config(threshold=0.25, warmup=2, coefficients=[1.0, 0.0]))
     sa = [torch.full((4,), 1.0 + 0.1 * k) for k in range(10)]
     rels = [0.0] + [relative_l1(sa[k], sa[k - 1]) for k in range(1, 10)]
     got_cond = []
@@ -55,7 +54,7 @@ def test_rule_on_dummy_signals_per_unit_and_branch():
 
 def test_polynomial_rescale_and_threshold_zero():
     poly = [2.0, 0.0, 0.05]  # 2x^2 + 0.05
-    pol = AccumulatedL1Policy(threshold=0.2, warmup=1, coefficients=poly)
+    pol = AccumulatedL1Policy(AccumulatedL1Config(threshold=0.2, warmup=1, coefficients=poly))
     sig = [torch.full((3,), v) for v in (1.0, 1.1, 1.2, 1.25, 1.3, 2.0)]
     rels = [0.0] + [relative_l1(sig[k], sig[k - 1]) for k in range(1, 6)]
     got = []
@@ -64,7 +63,7 @@ def test_polynomial_rescale_and_threshold_zero():
         if got[-1]:
             pol.remember("u", torch.zeros(1))
     assert got == expected_decisions(rels, 0.2, 1, forced_last=False, poly=poly)
-    never = AccumulatedL1Policy(threshold=0.0, warmup=0, coefficients=[1.0, -1.0])  # negative rescale
+    never = AccumulatedL1Policy(AccumulatedL1Config(threshold=0.0, warmup=0, coefficients=[1.0, -1.0]))  # negative rescale
     assert all(never.should_compute("u", s) for s in sig)
 
 
@@ -148,3 +147,66 @@ def test_config_knobs_are_validated_naming_the_widget(widget, value):
         CacheSettings.of("flowcache", kv_budget=-1)
     with pytest.raises(InputError, match="mix_lambda"):
         CacheSettings.of("flowcache", mix_lambda=float("nan"))
+
+
+# -- pinned to hand-worked numbers: the reference rule, not this package's code, produced the expected strings ---
+# TeaCache4Wan2.1's rescale of Wan2.1-T2V-1.3B's e0 change (use_ret_steps), the pack's wan-1.3B coefficients:
+# p(x) = -52186.2437 x^4 + 9230.41404 x^3 - 528.275948 x^2 + 13.6987616 x - 0.0499875664, so
+# p(0.005) = 0.0064205, p(0.01) = 0.0428810, p(0.02) = 0.0781708, p(0.03) = 0.0924773, p(0.04) = 0.1098711.
+WAN_1_3B_E0 = [-52186.2437, 9230.41404, -528.275948, 13.6987616, -0.0499875664]
+
+
+def signal_with_changes(changes: list[float], start: float = 1.0) -> list[torch.Tensor]:
+    """Constant signals whose relative L1 change from one step to the next is ``changes[k - 1]`` at step k."""
+    values = [start]
+    for r in changes:
+        values.append(values[-1] * (1 + r))
+    return [torch.full((4,), v) for v in values]
+
+
+def test_teacache_pinned_to_the_reference_rule_by_hand():
+    """TeaCache4Wan2.1: before ret_steps compute and reset; else acc += p(rel L1 of e0 since the previous step,
+    reused or not); reuse while acc < threshold, else compute and reset acc to 0. The last step computes (the
+    pipeline forces it). Threshold 0.2 (SkyReels' "0.2 ~ 3x"), ret_steps 1, 8 steps, one decision per window."""
+    policy = make_policy(CacheSettings.of("teacache", threshold=0.2, warmup=1, coefficients=WAN_1_3B_E0))
+    signals = signal_with_changes([0.02, 0.01, 0.03, 0.005, 0.01, 0.04, 0.02])
+    # step 0: ret step                                   -> C
+    # step 1: acc = p(0.02)            = 0.0781708 < 0.2 -> R
+    # step 2: acc = 0.0781708 + p(0.01) = 0.1210518 < 0.2 -> R
+    # step 3: acc = 0.1210518 + p(0.03) = 0.2135291      -> C, acc = 0
+    # step 4: acc = p(0.005)           = 0.0064205       -> R
+    # step 5: acc = 0.0064205 + p(0.01) = 0.0493015       -> R
+    # step 6: acc = 0.0493015 + p(0.04) = 0.1591726       -> R
+    # step 7: the last step                              -> C
+    got = ""
+    for k, s in enumerate(signals):
+        compute = policy.should_compute(("cond", "window"), s, force=k == 7)
+        got += "C" if compute else "R"
+        if compute:
+            policy.remember(("cond", "window"), torch.zeros(1))
+    assert got == "CRRCRRRC"
+
+
+def test_flowcache_pinned_per_chunk_by_hand():
+    """FlowCache's rule is TeaCache's per chunk, each chunk on its own step counter: SkyReels-V2-1.3B's slow
+    preset (threshold 0.1, warm-up 5 of the chunk's own steps, the Wan e0 rescale above), 9 steps a chunk, chunk 1
+    starting 2 steps after chunk 0 (ar_step 2). Both walk the same own-step e0 changes (e0 depends on the timestep
+    only) from other signal levels, so no chunk's state may leak into the other's."""
+    policy = make_policy(CacheSettings.of("flowcache", threshold=0.1, warmup=5, coefficients=WAN_1_3B_E0))
+    changes = [0.05, 0.04, 0.03, 0.03, 0.02, 0.01, 0.02, 0.03]
+    signals = {0: signal_with_changes(changes, 1.0), 1: signal_with_changes(changes, 3.0)}
+    # own steps 0-4: warm-up                                  -> CCCCC
+    # own step 5: acc = p(0.02)             = 0.0781708 < 0.1 -> R
+    # own step 6: acc = 0.0781708 + p(0.01) = 0.1210518       -> C, acc = 0
+    # own step 7: acc = p(0.02)             = 0.0781708       -> R
+    # own step 8: the chunk's last step                       -> C
+    got = {0: "", 1: ""}
+    for step in range(11):  # global steps; chunk c denoises at steps 2c .. 2c + 8
+        for chunk in (0, 1):
+            own = step - 2 * chunk
+            if 0 <= own < 9:
+                compute = policy.should_compute(("cond", chunk), signals[chunk][own], force=own == 8)
+                got[chunk] += "C" if compute else "R"
+                if compute:
+                    policy.remember(("cond", chunk), torch.zeros(1))
+    assert got == {0: "CCCCCRCRC", 1: "CCCCCRCRC"}

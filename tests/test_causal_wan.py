@@ -8,6 +8,7 @@ import torch
 from flowcache.cache import CacheSettings
 from flowcache.errors import InputError
 from flowcache.kv import store as store_mod
+from flowcache.models.wan import block_causal_mask
 from flowcache.noise import ReplayNoise, SeededNoise
 from flowcache.pipelines import LatentGeometry
 from flowcache.pipelines.causal_wan import CausalSettings, CausalWanPipeline, timesteps
@@ -143,9 +144,37 @@ def test_compressed_store_never_exceeds_budget_sink_and_block(model, cond, monke
 
 
 def test_flowcache_reuse_on_the_causal_loop(model, cond):
-    out, stats = CausalWanPipeline(model, GEO, 8)(cond, small(), CacheSettings.of("flowcache", threshold=5.0, warmup=1))
+    """A reused step runs no blocks: its tokens are the step's embedded input plus the residual (blocks' output
+    minus input) of the block's last computed step, then the head at the step's own timestep. Derived here with
+    the model's pieces (block-causal over the finished blocks at t = 0, as in the rederivation above) and the
+    run's own draws, and compared with the cached loop (1e-5)."""
+    s = small()
+    rec = SeededNoise(5, record=True)
+    out, stats = CausalWanPipeline(model, GEO, 8)(cond, s, CacheSettings.of("flowcache", threshold=5.0, warmup=1),
+                                                  noise=rec)
     assert stats.reused > 0 and all(m == "CRRC" for m in stats.maps[0])  # e0 depends on t only: same per block
-    assert torch.isfinite(out).all()
+    ts, draws = timesteps(s), iter(t for _, t in rec.draws)
+    ctx = model.text_embed(torch.cat([cond, torch.zeros(1, 2, 32)], dim=1))
+    block_tokens = 3 * 4 * 4
+    finished, residual = [], None
+    with torch.no_grad():
+        for b in range(3):
+            x = next(draws)
+            for i, (t, decision) in enumerate(zip(ts, stats.maps[0][b])):
+                seq = torch.cat(finished + [x], dim=2)
+                grid = model.grid(seq.shape)
+                e, e0 = model.time_embed(torch.tensor([[0.0] * 3 * b + [t] * 3]))
+                h0 = model.embed(seq)
+                if decision == "C":
+                    h = model.run_blocks(h0, e0, ctx, grid, 0, None, block_causal_mask(grid, 3, model.device))
+                    residual = (h - h0)[:, -block_tokens:]
+                h_block = h0[:, -block_tokens:] + residual
+                v = model.head_out(h_block, e[:, -3:], (3,) + grid[1:])
+                x0 = (x.double() - t / 1000 * v.double()).float()
+                if i + 1 < len(ts):
+                    x = (1 - ts[i + 1] / 1000) * x0 + ts[i + 1] / 1000 * next(draws)
+            finished.append(x0)
+    torch.testing.assert_close(out, torch.cat(finished, dim=2), rtol=1e-5, atol=1e-5)
 
 
 def test_cancel_then_rerun_equals_a_fresh_run(model, cond):

@@ -21,8 +21,8 @@ def _drive(store: KVStore, seed: int = 0, steps: int = 12, T: int = 8, layers: i
         live = [step // 2, step // 2 + 1]
         rows = slice(None) if step % 3 else [1]  # some steps only the second branch computes
         n_rows = 2 if step % 3 else 1
-        for window in (False, True):
-            att = StepAttention(store, live, [T, T], rows, window)
+        for causal in (True, False):
+            att = StepAttention(store, live, [T, T], rows, causal)
             for layer in range(layers):
                 q = torch.randn(n_rows, 2, 2 * T, 4, generator=g)
                 k, v = torch.randn(n_rows, 2, 2 * T, 4, generator=g), torch.randn(n_rows, 2, 2 * T, 4, generator=g)
@@ -61,7 +61,7 @@ def test_offload_moves_only_used_and_changed_rows():
     store = KVStore(2, 40, offload=True)
     row = 2 * 4 * 4 * 2  # heads x dim x fp32 bytes, keys and values
     for _ in range(2):
-        att = StepAttention(store, [0], [8], slice(None), window=True)
+        att = StepAttention(store, [0], [8], slice(None), causal=False)
         for layer in range(2):
             att.attend(layer, torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4))
         store.flush()
@@ -142,7 +142,7 @@ def test_live_bytes_counts_each_storage_once_and_frees():
 def test_live_bytes_of_a_store_are_its_allocation():
     with track("cpu") as mem:
         store = KVStore(2, 40, fp8=True)
-        att = StepAttention(store, [0], [8], slice(None), window=True)
+        att = StepAttention(store, [0], [8], slice(None), causal=False)
         for layer in range(2):
             att.attend(layer, torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4))
         held = store.allocated_bytes

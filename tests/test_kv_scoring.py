@@ -10,13 +10,12 @@ from flowcache.kv.scoring import (
     CompressionConfig,
     compress,
     importance,
-    importance_dense,
     redundancy,
-    redundancy_dense,
     score,
     select_queries,
     select_topk,
 )
+from kv_reference import importance_dense, redundancy_dense
 
 
 @pytest.mark.parametrize("L", [1, 2, 17, 64, 333])

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from flowcache.cache import CacheSettings
-from flowcache.kv.scoring import CompressionConfig, importance_dense, redundancy_dense
+from flowcache.kv.scoring import CompressionConfig
+from kv_reference import importance_dense, redundancy_dense
 from flowcache.kv.store import KVStore
 from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from tiny_models import tiny_wan

@@ -634,3 +634,21 @@ def test_sampler_picks_the_fastest_memory_plan_that_fits_and_shows_it(pack, comf
     asked = run_node(cls, **sampler_inputs(pack, tiny, **chunk, kv_dtype="fp8"))["ui"]["flowcache_stats"][0]
     assert asked["memory_plan"]["plan"] == "resident" and "kv_dtype=fp8 is not available here (no float8 here)" in \
         asked["note"]
+
+
+def test_comfyui_modules_absent_mean_no_comfyui_but_a_broken_one_is_said(pack, tmp_path, monkeypatch):
+    """An absent ComfyUI module means the pack runs on its own (CPU, no cancel); one that is there but fails to
+    import must not silently mean the same: its error surfaces, naming the module."""
+    bridge = pack_submodule(pack, "nodes.comfy_bridge")
+    assert bridge._module("flowcache_absent_pkg.model_management") is None
+    (tmp_path / "flowcache_broken_pkg").mkdir()
+    (tmp_path / "flowcache_broken_pkg" / "__init__.py").write_text("")
+    (tmp_path / "flowcache_broken_pkg" / "model_management.py").write_text("raise RuntimeError('no CUDA here')\n")
+    (tmp_path / "flowcache_broken_pkg" / "ops.py").write_text("import flowcache_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match=r"flowcache_broken_pkg\.model_management.*RuntimeError: no CUDA here"):
+        bridge._module("flowcache_broken_pkg.model_management")
+    with pytest.raises(ImportError, match=r"flowcache_broken_pkg\.ops.*'flowcache_missing_dependency'"):
+        bridge._module("flowcache_broken_pkg.ops")
+    for name in [m for m in sys.modules if m.startswith("flowcache_broken_pkg")]:
+        del sys.modules[name]

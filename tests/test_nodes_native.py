@@ -112,8 +112,12 @@ def test_working_memory_is_passed_to_comfyui(pack, comfy, df):
         return load(models, memory_required=memory_required, **kw)
 
     mm.load_models_gpu = spy
-    run(pack, mp, prompt=prompt_graph(), unique_id="5")
-    assert seen["memory_required"] > 0 and seen["minimum_memory_required"] == seen["memory_required"]
+    out = run(pack, mp, prompt=prompt_graph(), unique_id="5")
+    # the working memory asked for is the plan the run used: its activations, state and K/V on the device
+    (stats,) = out["ui"]["flowcache_stats"]
+    plan = stats["memory_plan"]
+    assert plan["device_bytes"] > 0 and seen["memory_required"] == plan["device_bytes"]
+    assert seen["minimum_memory_required"] == seen["memory_required"]
     assert "force_full_load" not in seen  # ComfyUI may load the model partially
 
 

@@ -120,9 +120,19 @@ def test_run_after_cancel_equals_fresh_run(model, conds):
 
 
 def test_long_video_windows_and_latent_overlap(model, conds):
+    """Without a VAE the second window's clean prefix is the first window's last overlap latent frames as they
+    are (a latent-space overlap), held through every iteration of the second window (the re-noise of
+    addnoise_condition goes into the model's input only); the video is the first window, then the second
+    window's new frames."""
     s = small(num_frames=21)  # 12 + 9 new latent frames over 2 windows, 3-frame overlap
-    out, stats = run(model, conds, s, "off")
+    seen = []
+    out, stats = DiffusionForcingPipeline(model, GEO, text_len=8)(
+        conds[0], conds[1], s, CacheSettings(), RunHooks(on_step=lambda info: seen.append((info.window, info.preview()))))
     assert out.shape == (1, 16, 21, 8, 8) and stats.windows == 2
+    first = [x for w, x in seen if w == 0][-1]
+    second = [x for w, x in seen if w == 1]
+    assert second and all(torch.equal(x[:, :, :3], first[:, :, -3:]) for x in second)
+    assert torch.equal(out[:, :, :12], first) and torch.equal(out[:, :, 12:], second[-1][:, :, 3:])
 
 
 def test_noise_source_default_is_the_seeded_generator_in_order_and_replays(model, conds):
@@ -263,7 +273,7 @@ def test_batched_chunks_and_branches_equal_one_forward_each(model, conds, monkey
         for c in range(3):
             model.run_blocks(h[:, tok[c]].expand(2, -1, -1), e0[:, fr[c]].expand(2, -1, -1, -1), torch.cat(ctxs),
                              (3, 4, 4), 3 * c, both.view(c))
-        kv = StepAttention(both, [0, 2], [48, 48], slice(None), window=False)
+        kv = StepAttention(both, [0, 2], [48, 48], slice(None), causal=True)
         got = model.run_blocks(torch.cat([h[:, tok[0]], h[:, tok[2]]], 1).expand(2, -1, -1),
                                torch.cat([e0[:, fr[0]], e0[:, fr[2]]], 1).expand(2, -1, -1, -1),
                                torch.cat(ctxs), (6, 4, 4), (0, 6), kv)

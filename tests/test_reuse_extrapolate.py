@@ -5,8 +5,8 @@ no reuse, no difference)."""
 import pytest
 import torch
 
-from flowcache.cache import (CacheSettings, EasyCacheConfig, EasyCachePolicy, FlowCacheConfig, FlowCachePolicy,
-                             make_policy)
+from flowcache.cache import (AccumulatedL1Config, AccumulatedL1Policy, CacheSettings, EasyCacheConfig,
+                             EasyCachePolicy, make_policy)
 from flowcache.errors import CheckpointError, InputError
 from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
 from flowcache.presets import CacheRequest, check_table, resolve_cache
@@ -48,7 +48,7 @@ def by_hand(branch: int) -> dict[int, torch.Tensor]:
             5: r[4] + (r[4] - r[1]) * (1 / 3), 6: r[4] + (r[4] - r[1]) * (2 / 3)}
 
 
-def flowcache_policy(reuse: str) -> FlowCachePolicy:
+def flowcache_policy(reuse: str) -> AccumulatedL1Policy:
     # a threshold no signal reaches: every unforced step after warm-up reuses
     return make_policy(CacheSettings.of("flowcache", threshold=10.0, warmup=2, reuse=reuse))
 

@@ -197,7 +197,7 @@ def test_chunk_pieces_with_a_kv_store_match_wandit():
         store = KVStore(m.cfg.num_layers, 4 * 16)
         e, e0 = m.time_embed(t, 24)
         h = m.run_blocks(m.embed(x), e0, m.text_embed(ctx), m.grid(x.shape), (0, 2),
-                         StepAttention(store, [0, 1], [32, 32], slice(None), window=False))
+                         StepAttention(store, [0, 1], [32, 32], slice(None), causal=True))
         outs.append(m.head_out(h, e, m.grid(x.shape)))
     assert torch.equal(*outs)
 

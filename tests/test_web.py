@@ -18,14 +18,14 @@ WEB = ROOT / "web"
 
 
 def test_web_extension_static_checks():
+    """Rules of the files themselves (where the app module is, buttons never serialized, no static preset table);
+    what the extension does is run under node below."""
     js = (WEB / "flowcache.js").read_text(encoding="utf-8")
     # files directly in web/ are served at /extensions/<pack>/x.js: the app module is two levels up
     assert 'from "../../scripts/app.js"' in js
     assert "scripts/api.js" not in js, "use app.api (comfyui-host.md)"
     for m in re.finditer(r"addWidget\(\s*[\"']button[\"'][^;]*;", js):
         assert "serialize: false" in m.group(0) or "serialize:false" in m.group(0), m.group(0)
-    assert "window.__flowcache" in js and "flowcache.progress" in js and "flowcache_stats" in js
-    assert "/flowcache/model_presets" in js
     # the frontend's preset tables come from the server only: no static table, no file-name aliases
     assert not (WEB / "flowcache_presets.json").exists()
     for f in WEB.glob("*.js"):
@@ -320,6 +320,20 @@ const ctx = new Proxy({}, { get: (t, k) => (k === 'measureText' ? () => ({ width
 mapW.draw(ctx, sampler, 300, 0);
 const drawn = window.__flowcache.drawn['2'];
 check(drawn && drawn.windows === 1 && drawn.chunks === 2 && drawn.steps === 3 && /no cache node connected/.test(drawn.note), 'map and note', drawn);
+// the server's events reach the sampler they name: progress while the run goes, its stats after, cleared at the end
+const fire = (type, detail) => (app.api.listeners[type] || []).forEach((f) => f({ detail }));
+fire('flowcache.progress', { node: 2, text: 'window 1/2, step 3/6', value: 3, max: 12 });
+check(window.__flowcache.progress['2']?.value === 3 && sampler.__fcInfo.progress?.text === 'window 1/2, step 3/6',
+  'progress event on its sampler', sampler.__fcInfo);
+fire('flowcache.progress', { node: 99, text: 'elsewhere', value: 1, max: 2 });
+check(sampler.__fcInfo.progress?.text === 'window 1/2, step 3/6', "another node's progress leaves it", sampler.__fcInfo);
+fire('flowcache.stats', { node: 2, stats: { maps: [['CR', 'CC'], ['', 'RC']], flops_speedup: 1.2, flops: 1, flops_nocache: 1.2 } });
+check(!sampler.__fcInfo.progress && window.__flowcache.stats['2']?.maps.length === 2, 'stats event replaces the progress', sampler.__fcInfo);
+mapW.draw(ctx, sampler, 300, 0);
+check(window.__flowcache.drawn['2'].windows === 2 && window.__flowcache.drawn['2'].steps === 2, 'stats event drawn', window.__flowcache.drawn['2']);
+fire('flowcache.progress', { node: 2, text: 'window 1/2, step 1/6', value: 1, max: 12 });
+fire('executing', { node: null });
+check(!sampler.__fcInfo.progress, 'progress cleared when the prompt is done', sampler.__fcInfo);
 // the loader shows what it decided after it ran, until a widget that decides what is loaded changes
 function LoaderType() {}
 await e.beforeRegisterNodeDef(LoaderType, { name: 'FlowCacheModelLoader' });

@@ -17,7 +17,8 @@
 //   why, which weights of a .pt, distilled or base MAGI-1, the layers) under its widgets (flowcache_notes.js). They
 //   describe that load: picking another model_name, loop, weights or magi_variant hides them.
 //
-// Every hook is wrapped in try/catch: a failure here is logged once and never breaks the node or the graph.
+// Every hook is wrapped in try/catch: a failure here is reported once (console and window.__flowcache.errors) and
+// never breaks the node or the graph.
 // Debug/test hook: window.__flowcache (server answers, progress, stats, drawn maps, loader notes, errors) and
 // document.body.dataset.flowcacheMaps (number of maps drawn so far).
 import { app } from "../../scripts/app.js";
@@ -50,9 +51,12 @@ const state = (window.__flowcache = window.__flowcache || {
 state.loaderNotes = state.loaderNotes || {}; // a state object from an older copy of this file
 state.notesDrawn = state.notesDrawn || {};
 
+const said = new Set(); // messages already reported: a hook failing on every redraw says so once
 function report(where, err) {
   try {
     const msg = `${where}: ${err && err.message ? err.message : err}`;
+    if (said.has(msg)) return;
+    said.add(msg);
     if (state.errors.length < 50) state.errors.push(msg);
     console.warn(`[FlowCache] ${msg}`);
   } catch (_) {
@@ -175,7 +179,8 @@ function isLinked(node, w) {
   try {
     const slot = node.getSlotFromWidget?.(w);
     return slot?.link != null;
-  } catch (_) {
+  } catch (err) {
+    report("widget link", err); // the widget is then drawn as unlinked
     return false;
   }
 }
@@ -205,8 +210,8 @@ function setLocked(node, w, entry) {
             const text = shownText(this.__fcEntry, this.value, this.options?.precision);
             if (text != null) return text;
           }
-        } catch (_) {
-          /* fall through */
+        } catch (err) {
+          report("locked widget text", err); // the widget draws its own value instead
         }
         return base ? base.call(this) : String(this.value);
       },
@@ -453,7 +458,8 @@ function clearLoaderNotes(node) {
 const alreadyRegistered = (() => {
   try {
     return !!(state.registered || (app.extensions || []).some((e) => e && e.name === EXT_NAME));
-  } catch (_) {
+  } catch (err) {
+    report("registration check", err); // registered anyway: a second copy at worst draws twice
     return false;
   }
 })();

@@ -1,13 +1,14 @@
-"""Cache methods: one small file per method (off, TeaCache, FlowCache, MagCache, EasyCache), one registry,
-plain settings."""
-from .base import AccumulatedL1Policy, CachePolicy, UnitState, relative_l1
+"""Cache methods: one small file per rule (off, TeaCache's accumulated L1 which FlowCache applies per chunk,
+MagCache, EasyCache), one registry, plain settings."""
+from .accumulated_l1 import AccumulatedL1Config, AccumulatedL1Policy
+from .base import CachePolicy, UnitState, relative_l1
 from .easycache import EasyCacheConfig, EasyCachePolicy
-from .flowcache import FlowCacheConfig, FlowCachePolicy
 from .magcache import MagCacheConfig, MagCachePolicy
 from .off import OffConfig, OffPolicy
-from .registry import ATTENTION, KV_DTYPES, KV_PLACEMENTS, METHODS, REUSE, CacheMethod, CacheSettings, make_policy, residuals_kept
-from .teacache import TeaCacheConfig, TeaCachePolicy
+from .registry import (ATTENTION, KV_DTYPES, KV_PLACEMENTS, METHODS, PATHS, REUSE, CacheMethod, CacheSettings,
+                       make_policy, residuals_kept)
 
-__all__ = ["EasyCacheConfig", "EasyCachePolicy", "MagCacheConfig", "MagCachePolicy", "AccumulatedL1Policy", "CachePolicy", "UnitState", "relative_l1", "FlowCacheConfig", "FlowCachePolicy",
-           "OffConfig", "OffPolicy", "ATTENTION", "KV_DTYPES", "KV_PLACEMENTS", "REUSE", "METHODS", "CacheMethod", "CacheSettings", "make_policy", "residuals_kept", "TeaCacheConfig",
-           "TeaCachePolicy"]
+__all__ = ["AccumulatedL1Config", "AccumulatedL1Policy", "ATTENTION", "CacheMethod", "CachePolicy", "CacheSettings",
+           "EasyCacheConfig", "EasyCachePolicy", "KV_DTYPES", "KV_PLACEMENTS", "MagCacheConfig", "MagCachePolicy",
+           "METHODS", "OffConfig", "OffPolicy", "PATHS", "REUSE", "UnitState", "make_policy", "relative_l1",
+           "residuals_kept"]

@@ -1,16 +1,18 @@
-"""What every cache method shares: the decision protocol, per-unit state, and the accumulated relative-L1 rule.
+"""What every cache method shares: the decision protocol, per-unit state, and the config helpers.
 
 A *unit* is what one decision covers: a chunk, or the whole window, as the pipeline's execution path says.
 Units are keyed by ``(branch, unit_id)`` so the cond and uncond passes never share state. The runner asks
-``should_compute(key, signal, force)`` and stores/reads the reusable payload (a backbone residual, or a
-latent update for MAGI-1) with ``remember`` / ``recall``; it never looks at which policy it has.
+``should_compute(key, signal, force)`` and keeps/hands out the reusable payload (a backbone residual, or a
+latent update for MAGI-1) with ``remember`` / ``recall``; it reads only the policy's ``shared_decision`` flag,
+never which method it has. A method's rule is its ``decide`` (and ``on_forced``); the bookkeeping around it
+(counters, the last signal, a reuse with nothing cached turned into a compute) is ``should_compute``'s, once.
+Observers that are no method (calibration's recorder, ``replay``) wrap ``should_compute`` itself.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from typing import Hashable, Sequence
 
-import numpy as np
 import torch
 
 from ..errors import InputError
@@ -63,10 +65,12 @@ def relative_l1(signal: torch.Tensor, prev: torch.Tensor) -> float:
 
 
 class CachePolicy:
-    """The ``off`` policy and every policy's base: always compute. Subclasses override ``decide``.
+    """The ``off`` policy and every policy's base: always compute. A method overrides ``decide`` (its rule) and,
+    when its rule keeps state beyond ``UnitState.acc``, ``on_forced``; nothing else of the decision.
 
     shared_decision: one decision per unit for every branch (key ``("*", unit)``), so cond and uncond stay in
-    one batched call; payloads stay per branch. reads: which ``UnitSignal`` tensor the rule looks at.
+    one batched call; payloads stay per branch. reads: which ``UnitSignal`` tensor the rule looks at (None: the
+    rule reads no signal, and none is kept).
     extrapolate: what a reuse applies (``CacheSettings.reuse``, set by ``make_policy``): False, the last computed
     payload as it is (every reference implementation); True, its first-order extrapolation from the unit's last
     two computed payloads, r_b + (r_b − r_a)·(k − b)/(b − a) for payloads computed at the unit's steps a < b and
@@ -94,19 +98,23 @@ class CachePolicy:
     def state(self, key: UnitKey) -> UnitState:
         return self.states.setdefault(key, UnitState())
 
-    def decide(self, st: UnitState, signal: torch.Tensor, force: bool) -> bool:
+    def decide(self, key: UnitKey, st: UnitState, signal: torch.Tensor | None, force: bool) -> bool:
+        """The method's rule: compute (True) or reuse, from the unit's state before this step (``st.steps``
+        decisions taken, ``st.prev_signal``) and its ``signal`` (None when ``reads`` is None); updates the
+        rule's own state. ``force``: the pipeline's own reason to compute (e.g. the unit's last step)."""
         return True
 
     def should_compute(self, key: UnitKey, signal: "UnitSignal | torch.Tensor", force: bool = False) -> bool:
         """One decision for ``key``; ``force`` is the pipeline's own reason (e.g. the unit's last step)."""
         st = self.state(key)
-        signal = signal_of(signal, self.reads)
-        compute = self.decide(st, signal, force)
+        signal = signal_of(signal, self.reads) if self.reads is not None else None
+        compute = self.decide(key, st, signal, force)
         if not compute and not self.can_reuse(key):  # nothing to reuse yet (e.g. warmup 0)
             compute, st.acc = True, 0.0
             self.on_forced(st)
-        # a slice of a step's whole input would keep all of it alive: keep a compact copy of the slice only
-        st.prev_signal = signal.detach() if _compact(signal) else signal.detach().clone()
+        if signal is not None:
+            # a slice of a step's whole input would keep all of it alive: keep a compact copy of the slice only
+            st.prev_signal = signal.detach() if _compact(signal) else signal.detach().clone()
         st.steps += 1
         st.computed += int(compute)
         st.reused += int(not compute)
@@ -121,7 +129,8 @@ class CachePolicy:
         return self.state(key).payload is not None
 
     def on_forced(self, st: UnitState) -> None:
-        """A reuse the rule chose was turned into a compute (nothing cached yet): reset the rule's own state."""
+        """A reuse the rule chose was turned into a compute (nothing cached yet): reset the rule's own state
+        beyond ``st.acc`` (which ``should_compute`` resets)."""
 
     @property
     def keeps_payload(self) -> bool:
@@ -161,32 +170,6 @@ class CachePolicy:
         return torch.lerp(st.prev_payload, st.payload, (self.clock(key) - a) / (b - a))
 
 
-class AccumulatedL1Policy(CachePolicy):
-    """TeaCache's rule: accumulate poly(relative L1 of the signal); reuse while the sum stays under the
-    threshold, recompute (and reset) when it reaches it. The first ``warmup`` decisions of a unit, and
-    forced ones, always compute. A threshold of 0 never reuses."""
-
-    def __init__(self, threshold: float, warmup: int, coefficients: Sequence[float] = (1.0, 0.0)):
-        super().__init__()
-        self.threshold = float(threshold)
-        self.warmup = int(warmup)
-        self.rescale = np.poly1d(list(coefficients))
-
-    @property
-    def keeps_payload(self) -> bool:
-        return self.threshold > 0
-
-    def decide(self, st: UnitState, signal: torch.Tensor, force: bool) -> bool:
-        if force or st.steps < self.warmup or st.prev_signal is None or self.threshold <= 0:
-            st.acc = 0.0
-            return True
-        st.acc += float(self.rescale(relative_l1(signal, st.prev_signal)))
-        if st.acc < self.threshold:
-            return False
-        st.acc = 0.0
-        return True
-
-
 def knob(default: float | int, widget: str, lo: float | None = None, hi: float | None = None, integer: bool = False,
          doc: str = ""):
     """A config field shown as a widget: ``check_knobs`` validates it and its errors name ``widget``."""
@@ -203,8 +186,8 @@ def check_knobs(config: object) -> None:
         setattr(config, f.name, check(getattr(config, f.name), meta["widget"], meta["lo"], meta["hi"]))
 
 
-def check_coefficients(values: Sequence[float], where: str) -> list[float]:
+def check_coefficients(values: Sequence[float]) -> list[float]:
     """A rescale polynomial (highest power first) as a list of finite floats."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
-        raise InputError(f"{where}: coefficients must be a non-empty list of numbers, got {values!r}.")
-    return [finite(v, f"{where} coefficient") for v in values]
+        raise InputError(f"coefficients must be a non-empty list of numbers, got {values!r}.")
+    return [finite(v, "coefficient") for v in values]

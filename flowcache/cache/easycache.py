@@ -46,7 +46,7 @@ class EasyCachePolicy(CachePolicy):
         own = tokens * dim * (compute_bytes + 2 * 4)
         return super().state_bytes(tokens, dim, compute_bytes, branches) + own
 
-    def decide(self, st: UnitState, signal: torch.Tensor, force: bool) -> bool:
+    def decide(self, key: UnitKey, st: UnitState, signal: torch.Tensor, force: bool) -> bool:
         c = self.config
         k = st.memo.get("k")
         if force or st.steps < c.warmup or st.prev_signal is None or c.threshold <= 0 or k is None:
@@ -58,18 +58,16 @@ class EasyCachePolicy(CachePolicy):
         st.acc = 0.0
         return True
 
-    def should_compute(self, key: UnitKey, signal, force: bool = False) -> bool:
-        compute = super().should_compute(key, signal, force)
-        if compute:  # the next remembered payload (the first branch's) teaches k
-            self.state(key).memo["pending"] = self.state(key).prev_signal
-        return compute
-
     def remember(self, key: UnitKey, payload: torch.Tensor) -> None:
+        """Keep the payload; the first branch's payload of a computed step also teaches k (the shared state's
+        last signal is that step's input: a payload is only remembered for a unit that computed)."""
         super().remember(key, payload)
-        memo = self.state(("*", key[1]) if isinstance(key, tuple) else key).memo
-        x = memo.pop("pending", None)
-        if x is None:
+        shared = self.state(("*", key[1]) if isinstance(key, tuple) else key)
+        memo = shared.memo
+        if memo.get("learnt") == shared.steps:  # another branch already taught k this step
             return
+        memo["learnt"] = shared.steps
+        x = shared.prev_signal
         out = x.float() + payload.float()  # the unit's output: its input plus the residual just computed
         if "x" in memo:
             dx = relative_l1(x.float(), memo["x"])

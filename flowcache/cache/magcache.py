@@ -8,6 +8,7 @@ ratios since the last compute, Γ = Π γ, and accumulates the error Σ |1 − �
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,15 @@ def resample(ratios: list[float], steps: int) -> list[float]:
     return [float(ratios[i]) for i in index]
 
 
+def ratios_are_valid(mag_ratios: object) -> bool:
+    """Whether ``mag_ratios`` maps branch names to non-empty lists of positive finite numbers (the check of a
+    config's and of a presets table's ratios)."""
+    def positive(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+    return isinstance(mag_ratios, dict) and all(isinstance(v, list) and v and all(positive(x) for x in v)
+                                                for v in mag_ratios.values())
+
+
 @dataclass
 class MagCacheConfig:
     """threshold: largest accumulated error Σ|1 − Γ| a reuse may reach (0 = never reuse).
@@ -41,16 +51,17 @@ class MagCacheConfig:
 
     def __post_init__(self) -> None:
         check_knobs(self)
-        if not isinstance(self.mag_ratios, dict) or not self.mag_ratios or not all(
-                isinstance(v, list) and v and all(isinstance(x, (int, float)) and x > 0 for x in v)
-                for v in self.mag_ratios.values()):
+        if not self.mag_ratios or not ratios_are_valid(self.mag_ratios):
             raise InputError("method='magcache': this model has no calibrated magnitude ratios (mag_ratios); "
                              "expected a calibrated model: `python -m flowcache calibrate CHECKPOINT` records them. "
                              "easycache needs no calibration.")
 
 
 class MagCachePolicy(CachePolicy):
-    """State per (branch, chunk): the product of ratios and the accumulated error since its last compute."""
+    """State per (branch, chunk): the product of ratios and the accumulated error since its last compute. The
+    rule reads the calibrated ratios of the unit's own step, no signal."""
+
+    reads = None
 
     def __init__(self, config: MagCacheConfig):
         super().__init__()
@@ -73,10 +84,10 @@ class MagCachePolicy(CachePolicy):
             self._curves[key] = resample(curve, n)
         return self._curves[key][min(step, n - 1)]
 
-    def decide_key(self, key: UnitKey, st: UnitState, force: bool) -> bool:
+    def decide(self, key: UnitKey, st: UnitState, signal: None, force: bool) -> bool:
         c = self.config
         if force or st.steps < c.warmup or c.threshold <= 0:
-            self._reset(st)
+            self.on_forced(st)
             return True
         branch = key[0] if isinstance(key, tuple) else "cond"
         ratio = st.ratio * self.ratio(branch, st.steps)
@@ -84,24 +95,12 @@ class MagCachePolicy(CachePolicy):
         if err <= c.threshold and st.skips < c.max_skips:
             st.ratio, st.acc = ratio, err
             return False
-        self._reset(st)
+        self.on_forced(st)
         return True
 
-    def should_compute(self, key: UnitKey, signal, force: bool = False) -> bool:
-        st = self.state(key)
-        compute = self.decide_key(key, st, force)
-        if not compute and not self.can_reuse(key):
-            compute = True
-            self._reset(st)
-        st.steps += 1
-        st.computed += int(compute)
-        st.reused += int(not compute)
-        st.skips = 0 if compute else st.skips + 1
-        return compute
-
-    @staticmethod
-    def _reset(st: UnitState) -> None:
+    def on_forced(self, st: UnitState) -> None:
+        """A compute starts a new product of ratios and a new error sum."""
         st.acc, st.ratio = 0.0, 1.0
 
 
-__all__ = ["MagCacheConfig", "MagCachePolicy", "resample"]
+__all__ = ["MagCacheConfig", "MagCachePolicy", "ratios_are_valid", "resample"]

@@ -2,24 +2,24 @@
 and ``flowcache/presets.json``; nothing registers itself at import time."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import InputError
 from ..validate import finite, whole
+from .accumulated_l1 import AccumulatedL1Config, AccumulatedL1Policy
 from .base import CachePolicy
 from .easycache import EasyCacheConfig, EasyCachePolicy
-from .flowcache import FlowCacheConfig, FlowCachePolicy
 from .magcache import MagCacheConfig, MagCachePolicy
 from .off import OffConfig, OffPolicy
-from .teacache import TeaCacheConfig, TeaCachePolicy
 
 
 @dataclass(frozen=True)
 class CacheMethod:
     """name: the ``method`` widget value. config/policy: the method's dataclass and policy class.
-    path: the execution path the method is made for ("window": one decision for the whole window each step;
-    "chunk": only the active chunks are forwarded, each deciding for itself); pipelines take it as default.
+    path: the execution path the method is made for (one of ``PATHS``: "window", the whole window forwarded
+    each step under one decision; "chunk", only the active chunks forwarded, each deciding for itself);
+    pipelines take it as default.
     summary: one line for tooltips and --help."""
 
     name: str
@@ -29,14 +29,16 @@ class CacheMethod:
     summary: str
 
 
+PATHS = ("window", "chunk")  # how a run forwards: the whole window each step, or the active chunks each deciding
 ATTENTION = ("window", "window_refresh", "block_causal")
 REUSE = ("hold", "extrapolate")
 KV_PLACEMENTS = ("auto", "device", "offload")  # where stored K/V live (``flowcache.plan``)
 KV_DTYPES = ("auto", "bf16", "fp8")            # bf16: the model's compute dtype
 METHODS: dict[str, CacheMethod] = {m.name: m for m in (
     CacheMethod("off", OffConfig, OffPolicy, "window", "compute every step: the model's vanilla loop"),
-    CacheMethod("teacache", TeaCacheConfig, TeaCachePolicy, "window", "skip whole steps of the window"),
-    CacheMethod("flowcache", FlowCacheConfig, FlowCachePolicy, "chunk", "each chunk decides for itself"),
+    # one rule, two units: TeaCache decides for the whole window, FlowCache for every chunk
+    CacheMethod("teacache", AccumulatedL1Config, AccumulatedL1Policy, "window", "skip whole steps of the window"),
+    CacheMethod("flowcache", AccumulatedL1Config, AccumulatedL1Policy, "chunk", "each chunk decides for itself"),
     CacheMethod("magcache", MagCacheConfig, MagCachePolicy, "chunk",
                 "each chunk decides from calibrated residual-magnitude ratios"),
     CacheMethod("easycache", EasyCacheConfig, EasyCachePolicy, "chunk",
@@ -50,8 +52,11 @@ def method(name: str) -> CacheMethod:
     return METHODS[name]
 
 
-def config_fields(name: str) -> list[str]:
-    return [f.name for f in fields(method(name).config)]
+def check_path(choice: str) -> str:
+    """A settings' ``path``: "auto" (the cache method's own) or one of ``PATHS``."""
+    if choice != "auto" and choice not in PATHS:
+        raise InputError(f"path={choice!r}: must be one of auto, {', '.join(PATHS)}.")
+    return choice
 
 
 @dataclass
@@ -109,7 +114,12 @@ class CacheSettings:
 
     @property
     def path(self) -> str:
+        """The execution path the method is made for (its ``CacheMethod.path``)."""
         return METHODS[self.method].path
+
+    def run_path(self, choice: str) -> str:
+        """The path a run takes when its settings say ``choice``: "auto" takes this method's own."""
+        return self.path if check_path(choice) == "auto" else choice
 
     def to_dict(self) -> dict:
         return {"method": self.method, "preset": self.preset, **asdict(self.config), "kv_budget": self.kv_budget,

@@ -240,14 +240,18 @@ def save_model(out: Path, model: WanDiT, text: DemoTextEncoder, codec: DemoCodec
 
 
 def existing_presets(out: Path) -> str | None:
+    """The presets stored in the model this run overwrites (a calibration is carried over), or None."""
+    from safetensors import SafetensorError, safe_open
+
     p = out / DIT_FILE
     if not p.exists():
         return None
     try:
-        from safetensors import safe_open
         with safe_open(str(p), framework="pt") as f:
             return (f.metadata() or {}).get("flowcache.presets")
-    except Exception:
+    except (OSError, SafetensorError) as e:  # a truncated or foreign file: said, and overwritten without presets
+        print(f"warning: {p} could not be read ({type(e).__name__}: {e}); its presets are not carried over",
+              flush=True)
         return None
 
 

@@ -94,16 +94,6 @@ def redundancy(k: torch.Tensor) -> torch.Tensor:
     return mean_sim.softmax(dim=-1)
 
 
-def redundancy_dense(k: torch.Tensor) -> torch.Tensor:
-    """Reference O(L²) redundancy: cosine matrix, zero diagonal, row mean over L, softmax. Same shapes as ``redundancy``."""
-    k = k.float()
-    L = k.shape[-2]
-    kn = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
-    sim = kn @ kn.transpose(-1, -2)
-    sim = sim * (1.0 - torch.eye(L, dtype=sim.dtype, device=sim.device))
-    return sim.mean(dim=-1).softmax(dim=-1)
-
-
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> int:
     """Validate shapes; returns the group size G = Hq // Hkv."""
     if q.dim() != 4 or k.dim() != 4:
@@ -168,17 +158,6 @@ def importance(
         acc += logits.softmax(dim=-1).sum(dim=-2)
         del logits
     return _pool_keys(acc / lq, pool_kernel)
-
-
-def importance_dense(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, pool_kernel: int = 7) -> torch.Tensor:
-    """Reference importance with all logits at once (repeat_interleave the kv heads). Same shapes as ``importance``."""
-    g = _check_qk(q, k)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    b, hq, lq, _ = q.shape
-    hkv, L = k.shape[1], k.shape[2]
-    logits = q.float() @ k.float().repeat_interleave(g, dim=1).transpose(-1, -2) * scale  # [B, Hq, Lq, L]
-    logits = logits.reshape(b, hkv, g, lq, L).amax(dim=2)
-    return _pool_keys(logits.softmax(dim=-1).mean(dim=-2), pool_kernel)
 
 
 def score(

@@ -493,18 +493,18 @@ class ChunkKV:
 class StepAttention:
     """``ChunkAttention`` of one batched forward: chunks laid end to end along the tokens, CFG branches along the
     batch (``rows`` of the store). Every chunk's K/V is written first; then, in one attention call per layer,
-    each chunk's queries read the store: ``window`` attention every row (its later chunks too, as a whole-window
-    forward does), block-causal attention the rows up to its own slot (FlowCache's per-chunk arithmetic, under
-    a block mask on a GPU; chunk by chunk on a CPU or when the mask would be large).
+    each chunk's queries read the store: every row (its later chunks too, as a whole-window forward does), or
+    with ``causal`` the rows up to its own slot (FlowCache's per-chunk arithmetic, under a block mask on a GPU;
+    chunk by chunk on a CPU or when the mask would be large).
 
     chunk_ids: ascending, laid end to end with ``tokens`` rows each. ``context_rows[chunk]``: keys it attended
     (layer 0), for the FLOP count; ``causal_rows[chunk]``: the rows up to its slot (the paper's accounting)."""
 
     def __init__(self, store: KVStore, chunk_ids: list[int], tokens: list[int], rows: slice | list[int],
-                 window: bool):
+                 causal: bool):
         if len(chunk_ids) != len(tokens) or list(chunk_ids) != sorted(chunk_ids):
             raise ValueError(f"chunk ids {chunk_ids} must ascend, one token count each ({tokens}).")
-        self.store, self.chunk_ids, self.tokens, self.rows, self.window = store, list(chunk_ids), list(tokens), rows, window
+        self.store, self.chunk_ids, self.tokens, self.rows, self.causal = store, list(chunk_ids), list(tokens), rows, causal
         self.context_rows: dict[int, int] = {}
         self.causal_rows: dict[int, int] = {}
         self._mask: torch.Tensor | None = None
@@ -516,8 +516,8 @@ class StepAttention:
         used = self.store.layers[layer].used
         if layer == 0:
             self.causal_rows = dict(zip(self.chunk_ids, ends))
-            self.context_rows = {c: (used if self.window else e) for c, e in zip(self.chunk_ids, ends)}
-        if self.window:
+            self.context_rows = {c: (e if self.causal else used) for c, e in zip(self.chunk_ids, ends)}
+        if not self.causal:
             return attention(q, *self.store.rows(layer, self.rows))
         if q.device.type in MASK_DEVICES and q.shape[2] * ends[-1] <= MAX_MASK_ELEMENTS:
             if layer == 0 or self._mask is None:  # the layout is the same in every layer

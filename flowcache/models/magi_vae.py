@@ -351,10 +351,6 @@ def tiled_apply(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], til
 
 
 # --------------------------------------------------------------------------------------------- config and loading
-_BLOCK_PARTS = ("attn.qkv.weight", "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
-                "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
-
-
 def _depth(sd: dict, side: str) -> int:
     idx = {int(k.split(".")[2]) for k in sd if k.startswith(f"{side}.blocks.") and k.split(".")[2].isdigit()}
     return max(idx) + 1 if idx else 0

@@ -45,7 +45,7 @@ from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forwar
 from ..prompts import PromptSchedule, as_schedule, switch_record
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
 from ..stats import RunStats
-from ..validate import finite, whole
+from ..validate import finite, whole_fields
 from .common import LatentGeometry
 from .wan_step import UnitSpan, WanStep, check_conditioning
 
@@ -121,23 +121,15 @@ class CausalPlan:
 
 def plan_causal(s: CausalSettings, geo: LatentGeometry, patch: tuple[int, int, int], kv_budget: int) -> CausalPlan:
     """Validate the settings (errors name the widget) and lay out the blocks; nothing runs before this passes."""
-    for name in ("width", "height", "num_frames", "num_frame_per_block", "seed", "local_attn_frames", "sink_frames"):
-        setattr(s, name, whole(getattr(s, name), name))
+    whole_fields(s, "width", "height", "num_frames", "num_frame_per_block", "seed", "local_attn_frames", "sink_frames")
     s.shift = finite(s.shift, "shift", 0.0)
     s.fps = finite(s.fps, "fps", 0.0)
     s.context_noise = finite(s.context_noise, "context_noise", 0.0, 1000.0)
     if not s.denoising_steps or any(not 0 < finite(t, "denoising_steps", 0.0, 1000.0) for t in s.denoising_steps):
         raise InputError(f"denoising_steps={list(s.denoising_steps)}: must be timesteps in (0, 1000], e.g. "
                          "[1000, 750, 500, 250] (Self-Forcing).")
-    unit = geo.spatial_stride * patch[1]
-    for name, val in (("width", s.width), ("height", s.height)):
-        if val <= 0 or val % unit:
-            raise InputError(f"{name}={val}: must be a positive multiple of {unit} for this model "
-                             f"(nearest: {max(unit, round(val / unit) * unit)}).")
-    ts = geo.temporal_stride
-    if s.num_frames < 1 or (s.num_frames - 1) % ts:
-        raise InputError(f"num_frames={s.num_frames}: must be {ts}·k+1 (nearest: "
-                         f"{max(1, round((s.num_frames - 1) / ts)) * ts + 1}).")
+    geo.check_size(s.width, s.height, patch[1])
+    geo.check_frames("num_frames", s.num_frames)
     fb = s.num_frame_per_block
     latent = geo.latent_frames(s.num_frames)
     if fb < 1 or latent % fb:
@@ -235,13 +227,21 @@ class _CausalLoop:
         run.preview = lambda: self.out[:, :, :self.done_frames]
 
     def steps(self, seg: Segment):
-        n, k = len(self.ts), 0
-        for b in range(self.plan.blocks):
+        """Per block: the re-cache (on a prompt change, under "recache"), the denoising steps, the clean pass. A
+        block's new prompt and its fresh noise are taken as its first step is asked for (a generator: after the
+        previous step's update), so the draws keep the official loop's order."""
+        n, k, p = len(self.ts), 0, self.plan
+        for b in range(p.blocks):
+            if b in self.changes:
+                self._change_prompt(b, self.run)
             if b in self.changes and self.recaches:
                 yield Step(k, [Unit(b, (), force=True, cacheable=False, output=False)], [b], 0,
                            data={"block": b, "i": -1, "t": self.s.context_noise, "recache": True})
                 k += 1
             for i in range(n):
+                if i == 0:
+                    self.x = self.noise.draw((1, self.pipe.geometry.channels, p.block_frames, p.h, p.w),
+                                             f"block {b} init")
                 yield Step(k, [Unit(b, (b,), force=i == n - 1)], [b], i, data={"block": b, "i": i, "t": self.ts[i]})
                 k += 1
             yield Step(k, [Unit(b, (b,), force=True, cacheable=False, output=False)], [b], n,
@@ -249,7 +249,7 @@ class _CausalLoop:
             k += 1
 
     def _change_prompt(self, b: int, run: RunState) -> None:
-        """From block ``b`` on the blocks read the entry that holds there (called once, at its first step)."""
+        """From block ``b`` on the blocks read the entry that holds there (called once, before its first step)."""
         self.entry = self.changes[b]
         self.call.set_contexts({"cond": self.pipe.model.text_embed(self.texts[self.entry].to(self.pipe.model.device))})
         run.stats.switches.append(switch_record(b, b * self.plan.block_frames, self.entry, self.s.prompt_rule,
@@ -272,10 +272,9 @@ class _CausalLoop:
         return first, targets
 
     def signals(self, step: Step) -> dict:
+        """The step's input embedded (into ``step.data``) and the block's signal; a re-cache has none."""
         d, p = step.data, self.plan
         b = d["block"]
-        if b in self.changes and self.entry != self.changes[b]:
-            self._change_prompt(b, self.run)
         if d.get("recache"):
             first, d["targets"] = self._recache_layout(b, self.run.stores["kv"])
             n = b * p.block_frames - first
@@ -285,8 +284,6 @@ class _CausalLoop:
             pos = self.pipe.geometry.positions(n, p.h, p.w, d["x_in"].device)
             d["emb"] = self.call.embed(d["x_in"], t, pos, d["spans"])
             return {}
-        if d["i"] == 0:
-            self.x = self.noise.draw((1, self.pipe.geometry.channels, p.block_frames, p.h, p.w), f"block {b} init")
         x_in = self.out[:, :, b * p.block_frames:(b + 1) * p.block_frames] if d.get("clean") else self.x
         d["x_in"] = x_in.to(self.pipe.model.device)
         t = torch.full((1, p.block_frames), float(d["t"]), device=d["x_in"].device)
@@ -385,7 +382,7 @@ class CausalWanPipeline:
                                                       "memory_plan": plan.memory.options.name})
         run = RunState(policy or make_policy(cache), stats, ("cond",), len(settings.denoising_steps), hooks)
         # a block attends to the stored blocks and itself: the store is the attention (block-causal by layout)
-        call = WanStep(model, contexts, settings.fps, window_attention=True, text_kv_once=True,
+        call = WanStep(model, contexts, settings.fps, causal=False, text_kv_once=True,
                        slice_tokens=plan.memory.options.slice_tokens)
         loop = _CausalLoop(self, settings, plan, call, cache, noise or SeededNoise(settings.seed), prompts, texts)
         return run_loop(loop, run), stats

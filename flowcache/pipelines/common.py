@@ -6,6 +6,8 @@ from typing import Protocol
 
 import torch
 
+from ..errors import InputError
+
 
 @dataclass
 class LatentGeometry:
@@ -35,6 +37,22 @@ class LatentGeometry:
 
     def pixel_frames(self, latent_frames: int) -> int:
         return (latent_frames - 1) * self.temporal_stride + 1
+
+    def check_size(self, width: int, height: int, patch: int, model: str = "this model") -> None:
+        """Width and height in pixels: positive multiples of the stride times the model's spatial ``patch``, so a
+        frame is whole patches of whole latent pixels; raises InputError naming the widget and the nearest."""
+        unit = self.spatial_stride * patch
+        for name, val in (("width", width), ("height", height)):
+            if val <= 0 or val % unit:
+                raise InputError(f"{name}={val}: must be a positive multiple of {unit} for {model} "
+                                 f"(nearest: {max(unit, round(val / unit) * unit)}).")
+
+    def check_frames(self, name: str, value: int) -> None:
+        """A pixel frame count the causal VAE turns into whole latent frames: temporal_stride·k + 1."""
+        ts = self.temporal_stride
+        if value < 1 or (value - 1) % ts:
+            raise InputError(f"{name}={value}: must be {ts}·k+1 for a model with {ts}x temporal compression "
+                             f"(nearest: {max(1, round((value - 1) / ts)) * ts + 1}).")
 
 
 class LatentCodec(Protocol):

@@ -6,7 +6,7 @@ latent frames by ``ar_step`` steps. Two execution paths, chosen by ``DFSettings.
 method's own):
 
 * ``window`` — SkyReels' vanilla loop: the whole window (every latent frame, started or not) every step, full
-  attention (or block-causal with ``attention="block_causal"``). One cache decision covers the window.
+  attention (or block-causal with ``window_mask="block_causal"``). One cache decision covers the window.
 * ``chunk`` — FlowCache's loop: only the active chunks (started, not finished) are forwarded, each attending to
   the stored K/V of earlier chunks plus its own (block-causal, as the reference's per-chunk loop), and each
   deciding for itself whether to recompute or reuse its cached backbone residual.
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import CacheSettings, make_policy
+from ..cache.registry import check_path
 from ..cache.base import CachePolicy
 from ..df_schedule import DFSchedule, timestep_matrix
 from ..errors import InputError
@@ -31,19 +32,20 @@ from ..prompts import PromptSchedule, as_schedule, switch_record
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, StepInfo, Unit, run_loop
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
-from ..validate import finite, whole
+from ..validate import finite, whole_fields
 from .common import LatentCodec, LatentGeometry
-from .wan_step import UnitSpan, WanStep, check_conditioning
+from .wan_step import UnitSpan, WanStep, WholeWindow, check_conditioning
 
-PATHS = ("auto", "window", "chunk")
-
+WINDOW_MASKS = ("full", "block_causal")
 
 @dataclass
 class DFSettings:
     """Sampler settings; defaults are SkyReels-V2-DF-1.3B-540P's FlowCache runs (177 frames over 2 windows).
 
     path: "auto" (the cache method's own), "window" (vanilla) or "chunk" (FlowCache), see the module docstring.
-    attention: window path only, "full" (SkyReels default) or "block_causal".
+    window_mask: the window path's whole-window forward, "full" (no mask: SkyReels' default) or "block_causal"
+        (a frame sees its own chunk and the earlier ones). The chunk path's attention is the cache settings'
+        (``CacheSettings.attention``).
     """
 
     width: int = 960
@@ -60,7 +62,7 @@ class DFSettings:
     addnoise_condition: int = 20
     solver: str = "unipc"
     fps: float = 24.0
-    attention: str = "full"
+    window_mask: str = "full"
     path: str = "auto"
 
 
@@ -78,34 +80,25 @@ def _check_numbers(s: DFSettings) -> None:
     if s.shift <= 0:
         raise InputError(f"shift={s.shift}: must be > 0 (SkyReels uses 8 for text-to-video).")
     s.fps = finite(s.fps, "fps", 0.0)
-    for name in ("width", "height", "num_frames", "steps", "base_num_frames", "overlap_history",
-                 "addnoise_condition", "causal_block_size", "ar_step", "seed"):
-        setattr(s, name, whole(getattr(s, name), name))
+    whole_fields(s, "width", "height", "num_frames", "steps", "base_num_frames", "overlap_history", "addnoise_condition",
+                 "causal_block_size", "ar_step", "seed")
 
 
 def plan_windows(s: DFSettings, geo: LatentGeometry, patch: tuple[int, int, int] = (1, 2, 2)) -> list[Window]:
     """Validate the settings and split the video into SkyReels windows; raises InputError before sampling."""
     _check_numbers(s)
-    unit = geo.spatial_stride * patch[1]
-    for name, val in (("width", s.width), ("height", s.height)):
-        if val <= 0 or val % unit:
-            raise InputError(f"{name}={val}: must be a positive multiple of {unit} for this model "
-                             f"(nearest: {max(unit, round(val / unit) * unit)}).")
-    ts = geo.temporal_stride
-    for name, val in (("num_frames", s.num_frames), ("base_num_frames", s.base_num_frames)):
-        if val < 1 or (val - 1) % ts:
-            raise InputError(f"{name}={val}: must be {ts}·k+1 for a model with {ts}x temporal compression "
-                             f"(nearest: {max(1, round((val - 1) / ts)) * ts + 1}).")
+    geo.check_size(s.width, s.height, patch[1])
+    geo.check_frames("num_frames", s.num_frames)
+    geo.check_frames("base_num_frames", s.base_num_frames)
     if s.steps < 1:
         raise InputError(f"steps={s.steps}: must be at least 1.")
     if s.ar_step < 0:
         raise InputError(f"ar_step={s.ar_step}: must be ≥ 0 (0 = synchronous).")
     if s.solver not in SOLVERS:
         raise InputError(f"solver={s.solver!r}: must be one of {', '.join(SOLVERS)}.")
-    if s.attention not in ("full", "block_causal"):
-        raise InputError(f"attention={s.attention!r}: must be 'full' or 'block_causal'.")
-    if s.path not in PATHS:
-        raise InputError(f"path={s.path!r}: must be one of {', '.join(PATHS)}.")
+    if s.window_mask not in WINDOW_MASKS:
+        raise InputError(f"window_mask={s.window_mask!r}: must be one of {', '.join(WINDOW_MASKS)}.")
+    check_path(s.path)
     if not 0 <= s.addnoise_condition <= 1000:
         raise InputError(f"addnoise_condition={s.addnoise_condition}: must lie in 0..1000 (SkyReels suggests ≤ 50).")
     cbs = s.causal_block_size
@@ -159,7 +152,7 @@ class DFPlan:
 
     settings: DFSettings
     path: str                      # "window" (the vanilla loop) or "chunk" (FlowCache's)
-    attention: str                 # the chunk path's attention (CacheSettings.attention)
+    chunk_attention: str           # the chunk path's attention (CacheSettings.attention)
     branches: tuple[str, ...]      # ("cond", "uncond") with CFG, ("cond",) without
     windows: list[WindowPlan]
     grid_hw: tuple[int, int]       # patch grid of a latent frame
@@ -209,7 +202,7 @@ def plan_df(s: DFSettings, cache: CacheSettings, cfg, geometry: LatentGeometry, 
     cfg: the model's ``WanConfig``; dtype: its compute dtype; branches: the text branches (default: cond, and
     uncond when cfg > 1); options: how the run holds its memory (``flowcache.plan``)."""
     windows = plan_windows(s, geometry, cfg.patch_size)
-    path = cache.path if s.path == "auto" else s.path
+    path = cache.run_path(s.path)
     branches = branches or (("cond", "uncond") if s.cfg > 1.0 else ("cond",))
     cbs = s.causal_block_size
     sigmas, timesteps = flow_sigmas(s.steps, s.shift)
@@ -298,7 +291,7 @@ class _Window:
     solvers: list
     pos: torch.Tensor | None
     vanilla: dict                       # per branch: (real, paper) FLOPs of one whole-window forward
-    window: dict | None                 # window path: the attention mask and per-branch FLOPs of one forward
+    whole: WholeWindow | None           # the window path's forward (None on the chunk path)
     chunk_steps: list[int] = field(default_factory=list)
     velocity: torch.Tensor | None = None  # the guided velocity of the step's units [1, C, F, h, w], reused
 
@@ -349,21 +342,20 @@ class _DFLoop:
         vanilla = {}
         for b, ctx in self.call.contexts.items():
             paper = paper_window_flops(cbs * tok_frame, nb, *dims, ctx.shape[1])
-            real = paper if s.attention == "block_causal" else forward_flops(window_tokens, window_tokens, *dims,
+            real = paper if s.window_mask == "block_causal" else forward_flops(window_tokens, window_tokens, *dims,
                                                                               ctx.shape[1])
             vanilla[b] = (real, paper)
-        window = None
+        whole = None
         if wp.store is not None:
             run.stores["kv"] = wp.store.build()
             for c in range(win.prefix // cbs):
                 run.stores["kv"].mark_clean(c)
         else:
             mask = (block_causal_mask((win.length,) + plan.grid_hw, cbs, x.device)
-                    if s.attention == "block_causal" else None)
-            window = {"mask": mask, "flops": vanilla}
+                    if s.window_mask == "block_causal" else None)
+            whole = WholeWindow(mask, vanilla)
         self.cur = _Window(wp, x, [make_solver(s.solver, plan.sigmas) for _ in range(nb)],
-                           geo.positions(win.length, h_lat, w_lat, x.device), vanilla, window, [0] * nb)
-        run.preview = lambda: self.cur.x.clone()  # the whole window after the step, prefix included
+                           geo.positions(win.length, h_lat, w_lat, x.device), vanilla, whole, [0] * nb)
         run.preview = lambda: self.cur.x.clone()  # the whole window after the step, prefix included
 
     def steps(self, seg: Segment):
@@ -397,7 +389,7 @@ class _DFLoop:
         one buffer per window, written in place each step."""
         d, w = step.data, self.cur
         run.count_vanilla(sum(r for r, _ in w.vanilla.values()), sum(p for _, p in w.vanilla.values()))
-        preds = self.call.predict(d["emb"], step.units, d["spans"], decisions, run, w.window)
+        preds = self.call.predict(d["emb"], step.units, d["spans"], decisions, run, w.whole)
         if len(preds) == 1:
             guided = preds["cond"]
         else:  # uncond + cfg · (cond − uncond), with one temporary
@@ -481,7 +473,7 @@ class DiffusionForcingPipeline:
         stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": plan.path,
                                                       "memory_plan": plan.memory.options.name})
         run = RunState(policy or make_policy(cache), stats, tuple(contexts), s.steps, hooks)
-        step = WanStep(model, contexts, s.fps, window_attention=cache.attention != "block_causal",
+        step = WanStep(model, contexts, s.fps, causal=cache.attention == "block_causal",
                        slice_tokens=plan.memory.options.slice_tokens)
         return run_loop(_DFLoop(self, plan, step, noise, prompts, entries), run), stats
 

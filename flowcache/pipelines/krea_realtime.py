@@ -45,7 +45,7 @@ from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forwar
 from ..prompts import PromptSchedule, switch_record
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
 from ..stats import RunStats
-from ..validate import finite, whole
+from ..validate import finite, whole, whole_fields
 from .causal_wan import CausalPlan, CausalSettings, check_prompts, plan_causal
 from .common import LatentCodec, LatentGeometry
 from .wan_step import UnitSpan, WanStep
@@ -86,8 +86,7 @@ def release_schedule(steps: int, shift: float, strength: float = 1.0) -> tuple[l
 
 def plan_krea(s: KreaSettings, geo: LatentGeometry, patch: tuple[int, int, int]) -> CausalPlan:
     """Validate the settings (errors name the widget) and lay out the blocks."""
-    for name in ("context_frames", "steps", "blend_blocks"):
-        setattr(s, name, whole(getattr(s, name), name))
+    whole_fields(s, "context_frames", "steps", "blend_blocks")
     s.shift = finite(s.shift, "shift", 0.0)
     fb = whole(s.num_frame_per_block, "num_frame_per_block")
     if s.steps < 2:
@@ -163,13 +162,20 @@ class _KreaLoop:
         run.preview = lambda: self.out[:, :, :self.done_frames].float()
 
     def steps(self, seg: Segment):
-        k, n = 0, len(self.ts)
-        for b in range(self.plan.blocks):
+        """Per block: its store made anew; from block 1 on the context pass; then its text (a blend's next state)
+        and fresh noise, taken as the block's first step is asked for (a generator: after the previous step's
+        update, so the context pass still reads the previous text), and its steps."""
+        k, n, p = 0, len(self.ts), self.plan
+        for b in range(p.blocks):
+            self.run.stores["kv"] = p.store.build()  # rebuilt each block: context + block
             if b:
                 ids = self._context_ids(b)
                 yield Step(k, [Unit(c, (), force=True, cacheable=False, output=False) for c in ids], [b], 0,
                            data={"block": b, "context": True})
                 k += 1
+            self._next_text(b, self.run)
+            self.x = self.noise.draw((1, self.pipe.geometry.channels, p.block_frames, p.h, p.w),
+                                     f"block {b} init").to(self.dtype)
             for i in range(n):
                 yield Step(k, [Unit(b, (b,), force=i == n - 1)], [b], i, data={"block": b, "i": i})
                 k += 1
@@ -224,22 +230,16 @@ class _KreaLoop:
 
     # -- the runner's hooks -------------------------------------------------------------------------------
     def signals(self, step: Step) -> dict:
+        """The step's input (the context, or the block) embedded into ``step.data``, and its units' signals."""
         d, p = step.data, self.plan
         b, dev, fb = d["block"], self.pipe.model.device, p.block_frames
         if d.get("context"):
-            self.run.stores["kv"] = p.store.build()  # rebuilt each block: context + block
             ctx = self._context(b)
             n = ctx.shape[2]
             d["x_in"] = ctx.to(dev)
             d["spans"] = [UnitSpan(slice(i * fb, (i + 1) * fb), i * fb) for i in range(n // fb)]
             t = torch.zeros(1, n, device=dev)
         else:
-            if d["i"] == 0:
-                if b == 0:
-                    self.run.stores["kv"] = p.store.build()
-                self._next_text(b, self.run)
-                self.x = self.noise.draw((1, self.pipe.geometry.channels, fb, p.h, p.w),
-                                         f"block {b} init").to(self.dtype)
             d["x_in"] = self.x.to(dev)
             d["spans"] = [UnitSpan(slice(0, fb), self._context_len(b))]
             t = torch.full((1, fb), self.ts[d["i"]], device=dev)
@@ -327,7 +327,7 @@ class KreaRealtimePipeline:
                                                       "memory_plan": plan.memory.options.name})
         run = RunState(policy or make_policy(cache), stats, ("cond",), settings.steps, hooks)
         contexts = {"cond": model.text_embed(texts[0].to(device=model.device, dtype=model.dtype))}
-        call = WanStep(model, contexts, settings.fps, window_attention=False, text_kv_once=True,
+        call = WanStep(model, contexts, settings.fps, causal=True, text_kv_once=True,
                        slice_tokens=plan.memory.options.slice_tokens)
         loop = _KreaLoop(self, settings, plan, call, noise or SeededNoise(settings.seed), prompts, texts, self.codec)
         return run_loop(loop, run), stats

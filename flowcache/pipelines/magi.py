@@ -61,14 +61,13 @@ from ..models.magi import MagiConfig, MagiDiT, distill_dt_for_steps
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, magi_forward_peak
 from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
 from ..stats import RunStats
-from ..validate import finite, whole
+from ..validate import finite, whole_fields
 from .common import LatentCodec, LatentGeometry
 
 CFG_T_RANGE = (0.0, 0.0217, 0.1, 0.3, 0.999)
 PREV_CHUNK_SCALES = (1.5, 1.5, 1.5, 1.0, 1.0)
 TEXT_SCALES = (7.5, 7.5, 7.5, 0.0, 0.0)
 RELEASED_KVRANGE = (5, 4, 3, 2)  # noise2clean_kvrange of every released MAGI-1 config
-PATHS = ("auto", "window", "chunk")
 
 
 @dataclass
@@ -324,8 +323,8 @@ class _MagiLoop:
     def steps(self, seg: Segment):
         plan, cw = self.plan, self.s.chunk_width
         total, prev_ids = len(plan.schedule), None
-        for k, window in enumerate(plan.schedule):
-            ids = [c for c, _ in window]
+        for k, chunks in enumerate(plan.schedule):
+            ids = [c for c, _ in chunks]
             cs, ce = ids[0], ids[-1] + 1
             x_win = self.x[:, :, cs * cw:ce * cw].clone()
             if self.pre is not None and plan.prefix_frames > cs * cw:  # re-pad the prefix frames inside the window
@@ -337,12 +336,12 @@ class _MagiLoop:
             else:
                 units = [Unit("window", tuple(ids), force or ids != prev_ids)]
             prev_ids = ids
-            yield Step(k, units, ids, data={"window": window, "x_win": x_win, "cs": cs, "ce": ce})
+            yield Step(k, units, ids, data={"chunks": chunks, "x_win": x_win, "cs": cs, "ce": ce})
 
     def signals(self, step: Step) -> dict:
         d, cw, model = step.data, self.s.chunk_width, self.model
         x_win, cs = d["x_win"], d["cs"]
-        d["chunk_x"] = {c: x_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] for c, _ in d["window"]}
+        d["chunk_x"] = {c: x_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] for c, _ in d["chunks"]}
         if self.path == "chunk":
             return {c: UnitSignal(model.embed_input(d["chunk_x"][c]).to(model.dtype), d["chunk_x"][c])
                     for c in step.active}
@@ -360,8 +359,8 @@ class _MagiLoop:
             # MAGI-1's clean refresh: the chunk that just finished, at clean_t, null caption, seeing itself only
             c = cs - 1
             self._clean_forward(self.x[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], c, dt, run)
-        t_of = {c: float(self.ts[i]) for c, i in d["window"]}
-        idx_of = dict(d["window"])
+        t_of = {c: float(self.ts[i]) for c, i in d["chunks"]}
+        idx_of = dict(d["chunks"])
         v: dict[int, torch.Tensor] = {}
         for c in step.active:
             if not decide[c]:
@@ -400,42 +399,40 @@ class _MagiLoop:
         s = self.s
         return self.distill and not s.discard_nearly_clean_chunk and t_oldest > s.nearly_clean_threshold
 
-    def _official_flops(self, step: Step) -> float:
-        """What MAGI-1's own loop (released key ranges, clean refresh) computes for this step."""
+    def _step_flops(self, step: Step, refresh_passes: int, rows) -> float:
+        """FLOPs of the step when nothing is reused: the clean refresh at a stage start (``refresh_passes``
+        forwards), every chunk's passes with ``rows(pass, chunk, timestep index)`` keys each, and the nearly-clean
+        extra."""
         d, tok, cfgm = step.data, self.plan.tokens, self.cfgm
-        stored = [p for p in self.passes if p.stored]
         total = 0.0
-        if d["cs"] > self.plan.offset and step.index % self.per == 0:
-            total += len(stored) * magi_forward_flops(cfgm, tok, tok, _tokens(self.null))
-        per_range = self.s.num_steps // len(RELEASED_KVRANGE)
-        for c, i in d["window"]:
+        if refresh_passes and d["cs"] > self.plan.offset and step.index % self.per == 0:
+            total += refresh_passes * magi_forward_flops(cfgm, tok, tok, _tokens(self.null))
+        for c, i in d["chunks"]:
             for p in self._passes_for(self._weights(float(self.ts[i]))):
-                rows = min(RELEASED_KVRANGE[i // per_range], c + 1) * tok if p.stored else tok
-                total += magi_forward_flops(cfgm, tok, rows, _tokens(self._caption(p, c)))
-        if self._nearly_clean(float(self.ts[d["window"][0][1]])):
+                total += magi_forward_flops(cfgm, tok, rows(p, c, i), _tokens(self._caption(p, c)))
+        if self._nearly_clean(float(self.ts[d["chunks"][0][1]])):
             total += magi_forward_flops(cfgm, tok, tok, _tokens(self._caption(self.passes[0], d["cs"])))
         return total
 
+    def _official_flops(self, step: Step) -> float:
+        """What MAGI-1's own loop (released key ranges, clean refresh) computes for this step."""
+        tok, per_range = self.plan.tokens, self.s.num_steps // len(RELEASED_KVRANGE)
+
+        def rows(p: _Pass, c: int, i: int) -> int:
+            return min(RELEASED_KVRANGE[i // per_range], c + 1) * tok if p.stored else tok
+        return self._step_flops(step, sum(p.stored for p in self.passes), rows)
+
     def _own_flops(self, step: Step, run: RunState) -> float:
         """What this loop computes for this step when nothing is reused (before the step's writes)."""
-        d, tok, cfgm = step.data, self.plan.tokens, self.cfgm
-        total = 0.0
-        if self.refresh and d["cs"] > self.plan.offset and step.index % self.per == 0:
-            total += len(run.stores) * magi_forward_flops(cfgm, tok, tok, _tokens(self.null))
-        for c, i in d["window"]:
-            for p in self._passes_for(self._weights(float(self.ts[i]))):
-                first = self._first_chunk(c, i) if p.stored else None
-                rows = self._context_rows(run.stores.get(p.name), c, first)
-                total += magi_forward_flops(cfgm, tok, rows, _tokens(self._caption(p, c)))
-        if self._nearly_clean(float(self.ts[d["window"][0][1]])):
-            total += magi_forward_flops(cfgm, tok, tok, _tokens(self._caption(self.passes[0], d["cs"])))
-        return total
+        def rows(p: _Pass, c: int, i: int) -> int:
+            return self._context_rows(run.stores.get(p.name), c, self._first_chunk(c, i) if p.stored else None)
+        return self._step_flops(step, len(run.stores) if self.refresh else 0, rows)
 
     def update(self, step: Step, v: dict[int, torch.Tensor], run: RunState) -> None:
         """Euler for computed units; a reused unit adds its last computed update."""
         d, cw = step.data, self.s.chunk_width
         x_win, cs, ce = d["x_win"], d["cs"], d["ce"]
-        dt_of = {c: float(self.ts[i + 1] - self.ts[i]) for c, i in d["window"]}
+        dt_of = {c: float(self.ts[i + 1] - self.ts[i]) for c, i in d["chunks"]}
         new_win = x_win.clone()
         if self.path == "chunk":
             for c in step.active:
@@ -526,20 +523,14 @@ def plan_magi(s: MagiSettings, cfgm: MagiConfig, geo: LatentGeometry, dtype: tor
     model of config ``cfgm`` computing in ``dtype``. ``prefix_frames``: latent frames of a clean prefix."""
     cache = cache or CacheSettings()
     s.shift = finite(s.shift, "shift")
-    for name in ("width", "height", "num_frames", "num_steps", "window_size", "chunk_width", "seed"):
-        setattr(s, name, whole(getattr(s, name), name))
-    if s.path not in PATHS:
-        raise InputError(f"path={s.path!r}: must be one of {', '.join(PATHS)}.")
+    whole_fields(s, "width", "height", "num_frames", "num_steps", "window_size", "chunk_width", "seed")
+    path = cache.run_path(s.path)
     if s.noise2clean_kvrange is not None and (
             any(int(r) < 1 for r in s.noise2clean_kvrange)
             or (s.noise2clean_kvrange and s.num_steps % len(s.noise2clean_kvrange))):
         raise InputError(f"noise2clean_kvrange={list(s.noise2clean_kvrange)}: ranges must be ≥ 1 and their "
                          f"count must divide num_steps={s.num_steps} (MAGI-1 uses [5, 4, 3, 2]).")
-    unit = geo.spatial_stride * cfgm.patch_size
-    for name, val in (("width", s.width), ("height", s.height)):
-        if val <= 0 or val % unit:
-            raise InputError(f"{name}={val}: must be a positive multiple of {unit} for MAGI-1 "
-                             f"(nearest: {max(unit, round(val / unit) * unit)}).")
+    geo.check_size(s.width, s.height, cfgm.patch_size, "MAGI-1")
     if s.num_frames < geo.temporal_stride:
         raise InputError(f"num_frames={s.num_frames}: must be at least {geo.temporal_stride} "
                          f"(one latent frame); MAGI-1 makes chunks of {s.chunk_width * geo.temporal_stride} "
@@ -560,7 +551,7 @@ def plan_magi(s: MagiSettings, cfgm: MagiConfig, geo: LatentGeometry, dtype: tor
     tpf = (h // cfgm.patch_size) * (w // cfgm.patch_size)
     plan = MagiPlan(chunk_num, offset, prefix_frames, chunk_num * s.chunk_width, h, w,
                     (s.chunk_width // cfgm.t_patch_size) * tpf, tpf, schedule,
-                    cache.path if s.path == "auto" else s.path, distill, settings=s)
+                    path, distill, settings=s)
     magi_memory(plan, s, cache, cfgm, dtype, options)
     return plan
 

@@ -31,6 +31,15 @@ class UnitSpan:
 
 
 @dataclass
+class WholeWindow:
+    """The window path's forward: the whole window in one plain attention under ``mask`` (None: full
+    attention); ``flops`` per branch: (FLOPs, paper FLOPs) of that forward."""
+
+    mask: torch.Tensor | None
+    flops: dict[str, tuple[float, float]]
+
+
+@dataclass
 class Embedded:
     """A step's units embedded once: e [1, F, D], e0 [1, F, 6, D] per unit frame, h0 [1, L, D] tokens,
     idx the segment frames they came from, spans per unit (frames, tokens) of the concatenation."""
@@ -64,13 +73,14 @@ class WanStep:
     """The Wan model call of one step. contexts: embedded text per branch, in the run's branch order."""
 
     def __init__(self, model: WanForward, contexts: dict[str, torch.Tensor], fps: float | None,
-                 window_attention: bool = False, text_kv_once: bool = False, slice_tokens: int = 0):
-        """text_kv_once: compute the cross-attention keys/values of the text once per run and reuse them (the
+                 causal: bool = True, text_kv_once: bool = False, slice_tokens: int = 0):
+        """causal: on the chunk path a chunk attends to the stored rows up to its own slot (else to every stored
+        row, its later chunks' too). text_kv_once: compute the cross-attention keys/values of the text once per run and reuse them (the
         causal Wan models' official loop does; SkyReels' recomputes them every forward). slice_tokens: the lean
         forward (``WanForward.run_blocks``), 0 for the batched one."""
         self.model, self.contexts, self.fps = model, contexts, fps
         self.branches = list(contexts)
-        self.window_attention = window_attention
+        self.causal = causal
         self.text_kv: dict[tuple[int, ...], dict] | None = {} if text_kv_once else None
         self.slice_tokens = slice_tokens
         self._rope: tuple | None = None  # the last RoPE tables and their key: consecutive steps share them
@@ -112,12 +122,11 @@ class WanStep:
         return {u.id: UnitSignal(emb.e0[:, fr], emb.h0[:, tok]) for u, (fr, tok) in zip(units, emb.spans)}
 
     def predict(self, emb: Embedded, units: list[Unit], spans: list[UnitSpan], decisions: Decisions,
-                run: RunState, window: dict | None = None, kv=None) -> dict[str, torch.Tensor]:
+                run: RunState, whole: WholeWindow | None = None, kv=None) -> dict[str, torch.Tensor]:
         """Every branch's prediction for the frames of the units with ``output`` [1, C, F_out, h, w] (fp32;
         ``output_frames`` says which segment frames they are).
 
-        window: None on the chunk path (attention through ``run.stores["kv"]``); on the window path
-        ``{"mask": bool mask or None, "flops": {branch: (FLOPs of one window forward, in the paper's accounting)}}``.
+        whole: the window path's forward; None on the chunk path (attention through ``run.stores["kv"]``).
         kv: on the chunk path, the attention to use instead of ``StepAttention`` over ``run.stores["kv"]`` (a pass
         that rewrites stored rows, e.g. ``RewriteAttention``); it has ``context_rows`` / ``causal_rows`` as well.
         """
@@ -133,7 +142,7 @@ class WanStep:
         for which, rows in groups.items():
             if which:
                 out = self._forward([units[i] for i in which], [spans[i] for i in which],
-                                    [emb.spans[i] for i in which], rows, emb, run, window, h, kv)
+                                    [emb.spans[i] for i in which], rows, emb, run, whole, h, kv)
                 if h is None:
                     h = out.to(emb.h0.dtype)
         for row, b in enumerate(names):
@@ -168,7 +177,7 @@ class WanStep:
         return emb.idx if kept is None else torch.cat([emb.idx[fr] for fr, _ in kept])
 
     def _forward(self, units: list[Unit], spans: list[UnitSpan], tok_spans: list[tuple[slice, slice]],
-                 rows: list[int], emb: Embedded, run: RunState, window: dict | None,
+                 rows: list[int], emb: Embedded, run: RunState, whole: WholeWindow | None,
                  h: torch.Tensor | None, kv=None) -> torch.Tensor:
         """One batched forward of ``units`` for the branches at ``rows``; writes their tokens into ``h``
         [branches, L, D] (None: the caller takes the output [rows, L_units, D] as it is) and remembers each
@@ -185,12 +194,12 @@ class WanStep:
         sizes = [tok.stop - tok.start for _, tok in tok_spans]
         grid = (sum(fr.stop - fr.start for fr, _ in tok_spans) // cfgm.patch_size[0],) + tuple(emb.grid_hw)
         offsets = tuple(s.frame_offset for s in spans)
-        if window is None and kv is None:
+        if whole is None and kv is None:
             store_rows = slice(None) if len(rows) == len(self.branches) else list(rows)
-            kv = StepAttention(run.stores["kv"], [u.id for u in units], sizes, store_rows, self.window_attention)
+            kv = StepAttention(run.stores["kv"], [u.id for u in units], sizes, store_rows, self.causal)
         text_kv = None if self.text_kv is None else self.text_kv.setdefault(tuple(rows), {})
         fresh_text = text_kv is not None and not text_kv
-        out = model.run_blocks(tokens, mod, ctx, grid, offsets, kv, None if window is None else window["mask"],
+        out = model.run_blocks(tokens, mod, ctx, grid, offsets, kv, None if whole is None else whole.mask,
                                between=run.check_cancel, text_kv=text_kv, rope=self.rope(grid, offsets),
                                slice_tokens=self.slice_tokens)
         run.count_call()
@@ -205,12 +214,12 @@ class WanStep:
                     h[rows[i]:rows[i] + 1, tok] = res
                 if u.cacheable:
                     run.remember(b, u.id, res - emb.h0[:, tok])
-                if window is None:
+                if whole is None:
                     dims = (cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, ctx.shape[1])
                     once = text_proj if text_kv is not None else 0.0  # the text's K/V were not recomputed
                     run.count_forward(forward_flops(n, kv.context_rows[u.id], *dims) - once,
                                       forward_flops(n, kv.causal_rows[u.id], *dims))
                 else:
-                    run.count_forward(*window["flops"][b])
+                    run.count_forward(*whole.flops[b])
             start += n
         return out

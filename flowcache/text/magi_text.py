@@ -29,6 +29,7 @@ import html
 import os
 import re
 import urllib.parse
+import zipfile
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -71,7 +72,7 @@ def _html_text(s: str) -> str:
     try:
         p.feed(s)
         p.close()
-    except Exception:  # malformed markup: keep the text as it was
+    except AssertionError:  # html.parser's complaint about a malformed marked section: keep the text as it was
         return s
     return "".join(p.parts)
 
@@ -224,7 +225,7 @@ def load_magi_special_tokens(path: str | os.PathLike) -> MagiSpecialTokens:
             return MagiSpecialTokens.from_arrays(z["caption_token"], z["logo_token"], z["other_tokens"], p.name)
     except CheckpointError:
         raise
-    except Exception as e:  # not a zip, pickled object arrays, truncated file ...
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # not a zip, pickled arrays, truncated
         raise CheckpointError(f"{p.name}: could not be read as MAGI-1's special_tokens.npz ({type(e).__name__}: "
                               f"{e}). {SPECIAL_TOKENS_HELP}") from e
 
