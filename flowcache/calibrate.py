@@ -89,6 +89,10 @@ class ChunkSignalRecorder(CachePolicy):
     def keeps_payload(self) -> bool:
         return False
 
+    @property
+    def reads_payloads(self) -> bool:
+        return True  # every computed residual is a calibration point
+
     def remember(self, key: UnitKey, payload: torch.Tensor) -> None:
         payload = payload.detach().float()
         prev = self._prev_payload.get(key)

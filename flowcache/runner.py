@@ -3,17 +3,21 @@
 A model family is a ``ChunkLoop``: it says which segments the video has (long-video windows; the whole video
 for MAGI-1 and the causal loops), which units are active at each step and at which timesteps, how their inputs
 are built, how the model is called for the units that compute, and how the solver moves the latents; its plan
-makes its KV stores (``StorePlan.build``). The runner does the rest, written once: the cache policy and its
-decisions, the statistics and FLOP totals (the stores' sizes among them), the compute/reuse maps, progress,
-and the cancel point. All of it lives in one ``RunState`` made per call and dropped with it, so nothing leaks
-between runs, between two sampler nodes, or out of a cancelled run.
+makes its KV stores (``StorePlan.build``), which it hands the runner as a segment starts. The runner does the
+rest, written once: the cache policy and its decisions, what a reused unit applies, keeping the payloads of
+the units that computed, the statistics and FLOP totals, the compute/reuse maps, progress, and the cancel
+point. All of it lives in one ``RunState`` made per call and dropped with it, so nothing leaks between runs,
+between two sampler nodes, or out of a cancelled run.
 
-One step, as ``run_loop`` drives it::
+One step, as ``run_loop`` drives it, top to bottom::
 
-    signals = loop.signals(step)                 # the cache signal of each unit (e.g. a chunk's e0)
-    decisions = run.decide(step, signals)        # per (branch, unit): compute or reuse
-    out = loop.compute(step, decisions, run)     # model calls for what computes (Wan: reuse via run.recall)
-    loop.update(step, out, run)                  # the solver (MAGI-1: a reused unit's update via run.recall)
+    signals = loop.signals(step)                      # the cache signal of each unit (e.g. a chunk's e0)
+    decisions = run.decide(step, signals)             # per (branch, unit): compute or reuse
+    out, work = loop.compute(step, decisions, reuse)  # model calls for what computes; reuse[(branch, unit)]
+    run.book(work)                                    # payloads kept, forwards and FLOPs counted
+    run.book(loop.update(step, out, reuse))           # the solver; finished units (MAGI-1: its payloads too)
+
+The loops never call back into the runner: what they did comes back as ``Work``.
 """
 from __future__ import annotations
 
@@ -57,6 +61,57 @@ class Step:
     active: list[int] = field(default_factory=list)  # chunks being denoised, for progress
     chunk_step: int = 0                               # steps taken by the newest active chunk
     data: dict = field(default_factory=dict)
+    switch: dict | None = None                        # a prompt change taking effect here (``switch_record``)
+
+
+@dataclass
+class Work:
+    """What a step's model calls or solver did, for the runner to book (``RunState.book``): payloads to keep per
+    (branch, unit), the FLOPs in the order they were spent (``forward``: one transformer forward as computed and
+    in the paper's accounting; ``extra``: work outside a counted forward, real column only), calls into the
+    transformer blocks, what the vanilla loop (cache off) spends on the step, and the units that took their last
+    step (their state is dropped after their payloads are kept)."""
+
+    payloads: list[tuple[tuple[str, UnitId], torch.Tensor]] = field(default_factory=list)
+    flops: list[tuple[float, float | None]] = field(default_factory=list)  # (real, paper); paper None: extra
+    calls: int = 0
+    vanilla: list[tuple[float, float]] = field(default_factory=list)
+    finished: list[UnitId] = field(default_factory=list)
+
+    def keep(self, branch: str, unit: UnitId, payload: torch.Tensor) -> None:
+        self.payloads.append(((branch, unit), payload))
+
+    def forward(self, flops: float, paper: float | None = None) -> None:
+        self.flops.append((flops, flops if paper is None else paper))
+
+    def extra(self, flops: float) -> None:
+        self.flops.append((flops, None))
+
+    def reference(self, flops: float, paper: float | None = None) -> None:
+        """What the vanilla loop spends here (the reference of the FLOPs speedups)."""
+        self.vanilla.append((flops, flops if paper is None else paper))
+
+    def add(self, other: "Work") -> "Work":
+        """``other`` appended after this step's own entries; returns self."""
+        self.payloads += other.payloads
+        self.flops += other.flops
+        self.calls += other.calls
+        self.vanilla += other.vanilla
+        self.finished += other.finished
+        return self
+
+
+class Reuse:
+    """What a reused unit applies, per (branch, unit): the policy's payload, held or extrapolated, read when the
+    loop asks for it (``reuse[("cond", 3)]``). ``keeps_payloads``: whether the run keeps the payloads of the
+    units that compute (else a loop need not compute them: ``off``)."""
+
+    def __init__(self, policy: CachePolicy):
+        self._policy = policy
+        self.keeps_payloads = policy.reads_payloads
+
+    def __getitem__(self, key: tuple[str, UnitId]) -> torch.Tensor:
+        return self._policy.recall(key)
 
 
 @dataclass
@@ -125,6 +180,7 @@ class RunState:
         self.done = 0
         self.total = 0
         self.preview: Callable[[], torch.Tensor] | None = None
+        self.reuse = Reuse(policy)
 
     # -- the cancel point --------------------------------------------------------------------------
     def check_cancel(self) -> None:
@@ -180,39 +236,27 @@ class RunState:
                     out[(b, u.id)] = self.policy.should_compute((b, u.id), signals[u.id], u.force)
         return out
 
-    def remember(self, branch: str, unit: UnitId, payload: torch.Tensor) -> None:
-        self.policy.remember((branch, unit), payload)
-
-    def recall(self, branch: str, unit: UnitId) -> torch.Tensor:
-        return self.policy.recall((branch, unit))
-
-    def finished(self, unit: UnitId) -> None:
-        """The unit took its last step: its cached payloads and signals are dropped (memory stays bounded)."""
-        self.policy.forget(unit)
-
-    # -- accounting --------------------------------------------------------------------------------
-    def count_forward(self, flops: float, paper: float | None = None) -> None:
-        """One transformer forward actually done: ``flops`` as computed, ``paper`` in the paper's accounting
-        (default: the same)."""
-        self.stats.forwards += 1
-        self.stats.flops += flops
-        self.stats.flops_paper += flops if paper is None else paper
-
-    def count_extra(self, flops: float) -> None:
-        """Work done outside a counted forward, in the real column only (e.g. the text's keys/values computed once
-        for the run; the paper's accounting counts them in every forward)."""
-        self.stats.flops += flops
-
-    def count_vanilla(self, flops: float, paper: float | None = None) -> None:
-        """What the vanilla loop (cache off) spends on this step, the reference of the FLOPs speedups."""
-        self.stats.flops_nocache += flops
-        self.stats.flops_nocache_paper += flops if paper is None else paper
-
-    def count_call(self) -> None:
-        """One call into the transformer blocks (it may batch several forwards)."""
-        self.stats.model_calls += 1
+    def book(self, work: Work) -> None:
+        """A step's work: its payloads kept, its calls, forwards and FLOPs counted (in the order spent), then its
+        finished units' cached payloads and signals dropped (memory stays bounded)."""
+        for key, payload in work.payloads:
+            self.policy.remember(key, payload)
+        s = self.stats
+        s.model_calls += work.calls
+        for flops, paper in work.flops:
+            s.flops += flops
+            if paper is not None:  # a forward (an extra is in the real column only)
+                s.forwards += 1
+                s.flops_paper += paper
+        for flops, paper in work.vanilla:
+            s.flops_nocache += flops
+            s.flops_nocache_paper += paper
+        for unit in work.finished:
+            self.policy.forget(unit)
 
     def end_step(self, step: Step, decisions: Decisions) -> None:
+        if step.switch is not None:
+            self.stats.switches.append(step.switch)
         for u in step.units:
             if not u.cacheable:
                 continue
@@ -237,19 +281,23 @@ class ChunkLoop(Protocol):
         """The segments of the video, planned (and validated) before anything runs."""
 
     def start(self, seg: Segment, run: RunState) -> None:
-        """Set up the segment: its noise, prefix, solvers, and KV stores (into ``run.stores``)."""
+        """Set up the segment: its noise, prefix, solvers; its KV stores into ``run.stores`` (kept by the loop
+        too), its ``run.preview``."""
 
     def steps(self, seg: Segment) -> Iterable[Step]:
-        """The segment's steps, each with its units."""
+        """The segment's steps, each with its units; a generator, so a step's fresh noise is drawn when the step
+        is asked for (after the previous step's update)."""
 
     def signals(self, step: Step) -> dict[UnitId, torch.Tensor]:
         """Each unit's cache signal (and whatever the step's model call will reuse, into ``step.data``)."""
 
-    def compute(self, step: Step, decisions: Decisions, run: RunState) -> Any:
-        """The model call(s) for the units that compute; reused units take ``run.recall``."""
+    def compute(self, step: Step, decisions: Decisions, reuse: Reuse) -> tuple[Any, Work]:
+        """The model call(s) for the units that compute (a reused unit of a Wan loop takes ``reuse[key]``):
+        the step's output for ``update`` and what was done."""
 
-    def update(self, step: Step, out: Any, run: RunState) -> None:
-        """Move the latents by the solver."""
+    def update(self, step: Step, out: Any, reuse: Reuse) -> Work:
+        """Move the latents by the solver; the units that finished (MAGI-1: the latent updates to keep, a
+        reused unit's taken from ``reuse``)."""
 
     def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
         """The segment's new latents [1, C, F, h, w] (fp32, CPU)."""
@@ -268,7 +316,9 @@ def run_loop(loop: ChunkLoop, run: RunState) -> torch.Tensor:
         for step in loop.steps(seg):
             run.check_cancel()
             decisions = run.decide(step, loop.signals(step))
-            loop.update(step, loop.compute(step, decisions, run), run)
+            out, work = loop.compute(step, decisions, run.reuse)
+            run.book(work)
+            run.book(loop.update(step, out, run.reuse))
             run.end_step(step, decisions)
         pieces.append(loop.finish(seg, run))
         run.end_segment()

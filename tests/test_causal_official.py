@@ -204,10 +204,10 @@ def test_krea_realtime_equals_official(krea, name, monkeypatch):
         cond = PromptSchedule(cond, blend_blocks=4)
         real = kr._KreaLoop._next_text
 
-        def next_text(self, b, run):
+        def next_text(self, b):
             if b in blend_per_change:
                 self.s.blend_blocks = blend_per_change[b]
-            return real(self, b, run)
+            return real(self, b)
         monkeypatch.setattr(kr._KreaLoop, "_next_text", next_text)
     draws = [(what, KR_RUNS[f"{name}.draw{j:03d}"]) for j, what in enumerate(case["draws"])]
     noise = ReplayNoise(draws)

@@ -115,11 +115,23 @@ class CachePolicy:
         if signal is not None:
             # a slice of a step's whole input would keep all of it alive: keep a compact copy of the slice only
             st.prev_signal = signal.detach() if _compact(signal) else signal.detach().clone()
+        if compute and not self.extrapolate:
+            self._drop_payloads(key)  # the compute's payload replaces it; nothing reads it before
         st.steps += 1
         st.computed += int(compute)
         st.reused += int(not compute)
         st.skips = 0 if compute else st.skips + 1
         return compute
+
+    def _drop_payloads(self, key: UnitKey) -> None:
+        """Free the payloads a compute of ``key`` replaces (a shared decision's: every branch's) before the step
+        runs, so the old and the new one are never held at once."""
+        if isinstance(key, tuple) and key[0] == "*":
+            for k, st in self.states.items():
+                if k[1] == key[1] and k[0] != "*":
+                    st.payload = None
+        else:
+            self.state(key).payload = None
 
     def can_reuse(self, key: UnitKey) -> bool:
         """Whether a reuse of ``key`` has a payload; a shared decision ``("*", unit)`` needs every branch's."""
@@ -135,6 +147,12 @@ class CachePolicy:
     @property
     def keeps_payload(self) -> bool:
         return False
+
+    @property
+    def reads_payloads(self) -> bool:
+        """Whether ``remember`` has any use for a payload: a policy that keeps them, or an observer that reads them
+        (calibration's recorder). When False the pipelines do not compute them."""
+        return self.keeps_payload
 
     def state_bytes(self, tokens: int, dim: int, compute_bytes: int, branches: int) -> int:
         """Bytes this policy keeps for a segment's units of ``tokens`` tokens in all (Wan: width ``dim``, compute

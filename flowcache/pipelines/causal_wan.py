@@ -43,7 +43,7 @@ from ..noise import NoiseSource, SeededNoise
 from ..kv.store import RewriteAttention
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
 from ..prompts import PromptSchedule, as_schedule, switch_record
-from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
+from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, run_loop
 from ..stats import RunStats
 from ..validate import finite, whole_fields
 from .common import LatentGeometry
@@ -221,8 +221,7 @@ class _CausalLoop:
 
     def start(self, seg: Segment, run: RunState) -> None:
         p = self.plan
-        self.run = run
-        run.stores["kv"] = p.store.build()
+        self.store = run.stores["kv"] = p.store.build()
         self.out = torch.zeros(1, self.pipe.geometry.channels, p.latent_frames, p.h, p.w)
         run.preview = lambda: self.out[:, :, :self.done_frames]
 
@@ -232,28 +231,29 @@ class _CausalLoop:
         previous step's update), so the draws keep the official loop's order."""
         n, k, p = len(self.ts), 0, self.plan
         for b in range(p.blocks):
-            if b in self.changes:
-                self._change_prompt(b, self.run)
+            switch = self._change_prompt(b) if b in self.changes else None  # on the block's first step
             if b in self.changes and self.recaches:
                 yield Step(k, [Unit(b, (), force=True, cacheable=False, output=False)], [b], 0,
-                           data={"block": b, "i": -1, "t": self.s.context_noise, "recache": True})
-                k += 1
+                           data={"block": b, "i": -1, "t": self.s.context_noise, "recache": True}, switch=switch)
+                k, switch = k + 1, None
             for i in range(n):
                 if i == 0:
                     self.x = self.noise.draw((1, self.pipe.geometry.channels, p.block_frames, p.h, p.w),
                                              f"block {b} init")
-                yield Step(k, [Unit(b, (b,), force=i == n - 1)], [b], i, data={"block": b, "i": i, "t": self.ts[i]})
+                yield Step(k, [Unit(b, (b,), force=i == n - 1)], [b], i, data={"block": b, "i": i, "t": self.ts[i]},
+                           switch=switch if i == 0 else None)
                 k += 1
             yield Step(k, [Unit(b, (b,), force=True, cacheable=False, output=False)], [b], n,
                        data={"block": b, "i": n, "t": self.s.context_noise, "clean": True})
             k += 1
 
-    def _change_prompt(self, b: int, run: RunState) -> None:
-        """From block ``b`` on the blocks read the entry that holds there (called once, before its first step)."""
+    def _change_prompt(self, b: int) -> dict:
+        """From block ``b`` on the blocks read the entry that holds there (called once, before its first step);
+        returns the change's record for the run's statistics."""
         self.entry = self.changes[b]
         self.call.set_contexts({"cond": self.pipe.model.text_embed(self.texts[self.entry].to(self.pipe.model.device))})
-        run.stats.switches.append(switch_record(b, b * self.plan.block_frames, self.entry, self.s.prompt_rule,
-                                                self.pipe.geometry.temporal_stride))
+        return switch_record(b, b * self.plan.block_frames, self.entry, self.s.prompt_rule,
+                             self.pipe.geometry.temporal_stride)
 
     def _recache_layout(self, b: int, store) -> tuple[int, dict[int, slice]]:
         """(first frame, store chunk -> token range) of block ``b``'s re-cache: the last min(window, f) frames,
@@ -276,7 +276,7 @@ class _CausalLoop:
         d, p = step.data, self.plan
         b = d["block"]
         if d.get("recache"):
-            first, d["targets"] = self._recache_layout(b, self.run.stores["kv"])
+            first, d["targets"] = self._recache_layout(b, self.store)
             n = b * p.block_frames - first
             d["x_in"] = self.out[:, :, first:b * p.block_frames].to(self.pipe.model.device)
             d["spans"] = [UnitSpan(slice(0, n), first)]
@@ -292,17 +292,19 @@ class _CausalLoop:
         d["emb"] = self.call.embed(d["x_in"], t, pos, d["spans"])
         return self.call.signals(d["emb"], step.units)
 
-    def compute(self, step: Step, decisions: Decisions, run: RunState) -> torch.Tensor:
+    def compute(self, step: Step, decisions: Decisions, reuse: Reuse) -> tuple[torch.Tensor, Work]:
+        """The block's flow prediction [1, C, F, h, w] (the clean pass's and a re-cache's are not read)."""
         d, p = step.data, self.plan
-        store = run.stores["kv"]
+        store, work = self.store, Work()
         cfgm = self.pipe.model.cfg
         text = self.call.contexts["cond"].shape[1]
         if d.get("recache"):  # the vanilla loop re-caches too: counted as it is
             rows, tok = store.layers[0].used, d["x_in"].shape[2] * p.tokens_per_frame
             flops = forward_flops(tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, text)
-            run.count_vanilla(flops, flops)
+            work.reference(flops, flops)
             kv = RewriteAttention(store, d["targets"], d["block"])
-            return self.call.predict(d["emb"], step.units, d["spans"], decisions, run, kv=kv)["cond"]
+            preds, called = self.call.predict(d["emb"], step.units, d["spans"], decisions, reuse, kv=kv)
+            return preds["cond"], work.add(called)
         if d["i"] == 0 and self.s.kv_mode == "rolling":  # the official rolling cache evicts as a block starts
             store.drop_oldest(p.window_blocks - p.sink_blocks - 1)
         block_tok = p.block_frames * p.tokens_per_frame
@@ -311,20 +313,22 @@ class _CausalLoop:
         # the official loop computes the text's keys/values once per prompt, not in every forward
         proj = text_projection_flops(cfgm.dim, cfgm.num_layers, text)
         fresh_text = step.index == 0 or (d["i"] == 0 and d["block"] in self.changes and not self.recaches)
-        run.count_vanilla(forward_flops(block_tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, text) - proj
-                          + (proj if fresh_text else 0.0),
-                          forward_flops(block_tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, text))
-        return self.call.predict(d["emb"], step.units, d["spans"], decisions, run)["cond"]
+        work.reference(forward_flops(block_tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, text) - proj
+                       + (proj if fresh_text else 0.0),
+                       forward_flops(block_tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, text))
+        preds, called = self.call.predict(d["emb"], step.units, d["spans"], decisions, reuse, store)
+        return preds["cond"], work.add(called)
 
-    def update(self, step: Step, v: torch.Tensor, run: RunState) -> None:
+    def update(self, step: Step, v: torch.Tensor, reuse: Reuse) -> Work:
+        """x0 = x − σ·v, then the re-noise to the next level, or the block's output at its last step."""
         d, p = step.data, self.plan
         b, i = d["block"], d["i"]
         step.chunk_step = max(0, min(i + 1, len(self.ts)))
         if d.get("recache"):  # the re-cache only rewrote K/V
-            return
+            return Work()
         if d.get("clean"):  # the clean pass only wrote K/V
-            run.stores["kv"].mark_clean(b)
-            return
+            self.store.mark_clean(b)
+            return Work()
         sigma = float(d["t"]) / 1000.0
         x0 = (self.x.double() - sigma * v.double().cpu()).float()
         if i + 1 < len(self.ts):
@@ -334,7 +338,8 @@ class _CausalLoop:
         else:
             self.out[:, :, b * p.block_frames:(b + 1) * p.block_frames] = x0
             self.done_frames = (b + 1) * p.block_frames
-            run.finished(b)
+            return Work(finished=[b])
+        return Work()
 
     def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
         return self.out
@@ -383,7 +388,7 @@ class CausalWanPipeline:
         run = RunState(policy or make_policy(cache), stats, ("cond",), len(settings.denoising_steps), hooks)
         # a block attends to the stored blocks and itself: the store is the attention (block-causal by layout)
         call = WanStep(model, contexts, settings.fps, causal=False, text_kv_once=True,
-                       slice_tokens=plan.memory.options.slice_tokens)
+                       slice_tokens=plan.memory.options.slice_tokens, cancel=run.check_cancel)
         loop = _CausalLoop(self, settings, plan, call, cache, noise or SeededNoise(settings.seed), prompts, texts)
         return run_loop(loop, run), stats
 

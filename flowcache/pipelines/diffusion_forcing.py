@@ -29,7 +29,8 @@ from ..models.wan import WanForward, block_causal_mask
 from ..noise import NoiseSource, SeededNoise
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
 from ..prompts import PromptSchedule, as_schedule, switch_record
-from ..runner import Decisions, RunHooks, RunState, Segment, Step, StepInfo, Unit, run_loop
+from ..kv.store import KVStore
+from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, StepInfo, Unit, Work, run_loop
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
 from ..validate import finite, whole_fields
@@ -292,6 +293,7 @@ class _Window:
     pos: torch.Tensor | None
     vanilla: dict                       # per branch: (real, paper) FLOPs of one whole-window forward
     whole: WholeWindow | None           # the window path's forward (None on the chunk path)
+    store: KVStore | None               # the chunk path's KV store (None on the window path)
     chunk_steps: list[int] = field(default_factory=list)
     velocity: torch.Tensor | None = None  # the guided velocity of the step's units [1, C, F, h, w], reused
 
@@ -355,7 +357,8 @@ class _DFLoop:
                     if s.window_mask == "block_causal" else None)
             whole = WholeWindow(mask, vanilla)
         self.cur = _Window(wp, x, [make_solver(s.solver, plan.sigmas) for _ in range(nb)],
-                           geo.positions(win.length, h_lat, w_lat, x.device), vanilla, whole, [0] * nb)
+                           geo.positions(win.length, h_lat, w_lat, x.device), vanilla, whole, run.stores.get("kv"),
+                           [0] * nb)
         run.preview = lambda: self.cur.x.clone()  # the whole window after the step, prefix included
 
     def steps(self, seg: Segment):
@@ -384,34 +387,38 @@ class _DFLoop:
         d["emb"] = self.call.embed(d["x_in"], d["t"], self.cur.pos, d["spans"])
         return self.call.signals(d["emb"], step.units)
 
-    def compute(self, step: Step, decisions: Decisions, run: RunState) -> torch.Tensor:
+    def compute(self, step: Step, decisions: Decisions, reuse: Reuse) -> tuple[torch.Tensor, Work]:
         """The guided velocity [1, C, F, h, w], valid on the step's units' frames (``update`` reads no other):
         one buffer per window, written in place each step."""
         d, w = step.data, self.cur
-        run.count_vanilla(sum(r for r, _ in w.vanilla.values()), sum(p for _, p in w.vanilla.values()))
-        preds = self.call.predict(d["emb"], step.units, d["spans"], decisions, run, w.whole)
+        work = Work()
+        work.reference(sum(r for r, _ in w.vanilla.values()), sum(p for _, p in w.vanilla.values()))
+        preds, called = self.call.predict(d["emb"], step.units, d["spans"], decisions, reuse, w.store, w.whole)
         if len(preds) == 1:
             guided = preds["cond"]
         else:  # uncond + cfg · (cond − uncond), with one temporary
             guided = (preds["cond"] - preds["uncond"]).mul_(self.s.cfg).add_(preds["uncond"])
         if w.velocity is None:
             w.velocity = torch.zeros(d["x_in"].shape, dtype=torch.float32, device=d["x_in"].device)
-        return w.velocity.index_copy_(2, self.call.output_frames(d["emb"], step.units), guided)
+        return w.velocity.index_copy_(2, self.call.output_frames(d["emb"], step.units), guided), work.add(called)
 
-    def update(self, step: Step, v: torch.Tensor, run: RunState) -> None:
+    def update(self, step: Step, v: torch.Tensor, reuse: Reuse) -> Work:
+        """Each active chunk's solver step; a chunk that took its last step is clean in the store."""
         s, w = self.s, self.cur
         cbs = s.causal_block_size
         upd = step.data["upd"]
+        work = Work()
         for b in range(len(w.solvers)):
             if bool(upd[b]):
                 fr = slice(b * cbs, (b + 1) * cbs)
                 w.x[:, :, fr] = w.solvers[b].step(v[:, :, fr], w.x[:, :, fr])
                 w.chunk_steps[b] += 1
                 if w.chunk_steps[b] == s.steps:
-                    run.finished(b)
-                    for st in run.stores.values():
-                        st.mark_clean(b)
+                    work.finished.append(b)
+                    if w.store is not None:
+                        w.store.mark_clean(b)
         step.chunk_step = w.chunk_steps[step.active[-1]] if step.active else 0
+        return work
 
     def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
         w, windows = self.cur, self.plan.windows
@@ -474,7 +481,7 @@ class DiffusionForcingPipeline:
                                                       "memory_plan": plan.memory.options.name})
         run = RunState(policy or make_policy(cache), stats, tuple(contexts), s.steps, hooks)
         step = WanStep(model, contexts, s.fps, causal=cache.attention == "block_causal",
-                       slice_tokens=plan.memory.options.slice_tokens)
+                       slice_tokens=plan.memory.options.slice_tokens, cancel=run.check_cancel)
         return run_loop(_DFLoop(self, plan, step, noise, prompts, entries), run), stats
 
     def next_prefix(self, x: torch.Tensor, n_latents: int, s: DFSettings) -> torch.Tensor:

@@ -43,7 +43,7 @@ from ..models.wan import WanForward
 from ..noise import NoiseSource, SeededNoise
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
 from ..prompts import PromptSchedule, switch_record
-from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
+from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, run_loop
 from ..stats import RunStats
 from ..validate import finite, whole, whole_fields
 from .causal_wan import CausalPlan, CausalSettings, check_prompts, plan_causal
@@ -157,7 +157,7 @@ class _KreaLoop:
 
     def start(self, seg: Segment, run: RunState) -> None:
         p = self.plan
-        self.run = run
+        self.stores = run.stores  # the store is made anew each block (``steps``)
         self.out = torch.zeros(1, self.pipe.geometry.channels, p.latent_frames, p.h, p.w, dtype=self.dtype)
         run.preview = lambda: self.out[:, :, :self.done_frames].float()
 
@@ -167,17 +167,18 @@ class _KreaLoop:
         update, so the context pass still reads the previous text), and its steps."""
         k, n, p = 0, len(self.ts), self.plan
         for b in range(p.blocks):
-            self.run.stores["kv"] = p.store.build()  # rebuilt each block: context + block
+            self.store = self.stores["kv"] = p.store.build()  # rebuilt each block: context + block
             if b:
                 ids = self._context_ids(b)
                 yield Step(k, [Unit(c, (), force=True, cacheable=False, output=False) for c in ids], [b], 0,
                            data={"block": b, "context": True})
                 k += 1
-            self._next_text(b, self.run)
+            switch = self._next_text(b)
             self.x = self.noise.draw((1, self.pipe.geometry.channels, p.block_frames, p.h, p.w),
                                      f"block {b} init").to(self.dtype)
             for i in range(n):
-                yield Step(k, [Unit(b, (b,), force=i == n - 1)], [b], i, data={"block": b, "i": i})
+                yield Step(k, [Unit(b, (b,), force=i == n - 1)], [b], i, data={"block": b, "i": i},
+                           switch=switch if i == 0 else None)
                 k += 1
 
     # -- the context --------------------------------------------------------------------------------
@@ -211,9 +212,10 @@ class _KreaLoop:
         return torch.cat([self._reencoded(L - K), newest], dim=2)
 
     # -- prompts ----------------------------------------------------------------------------------------
-    def _next_text(self, b: int, run: RunState) -> None:
-        """Before block ``b``'s steps (after its context pass): a change starting here queues the blend; one
-        queued text state is taken per block."""
+    def _next_text(self, b: int) -> dict | None:
+        """Before block ``b``'s steps (after its context pass): a change starting here queues the blend (its
+        record for the run's statistics is returned); one queued text state is taken per block."""
+        switch = None
         if b in self.changes:
             new = self.texts[self.changes[b]]
             n = self.s.blend_blocks
@@ -222,11 +224,12 @@ class _KreaLoop:
             else:
                 w = torch.linspace(0, 1, steps=n)[:, None, None].to(self.text)
                 self.queue = list(torch.lerp(self.text, new, w).chunk(n, dim=0))
-            run.stats.switches.append(switch_record(b, b * self.plan.block_frames, self.changes[b], "blend",
-                                                    self.pipe.geometry.temporal_stride))
+            switch = switch_record(b, b * self.plan.block_frames, self.changes[b], "blend",
+                                   self.pipe.geometry.temporal_stride)
         if self.queue:
             self.text = self.queue.pop(0)
             self.call.set_contexts({"cond": self.pipe.model.text_embed(self.text)})
+        return switch
 
     # -- the runner's hooks -------------------------------------------------------------------------------
     def signals(self, step: Step) -> dict:
@@ -247,7 +250,8 @@ class _KreaLoop:
         d["emb"] = self.call.embed(d["x_in"], t, pos, d["spans"])
         return self.call.signals(d["emb"], step.units)
 
-    def compute(self, step: Step, decisions: Decisions, run: RunState) -> torch.Tensor:
+    def compute(self, step: Step, decisions: Decisions, reuse: Reuse) -> tuple[torch.Tensor, Work]:
+        """The block's flow prediction [1, C, F, h, w] (a context pass's is not read)."""
         d, p = step.data, self.plan
         cfgm = self.pipe.model.cfg
         text = self.call.contexts["cond"].shape[1]
@@ -257,13 +261,16 @@ class _KreaLoop:
         full = forward_flops(tok, rows, cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, text)
         # the release computes the text's keys/values once per text state (each block of a blend, or once)
         fresh = step.index == 0 or (not d.get("context") and d["i"] == 0 and (self.queue or d["block"] in self.changes))
-        run.count_vanilla(full - proj + (proj if fresh else 0.0), full)
-        return self.call.predict(d["emb"], step.units, d["spans"], decisions, run)["cond"]
+        work = Work()
+        work.reference(full - proj + (proj if fresh else 0.0), full)
+        preds, called = self.call.predict(d["emb"], step.units, d["spans"], decisions, reuse, self.store)
+        return preds["cond"], work.add(called)
 
-    def update(self, step: Step, v: torch.Tensor, run: RunState) -> None:
+    def update(self, step: Step, v: torch.Tensor, reuse: Reuse) -> Work:
+        """x0 = x − σ·v in float64, then the re-noise to the next level, or the block's output at its last step."""
         d, p = step.data, self.plan
         if d.get("context"):  # the context pass only wrote K/V
-            return
+            return Work()
         b, i = d["block"], d["i"]
         step.chunk_step = i + 1
         flow = v.to(self.dtype).cpu()  # the release's flow prediction is in the model's dtype
@@ -276,7 +283,8 @@ class _KreaLoop:
             fb = p.block_frames
             self.out[:, :, b * fb:(b + 1) * fb] = x0
             self.done_frames = (b + 1) * fb
-            run.finished(b)
+            return Work(finished=[b])
+        return Work()
 
     def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
         return self.out.float()
@@ -328,7 +336,7 @@ class KreaRealtimePipeline:
         run = RunState(policy or make_policy(cache), stats, ("cond",), settings.steps, hooks)
         contexts = {"cond": model.text_embed(texts[0].to(device=model.device, dtype=model.dtype))}
         call = WanStep(model, contexts, settings.fps, causal=True, text_kv_once=True,
-                       slice_tokens=plan.memory.options.slice_tokens)
+                       slice_tokens=plan.memory.options.slice_tokens, cancel=run.check_cancel)
         loop = _KreaLoop(self, settings, plan, call, noise or SeededNoise(settings.seed), prompts, texts, self.codec)
         return run_loop(loop, run), stats
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -59,7 +60,7 @@ from ..kv.scoring import CompressionConfig, select_queries
 from ..kv.store import KVStore
 from ..models.magi import MagiConfig, MagiDiT, distill_dt_for_steps
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, magi_forward_peak
-from ..runner import Decisions, RunHooks, RunState, Segment, Step, Unit, run_loop
+from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, run_loop
 from ..stats import RunStats
 from ..validate import finite, whole_fields
 from .common import LatentCodec, LatentGeometry
@@ -277,9 +278,10 @@ def cfg_weights(s: MagiSettings, t: float) -> tuple[float, float, float]:
 class _MagiLoop:
     """The ``ChunkLoop`` of one MAGI-1 run: one segment (the whole video), a step per global forward step."""
 
-    def __init__(self, pipe: "MagiPipeline", s: MagiSettings, plan: MagiPlan, inputs: dict, cache: CacheSettings):
+    def __init__(self, pipe: "MagiPipeline", s: MagiSettings, plan: MagiPlan, inputs: dict, cache: CacheSettings,
+                 cancel: Callable[[], None] | None = None):
         path = plan.path
-        self.pipe, self.s, self.plan, self.path = pipe, s, plan, path
+        self.pipe, self.s, self.plan, self.path, self.cancel = pipe, s, plan, path, cancel
         self.model, self.cfgm = pipe.model, pipe.model.config
         self.text, self.null, self.pre = inputs["text"], inputs["null"], inputs["prefix"]
         self.distill = inputs["distill"]
@@ -295,6 +297,7 @@ class _MagiLoop:
         self.intervals = step_intervals(s.num_steps, s.shortcut_mode)
         self.per = s.num_steps // s.window_size
         self.taps: dict[str, _QueryTap] = {}
+        self.stores: dict[str, KVStore] = {}
         self.counts = [0] * plan.chunk_num
         self.finished: list[int] = []
         self.x: torch.Tensor | None = None
@@ -310,15 +313,17 @@ class _MagiLoop:
         if self.pre is not None:
             self.pre = self.pre.to(device)
             self.x[:, :, :plan.prefix_frames] = self.pre
+        self.stores = run.stores
         for store in plan.stores:  # one per pass that sees earlier chunks
-            run.stores[store.name] = store.build()
+            self.stores[store.name] = store.build()
         if self.budget > 0:
-            self.taps = {name: _QueryTap(self.comp, plan.tokens_per_frame) for name in run.stores}
-        dt = self._dt(0)
+            self.taps = {name: _QueryTap(self.comp, plan.tokens_per_frame) for name in self.stores}
+        dt, work = self._dt(0), Work()
         for c in range(plan.offset):  # clean prefix chunks: fill their K/V once, each seeing only itself
             f = magi_forward_flops(self.cfgm, plan.tokens, plan.tokens, _tokens(self.null))
-            run.count_vanilla(len(run.stores) * f)
-            self._clean_forward(self.pre[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], c, dt, run)
+            work.reference(len(self.stores) * f)
+            self._clean_forward(self.pre[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], c, dt, work)
+        run.book(work)
 
     def steps(self, seg: Segment):
         plan, cw = self.plan, self.s.chunk_width
@@ -347,18 +352,18 @@ class _MagiLoop:
                     for c in step.active}
         return {"window": UnitSignal(model.embed_input(x_win).to(model.dtype), x_win)}
 
-    def compute(self, step: Step, decisions: Decisions, run: RunState) -> dict[int, torch.Tensor]:
+    def compute(self, step: Step, decisions: Decisions, reuse: Reuse) -> tuple[dict[int, torch.Tensor], Work]:
         """Velocities of the chunks that compute this step (ascending; the refresh first at a stage start)."""
         s, d, k = self.s, step.data, step.index
-        dt = self._dt(k)
+        dt, work = self._dt(k), Work()
         decide = {c: decisions[("cond", c if self.path == "chunk" else "window")] for c in step.active}
         cs, ce = d["cs"], d["ce"]
         # the reference of the speedups: MAGI-1's own loop (as computed), and this loop without reuse (paper)
-        run.count_vanilla(self._official_flops(step), self._own_flops(step, run))
+        work.reference(self._official_flops(step), self._own_flops(step))
         if self.refresh and cs > self.plan.offset and k % self.per == 0 and decide[cs]:
             # MAGI-1's clean refresh: the chunk that just finished, at clean_t, null caption, seeing itself only
             c = cs - 1
-            self._clean_forward(self.x[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], c, dt, run)
+            self._clean_forward(self.x[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], c, dt, work)
         t_of = {c: float(self.ts[i]) for c, i in d["chunks"]}
         idx_of = dict(d["chunks"])
         v: dict[int, torch.Tensor] = {}
@@ -368,13 +373,13 @@ class _MagiLoop:
             outs: dict[int, torch.Tensor] = {}
             weights = self._weights(t_of[c])
             for p in self._passes_for(weights):
-                cm, store = self._caption(p, c), run.stores.get(p.name)
+                cm, store = self._caption(p, c), self.stores.get(p.name)
                 first = self._first_chunk(c, idx_of[c]) if p.stored else None
                 f = magi_forward_flops(self.cfgm, self.plan.tokens, self._context_rows(store, c, first), _tokens(cm))
                 kv = _ChunkContext(store, c, self.taps.get(p.name), first) if p.stored else None
                 outs[p.weight_index] = self._forward(d["chunk_x"][c], t_of[c], p, kv, c if p.stored else 0, dt, cm,
-                                                     run)
-                run.count_forward(f)
+                                                     work)
+                work.forward(f)
             # reference order: (1 - p)·uncond + (p - s)·cond_pre + s·cond_text
             v[c] = sum(weights[i] * outs[i] for i in sorted(outs, reverse=True)) if not self.distill else outs[0]
         if self._nearly_clean(t_of[cs]) and decide[cs]:
@@ -382,10 +387,10 @@ class _MagiLoop:
             cm = self._caption(self.passes[0], cs)
             tap = self.taps.get("cond")
             v_self = self._forward(d["chunk_x"][cs], t_of[cs], self.passes[0],
-                                   _ChunkContext(None, cs, tap) if tap is not None else None, ce, dt, cm, run)
+                                   _ChunkContext(None, cs, tap) if tap is not None else None, ce, dt, cm, work)
             v[cs] = s.nearly_clean_scale * v[cs] + (1 - s.nearly_clean_scale) * v_self
-            run.count_forward(magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens, _tokens(cm)))
-        return v
+            work.forward(magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens, _tokens(cm)))
+        return v, work
 
     def _weights(self, t: float) -> tuple[float, ...]:
         return (1.0,) if self.distill else cfg_weights(self.s, t)
@@ -422,15 +427,16 @@ class _MagiLoop:
             return min(RELEASED_KVRANGE[i // per_range], c + 1) * tok if p.stored else tok
         return self._step_flops(step, sum(p.stored for p in self.passes), rows)
 
-    def _own_flops(self, step: Step, run: RunState) -> float:
+    def _own_flops(self, step: Step) -> float:
         """What this loop computes for this step when nothing is reused (before the step's writes)."""
         def rows(p: _Pass, c: int, i: int) -> int:
-            return self._context_rows(run.stores.get(p.name), c, self._first_chunk(c, i) if p.stored else None)
-        return self._step_flops(step, len(run.stores) if self.refresh else 0, rows)
+            return self._context_rows(self.stores.get(p.name), c, self._first_chunk(c, i) if p.stored else None)
+        return self._step_flops(step, len(self.stores) if self.refresh else 0, rows)
 
-    def update(self, step: Step, v: dict[int, torch.Tensor], run: RunState) -> None:
-        """Euler for computed units; a reused unit adds its last computed update."""
-        d, cw = step.data, self.s.chunk_width
+    def update(self, step: Step, v: dict[int, torch.Tensor], reuse: Reuse) -> Work:
+        """Euler for computed units, whose update x_new − x is kept; a reused unit adds its last computed update.
+        Once per stage, before a new chunk enters, the clean history is compressed to the budget."""
+        d, cw, work = step.data, self.s.chunk_width, Work()
         x_win, cs, ce = d["x_win"], d["cs"], d["ce"]
         dt_of = {c: float(self.ts[i + 1] - self.ts[i]) for c, i in d["chunks"]}
         new_win = x_win.clone()
@@ -439,32 +445,35 @@ class _MagiLoop:
                 sl = slice((c - cs) * cw, (c - cs + 1) * cw)
                 if c in v:
                     new_win[:, :, sl] = d["chunk_x"][c] + v[c] * dt_of[c]
-                    run.remember("cond", c, new_win[:, :, sl] - d["chunk_x"][c])
+                    if reuse.keeps_payloads:
+                        work.keep("cond", c, new_win[:, :, sl] - d["chunk_x"][c])
                 else:
-                    new_win[:, :, sl] = d["chunk_x"][c] + run.recall("cond", c)
+                    new_win[:, :, sl] = d["chunk_x"][c] + reuse[("cond", c)]
         elif cs in v:
             for c in step.active:
                 sl = slice((c - cs) * cw, (c - cs + 1) * cw)
                 new_win[:, :, sl] = d["chunk_x"][c] + v[c] * dt_of[c]
-            run.remember("cond", "window", new_win - x_win)
+            if reuse.keeps_payloads:
+                work.keep("cond", "window", new_win - x_win)
         else:
-            new_win = x_win + run.recall("cond", "window")
+            new_win = x_win + reuse[("cond", "window")]
         self.x[:, :, cs * cw:ce * cw] = new_win
         for c in step.active:
             self.counts[c] += 1
             if self.counts[c] == self.s.num_steps:
                 self.finished.append(c)
-                run.finished(c)
+                work.finished.append(c)
         step.chunk_step = self.counts[step.active[-1]]
         sched, k = self.plan.schedule, step.index
         if self.budget > 0 and k + 1 < len(sched) and sched[k + 1][-1][0] > step.active[-1]:
             # once per stage, before a new chunk enters: compress the clean history
-            for name, store in run.stores.items():
+            for name, store in self.stores.items():
                 for c in list(range(self.plan.offset)) + self.finished:
                     store.mark_clean(c)
                 q = self.taps[name].q
                 if len(q) == self.cfgm.num_layers:
                     store.compress_clean([q[i] for i in range(self.cfgm.num_layers)])
+        return work
 
     def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
         pf = self.plan.prefix_frames
@@ -495,21 +504,21 @@ class _MagiLoop:
         end = lay.ranges[c][1] if c in lay.ranges else lay.used + tok
         return end - (store.first_row(0, first) if first is not None else 0)
 
-    def _clean_forward(self, xc: torch.Tensor, c: int, dt: float | None, run: RunState) -> None:
+    def _clean_forward(self, xc: torch.Tensor, c: int, dt: float | None, work: Work) -> None:
         """A clean chunk's K/V into every stored pass: t = clean_t, null caption, seeing only itself."""
         for p in self.passes:
             if p.stored:
-                self._forward(xc, self.s.clean_t, p, _ChunkContext(run.stores[p.name], c, None, first=c), c, dt,
-                              self.null, run)
-                run.count_forward(magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens,
-                                                     _tokens(self.null)))
+                self._forward(xc, self.s.clean_t, p, _ChunkContext(self.stores[p.name], c, None, first=c), c, dt,
+                              self.null, work)
+                work.forward(magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens, _tokens(self.null)))
 
     def _forward(self, xc: torch.Tensor, t: float, p: _Pass, kv, rope_chunk: int, dt: float | None, cm,
-                 run: RunState) -> torch.Tensor:
-        run.count_call()
+                 work: Work) -> torch.Tensor:
+        """One MAGI-1 forward of chunk latents ``xc`` [1, C, chunk_width, h, w] at time ``t`` -> velocity."""
+        work.calls += 1
         tt = torch.full((1, 1), float(t), device=xc.device)
         return self.model(xc, tt, cm[0], cm[1], chunk_start=rope_chunk, kv=kv, distill_dt=dt, uncond=p.uncond,
-                          between=run.check_cancel)
+                          between=self.cancel)
 
 
 def _tokens(cap_mask) -> int:
@@ -679,7 +688,7 @@ class MagiPipeline:
                                   "prefix_chunks": plan.offset, "forward_steps": len(plan.schedule)}
         run = RunState(policy or make_policy(cache), stats, ("cond",), s.num_steps, hooks)
         inputs = {"text": text, "null": null, "prefix": pre, "distill": distill}
-        return run_loop(_MagiLoop(self, s, plan, inputs, cache), run), stats
+        return run_loop(_MagiLoop(self, s, plan, inputs, cache, run.check_cancel), run), stats
 
 
 __all__ = ["MagiPipeline", "MagiPlan", "MagiSettings", "magi_memory", "plan_magi", "stage_schedule", "time_schedule", "step_intervals", "magi_forward_flops",

@@ -4,22 +4,25 @@ and causal Wan loops share.
 The units' latents and timesteps do not depend on the text, so they are embedded once for all branches.
 Each branch decides per unit; branches that computed the same units (always, when they see the same e0)
 run as one batch, and all computed units of a step run as one forward: on the chunk path chunks are laid end
-to end along the tokens and attend chunk by chunk against each branch's KV store (``ChunkBatchKV``), on the
+to end along the tokens and attend chunk by chunk against each branch's KV store (``StepAttention``), on the
 window path the window runs plain attention under an optional mask. A reused unit takes its cached backbone
-residual ``h − h0``; the head always runs with the current timestep.
+residual ``h − h0`` (``reuse``); the head always runs with the current timestep. ``predict`` returns the
+predictions and the ``Work`` done (each computed unit's new residual, the forwards and their FLOPs): the
+runner keeps and counts them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..cache.base import UnitSignal
 from ..errors import InputError
 from ..flops import forward_flops, text_projection_flops
-from ..kv.store import StepAttention
+from ..kv.store import KVStore, StepAttention
 from ..models.wan import WanForward
-from ..runner import Decisions, RunState, Unit
+from ..runner import Decisions, Reuse, Unit, Work
 
 
 @dataclass
@@ -73,12 +76,14 @@ class WanStep:
     """The Wan model call of one step. contexts: embedded text per branch, in the run's branch order."""
 
     def __init__(self, model: WanForward, contexts: dict[str, torch.Tensor], fps: float | None,
-                 causal: bool = True, text_kv_once: bool = False, slice_tokens: int = 0):
+                 causal: bool = True, text_kv_once: bool = False, slice_tokens: int = 0,
+                 cancel: Callable[[], None] | None = None):
         """causal: on the chunk path a chunk attends to the stored rows up to its own slot (else to every stored
-        row, its later chunks' too). text_kv_once: compute the cross-attention keys/values of the text once per run and reuse them (the
-        causal Wan models' official loop does; SkyReels' recomputes them every forward). slice_tokens: the lean
-        forward (``WanForward.run_blocks``), 0 for the batched one."""
-        self.model, self.contexts, self.fps = model, contexts, fps
+        row, its later chunks' too). text_kv_once: compute the cross-attention keys/values of the text once per
+        run and reuse them (the causal Wan models' official loop does; SkyReels' recomputes them every forward).
+        slice_tokens: the lean forward (``WanForward.run_blocks``), 0 for the batched one. cancel: the host's
+        cancel check, called between blocks."""
+        self.model, self.contexts, self.fps, self.cancel = model, contexts, fps, cancel
         self.branches = list(contexts)
         self.causal = causal
         self.text_kv: dict[tuple[int, ...], dict] | None = {} if text_kv_once else None
@@ -122,15 +127,18 @@ class WanStep:
         return {u.id: UnitSignal(emb.e0[:, fr], emb.h0[:, tok]) for u, (fr, tok) in zip(units, emb.spans)}
 
     def predict(self, emb: Embedded, units: list[Unit], spans: list[UnitSpan], decisions: Decisions,
-                run: RunState, whole: WholeWindow | None = None, kv=None) -> dict[str, torch.Tensor]:
+                reuse: Reuse, store: KVStore | None = None, whole: WholeWindow | None = None, kv=None
+                ) -> tuple[dict[str, torch.Tensor], Work]:
         """Every branch's prediction for the frames of the units with ``output`` [1, C, F_out, h, w] (fp32;
-        ``output_frames`` says which segment frames they are).
+        ``output_frames`` says which segment frames they are), and the work done.
 
-        whole: the window path's forward; None on the chunk path (attention through ``run.stores["kv"]``).
-        kv: on the chunk path, the attention to use instead of ``StepAttention`` over ``run.stores["kv"]`` (a pass
-        that rewrites stored rows, e.g. ``RewriteAttention``); it has ``context_rows`` / ``causal_rows`` as well.
+        reuse: a reused unit's residual per (branch, unit). store: the chunk path's KV store (attention through
+        it); whole: the window path's forward instead. kv: on the chunk path, the attention to use instead of
+        ``StepAttention`` over ``store`` (a pass that rewrites stored rows, e.g. ``RewriteAttention``); it has
+        ``context_rows`` / ``causal_rows`` as well.
         """
         names = self.branches
+        work = Work()
         compute = {b: [decisions[(b, u.id)] for u in units] for b in names}
         groups: dict[tuple[int, ...], list[int]] = {}
         for row, b in enumerate(names):
@@ -142,13 +150,14 @@ class WanStep:
         for which, rows in groups.items():
             if which:
                 out = self._forward([units[i] for i in which], [spans[i] for i in which],
-                                    [emb.spans[i] for i in which], rows, emb, run, whole, h, kv)
+                                    [emb.spans[i] for i in which], rows, emb, work, store, whole, h, kv,
+                                    reuse.keeps_payloads)
                 if h is None:
                     h = out.to(emb.h0.dtype)
         for row, b in enumerate(names):
             for i, (u, (_, tok)) in enumerate(zip(units, emb.spans)):
                 if not compute[b][i]:
-                    h[row:row + 1, tok] = emb.h0[:, tok] + run.recall(b, u.id)
+                    h[row:row + 1, tok] = emb.h0[:, tok] + reuse[(b, u.id)]
         e = emb.e
         kept = self.output_spans(emb, units)
         if kept is not None:  # passes that only wrote K/V need no head
@@ -156,13 +165,13 @@ class WanStep:
                 _, ph, pw = self.model.cfg.patch_size
                 empty = torch.zeros(1, self.model.cfg.out_dim, 0, emb.grid_hw[0] * ph, emb.grid_hw[1] * pw,
                                     device=h.device)
-                return {b: empty for b in names}
+                return {b: empty for b in names}, work
             h = torch.cat([h[:, tok] for _, tok in kept], dim=1)
             e = torch.cat([emb.e[:, fr] for fr, _ in kept], dim=1)
         pt = self.model.cfg.patch_size[0]
         pred = self.model.head_out(h, e.expand(len(names), -1, -1), (e.shape[1] // pt,) + emb.grid_hw,
                                    self.slice_tokens)
-        return {b: pred[row:row + 1] for row, b in enumerate(names)}
+        return {b: pred[row:row + 1] for row, b in enumerate(names)}, work
 
     @staticmethod
     def output_spans(emb: Embedded, units: list[Unit]) -> list[tuple[slice, slice]] | None:
@@ -177,11 +186,11 @@ class WanStep:
         return emb.idx if kept is None else torch.cat([emb.idx[fr] for fr, _ in kept])
 
     def _forward(self, units: list[Unit], spans: list[UnitSpan], tok_spans: list[tuple[slice, slice]],
-                 rows: list[int], emb: Embedded, run: RunState, whole: WholeWindow | None,
-                 h: torch.Tensor | None, kv=None) -> torch.Tensor:
+                 rows: list[int], emb: Embedded, work: Work, store: KVStore | None, whole: WholeWindow | None,
+                 h: torch.Tensor | None, kv=None, keep: bool = True) -> torch.Tensor:
         """One batched forward of ``units`` for the branches at ``rows``; writes their tokens into ``h``
-        [branches, L, D] (None: the caller takes the output [rows, L_units, D] as it is) and remembers each
-        cacheable unit's backbone residual per branch."""
+        [branches, L, D] (None: the caller takes the output [rows, L_units, D] as it is) and adds to ``work``
+        the call, its forwards' FLOPs and, with ``keep``, each cacheable unit's backbone residual per branch."""
         model, cfgm = self.model, self.model.cfg
         if len(tok_spans) == len(emb.spans):  # every unit, in order: the embedding as it is (the blocks copy)
             tokens, mod = emb.h0, emb.e0
@@ -196,30 +205,30 @@ class WanStep:
         offsets = tuple(s.frame_offset for s in spans)
         if whole is None and kv is None:
             store_rows = slice(None) if len(rows) == len(self.branches) else list(rows)
-            kv = StepAttention(run.stores["kv"], [u.id for u in units], sizes, store_rows, self.causal)
+            kv = StepAttention(store, [u.id for u in units], sizes, store_rows, self.causal)
         text_kv = None if self.text_kv is None else self.text_kv.setdefault(tuple(rows), {})
         fresh_text = text_kv is not None and not text_kv
         out = model.run_blocks(tokens, mod, ctx, grid, offsets, kv, None if whole is None else whole.mask,
-                               between=run.check_cancel, text_kv=text_kv, rope=self.rope(grid, offsets),
+                               between=self.cancel, text_kv=text_kv, rope=self.rope(grid, offsets),
                                slice_tokens=self.slice_tokens)
-        run.count_call()
+        work.calls += 1
         text_proj = text_projection_flops(cfgm.dim, cfgm.num_layers, ctx.shape[1])
         if fresh_text:  # computed once for these branches: counted once
-            run.count_extra(len(rows) * text_proj)
+            work.extra(len(rows) * text_proj)
         start = 0
         for u, (_, tok), n in zip(units, tok_spans, sizes):
             for i, b in enumerate(branches):
                 res = out[i:i + 1, start:start + n]
                 if h is not None:
                     h[rows[i]:rows[i] + 1, tok] = res
-                if u.cacheable:
-                    run.remember(b, u.id, res - emb.h0[:, tok])
+                if u.cacheable and keep:
+                    work.keep(b, u.id, res - emb.h0[:, tok])
                 if whole is None:
                     dims = (cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, ctx.shape[1])
                     once = text_proj if text_kv is not None else 0.0  # the text's K/V were not recomputed
-                    run.count_forward(forward_flops(n, kv.context_rows[u.id], *dims) - once,
-                                      forward_flops(n, kv.causal_rows[u.id], *dims))
+                    work.forward(forward_flops(n, kv.context_rows[u.id], *dims) - once,
+                                 forward_flops(n, kv.causal_rows[u.id], *dims))
                 else:
-                    run.count_forward(*whole.flops[b])
+                    work.forward(*whole.flops[b])
             start += n
         return out
