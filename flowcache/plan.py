@@ -12,6 +12,8 @@ its windows or blocks; this module gives it the shared pieces:
   state, cached residuals, text): bytes on the device and in host memory.
 * ``wan_forward_peak`` / ``magi_forward_peak``: a step's working set, measured by running the model's own forward code on
   meta tensors (shapes only, nothing computed) under the live-bytes counter, so it follows the code.
+* ``magi_memory``: MAGI-1's whole estimate, built from these pieces alone (one chunk per forward, a store per
+  stored guidance pass).
 * ``choose``: the first candidate that fits the device and the host (``memory.auto_plan`` adds the refusal
   that names what would fit).
 """
@@ -23,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from .cache import make_policy
 from .cache.registry import KV_DTYPES, KV_PLACEMENTS
 from .errors import InputError
 from .kv.scoring import CompressionConfig, compress
@@ -321,6 +324,31 @@ def _magi_forward_peak(cfg_items: tuple, dtype: torch.dtype, frames: int, h: int
     return mem.peak
 
 
+def magi_memory(plan, s, cache, cfg, dtype: torch.dtype, options: MemoryOptions) -> None:
+    """Fill in a ``MagiPlan``'s stores and memory (``s``: its ``MagiSettings``, ``cfg``: the model's
+    ``MagiConfig``): a store per pass that sees earlier chunks (the distilled model 1, the base model 2) holding
+    every chunk, or with a budget ``kv_budget`` chunks of compressed history plus the window; one chunk per
+    forward (measured on meta tensors); the latents of the whole video, the window's copies, and per window
+    chunk the policy's signal (its patch-embedded input, fp32) and cached updates."""
+    c = dtype_bytes(dtype)
+    cap = (min(plan.chunk_num, max(plan.offset + 1, cache.kv_budget + s.window_size)) if cache.kv_budget > 0
+           else plan.chunk_num)
+    plan.stores = [StorePlan(name, cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim,
+                             cap * plan.tokens, c, options.kv_fp8, options.kv_offload, cache.kv_budget * plan.tokens,
+                             0, plan.tokens_per_frame, cache.mix_lambda)
+                   for name in (("cond",) if plan.distill else ("cond", "pre"))]
+    activations = magi_forward_peak(cfg, dtype, s.chunk_width, plan.h, plan.w, cfg.caption_max_length, options,
+                                    plan.stores[0].capacity)
+    chunk_latent = cfg.latent_channels * s.chunk_width * plan.h * plan.w * 4
+    window = min(s.window_size, plan.chunk_num)
+    signal = plan.tokens * cfg.hidden_size * 4  # a chunk's patch-embedded input, fp32
+    payload = make_policy(cache).state_bytes(chunk_latent // 4, 1, 4, 1)  # a chunk's latent update(s), fp32
+    state = plan.chunk_num * chunk_latent + 3 * window * chunk_latent + window * (signal + payload)
+    facts = {"forward": f"1 chunk x {plan.tokens} tokens", "kv_rows": cap * plan.tokens, "chunks": plan.chunk_num,
+             "passes": len(plan.stores), "tokens_per_chunk": plan.tokens}
+    plan.memory = MemoryPlan(options, plan.stores, activations, state, facts)
+
+
 # ------------------------------------------------------------------------------ choosing a plan
 
 def choose(build: Callable[[MemoryOptions], object], options: list[MemoryOptions], device_free: int | None,
@@ -361,5 +389,5 @@ def fp8_reason(device: torch.device | str) -> str | None:
 
 
 __all__ = ["GiB", "KV_DTYPES", "KV_PLACEMENTS", "LEAN_SLICE_TOKENS", "MemoryOptions", "MemoryPlan", "NoPlanFits",
-           "StorePlan", "candidates", "choose", "dtype_bytes", "fits", "fp8_reason", "magi_forward_peak",
+           "StorePlan", "candidates", "choose", "dtype_bytes", "fits", "fp8_reason", "magi_forward_peak", "magi_memory",
            "wan_forward_peak"]

@@ -27,6 +27,7 @@ from typing import Any, Callable, Hashable, Iterable, Protocol
 
 import torch
 
+from .cache import CacheSettings, make_policy
 from .cache.base import CachePolicy
 from .kv.store import KVStore
 from .stats import RunStats
@@ -272,6 +273,16 @@ class RunState:
             self.on_step(StepInfo(seg.index, self.segments, step.index, seg.steps, self.done, self.total,
                                   list(step.active), self.stats.computed, self.stats.reused, step.chunk_step,
                                   self.chunk_steps, self.preview))
+
+
+def new_run(cache: CacheSettings, branches: tuple[str, ...], chunk_steps: int, path: str, memory_plan: str,
+            hooks: RunHooks | None = None, policy: CachePolicy | None = None, **facts: Any) -> RunState:
+    """A run's ``RunState`` with its statistics (``run.stats``) begun: the policy ``cache`` names, or ``policy``
+    (an observer such as calibration's recorder); the settings it ran with, in the order every family reports
+    them: the cache's, the ``path``, the family's own ``facts``, the memory plan's name."""
+    stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": path, **facts,
+                                                  "memory_plan": memory_plan})
+    return RunState(policy or make_policy(cache), stats, branches, chunk_steps, hooks)
 
 
 class ChunkLoop(Protocol):

@@ -5,10 +5,9 @@ import torch
 
 from flowcache.cache import CacheSettings
 from flowcache.df_schedule import timestep_matrix
-from flowcache.flops import forward_flops, paper_window_flops
+from flowcache.flops import forward_flops, magi_forward_flops, paper_window_flops
 from flowcache.models.magi import MagiConfig, MagiDiT
 from flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry, plan_windows
-from flowcache.pipelines.magi import magi_forward_flops
 from flowcache.schedulers import flow_sigmas
 from tiny_models import tiny_wan
 

@@ -318,13 +318,13 @@ def stores(monkeypatch):
 def test_kv_store_bounded_with_compression(tiny, caption, stores, monkeypatch):
     made, events = stores
     last_q = []
-    extend = magi_mod._ChunkContext.extend
+    extend = store_mod.TappedContext.extend
 
     def spy(self, layer, q, k, v):
         if layer == 0 and self.tap is not None:
             last_q.append((self.view.chunk_id, q[:, :, -4:].clone()))
         return extend(self, layer, q, k, v)
-    monkeypatch.setattr(magi_mod._ChunkContext, "extend", spy)
+    monkeypatch.setattr(store_mod.TappedContext, "extend", spy)
     compress = store_mod.KVStore.compress_clean
     used = []
 
@@ -436,14 +436,14 @@ def test_off_is_magi_own_loop_key_ranges_and_clean_refresh(tiny, caption, monkey
     """``off`` (the window path) is the released loop: noise2clean_kvrange [5, 4, 3, 2] and, at the first step of
     each stage, the just-finished chunk forwarded again at clean_t, seeing only itself. Checked call by call."""
     calls = []
-    extend = magi_mod._ChunkContext.extend
+    extend = store_mod.TappedContext.extend
 
     def spy(self, layer, q, k, v):
         keys, vals = extend(self, layer, q, k, v)
         if layer == 0:
             calls.append((self.view.chunk_id, keys.shape[2]))
         return keys, vals
-    monkeypatch.setattr(magi_mod._ChunkContext, "extend", spy)
+    monkeypatch.setattr(store_mod.TappedContext, "extend", spy)
     seen_t = []
     forward = tiny.forward
 

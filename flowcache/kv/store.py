@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.common import attention
-from .scoring import CompressionConfig, compress
+from .scoring import CompressionConfig, compress, select_queries
 
 # Largest block-causal mask (query tokens × key rows) built for one call; past it each chunk attends on its own
 # (a dense mask of a 540P window would be gigabytes, while there the per-chunk calls are large anyway).
@@ -149,6 +149,14 @@ class KVStore:
     def first_row(self, layer: int, chunk_id: int) -> int:
         """The first row of a registered chunk (0 when it is not registered separately any more)."""
         return self.layers[layer].ranges.get(chunk_id, (0, 0))[0]
+
+    def context_rows(self, chunk_id: int, tokens: int, first: int | None = None) -> int:
+        """Key rows a block-causal forward of chunk ``chunk_id`` reads, counted before it writes (FLOP
+        accounting): up to the end of its slot, or, not stored yet, the rows in use plus its ``tokens``; from
+        chunk ``first`` on when given (``view``'s key range)."""
+        lay = self.layers[0]
+        end = lay.ranges[chunk_id][1] if chunk_id in lay.ranges else lay.used + tokens
+        return end - (self.first_row(0, first) if first is not None else 0)
 
     # -- bytes -------------------------------------------------------------------------------------
     @staticmethod
@@ -488,6 +496,44 @@ class ChunkKV:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return attention(q, *self.extend(layer, q, k, v))
+
+
+class QueryTap:
+    """The scoring queries (``select_queries``) of the last forward that ran through a ``TappedContext``, per layer:
+    for a loop that compresses its clean history at a moment of its own choosing with queries it picks (MAGI-1:
+    once per stage, the last computed chunk's), rather than with the next writer's queries as a write does."""
+
+    def __init__(self, cfg: CompressionConfig, tokens_per_frame: int | None):
+        self.cfg, self.tpf = cfg, tokens_per_frame
+        self.q: dict[int, torch.Tensor] = {}
+
+    def record(self, layer: int, q: torch.Tensor) -> None:
+        """Layer ``layer``'s queries q [B, Hq, L, D], the selected ones copied (the forward reuses its buffers)."""
+        self.q[layer] = select_queries(q, self.cfg, self.tpf).clone()
+
+    def compress(self, store: KVStore) -> bool:
+        """``store.compress_clean`` with the recorded queries, once every layer has recorded some (else no-op)."""
+        if len(self.q) != store.num_layers:
+            return False
+        return store.compress_clean([self.q[i] for i in range(store.num_layers)])
+
+
+class TappedContext:
+    """A ``KVContext`` of one chunk forward: the store's ``view`` (None: the chunk sees only itself), with every
+    layer's queries recorded into ``tap`` on the way (None: not recorded)."""
+
+    def __init__(self, store: KVStore | None, chunk_id: int, tap: QueryTap | None, first: int | None = None):
+        self.view = store.view(chunk_id, first) if store is not None else None
+        self.tap = tap
+
+    def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, rows, D] the chunk's queries attend to: the view's rows, or its own k, v."""
+        if self.tap is not None:
+            self.tap.record(layer, q)
+        if self.view is None:
+            return k, v
+        return self.view.extend(layer, q, k, v)
 
 
 class StepAttention:

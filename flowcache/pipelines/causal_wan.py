@@ -43,7 +43,7 @@ from ..noise import NoiseSource, SeededNoise
 from ..kv.store import RewriteAttention
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
 from ..prompts import PromptSchedule, as_schedule, switch_record
-from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, run_loop
+from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, new_run, run_loop
 from ..stats import RunStats
 from ..validate import finite, whole_fields
 from .common import LatentGeometry
@@ -308,8 +308,7 @@ class _CausalLoop:
         if d["i"] == 0 and self.s.kv_mode == "rolling":  # the official rolling cache evicts as a block starts
             store.drop_oldest(p.window_blocks - p.sink_blocks - 1)
         block_tok = p.block_frames * p.tokens_per_frame
-        lay = store.layers[0]
-        rows = lay.used if d["block"] in lay.ranges else lay.used + block_tok
+        rows = store.context_rows(d["block"], block_tok)
         # the official loop computes the text's keys/values once per prompt, not in every forward
         proj = text_projection_flops(cfgm.dim, cfgm.num_layers, text)
         fresh_text = step.index == 0 or (d["i"] == 0 and d["block"] in self.changes and not self.recaches)
@@ -382,15 +381,13 @@ class CausalWanPipeline:
                              "(blend is Krea Realtime's rule).")
         settings.prompt_rule = rule
         contexts = {"cond": model.text_embed(texts[0].to(model.device))}
-        stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": "chunk", "loop": "causal",
-                                                      "kv_mode": settings.kv_mode, "blocks": plan.blocks,
-                                                      "memory_plan": plan.memory.options.name})
-        run = RunState(policy or make_policy(cache), stats, ("cond",), len(settings.denoising_steps), hooks)
+        run = new_run(cache, ("cond",), len(settings.denoising_steps), "chunk", plan.memory.options.name, hooks,
+                      policy, loop="causal", kv_mode=settings.kv_mode, blocks=plan.blocks)
         # a block attends to the stored blocks and itself: the store is the attention (block-causal by layout)
         call = WanStep(model, contexts, settings.fps, causal=False, text_kv_once=True,
                        slice_tokens=plan.memory.options.slice_tokens, cancel=run.check_cancel)
         loop = _CausalLoop(self, settings, plan, call, cache, noise or SeededNoise(settings.seed), prompts, texts)
-        return run_loop(loop, run), stats
+        return run_loop(loop, run), run.stats
 
 
 __all__ = ["CausalPlan", "CausalSettings", "CausalWanPipeline", "KV_MODES", "LOOP_PRESETS", "PROMPT_RULES",

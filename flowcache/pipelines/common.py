@@ -1,4 +1,5 @@
-"""What every family pipeline shares: how pixels map to latents, and the VAE as a pipeline sees it."""
+"""What every family pipeline shares: how pixels map to latents, the VAE as a pipeline sees it, and a clean
+prefix (I2V, V2V) through it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,3 +66,61 @@ class LatentCodec(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [1, C, F, h, w] -> pixels [T, H, W, 3] in 0..1."""
         ...
+
+
+def prefix_frames(prefix: torch.Tensor | None, geometry: LatentGeometry, codec: LatentCodec | None) -> int:
+    """Latent frames a clean prefix becomes (``encode_prefix``), for planning before it is encoded: pixels
+    [T, H, W, 3] give 1 for an image (I2V) and T // temporal stride otherwise (V2V); latents [1, C, P, h, w] P."""
+    if prefix is None:
+        return 0
+    if prefix.dim() == 4:
+        stride = getattr(codec, "temporal_stride", geometry.temporal_stride)  # what the codec's encode() does
+        return 1 if prefix.shape[0] == 1 else prefix.shape[0] // stride
+    return prefix.shape[2]
+
+
+def encode_prefix(prefix: torch.Tensor, geometry: LatentGeometry, codec: LatentCodec | None,
+                  latent_hw: tuple[int, int]) -> torch.Tensor:
+    """A clean prefix as fp32 model-space latents [1, C, P, h, w], checked against the run's latent size.
+
+    prefix: latents [1, C, P, h, w], or pixels [T, H, W, 3] in 0..1 encoded by ``codec``; a single image (I2V)
+    is repeated to one latent frame's worth of pixels and the first latent frame kept, as a causal VAE needs."""
+    if prefix.dim() == 4:
+        if codec is None:
+            raise InputError("prefix: pixels need a codec (VAE); pass latents [1, C, F, h, w] otherwise.")
+        if prefix.shape[0] == 1:
+            prefix = codec.encode(prefix.repeat(geometry.temporal_stride, 1, 1, 1))[:, :, :1]
+        else:
+            prefix = codec.encode(prefix)
+    if prefix.dim() != 5 or prefix.shape[0] != 1 or prefix.shape[1] != geometry.channels or prefix.shape[2] < 1:
+        raise InputError(f"prefix: latents must be [1, {geometry.channels}, frames ≥ 1, h, w], "
+                         f"got {list(prefix.shape)}.")
+    if tuple(prefix.shape[3:]) != tuple(latent_hw):
+        raise InputError(f"prefix: latent size {tuple(prefix.shape[3:])} does not match width/height "
+                         f"(latent {tuple(latent_hw)}).")
+    return prefix.float()
+
+
+def check_caption(caption: torch.Tensor, mask: torch.Tensor | None, width: int, chunks: int, model: str,
+                  encoder: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text states and their mask for a model that takes a validity mask: caption [1, L, width] (or [L, width]),
+    or one caption per chunk [1, chunks, L, width]; mask of the same leading shape, bool (None: all valid).
+    Returns both with the batch dimension; errors name the input and, for a wrong width, the ``encoder``."""
+    if caption.dim() == 2:
+        caption = caption[None]
+    if caption.dim() not in (3, 4) or caption.shape[0] != 1:
+        raise InputError(f"caption: must be [1, tokens, {width}] (or [1, chunks, tokens, {width}] per chunk), "
+                         f"got {list(caption.shape)}.")
+    if caption.shape[-1] != width:
+        raise InputError(f"caption width is {caption.shape[-1]} but {model} takes {width} ({encoder}).")
+    if caption.dim() == 4 and caption.shape[1] != chunks:
+        raise InputError(f"per-chunk caption has {caption.shape[1]} chunks; this video has {chunks}.")
+    if caption.shape[-2] == 0:
+        raise InputError("caption: has no tokens.")
+    if mask is None:
+        mask = torch.ones(caption.shape[:-1], dtype=torch.bool)
+    if mask.dim() == caption.dim() - 2:
+        mask = mask[None]
+    if tuple(mask.shape) != tuple(caption.shape[:-1]):
+        raise InputError(f"caption_mask {list(mask.shape)} does not match caption {list(caption.shape)}.")
+    return caption, mask.bool()

@@ -30,7 +30,8 @@ from ..noise import NoiseSource, SeededNoise
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
 from ..prompts import PromptSchedule, as_schedule, switch_record
 from ..kv.store import KVStore
-from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, StepInfo, Unit, Work, run_loop
+from ..runner import (Decisions, Reuse, RunHooks, RunState, Segment, Step, StepInfo, Unit, Work, new_run,
+                      run_loop)
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
 from ..validate import finite, whole_fields
@@ -477,12 +478,10 @@ class DiffusionForcingPipeline:
                 raise InputError("negative: conditioning is required when cfg > 1.")
             texts["uncond"] = check_conditioning(uncond, model.cfg.text_dim, self.text_len, "negative")
         contexts = {b: model.text_embed(c.to(model.device)) for b, c in texts.items()}
-        stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": plan.path,
-                                                      "memory_plan": plan.memory.options.name})
-        run = RunState(policy or make_policy(cache), stats, tuple(contexts), s.steps, hooks)
+        run = new_run(cache, tuple(contexts), s.steps, plan.path, plan.memory.options.name, hooks, policy)
         step = WanStep(model, contexts, s.fps, causal=cache.attention == "block_causal",
                        slice_tokens=plan.memory.options.slice_tokens, cancel=run.check_cancel)
-        return run_loop(_DFLoop(self, plan, step, noise, prompts, entries), run), stats
+        return run_loop(_DFLoop(self, plan, step, noise, prompts, entries), run), run.stats
 
     def next_prefix(self, x: torch.Tensor, n_latents: int, s: DFSettings) -> torch.Tensor:
         """The next window's clean prefix: VAE re-encode of the last overlap_history decoded frames

@@ -43,7 +43,7 @@ from ..models.wan import WanForward
 from ..noise import NoiseSource, SeededNoise
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
 from ..prompts import PromptSchedule, switch_record
-from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, run_loop
+from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, new_run, run_loop
 from ..stats import RunStats
 from ..validate import finite, whole, whole_fields
 from .causal_wan import CausalPlan, CausalSettings, check_prompts, plan_causal
@@ -330,15 +330,13 @@ class KreaRealtimePipeline:
                              "(transition auto or blend; blend_blocks 1 switches at once).")
         if isinstance(cond, PromptSchedule):  # the schedule node's blend length
             settings.blend_blocks = prompts.blend_blocks
-        stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": "chunk", "loop": "krea_realtime",
-                                                      "blocks": plan.blocks, "context_frames": settings.context_frames,
-                                                      "memory_plan": plan.memory.options.name})
-        run = RunState(policy or make_policy(cache), stats, ("cond",), settings.steps, hooks)
+        run = new_run(cache, ("cond",), settings.steps, "chunk", plan.memory.options.name, hooks, policy,
+                      loop="krea_realtime", blocks=plan.blocks, context_frames=settings.context_frames)
         contexts = {"cond": model.text_embed(texts[0].to(device=model.device, dtype=model.dtype))}
         call = WanStep(model, contexts, settings.fps, causal=True, text_kv_once=True,
                        slice_tokens=plan.memory.options.slice_tokens, cancel=run.check_cancel)
         loop = _KreaLoop(self, settings, plan, call, noise or SeededNoise(settings.seed), prompts, texts, self.codec)
-        return run_loop(loop, run), stats
+        return run_loop(loop, run), run.stats
 
 
 __all__ = ["DECODE_WARMUP", "KreaRealtimePipeline", "KreaSettings", "needs_vae", "plan_krea", "plan_krea_run",

@@ -1,49 +1,29 @@
 """MAGI-1 chunk-wise autoregressive sampling on the shared runner (SandAI-org/MAGI-1 @ 6ff822e, mikeallen39/FlowCache).
 
-The video is split into chunks of ``chunk_width`` latent frames. Up to ``window_size`` chunks are denoised at
-once, staggered: every stage of ``num_steps / window_size`` steps a new chunk enters at the noisiest end and
-the oldest one leaves clean, so each chunk takes exactly ``num_steps`` Euler steps
-(``x += v · (t[i+1] − t[i])``, MAGI's time: 0 = noise, 1 = clean; ``t = sd3_shift(linspace², 3)``).
+The video is split into chunks of ``chunk_width`` latent frames, up to ``window_size`` denoised at once,
+staggered: every stage of ``num_steps / window_size`` steps a chunk enters noisy and the oldest leaves clean, so
+each chunk takes ``num_steps`` Euler steps ``x += v·(t[i+1] − t[i])`` (t: 0 = noise, 1 = clean). Each step
+forwards the window chunk by chunk, ascending: chunk c, at absolute RoPE positions, attends through a
+``KVStore`` to the stored K/V of earlier chunks plus its own. ``MagiSettings.path`` ("auto": the cache
+method's own) picks the loop; ``noise2clean_kvrange`` / ``clean_refresh`` override its choices:
 
-Every step forwards the window one chunk at a time in ascending order: chunk ``c`` runs at absolute RoPE
-positions and attends, through a ``KVStore``, to the stored K/V of earlier chunks (clean history, possibly
-compressed, and the window's earlier chunks as of their last compute) plus its own. Two loops, chosen by
-``MagiSettings.path`` ("auto": the cache method's own):
+* ``window``: MAGI-1's own (the ``off`` baseline): the released key ranges [5, 4, 3, 2] (a chunk sees itself
+  and 4 earlier chunks in the first quarter of its steps ... 1 in the last) and, at each stage's first step,
+  the clean refresh: the chunk that just finished, forwarded again at ``clean_t`` with the null caption seeing
+  only itself, writes its permanent K/V. One cache decision per window.
+* ``chunk``: FlowCache's: full causal history, no refresh (a finished chunk keeps its last denoising K/V); one
+  decision per chunk.
 
-* ``window`` — MAGI-1's own loop, the ``off`` baseline: the released key ranges (``noise2clean_kvrange =
-  [5, 4, 3, 2]``: a chunk in the first quarter of its steps sees itself and 4 earlier chunks, ... the last
-  quarter 1 earlier chunk) and, at the first step of each stage, the clean refresh: the chunk that just finished
-  is forwarded again at ``clean_t`` with the null caption, seeing only itself, and its K/V become its permanent
-  cache entry. One cache decision covers the whole window (TeaCache's all-chunk reuse).
-* ``chunk`` — FlowCache's loop: ``noise2clean_kvrange = []`` (full causal history) and no refresh (a finished
-  chunk keeps the K/V of its last denoising forward), as the FlowCache code runs MAGI-1; every chunk decides
-  for itself.
-
-``noise2clean_kvrange`` / ``clean_refresh`` set explicitly override the path's choice. Clean prefix chunks
-(V2V) are forwarded once at ``clean_t`` with the null caption, each seeing only itself (``clean_chunk_kvrange``).
-
-Guidance: distilled checkpoints run one conditional pass (``distill_dt`` step-size embedding, CFG distilled
-in), optionally with the nearly-clean extra (``0.7·out + 0.3·out_self_only`` for the oldest chunk once its
-t > 0.3; FlowCache discards it by default). Base checkpoints run the reference's three passes per chunk —
-text + previous chunks, null text + previous chunks, null text alone (chunk-local RoPE) — combined as
-``(1−p)·uncond + (p−s)·cond_pre + s·cond_text`` with (p, s) looked up from the chunk's t. Each pass that
-sees previous chunks has its own KV store.
-
-Caching: per chunk (or per window), the relative L1 between steps of the patch-embedded noisy input
-``embed_input(x)`` (no rescale); a reuse skips the model entirely and adds the latent update of the unit's last
-computed step. The global first and last step are forced; on the window path so is a step whose window differs
-from the previous one (a stage boundary), since the signals are not comparable there.
-
-KV compression (``cache.kv_budget`` chunks of compressed clean history; FlowCache's MAGI presets: fast 1, slow
-2): once per stage, right before a new chunk enters, finished chunks are marked clean and, if the clean rows
-exceed the budget, compressed per KV head with the importance/redundancy score using the queries of the last
-computed chunk forward. The store never holds more than ``budget + window`` chunks of rows.
-
-Known differences from the references, by choice: the TeaCache baseline forces a compute at stage boundaries
-where FlowCache's ``TeaCache`` compares position-aligned slices of different windows; base-model guidance keeps
-one store per context pass, each refreshed by its own pass (the reference has one cache written by the
-null-text pass), and skips the chunk-alone pass when its weight ``1 − p`` is 0, which leaves the result
-unchanged.
+Clean prefix chunks (I2V, V2V) are forwarded once like a refresh. Distilled checkpoints run one pass
+(``distill_dt`` embedding), optionally with the nearly-clean extra (``0.7·out + 0.3·out_self_only`` for the
+oldest chunk once t > 0.3; FlowCache drops it by default). Base checkpoints run three passes, text + earlier
+chunks, null text + earlier chunks (each with its own store), null text alone (chunk-local RoPE):
+``(1−p)·uncond + (p−s)·cond_pre + s·cond_text``, (p, s) from the chunk's t. A reused unit adds its last
+computed latent update; the signal is its patch-embedded input. Forced: the first and last step, and on the
+window path a stage boundary (the signals are not comparable; FlowCache's TeaCache compares misaligned
+windows there). KV compression (``cache.kv_budget`` chunks): once per stage, before a chunk enters, with the
+last computed chunk forward's queries. Base guidance refreshes each store by its own pass (the reference:
+one store, the null-text pass's) and skips the chunk-alone pass when its weight 1 − p is 0 (exact).
 """
 from __future__ import annotations
 
@@ -53,17 +33,19 @@ from typing import Callable
 
 import torch
 
-from ..cache import CacheSettings, make_policy
+from ..cache import CacheSettings
 from ..cache.base import CachePolicy, UnitSignal
 from ..errors import InputError
-from ..kv.scoring import CompressionConfig, select_queries
-from ..kv.store import KVStore
+from ..flops import magi_forward_flops
+from ..kv.scoring import CompressionConfig
+from ..kv.store import KVStore, QueryTap, TappedContext
 from ..models.magi import MagiConfig, MagiDiT, distill_dt_for_steps
-from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, magi_forward_peak
-from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, run_loop
+from ..noise import SeededNoise
+from ..plan import MemoryOptions, MemoryPlan, StorePlan, magi_memory
+from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, new_run, run_loop
 from ..stats import RunStats
 from ..validate import finite, whole_fields
-from .common import LatentCodec, LatentGeometry
+from .common import LatentCodec, LatentGeometry, check_caption, encode_prefix, prefix_frames
 
 CFG_T_RANGE = (0.0, 0.0217, 0.1, 0.3, 0.999)
 PREV_CHUNK_SCALES = (1.5, 1.5, 1.5, 1.0, 1.0)
@@ -104,8 +86,6 @@ class MagiSettings:
     path: str = "auto"
     noise2clean_kvrange: tuple[int, ...] | None = None
     clean_refresh: bool | None = None
-
-
 
 
 # ------------------------------------------------------------------------------------------------- schedule
@@ -167,17 +147,6 @@ def stage_schedule(num_frames_latent: int, chunk_width: int, window_size: int, n
     return steps
 
 
-def magi_forward_flops(cfg: MagiConfig, tokens: int, context: int, text_tokens: int) -> float:
-    """Analytic FLOPs (2 per multiply-add) of one MAGI-1 forward of ``tokens`` queries over ``context`` keys."""
-    t, k, s = float(tokens), float(context), float(text_tokens)
-    d, f = cfg.hidden_size, cfg.ffn_hidden_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    linear = (2 * t * d * (2 * q + 2 * kv) + 2 * t * 2 * q * d + 2 * t * d * f * (2 if cfg.gated_linear_unit else 1)
-              + 2 * t * f * d + 2 * s * cfg.xattn_dim * 2 * kv)
-    attn = 4 * t * k * q + 4 * t * s * q
-    return cfg.num_layers * (linear + attn)
-
-
 # ------------------------------------------------------------------------------------------------- helpers
 @dataclass
 class MagiPlan:
@@ -200,32 +169,6 @@ class MagiPlan:
     settings: "MagiSettings | None" = None  # the checked settings
 
 
-def magi_memory(plan: MagiPlan, s: "MagiSettings", cache: CacheSettings, cfg: MagiConfig, dtype: torch.dtype,
-                options: MemoryOptions) -> None:
-    """Fill in ``plan``'s stores and memory: a store per stored pass (the distilled model 1, the base model 2)
-    of every chunk, or with a budget of ``kv_budget`` chunks of compressed history plus the window; one chunk per
-    forward (measured on meta tensors); the latents of the whole video, the window's copies, and per window
-    chunk the policy's signal (its patch-embedded input, fp32) and cached updates."""
-    c = dtype_bytes(dtype)
-    cap = (min(plan.chunk_num, max(plan.offset + 1, cache.kv_budget + s.window_size)) if cache.kv_budget > 0
-           else plan.chunk_num)
-    kv_heads = cfg.num_kv_heads
-    plan.stores = [StorePlan(name, cfg.num_layers, 1, kv_heads, cfg.head_dim, cfg.head_dim, cap * plan.tokens, c,
-                             options.kv_fp8, options.kv_offload, cache.kv_budget * plan.tokens, 0,
-                             plan.tokens_per_frame, cache.mix_lambda)
-                   for name in (("cond",) if plan.distill else ("cond", "pre"))]
-    activations = magi_forward_peak(cfg, dtype, s.chunk_width, plan.h, plan.w, cfg.caption_max_length, options,
-                                    plan.stores[0].capacity)
-    chunk_latent = cfg.latent_channels * s.chunk_width * plan.h * plan.w * 4
-    window = min(s.window_size, plan.chunk_num)
-    signal = plan.tokens * cfg.hidden_size * 4  # a chunk's patch-embedded input, fp32
-    payload = make_policy(cache).state_bytes(chunk_latent // 4, 1, 4, 1)  # a chunk's latent update(s), fp32
-    state = plan.chunk_num * chunk_latent + 3 * window * chunk_latent + window * (signal + payload)
-    facts = {"forward": f"1 chunk x {plan.tokens} tokens", "kv_rows": cap * plan.tokens, "chunks": plan.chunk_num,
-             "passes": len(plan.stores), "tokens_per_chunk": plan.tokens}
-    plan.memory = MemoryPlan(options, plan.stores, activations, state, facts)
-
-
 @dataclass
 class _Pass:
     """One guidance pass. caption: "text" or "null"; uncond: AdaLN null row; stored: sees earlier chunks through
@@ -236,32 +179,6 @@ class _Pass:
     uncond: bool
     stored: bool
     weight_index: int
-
-
-class _QueryTap:
-    """The scoring queries of the last computed chunk forward of one pass, per layer."""
-
-    def __init__(self, cfg: CompressionConfig, tokens_per_frame: int):
-        self.cfg, self.tpf = cfg, tokens_per_frame
-        self.q: dict[int, torch.Tensor] = {}
-
-    def record(self, layer: int, q: torch.Tensor) -> None:
-        self.q[layer] = select_queries(q, self.cfg, self.tpf).clone()
-
-
-class _ChunkContext:
-    """KVContext of one chunk forward: the store's view (from chunk ``first`` on, when given) and a query tap."""
-
-    def __init__(self, store: KVStore | None, chunk_id: int, tap: _QueryTap | None, first: int | None = None):
-        self.view = store.view(chunk_id, first) if store is not None else None
-        self.tap = tap
-
-    def extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        if self.tap is not None:
-            self.tap.record(layer, q)
-        if self.view is None:
-            return k, v
-        return self.view.extend(layer, q, k, v)
 
 
 def cfg_weights(s: MagiSettings, t: float) -> tuple[float, float, float]:
@@ -296,7 +213,7 @@ class _MagiLoop:
         self.ts = time_schedule(s.num_steps, s.shift, s.shortcut_mode)
         self.intervals = step_intervals(s.num_steps, s.shortcut_mode)
         self.per = s.num_steps // s.window_size
-        self.taps: dict[str, _QueryTap] = {}
+        self.taps: dict[str, QueryTap] = {}
         self.stores: dict[str, KVStore] = {}
         self.counts = [0] * plan.chunk_num
         self.finished: list[int] = []
@@ -307,17 +224,16 @@ class _MagiLoop:
 
     def start(self, seg: Segment, run: RunState) -> None:
         s, plan, geo = self.s, self.plan, self.pipe.geometry
-        device = self.model.device
-        gen = torch.Generator(device="cpu").manual_seed(int(s.seed))
-        self.x = torch.randn(1, geo.channels, plan.frames, plan.h, plan.w, generator=gen).to(device)
+        shape = (1, geo.channels, plan.frames, plan.h, plan.w)
+        self.x = SeededNoise(s.seed).draw(shape, "init").to(self.model.device)
         if self.pre is not None:
-            self.pre = self.pre.to(device)
+            self.pre = self.pre.to(self.model.device)
             self.x[:, :, :plan.prefix_frames] = self.pre
         self.stores = run.stores
         for store in plan.stores:  # one per pass that sees earlier chunks
             self.stores[store.name] = store.build()
         if self.budget > 0:
-            self.taps = {name: _QueryTap(self.comp, plan.tokens_per_frame) for name in self.stores}
+            self.taps = {name: QueryTap(self.comp, plan.tokens_per_frame) for name in self.stores}
         dt, work = self._dt(0), Work()
         for c in range(plan.offset):  # clean prefix chunks: fill their K/V once, each seeing only itself
             f = magi_forward_flops(self.cfgm, plan.tokens, plan.tokens, _tokens(self.null))
@@ -375,23 +291,61 @@ class _MagiLoop:
             for p in self._passes_for(weights):
                 cm, store = self._caption(p, c), self.stores.get(p.name)
                 first = self._first_chunk(c, idx_of[c]) if p.stored else None
-                f = magi_forward_flops(self.cfgm, self.plan.tokens, self._context_rows(store, c, first), _tokens(cm))
-                kv = _ChunkContext(store, c, self.taps.get(p.name), first) if p.stored else None
+                kv = TappedContext(store, c, self.taps.get(p.name), first) if p.stored else None
                 outs[p.weight_index] = self._forward(d["chunk_x"][c], t_of[c], p, kv, c if p.stored else 0, dt, cm,
-                                                     work)
-                work.forward(f)
+                                                     work, self._context_rows(store, c, first))
             # reference order: (1 - p)·uncond + (p - s)·cond_pre + s·cond_text
             v[c] = sum(weights[i] * outs[i] for i in sorted(outs, reverse=True)) if not self.distill else outs[0]
         if self._nearly_clean(t_of[cs]) and decide[cs]:
             # the oldest chunk again, self-only, RoPE after the window; blended 0.7 / 0.3
-            cm = self._caption(self.passes[0], cs)
             tap = self.taps.get("cond")
             v_self = self._forward(d["chunk_x"][cs], t_of[cs], self.passes[0],
-                                   _ChunkContext(None, cs, tap) if tap is not None else None, ce, dt, cm, work)
+                                   TappedContext(None, cs, tap) if tap is not None else None, ce, dt,
+                                   self._caption(self.passes[0], cs), work, self.plan.tokens)
             v[cs] = s.nearly_clean_scale * v[cs] + (1 - s.nearly_clean_scale) * v_self
-            work.forward(magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens, _tokens(cm)))
         return v, work
 
+    def update(self, step: Step, v: dict[int, torch.Tensor], reuse: Reuse) -> Work:
+        """Euler for computed units, whose update x_new − x is kept; a reused unit adds its last computed update.
+        Once per stage, before a new chunk enters, the clean history is compressed to the budget."""
+        d, cw, work = step.data, self.s.chunk_width, Work()
+        x_win, cs = d["x_win"], d["cs"]
+        new_win = x_win.clone()
+        for c, i in d["chunks"]:
+            if c in v:
+                dt = float(self.ts[i + 1] - self.ts[i])
+                new_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] = d["chunk_x"][c] + v[c] * dt
+        if self.path == "chunk":
+            for c in step.active:
+                sl = slice((c - cs) * cw, (c - cs + 1) * cw)
+                if c not in v:
+                    new_win[:, :, sl] = d["chunk_x"][c] + reuse[("cond", c)]
+                elif reuse.keeps_payloads:
+                    work.keep("cond", c, new_win[:, :, sl] - d["chunk_x"][c])
+        elif cs not in v:
+            new_win = x_win + reuse[("cond", "window")]
+        elif reuse.keeps_payloads:
+            work.keep("cond", "window", new_win - x_win)
+        self.x[:, :, cs * cw:d["ce"] * cw] = new_win
+        for c in step.active:
+            self.counts[c] += 1
+            if self.counts[c] == self.s.num_steps:
+                self.finished.append(c)
+                work.finished.append(c)
+        step.chunk_step = self.counts[step.active[-1]]
+        sched, k = self.plan.schedule, step.index
+        if self.budget > 0 and k + 1 < len(sched) and sched[k + 1][-1][0] > step.active[-1]:
+            for name, store in self.stores.items():  # a new chunk enters next step: compress the clean history
+                for c in list(range(self.plan.offset)) + self.finished:
+                    store.mark_clean(c)
+                self.taps[name].compress(store)
+        return work
+
+    def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
+        pf = self.plan.prefix_frames
+        return self.x[:, :, 0 if pf <= 1 else pf:].float().cpu()
+
+    # -- passes ---------------------------------------------------------------------------------------
     def _weights(self, t: float) -> tuple[float, ...]:
         return (1.0,) if self.distill else cfg_weights(self.s, t)
 
@@ -404,6 +358,44 @@ class _MagiLoop:
         s = self.s
         return self.distill and not s.discard_nearly_clean_chunk and t_oldest > s.nearly_clean_threshold
 
+    def _dt(self, k: int) -> float | None:
+        return distill_dt_for_steps(self.s.num_steps, self.intervals[k % self.per]) if self.distill else None
+
+    def _caption(self, p: _Pass, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if p.caption == "null" or self.text is None:
+            return self.null
+        cap, m = self.text
+        return (cap[:, c], m[:, c]) if cap.dim() == 4 else (cap, m)
+
+    def _first_chunk(self, c: int, step_index: int) -> int | None:
+        """The first chunk a stored pass of chunk ``c`` at its step ``step_index`` sees (None: all history)."""
+        if not self.kvrange:
+            return None
+        r = self.kvrange[step_index // (self.s.num_steps // len(self.kvrange))]
+        return max(0, c + 1 - r)
+
+    def _context_rows(self, store: KVStore | None, c: int, first: int | None) -> int:
+        return store.context_rows(c, self.plan.tokens, first) if store is not None else self.plan.tokens
+
+    def _clean_forward(self, xc: torch.Tensor, c: int, dt: float | None, work: Work) -> None:
+        """A clean chunk's K/V into every stored pass: t = clean_t, null caption, seeing only itself."""
+        for p in self.passes:
+            if p.stored:
+                self._forward(xc, self.s.clean_t, p, TappedContext(self.stores[p.name], c, None, first=c), c, dt,
+                              self.null, work, self.plan.tokens)
+
+    def _forward(self, xc: torch.Tensor, t: float, p: _Pass, kv, rope_chunk: int, dt: float | None, cm,
+                 work: Work, rows: int) -> torch.Tensor:
+        """One MAGI-1 forward of chunk latents ``xc`` [1, C, chunk_width, h, w] at time ``t`` over ``rows`` keys
+        (counted before it writes) -> velocity; booked into ``work``."""
+        work.calls += 1
+        tt = torch.full((1, 1), float(t), device=xc.device)
+        out = self.model(xc, tt, cm[0], cm[1], chunk_start=rope_chunk, kv=kv, distill_dt=dt, uncond=p.uncond,
+                         between=self.cancel)
+        work.forward(magi_forward_flops(self.cfgm, self.plan.tokens, rows, _tokens(cm)))
+        return out
+
+    # -- FLOPs of the vanilla loops -------------------------------------------------------------------
     def _step_flops(self, step: Step, refresh_passes: int, rows) -> float:
         """FLOPs of the step when nothing is reused: the clean refresh at a stage start (``refresh_passes``
         forwards), every chunk's passes with ``rows(pass, chunk, timestep index)`` keys each, and the nearly-clean
@@ -433,93 +425,6 @@ class _MagiLoop:
             return self._context_rows(self.stores.get(p.name), c, self._first_chunk(c, i) if p.stored else None)
         return self._step_flops(step, len(self.stores) if self.refresh else 0, rows)
 
-    def update(self, step: Step, v: dict[int, torch.Tensor], reuse: Reuse) -> Work:
-        """Euler for computed units, whose update x_new − x is kept; a reused unit adds its last computed update.
-        Once per stage, before a new chunk enters, the clean history is compressed to the budget."""
-        d, cw, work = step.data, self.s.chunk_width, Work()
-        x_win, cs, ce = d["x_win"], d["cs"], d["ce"]
-        dt_of = {c: float(self.ts[i + 1] - self.ts[i]) for c, i in d["chunks"]}
-        new_win = x_win.clone()
-        if self.path == "chunk":
-            for c in step.active:
-                sl = slice((c - cs) * cw, (c - cs + 1) * cw)
-                if c in v:
-                    new_win[:, :, sl] = d["chunk_x"][c] + v[c] * dt_of[c]
-                    if reuse.keeps_payloads:
-                        work.keep("cond", c, new_win[:, :, sl] - d["chunk_x"][c])
-                else:
-                    new_win[:, :, sl] = d["chunk_x"][c] + reuse[("cond", c)]
-        elif cs in v:
-            for c in step.active:
-                sl = slice((c - cs) * cw, (c - cs + 1) * cw)
-                new_win[:, :, sl] = d["chunk_x"][c] + v[c] * dt_of[c]
-            if reuse.keeps_payloads:
-                work.keep("cond", "window", new_win - x_win)
-        else:
-            new_win = x_win + reuse[("cond", "window")]
-        self.x[:, :, cs * cw:ce * cw] = new_win
-        for c in step.active:
-            self.counts[c] += 1
-            if self.counts[c] == self.s.num_steps:
-                self.finished.append(c)
-                work.finished.append(c)
-        step.chunk_step = self.counts[step.active[-1]]
-        sched, k = self.plan.schedule, step.index
-        if self.budget > 0 and k + 1 < len(sched) and sched[k + 1][-1][0] > step.active[-1]:
-            # once per stage, before a new chunk enters: compress the clean history
-            for name, store in self.stores.items():
-                for c in list(range(self.plan.offset)) + self.finished:
-                    store.mark_clean(c)
-                q = self.taps[name].q
-                if len(q) == self.cfgm.num_layers:
-                    store.compress_clean([q[i] for i in range(self.cfgm.num_layers)])
-        return work
-
-    def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
-        pf = self.plan.prefix_frames
-        return self.x[:, :, 0 if pf <= 1 else pf:].float().cpu()
-
-    # -- helpers ------------------------------------------------------------------------------------
-    def _dt(self, k: int) -> float | None:
-        return distill_dt_for_steps(self.s.num_steps, self.intervals[k % self.per]) if self.distill else None
-
-    def _caption(self, p: _Pass, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if p.caption == "null" or self.text is None:
-            return self.null
-        cap, m = self.text
-        return (cap[:, c], m[:, c]) if cap.dim() == 4 else (cap, m)
-
-    def _first_chunk(self, c: int, step_index: int) -> int | None:
-        """The first chunk a stored pass of chunk ``c`` at its step ``step_index`` sees (None: all history)."""
-        if not self.kvrange:
-            return None
-        r = self.kvrange[step_index // (self.s.num_steps // len(self.kvrange))]
-        return max(0, c + 1 - r)
-
-    def _context_rows(self, store: KVStore | None, c: int, first: int | None) -> int:
-        tok = self.plan.tokens
-        if store is None:
-            return tok
-        lay = store.layers[0]
-        end = lay.ranges[c][1] if c in lay.ranges else lay.used + tok
-        return end - (store.first_row(0, first) if first is not None else 0)
-
-    def _clean_forward(self, xc: torch.Tensor, c: int, dt: float | None, work: Work) -> None:
-        """A clean chunk's K/V into every stored pass: t = clean_t, null caption, seeing only itself."""
-        for p in self.passes:
-            if p.stored:
-                self._forward(xc, self.s.clean_t, p, _ChunkContext(self.stores[p.name], c, None, first=c), c, dt,
-                              self.null, work)
-                work.forward(magi_forward_flops(self.cfgm, self.plan.tokens, self.plan.tokens, _tokens(self.null)))
-
-    def _forward(self, xc: torch.Tensor, t: float, p: _Pass, kv, rope_chunk: int, dt: float | None, cm,
-                 work: Work) -> torch.Tensor:
-        """One MAGI-1 forward of chunk latents ``xc`` [1, C, chunk_width, h, w] at time ``t`` -> velocity."""
-        work.calls += 1
-        tt = torch.full((1, 1), float(t), device=xc.device)
-        return self.model(xc, tt, cm[0], cm[1], chunk_start=rope_chunk, kv=kv, distill_dt=dt, uncond=p.uncond,
-                          between=self.cancel)
-
 
 def _tokens(cap_mask) -> int:
     return int(cap_mask[1].sum())
@@ -531,7 +436,7 @@ def plan_magi(s: MagiSettings, cfgm: MagiConfig, geo: LatentGeometry, dtype: tor
     """Check the settings (errors name the widget) and lay out chunks, schedule, stores and memory for a MAGI-1
     model of config ``cfgm`` computing in ``dtype``. ``prefix_frames``: latent frames of a clean prefix."""
     cache = cache or CacheSettings()
-    s.shift = finite(s.shift, "shift")
+    s.shift = finite(s.shift, "shift", 1.0)  # ≥ 1: the reference uses 3
     whole_fields(s, "width", "height", "num_frames", "num_steps", "window_size", "chunk_width", "seed")
     path = cache.run_path(s.path)
     if s.noise2clean_kvrange is not None and (
@@ -546,8 +451,6 @@ def plan_magi(s: MagiSettings, cfgm: MagiConfig, geo: LatentGeometry, dtype: tor
                          "frames.")
     if s.chunk_width < 1 or s.chunk_width % cfgm.t_patch_size:
         raise InputError(f"chunk_width={s.chunk_width}: must be a positive multiple of {cfgm.t_patch_size}.")
-    if s.shift < 1.0:
-        raise InputError(f"shift={s.shift}: must be ≥ 1 (the reference uses 3).")
     if s.num_steps == 12 and s.shortcut_mode not in ("8,16,16", "16,16,8"):
         raise InputError(f"shortcut_mode={s.shortcut_mode!r}: must be '8,16,16' or '16,16,8'.")
     if not (len(s.cfg_t_range) == len(s.prev_chunk_scales) == len(s.text_scales)):
@@ -559,8 +462,7 @@ def plan_magi(s: MagiSettings, cfgm: MagiConfig, geo: LatentGeometry, dtype: tor
     h, w = s.height // geo.spatial_stride, s.width // geo.spatial_stride
     tpf = (h // cfgm.patch_size) * (w // cfgm.patch_size)
     plan = MagiPlan(chunk_num, offset, prefix_frames, chunk_num * s.chunk_width, h, w,
-                    (s.chunk_width // cfgm.t_patch_size) * tpf, tpf, schedule,
-                    path, distill, settings=s)
+                    (s.chunk_width // cfgm.t_patch_size) * tpf, tpf, schedule, path, distill, settings=s)
     magi_memory(plan, s, cache, cfgm, dtype, options)
     return plan
 
@@ -583,7 +485,6 @@ class MagiPipeline:
             raise InputError(f"geometry has {self.geometry.channels} latent channels but the MAGI-1 model takes "
                              f"{model.config.latent_channels}.")
 
-    # -- validation -----------------------------------------------------------------------------------
     def is_distill(self, s: MagiSettings) -> bool:
         if s.distill is not None:
             return bool(s.distill)
@@ -593,70 +494,26 @@ class MagiPipeline:
                 return bool(flag)
         return False
 
-
-
     def plan(self, s: MagiSettings, prefix_frames: int = 0, cache: CacheSettings | None = None,
              options: MemoryOptions = MemoryOptions()) -> MagiPlan:
         """The run's ``MagiPlan`` for this model (``plan_magi``); raises InputError before any sampling."""
         return plan_magi(s, self.model.config, self.geometry, self.model.dtype, self.is_distill(s), prefix_frames,
                          cache, options)
 
-    def _captions(self, caption: torch.Tensor, mask: torch.Tensor | None, chunk_num: int, device):
-        cfgm = self.model.config
-        if caption.dim() == 2:
-            caption = caption[None]
-        if caption.dim() not in (3, 4) or caption.shape[0] != 1:
-            raise InputError(f"caption: must be [1, tokens, {cfgm.caption_channels}] (or [1, chunks, tokens, "
-                             f"{cfgm.caption_channels}] per chunk), got {list(caption.shape)}.")
-        if caption.shape[-1] != cfgm.caption_channels:
-            raise InputError(f"caption width is {caption.shape[-1]} but MAGI-1 takes {cfgm.caption_channels} "
-                             f"(T5-v1.1-XXL encoder states).")
-        if caption.dim() == 4 and caption.shape[1] != chunk_num:
-            raise InputError(f"per-chunk caption has {caption.shape[1]} chunks; this video has {chunk_num}.")
-        if caption.shape[-2] == 0:
-            raise InputError("caption: has no tokens.")
-        if mask is None:
-            mask = torch.ones(caption.shape[:-1], dtype=torch.bool)
-        if mask.dim() == caption.dim() - 2:
-            mask = mask[None]
-        if tuple(mask.shape) != tuple(caption.shape[:-1]):
-            raise InputError(f"caption_mask {list(mask.shape)} does not match caption {list(caption.shape)}.")
-        null, null_mask = self.model.null_caption()
-        null, null_mask = null[None].to(device), null_mask[None].to(device)
-        if not bool(mask.bool().any()):  # the reference falls back to the null caption
-            return None, (null, null_mask)
-        return (caption.to(device), mask.bool().to(device)), (null, null_mask)
-
     def prefix_latent_frames(self, prefix: torch.Tensor | None) -> int:
-        """Latent frames a prefix becomes: pixels [T, H, W, 3] give 1 for an image (I2V) and T // temporal
-        stride otherwise (V2V); latents [1, C, P, h, w] give P. For planning before the prefix is encoded."""
-        if prefix is None:
-            return 0
-        if prefix.dim() == 4:
-            stride = getattr(self.codec, "temporal_stride", self.geometry.temporal_stride)  # what encode() does
-            return 1 if prefix.shape[0] == 1 else prefix.shape[0] // stride
-        return prefix.shape[2]
+        """Latent frames ``prefix`` becomes (``common.prefix_frames``), for planning before it is encoded."""
+        return prefix_frames(prefix, self.geometry, self.codec)
 
-    def _prefix_latents(self, prefix: torch.Tensor | None, plan_hw: tuple[int, int]) -> torch.Tensor | None:
-        if prefix is None:
-            return None
-        geo = self.geometry
-        if prefix.dim() == 4:  # pixels [T, H, W, 3] in 0..1
-            if self.codec is None:
-                raise InputError("prefix: pixels need a codec (VAE); pass latents [1, C, F, h, w] otherwise.")
-            if prefix.shape[0] == 1:  # I2V: the image repeated to one latent frame's worth, first latent kept
-                prefix = self.codec.encode(prefix.repeat(geo.temporal_stride, 1, 1, 1))[:, :, :1]
-            else:
-                prefix = self.codec.encode(prefix)
-        if prefix.dim() != 5 or prefix.shape[0] != 1 or prefix.shape[1] != geo.channels or prefix.shape[2] < 1:
-            raise InputError(f"prefix: latents must be [1, {geo.channels}, frames ≥ 1, h, w], "
-                             f"got {list(prefix.shape)}.")
-        if tuple(prefix.shape[3:]) != plan_hw:
-            raise InputError(f"prefix: latent size {tuple(prefix.shape[3:])} does not match width/height "
-                             f"(latent {plan_hw}).")
-        return prefix.float()
+    def _captions(self, caption: torch.Tensor, mask: torch.Tensor | None, chunk_num: int, device):
+        """(text, null): the checked caption and mask on ``device`` (None when no token is valid: the reference
+        falls back to the null caption), and the model's null caption."""
+        cfgm = self.model.config
+        caption, mask = check_caption(caption, mask, cfgm.caption_channels, chunk_num, "MAGI-1",
+                                      "T5-v1.1-XXL encoder states")
+        null, null_mask = self.model.null_caption()
+        null = (null[None].to(device), null_mask[None].to(device))
+        return ((caption.to(device), mask.to(device)) if bool(mask.any()) else None), null
 
-    # -- run ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, caption: torch.Tensor, caption_mask: torch.Tensor | None, settings: MagiSettings,
                  cache: CacheSettings | None = None, prefix: torch.Tensor | None = None,
@@ -672,24 +529,21 @@ class MagiPipeline:
         """
         cache = cache or CacheSettings()
         s, geo = settings, self.geometry
-        device = self.model.device
-        pre = self._prefix_latents(prefix, (s.height // geo.spatial_stride, s.width // geo.spatial_stride)
-                                   ) if prefix is not None else None
-        plan = plan or self.plan(s, 0 if pre is None else pre.shape[2], cache, MemoryOptions.of(cache))
-        s = plan.settings
-        if plan.prefix_frames != (0 if pre is None else pre.shape[2]):
-            raise InputError(f"prefix: {0 if pre is None else pre.shape[2]} latent frames, but the plan was made for "
-                             f"{plan.prefix_frames}.")
-        text, null = self._captions(caption, caption_mask, plan.chunk_num, device)
-        distill, path = plan.distill, plan.path
-        stats = RunStats(mode=cache.method, settings={**cache.to_dict(), "path": path,
-                                                      "memory_plan": plan.memory.options.name})
-        stats.settings["magi"] = {"distill": distill, "passes": 1 if distill else 3, "chunks": plan.chunk_num,
-                                  "prefix_chunks": plan.offset, "forward_steps": len(plan.schedule)}
-        run = RunState(policy or make_policy(cache), stats, ("cond",), s.num_steps, hooks)
-        inputs = {"text": text, "null": null, "prefix": pre, "distill": distill}
-        return run_loop(_MagiLoop(self, s, plan, inputs, cache, run.check_cancel), run), stats
+        pre = None if prefix is None else encode_prefix(
+            prefix, geo, self.codec, (s.height // geo.spatial_stride, s.width // geo.spatial_stride))
+        pf = 0 if pre is None else pre.shape[2]
+        plan = plan or self.plan(s, pf, cache, MemoryOptions.of(cache))
+        if plan.prefix_frames != pf:
+            raise InputError(f"prefix: {pf} latent frames, but the plan was made for {plan.prefix_frames}.")
+        text, null = self._captions(caption, caption_mask, plan.chunk_num, self.model.device)
+        run = new_run(cache, ("cond",), plan.settings.num_steps, plan.path, plan.memory.options.name, hooks, policy)
+        run.stats.settings["magi"] = {"distill": plan.distill, "passes": 1 if plan.distill else 3,
+                                      "chunks": plan.chunk_num, "prefix_chunks": plan.offset,
+                                      "forward_steps": len(plan.schedule)}
+        inputs = {"text": text, "null": null, "prefix": pre, "distill": plan.distill}
+        loop = _MagiLoop(self, plan.settings, plan, inputs, cache, run.check_cancel)
+        return run_loop(loop, run), run.stats
 
 
-__all__ = ["MagiPipeline", "MagiPlan", "MagiSettings", "magi_memory", "plan_magi", "stage_schedule", "time_schedule", "step_intervals", "magi_forward_flops",
-           "cfg_weights"]
+__all__ = ["MagiPipeline", "MagiPlan", "MagiSettings", "cfg_weights", "magi_forward_flops", "magi_memory",
+           "plan_magi", "stage_schedule", "step_intervals", "time_schedule"]
