@@ -52,6 +52,9 @@ def test_magcache_rule_per_branch_by_arithmetic():
 
 def test_magcache_resamples_its_curve_and_needs_ratios():
     assert resample([1.0, 2.0, 3.0, 4.0, 5.0], 3) == [1.0, 3.0, 5.0] and resample([1.0, 2.0], 2) == [1.0, 2.0]
+    # MagCache's nearest_interp: index round(i * 49 / 9) = round(0, 5.44, 10.89, 16.33, 21.78, 27.22, 32.67, 38.11,
+    # 43.56, 49) (a floor would give 10, 21, 32, 43)
+    assert resample(list(range(50)), 10) == [0, 5, 11, 16, 22, 27, 33, 38, 44, 49]
     with pytest.raises(InputError, match="calibrate"):
         MagCacheConfig(threshold=0.1)
     with pytest.raises(InputError, match="max_skips"):
@@ -60,17 +63,22 @@ def test_magcache_resamples_its_curve_and_needs_ratios():
 
 def test_magcache_in_the_pipeline_follows_the_rule_in_every_chunk():
     """Tiny SkyReels model, 8 steps per chunk: every chunk and both branches make the hand-replayed decisions
-    (the ratio curve is given for 16 steps and resampled to 8, as MagCache does)."""
+    (the ratio curves are given for 16 steps and resampled to 8, as MagCache does). The branches get different
+    curves, so each branch's row of the maps must be its own."""
     model = tiny_wan(seed=2)
     s = DFSettings(width=32, height=32, num_frames=12, steps=8, cfg=2.0, shift=5.0, seed=0, ar_step=2,
                    causal_block_size=3, base_num_frames=12)
-    curve = [1.0] + [1.0 - 0.01 * k for k in range(1, 16)]
-    cache = CacheSettings.of("magcache", threshold=0.12, max_skips=3, warmup=1, mag_ratios={"cond": curve})
+    cond = [1.0] + [1.0 - 0.01 * k for k in range(1, 16)]
+    uncond = [1.0] * 16
+    cache = CacheSettings.of("magcache", threshold=0.12, max_skips=3, warmup=1,
+                             mag_ratios={"cond": cond, "uncond": uncond})
     _, stats = DiffusionForcingPipeline(model, LatentGeometry(1, 4, 16), text_len=8)(
         torch.randn(1, 8, 32), torch.zeros(1, 8, 32), s, cache)
-    want = magcache_by_hand(resample(curve, 8), 8, 0.12, 3, 1)
-    assert "R" in want and stats.maps[0] == [want] * 4 and stats.maps_uncond[0] == [want] * 4
-    assert stats.settings["path"] == "chunk" and stats.reused == 2 * 4 * want.count("R")
+    want = magcache_by_hand(resample(cond, 8), 8, 0.12, 3, 1)
+    want_uncond = magcache_by_hand(resample(uncond, 8), 8, 0.12, 3, 1)
+    assert "R" in want and want != want_uncond
+    assert stats.maps[0] == [want] * 4 and stats.maps_uncond[0] == [want_uncond] * 4
+    assert stats.settings["path"] == "chunk" and stats.reused == 4 * (want.count("R") + want_uncond.count("R"))
 
 
 def test_easycache_rule_by_arithmetic_one_decision_for_both_branches():
@@ -166,7 +174,8 @@ def test_easycache_pinned_by_hand():
     """EasyCache's transformation rate, as this pack applies it per chunk: k = rel(Δo) / rel(Δx) between the two
     latest computed steps (rel: mean |change| / mean |earlier|), then acc += k · rel(x_n vs x_{n−1}) each step;
     reuse while acc < threshold, else compute and reset. Threshold 0.1, warm-up 2, 8 steps; inputs x and the
-    outputs o = x + residual of the computed steps as below, one decision for both branches (the first teaches k)."""
+    outputs o = x + residual of the computed steps as below, one decision for both branches (the first teaches k;
+    the second's outputs are shifted, not scaled, so a k learnt from it would differ)."""
     x = [1.0, 1.1, 1.12, 1.14, 1.16, 1.2, 1.24, 1.3]
     o = {0: 2.0, 1: 2.42, 4: 2.6, 7: 2.9}  # outputs of the steps that compute
     # k0, k1: warm-up -> C; after k1: k = rel(2.42, 2.0) / rel(1.1, 1.0) = 0.21 / 0.1 = 2.1
@@ -184,6 +193,7 @@ def test_easycache_pinned_by_hand():
         compute = policy.should_compute(("*", 0), UnitSignal(torch.zeros(1), signal), force=n == 7)
         got += "C" if compute else "R"
         if compute:
-            policy.remember(("cond", 0), torch.full((4,), o[n]) - signal)
-            policy.remember(("uncond", 0), torch.full((4,), 5 * o[n]) - signal)  # does not teach k
+            on = o.get(n, 0.0)  # a compute the hand-worked rule does not make fails the assert below, not here
+            policy.remember(("cond", 0), torch.full((4,), on) - signal)
+            policy.remember(("uncond", 0), torch.full((4,), on + 1.0) - signal)  # does not teach k
     assert got == "CCRRCRRC"

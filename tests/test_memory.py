@@ -42,6 +42,9 @@ def test_kv_stores_of_the_released_1_3b_at_540p():
     # the window path stores no K/V; sequential branches lower every plan's activations
     assert plans["off / teacache (whole window)"]["kv"] == 0
     assert plans["resident + sequential branches"]["activations"] < plans["resident"]["activations"] / 2
+    # the dry run's figure for both branches batched (a regression pin: that dry runs match measured peaks is
+    # tests/test_memory_plans.py's); a forward counted for one branch gives 2.77 GiB
+    assert plans["resident"]["activations"] == pytest.approx(5743939584, rel=0.02)
 
 
 def test_the_targets_of_the_memory_plan():
