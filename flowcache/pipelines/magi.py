@@ -42,7 +42,8 @@ from ..kv.store import KVStore, QueryTap, TappedContext
 from ..models.magi import MagiConfig, MagiDiT, distill_dt_for_steps
 from ..noise import SeededNoise
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, magi_memory
-from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, new_run, run_loop
+from ..runner import (Decisions, Reuse, RunHooks, RunState, Segment, Step, StepCounter, Unit, Work, new_run,
+                      run_loop)
 from ..stats import RunStats
 from ..validate import finite, whole_fields
 from .common import LatentCodec, LatentGeometry, check_caption, encode_prefix, prefix_frames
@@ -215,8 +216,7 @@ class _MagiLoop:
         self.per = s.num_steps // s.window_size
         self.taps: dict[str, QueryTap] = {}
         self.stores: dict[str, KVStore] = {}
-        self.counts = [0] * plan.chunk_num
-        self.finished: list[int] = []
+        self.counter = StepCounter(plan.chunk_num, s.num_steps)
         self.x: torch.Tensor | None = None
 
     def segments(self) -> list[Segment]:
@@ -306,37 +306,23 @@ class _MagiLoop:
         return v, work
 
     def update(self, step: Step, v: dict[int, torch.Tensor], reuse: Reuse) -> Work:
-        """Euler for computed units, whose update x_new − x is kept; a reused unit adds its last computed update.
-        Once per stage, before a new chunk enters, the clean history is compressed to the budget."""
+        """Euler for the units that computed, each chunk at its own timestep; a unit's latent update x_new − x is
+        its payload (``Reuse.output``). Once per stage, before a new chunk enters, the clean history is
+        compressed to the budget."""
         d, cw, work = step.data, self.s.chunk_width, Work()
         x_win, cs = d["x_win"], d["cs"]
-        new_win = x_win.clone()
-        for c, i in d["chunks"]:
-            if c in v:
-                dt = float(self.ts[i + 1] - self.ts[i])
-                new_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] = d["chunk_x"][c] + v[c] * dt
-        if self.path == "chunk":
-            for c in step.active:
-                sl = slice((c - cs) * cw, (c - cs + 1) * cw)
-                if c not in v:
-                    new_win[:, :, sl] = d["chunk_x"][c] + reuse[("cond", c)]
-                elif reuse.keeps_payloads:
-                    work.keep("cond", c, new_win[:, :, sl] - d["chunk_x"][c])
-        elif cs not in v:
-            new_win = x_win + reuse[("cond", "window")]
-        elif reuse.keeps_payloads:
-            work.keep("cond", "window", new_win - x_win)
-        self.x[:, :, cs * cw:d["ce"] * cw] = new_win
-        for c in step.active:
-            self.counts[c] += 1
-            if self.counts[c] == self.s.num_steps:
-                self.finished.append(c)
-                work.finished.append(c)
-        step.chunk_step = self.counts[step.active[-1]]
+        dt = {c: float(self.ts[i + 1] - self.ts[i]) for c, i in d["chunks"]}
+        for u in step.units:
+            lo, hi = (u.chunks[0] - cs) * cw, (u.chunks[-1] + 1 - cs) * cw
+            new = None
+            if u.chunks[0] in v:
+                new = x_win[:, :, lo:hi] + torch.cat([v[c] * dt[c] for c in u.chunks], dim=2)
+            self.x[:, :, cs * cw + lo:cs * cw + hi] = reuse.output(("cond", u.id), x_win[:, :, lo:hi], new, work)
+        self.counter.advance(step, work)
         sched, k = self.plan.schedule, step.index
         if self.budget > 0 and k + 1 < len(sched) and sched[k + 1][-1][0] > step.active[-1]:
             for name, store in self.stores.items():  # a new chunk enters next step: compress the clean history
-                for c in list(range(self.plan.offset)) + self.finished:
+                for c in list(range(self.plan.offset)) + self.counter.finished:
                     store.mark_clean(c)
                 self.taps[name].compress(store)
         return work
