@@ -35,6 +35,7 @@ import torch
 
 from ..cache import CacheSettings
 from ..cache.base import CachePolicy, UnitSignal
+from ..df_schedule import timestep_matrix
 from ..errors import InputError
 from ..flops import magi_forward_flops
 from ..kv.scoring import CompressionConfig
@@ -44,6 +45,7 @@ from ..noise import SeededNoise
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, magi_memory
 from ..runner import (Decisions, Reuse, RunHooks, RunState, Segment, Step, StepCounter, Unit, Work, new_run,
                       run_loop)
+from ..schedulers import flow_shift
 from ..stats import RunStats
 from ..validate import finite, whole_fields
 from .common import LatentCodec, LatentGeometry, check_caption, encode_prefix, prefix_frames
@@ -99,9 +101,7 @@ def time_schedule(num_steps: int, shift: float = 3.0, shortcut_mode: str = "8,16
         s = torch.cat([base + a for a in torch.linspace(0, 1, 5)])[:13]
     else:
         s = torch.linspace(0, 1, num_steps + 1)
-    s = s ** 2
-    inv = 1.0 / shift
-    return inv * s / (1 + (inv - 1) * s)
+    return flow_shift(s ** 2, 1.0 / shift)
 
 
 def step_intervals(num_steps: int, shortcut_mode: str = "8,16,16") -> list[int]:
@@ -112,15 +112,6 @@ def step_intervals(num_steps: int, shortcut_mode: str = "8,16,16") -> list[int]:
     return [1] * num_steps
 
 
-def _sequences(chunk_num: int, window: int, offset: int) -> list[tuple[int, int, int, int]]:
-    """The reference ``generate_sequences``: per stage (clip_start, clip_end, t_start, t_end)."""
-    out = []
-    for i in range(offset, chunk_num + window - 1):
-        out.append((max(offset, i - window + 1), min(chunk_num, i + 1), max(0, i - chunk_num + 1),
-                    min(window, i - offset + 1)))
-    return out
-
-
 def stage_schedule(num_frames_latent: int, chunk_width: int, window_size: int, num_steps: int,
                    prefix_chunks: int = 0) -> list[list[tuple[int, int]]]:
     """Per global step, the window as [(chunk id, timestep index), ...] in ascending chunk id.
@@ -128,7 +119,9 @@ def stage_schedule(num_frames_latent: int, chunk_width: int, window_size: int, n
     ``num_frames_latent`` counts the whole video including the prefix; chunks = ceil(frames / chunk_width),
     the first ``prefix_chunks`` are clean and never denoised. A stage lasts ``num_steps // window_size`` steps;
     the oldest chunk of the window holds the highest timestep index. Chunk c is denoised at global steps
-    [(c − prefix)·per_stage, (c − prefix)·per_stage + num_steps) with index = step − (c − prefix)·per_stage.
+    [(c − prefix)·per_stage, (c − prefix)·per_stage + num_steps) with index = step − (c − prefix)·per_stage:
+    the reference's ``generate_sequences`` is the diffusion-forcing timestep matrix
+    (``df_schedule.timestep_matrix``) with each chunk a stage behind the one before (ar_step = per_stage).
     """
     if chunk_width < 1 or window_size < 1:
         raise InputError(f"chunk_width={chunk_width}, window_size={window_size}: both must be at least 1.")
@@ -138,14 +131,9 @@ def stage_schedule(num_frames_latent: int, chunk_width: int, window_size: int, n
     chunk_num = math.ceil(num_frames_latent / chunk_width)
     if not 0 <= prefix_chunks < chunk_num:
         raise InputError(f"{prefix_chunks} clean prefix chunks leave nothing to generate in {chunk_num} chunks.")
-    per = num_steps // window_size
-    steps = []
-    for cs, ce, ts, te in _sequences(chunk_num, window_size, prefix_chunks):
-        for d in range(per):
-            idx = [j * per + d for j in range(ts, te)][::-1]
-            assert len(idx) == ce - cs
-            steps.append(list(zip(range(cs, ce), idx)))
-    return steps
+    m = timestep_matrix(chunk_num, list(range(num_steps)), num_steps // window_size, prefix_chunks)
+    return [[(c, n - 1) for c, (n, on) in enumerate(zip(counters, mask)) if on]
+            for counters, mask in zip(m.counters.tolist(), m.update_mask.tolist())]
 
 
 # ------------------------------------------------------------------------------------------------- helpers
