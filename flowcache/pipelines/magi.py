@@ -263,7 +263,7 @@ class _MagiLoop:
         decide = {c: decisions[("cond", c if self.path == "chunk" else "window")] for c in step.active}
         cs, ce = d["cs"], d["ce"]
         # the reference of the speedups: MAGI-1's own loop (as computed), and this loop without reuse (paper)
-        work.reference(self._official_flops(step), self._own_flops(step))
+        work.reference(self._vanilla_flops(step, official=True), self._vanilla_flops(step, official=False))
         if self.refresh and cs > self.plan.offset and k % self.per == 0 and decide[cs]:
             # MAGI-1's clean refresh: the chunk that just finished, at clean_t, null caption, seeing itself only
             c = cs - 1
@@ -278,7 +278,7 @@ class _MagiLoop:
             weights = self._weights(t_of[c])
             for p in self._passes_for(weights):
                 cm, store = self._caption(p, c), self.stores.get(p.name)
-                first = self._first_chunk(c, idx_of[c]) if p.stored else None
+                first = self._first_chunk(c, idx_of[c], self.kvrange) if p.stored else None
                 kv = TappedContext(store, c, self.taps.get(p.name), first) if p.stored else None
                 outs[p.weight_index] = self._forward(d["chunk_x"][c], t_of[c], p, kv, c if p.stored else 0, dt, cm,
                                                      work, self._context_rows(store, c, first))
@@ -341,11 +341,13 @@ class _MagiLoop:
         cap, m = self.text
         return (cap[:, c], m[:, c]) if cap.dim() == 4 else (cap, m)
 
-    def _first_chunk(self, c: int, step_index: int) -> int | None:
-        """The first chunk a stored pass of chunk ``c`` at its step ``step_index`` sees (None: all history)."""
-        if not self.kvrange:
+    def _first_chunk(self, c: int, step_index: int, kvrange: tuple[int, ...]) -> int | None:
+        """The first chunk a stored pass of chunk ``c`` at its step ``step_index`` sees under the key ranges
+        ``kvrange`` (a chunk sees itself and r − 1 earlier chunks, r by the quarter of its steps; empty: all
+        history, None)."""
+        if not kvrange:
             return None
-        r = self.kvrange[step_index // (self.s.num_steps // len(self.kvrange))]
+        r = kvrange[step_index // (self.s.num_steps // len(kvrange))]
         return max(0, c + 1 - r)
 
     def _context_rows(self, store: KVStore | None, c: int, first: int | None) -> int:
@@ -370,34 +372,27 @@ class _MagiLoop:
         return out
 
     # -- FLOPs of the vanilla loops -------------------------------------------------------------------
-    def _step_flops(self, step: Step, refresh_passes: int, rows) -> float:
-        """FLOPs of the step when nothing is reused: the clean refresh at a stage start (``refresh_passes``
-        forwards), every chunk's passes with ``rows(pass, chunk, timestep index)`` keys each, and the nearly-clean
-        extra."""
+    def _vanilla_flops(self, step: Step, official: bool) -> float:
+        """FLOPs of the step when nothing is reused, before its writes: of MAGI-1's own loop (``official``: the
+        released key ranges over the whole history, the clean refresh) or of this loop (its key ranges over
+        what its stores hold, its refresh choice). The clean refresh at a stage start, every chunk's passes, and
+        the nearly-clean extra."""
         d, tok, cfgm = step.data, self.plan.tokens, self.cfgm
         total = 0.0
-        if refresh_passes and d["cs"] > self.plan.offset and step.index % self.per == 0:
-            total += refresh_passes * magi_forward_flops(cfgm, tok, tok, _tokens(self.null))
+        if (official or self.refresh) and d["cs"] > self.plan.offset and step.index % self.per == 0:
+            total += len(self.stores) * magi_forward_flops(cfgm, tok, tok, _tokens(self.null))
         for c, i in d["chunks"]:
             for p in self._passes_for(self._weights(float(self.ts[i]))):
-                total += magi_forward_flops(cfgm, tok, rows(p, c, i), _tokens(self._caption(p, c)))
+                if not p.stored:
+                    rows = tok
+                elif official:
+                    rows = (c + 1 - self._first_chunk(c, i, RELEASED_KVRANGE)) * tok
+                else:
+                    rows = self._context_rows(self.stores[p.name], c, self._first_chunk(c, i, self.kvrange))
+                total += magi_forward_flops(cfgm, tok, rows, _tokens(self._caption(p, c)))
         if self._nearly_clean(float(self.ts[d["chunks"][0][1]])):
             total += magi_forward_flops(cfgm, tok, tok, _tokens(self._caption(self.passes[0], d["cs"])))
         return total
-
-    def _official_flops(self, step: Step) -> float:
-        """What MAGI-1's own loop (released key ranges, clean refresh) computes for this step."""
-        tok, per_range = self.plan.tokens, self.s.num_steps // len(RELEASED_KVRANGE)
-
-        def rows(p: _Pass, c: int, i: int) -> int:
-            return min(RELEASED_KVRANGE[i // per_range], c + 1) * tok if p.stored else tok
-        return self._step_flops(step, sum(p.stored for p in self.passes), rows)
-
-    def _own_flops(self, step: Step) -> float:
-        """What this loop computes for this step when nothing is reused (before the step's writes)."""
-        def rows(p: _Pass, c: int, i: int) -> int:
-            return self._context_rows(self.stores.get(p.name), c, self._first_chunk(c, i) if p.stored else None)
-        return self._step_flops(step, len(self.stores) if self.refresh else 0, rows)
 
 
 def _tokens(cap_mask) -> int:
