@@ -35,7 +35,7 @@ from ..runner import (Decisions, Reuse, RunHooks, RunState, Segment, Step, StepC
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
 from ..validate import finite, whole_fields
-from .common import LatentCodec, LatentGeometry
+from .common import LatentCodec, LatentGeometry, check_model, initial_latents
 from .wan_step import UnitSpan, WanStep, WholeWindow, check_conditioning
 
 WINDOW_MASKS = ("full", "block_causal")
@@ -332,9 +332,8 @@ class _DFLoop:
                                         "cond": model.text_embed(self.texts[entry].to(model.device))})
                 run.stats.switches.append(switch_record(seg.index, self.first_new[seg.index], entry, "window",
                                                         geo.temporal_stride))
-        x = self.noise.draw((1, geo.channels, win.length, h_lat, w_lat), f"window {win.index} init").to(model.device)
-        if win.prefix:
-            x[:, :, :win.prefix] = self.prefix.to(model.device)
+        x = initial_latents(self.noise, (1, geo.channels, win.length, h_lat, w_lat), f"window {win.index} init",
+                            self.prefix if win.prefix else None, model.device)
         cfgm = model.cfg
         tok_frame = plan.tokens_per_frame
         nb = seg.chunks
@@ -429,11 +428,10 @@ class DiffusionForcingPipeline:
 
     def __init__(self, model: WanForward, geometry: LatentGeometry | None = None, text_len: int = 512,
                  codec: LatentCodec | None = None):
-        if not isinstance(model, WanForward):
-            hint = (" This is a MAGI-1 DiT: sample it with flowcache.pipelines.magi.MagiPipeline (the MAGI-1 sampler)."
-                    if type(model).__name__ == "MagiDiT" else "")
-            raise InputError(f"DiffusionForcingPipeline runs Wan2.1 / SkyReels-V2 DiTs (WanDiT or WanTreeModel); "
-                             f"got {type(model).__name__}.{hint}")
+        check_model(model, WanForward,
+                    "DiffusionForcingPipeline runs Wan2.1 / SkyReels-V2 DiTs (WanDiT or WanTreeModel)",
+                    {"MagiDiT": " This is a MAGI-1 DiT: sample it with flowcache.pipelines.magi.MagiPipeline "
+                                "(the MAGI-1 sampler)."})
         self.model = model
         self.geometry = geometry or LatentGeometry()
         self.text_len = text_len

@@ -48,7 +48,7 @@ from ..schedulers import flow_shift
 from ..stats import RunStats
 from ..validate import finite, whole, whole_fields
 from .causal_wan import CausalPlan, CausalSettings, check_prompts, plan_causal
-from .common import LatentCodec, LatentGeometry
+from .common import LatentCodec, LatentGeometry, check_model
 from .wan_step import UnitSpan, WanStep
 
 DECODE_WARMUP = 2  # latent frames decoded before the one whose pixels are re-encoded (see the module docstring)
@@ -297,8 +297,7 @@ class KreaRealtimePipeline:
 
     def __init__(self, model: WanForward, geometry: LatentGeometry | None = None, text_len: int = 512,
                  codec: LatentCodec | None = None):
-        if not isinstance(model, WanForward):
-            raise InputError(f"loop: Krea Realtime's loop runs a Wan2.1-architecture model; got {type(model).__name__}.")
+        check_model(model, WanForward, "loop: Krea Realtime's loop runs a Wan2.1-architecture model")
         self.model, self.geometry, self.text_len, self.codec = model, geometry or LatentGeometry(), text_len, codec
 
     @torch.inference_mode()

@@ -48,7 +48,8 @@ from ..runner import (Decisions, Reuse, RunHooks, RunState, Segment, Step, StepC
 from ..schedulers import flow_shift
 from ..stats import RunStats
 from ..validate import finite, whole_fields
-from .common import LatentCodec, LatentGeometry, check_caption, encode_prefix, prefix_frames
+from .common import (LatentCodec, LatentGeometry, check_caption, check_model, encode_prefix, initial_latents,
+                     prefix_frames)
 
 CFG_T_RANGE = (0.0, 0.0217, 0.1, 0.3, 0.999)
 PREV_CHUNK_SCALES = (1.5, 1.5, 1.5, 1.0, 1.0)
@@ -213,10 +214,7 @@ class _MagiLoop:
     def start(self, seg: Segment, run: RunState) -> None:
         s, plan, geo = self.s, self.plan, self.pipe.geometry
         shape = (1, geo.channels, plan.frames, plan.h, plan.w)
-        self.x = SeededNoise(s.seed).draw(shape, "init").to(self.model.device)
-        if self.pre is not None:
-            self.pre = self.pre.to(self.model.device)
-            self.x[:, :, :plan.prefix_frames] = self.pre
+        self.x = initial_latents(SeededNoise(s.seed), shape, "init", self.pre, self.model.device)
         self.stores = run.stores
         for store in plan.stores:  # one per pass that sees earlier chunks
             self.stores[store.name] = store.build()
@@ -440,12 +438,9 @@ class MagiPipeline:
     """Sample a MAGI-1 DiT over a whole video; see the module docstring."""
 
     def __init__(self, model: MagiDiT, geometry: LatentGeometry | None = None, codec: LatentCodec | None = None):
-        if not isinstance(model, MagiDiT):
-            hint = (" This is a Wan2.1 / SkyReels-V2 DiT: sample it with DiffusionForcingPipeline "
-                    "(flowcache.pipelines.diffusion_forcing, the FlowCache DF sampler)."
-                    if type(model).__name__ == "WanDiT" else "")
-            raise InputError(f"MagiPipeline runs MAGI-1 DiTs (MagiDiT, from FlowCache Load Model); "
-                             f"got {type(model).__name__}.{hint}")
+        check_model(model, MagiDiT, "MagiPipeline runs MAGI-1 DiTs (MagiDiT, from FlowCache Load Model)",
+                    {"WanDiT": " This is a Wan2.1 / SkyReels-V2 DiT: sample it with DiffusionForcingPipeline "
+                               "(flowcache.pipelines.diffusion_forcing, the FlowCache DF sampler)."})
         self.model = model
         self.geometry = geometry or LatentGeometry(temporal_stride=4, spatial_stride=8,
                                                    channels=model.config.latent_channels)
@@ -499,7 +494,8 @@ class MagiPipeline:
         cache = cache or CacheSettings()
         s, geo = settings, self.geometry
         pre = None if prefix is None else encode_prefix(
-            prefix, geo, self.codec, (s.height // geo.spatial_stride, s.width // geo.spatial_stride))
+            prefix, geo, self.codec, (s.height // geo.spatial_stride, s.width // geo.spatial_stride)
+        ).to(self.model.device)
         pf = 0 if pre is None else pre.shape[2]
         plan = plan or self.plan(s, pf, cache, MemoryOptions.of(cache))
         if plan.prefix_frames != pf:
