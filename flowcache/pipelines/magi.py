@@ -243,16 +243,15 @@ class _MagiLoop:
             else:
                 units = [Unit("window", tuple(ids), force or ids != prev_ids)]
             prev_ids = ids
-            yield Step(k, units, ids, data={"chunks": chunks, "x_win": x_win, "cs": cs, "ce": ce})
+            frames = [slice((u.chunks[0] - cs) * cw, (u.chunks[-1] + 1 - cs) * cw) for u in units]  # in the window
+            yield Step(k, units, ids, data={"chunks": chunks, "x_win": x_win, "cs": cs, "ce": ce, "frames": frames})
 
     def signals(self, step: Step) -> dict:
         d, cw, model = step.data, self.s.chunk_width, self.model
         x_win, cs = d["x_win"], d["cs"]
         d["chunk_x"] = {c: x_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] for c, _ in d["chunks"]}
-        if self.path == "chunk":
-            return {c: UnitSignal(model.embed_input(d["chunk_x"][c]).to(model.dtype), d["chunk_x"][c])
-                    for c in step.active}
-        return {"window": UnitSignal(model.embed_input(x_win).to(model.dtype), x_win)}
+        return {u.id: UnitSignal(model.embed_input(x_win[:, :, fr]).to(model.dtype), x_win[:, :, fr])
+                for u, fr in zip(step.units, d["frames"])}
 
     def compute(self, step: Step, decisions: Decisions, reuse: Reuse) -> tuple[dict[int, torch.Tensor], Work]:
         """Velocities of the chunks that compute this step (ascending; the refresh first at a stage start)."""
@@ -298,12 +297,12 @@ class _MagiLoop:
         d, cw, work = step.data, self.s.chunk_width, Work()
         x_win, cs = d["x_win"], d["cs"]
         dt = {c: float(self.ts[i + 1] - self.ts[i]) for c, i in d["chunks"]}
-        for u in step.units:
-            lo, hi = (u.chunks[0] - cs) * cw, (u.chunks[-1] + 1 - cs) * cw
+        for u, fr in zip(step.units, d["frames"]):
             new = None
             if u.chunks[0] in v:
-                new = x_win[:, :, lo:hi] + torch.cat([v[c] * dt[c] for c in u.chunks], dim=2)
-            self.x[:, :, cs * cw + lo:cs * cw + hi] = reuse.output(("cond", u.id), x_win[:, :, lo:hi], new, work)
+                new = x_win[:, :, fr] + torch.cat([v[c] * dt[c] for c in u.chunks], dim=2)
+            self.x[:, :, cs * cw + fr.start:cs * cw + fr.stop] = reuse.output(("cond", u.id), x_win[:, :, fr], new,
+                                                                              work)
         self.counter.advance(step, work)
         sched, k = self.plan.schedule, step.index
         if self.budget > 0 and k + 1 < len(sched) and sched[k + 1][-1][0] > step.active[-1]:
