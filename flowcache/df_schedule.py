@@ -31,20 +31,17 @@ def timestep_matrix(num_blocks: int, timesteps: list[int], ar_step: int, prefix_
     n = len(timesteps)
     template = torch.tensor([999] + list(timesteps) + [0], dtype=torch.float32)
     done = n  # a counter at n has taken its last step
-    prev = torch.zeros(num_blocks, dtype=torch.long)
-    prev[:prefix_blocks] = n + 1
+    prev = [0] * num_blocks
+    prev[:prefix_blocks] = [n + 1] * len(prev[:prefix_blocks])
     rows, masks = [], []
-    while not bool((prev >= done).all()):
-        new = torch.zeros_like(prev)
+    while not all(p >= done for p in prev):  # plain ints: a long video has thousands of iterations
+        new = []
         for i in range(num_blocks):
-            if i == 0 or prev[i - 1] >= done:
-                new[i] = prev[i] + 1
-            else:
-                new[i] = new[i - 1] - ar_step
-        new = new.clamp(0, n + 1)
-        masks.append((new != prev) & (new != n + 1))
+            new.append(prev[i] + 1 if i == 0 or prev[i - 1] >= done else new[i - 1] - ar_step)
+        new = [min(max(c, 0), n + 1) for c in new]
+        masks.append([c != p and c != n + 1 for c, p in zip(new, prev)])
         rows.append(new)
         prev = new
-    counters = torch.stack(rows) if rows else torch.zeros(0, num_blocks, dtype=torch.long)
-    mask = torch.stack(masks) if masks else torch.zeros(0, num_blocks, dtype=torch.bool)
+    counters = torch.tensor(rows, dtype=torch.long) if rows else torch.zeros(0, num_blocks, dtype=torch.long)
+    mask = torch.tensor(masks, dtype=torch.bool) if masks else torch.zeros(0, num_blocks, dtype=torch.bool)
     return DFSchedule(counters=counters, timesteps=template[counters], update_mask=mask)

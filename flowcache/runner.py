@@ -114,6 +114,42 @@ class Reuse:
     def __getitem__(self, key: tuple[str, UnitId]) -> torch.Tensor:
         return self._policy.recall(key)
 
+    def output(self, key: tuple[str, UnitId], x: torch.Tensor, out: torch.Tensor | None, work: Work,
+               cacheable: bool = True) -> torch.Tensor:
+        """A unit's output from its input ``x``, the one rule of reuse for every family: ``out`` when the unit
+        computed (its payload ``out − x`` kept in ``work`` when the run keeps payloads and the unit is
+        cacheable), else (``out`` None: reused) ``x`` plus the payload it kept last. The payload is whatever a
+        family caches: a Wan loop's backbone residual (blocks out − embedded tokens), MAGI-1's latent update
+        (x after the solver − x before)."""
+        if out is None:
+            return x + self[key]
+        if cacheable and self.keeps_payloads:
+            work.keep(*key, out - x)
+        return out
+
+
+class StepCounter:
+    """Steps taken by each chunk of a segment, each chunk finishing at its ``steps``-th: the loops that
+    stagger chunks (diffusion forcing, MAGI-1) count with it."""
+
+    def __init__(self, chunks: int, steps: int):
+        self.counts = [0] * chunks
+        self.steps = steps
+        self.finished: list[int] = []  # in the order they finished
+
+    def advance(self, step: Step, work: Work) -> list[int]:
+        """One step for each of ``step.active``; the chunks that took their last step (also into ``work`` and
+        ``finished``). Sets ``step.chunk_step`` (the newest active chunk's steps) for progress."""
+        done = []
+        for c in step.active:
+            self.counts[c] += 1
+            if self.counts[c] == self.steps:
+                done.append(c)
+        self.finished += done
+        work.finished += done
+        step.chunk_step = self.counts[step.active[-1]] if step.active else 0
+        return done
+
 
 @dataclass
 class Segment:

@@ -15,6 +15,12 @@ import torch
 SIGMA_MAX = float(torch.tensor(0.999, dtype=torch.float32))  # the reference's sigma_max: 1 - 1/1000 held in fp32
 
 
+def flow_shift(x, shift: float):
+    """The flow-matching time shift shift·x / (1 + (shift − 1)·x) (SD3's), of a float or a tensor: SkyReels'
+    sigmas, Krea Realtime's grid and MAGI-1's schedule (with 1 / shift: its t runs from noise to clean)."""
+    return shift * x / (1 + (shift - 1) * x)
+
+
 def flow_sigmas(steps: int, shift: float) -> tuple[list[float], list[int]]:
     """(sigmas [steps + 1] ending in 0, model timesteps [steps]) for ``steps`` denoising steps.
 
@@ -25,7 +31,7 @@ def flow_sigmas(steps: int, shift: float) -> tuple[list[float], list[int]]:
     """
     step = (0.0 - SIGMA_MAX) / steps
     base = [i * step + SIGMA_MAX for i in range(steps)]
-    shifted = [shift * b / (1 + (shift - 1) * b) for b in base]
+    shifted = [flow_shift(b, shift) for b in base]
     timesteps = [int(s * 1000) for s in shifted]  # int64 truncation, as the reference
     sigmas = [float(torch.tensor(s, dtype=torch.float32)) for s in shifted] + [0.0]
     return sigmas, timesteps

@@ -46,7 +46,7 @@ from ..prompts import PromptSchedule, as_schedule, switch_record
 from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, new_run, run_loop
 from ..stats import RunStats
 from ..validate import finite, whole_fields
-from .common import LatentGeometry
+from .common import LatentGeometry, check_model
 from .wan_step import UnitSpan, WanStep, check_conditioning
 
 KV_MODES = ("global", "rolling", "compressed")
@@ -348,9 +348,8 @@ class CausalWanPipeline:
     """Run a causal Wan model (Self-Forcing, CausVid, Causal Forcing) block by block; see the module docstring."""
 
     def __init__(self, model: WanForward, geometry: LatentGeometry | None = None, text_len: int = 512):
-        if not isinstance(model, WanForward):
-            raise InputError(f"loop: the causal loop runs Wan2.1-architecture models (Self-Forcing, CausVid, Causal "
-                             f"Forcing); got {type(model).__name__}. MAGI-1 has its own chunk-wise loop.")
+        check_model(model, WanForward, "loop: the causal loop runs Wan2.1-architecture models (Self-Forcing, "
+                    "CausVid, Causal Forcing)", {"": " MAGI-1 has its own chunk-wise loop."})
         self.model = model
         self.geometry = geometry or LatentGeometry()
         self.text_len = text_len

@@ -56,6 +56,25 @@ class LatentGeometry:
                              f"(nearest: {max(1, round((value - 1) / ts)) * ts + 1}).")
 
 
+def check_model(model: object, kind: type, runs: str, hints: dict[str, str] | None = None) -> None:
+    """A family pipeline's model check: unless ``model`` is a ``kind``, an InputError "{runs}; got {type}."
+    followed by ``hints`` for that type's name (which pipeline samples it), or by ``hints[""]`` for any other."""
+    if not isinstance(model, kind):
+        name = type(model).__name__
+        hint = (hints or {}).get(name, (hints or {}).get("", ""))
+        raise InputError(f"{runs}; got {name}.{hint}")
+
+
+def initial_latents(noise, shape: tuple[int, ...], name: str, prefix: torch.Tensor | None,
+                    device: torch.device | str) -> torch.Tensor:
+    """A segment's starting latents on ``device``: ``noise``'s draw ``name`` of ``shape``, its first frames
+    replaced by the clean ``prefix`` [1, C, P, h, w] (None: none)."""
+    x = noise.draw(shape, name).to(device)
+    if prefix is not None:
+        x[:, :, :prefix.shape[2]] = prefix.to(device)
+    return x
+
+
 class LatentCodec(Protocol):
     """A VAE as the pipeline sees it, in model space (normalised latents)."""
 

@@ -16,7 +16,7 @@ this file only supplies what is SkyReels' own. All state is per call.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import torch
 
 from ..cache import CacheSettings, make_policy
@@ -30,12 +30,12 @@ from ..noise import NoiseSource, SeededNoise
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
 from ..prompts import PromptSchedule, as_schedule, switch_record
 from ..kv.store import KVStore
-from ..runner import (Decisions, Reuse, RunHooks, RunState, Segment, Step, StepInfo, Unit, Work, new_run,
-                      run_loop)
+from ..runner import (Decisions, Reuse, RunHooks, RunState, Segment, Step, StepCounter, StepInfo, Unit, Work,
+                      new_run, run_loop)
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
 from ..validate import finite, whole_fields
-from .common import LatentCodec, LatentGeometry
+from .common import LatentCodec, LatentGeometry, check_model, initial_latents
 from .wan_step import UnitSpan, WanStep, WholeWindow, check_conditioning
 
 WINDOW_MASKS = ("full", "block_causal")
@@ -295,7 +295,7 @@ class _Window:
     vanilla: dict                       # per branch: (real, paper) FLOPs of one whole-window forward
     whole: WholeWindow | None           # the window path's forward (None on the chunk path)
     store: KVStore | None               # the chunk path's KV store (None on the window path)
-    chunk_steps: list[int] = field(default_factory=list)
+    counter: StepCounter | None = None  # steps taken per chunk
     velocity: torch.Tensor | None = None  # the guided velocity of the step's units [1, C, F, h, w], reused
 
 
@@ -332,9 +332,8 @@ class _DFLoop:
                                         "cond": model.text_embed(self.texts[entry].to(model.device))})
                 run.stats.switches.append(switch_record(seg.index, self.first_new[seg.index], entry, "window",
                                                         geo.temporal_stride))
-        x = self.noise.draw((1, geo.channels, win.length, h_lat, w_lat), f"window {win.index} init").to(model.device)
-        if win.prefix:
-            x[:, :, :win.prefix] = self.prefix.to(model.device)
+        x = initial_latents(self.noise, (1, geo.channels, win.length, h_lat, w_lat), f"window {win.index} init",
+                            self.prefix if win.prefix else None, model.device)
         cfgm = model.cfg
         tok_frame = plan.tokens_per_frame
         nb = seg.chunks
@@ -359,7 +358,7 @@ class _DFLoop:
             whole = WholeWindow(mask, vanilla)
         self.cur = _Window(wp, x, [make_solver(s.solver, plan.sigmas) for _ in range(nb)],
                            geo.positions(win.length, h_lat, w_lat, x.device), vanilla, whole, run.stores.get("kv"),
-                           [0] * nb)
+                           StepCounter(nb, s.steps))
         run.preview = lambda: self.cur.x.clone()  # the whole window after the step, prefix included
 
     def steps(self, seg: Segment):
@@ -381,7 +380,7 @@ class _DFLoop:
             else:
                 spans = [UnitSpan(slice(u.id * cbs, (u.id + 1) * cbs), u.id * cbs) for u in units]
             active = [b for b in range(len(upd)) if bool(upd[b])]
-            yield Step(it, units, active, data={"x_in": x_in, "t": t_frames, "upd": upd, "spans": spans})
+            yield Step(it, units, active, data={"x_in": x_in, "t": t_frames, "spans": spans})
 
     def signals(self, step: Step) -> dict:
         d = step.data
@@ -407,18 +406,13 @@ class _DFLoop:
         """Each active chunk's solver step; a chunk that took its last step is clean in the store."""
         s, w = self.s, self.cur
         cbs = s.causal_block_size
-        upd = step.data["upd"]
         work = Work()
-        for b in range(len(w.solvers)):
-            if bool(upd[b]):
-                fr = slice(b * cbs, (b + 1) * cbs)
-                w.x[:, :, fr] = w.solvers[b].step(v[:, :, fr], w.x[:, :, fr])
-                w.chunk_steps[b] += 1
-                if w.chunk_steps[b] == s.steps:
-                    work.finished.append(b)
-                    if w.store is not None:
-                        w.store.mark_clean(b)
-        step.chunk_step = w.chunk_steps[step.active[-1]] if step.active else 0
+        for b in step.active:
+            fr = slice(b * cbs, (b + 1) * cbs)
+            w.x[:, :, fr] = w.solvers[b].step(v[:, :, fr], w.x[:, :, fr])
+        for b in w.counter.advance(step, work):
+            if w.store is not None:
+                w.store.mark_clean(b)
         return work
 
     def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
@@ -434,11 +428,10 @@ class DiffusionForcingPipeline:
 
     def __init__(self, model: WanForward, geometry: LatentGeometry | None = None, text_len: int = 512,
                  codec: LatentCodec | None = None):
-        if not isinstance(model, WanForward):
-            hint = (" This is a MAGI-1 DiT: sample it with flowcache.pipelines.magi.MagiPipeline (the MAGI-1 sampler)."
-                    if type(model).__name__ == "MagiDiT" else "")
-            raise InputError(f"DiffusionForcingPipeline runs Wan2.1 / SkyReels-V2 DiTs (WanDiT or WanTreeModel); "
-                             f"got {type(model).__name__}.{hint}")
+        check_model(model, WanForward,
+                    "DiffusionForcingPipeline runs Wan2.1 / SkyReels-V2 DiTs (WanDiT or WanTreeModel)",
+                    {"MagiDiT": " This is a MAGI-1 DiT: sample it with flowcache.pipelines.magi.MagiPipeline "
+                                "(the MAGI-1 sampler)."})
         self.model = model
         self.geometry = geometry or LatentGeometry()
         self.text_len = text_len

@@ -44,10 +44,11 @@ from ..noise import NoiseSource, SeededNoise
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forward_peak
 from ..prompts import PromptSchedule, switch_record
 from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, new_run, run_loop
+from ..schedulers import flow_shift
 from ..stats import RunStats
 from ..validate import finite, whole, whole_fields
 from .causal_wan import CausalPlan, CausalSettings, check_prompts, plan_causal
-from .common import LatentCodec, LatentGeometry
+from .common import LatentCodec, LatentGeometry, check_model
 from .wan_step import UnitSpan, WanStep
 
 DECODE_WARMUP = 2  # latent frames decoded before the one whose pixels are re-encoded (see the module docstring)
@@ -76,7 +77,7 @@ def release_schedule(steps: int, shift: float, strength: float = 1.0) -> tuple[l
     ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True)`` padded with t = 0; the steps
     linspace(1000·strength, 0, steps) taken as whole grid indices; σ of the grid entry nearest each timestep."""
     grid = torch.linspace(1.0, 0.0, 1001)[:-1]
-    sigmas = shift * grid / (1 + (shift - 1) * grid)
+    sigmas = flow_shift(grid, shift)
     padded = torch.cat([sigmas * 1000, torch.zeros(1)])
     picks = torch.linspace(strength * 1000, 0, steps, dtype=torch.float32).to(torch.long)
     ts = padded[1000 - picks]
@@ -296,8 +297,7 @@ class KreaRealtimePipeline:
 
     def __init__(self, model: WanForward, geometry: LatentGeometry | None = None, text_len: int = 512,
                  codec: LatentCodec | None = None):
-        if not isinstance(model, WanForward):
-            raise InputError(f"loop: Krea Realtime's loop runs a Wan2.1-architecture model; got {type(model).__name__}.")
+        check_model(model, WanForward, "loop: Krea Realtime's loop runs a Wan2.1-architecture model")
         self.model, self.geometry, self.text_len, self.codec = model, geometry or LatentGeometry(), text_len, codec
 
     @torch.inference_mode()

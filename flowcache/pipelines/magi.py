@@ -35,6 +35,7 @@ import torch
 
 from ..cache import CacheSettings
 from ..cache.base import CachePolicy, UnitSignal
+from ..df_schedule import timestep_matrix
 from ..errors import InputError
 from ..flops import magi_forward_flops
 from ..kv.scoring import CompressionConfig
@@ -42,10 +43,13 @@ from ..kv.store import KVStore, QueryTap, TappedContext
 from ..models.magi import MagiConfig, MagiDiT, distill_dt_for_steps
 from ..noise import SeededNoise
 from ..plan import MemoryOptions, MemoryPlan, StorePlan, magi_memory
-from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, new_run, run_loop
+from ..runner import (Decisions, Reuse, RunHooks, RunState, Segment, Step, StepCounter, Unit, Work, new_run,
+                      run_loop)
+from ..schedulers import flow_shift
 from ..stats import RunStats
 from ..validate import finite, whole_fields
-from .common import LatentCodec, LatentGeometry, check_caption, encode_prefix, prefix_frames
+from .common import (LatentCodec, LatentGeometry, check_caption, check_model, encode_prefix, initial_latents,
+                     prefix_frames)
 
 CFG_T_RANGE = (0.0, 0.0217, 0.1, 0.3, 0.999)
 PREV_CHUNK_SCALES = (1.5, 1.5, 1.5, 1.0, 1.0)
@@ -98,9 +102,7 @@ def time_schedule(num_steps: int, shift: float = 3.0, shortcut_mode: str = "8,16
         s = torch.cat([base + a for a in torch.linspace(0, 1, 5)])[:13]
     else:
         s = torch.linspace(0, 1, num_steps + 1)
-    s = s ** 2
-    inv = 1.0 / shift
-    return inv * s / (1 + (inv - 1) * s)
+    return flow_shift(s ** 2, 1.0 / shift)
 
 
 def step_intervals(num_steps: int, shortcut_mode: str = "8,16,16") -> list[int]:
@@ -111,15 +113,6 @@ def step_intervals(num_steps: int, shortcut_mode: str = "8,16,16") -> list[int]:
     return [1] * num_steps
 
 
-def _sequences(chunk_num: int, window: int, offset: int) -> list[tuple[int, int, int, int]]:
-    """The reference ``generate_sequences``: per stage (clip_start, clip_end, t_start, t_end)."""
-    out = []
-    for i in range(offset, chunk_num + window - 1):
-        out.append((max(offset, i - window + 1), min(chunk_num, i + 1), max(0, i - chunk_num + 1),
-                    min(window, i - offset + 1)))
-    return out
-
-
 def stage_schedule(num_frames_latent: int, chunk_width: int, window_size: int, num_steps: int,
                    prefix_chunks: int = 0) -> list[list[tuple[int, int]]]:
     """Per global step, the window as [(chunk id, timestep index), ...] in ascending chunk id.
@@ -127,7 +120,9 @@ def stage_schedule(num_frames_latent: int, chunk_width: int, window_size: int, n
     ``num_frames_latent`` counts the whole video including the prefix; chunks = ceil(frames / chunk_width),
     the first ``prefix_chunks`` are clean and never denoised. A stage lasts ``num_steps // window_size`` steps;
     the oldest chunk of the window holds the highest timestep index. Chunk c is denoised at global steps
-    [(c − prefix)·per_stage, (c − prefix)·per_stage + num_steps) with index = step − (c − prefix)·per_stage.
+    [(c − prefix)·per_stage, (c − prefix)·per_stage + num_steps) with index = step − (c − prefix)·per_stage:
+    the reference's ``generate_sequences`` is the diffusion-forcing timestep matrix
+    (``df_schedule.timestep_matrix``) with each chunk a stage behind the one before (ar_step = per_stage).
     """
     if chunk_width < 1 or window_size < 1:
         raise InputError(f"chunk_width={chunk_width}, window_size={window_size}: both must be at least 1.")
@@ -137,14 +132,9 @@ def stage_schedule(num_frames_latent: int, chunk_width: int, window_size: int, n
     chunk_num = math.ceil(num_frames_latent / chunk_width)
     if not 0 <= prefix_chunks < chunk_num:
         raise InputError(f"{prefix_chunks} clean prefix chunks leave nothing to generate in {chunk_num} chunks.")
-    per = num_steps // window_size
-    steps = []
-    for cs, ce, ts, te in _sequences(chunk_num, window_size, prefix_chunks):
-        for d in range(per):
-            idx = [j * per + d for j in range(ts, te)][::-1]
-            assert len(idx) == ce - cs
-            steps.append(list(zip(range(cs, ce), idx)))
-    return steps
+    m = timestep_matrix(chunk_num, list(range(num_steps)), num_steps // window_size, prefix_chunks)
+    return [[(c, n - 1) for c, (n, on) in enumerate(zip(counters, mask)) if on]
+            for counters, mask in zip(m.counters.tolist(), m.update_mask.tolist())]
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -215,8 +205,7 @@ class _MagiLoop:
         self.per = s.num_steps // s.window_size
         self.taps: dict[str, QueryTap] = {}
         self.stores: dict[str, KVStore] = {}
-        self.counts = [0] * plan.chunk_num
-        self.finished: list[int] = []
+        self.counter = StepCounter(plan.chunk_num, s.num_steps)
         self.x: torch.Tensor | None = None
 
     def segments(self) -> list[Segment]:
@@ -225,10 +214,7 @@ class _MagiLoop:
     def start(self, seg: Segment, run: RunState) -> None:
         s, plan, geo = self.s, self.plan, self.pipe.geometry
         shape = (1, geo.channels, plan.frames, plan.h, plan.w)
-        self.x = SeededNoise(s.seed).draw(shape, "init").to(self.model.device)
-        if self.pre is not None:
-            self.pre = self.pre.to(self.model.device)
-            self.x[:, :, :plan.prefix_frames] = self.pre
+        self.x = initial_latents(SeededNoise(s.seed), shape, "init", self.pre, self.model.device)
         self.stores = run.stores
         for store in plan.stores:  # one per pass that sees earlier chunks
             self.stores[store.name] = store.build()
@@ -257,16 +243,15 @@ class _MagiLoop:
             else:
                 units = [Unit("window", tuple(ids), force or ids != prev_ids)]
             prev_ids = ids
-            yield Step(k, units, ids, data={"chunks": chunks, "x_win": x_win, "cs": cs, "ce": ce})
+            frames = [slice((u.chunks[0] - cs) * cw, (u.chunks[-1] + 1 - cs) * cw) for u in units]  # in the window
+            yield Step(k, units, ids, data={"chunks": chunks, "x_win": x_win, "cs": cs, "ce": ce, "frames": frames})
 
     def signals(self, step: Step) -> dict:
         d, cw, model = step.data, self.s.chunk_width, self.model
         x_win, cs = d["x_win"], d["cs"]
         d["chunk_x"] = {c: x_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] for c, _ in d["chunks"]}
-        if self.path == "chunk":
-            return {c: UnitSignal(model.embed_input(d["chunk_x"][c]).to(model.dtype), d["chunk_x"][c])
-                    for c in step.active}
-        return {"window": UnitSignal(model.embed_input(x_win).to(model.dtype), x_win)}
+        return {u.id: UnitSignal(model.embed_input(x_win[:, :, fr]).to(model.dtype), x_win[:, :, fr])
+                for u, fr in zip(step.units, d["frames"])}
 
     def compute(self, step: Step, decisions: Decisions, reuse: Reuse) -> tuple[dict[int, torch.Tensor], Work]:
         """Velocities of the chunks that compute this step (ascending; the refresh first at a stage start)."""
@@ -275,7 +260,7 @@ class _MagiLoop:
         decide = {c: decisions[("cond", c if self.path == "chunk" else "window")] for c in step.active}
         cs, ce = d["cs"], d["ce"]
         # the reference of the speedups: MAGI-1's own loop (as computed), and this loop without reuse (paper)
-        work.reference(self._official_flops(step), self._own_flops(step))
+        work.reference(self._vanilla_flops(step, official=True), self._vanilla_flops(step, official=False))
         if self.refresh and cs > self.plan.offset and k % self.per == 0 and decide[cs]:
             # MAGI-1's clean refresh: the chunk that just finished, at clean_t, null caption, seeing itself only
             c = cs - 1
@@ -290,7 +275,7 @@ class _MagiLoop:
             weights = self._weights(t_of[c])
             for p in self._passes_for(weights):
                 cm, store = self._caption(p, c), self.stores.get(p.name)
-                first = self._first_chunk(c, idx_of[c]) if p.stored else None
+                first = self._first_chunk(c, idx_of[c], self.kvrange) if p.stored else None
                 kv = TappedContext(store, c, self.taps.get(p.name), first) if p.stored else None
                 outs[p.weight_index] = self._forward(d["chunk_x"][c], t_of[c], p, kv, c if p.stored else 0, dt, cm,
                                                      work, self._context_rows(store, c, first))
@@ -306,37 +291,23 @@ class _MagiLoop:
         return v, work
 
     def update(self, step: Step, v: dict[int, torch.Tensor], reuse: Reuse) -> Work:
-        """Euler for computed units, whose update x_new − x is kept; a reused unit adds its last computed update.
-        Once per stage, before a new chunk enters, the clean history is compressed to the budget."""
+        """Euler for the units that computed, each chunk at its own timestep; a unit's latent update x_new − x is
+        its payload (``Reuse.output``). Once per stage, before a new chunk enters, the clean history is
+        compressed to the budget."""
         d, cw, work = step.data, self.s.chunk_width, Work()
         x_win, cs = d["x_win"], d["cs"]
-        new_win = x_win.clone()
-        for c, i in d["chunks"]:
-            if c in v:
-                dt = float(self.ts[i + 1] - self.ts[i])
-                new_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] = d["chunk_x"][c] + v[c] * dt
-        if self.path == "chunk":
-            for c in step.active:
-                sl = slice((c - cs) * cw, (c - cs + 1) * cw)
-                if c not in v:
-                    new_win[:, :, sl] = d["chunk_x"][c] + reuse[("cond", c)]
-                elif reuse.keeps_payloads:
-                    work.keep("cond", c, new_win[:, :, sl] - d["chunk_x"][c])
-        elif cs not in v:
-            new_win = x_win + reuse[("cond", "window")]
-        elif reuse.keeps_payloads:
-            work.keep("cond", "window", new_win - x_win)
-        self.x[:, :, cs * cw:d["ce"] * cw] = new_win
-        for c in step.active:
-            self.counts[c] += 1
-            if self.counts[c] == self.s.num_steps:
-                self.finished.append(c)
-                work.finished.append(c)
-        step.chunk_step = self.counts[step.active[-1]]
+        dt = {c: float(self.ts[i + 1] - self.ts[i]) for c, i in d["chunks"]}
+        for u, fr in zip(step.units, d["frames"]):
+            new = None
+            if u.chunks[0] in v:
+                new = x_win[:, :, fr] + torch.cat([v[c] * dt[c] for c in u.chunks], dim=2)
+            self.x[:, :, cs * cw + fr.start:cs * cw + fr.stop] = reuse.output(("cond", u.id), x_win[:, :, fr], new,
+                                                                              work)
+        self.counter.advance(step, work)
         sched, k = self.plan.schedule, step.index
         if self.budget > 0 and k + 1 < len(sched) and sched[k + 1][-1][0] > step.active[-1]:
             for name, store in self.stores.items():  # a new chunk enters next step: compress the clean history
-                for c in list(range(self.plan.offset)) + self.finished:
+                for c in list(range(self.plan.offset)) + self.counter.finished:
                     store.mark_clean(c)
                 self.taps[name].compress(store)
         return work
@@ -367,11 +338,13 @@ class _MagiLoop:
         cap, m = self.text
         return (cap[:, c], m[:, c]) if cap.dim() == 4 else (cap, m)
 
-    def _first_chunk(self, c: int, step_index: int) -> int | None:
-        """The first chunk a stored pass of chunk ``c`` at its step ``step_index`` sees (None: all history)."""
-        if not self.kvrange:
+    def _first_chunk(self, c: int, step_index: int, kvrange: tuple[int, ...]) -> int | None:
+        """The first chunk a stored pass of chunk ``c`` at its step ``step_index`` sees under the key ranges
+        ``kvrange`` (a chunk sees itself and r − 1 earlier chunks, r by the quarter of its steps; empty: all
+        history, None)."""
+        if not kvrange:
             return None
-        r = self.kvrange[step_index // (self.s.num_steps // len(self.kvrange))]
+        r = kvrange[step_index // (self.s.num_steps // len(kvrange))]
         return max(0, c + 1 - r)
 
     def _context_rows(self, store: KVStore | None, c: int, first: int | None) -> int:
@@ -396,34 +369,27 @@ class _MagiLoop:
         return out
 
     # -- FLOPs of the vanilla loops -------------------------------------------------------------------
-    def _step_flops(self, step: Step, refresh_passes: int, rows) -> float:
-        """FLOPs of the step when nothing is reused: the clean refresh at a stage start (``refresh_passes``
-        forwards), every chunk's passes with ``rows(pass, chunk, timestep index)`` keys each, and the nearly-clean
-        extra."""
+    def _vanilla_flops(self, step: Step, official: bool) -> float:
+        """FLOPs of the step when nothing is reused, before its writes: of MAGI-1's own loop (``official``: the
+        released key ranges over the whole history, the clean refresh) or of this loop (its key ranges over
+        what its stores hold, its refresh choice). The clean refresh at a stage start, every chunk's passes, and
+        the nearly-clean extra."""
         d, tok, cfgm = step.data, self.plan.tokens, self.cfgm
         total = 0.0
-        if refresh_passes and d["cs"] > self.plan.offset and step.index % self.per == 0:
-            total += refresh_passes * magi_forward_flops(cfgm, tok, tok, _tokens(self.null))
+        if (official or self.refresh) and d["cs"] > self.plan.offset and step.index % self.per == 0:
+            total += len(self.stores) * magi_forward_flops(cfgm, tok, tok, _tokens(self.null))
         for c, i in d["chunks"]:
             for p in self._passes_for(self._weights(float(self.ts[i]))):
-                total += magi_forward_flops(cfgm, tok, rows(p, c, i), _tokens(self._caption(p, c)))
+                if not p.stored:
+                    rows = tok
+                elif official:
+                    rows = (c + 1 - self._first_chunk(c, i, RELEASED_KVRANGE)) * tok
+                else:
+                    rows = self._context_rows(self.stores[p.name], c, self._first_chunk(c, i, self.kvrange))
+                total += magi_forward_flops(cfgm, tok, rows, _tokens(self._caption(p, c)))
         if self._nearly_clean(float(self.ts[d["chunks"][0][1]])):
             total += magi_forward_flops(cfgm, tok, tok, _tokens(self._caption(self.passes[0], d["cs"])))
         return total
-
-    def _official_flops(self, step: Step) -> float:
-        """What MAGI-1's own loop (released key ranges, clean refresh) computes for this step."""
-        tok, per_range = self.plan.tokens, self.s.num_steps // len(RELEASED_KVRANGE)
-
-        def rows(p: _Pass, c: int, i: int) -> int:
-            return min(RELEASED_KVRANGE[i // per_range], c + 1) * tok if p.stored else tok
-        return self._step_flops(step, sum(p.stored for p in self.passes), rows)
-
-    def _own_flops(self, step: Step) -> float:
-        """What this loop computes for this step when nothing is reused (before the step's writes)."""
-        def rows(p: _Pass, c: int, i: int) -> int:
-            return self._context_rows(self.stores.get(p.name), c, self._first_chunk(c, i) if p.stored else None)
-        return self._step_flops(step, len(self.stores) if self.refresh else 0, rows)
 
 
 def _tokens(cap_mask) -> int:
@@ -471,12 +437,9 @@ class MagiPipeline:
     """Sample a MAGI-1 DiT over a whole video; see the module docstring."""
 
     def __init__(self, model: MagiDiT, geometry: LatentGeometry | None = None, codec: LatentCodec | None = None):
-        if not isinstance(model, MagiDiT):
-            hint = (" This is a Wan2.1 / SkyReels-V2 DiT: sample it with DiffusionForcingPipeline "
-                    "(flowcache.pipelines.diffusion_forcing, the FlowCache DF sampler)."
-                    if type(model).__name__ == "WanDiT" else "")
-            raise InputError(f"MagiPipeline runs MAGI-1 DiTs (MagiDiT, from FlowCache Load Model); "
-                             f"got {type(model).__name__}.{hint}")
+        check_model(model, MagiDiT, "MagiPipeline runs MAGI-1 DiTs (MagiDiT, from FlowCache Load Model)",
+                    {"WanDiT": " This is a Wan2.1 / SkyReels-V2 DiT: sample it with DiffusionForcingPipeline "
+                               "(flowcache.pipelines.diffusion_forcing, the FlowCache DF sampler)."})
         self.model = model
         self.geometry = geometry or LatentGeometry(temporal_stride=4, spatial_stride=8,
                                                    channels=model.config.latent_channels)
@@ -530,7 +493,8 @@ class MagiPipeline:
         cache = cache or CacheSettings()
         s, geo = settings, self.geometry
         pre = None if prefix is None else encode_prefix(
-            prefix, geo, self.codec, (s.height // geo.spatial_stride, s.width // geo.spatial_stride))
+            prefix, geo, self.codec, (s.height // geo.spatial_stride, s.width // geo.spatial_stride)
+        ).to(self.model.device)
         pf = 0 if pre is None else pre.shape[2]
         plan = plan or self.plan(s, pf, cache, MemoryOptions.of(cache))
         if plan.prefix_frames != pf:

@@ -150,14 +150,13 @@ class WanStep:
         for which, rows in groups.items():
             if which:
                 out = self._forward([units[i] for i in which], [spans[i] for i in which],
-                                    [emb.spans[i] for i in which], rows, emb, work, store, whole, h, kv,
-                                    reuse.keeps_payloads)
+                                    [emb.spans[i] for i in which], rows, emb, work, reuse, store, whole, h, kv)
                 if h is None:
                     h = out.to(emb.h0.dtype)
         for row, b in enumerate(names):
             for i, (u, (_, tok)) in enumerate(zip(units, emb.spans)):
                 if not compute[b][i]:
-                    h[row:row + 1, tok] = emb.h0[:, tok] + reuse[(b, u.id)]
+                    h[row:row + 1, tok] = reuse.output((b, u.id), emb.h0[:, tok], None, work)
         e = emb.e
         kept = self.output_spans(emb, units)
         if kept is not None:  # passes that only wrote K/V need no head
@@ -186,11 +185,12 @@ class WanStep:
         return emb.idx if kept is None else torch.cat([emb.idx[fr] for fr, _ in kept])
 
     def _forward(self, units: list[Unit], spans: list[UnitSpan], tok_spans: list[tuple[slice, slice]],
-                 rows: list[int], emb: Embedded, work: Work, store: KVStore | None, whole: WholeWindow | None,
-                 h: torch.Tensor | None, kv=None, keep: bool = True) -> torch.Tensor:
+                 rows: list[int], emb: Embedded, work: Work, reuse: Reuse, store: KVStore | None,
+                 whole: WholeWindow | None, h: torch.Tensor | None, kv=None) -> torch.Tensor:
         """One batched forward of ``units`` for the branches at ``rows``; writes their tokens into ``h``
         [branches, L, D] (None: the caller takes the output [rows, L_units, D] as it is) and adds to ``work``
-        the call, its forwards' FLOPs and, with ``keep``, each cacheable unit's backbone residual per branch."""
+        the call, its forwards' FLOPs and each cacheable unit's backbone residual per branch (``Reuse.output``:
+        when the run keeps payloads)."""
         model, cfgm = self.model, self.model.cfg
         if len(tok_spans) == len(emb.spans):  # every unit, in order: the embedding as it is (the blocks copy)
             tokens, mod = emb.h0, emb.e0
@@ -218,11 +218,9 @@ class WanStep:
         start = 0
         for u, (_, tok), n in zip(units, tok_spans, sizes):
             for i, b in enumerate(branches):
-                res = out[i:i + 1, start:start + n]
+                res = reuse.output((b, u.id), emb.h0[:, tok], out[i:i + 1, start:start + n], work, u.cacheable)
                 if h is not None:
                     h[rows[i]:rows[i] + 1, tok] = res
-                if u.cacheable and keep:
-                    work.keep(b, u.id, res - emb.h0[:, tok])
                 if whole is None:
                     dims = (cfgm.dim, cfgm.ffn_dim, cfgm.num_layers, ctx.shape[1])
                     once = text_proj if text_kv is not None else 0.0  # the text's K/V were not recomputed
