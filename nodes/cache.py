@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..flowcache.cache import KV_DTYPES, KV_PLACEMENTS, METHODS
+from ..flowcache.cache import KV_DTYPES, KV_PLACEMENTS, METHODS, REUSE
 from ..flowcache.presets import PRESET_NAMES, CacheRequest
 from ..flowcache.errors import InputError
 from ..flowcache.validate import finite
@@ -33,7 +33,7 @@ CUSTOM_WIDGETS: dict[str, tuple[str, Any]] = {
         tooltip="custom preset, magcache only: most steps in a row a chunk may reuse. Locked for slow/fast.")),
 }
 ATTENTION_CHOICES = ["auto", "window", "window_refresh", "block_causal"]
-REUSE_CHOICES = ["auto", "hold", "extrapolate"]
+REUSE_CHOICES = ["auto", *REUSE]
 KV_PLACEMENT_CHOICES = list(KV_PLACEMENTS)
 KV_DTYPE_CHOICES = list(KV_DTYPES)
 
@@ -64,7 +64,8 @@ def _reuse_inputs() -> list:
             tooltip="What a chunk that skips its step applies: hold = its last computed result as it is (the "
                     "reference codes); extrapolate = the line through its last two computed results, continued to "
                     "this step (no extra compute, one more cached result per chunk; on the demo closer to off with "
-                    "window_refresh attention, not always with window). auto: the model's presets."),
+                    "window_refresh attention, not always with window); forecast2 = the parabola through its last "
+                    "three computed results (two more cached results per chunk). auto: the model's presets."),
     ]
 
 

@@ -31,7 +31,10 @@ class CacheMethod:
 
 PATHS = ("window", "chunk")  # how a run forwards: the whole window each step, or the active chunks each deciding
 ATTENTION = ("window", "window_refresh", "block_causal")
-REUSE = ("hold", "extrapolate")
+# what a reused unit applies -> the order of its forecast from the unit's last computed payloads (hold: the last
+# one; extrapolate: the line through two; forecast2: the parabola through three)
+REUSE_ORDER = {"hold": 0, "extrapolate": 1, "forecast2": 2}
+REUSE = tuple(REUSE_ORDER)
 KV_PLACEMENTS = ("auto", "device", "offload")  # where stored K/V live (``flowcache.plan``)
 KV_DTYPES = ("auto", "bf16", "fp8")            # bf16: the model's compute dtype
 METHODS: dict[str, CacheMethod] = {m.name: m for m in (
@@ -72,8 +75,10 @@ class CacheSettings:
     window feeds them: a forward per chunk more) or "block_causal" (the FlowCache code's per-chunk attention: a
     chunk sees only the chunks up to itself).
     reuse: what a reused unit applies, "hold" (its last computed residual, as every reference implementation
-    does) or "extrapolate" (the line through its last two computed residuals, continued to the current step:
-    no extra forwards, one more residual kept per unit and branch); see ``CachePolicy``.
+    does), "extrapolate" (the line through its last two computed residuals, continued to the current step:
+    no extra forwards, one more residual kept per unit and branch) or "forecast2" (the parabola through its last
+    three, 2nd-order divided differences over their possibly uneven steps: two more residuals kept); see
+    ``CachePolicy``.
     kv_placement / kv_dtype: how stored K/V are held, "auto" (the automatic plan: the fastest that fits) or a
     fixed "device" / "offload" and "bf16" (the model's compute dtype) / "fp8" (``flowcache.plan``)."""
 
@@ -130,12 +135,12 @@ class CacheSettings:
 def make_policy(settings: CacheSettings) -> CachePolicy:
     """A fresh policy for one run."""
     policy = METHODS[settings.method].policy(settings.config)
-    policy.extrapolate = settings.reuse == "extrapolate"
+    policy.order = REUSE_ORDER[settings.reuse]
     return policy
 
 
 def residuals_kept(settings: CacheSettings) -> int:
-    """Payloads a run keeps per unit and branch: 0 when it never reuses, 1 to hold, 2 to extrapolate."""
-    if not make_policy(settings).keeps_payload:
-        return 0
-    return 2 if settings.reuse == "extrapolate" else 1
+    """Payloads a run keeps per unit and branch: 0 when it never reuses, else 1 to hold, 2 to extrapolate, 3 for
+    forecast2 (``CachePolicy.payload_slots``)."""
+    policy = make_policy(settings)
+    return policy.payload_slots if policy.keeps_payload else 0
