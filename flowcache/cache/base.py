@@ -11,12 +11,13 @@ Observers that are no method (calibration's recorder, ``replay``) wrap ``should_
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Hashable, Sequence
+from typing import Hashable, Mapping, Sequence
 
 import torch
 
 from ..errors import InputError
 from ..validate import finite, whole
+from .cfg import CfgReuse
 
 UnitKey = Hashable
 
@@ -86,6 +87,8 @@ class CachePolicy:
 
     def __init__(self) -> None:
         self.states: dict[UnitKey, UnitState] = {}
+        self.cfg = CfgReuse()  # CFG-aware reuse (``CacheSettings.cfg_reuse``, set by ``make_policy``): off
+
 
     @property
     def extrapolate(self) -> bool:
@@ -104,11 +107,13 @@ class CachePolicy:
     def reset(self) -> None:
         """Drop all state: called at the start of every run and every long-video window."""
         self.states.clear()
+        self.cfg.reset()
 
     def forget(self, unit: Hashable) -> None:
         """Drop a finished unit's state in every branch: a long video keeps only the units still denoising."""
         for key in [k for k in self.states if isinstance(k, tuple) and len(k) == 2 and k[1] == unit]:
             del self.states[key]
+        self.cfg.forget(unit)
 
     def prepare(self, chunk_steps: int) -> None:
         """Told once per run how many steps every chunk takes (for rules indexed by a chunk's own step)."""
@@ -133,23 +138,22 @@ class CachePolicy:
         if signal is not None:
             # a slice of a step's whole input would keep all of it alive: keep a compact copy of the slice only
             st.prev_signal = signal.detach() if _compact(signal) else signal.detach().clone()
-        if compute and not self.extrapolate:
-            self._drop_payloads(key)  # the compute's payload replaces it; nothing reads it before
         st.steps += 1
         st.computed += int(compute)
         st.reused += int(not compute)
         st.skips = 0 if compute else st.skips + 1
         return compute
 
-    def _drop_payloads(self, key: UnitKey) -> None:
-        """Free the payloads a compute of ``key`` replaces (a shared decision's: every branch's) before the step
-        runs, so the old and the new one are never held at once."""
-        if isinstance(key, tuple) and key[0] == "*":
-            for k, st in self.states.items():
-                if k[1] == key[1] and k[0] != "*":
-                    st.payload = None
-        else:
-            self.state(key).payload = None
+    def release(self, decisions: Mapping[tuple[str, Hashable], bool]) -> None:
+        """Free the payloads the step's computes replace (``decisions``: the step's final ones per (branch, unit),
+        after the CFG gate) before the step runs, so the old and the new one are never held at once. A forecast
+        keeps them: they become its older points."""
+        if self.order:
+            return
+        for key, compute in decisions.items():
+            st = self.states.get(key)
+            if compute and st is not None:
+                st.payload = None
 
     def can_reuse(self, key: UnitKey) -> bool:
         """Whether a reuse of ``key`` has a payload; a shared decision ``("*", unit)`` needs every branch's."""
