@@ -101,9 +101,10 @@ def _cfg_inputs() -> list:
                     "cached difference between the two (FasterCache). No extra memory. auto: the model's presets "
                     "(off)."),
         io.Int.Input(
-            "cfg_interval", default=2, min=1, max=1000, step=1, optional=True,
+            "cfg_interval", default=0, min=0, max=1000, step=1, optional=True,
             tooltip="cfg_reuse own/delta: the unconditional pass computes on every this-many-th step the "
-                    "conditional pass computes (1 = on each; 2 = half as often)."),
+                    "conditional pass computes (1 = on each; 2 = half as often). 0 = auto: the model's presets "
+                    "(2 where they say nothing)."),
     ]
 
 
@@ -142,7 +143,7 @@ class FlowCacheCache(io.ComfyNode):
                                      ("cfg_reuse", cfg_reuse, CFG_REUSE_CHOICES)):
             if value not in allowed:
                 raise InputError(f"FlowCache Cache: {name}={value!r}: must be one of {', '.join(allowed)}.")
-        interval = None if cfg_interval is None else whole(cfg_interval, "cfg_interval", 1, 1000)
+        interval = None if cfg_interval is None else whole(cfg_interval, "cfg_interval", 0, 1000) or None  # 0: auto
         return io.NodeOutput(CacheRequest(method, preset, values, None if attention == "auto" else attention,
                                           None if reuse == "auto" else reuse, kv_placement, kv_dtype,
                                           None if cfg_reuse == "auto" else cfg_reuse, interval))

@@ -118,7 +118,9 @@ def test_cache_node_cfg_widgets(pack):
     assert combo_options(spec["optional"]["cfg_reuse"]) == ["auto", "off", "own", "delta"]
     assert "tooltip" in spec["optional"]["cfg_reuse"][1] and "tooltip" in spec["optional"]["cfg_interval"][1]
     defaults = widget_defaults(node)
-    assert defaults["cfg_reuse"] == "auto" and defaults["cfg_interval"] == 2
+    assert defaults["cfg_reuse"] == "auto" and defaults["cfg_interval"] == 0  # 0: the presets' (2 if none)
+    (req,) = run_node(node, **defaults)
+    assert req.cfg_reuse is None and req.cfg_interval is None
     (req,) = run_node(node, **{**defaults, "cfg_reuse": "delta", "cfg_interval": 3})
     assert (req.cfg_reuse, req.cfg_interval) == ("delta", 3)
     (req,) = run_node(node, **{k: v for k, v in defaults.items() if k not in ("cfg_reuse", "cfg_interval")})
