@@ -273,14 +273,20 @@ SWEEP = {"teacache": _grid((0.1, 0.2)),
          "easycache": _grid((0.03, 0.05), warmup=3)}
 
 
+SWEEP_REUSES = ("hold", "extrapolate")  # the default grid's; pass reuses=REUSE for forecast2 too
+SWEEP_CFGS: tuple[tuple[str, int], ...] = (("off", 2),)  # (cfg_reuse, cfg_interval); e.g. + (("own", 2), ("delta", 2))
+
+
 def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides: dict | None = None, log=print,
               kit=None, grid: dict | None = None, attentions: tuple[str, ...] | None = None,
-              reuses: tuple[str, ...] | None = None, progress: Progress | None = None) -> list[dict]:
+              reuses: tuple[str, ...] | None = None, progress: Progress | None = None,
+              cfgs: tuple[tuple[str, int], ...] | None = None) -> list[dict]:
     """Each method over a grid of custom values (``SWEEP``; the rest from its slow preset), each chunk-path method
-    with every attention (window, window_refresh, block_causal) and every reuse (hold, extrapolate): FLOPs and
-    wall speedups against off and PSNR, averaged over prompts and seeds; ``frontier`` marks the rows no other row
-    beats in FLOPs speedup and PSNR at once."""
-    from .cache import ATTENTION, METHODS, REUSE
+    with every attention (window, window_refresh, block_causal), every reuse of ``reuses`` (``SWEEP_REUSES``: hold,
+    extrapolate) and every CFG-aware reuse of ``cfgs`` ((cfg_reuse, cfg_interval) pairs, ``SWEEP_CFGS``: off):
+    FLOPs and wall speedups against off and PSNR, averaged over prompts and seeds; ``frontier`` marks the rows no
+    other row beats in FLOPs speedup and PSNR at once. A row with cfg_reuse on says so (cfg_reuse, cfg_interval)."""
+    from .cache import ATTENTION, METHODS
     from .errors import InputError
     from .jobs import load_demo_kit
 
@@ -295,9 +301,10 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
             continue
         on_chunks = METHODS[method].path == "chunk"
         for attention in (attentions or ATTENTION) if on_chunks else (base.attention,):
-            for reuse in (reuses or REUSE) if on_chunks else (base.reuse,):
-                for custom in values:
-                    points.append((method, attention, reuse, custom))
+            for reuse in (reuses or SWEEP_REUSES) if on_chunks else (base.reuse,):
+                for cfg in (cfgs or SWEEP_CFGS):
+                    for custom in values:
+                        points.append((method, attention, reuse, custom, cfg))
     refs = {}
     acc: dict[int, dict] = {i: {"wall": [], "flops": [], "flops_off": [], "psnr": [], "off_wall": []}
                             for i in range(len(points))}
@@ -307,20 +314,23 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
             off_wall, (ref, _) = _median_run(lambda h: kit.sample(prompt, seed, kit.cache("off", "slow"), h,
                                                                   **overrides), repeats, progress, "off")
             refs[(prompt, seed)] = ref
-            for i, (method, attention, reuse, custom) in enumerate(points):
-                cache = kit.cache(method, "custom", **custom)
-                cache.attention, cache.reuse = attention, reuse
+            for i, (method, attention, reuse, custom, cfg) in enumerate(points):
+                cache = replace(kit.cache(method, "custom", **custom), attention=attention, reuse=reuse,
+                                cfg_reuse=cfg[0], cfg_interval=cfg[1])
+                label = f"{i + 1}/{len(points)} {method} {attention} {reuse}" + (
+                    f" cfg {cfg[0]}/{cfg[1]}" if cfg[0] != "off" else "")
                 wall, (video, stats) = _median_run(lambda h: kit.sample(prompt, seed, cache, h, **overrides), repeats,
-                                                   progress, f"{i + 1}/{len(points)} {method} {attention} {reuse}")
+                                                   progress, label)
                 a = acc[i]
                 a["wall"].append(wall), a["off_wall"].append(off_wall), a["psnr"].append(psnr(video, ref))
                 a["flops"].append(stats.flops), a["flops_off"].append(stats.flops_nocache)
             log(f"  sweep {prompt[:40]!r} seed {seed}: {len(points)} settings")
     rows = []
-    for i, (method, attention, reuse, custom) in enumerate(points):
+    for i, (method, attention, reuse, custom, cfg) in enumerate(points):
         a = acc[i]
         rows.append({"method": method, "attention": attention, "reuse": reuse, "threshold": custom["threshold"],
                      "custom": custom,
+                     **({"cfg_reuse": cfg[0], "cfg_interval": cfg[1]} if cfg[0] != "off" else {}),
                      "flops_speedup": sum(a["flops_off"]) / sum(a["flops"]),
                      "wall_speedup": sum(a["off_wall"]) / sum(a["wall"]), "psnr_db": statistics.mean(a["psnr"])})
     for r in rows:
@@ -335,8 +345,11 @@ def format_sweep(rows: list[dict]) -> str:
             f"{'PSNR dB':>8s}  frontier")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["method"], r["attention"], r.get("reuse", "hold"),
+                                         r.get("cfg_reuse", "off"), r.get("cfg_interval", 0),
                                          sorted(r["custom"].items()))):
         custom = " ".join(f"{k}={v:g}" for k, v in r["custom"].items())
+        if r.get("cfg_reuse", "off") != "off":
+            custom += f" cfg={r['cfg_reuse']}/{r['cfg_interval']}"
         lines.append(f"{r['method']:10s} {r['attention']:>14s} {r.get('reuse', 'hold'):>11s} {custom:36s} "
                      f"{r['flops_speedup']:7.2f}x "
                      f"{r['wall_speedup']:6.2f}x {r['psnr_db']:8.2f}  {'*' if r['frontier'] else ''}")

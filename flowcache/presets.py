@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .cache.magcache import ratios_are_valid
+from .cache.cfg import CFG_REUSE
 from .cache.registry import ATTENTION, KV_DTYPES, KV_PLACEMENTS, METHODS, REUSE, CacheSettings, method
 from .errors import CheckpointError, InputError
 
@@ -34,7 +35,7 @@ BUILTIN_PRESETS = Path(__file__).resolve().parent / "presets.json"
 METADATA_KEY = "flowcache.presets"
 # A calibrated model's entry starts from its family's released row: the paper's thresholds, refitted rescale.
 SHARED_VALUES = ("coefficients", "mag_ratios")
-CHOICES = {"attention": ATTENTION, "reuse": REUSE}  # the fields of a presets entry or row that are words
+CHOICES = {"attention": ATTENTION, "reuse": REUSE, "cfg_reuse": CFG_REUSE}  # fields of an entry or row that are words
 
 
 def _bad(source: str, where: str, why: str) -> CheckpointError:
@@ -201,7 +202,8 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
     custom = {k: v for k, v in custom.items() if v is not None}
     names = [f.name for f in fields(m.config)]
     values: dict[str, Any] = {}
-    kv: dict[str, Any] = {"kv_budget": 0, "mix_lambda": 0.07, "attention": "block_causal", "reuse": "hold"}
+    kv: dict[str, Any] = {"kv_budget": 0, "mix_lambda": 0.07, "attention": "block_causal", "reuse": "hold",
+                          "cfg_reuse": "off", "cfg_interval": 2}
     if names:  # methods with settings need the model's presets
         table = {**builtin_presets(), **(extra or {})}
         entry = table.get(model_key)
@@ -231,7 +233,7 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
         values.update({k: v for k, v in custom.items() if k in names and k not in SHARED_VALUES})
         kv.update({k: v for k, v in custom.items() if k in kv})
     return CacheSettings(method_name, m.config(**values), preset, kv["kv_budget"], kv["mix_lambda"], model_key,
-                         kv["attention"], kv["reuse"])
+                         kv["attention"], kv["reuse"], cfg_reuse=kv["cfg_reuse"], cfg_interval=kv["cfg_interval"])
 
 
 def preset_rows(model_key: str, extra: dict | None = None) -> dict:
@@ -276,6 +278,8 @@ class CacheRequest:
     reuse: str | None = None      # None: the model's presets choose
     kv_placement: str = "auto"    # where stored K/V live (``flowcache.plan``)
     kv_dtype: str = "auto"
+    cfg_reuse: str | None = None     # None: the model's presets choose (off unless a row says otherwise)
+    cfg_interval: int | None = None
 
     def __post_init__(self) -> None:
         method(self.method)
@@ -289,7 +293,9 @@ class CacheRequest:
     def resolve(self, model_key: str, extra: dict | None = None) -> CacheSettings:
         settings = resolve_cache(model_key, self.method, self.preset, extra, **dict(self.values))
         return replace(settings, attention=self.attention or settings.attention, reuse=self.reuse or settings.reuse,
-                       kv_placement=self.kv_placement, kv_dtype=self.kv_dtype)  # a new object, checked anew
+                       kv_placement=self.kv_placement, kv_dtype=self.kv_dtype,
+                       cfg_reuse=self.cfg_reuse or settings.cfg_reuse,
+                       cfg_interval=self.cfg_interval or settings.cfg_interval)  # a new object, checked anew
 
     def describe(self) -> str:
         return f"{self.method} ({self.preset})" if self.method != "off" else "off"

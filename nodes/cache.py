@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..flowcache.cache import KV_DTYPES, KV_PLACEMENTS, METHODS
+from ..flowcache.cache import CFG_REUSE, KV_DTYPES, KV_PLACEMENTS, METHODS, REUSE
 from ..flowcache.presets import PRESET_NAMES, CacheRequest
 from ..flowcache.errors import InputError
-from ..flowcache.validate import finite
+from ..flowcache.validate import finite, whole
 from .comfy_v3 import FLOWCACHE_CACHE, check_choices, io
 
 # Widgets of the custom preset: widget name -> (config field it sets, its input). Order is the saved workflows'
@@ -33,7 +33,8 @@ CUSTOM_WIDGETS: dict[str, tuple[str, Any]] = {
         tooltip="custom preset, magcache only: most steps in a row a chunk may reuse. Locked for slow/fast.")),
 }
 ATTENTION_CHOICES = ["auto", "window", "window_refresh", "block_causal"]
-REUSE_CHOICES = ["auto", "hold", "extrapolate"]
+REUSE_CHOICES = ["auto", *REUSE]
+CFG_REUSE_CHOICES = ["auto", *CFG_REUSE]
 KV_PLACEMENT_CHOICES = list(KV_PLACEMENTS)
 KV_DTYPE_CHOICES = list(KV_DTYPES)
 
@@ -64,7 +65,8 @@ def _reuse_inputs() -> list:
             tooltip="What a chunk that skips its step applies: hold = its last computed result as it is (the "
                     "reference codes); extrapolate = the line through its last two computed results, continued to "
                     "this step (no extra compute, one more cached result per chunk; on the demo closer to off with "
-                    "window_refresh attention, not always with window). auto: the model's presets."),
+                    "window_refresh attention, not always with window); forecast2 = the parabola through its last "
+                    "three computed results (two more cached results per chunk). auto: the model's presets."),
     ]
 
 
@@ -87,6 +89,25 @@ def _memory_inputs() -> list:
     ]
 
 
+def _cfg_inputs() -> list:
+    """CFG-aware reuse (optional, after every older widget: saved workflows and API prompts keep their order)."""
+    return [
+        io.Combo.Input(
+            "cfg_reuse", options=CFG_REUSE_CHOICES, default="auto", optional=True,
+            tooltip="With CFG (cfg > 1): the unconditional pass changes slowly, so it may be reused on more steps "
+                    "than the conditional one. off = both passes follow the method; own = the unconditional pass "
+                    "computes only on every cfg_interval-th step the conditional one computes and otherwise reuses "
+                    "its own cached result; delta = the same steps, a reuse taking the conditional result plus the "
+                    "cached difference between the two (FasterCache). No extra memory. auto: the model's presets "
+                    "(off)."),
+        io.Int.Input(
+            "cfg_interval", default=0, min=0, max=1000, step=1, optional=True,
+            tooltip="cfg_reuse own/delta: the unconditional pass computes on every this-many-th step the "
+                    "conditional pass computes (1 = on each; 2 = half as often). 0 = auto: the model's presets "
+                    "(2 where they say nothing)."),
+    ]
+
+
 class FlowCacheCache(io.ComfyNode):
     """Choose how FlowCache Sampler reuses work: the method (off, TeaCache's whole steps, or per chunk FlowCache,
     MagCache, EasyCache), its preset, the chunk path's attention and reuse, and where stored K/V live."""
@@ -101,23 +122,28 @@ class FlowCacheCache(io.ComfyNode):
                         "FlowCache with the model's slow preset, or easycache (no calibration needed) for a model "
                         "without presets.",
             inputs=[*_method_inputs(), *(spec for _, spec in CUSTOM_WIDGETS.values()), *_reuse_inputs(),
-                    *_memory_inputs()],
+                    *_memory_inputs(), *_cfg_inputs()],
             outputs=[FLOWCACHE_CACHE.Output(display_name="cache",
                                             tooltip="The cache settings, for FlowCache Sampler's cache input.")])
 
     @classmethod
     def validate_inputs(cls, method: str, preset: str, attention: str | None = None, reuse: str | None = None,
-                        kv_placement: str | None = None, kv_dtype: str | None = None) -> bool | str:
+                        kv_placement: str | None = None, kv_dtype: str | None = None,
+                        cfg_reuse: str | None = None) -> bool | str:
         return check_choices(cls, method=method, preset=preset, attention=attention, reuse=reuse,
-                             kv_placement=kv_placement, kv_dtype=kv_dtype)
+                             kv_placement=kv_placement, kv_dtype=kv_dtype, cfg_reuse=cfg_reuse)
 
     @classmethod
     def execute(cls, method: str, preset: str, attention: str = "auto", reuse: str = "auto",
-                kv_placement: str = "auto", kv_dtype: str = "auto", **custom: Any) -> io.NodeOutput:
+                kv_placement: str = "auto", kv_dtype: str = "auto", cfg_reuse: str = "auto",
+                cfg_interval: int | None = None, **custom: Any) -> io.NodeOutput:
         # every number is checked, used or not: NaN passes ComfyUI's own min/max checks
         values = tuple((CUSTOM_WIDGETS[k][0], finite(v, k)) for k, v in custom.items() if k in CUSTOM_WIDGETS)
-        for name, value, allowed in (("attention", attention, ATTENTION_CHOICES), ("reuse", reuse, REUSE_CHOICES)):
+        for name, value, allowed in (("attention", attention, ATTENTION_CHOICES), ("reuse", reuse, REUSE_CHOICES),
+                                     ("cfg_reuse", cfg_reuse, CFG_REUSE_CHOICES)):
             if value not in allowed:
                 raise InputError(f"FlowCache Cache: {name}={value!r}: must be one of {', '.join(allowed)}.")
+        interval = None if cfg_interval is None else whole(cfg_interval, "cfg_interval", 0, 1000) or None  # 0: auto
         return io.NodeOutput(CacheRequest(method, preset, values, None if attention == "auto" else attention,
-                                          None if reuse == "auto" else reuse, kv_placement, kv_dtype))
+                                          None if reuse == "auto" else reuse, kv_placement, kv_dtype,
+                                          None if cfg_reuse == "auto" else cfg_reuse, interval))

@@ -205,8 +205,8 @@ def test_sweep_covers_every_attention_and_reuse_and_marks_the_frontier(tmp_path)
     """``run_sweep`` (what ``bench --sweep`` prints) on a tiny model: every chunk-path threshold with every
     attention and both reuses (the reuse changes what a skip applies, never which steps skip: equal FLOPs), the
     window path once with its preset's, and a frontier that no other row beats in FLOPs speedup and PSNR at once."""
-    from flowcache.bench import _grid, run_sweep
-    from flowcache.cache import ATTENTION, REUSE
+    from flowcache.bench import SWEEP_REUSES as REUSE, _grid, run_sweep
+    from flowcache.cache import ATTENTION
     from flowcache.jobs import load_checkpoint_kit
 
     path = save_wan(tiny_wan(seed=3), tmp_path / "tiny.safetensors")
@@ -229,6 +229,25 @@ def test_sweep_covers_every_attention_and_reuse_and_marks_the_frontier(tmp_path)
         beaten = any(o["flops_speedup"] >= r["flops_speedup"] and o["psnr_db"] >= r["psnr_db"]
                      and (o["flops_speedup"], o["psnr_db"]) != (r["flops_speedup"], r["psnr_db"]) for o in rows)
         assert r["frontier"] == (not beaten)
+
+
+def test_sweep_takes_forecast2_and_cfg_reuse_when_asked(tmp_path):
+    """The sweep's grid can hold reuse=forecast2 and CFG-aware reuse (the default grid's rows are as before)."""
+    from flowcache.bench import _grid, format_sweep, run_sweep
+    from flowcache.jobs import load_checkpoint_kit
+
+    path = save_wan(tiny_wan(seed=3), tmp_path / "tiny.safetensors")
+    with_presets(path)
+    kit = load_checkpoint_kit(str(path), num_frames=17, steps=8, width=32, height=32)
+    rows = run_sweep(["a prompt"], [0], grid={"flowcache": _grid((2.0,), warmup=2)}, kit=kit, log=lambda *_: None,
+                     attentions=("block_causal",), reuses=("hold", "forecast2"), cfgs=(("off", 2), ("own", 2)))
+    got = {(r["reuse"], r.get("cfg_reuse", "off")): r for r in rows}
+    assert set(got) == {(u, c) for u in ("hold", "forecast2") for c in ("off", "own")}
+    assert got[("hold", "own")]["cfg_interval"] == 2 and "cfg_interval" not in got[("hold", "off")]
+    assert got[("hold", "own")]["flops_speedup"] > got[("hold", "off")]["flops_speedup"]  # fewer uncond forwards
+    assert got[("forecast2", "off")]["flops_speedup"] == pytest.approx(got[("hold", "off")]["flops_speedup"],
+                                                                      rel=1e-12)
+    assert "cfg=own/2" in format_sweep(rows)
 
 
 def test_bench_says_each_phase_draws_a_bar_per_run_and_puts_its_figures_in_context(tmp_path, capsys):

@@ -18,7 +18,7 @@ SAMPLER_ORDER = ["model", "positive", "negative", "width", "height", "num_frames
                  "ar_step", "causal_block_size", "base_num_frames", "overlap_history", "addnoise_condition",
                  "solver", "keep_model_loaded"]
 CACHE_ORDER = ["method", "preset", "threshold", "warmup_steps", "kv_budget", "mix_lambda", "max_skips", "attention"]
-CACHE_OPTIONAL = ["reuse", "kv_placement", "kv_dtype"]  # optional: API prompts saved before them still validate
+CACHE_OPTIONAL = ["reuse", "kv_placement", "kv_dtype", "cfg_reuse", "cfg_interval"]  # optional: API prompts saved before them still validate
 
 # Three SkyReels-style windows of 5 latent frames (2 carried over), 1-frame chunks, a few steps: well under 1 s.
 TINY = dict(width=32, height=32, num_frames=33, steps=3, cfg=2.0, shift=8.0, seed=7, ar_step=1,
@@ -163,7 +163,8 @@ def test_sampler_and_other_widget_orders(pack):
         threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07, max_skips=3, attention="auto")
     assert cache["threshold"][1]["step"] == 0.005
     optional = nodes(pack)["FlowCacheCache"].INPUT_TYPES()["optional"]
-    assert list(optional) == CACHE_OPTIONAL and all(spec[1]["default"] == "auto" for spec in optional.values())
+    assert list(optional) == CACHE_OPTIONAL and all(spec[1]["default"] in ("auto", 0)  # 0: cfg_interval's auto
+                                                    for spec in optional.values())
     assert combo_options(optional["kv_placement"]) == ["auto", "device", "offload"]
     assert combo_options(optional["kv_dtype"]) == ["auto", "bf16", "fp8"]
     assert all(spec[1].get("tooltip") for spec in optional.values())
@@ -198,7 +199,7 @@ def test_combo_values_are_checked_as_v1_combos_were(pack):
                                  kv_placement="offload", kv_dtype="fp8") is True
     assert cache.validate_inputs(method="sideways", preset="slow", reuse="back") == (
         "method: 'sideways' is not one of off, teacache, flowcache, magcache, easycache; "
-        "reuse: 'back' is not one of auto, hold, extrapolate")
+        "reuse: 'back' is not one of auto, hold, extrapolate, forecast2")
     demo = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
     assert loader.validate_inputs(model_name=demo) is True
     assert "model_name: 'missing.safetensors' is not one of" in loader.validate_inputs(model_name="missing.safetensors")

@@ -1,5 +1,5 @@
 """reuse = extrapolate: a reused unit applies the line through its last two computed payloads, continued to the
-current step. Checked by arithmetic on dummy payloads (per branch, for per-branch and shared decisions), through
+current step; reuse = forecast2: the parabola through its last three. Checked by arithmetic on dummy payloads (per branch, for per-branch and shared decisions), through
 the settings, presets and the cache node, and in the pipeline (same decisions and FLOPs as hold, other latents;
 no reuse, no difference)."""
 import pytest
@@ -121,7 +121,7 @@ def test_cache_node_reuse_widget(pack):
     node = pack.NODE_CLASSES["FlowCacheCache"]
     errors = pack_submodule(pack, "flowcache.errors")
     spec = node.INPUT_TYPES()
-    assert combo_options(spec["optional"]["reuse"]) == ["auto", "hold", "extrapolate"]  # optional: old API prompts validate
+    assert combo_options(spec["optional"]["reuse"]) == ["auto", "hold", "extrapolate", "forecast2"]  # optional: old API prompts validate
     assert "tooltip" in spec["optional"]["reuse"][1]
     defaults = widget_defaults(node)
     assert defaults["reuse"] == "auto"
@@ -154,3 +154,93 @@ def test_in_the_pipeline_same_work_other_latents(attention):
     hold0, _ = _run(CacheSettings.of("flowcache", threshold=0.0, warmup=2, attention=attention))
     line0, _ = _run(CacheSettings.of("flowcache", threshold=0.0, warmup=2, attention=attention, reuse="extrapolate"))
     assert torch.equal(hold0, line0)
+
+
+# -- forecast2: the parabola through the last three computed payloads ---------------------------------------------
+
+def square(step: int) -> torch.Tensor:
+    """A payload that follows t² (and 2 − t² in the second entry): a parabola recovers it exactly, a line not."""
+    return torch.tensor([float(step * step), 2.0 - step * step])
+
+
+def forecast_walk(reuse: str, pattern: list[bool], payload=square) -> list[torch.Tensor | None]:
+    pol = make_policy(CacheSettings.of("flowcache", threshold=10.0, warmup=1, reuse=reuse))
+    got = []
+    for k, force in enumerate(pattern):
+        if pol.should_compute(("cond", 0), torch.full((2,), k + 1.0), force):
+            pol.remember(("cond", 0), payload(k))
+            got.append(None)
+        else:
+            got.append(pol.recall(("cond", 0)))
+    return got
+
+
+def test_forecast2_recovers_a_parabola_on_even_steps():
+    # computed at steps 0, 1, 2 (payloads 0, 1, 4): steps 3 and 4 are forecast as 9 and 16
+    got = forecast_walk("forecast2", [True, True, True, False, False])
+    assert torch.equal(got[3], square(3)) and torch.equal(got[4], square(4))
+    # the line through steps 1 and 2 misses: 4 + (4 − 1)·1 = 7, not 9
+    line = forecast_walk("extrapolate", [True, True, True, False, False])
+    assert line[3][0].item() == 7.0
+
+
+def test_forecast2_on_uneven_steps_by_hand():
+    # computed at steps 0, 1, 4 (payloads 0, 1, 16); Newton: [1, 4] = (16 − 1)/3 = 5, [0, 1] = 1,
+    # [0, 1, 4] = (5 − 1)/4 = 1, so step 5: 16 + 1·5 + 1·4·1 = 25 and step 6: 16 + 2·5 + 2·5·1 = 36
+    got = forecast_walk("forecast2", [True, True, False, False, True, False, False])
+    assert torch.equal(got[5], square(5)) and torch.equal(got[6], square(6))
+    # steps 2 and 3 have two points only: the line through steps 0 and 1 (payload 2 and 3), as extrapolate
+    line = forecast_walk("extrapolate", [True, True, False, False, True, False, False])
+    assert torch.equal(got[2], line[2]) and torch.equal(got[3], line[3])
+    assert got[2][0].item() == 2.0 and got[3][0].item() == 3.0
+
+
+def test_forecast2_of_a_cubic_by_hand():
+    # t³ computed at steps 1, 2, 4 (1, 8, 64): [2, 4] = 56/2 = 28, [1, 2] = 7, [1, 2, 4] = (28 − 7)/3 = 7,
+    # step 5: 64 + 1·28 + 1·3·7 = 113 (t³ is 125: a parabola is what is promised, no more)
+    cube = lambda k: torch.tensor([float(k ** 3)])
+    pol = make_policy(CacheSettings.of("flowcache", threshold=10.0, warmup=0, reuse="forecast2"))
+    got = {}
+    for k, force in enumerate([False, True, True, False, True, False]):
+        if pol.should_compute(("cond", 0), torch.full((1,), k + 1.0), force):
+            pol.remember(("cond", 0), cube(k))
+        else:
+            got[k] = pol.recall(("cond", 0))
+    # step 0 had nothing cached (computed, payload 0): points (0, 0), (1, 1), (2, 8) at step 3: Newton
+    # [1, 2] = 7, [0, 1] = 1, [0, 1, 2] = 3 -> 8 + 1·7 + 1·2·3 = 21; then (1, 2, 4) at step 5: 113
+    assert got[3].item() == 21.0 and got[5].item() == 113.0
+
+
+def test_forecast2_keeps_three_payloads_and_bf16_stays_in_its_dtype():
+    pol = make_policy(CacheSettings.of("flowcache", threshold=10.0, warmup=1, reuse="forecast2"))
+    for k in range(5):
+        pol.should_compute(("cond", 0), torch.full((2,), k + 1.0), True)
+        pol.remember(("cond", 0), square(k).to(torch.bfloat16))
+    st = pol.state(("cond", 0))
+    assert [s for s, _ in st.past] == [2, 3] and st.payload_step == 4  # three kept, the older dropped
+    assert pol.payload_slots == 3 and pol.state_bytes(10, 4, 2, 2) == 3 * 2 * 10 * 4 * 2
+    pol.should_compute(("cond", 0), torch.full((2,), 6.0), False)
+    r = pol.recall(("cond", 0))
+    assert r.dtype == torch.bfloat16 and r[0].item() == 25.0
+
+
+def test_forecast2_through_settings_and_node():
+    from flowcache.cache import residuals_kept
+    assert make_policy(CacheSettings.of("flowcache", reuse="forecast2")).order == 2
+    assert residuals_kept(CacheSettings.of("flowcache", threshold=0.1, reuse="forecast2")) == 3
+    assert residuals_kept(CacheSettings.of("flowcache", threshold=0.0, reuse="forecast2")) == 0
+    with pytest.raises(InputError, match="reuse='cubic': must be one of hold, extrapolate, forecast2"):
+        CacheSettings.of("flowcache", reuse="cubic")
+
+
+@pytest.mark.parametrize("attention", ["window", "block_causal"])
+def test_forecast2_in_the_pipeline_same_work_other_latents(attention):
+    kw = dict(threshold=10.0, warmup=2, attention=attention)
+    hold, s_hold = _run(CacheSettings.of("flowcache", **kw))
+    quad, s_quad = _run(CacheSettings.of("flowcache", reuse="forecast2", **kw))
+    assert s_hold.reused > 0 and s_hold.maps == s_quad.maps
+    assert (s_hold.forwards, s_hold.flops, s_hold.model_calls) == (s_quad.forwards, s_quad.flops, s_quad.model_calls)
+    assert not torch.equal(hold, quad) and torch.isfinite(quad).all()
+    hold0, _ = _run(CacheSettings.of("flowcache", threshold=0.0, warmup=2, attention=attention))
+    quad0, _ = _run(CacheSettings.of("flowcache", threshold=0.0, warmup=2, attention=attention, reuse="forecast2"))
+    assert torch.equal(hold0, quad0)

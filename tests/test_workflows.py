@@ -448,7 +448,8 @@ def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
     # the cache node's settings resolve for this model (what the sampler does at run time)
     presets = pack_submodule(pack, "flowcache.presets")
     to_field = {w: f for f, w in FIELD_WIDGETS.items()}
-    custom = {to_field.get(k, k): v for k, v in c.items() if k not in ("method", "preset", "attention", "reuse")}
+    custom = {to_field.get(k, k): v for k, v in c.items()
+              if k not in ("method", "preset", "attention", "reuse", "cfg_reuse", "cfg_interval")}
     settings = presets.resolve_cache(key, c["method"], c["preset"], demo_extra(pack, key), **custom)
     assert settings.method == c["method"]
     if loop == "magi":  # MAGI-1: whole chunks over a staggered window, steps split evenly over the stages
@@ -475,7 +476,7 @@ def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
         # what the cache node shows locked: each row field that has a widget (a row may carry more, e.g. strings)
         row = answer["rows"][c["method"]][c["preset"]]
         shown = {FIELD_WIDGETS.get(k, k): v for k, v in row.items()
-                 if FIELD_WIDGETS.get(k, k) in c and k not in ("attention", "reuse")}  # free: "auto" = presets
+                 if FIELD_WIDGETS.get(k, k) in c and k not in ("attention", "reuse", "cfg_reuse")}  # free: "auto"
         assert {"threshold", "warmup_steps", "kv_budget", "mix_lambda"} <= set(shown), row
         assert {k: c[k] for k in shown} == shown, (path.stem, row)
 

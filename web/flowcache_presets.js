@@ -6,9 +6,11 @@
 // (each row: threshold, warmup, kv_budget, mix_lambda, and any field a future method adds), or
 // {"known": false, "rows": {}, "error" | "hint": ...}.
 
-/** The cache node's widgets that are not knobs (attention and reuse: "auto" follows the model's presets; kv_placement
- * and kv_dtype choose the memory plan, whatever the method and preset: all four stay free). */
-export const CONTROL_WIDGETS = ["method", "preset", "attention", "reuse", "kv_placement", "kv_dtype"];
+/** The cache node's widgets that are not knobs (attention, reuse and cfg_reuse: "auto" follows the model's presets;
+ * kv_placement and kv_dtype choose the memory plan, whatever the method and preset; cfg_interval goes with
+ * cfg_reuse: all stay free). */
+export const CONTROL_WIDGETS = ["method", "preset", "attention", "reuse", "kv_placement", "kv_dtype", "cfg_reuse",
+  "cfg_interval"];
 export const NAMED_PRESETS = ["slow", "fast"];
 /** Preset row field -> widget name, where the two differ; any other field is shown on the widget of its own name. */
 export const FIELD_WIDGETS = { threshold: "threshold", warmup: "warmup_steps", kv_budget: "kv_budget", mix_lambda: "mix_lambda" };

@@ -11,12 +11,13 @@ Observers that are no method (calibration's recorder, ``replay``) wrap ``should_
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Hashable, Sequence
+from typing import Hashable, Mapping, Sequence
 
 import torch
 
 from ..errors import InputError
 from ..validate import finite, whole
+from .cfg import CfgReuse
 
 UnitKey = Hashable
 
@@ -44,8 +45,9 @@ class UnitState:
     prev_signal: torch.Tensor | None = None
     payload: torch.Tensor | None = None    # what a reuse applies
     payload_step: int = -1                 # the unit's step that computed ``payload``
-    prev_payload: torch.Tensor | None = None  # extrapolate: the payload before it, from step ``prev_payload_step``
-    prev_payload_step: int = -1
+    # extrapolate / forecast2: the (step, payload) pairs computed before ``payload``, oldest first; as many as the
+    # forecast's order needs (a line one, a quadratic two), so memory stays at ``payload_slots`` per unit
+    past: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     steps: int = 0                         # decisions taken for this unit so far
     computed: int = 0
     reused: int = 0
@@ -71,26 +73,47 @@ class CachePolicy:
     shared_decision: one decision per unit for every branch (key ``("*", unit)``), so cond and uncond stay in
     one batched call; payloads stay per branch. reads: which ``UnitSignal`` tensor the rule looks at (None: the
     rule reads no signal, and none is kept).
-    extrapolate: what a reuse applies (``CacheSettings.reuse``, set by ``make_policy``): False, the last computed
-    payload as it is (every reference implementation); True, its first-order extrapolation from the unit's last
-    two computed payloads, r_b + (r_b − r_a)·(k − b)/(b − a) for payloads computed at the unit's steps a < b and
-    a reuse at step k (a TaylorSeer-style forecast; the last payload alone while only one was computed)."""
+    order: what a reuse applies (``CacheSettings.reuse``, set by ``make_policy``): 0 ("hold"), the last computed
+    payload as it is (every reference implementation); 1 ("extrapolate"), its first-order extrapolation from the
+    unit's last two computed payloads, r_b + (r_b − r_a)·(k − b)/(b − a) for payloads computed at the unit's steps
+    a < b and a reuse at step k (a TaylorSeer-style forecast); 2 ("forecast2"), the quadratic through the last
+    three, in Newton's divided-difference form (the steps may be unevenly spaced: a compute happens when a
+    unit's signal says so). With fewer payloads computed so far, the highest order they allow.
+    ``extrapolate`` (order ≥ 1) is kept as the older name of order 1."""
 
     shared_decision = False
     reads = "primary"
-    extrapolate = False
+    order = 0
 
     def __init__(self) -> None:
         self.states: dict[UnitKey, UnitState] = {}
+        self.cfg = CfgReuse()  # CFG-aware reuse (``CacheSettings.cfg_reuse``, set by ``make_policy``): off
+
+
+    @property
+    def extrapolate(self) -> bool:
+        """Whether a reuse forecasts from older payloads (order ≥ 1) rather than holding the last one."""
+        return self.order >= 1
+
+    @extrapolate.setter
+    def extrapolate(self, on: bool) -> None:
+        self.order = 1 if on else 0
+
+    @property
+    def payload_slots(self) -> int:
+        """Payloads kept per unit and branch when the policy keeps any: the forecast's order plus one."""
+        return self.order + 1
 
     def reset(self) -> None:
         """Drop all state: called at the start of every run and every long-video window."""
         self.states.clear()
+        self.cfg.reset()
 
     def forget(self, unit: Hashable) -> None:
         """Drop a finished unit's state in every branch: a long video keeps only the units still denoising."""
         for key in [k for k in self.states if isinstance(k, tuple) and len(k) == 2 and k[1] == unit]:
             del self.states[key]
+        self.cfg.forget(unit)
 
     def prepare(self, chunk_steps: int) -> None:
         """Told once per run how many steps every chunk takes (for rules indexed by a chunk's own step)."""
@@ -115,23 +138,22 @@ class CachePolicy:
         if signal is not None:
             # a slice of a step's whole input would keep all of it alive: keep a compact copy of the slice only
             st.prev_signal = signal.detach() if _compact(signal) else signal.detach().clone()
-        if compute and not self.extrapolate:
-            self._drop_payloads(key)  # the compute's payload replaces it; nothing reads it before
         st.steps += 1
         st.computed += int(compute)
         st.reused += int(not compute)
         st.skips = 0 if compute else st.skips + 1
         return compute
 
-    def _drop_payloads(self, key: UnitKey) -> None:
-        """Free the payloads a compute of ``key`` replaces (a shared decision's: every branch's) before the step
-        runs, so the old and the new one are never held at once."""
-        if isinstance(key, tuple) and key[0] == "*":
-            for k, st in self.states.items():
-                if k[1] == key[1] and k[0] != "*":
-                    st.payload = None
-        else:
-            self.state(key).payload = None
+    def release(self, decisions: Mapping[tuple[str, Hashable], bool]) -> None:
+        """Free the payloads the step's computes replace (``decisions``: the step's final ones per (branch, unit),
+        after the CFG gate) before the step runs, so the old and the new one are never held at once. A forecast
+        keeps them: they become its older points."""
+        if self.order:
+            return
+        for key, compute in decisions.items():
+            st = self.states.get(key)
+            if compute and st is not None:
+                st.payload = None
 
     def can_reuse(self, key: UnitKey) -> bool:
         """Whether a reuse of ``key`` has a payload; a shared decision ``("*", unit)`` needs every branch's."""
@@ -154,13 +176,17 @@ class CachePolicy:
         (calibration's recorder). When False the pipelines do not compute them."""
         return self.keeps_payload
 
-    def state_bytes(self, tokens: int, dim: int, compute_bytes: int, branches: int) -> int:
+    def state_bytes(self, tokens: int, dim: int, compute_bytes: int, branches: int,
+                    steps_taken: int | None = None) -> int:
         """Bytes this policy keeps for a segment's units of ``tokens`` tokens in all (Wan: width ``dim``, compute
-        dtype of ``compute_bytes``) over ``branches``: the cached residuals, one per unit and branch to hold,
-        two to extrapolate (the e0 signals of a few frames each are not counted)."""
+        dtype of ``compute_bytes``) over ``branches``: the cached residuals, ``payload_slots`` per unit and
+        branch (one to hold, two to extrapolate, three for forecast2; the e0 signals of a few frames each are not
+        counted). steps_taken: the units' steps so far, when known: each compute adds one payload, so a unit
+        that took n steps holds at most n (a forecast's slots fill over its first steps)."""
         if not self.keeps_payload:
             return 0
-        return (2 if self.extrapolate else 1) * branches * tokens * dim * compute_bytes
+        slots = self.payload_slots if steps_taken is None else min(self.payload_slots, steps_taken)
+        return slots * branches * tokens * dim * compute_bytes
 
     def clock(self, key: UnitKey) -> int:
         """The unit's current step: the index of the decision just taken for it (the shared one's, for a policy
@@ -173,19 +199,36 @@ class CachePolicy:
         if not self.keeps_payload:
             return
         st = self.state(key)
-        if self.extrapolate:  # keep the one before: a line needs two points
-            st.prev_payload, st.prev_payload_step = st.payload, st.payload_step
+        if self.order and st.payload is not None:  # keep the ones before: a line needs two points, a parabola three
+            st.past = (st.past + [(st.payload_step, st.payload)])[-self.order:]
         st.payload, st.payload_step = payload, self.clock(key)
 
     def recall(self, key: UnitKey) -> torch.Tensor:
         st = self.state(key)
         if st.payload is None:
             raise RuntimeError(f"cache policy: reuse of {key!r} with nothing cached")
-        a, b = st.prev_payload_step, st.payload_step
-        if not self.extrapolate or st.prev_payload is None or b <= a:
+        points = [(s, p) for s, p in st.past if s < st.payload_step][-self.order:] if self.order else []
+        k = self.clock(key)
+        if not points:
             return st.payload
-        # lerp from r_a through r_b, continued to step k: weight (k − a)/(b − a) > 1
-        return torch.lerp(st.prev_payload, st.payload, (self.clock(key) - a) / (b - a))
+        if len(points) == 1:
+            # lerp from r_a through r_b, continued to step k: weight (k − a)/(b − a) > 1
+            (a, ra), b = points[0], st.payload_step
+            return torch.lerp(ra, st.payload, (k - a) / (b - a))
+        return newton_quadratic(points[0], points[1], (st.payload_step, st.payload), k)
+
+
+def newton_quadratic(pa: tuple[int, torch.Tensor], pb: tuple[int, torch.Tensor], pc: tuple[int, torch.Tensor],
+                     k: int) -> torch.Tensor:
+    """The parabola through (a, r_a), (b, r_b), (c, r_c), a < b < c, at k: Newton's form
+    r_c + (k − c)·[b, c] + (k − c)(k − b)·[a, b, c] with the divided differences [b, c] = (r_c − r_b)/(c − b) and
+    [a, b, c] = ([b, c] − [a, b])/(c − a), which holds for uneven spacing. In fp32: the weights exceed 1 (a
+    forecast several steps ahead), and bf16 differences would lose the small second-order term."""
+    (a, ra), (b, rb), (c, rc) = pa, pb, pc
+    ra, rb, rc32 = ra.float(), rb.float(), rc.float()
+    d_bc = (rc32 - rb) / (c - b)
+    d_abc = (d_bc - (rb - ra) / (b - a)) / (c - a)
+    return (rc32 + (k - c) * d_bc + ((k - c) * (k - b)) * d_abc).to(rc.dtype)
 
 
 def knob(default: float | int, widget: str, lo: float | None = None, hi: float | None = None, integer: bool = False,

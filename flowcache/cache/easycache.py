@@ -40,11 +40,12 @@ class EasyCachePolicy(CachePolicy):
     def keeps_payload(self) -> bool:
         return self.config.threshold > 0
 
-    def state_bytes(self, tokens: int, dim: int, compute_bytes: int, branches: int) -> int:
+    def state_bytes(self, tokens: int, dim: int, compute_bytes: int, branches: int,
+                    steps_taken: int | None = None) -> int:
         """The residuals, plus per unit its last input (compute dtype) and the fp32 input and output k is
         learnt from (one set for every branch: the decision is shared)."""
         own = tokens * dim * (compute_bytes + 2 * 4)
-        return super().state_bytes(tokens, dim, compute_bytes, branches) + own
+        return super().state_bytes(tokens, dim, compute_bytes, branches, steps_taken) + own
 
     def decide(self, key: UnitKey, st: UnitState, signal: torch.Tensor, force: bool) -> bool:
         c = self.config

@@ -242,7 +242,12 @@ def _df_memory(s: DFSettings, cache: CacheSettings, cfg, plans: list[WindowPlan]
     cbs, c, branch_n = s.causal_block_size, dtype_bytes(dtype), len(branches)
     tokens_per_frame = grid_hw[0] * grid_hw[1] // cfg.patch_size[0]
     frame = geometry.channels * latent_pixels * 4  # one latent frame, fp32
-    payload = make_policy(cache).state_bytes(1, cfg.dim, c, branch_n)  # per token of a unit holding payloads
+    policy = make_policy(cache)
+
+    def payloads(tokens: int, steps_taken: int) -> int:
+        """What the policy holds for a unit of ``tokens`` tokens that took ``steps_taken`` steps."""
+        return policy.state_bytes(tokens, cfg.dim, c, branch_n, steps_taken)
+
     text = branch_n * text_len * (cfg.text_dim * 4 + cfg.dim * c)  # padded conditioning and its embedding
     solver = 3 if s.solver == "unipc" else 0  # UniPC keeps two predictions and the last sample per chunk
     held_at: dict[tuple[int, int, int], int] = {}  # (window, frames forwarded, frames output) -> most held then
@@ -255,10 +260,11 @@ def _df_memory(s: DFSettings, cache: CacheSettings, cfg, plans: list[WindowPlan]
             n = length if wp.store is None else cbs * len(units)
             out = length if wp.store is None else cbs * sum(u.output for u in units)
             if wp.store is None:
-                holding = length * tokens_per_frame if it > 0 else 0
+                holding = payloads(length * tokens_per_frame, it) if it > 0 else 0
             else:
-                holding = sum(1 for b in range(nb) if started[b] and done[b] < s.steps) * cbs * tokens_per_frame
-            held = (base + payload * holding + solver * sum(started) * cbs * frame
+                holding = sum(payloads(cbs * tokens_per_frame, done[b]) for b in range(nb)
+                              if started[b] and done[b] < s.steps)
+            held = (base + holding + solver * sum(started) * cbs * frame
                     + (length * frame if it > 0 else 0))  # the guided velocity, from the first step on
             held_at[(w, n, out)] = max(held_at.get((w, n, out), 0), held)
             for b in range(nb):

@@ -153,10 +153,13 @@ class WanStep:
                                     [emb.spans[i] for i in which], rows, emb, work, reuse, store, whole, h, kv)
                 if h is None:
                     h = out.to(emb.h0.dtype)
-        for row, b in enumerate(names):
+        # a reuse relative to another branch's output (CFG-aware delta) runs after that branch's row is written
+        for row in sorted(range(len(names)), key=lambda r: reuse.base_branch(names[r]) is not None):
+            b, base = names[row], reuse.base_branch(names[row])
+            src = emb.h0 if base is None else h[names.index(base):names.index(base) + 1]
             for i, (u, (_, tok)) in enumerate(zip(units, emb.spans)):
                 if not compute[b][i]:
-                    h[row:row + 1, tok] = reuse.output((b, u.id), emb.h0[:, tok], None, work)
+                    h[row:row + 1, tok] = reuse.output((b, u.id), src[:, tok], None, work)
         e = emb.e
         kept = self.output_spans(emb, units)
         if kept is not None:  # passes that only wrote K/V need no head
