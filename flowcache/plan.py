@@ -29,7 +29,7 @@ from .cache import make_policy
 from .cache.registry import KV_DTYPES, KV_PLACEMENTS
 from .errors import InputError
 from .kv.scoring import CompressionConfig, compress
-from .kv.store import FP8, STAGING_SLOTS, KVStore, fp8_supported
+from .kv.store import FP8, MAX_MASK_ELEMENTS, STAGING_SLOTS, KVStore, fp8_supported
 from .memtrack import track
 from .models.common import attention_backend
 
@@ -116,6 +116,7 @@ class StorePlan:
     pinned_chunks: int = 0
     tokens_per_frame: int | None = None
     mix_lambda: float = 0.07
+    causal: bool = False  # read block-causally (``StepAttention(causal=True)``): for the dry run's working set only
 
     @property
     def layer_bytes(self) -> int:
@@ -229,7 +230,19 @@ class _MetaAttention:
                      for _ in range(2)]
             del moved
         keys, vals = rows(st.capacity), rows(st.capacity)
-        return _meta_attention(q, keys, vals)
+        if not st.causal:
+            return _meta_attention(q, keys, vals)
+        # block-causal as ``StepAttention`` runs it: under a boolean mask where one fits (a GPU), else chunk by
+        # chunk into an output buffer; both are counted (the larger is the peak: the device is not known here)
+        if q.shape[2] * st.capacity <= MAX_MASK_ELEMENTS:
+            mask = torch.empty((q.shape[2], st.capacity), dtype=torch.bool)
+            masked = _meta_attention(q, keys, vals)
+            del mask, masked
+        out = torch.empty_like(q)
+        n = min(self.unit_tokens or q.shape[2], q.shape[2])
+        part = _meta_attention(q[:, :, :n], keys, vals)
+        del part
+        return out
 
 
 def wan_forward_peak(cfg, dtype: torch.dtype, frames: int, grid_hw: tuple[int, int], branches: int, text_len: int,

@@ -158,13 +158,16 @@ def _measured(run) -> tuple[int, object]:
 def test_estimate_agrees_with_the_measured_peak(wide, options):
     """Live tensor bytes during a run (everything it allocates: activations, state, K/V) against the plan's
     figure, within 10%, for the window path, FlowCache's chunk path (extrapolating, and forecasting from three
-    residuals) and the causal loop."""
+    residuals; each chunk attention) and the causal loop."""
     runs = {"flowcache": lambda: df_run(wide, df_settings(), CacheSettings.of(
                 **FLOWCACHE, attention="window_refresh", reuse="extrapolate"), options),
             # three residuals per unit and branch: the plan counts what forecast2 keeps
             "forecast2": lambda: df_run(wide, df_settings(), CacheSettings.of(
                 **FLOWCACHE, attention="window_refresh", reuse="forecast2"), options),
             "causal": lambda: causal_run(wide, CacheSettings.of(**FLOWCACHE), options)}
+    for attention in ("window", "block_causal"):  # chunks registered as they come; block_causal reads per chunk
+        runs[attention] = lambda a=attention: df_run(wide, df_settings(), CacheSettings.of(**FLOWCACHE, attention=a),
+                                                     options)
     if not (options.kv_fp8 or options.kv_offload) or options.lean:
         runs["off"] = lambda: df_run(wide, df_settings(), CacheSettings(), options)
     for name, run in runs.items():

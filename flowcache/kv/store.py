@@ -56,7 +56,7 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fp8 values [R, H, n, D] and their per-row scales [R, H, n, 1] -> ``dtype``."""
-    return x8.to(dtype) * scale.to(dtype)
+    return x8.to(dtype).mul_(scale.to(dtype))  # in place: one buffer of the read rows, not two at once
 
 
 def fp8_supported(device: torch.device | str) -> str | None:

@@ -226,7 +226,8 @@ def plan_df(s: DFSettings, cache: CacheSettings, cfg, geometry: LatentGeometry, 
             cap = window_rows if budget == 0 or refresh else min(
                 window_rows, budget + (sched.max_active() + 1 + pb) * cbs * tok_frame)
             store = StorePlan("kv", cfg.num_layers, len(branches), cfg.num_heads, cfg.head_dim, cfg.head_dim, cap,
-                              c, options.kv_fp8, options.kv_offload, budget, 0, tok_frame, cache.mix_lambda)
+                              c, options.kv_fp8, options.kv_offload, budget, 0, tok_frame, cache.mix_lambda,
+                              causal=cache.attention == "block_causal")
         plans.append(WindowPlan(w, sched, _window_units(sched, nb, pb, s.steps, path, refresh), store))
     memory = _df_memory(s, cache, cfg, plans, grid_hw, dtype, text_len, options, branches, h_lat * w_lat,
                         geometry)

@@ -118,7 +118,7 @@ def plan_krea_run(s: KreaSettings, cache: CacheSettings, cfg, geo: LatentGeometr
     c, T = dtype_bytes(dtype), plan.tokens_per_frame
     rows = (s.context_frames + plan.block_frames) * T
     plan.store = StorePlan("kv", cfg.num_layers, 1, cfg.num_heads, cfg.head_dim, cfg.head_dim, rows, c,
-                           options.kv_fp8, options.kv_offload, 0, 0, T, cache.mix_lambda)
+                           options.kv_fp8, options.kv_offload, 0, 0, T, cache.mix_lambda, causal=True)
     grid = (plan.h // cfg.patch_size[1], plan.w // cfg.patch_size[2])
     frames = max(s.context_frames, plan.block_frames)
     activations = wan_forward_peak(cfg, dtype, frames, grid, 1, text_len, options, plan.store)
