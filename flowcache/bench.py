@@ -270,7 +270,7 @@ def _grid(thresholds, **fixed) -> list[dict]:
 SWEEP = {"teacache": _grid((0.1, 0.2)),
          "flowcache": _grid((0.12, 0.15, 0.17, 0.2, 0.25, 0.3), warmup=5) + _grid((0.12, 0.15, 0.17, 0.2), warmup=3),
          "magcache": _grid((0.1, 0.2, 0.3), max_skips=2, warmup=2) + _grid((0.2,), max_skips=3, warmup=2),
-         "easycache": _grid((0.03, 0.05), warmup=3)}
+         "easycache": _grid((0.03, 0.035, 0.04, 0.045, 0.05), warmup=3)}
 
 
 SWEEP_REUSES = ("hold", "extrapolate")  # the default grid's; pass reuses=REUSE for forecast2 too
