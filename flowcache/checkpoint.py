@@ -137,6 +137,23 @@ def _check_safetensors_header(path: Path) -> dict:
     return header
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file complete or not at all: to a temporary file beside it, renamed when written (an
+    existing file is replaced only then; a failed write leaves no temporary behind)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, list[int]], dict[str, str]]:
     """(tensor name -> shape, metadata) of a safetensors file, validated, without reading any weights."""
     header = _check_safetensors_header(Path(path))

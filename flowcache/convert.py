@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPE_NAMES
+from .checkpoint import DTYPE_NAMES, save_safetensors
 from .errors import CheckpointError, InputError
 
 KINDS = ("longlive-lora", "longlive-base")
@@ -67,17 +67,8 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def _write(tensors: dict[str, torch.Tensor], dst: Path, metadata: dict[str, str]) -> int:
-    """Write ``tensors`` to ``dst`` through a temporary file in the same folder, renamed when complete."""
-    from safetensors.torch import save_file
-
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dst.stat().st_size
+    """Write ``tensors`` to ``dst`` complete or not at all; its size in bytes."""
+    return save_safetensors(tensors, dst, metadata).stat().st_size
 
 
 def convert_longlive_lora(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None,

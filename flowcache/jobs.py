@@ -12,7 +12,7 @@ import torch
 from .cache import CacheSettings
 from .errors import InputError
 from .metrics import psnr
-from .checkpoint import compute_dtype
+from .checkpoint import compute_dtype, save_safetensors
 from .memory import auto_plan, available_bytes, host_available_bytes
 from .models import LoadedModel, load_model
 from .pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry, plan_windows
@@ -180,7 +180,7 @@ def generate(checkpoint: str, cond_path: str, out: str, uncond_path: str | None 
     ``progress``: phase lines and a step bar (the CLI's; default: silent). ``kv_placement`` / ``kv_dtype``: as
     FlowCache Cache's widgets (auto: the fastest memory plan that fits the device).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     progress = progress or Progress.off()
     lm = load_model(checkpoint, dtype=dtype, expect="wan")
@@ -225,7 +225,7 @@ def generate(checkpoint: str, cond_path: str, out: str, uncond_path: str | None 
     out_p.parent.mkdir(parents=True, exist_ok=True)
     if codec is None:
         out_p = out_p.with_suffix(".safetensors")
-        save_file({"latents": z.contiguous()}, str(out_p), metadata={"space": "model", "stats": stats.to_json()})
+        save_safetensors({"latents": z.contiguous()}, out_p, {"space": "model", "stats": stats.to_json()})
     else:
         progress.say(f"decoding and writing {out_p} ...")
         write_video(codec.decode(z), out_p, "video/h264-mp4", fps=s.fps)

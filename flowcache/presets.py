@@ -147,7 +147,8 @@ def embed_presets(checkpoint: str | os.PathLike, presets: dict) -> Path:
     so a crash never leaves a half-written checkpoint.
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from .checkpoint import save_safetensors
 
     path = Path(checkpoint)
     if path.suffix != ".safetensors":
@@ -158,14 +159,7 @@ def embed_presets(checkpoint: str | os.PathLike, presets: dict) -> Path:
     table = embedded_presets(meta, path.name)
     table.update(check_table(presets, "new presets"))
     meta[METADATA_KEY] = json.dumps(table)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return save_safetensors(tensors, path, meta)
 
 
 def calibrated_entry(base_key: str, fitted: dict[str, Any], calibration: dict) -> dict:

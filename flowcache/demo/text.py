@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..checkpoint import save_safetensors
 from ..errors import CheckpointError, InputError
 
 ALIASES = {"color": "colour", "grey": "gray", "an": "a", "the": "a"}
@@ -75,11 +75,8 @@ class DemoTextEncoder(nn.Module):
         meta = {"flowcache.vocabulary": json.dumps(self.vocabulary), "flowcache.text_len": str(self.text_len),
                 "flowcache.text_dim": str(self.text_dim)}
         meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"token.weight": self.token.weight.detach().float().contiguous(),
-                   "position": self.position.detach().float().contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-        return path
+        return save_safetensors({"token.weight": self.token.weight.detach().float().contiguous(),
+                                 "position": self.position.detach().float().contiguous()}, path, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DemoTextEncoder":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
+from ..checkpoint import save_safetensors
 from ..models.wan import WanConfig, WanDiT
 from ..pipelines.common import LatentGeometry
 from ..schedulers import flow_sigmas
@@ -231,10 +230,7 @@ def save_model(out: Path, model: WanDiT, text: DemoTextEncoder, codec: DemoCodec
     }
     if presets:
         meta["flowcache.presets"] = presets
-    path = out / DIT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    path = save_safetensors(sd, out / DIT_FILE, meta)
     text.save(out / TEXT_FILE, {"flowcache.training": json.dumps(facts)})
     return path
 
