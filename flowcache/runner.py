@@ -110,12 +110,12 @@ class Reuse:
     def __init__(self, policy: CachePolicy):
         self._policy = policy
         self.keeps_payloads = policy.reads_payloads
-        self._cfg = getattr(policy, "cfg", None)
+        self._cfg = policy.cfg
 
     def base_branch(self, branch: str) -> str | None:
         """The branch whose current output a reused ``branch`` adds its payload to, instead of its own input
         (CFG-aware ``delta`` reuse: the unconditional branch on the conditional one's); None: its own input."""
-        return None if self._cfg is None else self._cfg.base_branch(branch)
+        return self._cfg.base_branch(branch)
 
     def __getitem__(self, key: tuple[str, UnitId]) -> torch.Tensor:
         return self._policy.recall(key)
@@ -277,8 +277,8 @@ class RunState:
             else:
                 for b in self.branches:
                     out[(b, u.id)] = self.policy.should_compute((b, u.id), signals[u.id], u.force)
-        cfg = getattr(self.policy, "cfg", None)
-        if cfg is not None and cfg.applies(self.branches):  # the uncond branch reused on more steps
+        cfg = self.policy.cfg
+        if cfg.applies(self.branches):  # the uncond branch reused on more steps
             for u in step.units:
                 if u.cacheable:
                     cfg.gate(u.id, u.force, out, self.policy.can_reuse)
@@ -288,8 +288,7 @@ class RunState:
     def book(self, work: Work) -> None:
         """A step's work: its payloads kept, its calls, forwards and FLOPs counted (in the order spent), then its
         finished units' cached payloads and signals dropped (memory stays bounded)."""
-        cfg = getattr(self.policy, "cfg", None)
-        for key, payload in (work.payloads if cfg is None else cfg.payloads(work.payloads)):
+        for key, payload in self.policy.cfg.payloads(work.payloads):
             self.policy.remember(key, payload)
         s = self.stats
         s.model_calls += work.calls
