@@ -25,6 +25,11 @@ class DFSchedule:
     def max_active(self) -> int:
         return int(self.update_mask.sum(1).max()) if self.iterations else 0
 
+    def active_steps(self) -> list[list[tuple[int, int]]]:
+        """Per iteration, the blocks it steps as (block, step index 0..N−1), ascending by block."""
+        return [[(b, n - 1) for b, (n, on) in enumerate(zip(counters, mask)) if on]
+                for counters, mask in zip(self.counters.tolist(), self.update_mask.tolist())]
+
 
 def timestep_matrix(num_blocks: int, timesteps: list[int], ar_step: int, prefix_blocks: int = 0) -> DFSchedule:
     """The schedule for ``num_blocks`` blocks of which the first ``prefix_blocks`` are clean."""

@@ -32,6 +32,7 @@ from .kv.scoring import CompressionConfig, compress
 from .kv.store import FP8, MAX_MASK_ELEMENTS, STAGING_SLOTS, KVStore, fp8_supported
 from .memtrack import track
 from .models.common import attention_backend
+from .validate import one_of
 
 GiB = 1024 ** 3
 LEAN_SLICE_TOKENS = 8192  # the most tokens a lean block's token-wise stage handles at once (whole frames)
@@ -77,10 +78,8 @@ def candidates(kv_placement: str = "auto", kv_dtype: str = "auto", stores_kv: bo
                fp8_ok: bool = True) -> list[MemoryOptions]:
     """The plans to try, fastest first: resident → fp8 K/V → offload (fp8) → sequential branches, narrowed by the
     ``kv_placement`` / ``kv_dtype`` widgets. A run without stored K/V (the window path) has batched and lean only."""
-    if kv_placement not in KV_PLACEMENTS:
-        raise InputError(f"kv_placement={kv_placement!r}: must be one of {', '.join(KV_PLACEMENTS)}.")
-    if kv_dtype not in KV_DTYPES:
-        raise InputError(f"kv_dtype={kv_dtype!r}: must be one of {', '.join(KV_DTYPES)}.")
+    one_of(kv_placement, "kv_placement", KV_PLACEMENTS)
+    one_of(kv_dtype, "kv_dtype", KV_DTYPES)
     if not stores_kv:
         return [MemoryOptions(), MemoryOptions(lean=True)]
     dtypes = {"auto": [False, True] if fp8_ok else [False], "bf16": [False], "fp8": [True] if fp8_ok else [False]}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import InputError
+from .validate import one_of
 
 # How a causal loop applies a change of prompt. "auto" takes the model's own rule.
 TRANSITIONS = ("auto", "switch", "recache", "blend")
@@ -52,8 +53,7 @@ class PromptSchedule:
         latent start frame. Returns self."""
         if not self.entries:
             raise InputError("prompts: the schedule holds no prompt; connect at least one CONDITIONING.")
-        if self.transition not in TRANSITIONS:
-            raise InputError(f"transition={self.transition!r}: must be one of {', '.join(TRANSITIONS)}.")
+        one_of(self.transition, "transition", TRANSITIONS)
         if not isinstance(self.blend_blocks, int) or self.blend_blocks < 1:
             raise InputError(f"blend_blocks={self.blend_blocks!r}: must be a whole number of blocks ≥ 1.")
         first = self.entries[0].start_frame

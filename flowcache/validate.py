@@ -42,3 +42,9 @@ def whole_fields(obj: object, *names: str) -> None:
     ``whole``, naming the attribute (the widget of the same name)."""
     for name in names:
         setattr(obj, name, whole(getattr(obj, name), name))
+
+
+def one_of(value: object, name: str, choices: "tuple[str, ...] | list[str]") -> None:
+    """Raises an InputError naming ``name`` unless ``value`` is one of ``choices`` (a widget's words)."""
+    if value not in choices:
+        raise InputError(f"{name}={value!r}: must be one of {', '.join(map(str, choices))}.")

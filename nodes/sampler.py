@@ -13,6 +13,7 @@ from ..flowcache.errors import InputError
 from ..flowcache.memory import auto_plan, host_available_bytes
 from ..flowcache.models.common import attention_backend
 from ..flowcache.pipelines import DFSettings, DiffusionForcingPipeline, LatentGeometry
+from ..flowcache.pipelines.common import prefix_frames as prefix_latent_frames
 from ..flowcache.pipelines.magi import MagiPipeline, MagiSettings
 from ..flowcache.plan import MemoryOptions
 from ..flowcache.pipelines.wan_step import check_conditioning
@@ -373,7 +374,7 @@ def _magi_run(model: FlowCacheModel, w: SamplerWidgets, positive: Any, negative:
             raise InputError("prefix_images: encoding the prefix needs the MAGI-1 VAE; connect FlowCache Load "
                              "MAGI-1 VAE to magi_vae.")
         prefix = prefix_images[..., :3].float()
-    prefix_frames = pipe.prefix_latent_frames(prefix)
+    prefix_frames = prefix_latent_frames(prefix, pipe.geometry, pipe.codec)
     plan = planned_once(lambda options, width, height: pipe.plan(replace(settings, width=width, height=height),
                                                                  prefix_frames, cache, options))
     first = plan(MemoryOptions(), w.width, w.height)  # every settings error now

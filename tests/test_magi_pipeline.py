@@ -350,6 +350,31 @@ def test_kv_store_bounded_with_compression(tiny, caption, stores, monkeypatch):
     assert len(made) == 2 and all(m.peak_rows <= 5 * tok for m in made)
 
 
+def test_kv_budget_on_magi_own_loop_compresses_after_the_clean_refresh(tiny, caption, stores, monkeypatch):
+    """MAGI-1's own loop (window path: key ranges, clean refresh) with a budget: a finished chunk is compressed
+    only after its clean refresh has written its final K/V (it crashed when compression came first: the refresh
+    re-registered a chunk already folded into the history)."""
+    made, events = stores
+    order = []
+    forward = MagiDiT.forward
+
+    def spy(self, x, t, *a, **kw):
+        order.append(("refresh" if abs(float(t) - MagiSettings.clean_t) < 1e-6 else "forward", len(events)))
+        return forward(self, x, t, *a, **kw)
+    monkeypatch.setattr(MagiDiT, "forward", spy)
+    s = tiny_settings(num_frames=80, path="window")  # 10 chunks, a stage of 2 steps
+    tok = 2 * 2 * 2
+    out, st = run(tiny, caption, s, "off", kv_budget=1)
+    (store,) = made
+    assert store.peak_rows <= (1 + 4) * tok and sum(st.kv_dropped_per_layer) > 0 and torch.isfinite(out).all()
+    assert [done for _, done, _ in events] == [False] * 4 + [True] * 5  # before chunks 5..9 enter
+    for e in [i + 1 for i, (_, done, _) in enumerate(events) if done]:  # each right after the stage's refresh
+        first_after = next(i for i, (_, n) in enumerate(order) if n == e)
+        assert order[first_after - 1][0] == "refresh" and order[first_after][0] == "forward"
+    unbounded, _ = run(tiny, caption, s, "off")
+    assert not torch.equal(out, unbounded)  # the budget did drop history
+
+
 def test_base_guidance_passes(tiny, caption):
     s = tiny_settings(distill=False, path="chunk")
     out, st = run(tiny, caption, s, "off")

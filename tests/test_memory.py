@@ -188,9 +188,10 @@ def test_causal_estimate_equals_allocation(kv_mode):
         _check_stores(plan, stats)
 
 
+@pytest.mark.parametrize("path", ["chunk", "window"])
 @pytest.mark.parametrize("distill", [True, False])
 @pytest.mark.parametrize("budget", [0, 1])
-def test_magi_estimate_equals_allocation(distill, budget):
+def test_magi_estimate_equals_allocation(distill, budget, path):
     from test_magi_model import SMALL, make_sd
     from test_magi_pipeline import GEO, tiny_settings
 
@@ -201,7 +202,7 @@ def test_magi_estimate_equals_allocation(distill, budget):
     model = MagiDiT(magi_config_from_state_dict(sd), dtype=torch.float32)
     model.load_state_dict(sd)
     pipe = MagiPipeline(model.eval(), GEO)
-    s = tiny_settings(num_frames=40, num_steps=4, distill=distill)  # 10 latent frames: 5 chunks, 4 at once
+    s = tiny_settings(num_frames=40, num_steps=4, distill=distill, path=path)  # 10 latent frames: 5 chunks, 4 at once
     cache = CacheSettings.of("flowcache", threshold=0.05, warmup=1, kv_budget=budget)
     caption = torch.randn(1, 6, SMALL["cap"])
     for opt in OPTIONS:

@@ -45,7 +45,7 @@ from ..plan import MemoryOptions, MemoryPlan, StorePlan, dtype_bytes, wan_forwar
 from ..prompts import PromptSchedule, as_schedule, switch_record
 from ..runner import Decisions, Reuse, RunHooks, RunState, Segment, Step, Unit, Work, new_run, run_loop
 from ..stats import RunStats
-from ..validate import finite, whole_fields
+from ..validate import finite, one_of, whole_fields
 from .common import LatentGeometry, check_model
 from .wan_step import UnitSpan, WanStep, check_conditioning
 
@@ -139,8 +139,7 @@ def plan_causal(s: CausalSettings, geo: LatentGeometry, patch: tuple[int, int, i
     if s.prompt_rule not in PROMPT_RULES:
         raise InputError(f"transition={s.prompt_rule!r}: this loop changes prompt by {' or '.join(PROMPT_RULES)} "
                          "(blend is Krea Realtime's rule).")
-    if s.kv_mode not in KV_MODES:
-        raise InputError(f"kv_mode={s.kv_mode!r}: must be one of {', '.join(KV_MODES)}.")
+    one_of(s.kv_mode, "kv_mode", KV_MODES)
     if s.local_attn_frames < fb or s.local_attn_frames % fb:
         raise InputError(f"local_attn_frames={s.local_attn_frames}: the window must hold whole blocks of "
                          f"num_frame_per_block={fb} (at least one).")

@@ -34,7 +34,7 @@ from ..runner import (Decisions, Reuse, RunHooks, RunState, Segment, Step, StepC
                       new_run, run_loop)
 from ..schedulers import SOLVERS, flow_sigmas, make_solver
 from ..stats import RunStats
-from ..validate import finite, whole_fields
+from ..validate import finite, one_of, whole_fields
 from .common import LatentCodec, LatentGeometry, check_model, initial_latents
 from .wan_step import UnitSpan, WanStep, WholeWindow, check_conditioning
 
@@ -96,10 +96,8 @@ def plan_windows(s: DFSettings, geo: LatentGeometry, patch: tuple[int, int, int]
         raise InputError(f"steps={s.steps}: must be at least 1.")
     if s.ar_step < 0:
         raise InputError(f"ar_step={s.ar_step}: must be ≥ 0 (0 = synchronous).")
-    if s.solver not in SOLVERS:
-        raise InputError(f"solver={s.solver!r}: must be one of {', '.join(SOLVERS)}.")
-    if s.window_mask not in WINDOW_MASKS:
-        raise InputError(f"window_mask={s.window_mask!r}: must be one of {', '.join(WINDOW_MASKS)}.")
+    one_of(s.solver, "solver", SOLVERS)
+    one_of(s.window_mask, "window_mask", WINDOW_MASKS)
     check_path(s.path)
     if not 0 <= s.addnoise_condition <= 1000:
         raise InputError(f"addnoise_condition={s.addnoise_condition}: must lie in 0..1000 (SkyReels suggests ≤ 50).")
@@ -371,8 +369,7 @@ class _DFLoop:
     def steps(self, seg: Segment):
         s, w = self.s, self.cur
         cbs, win = s.causal_block_size, w.plan.win
-        for it, units in enumerate(w.plan.steps):
-            upd = w.plan.sched.update_mask[it]
+        for it, (units, stepped) in enumerate(zip(w.plan.steps, w.plan.sched.active_steps())):
             t_frames = w.plan.sched.timesteps[it].repeat_interleave(cbs)[None].to(w.x.device)
             x_in = w.x
             if s.addnoise_condition > 0 and win.prefix:  # SkyReels: the carried-over prefix is re-noised a little
@@ -386,8 +383,7 @@ class _DFLoop:
                 spans = [UnitSpan(slice(0, win.length), 0)]
             else:
                 spans = [UnitSpan(slice(u.id * cbs, (u.id + 1) * cbs), u.id * cbs) for u in units]
-            active = [b for b in range(len(upd)) if bool(upd[b])]
-            yield Step(it, units, active, data={"x_in": x_in, "t": t_frames, "spans": spans})
+            yield Step(it, units, [b for b, _ in stepped], data={"x_in": x_in, "t": t_frames, "spans": spans})
 
     def signals(self, step: Step) -> dict:
         d = step.data

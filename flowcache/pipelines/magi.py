@@ -1,35 +1,27 @@
 """MAGI-1 chunk-wise autoregressive sampling on the shared runner (SandAI-org/MAGI-1 @ 6ff822e, mikeallen39/FlowCache).
 
-The video is split into chunks of ``chunk_width`` latent frames, up to ``window_size`` denoised at once,
-staggered: every stage of ``num_steps / window_size`` steps a chunk enters noisy and the oldest leaves clean, so
-each chunk takes ``num_steps`` Euler steps ``x += v·(t[i+1] − t[i])`` (t: 0 = noise, 1 = clean). Each step
-forwards the window chunk by chunk, ascending: chunk c, at absolute RoPE positions, attends through a
-``KVStore`` to the stored K/V of earlier chunks plus its own. ``MagiSettings.path`` ("auto": the cache
-method's own) picks the loop; ``noise2clean_kvrange`` / ``clean_refresh`` override its choices:
+The video is split into chunks of ``chunk_width`` latent frames, up to ``window_size`` denoised at once and
+staggered (``stage_schedule``), each chunk taking ``num_steps`` Euler steps ``x += v·(t[i+1] − t[i])`` (t: 0 =
+noise, 1 = clean). Each step forwards the window chunk by chunk, ascending: chunk c, at absolute RoPE positions,
+attends through a ``KVStore`` to the stored K/V of earlier chunks plus its own. ``MagiSettings.path`` ("auto":
+the cache method's own) picks the loop; ``noise2clean_kvrange`` / ``clean_refresh`` override its choices:
 
-* ``window``: MAGI-1's own (the ``off`` baseline): the released key ranges [5, 4, 3, 2] (a chunk sees itself
-  and 4 earlier chunks in the first quarter of its steps ... 1 in the last) and, at each stage's first step,
-  the clean refresh: the chunk that just finished, forwarded again at ``clean_t`` with the null caption seeing
-  only itself, writes its permanent K/V. One cache decision per window.
+* ``window``: MAGI-1's own (the ``off`` baseline): the released key ranges [5, 4, 3, 2] and the clean refresh
+  (a finished chunk's permanent K/V, see ``_MagiLoop._forwards``); one cache decision per window, forced at a
+  stage boundary (the signals are not comparable there; FlowCache's TeaCache compares misaligned windows).
 * ``chunk``: FlowCache's: full causal history, no refresh (a finished chunk keeps its last denoising K/V); one
   decision per chunk.
 
-Clean prefix chunks (I2V, V2V) are forwarded once like a refresh. Distilled checkpoints run one pass
-(``distill_dt`` embedding), optionally with the nearly-clean extra (``0.7·out + 0.3·out_self_only`` for the
-oldest chunk once t > 0.3; FlowCache drops it by default). Base checkpoints run three passes, text + earlier
-chunks, null text + earlier chunks (each with its own store), null text alone (chunk-local RoPE):
-``(1−p)·uncond + (p−s)·cond_pre + s·cond_text``, (p, s) from the chunk's t. A reused unit adds its last
-computed latent update; the signal is its patch-embedded input. Forced: the first and last step, and on the
-window path a stage boundary (the signals are not comparable; FlowCache's TeaCache compares misaligned
-windows there). KV compression (``cache.kv_budget`` chunks): once per stage, before a chunk enters, with the
-last computed chunk forward's queries. Base guidance refreshes each store by its own pass (the reference:
-one store, the null-text pass's) and skips the chunk-alone pass when its weight 1 − p is 0 (exact).
+Distilled checkpoints run one pass (``distill_dt`` embedding), base ones three (``cfg_weights``), each stored
+pass with its own store (the reference: one store, the null-text pass's). A reused unit adds its last computed
+latent update; the signal is its patch-embedded input; the first and last step are forced. KV compression
+(``cache.kv_budget`` chunks): once per stage, as a chunk enters, with the last computed chunk forward's queries.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -132,35 +124,11 @@ def stage_schedule(num_frames_latent: int, chunk_width: int, window_size: int, n
     chunk_num = math.ceil(num_frames_latent / chunk_width)
     if not 0 <= prefix_chunks < chunk_num:
         raise InputError(f"{prefix_chunks} clean prefix chunks leave nothing to generate in {chunk_num} chunks.")
-    m = timestep_matrix(chunk_num, list(range(num_steps)), num_steps // window_size, prefix_chunks)
-    return [[(c, n - 1) for c, (n, on) in enumerate(zip(counters, mask)) if on]
-            for counters, mask in zip(m.counters.tolist(), m.update_mask.tolist())]
+    return timestep_matrix(chunk_num, list(range(num_steps)), num_steps // window_size, prefix_chunks).active_steps()
 
 
-# ------------------------------------------------------------------------------------------------- helpers
-@dataclass
-class MagiPlan:
-    """A MAGI-1 run planned before anything moves: chunks, the stage schedule, the path, the guidance passes'
-    KV stores and the memory; what the sampler, the estimate and the loop read."""
-
-    chunk_num: int
-    offset: int            # clean prefix chunks
-    prefix_frames: int     # latent frames of the prefix
-    frames: int            # latent frames of the whole latent (chunk_num · chunk_width)
-    h: int
-    w: int
-    tokens: int            # tokens per chunk
-    tokens_per_frame: int
-    schedule: list = field(default_factory=list)
-    path: str = "chunk"
-    distill: bool = True
-    stores: list[StorePlan] = field(default_factory=list)  # one per guidance pass that sees earlier chunks
-    memory: MemoryPlan | None = None
-    settings: "MagiSettings | None" = None  # the checked settings
-
-
-@dataclass
-class _Pass:
+# ------------------------------------------------------------------------------------------------- guidance
+class _Pass(NamedTuple):
     """One guidance pass. caption: "text" or "null"; uncond: AdaLN null row; stored: sees earlier chunks through
     its own KV store (else the chunk alone, chunk-local RoPE); weight_index: 0 text, 1 cond_pre, 2 uncond."""
 
@@ -169,6 +137,10 @@ class _Pass:
     uncond: bool
     stored: bool
     weight_index: int
+
+
+DISTILL_PASSES = (_Pass("cond", "text", False, True, 0),)
+BASE_PASSES = DISTILL_PASSES + (_Pass("pre", "null", True, True, 1), _Pass("uncond", "null", True, False, 2))
 
 
 def cfg_weights(s: MagiSettings, t: float) -> tuple[float, float, float]:
@@ -181,31 +153,59 @@ def cfg_weights(s: MagiSettings, t: float) -> tuple[float, float, float]:
     return sc, p - sc, 1.0 - p
 
 
+@dataclass
+class MagiPlan:
+    """A MAGI-1 run planned before anything moves: chunks, the stage schedule, the path and its key ranges and
+    refresh, the guidance passes' KV stores and the memory; what the sampler, the estimate and the loop read."""
+
+    chunk_num: int
+    offset: int            # clean prefix chunks
+    prefix_frames: int     # latent frames of the prefix
+    frames: int            # latent frames of the whole latent (chunk_num · chunk_width)
+    h: int
+    w: int
+    tokens: int            # tokens per chunk
+    tokens_per_frame: int
+    schedule: list = field(default_factory=list)
+    path: str = "chunk"
+    distill: bool = True
+    kvrange: tuple[int, ...] = ()  # noise2clean_kvrange as run (empty: the whole history)
+    refresh: bool = False          # the clean refresh as run
+    stores: list[StorePlan] = field(default_factory=list)  # one per guidance pass that sees earlier chunks
+    memory: MemoryPlan | None = None
+    settings: "MagiSettings | None" = None  # the checked settings
+
+
 # ------------------------------------------------------------------------------------------------- the loop
+class _Forward(NamedTuple):
+    """One transformer forward of a step: chunk ``chunk`` at time ``t`` under pass ``p``, RoPE at chunk ``rope``,
+    a stored pass reading keys from chunk ``first`` on (None: all history). kind: "refresh" (a finished or
+    prefix chunk's clean K/V: clean_t, null caption, itself only), "pass" or "self" (the nearly-clean extra)."""
+
+    kind: str
+    chunk: int
+    p: _Pass
+    t: float
+    first: int | None
+    rope: int
+
+
 class _MagiLoop:
     """The ``ChunkLoop`` of one MAGI-1 run: one segment (the whole video), a step per global forward step."""
 
-    def __init__(self, pipe: "MagiPipeline", s: MagiSettings, plan: MagiPlan, inputs: dict, cache: CacheSettings,
+    def __init__(self, pipe: "MagiPipeline", plan: MagiPlan, inputs: dict, cache: CacheSettings,
                  cancel: Callable[[], None] | None = None):
-        path = plan.path
-        self.pipe, self.s, self.plan, self.path, self.cancel = pipe, s, plan, path, cancel
+        self.pipe, self.s, self.plan, self.cancel = pipe, plan.settings, plan, cancel
         self.model, self.cfgm = pipe.model, pipe.model.config
         self.text, self.null, self.pre = inputs["text"], inputs["null"], inputs["prefix"]
-        self.distill = inputs["distill"]
-        self.kvrange = tuple(s.noise2clean_kvrange if s.noise2clean_kvrange is not None
-                             else (RELEASED_KVRANGE if path == "window" else ()))
-        self.refresh = s.clean_refresh if s.clean_refresh is not None else path == "window"
-        self.passes = ([_Pass("cond", "text", False, True, 0)] if self.distill else
-                       [_Pass("cond", "text", False, True, 0), _Pass("pre", "null", True, True, 1),
-                        _Pass("uncond", "null", True, False, 2)])
-        self.budget = cache.kv_budget * plan.tokens
-        self.comp = CompressionConfig(mix_lambda=cache.mix_lambda)
-        self.ts = time_schedule(s.num_steps, s.shift, s.shortcut_mode)
-        self.intervals = step_intervals(s.num_steps, s.shortcut_mode)
-        self.per = s.num_steps // s.window_size
+        self.passes = DISTILL_PASSES if plan.distill else BASE_PASSES
+        self.budget, self.comp = cache.kv_budget * plan.tokens, CompressionConfig(mix_lambda=cache.mix_lambda)
+        self.ts = time_schedule(self.s.num_steps, self.s.shift, self.s.shortcut_mode)
+        self.intervals = step_intervals(self.s.num_steps, self.s.shortcut_mode)
+        self.per = self.s.num_steps // self.s.window_size
         self.taps: dict[str, QueryTap] = {}
         self.stores: dict[str, KVStore] = {}
-        self.counter = StepCounter(plan.chunk_num, s.num_steps)
+        self.counter = StepCounter(plan.chunk_num, self.s.num_steps)
         self.x: torch.Tensor | None = None
 
     def segments(self) -> list[Segment]:
@@ -222,9 +222,10 @@ class _MagiLoop:
             self.taps = {name: QueryTap(self.comp, plan.tokens_per_frame) for name in self.stores}
         dt, work = self._dt(0), Work()
         for c in range(plan.offset):  # clean prefix chunks: fill their K/V once, each seeing only itself
-            f = magi_forward_flops(self.cfgm, plan.tokens, plan.tokens, _tokens(self.null))
-            work.reference(len(self.stores) * f)
-            self._clean_forward(self.pre[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], c, dt, work)
+            refresh = [_Forward("refresh", c, p, s.clean_t, c, c) for p in self.passes if p.stored]
+            work.reference(sum(self._flops(f, official=True) for f in refresh))
+            for f in refresh:
+                self._run(f, self.pre[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], dt, work)
         run.book(work)
 
     def steps(self, seg: Segment):
@@ -238,62 +239,58 @@ class _MagiLoop:
                 n_pad = min(plan.prefix_frames - cs * cw, x_win.shape[2])
                 x_win[:, :, :n_pad] = self.pre[:, :, cs * cw:cs * cw + n_pad]
             force = k == 0 or k == total - 1
-            if self.path == "chunk":
+            if self.plan.path == "chunk":
                 units = [Unit(c, (c,), force) for c in ids]
             else:
                 units = [Unit("window", tuple(ids), force or ids != prev_ids)]
             prev_ids = ids
             frames = [slice((u.chunks[0] - cs) * cw, (u.chunks[-1] + 1 - cs) * cw) for u in units]  # in the window
-            yield Step(k, units, ids, data={"chunks": chunks, "x_win": x_win, "cs": cs, "ce": ce, "frames": frames})
+            enters = k > 0 and ids[-1] > plan.schedule[k - 1][-1][0]  # a new chunk's first step
+            yield Step(k, units, ids, data={"chunks": chunks, "x_win": x_win, "cs": cs, "ce": ce, "frames": frames,
+                                            "enters": enters})
 
     def signals(self, step: Step) -> dict:
-        d, cw, model = step.data, self.s.chunk_width, self.model
-        x_win, cs = d["x_win"], d["cs"]
-        d["chunk_x"] = {c: x_win[:, :, (c - cs) * cw:(c - cs + 1) * cw] for c, _ in d["chunks"]}
-        return {u.id: UnitSignal(model.embed_input(x_win[:, :, fr]).to(model.dtype), x_win[:, :, fr])
+        d, model = step.data, self.model
+        return {u.id: UnitSignal(model.embed_input(d["x_win"][:, :, fr]).to(model.dtype), d["x_win"][:, :, fr])
                 for u, fr in zip(step.units, d["frames"])}
 
     def compute(self, step: Step, decisions: Decisions, reuse: Reuse) -> tuple[dict[int, torch.Tensor], Work]:
-        """Velocities of the chunks that compute this step (ascending; the refresh first at a stage start)."""
-        s, d, k = self.s, step.data, step.index
-        dt, work = self._dt(k), Work()
-        decide = {c: decisions[("cond", c if self.path == "chunk" else "window")] for c in step.active}
-        cs, ce = d["cs"], d["ce"]
-        # the reference of the speedups: MAGI-1's own loop (as computed), and this loop without reuse (paper)
-        work.reference(self._vanilla_flops(step, official=True), self._vanilla_flops(step, official=False))
-        if self.refresh and cs > self.plan.offset and k % self.per == 0 and decide[cs]:
-            # MAGI-1's clean refresh: the chunk that just finished, at clean_t, null caption, seeing itself only
-            c = cs - 1
-            self._clean_forward(self.x[:, :, c * s.chunk_width:(c + 1) * s.chunk_width], c, dt, work)
-        t_of = {c: float(self.ts[i]) for c, i in d["chunks"]}
-        idx_of = dict(d["chunks"])
-        v: dict[int, torch.Tensor] = {}
-        for c in step.active:
-            if not decide[c]:
-                continue
-            outs: dict[int, torch.Tensor] = {}
-            weights = self._weights(t_of[c])
-            for p in self._passes_for(weights):
-                cm, store = self._caption(p, c), self.stores.get(p.name)
-                first = self._first_chunk(c, idx_of[c], self.kvrange) if p.stored else None
-                kv = TappedContext(store, c, self.taps.get(p.name), first) if p.stored else None
-                outs[p.weight_index] = self._forward(d["chunk_x"][c], t_of[c], p, kv, c if p.stored else 0, dt, cm,
-                                                     work, self._context_rows(store, c, first))
-            # reference order: (1 - p)·uncond + (p - s)·cond_pre + s·cond_text
-            v[c] = sum(weights[i] * outs[i] for i in sorted(outs, reverse=True)) if not self.distill else outs[0]
-        if self._nearly_clean(t_of[cs]) and decide[cs]:
-            # the oldest chunk again, self-only, RoPE after the window; blended 0.7 / 0.3
-            tap = self.taps.get("cond")
-            v_self = self._forward(d["chunk_x"][cs], t_of[cs], self.passes[0],
-                                   TappedContext(None, cs, tap) if tap is not None else None, ce, dt,
-                                   self._caption(self.passes[0], cs), work, self.plan.tokens)
-            v[cs] = s.nearly_clean_scale * v[cs] + (1 - s.nearly_clean_scale) * v_self
+        """Velocities of the chunks that compute this step: a stage start's clean refresh first, then (when a new
+        chunk enters) the clean history compressed to the budget, then each chunk's passes, ascending."""
+        s, d, cw = self.s, step.data, self.s.chunk_width
+        dt, work, cs = self._dt(step.index), Work(), d["cs"]
+        decide = {c: decisions[("cond", c if self.plan.path == "chunk" else "window")] for c in step.active}
+        forwards = [f for f in self._forwards(step, self.plan.kvrange, self.plan.refresh)
+                    if decide[f.chunk if f.kind == "pass" else cs]]
+        for f in forwards:
+            if f.kind == "refresh":  # the chunk that just left the window, from the latents it finished with
+                self._run(f, self.x[:, :, f.chunk * cw:(f.chunk + 1) * cw], dt, work)
+        if self.budget > 0 and d["enters"]:
+            for name, store in self.stores.items():  # after the refresh: the history is final
+                for c in list(range(self.plan.offset)) + self.counter.finished:
+                    store.mark_clean(c)
+                self.taps[name].compress(store)
+        # the reference of the speedups: MAGI-1's own loop, and this loop without reuse (the paper's)
+        work.reference(*(sum(self._flops(f, official) for f in self._forwards(step, kvrange, refresh))
+                         for official, kvrange, refresh in ((True, RELEASED_KVRANGE, True),
+                                                            (False, self.plan.kvrange, self.plan.refresh))))
+        outs: dict[int, dict[int, torch.Tensor]] = {}
+        x_of = {c: d["x_win"][:, :, (c - cs) * cw:(c - cs + 1) * cw] for c in step.active}
+        for f in forwards:
+            if f.kind == "pass":
+                outs.setdefault(f.chunk, {})[f.p.weight_index] = self._run(f, x_of[f.chunk], dt, work)
+        v, t_of = {}, {c: float(self.ts[i]) for c, i in d["chunks"]}
+        for c, o in outs.items():  # reference order: (1 - p)·uncond + (p - s)·cond_pre + s·cond_text
+            w = self._weights(t_of[c])
+            v[c] = sum(w[i] * o[i] for i in sorted(o, reverse=True)) if not self.plan.distill else o[0]
+        for f in forwards:
+            if f.kind == "self":  # blended 0.7 / 0.3 with the oldest chunk's velocity
+                v[cs] = s.nearly_clean_scale * v[cs] + (1 - s.nearly_clean_scale) * self._run(f, x_of[cs], dt, work)
         return v, work
 
     def update(self, step: Step, v: dict[int, torch.Tensor], reuse: Reuse) -> Work:
         """Euler for the units that computed, each chunk at its own timestep; a unit's latent update x_new − x is
-        its payload (``Reuse.output``). Once per stage, before a new chunk enters, the clean history is
-        compressed to the budget."""
+        its payload (``Reuse.output``)."""
         d, cw, work = step.data, self.s.chunk_width, Work()
         x_win, cs = d["x_win"], d["cs"]
         dt = {c: float(self.ts[i + 1] - self.ts[i]) for c, i in d["chunks"]}
@@ -304,92 +301,71 @@ class _MagiLoop:
             self.x[:, :, cs * cw + fr.start:cs * cw + fr.stop] = reuse.output(("cond", u.id), x_win[:, :, fr], new,
                                                                               work)
         self.counter.advance(step, work)
-        sched, k = self.plan.schedule, step.index
-        if self.budget > 0 and k + 1 < len(sched) and sched[k + 1][-1][0] > step.active[-1]:
-            for name, store in self.stores.items():  # a new chunk enters next step: compress the clean history
-                for c in list(range(self.plan.offset)) + self.counter.finished:
-                    store.mark_clean(c)
-                self.taps[name].compress(store)
         return work
 
     def finish(self, seg: Segment, run: RunState) -> torch.Tensor:
         pf = self.plan.prefix_frames
         return self.x[:, :, 0 if pf <= 1 else pf:].float().cpu()
 
-    # -- passes ---------------------------------------------------------------------------------------
+    # -- forwards -------------------------------------------------------------------------------------
+    def _forwards(self, step: Step, kvrange: tuple[int, ...], refresh: bool) -> list[_Forward]:
+        """The step's forwards when every chunk computes, in order, under the key ranges ``kvrange`` (a chunk sees
+        itself and r − 1 earlier chunks, r by the quarter of its steps; empty: all history) and with or without
+        the clean refresh at a stage start; the chunk-alone pass only where its weight 1 − p is not 0 (exact)."""
+        d, out = step.data, []
+        cs = d["cs"]
+        if refresh and cs > self.plan.offset and step.index % self.per == 0:
+            out += [_Forward("refresh", cs - 1, p, self.s.clean_t, cs - 1, cs - 1) for p in self.passes if p.stored]
+        for c, i in d["chunks"]:
+            t = float(self.ts[i])
+            first = max(0, c + 1 - kvrange[i // (self.s.num_steps // len(kvrange))]) if kvrange else None
+            out += [_Forward("pass", c, p, t, first if p.stored else None, c if p.stored else 0)
+                    for p in self._passes_for(self._weights(t))]
+        t_oldest = float(self.ts[d["chunks"][0][1]])
+        if self.plan.distill and not self.s.discard_nearly_clean_chunk and t_oldest > self.s.nearly_clean_threshold:
+            out.append(_Forward("self", cs, self.passes[0], t_oldest, None, d["ce"]))
+        return out
+
     def _weights(self, t: float) -> tuple[float, ...]:
-        return (1.0,) if self.distill else cfg_weights(self.s, t)
+        return (1.0,) if self.plan.distill else cfg_weights(self.s, t)
 
     def _passes_for(self, weights: tuple[float, ...]) -> list[_Pass]:
-        """The passes a chunk runs; the chunk-alone pass has weight 0 for t >= 0.3, and skipping it is exact."""
         return [p for p in self.passes
                 if p.weight_index < len(weights) and (p.stored or weights[p.weight_index] != 0.0)]
 
-    def _nearly_clean(self, t_oldest: float) -> bool:
-        s = self.s
-        return self.distill and not s.discard_nearly_clean_chunk and t_oldest > s.nearly_clean_threshold
-
     def _dt(self, k: int) -> float | None:
-        return distill_dt_for_steps(self.s.num_steps, self.intervals[k % self.per]) if self.distill else None
+        return distill_dt_for_steps(self.s.num_steps, self.intervals[k % self.per]) if self.plan.distill else None
 
-    def _caption(self, p: _Pass, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if p.caption == "null" or self.text is None:
+    def _caption(self, f: _Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        if f.kind == "refresh" or f.p.caption == "null" or self.text is None:
             return self.null
         cap, m = self.text
-        return (cap[:, c], m[:, c]) if cap.dim() == 4 else (cap, m)
+        return (cap[:, f.chunk], m[:, f.chunk]) if cap.dim() == 4 else (cap, m)
 
-    def _first_chunk(self, c: int, step_index: int, kvrange: tuple[int, ...]) -> int | None:
-        """The first chunk a stored pass of chunk ``c`` at its step ``step_index`` sees under the key ranges
-        ``kvrange`` (a chunk sees itself and r − 1 earlier chunks, r by the quarter of its steps; empty: all
-        history, None)."""
-        if not kvrange:
-            return None
-        r = kvrange[step_index // (self.s.num_steps // len(kvrange))]
-        return max(0, c + 1 - r)
+    def _rows(self, f: _Forward, official: bool = False) -> int:
+        """Keys forward ``f`` reads (counted before it writes): MAGI-1's own loop (``official``) reads the whole
+        history within the key range, this one what its store holds there."""
+        tok = self.plan.tokens
+        if f.kind != "pass" or not f.p.stored:
+            return tok
+        if official:
+            return (f.chunk + 1 - f.first) * tok
+        return self.stores[f.p.name].context_rows(f.chunk, tok, f.first)
 
-    def _context_rows(self, store: KVStore | None, c: int, first: int | None) -> int:
-        return store.context_rows(c, self.plan.tokens, first) if store is not None else self.plan.tokens
+    def _flops(self, f: _Forward, official: bool) -> float:
+        return magi_forward_flops(self.cfgm, self.plan.tokens, self._rows(f, official), _tokens(self._caption(f)))
 
-    def _clean_forward(self, xc: torch.Tensor, c: int, dt: float | None, work: Work) -> None:
-        """A clean chunk's K/V into every stored pass: t = clean_t, null caption, seeing only itself."""
-        for p in self.passes:
-            if p.stored:
-                self._forward(xc, self.s.clean_t, p, TappedContext(self.stores[p.name], c, None, first=c), c, dt,
-                              self.null, work, self.plan.tokens)
-
-    def _forward(self, xc: torch.Tensor, t: float, p: _Pass, kv, rope_chunk: int, dt: float | None, cm,
-                 work: Work, rows: int) -> torch.Tensor:
-        """One MAGI-1 forward of chunk latents ``xc`` [1, C, chunk_width, h, w] at time ``t`` over ``rows`` keys
-        (counted before it writes) -> velocity; booked into ``work``."""
+    def _run(self, f: _Forward, xc: torch.Tensor, dt: float | None, work: Work) -> torch.Tensor:
+        """Forward ``f`` of chunk latents ``xc`` [1, C, chunk_width, h, w] -> velocity; booked into ``work``."""
+        store = self.stores.get(f.p.name) if f.p.stored and f.kind != "self" else None
+        tap = self.taps.get(f.p.name) if f.kind != "refresh" else None
+        kv = TappedContext(store, f.chunk, tap, f.first) if store is not None or tap is not None else None
+        rows, cm = self._rows(f), self._caption(f)
         work.calls += 1
-        tt = torch.full((1, 1), float(t), device=xc.device)
-        out = self.model(xc, tt, cm[0], cm[1], chunk_start=rope_chunk, kv=kv, distill_dt=dt, uncond=p.uncond,
-                         between=self.cancel)
+        out = self.model(xc, torch.full((1, 1), f.t, device=xc.device), cm[0], cm[1], chunk_start=f.rope, kv=kv,
+                         distill_dt=dt, uncond=f.p.uncond, between=self.cancel)
         work.forward(magi_forward_flops(self.cfgm, self.plan.tokens, rows, _tokens(cm)))
         return out
-
-    # -- FLOPs of the vanilla loops -------------------------------------------------------------------
-    def _vanilla_flops(self, step: Step, official: bool) -> float:
-        """FLOPs of the step when nothing is reused, before its writes: of MAGI-1's own loop (``official``: the
-        released key ranges over the whole history, the clean refresh) or of this loop (its key ranges over
-        what its stores hold, its refresh choice). The clean refresh at a stage start, every chunk's passes, and
-        the nearly-clean extra."""
-        d, tok, cfgm = step.data, self.plan.tokens, self.cfgm
-        total = 0.0
-        if (official or self.refresh) and d["cs"] > self.plan.offset and step.index % self.per == 0:
-            total += len(self.stores) * magi_forward_flops(cfgm, tok, tok, _tokens(self.null))
-        for c, i in d["chunks"]:
-            for p in self._passes_for(self._weights(float(self.ts[i]))):
-                if not p.stored:
-                    rows = tok
-                elif official:
-                    rows = (c + 1 - self._first_chunk(c, i, RELEASED_KVRANGE)) * tok
-                else:
-                    rows = self._context_rows(self.stores[p.name], c, self._first_chunk(c, i, self.kvrange))
-                total += magi_forward_flops(cfgm, tok, rows, _tokens(self._caption(p, c)))
-        if self._nearly_clean(float(self.ts[d["chunks"][0][1]])):
-            total += magi_forward_flops(cfgm, tok, tok, _tokens(self._caption(self.passes[0], d["cs"])))
-        return total
 
 
 def _tokens(cap_mask) -> int:
@@ -427,8 +403,12 @@ def plan_magi(s: MagiSettings, cfgm: MagiConfig, geo: LatentGeometry, dtype: tor
     chunk_num = math.ceil(total / s.chunk_width)
     h, w = s.height // geo.spatial_stride, s.width // geo.spatial_stride
     tpf = (h // cfgm.patch_size) * (w // cfgm.patch_size)
+    kvrange = s.noise2clean_kvrange if s.noise2clean_kvrange is not None else (
+        RELEASED_KVRANGE if path == "window" else ())
+    refresh = s.clean_refresh if s.clean_refresh is not None else path == "window"
     plan = MagiPlan(chunk_num, offset, prefix_frames, chunk_num * s.chunk_width, h, w,
-                    (s.chunk_width // cfgm.t_patch_size) * tpf, tpf, schedule, path, distill, settings=s)
+                    (s.chunk_width // cfgm.t_patch_size) * tpf, tpf, schedule, path, distill,
+                    tuple(int(r) for r in kvrange), bool(refresh), settings=s)
     magi_memory(plan, s, cache, cfgm, dtype, options)
     return plan
 
@@ -449,33 +429,15 @@ class MagiPipeline:
                              f"{model.config.latent_channels}.")
 
     def is_distill(self, s: MagiSettings) -> bool:
-        if s.distill is not None:
-            return bool(s.distill)
-        for obj in (self.model, self.model.config):
-            flag = getattr(obj, "distill", None)
-            if flag is not None:
-                return bool(flag)
-        return False
+        """``s.distill``, else the model's (or its config's) ``distill`` flag, else a base checkpoint."""
+        flags = (s.distill, getattr(self.model, "distill", None), getattr(self.model.config, "distill", None))
+        return bool(next((f for f in flags if f is not None), False))
 
     def plan(self, s: MagiSettings, prefix_frames: int = 0, cache: CacheSettings | None = None,
              options: MemoryOptions = MemoryOptions()) -> MagiPlan:
         """The run's ``MagiPlan`` for this model (``plan_magi``); raises InputError before any sampling."""
         return plan_magi(s, self.model.config, self.geometry, self.model.dtype, self.is_distill(s), prefix_frames,
                          cache, options)
-
-    def prefix_latent_frames(self, prefix: torch.Tensor | None) -> int:
-        """Latent frames ``prefix`` becomes (``common.prefix_frames``), for planning before it is encoded."""
-        return prefix_frames(prefix, self.geometry, self.codec)
-
-    def _captions(self, caption: torch.Tensor, mask: torch.Tensor | None, chunk_num: int, device):
-        """(text, null): the checked caption and mask on ``device`` (None when no token is valid: the reference
-        falls back to the null caption), and the model's null caption."""
-        cfgm = self.model.config
-        caption, mask = check_caption(caption, mask, cfgm.caption_channels, chunk_num, "MAGI-1",
-                                      "T5-v1.1-XXL encoder states")
-        null, null_mask = self.model.null_caption()
-        null = (null[None].to(device), null_mask[None].to(device))
-        return ((caption.to(device), mask.to(device)) if bool(mask.any()) else None), null
 
     @torch.inference_mode()
     def __call__(self, caption: torch.Tensor, caption_mask: torch.Tensor | None, settings: MagiSettings,
@@ -499,13 +461,15 @@ class MagiPipeline:
         plan = plan or self.plan(s, pf, cache, MemoryOptions.of(cache))
         if plan.prefix_frames != pf:
             raise InputError(f"prefix: {pf} latent frames, but the plan was made for {plan.prefix_frames}.")
-        text, null = self._captions(caption, caption_mask, plan.chunk_num, self.model.device)
-        run = new_run(cache, ("cond",), plan.settings.num_steps, plan.path, plan.memory.options.name, hooks, policy)
-        run.stats.settings["magi"] = {"distill": plan.distill, "passes": 1 if plan.distill else 3,
-                                      "chunks": plan.chunk_num, "prefix_chunks": plan.offset,
-                                      "forward_steps": len(plan.schedule)}
-        inputs = {"text": text, "null": null, "prefix": pre, "distill": plan.distill}
-        loop = _MagiLoop(self, plan.settings, plan, inputs, cache, run.check_cancel)
+        dev = self.model.device
+        caption, mask = check_caption(caption, caption_mask, self.model.config.caption_channels, plan.chunk_num,
+                                      "MAGI-1", "T5-v1.1-XXL encoder states")
+        null = tuple(t[None].to(dev) for t in self.model.null_caption())
+        text = (caption.to(dev), mask.to(dev)) if bool(mask.any()) else None  # none valid: the reference's null
+        run = new_run(cache, ("cond",), plan.settings.num_steps, plan.path, plan.memory.options.name, hooks, policy,
+                      magi={"distill": plan.distill, "passes": 1 if plan.distill else 3, "chunks": plan.chunk_num,
+                            "prefix_chunks": plan.offset, "forward_steps": len(plan.schedule)})
+        loop = _MagiLoop(self, plan, {"text": text, "null": null, "prefix": pre}, cache, run.check_cancel)
         return run_loop(loop, run), run.stats
 
 
