@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..flowcache.cache import CacheSettings, residuals_kept
+from ..flowcache.cache import CacheSettings
 from ..flowcache.errors import InputError
 from ..flowcache.memory import auto_plan, host_available_bytes
 from ..flowcache.models.common import attention_backend

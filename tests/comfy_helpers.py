@@ -374,6 +374,47 @@ def http_json(url: str, data: Any = None, timeout: float = 30.0) -> Any:
     return json.loads(raw) if raw.strip() else None
 
 
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
+try:
+    import pytest
+    NEEDS_COMFYUI = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to a "
+                                                               "ComfyUI checkout to run the real-server tests")
+except ImportError:  # the scripts run in ComfyUI's own Python import these helpers without pytest
+    NEEDS_COMFYUI = None
+PACK_DIR_NAME = "flowcache-pack"  # the pack's folder in the server's custom_nodes
+
+
+def host_workdir(tmp_path_factory, name: str, folders: tuple[str, ...], test_nodes: bool = True) -> Path:
+    """A fresh folder for one ComfyUI server: ``custom_nodes`` with this pack linked in (and the test nodes), an
+    ``output`` folder and the model ``folders`` (e.g. diffusion_models, loras); ComfyUI at COMFYUI_PATH checked."""
+    if not (Path(COMFYUI_PATH or "") / "main.py").is_file():
+        raise AssertionError(f"COMFYUI_PATH={COMFYUI_PATH} has no main.py")
+    work = tmp_path_factory.mktemp(name)
+    for d in ("custom_nodes", "output", *folders):
+        (work / d).mkdir(exist_ok=True)
+    (work / "custom_nodes" / PACK_DIR_NAME).symlink_to(ROOT, target_is_directory=True)
+    if test_nodes:
+        (work / "custom_nodes" / "flowcache-test-nodes").symlink_to(ROOT / "tests" / "host_test_nodes",
+                                                                    target_is_directory=True)
+    return work
+
+
+def serve(work: Path, folders: tuple[str, ...], extra_args: tuple[str, ...] = ()):
+    """A started ``ComfyServer`` reading ``work``'s custom_nodes and model ``folders`` (through an
+    extra_model_paths.yaml there) and writing into its output folder; a generator for a pytest fixture, which
+    stops the server afterwards."""
+    config = work / "extra_model_paths.yaml"
+    config.write_text(f"{work.name.replace('-', '_')}:\n    base_path: {work}\n    custom_nodes: custom_nodes\n"
+                      + "".join(f"    {d}: {d}\n" for d in folders))
+    server = ComfyServer(Path(COMFYUI_PATH), COMFYUI_PYTHON, work, config, work / "output", extra_args=extra_args)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 class ComfyServer:
     """``python main.py --cpu ... [extra_args]`` as a subprocess; log in ``log_path``; killed by ``stop``."""
 

@@ -14,21 +14,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfy_helpers import ROOT, TINY_KEY, TINY_PRESETS, ComfyServer, import_pack
+from comfy_helpers import (COMFYUI_PATH, COMFYUI_PYTHON as PYTHON, NEEDS_COMFYUI, ROOT, TINY_KEY, TINY_PRESETS,
+                           host_workdir, import_pack, serve)
 from test_comfy_native import DF_FILE, SAMPLER, cond, flowcache_loader, latent, released_tiny_wan, run, save, \
     sampler, unet
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to a ComfyUI "
-                                                         "checkout to run the real-server test")
-PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
+pytestmark = NEEDS_COMFYUI
 
 # The sampler of test_comfy_native's graphs, run in ComfyUI's own Python without the server and with the host
 # attention switched off; prints the latents' file and the number of SDPA calls as JSON.
@@ -69,25 +66,12 @@ print(json.dumps({"sdpa_calls": calls[0], "stats": res["ui"]["flowcache_stats"][
 @pytest.fixture(scope="module")
 def attn(tmp_path_factory):
     """(server, work dir): ComfyUI (pytorch attention) with this pack, the test nodes and a tiny Wan."""
-    comfy = Path(COMFYUI_PATH)
-    work = tmp_path_factory.mktemp("comfyattn")
-    for d in ("custom_nodes", "diffusion_models", "output"):
-        (work / d).mkdir()
-    (work / "custom_nodes" / "flowcache-pack").symlink_to(ROOT, target_is_directory=True)
-    (work / "custom_nodes" / "flowcache-test-nodes").symlink_to(ROOT / "tests" / "host_test_nodes",
-                                                                target_is_directory=True)
+    work = host_workdir(tmp_path_factory, "comfyattn", ("diffusion_models",))
     pack = import_pack()
     meta = {"flowcache.model_key": TINY_KEY, "flowcache.presets": json.dumps(TINY_PRESETS)}
     save_file(released_tiny_wan(pack), str(work / "diffusion_models" / DF_FILE), metadata=meta)
-    config = work / "extra_model_paths.yaml"
-    config.write_text(f"flowcache_attn:\n    base_path: {work}\n    custom_nodes: custom_nodes\n"
-                      f"    diffusion_models: diffusion_models\n")
-    server = ComfyServer(comfy, PYTHON, work, config, work / "output", extra_args=("--use-pytorch-cross-attention",))
-    try:
-        server.start()
+    for server in serve(work, ("diffusion_models",), extra_args=("--use-pytorch-cross-attention",)):
         yield server, work
-    finally:
-        server.stop()
 
 
 def override(model: list, tag: str, scale: float = 1.0) -> dict:

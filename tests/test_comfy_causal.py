@@ -20,8 +20,6 @@ text states.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -29,11 +27,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfy_helpers import ROOT, ComfyServer, http_json, import_pack, pack_submodule, ui_to_api
+from comfy_helpers import (NEEDS_COMFYUI, ROOT, ComfyServer, host_workdir, http_json, import_pack, pack_submodule, serve,
+                           ui_to_api)
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to a ComfyUI "
-                                                         "checkout to run the real-server test")
+pytestmark = NEEDS_COMFYUI
 
 KREA = ROOT / "workflows" / "krea_realtime_14b_prompt_changes.json"
 LONGLIVE = ROOT / "workflows" / "longlive_interactive_story_three_prompts.json"
@@ -41,6 +38,7 @@ CONVERTED_BASE = "base_for_comfyui.safetensors"  # no "longlive" in the name: it
 CONVERTED_LORA = "longlive_lora.safetensors"
 LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                 "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+FOLDERS = ("diffusion_models", "loras", "vae")
 BLOCKS, FRAMES = 8, 4 * 3 * 8 - 3  # the shrunk videos: 8 blocks of 3 latent frames = 93 frames
 
 
@@ -67,16 +65,7 @@ def longlive_lora(sd: dict[str, torch.Tensor], rank: int = 4) -> dict[str, torch
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     """(server, pack, work dir, workflow file names): ComfyUI with this pack, the test nodes and the tiny files."""
-    comfy = Path(COMFYUI_PATH)
-    if not (comfy / "main.py").is_file():
-        pytest.fail(f"COMFYUI_PATH={COMFYUI_PATH} has no main.py")
-    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    work = tmp_path_factory.mktemp("comfycausal")
-    for d in ("custom_nodes", "diffusion_models", "loras", "vae", "output"):
-        (work / d).mkdir()
-    (work / "custom_nodes" / "flowcache-pack").symlink_to(ROOT, target_is_directory=True)
-    (work / "custom_nodes" / "flowcache-test-nodes").symlink_to(ROOT / "tests" / "host_test_nodes",
-                                                                target_is_directory=True)
+    work = host_workdir(tmp_path_factory, "comfycausal", FOLDERS)
     pack = import_pack()
     krea = json.loads(KREA.read_text(encoding="utf-8"))
     longlive = json.loads(LONGLIVE.read_text(encoding="utf-8"))
@@ -99,15 +88,8 @@ def host(tmp_path_factory):
     vae = pack_submodule(pack, "flowcache.models.wan_vae").WanVAE()
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in vae.state_dict().items()}, str(work / "vae" / names["vae"]))
     del vae
-    config = work / "extra_model_paths.yaml"
-    config.write_text(f"flowcache_causal:\n    base_path: {work}\n    custom_nodes: custom_nodes\n"
-                      f"    diffusion_models: diffusion_models\n    loras: loras\n    vae: vae\n")
-    server = ComfyServer(comfy, python, work, config, work / "output")
-    try:
-        server.start()
+    for server in serve(work, FOLDERS):
         yield server, pack, work, names
-    finally:
-        server.stop()
 
 
 def run(server: ComfyServer, prompt: dict, timeout: float = 600.0) -> dict:

@@ -9,8 +9,6 @@ process never imports ComfyUI (and never needs the pack root on sys.path).
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,14 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_helpers import (NODE_IDS, ROOT, TINY_KEY, TINY_PRESETS, ComfyServer, MiniWebSocket, demo_available,
-                           demo_missing, http_json, import_pack, pack_submodule, ui_to_api, write_tiny_wan)
+from comfy_helpers import (NEEDS_COMFYUI, NODE_IDS, PACK_DIR_NAME, ROOT, TINY_KEY, TINY_PRESETS, MiniWebSocket,
+                           demo_available, demo_missing, host_workdir, http_json, import_pack, pack_submodule, serve,
+                           ui_to_api, write_tiny_wan)
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to a ComfyUI "
-                                                         "checkout to run the real-server test")
+pytestmark = NEEDS_COMFYUI
 
-PACK_DIR_NAME = "flowcache-pack"
+FOLDERS = ("diffusion_models", "text_encoders", "vae")
 TINY_FILE = "tiny_demo_space.safetensors"
 CAUSAL_FILE = "self_forcing_tiny.pt"
 DEMO_GEOMETRY = {"temporal_stride": 1, "spatial_stride": 8, "channels": 32, "position_channels": 2}
@@ -34,15 +31,7 @@ DEMO_GEOMETRY = {"temporal_stride": 1, "spatial_stride": 8, "channels": 32, "pos
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     """(server, pack, work dir): ComfyUI with this pack and a tiny model; killed afterwards."""
-    comfy = Path(COMFYUI_PATH)
-    if not (comfy / "main.py").is_file():
-        pytest.fail(f"COMFYUI_PATH={COMFYUI_PATH} has no main.py")
-    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    work = tmp_path_factory.mktemp("comfyhost")
-    (work / "custom_nodes").mkdir()
-    (work / "custom_nodes" / PACK_DIR_NAME).symlink_to(ROOT, target_is_directory=True)
-    (work / "diffusion_models").mkdir()
-    (work / "output").mkdir()
+    work = host_workdir(tmp_path_factory, "comfyhost", FOLDERS, test_nodes=False)
     pack = import_pack()  # only to write the tiny model with the pack's own WanDiT; no ComfyUI import
     if demo_available(pack):
         # demo latent space and text width, so the demo text encoder and codec serve it without weights
@@ -59,15 +48,8 @@ def host(tmp_path_factory):
     causal = tiny_wan(seed=4, has_fps=False, dim=64, text_dim=64)
     sd = {"model." + k: v.detach().clone() for k, v in causal.state_dict().items()}
     torch.save({"generator": sd, "generator_ema": sd, "critic": {}}, work / "diffusion_models" / CAUSAL_FILE)
-    config = work / "extra_model_paths.yaml"
-    config.write_text(f"flowcache_test:\n    base_path: {work}\n    custom_nodes: custom_nodes\n"
-                      f"    diffusion_models: diffusion_models\n    text_encoders: text_encoders\n    vae: vae\n")
-    server = ComfyServer(comfy, python, work, config, work / "output")
-    try:
-        server.start()
+    for server in serve(work, FOLDERS):
         yield server, pack, work
-    finally:
-        server.stop()
 
 
 def need_demo(pack) -> None:

@@ -12,9 +12,7 @@ is 11 GB) and a weight budget that sends ComfyUI's loader down its lowvram path 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -22,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from comfy_helpers import ROOT, TINY_KEY, TINY_PRESETS, ComfyServer, http_json, import_pack, pack_submodule
+from comfy_helpers import (COMFYUI_PYTHON, NEEDS_COMFYUI, TINY_KEY, TINY_PRESETS, ComfyServer, host_workdir, http_json,
+                           import_pack, pack_submodule, serve)
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-pytestmark = pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to a ComfyUI "
-                                                         "checkout to run the real-server test")
+pytestmark = NEEDS_COMFYUI
+FOLDERS = ("diffusion_models", "loras", "text_encoders")
 
 DF_FILE = "tiny_skyreels_df.safetensors"
 MERGED_FILE = "tiny_skyreels_df_lora_merged.safetensors"
@@ -93,14 +91,8 @@ def merge(sd: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], strength: 
 @pytest.fixture(scope="module")
 def native(tmp_path_factory):
     """(server, pack, work dir): ComfyUI with this pack, the test nodes and tiny models; killed afterwards."""
-    comfy = Path(COMFYUI_PATH)
-    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
-    work = tmp_path_factory.mktemp("comfynative")
-    for d in ("custom_nodes", "diffusion_models", "loras", "output"):
-        (work / d).mkdir()
-    (work / "custom_nodes" / "flowcache-pack").symlink_to(ROOT, target_is_directory=True)
-    (work / "custom_nodes" / "flowcache-test-nodes").symlink_to(ROOT / "tests" / "host_test_nodes",
-                                                                target_is_directory=True)
+    python = COMFYUI_PYTHON
+    work = host_workdir(tmp_path_factory, "comfynative", FOLDERS)
     pack = import_pack()
     # no flowcache.text_len: 512 text rows, as in the released files (a GGUF has no metadata to say otherwise)
     meta = {"flowcache.model_key": TINY_KEY, "flowcache.presets": json.dumps(TINY_PRESETS)}
@@ -122,15 +114,8 @@ def native(tmp_path_factory):
         write_tiny_magi_files(work, vocab=32128)
     except ImportError:  # no `tokenizers` here: the MAGI-1 test skips
         pass
-    config = work / "extra_model_paths.yaml"
-    config.write_text(f"flowcache_native:\n    base_path: {work}\n    custom_nodes: custom_nodes\n"
-                      f"    diffusion_models: diffusion_models\n    loras: loras\n    text_encoders: text_encoders\n")
-    server = ComfyServer(comfy, python, work, config, work / "output")
-    try:
-        server.start()
+    for server in serve(work, FOLDERS):
         yield server, pack, work
-    finally:
-        server.stop()
 
 
 # -- graphs --------------------------------------------------------------------------------------------------

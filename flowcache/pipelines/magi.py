@@ -40,8 +40,7 @@ from ..runner import (Decisions, Reuse, RunHooks, RunState, Segment, Step, StepC
 from ..schedulers import flow_shift
 from ..stats import RunStats
 from ..validate import finite, whole_fields
-from .common import (LatentCodec, LatentGeometry, check_caption, check_model, encode_prefix, initial_latents,
-                     prefix_frames)
+from .common import LatentCodec, LatentGeometry, check_caption, check_model, encode_prefix, initial_latents
 
 CFG_T_RANGE = (0.0, 0.0217, 0.1, 0.3, 0.999)
 PREV_CHUNK_SCALES = (1.5, 1.5, 1.5, 1.0, 1.0)
