@@ -352,23 +352,20 @@ class _MagiLoop:
         return self.stores[f.p.name].context_rows(f.chunk, tok, f.first)
 
     def _flops(self, f: _Forward, official: bool) -> float:
-        return magi_forward_flops(self.cfgm, self.plan.tokens, self._rows(f, official), _tokens(self._caption(f)))
+        caption_tokens = int(self._caption(f)[1].sum())
+        return magi_forward_flops(self.cfgm, self.plan.tokens, self._rows(f, official), caption_tokens)
 
     def _run(self, f: _Forward, xc: torch.Tensor, dt: float | None, work: Work) -> torch.Tensor:
         """Forward ``f`` of chunk latents ``xc`` [1, C, chunk_width, h, w] -> velocity; booked into ``work``."""
         store = self.stores.get(f.p.name) if f.p.stored and f.kind != "self" else None
         tap = self.taps.get(f.p.name) if f.kind != "refresh" else None
         kv = TappedContext(store, f.chunk, tap, f.first) if store is not None or tap is not None else None
-        rows, cm = self._rows(f), self._caption(f)
+        flops, cm = self._flops(f, official=False), self._caption(f)  # its keys, counted before it writes
         work.calls += 1
         out = self.model(xc, torch.full((1, 1), f.t, device=xc.device), cm[0], cm[1], chunk_start=f.rope, kv=kv,
                          distill_dt=dt, uncond=f.p.uncond, between=self.cancel)
-        work.forward(magi_forward_flops(self.cfgm, self.plan.tokens, rows, _tokens(cm)))
+        work.forward(flops)
         return out
-
-
-def _tokens(cap_mask) -> int:
-    return int(cap_mask[1].sum())
 
 
 def plan_magi(s: MagiSettings, cfgm: MagiConfig, geo: LatentGeometry, dtype: torch.dtype, distill: bool,
