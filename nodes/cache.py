@@ -16,21 +16,21 @@ CUSTOM_WIDGETS: dict[str, tuple[str, Any]] = {
     "threshold": ("threshold", io.Float.Input(
         "threshold", default=0.1, min=0.0, max=10.0, step=0.005, round=0.0005,
         tooltip="custom preset: accumulated change below which a chunk (or, for teacache, the window) reuses its "
-                "cached result; higher = faster. Locked to the preset's value for slow/fast.")),
+                "cached result; higher = faster. Locked to the preset's value for slow/fast/turbo.")),
     "warmup_steps": ("warmup", io.Int.Input(
         "warmup_steps", default=5, min=0, max=1000, step=1,
-        tooltip="custom preset: first steps of each chunk that are always computed. Locked for slow/fast.")),
+        tooltip="custom preset: first steps of each chunk that are always computed. Locked for slow/fast/turbo.")),
     "kv_budget": ("kv_budget", io.Int.Input(
         "kv_budget", default=0, min=0, max=1000, step=1,
         tooltip="custom preset: chunks of clean history kept in the KV cache on the chunk path (0 = keep all, no "
-                "compression; 1-2 bound memory for long videos). Locked for slow/fast.")),
+                "compression; 1-2 bound memory for long videos). Locked for slow/fast/turbo.")),
     "mix_lambda": ("mix_lambda", io.Float.Input(
         "mix_lambda", default=0.07, min=0.0, max=1.0, step=0.01, round=0.001,
         tooltip="custom preset: weight of attention importance against redundancy when the KV cache is "
-                "compressed. Locked for slow/fast.")),
+                "compressed. Locked for slow/fast/turbo.")),
     "max_skips": ("max_skips", io.Int.Input(
         "max_skips", default=3, min=0, max=1000, step=1,
-        tooltip="custom preset, magcache only: most steps in a row a chunk may reuse. Locked for slow/fast.")),
+        tooltip="custom preset, magcache only: most steps in a row a chunk may reuse. Locked for slow/fast/turbo.")),
 }
 ATTENTION_CHOICES = ["auto", "window", "window_refresh", "block_causal"]
 REUSE_CHOICES = ["auto", *REUSE]
@@ -44,8 +44,10 @@ def _method_inputs() -> list:
     return [
         io.Combo.Input("method", options=list(METHODS), default="flowcache", tooltip=methods + "."),
         io.Combo.Input("preset", options=list(PRESET_NAMES), default="slow",
-                       tooltip="slow: best quality; fast: more reuse (values from the model's presets, shown locked "
-                               "below). custom: use the widgets below."),
+                       tooltip="slow: best quality; fast: more reuse; turbo: the most reuse (about 6x fewer FLOPs, "
+                               "at a visible quality cost; only models calibrated for it have it, such as the demo "
+                               "model: others say so when run). Values from the model's presets, shown locked "
+                               "below. custom: use the widgets below."),
     ]
 
 
