@@ -426,6 +426,16 @@ def pick_presets(rows: list[dict], targets: dict[str, float] | None = None) -> d
     return picks
 
 
+def preset_row(r: dict) -> dict:
+    """A sweep row as a preset row (a ``presets.json`` / embedded-presets row): its custom values, no KV budget,
+    its attention and reuse, and its CFG-aware reuse when on; ``resolve_cache`` turns it back into the settings the
+    sweep ran."""
+    row = {**r["custom"], "kv_budget": 0, "attention": r["attention"], "reuse": r["reuse"]}
+    if r.get("cfg_reuse", "off") != "off":
+        row.update(cfg_reuse=r["cfg_reuse"], cfg_interval=r["cfg_interval"])
+    return row
+
+
 def describe_setting(r: dict) -> str:
     """A sweep row's setting in one phrase: its custom values, attention, reuse and CFG-aware reuse."""
     custom = " ".join(f"{k}={v:g}" for k, v in r["custom"].items())

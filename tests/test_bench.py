@@ -347,3 +347,25 @@ def test_turbo_grid_reaches_past_6x_settings_with_every_reuse_and_each_setting_o
     assert {cfg for *_, cfg in points} == {("off", 2), ("own", 2), ("own", 3), ("delta", 2), ("delta", 3)}
     magcache = [dict(c) for m, _, _, c, _ in keys if m == "magcache"]
     assert max(c["max_skips"] for c in magcache) >= 6 and max(c["threshold"] for c in magcache) >= 0.5
+
+
+@pytest.mark.parametrize("cfg", [("off", 2), ("delta", 3)])
+def test_a_picked_sweep_row_as_a_preset_row_resolves_to_the_settings_the_sweep_ran(cfg):
+    """``preset_row`` (how a pick becomes a turbo row in a model's presets): the preset resolves to exactly the
+    settings the sweep ran for that row (custom values on the slow row, then its attention, reuse and CFG-aware
+    reuse)."""
+    from dataclasses import replace
+
+    from flowcache.bench import preset_row
+    from flowcache.presets import builtin_presets, resolve_cache
+
+    custom = {"threshold": 0.45, "max_skips": 6, "warmup": 1}
+    r = {"method": "magcache", "attention": "window", "reuse": "forecast2", "custom": custom, "threshold": 0.45,
+         **({"cfg_reuse": cfg[0], "cfg_interval": cfg[1]} if cfg[0] != "off" else {})}
+    entry = builtin_presets()["wan-1.3B"]
+    table = {"m": {**entry, "magcache": {**entry["magcache"], "turbo": preset_row(r)}}}
+    swept = replace(resolve_cache("m", "magcache", "custom", table, **custom), attention="window", reuse="forecast2",
+                    cfg_reuse=cfg[0], cfg_interval=cfg[1])
+    turbo = resolve_cache("m", "magcache", "turbo", table)
+    assert replace(turbo, preset="custom") == swept
+    assert turbo.to_dict().get("cfg_reuse", "off") == cfg[0]
