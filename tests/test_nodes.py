@@ -200,7 +200,7 @@ def test_combo_values_are_checked_as_v1_combos_were(pack):
                                  kv_placement="offload", kv_dtype="fp8") is True
     assert cache.validate_inputs(method="sideways", preset="slow", reuse="back") == (
         "method: 'sideways' is not one of off, teacache, flowcache, magcache, easycache; "
-        "reuse: 'back' is not one of auto, hold, extrapolate, forecast2")
+        "reuse: 'back' is not one of auto, hold, extrapolate")
     demo = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
     assert loader.validate_inputs(model_name=demo) is True
     assert "model_name: 'missing.safetensors' is not one of" in loader.validate_inputs(model_name="missing.safetensors")
