@@ -194,9 +194,9 @@ def _no_presets(model_key: str, method_name: str, preset: str, entry: dict | Non
     if have:
         why = f"its {method_name} presets are {', '.join(have)}"
         if preset == "turbo":
-            why += (f"; turbo needs calibration of its own, which this model has not had: a row picked from "
-                    f"`python -m flowcache bench --sweep --grid turbo` run on it (the highest PSNR at >= "
-                    f"{PRESET_FLOPS_TARGETS['turbo']:g}x fewer FLOPs, on calibration prompts)")
+            why += (f"; turbo needs calibration of its own, which this model has not had for {method_name}: a "
+                    f"row picked from `python -m flowcache bench --sweep --grid turbo` run on it (the highest PSNR "
+                    f"at >= {PRESET_FLOPS_TARGETS['turbo']:g}x fewer FLOPs, on calibration prompts)")
         return InputError(f"preset={preset!r}: model {model_key!r} has no {method_name} {preset} preset; {why}. "
                           f"Pick one of those, or preset = custom with your own values.")
     return InputError(
