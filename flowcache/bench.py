@@ -47,17 +47,19 @@ REUSE_TAGS = {"hold": "hold", "extrapolate": "ext"}
 
 
 def table_modes(kit) -> list[Mode]:
-    """off, then every method with settings × slow/fast the model has presets for; FlowCache also with each other
-    chunk attention than its preset's ("/win", "/ref", "/bc"); every chunk-path method also with the other reuse
-    than its preset's ("/hold", "/ext"), side by side; and FlowCache fast with a one-chunk KV budget."""
+    """off, then every method with settings × each named preset (slow, fast, turbo) the model has a row for;
+    FlowCache also with each other chunk attention than its preset's ("/win", "/ref", "/bc"); every chunk-path
+    method also with the other reuse than its preset's ("/hold", "/ext"), side by side; and FlowCache fast with a
+    one-chunk KV budget."""
     from .cache import METHODS
     from .errors import InputError
+    from .presets import NAMED_PRESETS
 
     modes = [Mode("off", "off", "slow")]
     for name in METHODS:
         if name == "off":
             continue
-        for preset in ("slow", "fast"):
+        for preset in NAMED_PRESETS:
             try:
                 s = kit.cache(name, preset)
             except InputError:  # no presets for this method on this model
@@ -277,22 +279,52 @@ SWEEP_REUSES = ("hold", "extrapolate")  # the default grid's; pass reuses=REUSE 
 SWEEP_CFGS: tuple[tuple[str, int], ...] = (("off", 2),)  # (cfg_reuse, cfg_interval); e.g. + (("own", 2), ("delta", 2))
 
 
-def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides: dict | None = None, log=print,
-              kit=None, grid: dict | None = None, attentions: tuple[str, ...] | None = None,
-              reuses: tuple[str, ...] | None = None, progress: Progress | None = None,
-              cfgs: tuple[tuple[str, int], ...] | None = None) -> list[dict]:
-    """Each method over a grid of custom values (``SWEEP``; the rest from its slow preset), each chunk-path method
-    with every attention (window, window_refresh, block_causal), every reuse of ``reuses`` (``SWEEP_REUSES``: hold,
-    extrapolate) and every CFG-aware reuse of ``cfgs`` ((cfg_reuse, cfg_interval) pairs, ``SWEEP_CFGS``: off):
-    FLOPs and wall speedups against off and PSNR, averaged over prompts and seeds; ``frontier`` marks the rows no
-    other row beats in FLOPs speedup and PSNR at once. A row with cfg_reuse on says so (cfg_reuse, cfg_interval)."""
+@dataclass(frozen=True)
+class SweepBlock:
+    """Part of a sweep grid: ``grid``'s custom values per method, each with every attention, reuse and (cfg_reuse,
+    cfg_interval) pair given here (a method on the window path takes its preset's attention and reuse)."""
+
+    grid: dict
+    attentions: tuple[str, ...]
+    reuses: tuple[str, ...]
+    cfgs: tuple[tuple[str, int], ...] = (("off", 2),)
+
+
+ALL_REUSES = ("hold", "extrapolate", "forecast2")
+CFG_REUSES = (("off", 2), ("own", 2), ("own", 3), ("delta", 2), ("delta", 3))
+# Where the demo's turbo rows were picked (``bench --sweep --grid turbo --calibration-prompts``): past the fast
+# presets, up to and beyond 6x fewer FLOPs. The first block crosses a few thresholds per method (the fast presets'
+# among them: FlowCache 0.25 / warm-up 5, MagCache 0.2 / 3 skips, EasyCache 0.05) with every reuse and every
+# CFG-aware reuse; the others are denser in the thresholds, with CFG-aware reuse off (on, it costs far more PSNR
+# than the FLOPs it saves are worth: see docs/benchmarks.md). window_refresh attention (the fast presets'),
+# EasyCache also window (its fast preset's).
+SWEEP_TURBO: tuple[SweepBlock, ...] = (
+    SweepBlock({"flowcache": [{"threshold": 0.25, "warmup": 5}, {"threshold": 0.3, "warmup": 3},
+                              {"threshold": 0.4, "warmup": 2}],
+                "magcache": [{"threshold": 0.2, "max_skips": 3, "warmup": 2},
+                             {"threshold": 0.3, "max_skips": 5, "warmup": 2},
+                             {"threshold": 0.4, "max_skips": 8, "warmup": 2}],
+                "easycache": _grid((0.05, 0.07, 0.1), warmup=3)},
+               ("window_refresh",), ALL_REUSES, CFG_REUSES),
+    SweepBlock({"flowcache": _grid((0.3, 0.35, 0.45, 0.5, 0.6), warmup=2) + _grid((0.4, 0.5, 0.6), warmup=3),
+                "magcache": [{"threshold": t, "max_skips": k, "warmup": 2}
+                             for k in (4, 5, 6, 8) for t in (0.2, 0.3, 0.4, 0.5)
+                             if (t, k) not in ((0.3, 5), (0.4, 8))]  # in the first block
+                + [{"threshold": t, "max_skips": k, "warmup": 1} for k in (6, 8) for t in (0.3, 0.4)],
+                "easycache": _grid((0.06, 0.08, 0.12, 0.15), warmup=3)},
+               ("window_refresh",), ALL_REUSES),
+    SweepBlock({"easycache": _grid((0.05, 0.06, 0.07, 0.08, 0.1, 0.12, 0.15), warmup=3)}, ("window",), ALL_REUSES),
+)
+
+
+def sweep_points(kit, grid: dict, attentions: tuple[str, ...] | None = None, reuses: tuple[str, ...] | None = None,
+                 cfgs: tuple[tuple[str, int], ...] | None = None) -> list[tuple]:
+    """The settings a sweep runs, as (method, attention, reuse, custom, (cfg_reuse, cfg_interval)): each method of
+    ``grid`` the kit's model has presets for, each chunk-path method with every attention (default: all), reuse
+    (default ``SWEEP_REUSES``) and CFG-aware reuse (default ``SWEEP_CFGS``)."""
     from .cache import ATTENTION, METHODS
     from .errors import InputError
-    from .jobs import load_demo_kit
 
-    progress = progress or Progress.off()
-    kit = kit or load_demo_kit()
-    overrides, grid = overrides or {}, grid or SWEEP
     points = []
     for method, values in grid.items():
         try:
@@ -305,6 +337,38 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
                 for cfg in (cfgs or SWEEP_CFGS):
                     for custom in values:
                         points.append((method, attention, reuse, custom, cfg))
+    return points
+
+
+def block_points(kit, blocks: tuple[SweepBlock, ...]) -> list[tuple]:
+    """Every block's points, each setting once (in the first block that has it)."""
+    points, seen = [], set()
+    for b in blocks:
+        for p in sweep_points(kit, b.grid, b.attentions, b.reuses, b.cfgs):
+            key = (p[0], p[1], p[2], tuple(sorted(p[3].items())), p[4])
+            if key not in seen:
+                seen.add(key)
+                points.append(p)
+    return points
+
+
+def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides: dict | None = None, log=print,
+              kit=None, grid: dict | None = None, attentions: tuple[str, ...] | None = None,
+              reuses: tuple[str, ...] | None = None, progress: Progress | None = None,
+              cfgs: tuple[tuple[str, int], ...] | None = None, points: list[tuple] | None = None) -> list[dict]:
+    """Each method over a grid of custom values (``SWEEP``; the rest from its slow preset), each chunk-path method
+    with every attention (window, window_refresh, block_causal), every reuse of ``reuses`` (``SWEEP_REUSES``: hold,
+    extrapolate) and every CFG-aware reuse of ``cfgs`` ((cfg_reuse, cfg_interval) pairs, ``SWEEP_CFGS``: off):
+    FLOPs and wall speedups against off and PSNR, averaged over prompts and seeds; ``frontier`` marks the rows no
+    other row beats in FLOPs speedup and PSNR at once. A row with cfg_reuse on says so (cfg_reuse, cfg_interval).
+    ``points`` (``sweep_points``, ``block_points``): the settings to run instead of the grid's."""
+    from .jobs import load_demo_kit
+
+    progress = progress or Progress.off()
+    kit = kit or load_demo_kit()
+    overrides = overrides or {}
+    if points is None:
+        points = sweep_points(kit, grid or SWEEP, attentions, reuses, cfgs)
     refs = {}
     acc: dict[int, dict] = {i: {"wall": [], "flops": [], "flops_off": [], "psnr": [], "off_wall": []}
                             for i in range(len(points))}
@@ -333,6 +397,12 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
                      **({"cfg_reuse": cfg[0], "cfg_interval": cfg[1]} if cfg[0] != "off" else {}),
                      "flops_speedup": sum(a["flops_off"]) / sum(a["flops"]),
                      "wall_speedup": sum(a["off_wall"]) / sum(a["wall"]), "psnr_db": statistics.mean(a["psnr"])})
+    mark_frontier(rows)
+    return rows
+
+
+def mark_frontier(rows: list[dict]) -> list[dict]:
+    """Set each row's ``frontier``: no other row is as good in FLOPs speedup and PSNR and better in one."""
     for r in rows:
         r["frontier"] = not any(o["flops_speedup"] >= r["flops_speedup"] and o["psnr_db"] >= r["psnr_db"]
                                 and (o["flops_speedup"], o["psnr_db"]) != (r["flops_speedup"], r["psnr_db"])
@@ -340,7 +410,42 @@ def run_sweep(prompts: list[str], seeds: list[int], repeats: int = 1, overrides:
     return rows
 
 
+def pick_presets(rows: list[dict], targets: dict[str, float] | None = None) -> dict[str, dict[str, dict]]:
+    """The sweep row each named preset's rule picks, per method: {method: {preset: row}}. The rule
+    (``presets.PRESET_FLOPS_TARGETS``): the highest PSNR among the method's rows at >= the preset's FLOPs
+    speedup; where none reaches it, the fastest row (the highest FLOPs speedup, then PSNR)."""
+    from .presets import PRESET_FLOPS_TARGETS
+
+    picks: dict[str, dict[str, dict]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        for preset, target in (targets or PRESET_FLOPS_TARGETS).items():
+            reach = [r for r in mine if r["flops_speedup"] >= target]
+            picks.setdefault(method, {})[preset] = (max(reach, key=lambda r: r["psnr_db"]) if reach else
+                                                    max(mine, key=lambda r: (r["flops_speedup"], r["psnr_db"])))
+    return picks
+
+
+def preset_row(r: dict) -> dict:
+    """A sweep row as a preset row (a ``presets.json`` / embedded-presets row): its custom values, no KV budget,
+    its attention and reuse, and its CFG-aware reuse when on; ``resolve_cache`` turns it back into the settings the
+    sweep ran."""
+    row = {**r["custom"], "kv_budget": 0, "attention": r["attention"], "reuse": r["reuse"]}
+    if r.get("cfg_reuse", "off") != "off":
+        row.update(cfg_reuse=r["cfg_reuse"], cfg_interval=r["cfg_interval"])
+    return row
+
+
+def describe_setting(r: dict) -> str:
+    """A sweep row's setting in one phrase: its custom values, attention, reuse and CFG-aware reuse."""
+    custom = " ".join(f"{k}={v:g}" for k, v in r["custom"].items())
+    cfg = f" cfg={r['cfg_reuse']}/{r['cfg_interval']}" if r.get("cfg_reuse", "off") != "off" else ""
+    return f"{custom} {r['attention']} {r.get('reuse', 'hold')}{cfg}"
+
+
 def format_sweep(rows: list[dict]) -> str:
+    from .presets import PRESET_FLOPS_TARGETS
+
     head = (f"{'method':10s} {'attention':>14s} {'reuse':>11s} {'settings':36s} {'FLOPs x':>8s} {'wall x':>7s} "
             f"{'PSNR dB':>8s}  frontier")
     lines = [head, "-" * len(head)]
@@ -356,6 +461,14 @@ def format_sweep(rows: list[dict]) -> str:
     lines.append("FLOPs x: off's counted FLOPs / the setting's (machine-independent); wall x: off's wall time / the "
                  "setting's, timed in this process (noisy on a shared or busy machine); PSNR: against off's video; "
                  "frontier (*): no other row is as good in both FLOPs x and PSNR and better in one.")
+    rule = ", ".join(f"{p} >= {t:g}x" for p, t in PRESET_FLOPS_TARGETS.items())
+    lines.append(f"What the presets' rule picks from these rows (the highest PSNR at {rule} FLOPs; the fastest row "
+                 "where none reaches it):")
+    for method, picks in pick_presets(rows).items():
+        for preset, r in picks.items():
+            lines.append(f"  {method} {preset}: {describe_setting(r)}: {r['flops_speedup']:.2f}x FLOPs, "
+                         f"{r['psnr_db']:.2f} dB" + ("" if r["flops_speedup"] >= PRESET_FLOPS_TARGETS[preset]
+                                                     else " (none reaches the target: the fastest)"))
     return "\n".join(lines)
 
 

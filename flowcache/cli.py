@@ -14,6 +14,7 @@ from typing import Callable, Iterator, NoReturn
 
 from .cache import METHODS
 from .errors import FlowCacheError, InputError
+from .presets import NAMED_PRESETS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -249,7 +250,9 @@ def _bench(a) -> int:
         for threads in (a.threads or [threads_before]):
             torch.set_num_threads(threads)
             if a.sweep:
-                rows = bench.run_sweep(prompts, seeds, max(1, a.repeats), over, log=log, kit=kit, progress=progress)
+                points = bench.block_points(kit, bench.SWEEP_TURBO) if a.grid == "turbo" else None
+                rows = bench.run_sweep(prompts, seeds, max(1, a.repeats), over, log=log, kit=kit, progress=progress,
+                                       points=points)
                 print(f"torch threads: {threads}\n" + bench.format_sweep(rows))
                 out.setdefault("sweeps", []).append({"threads": threads, "rows": rows})
             if (not a.long or a.table) and not a.sweep:
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "preset's)")
     i.add_argument("--method", default="flowcache", choices=list(METHODS),
                    help="for --memory: the cache method whose preset is planned (default flowcache)")
-    i.add_argument("--preset", default="fast", choices=["slow", "fast"],
+    i.add_argument("--preset", default="fast", choices=list(NAMED_PRESETS),
                    help="for --memory: the preset planned (default fast)")
     i.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="for --memory: the compute dtype (default bf16)")
@@ -332,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                        epilog=_demo_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--prompt", help="what to draw, in the demo's words (listed below); default "
                                     "'a red circle bouncing on a blue background'")
-    d.add_argument("--preset", choices=["slow", "fast"], default="fast",
-                   help="FlowCache preset: slow reuses less (closer to uncached), fast reuses more (default fast)")
+    d.add_argument("--preset", choices=list(NAMED_PRESETS), default="fast",
+                   help="FlowCache preset: slow reuses less (closer to uncached), fast reuses more (default fast), "
+                        "turbo the most (at least 6x fewer FLOPs on the demo's calibration prompts; further from "
+                        "uncached)")
     d.add_argument("--out", default="out/demo.mp4", help="video file to write: .mp4, .webm, .gif or .webp "
                                                          "(default out/demo.mp4)")
     d.add_argument("--seed", type=int, default=0, help="noise seed (default 0): the same seed gives the same video")
@@ -352,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                                                           "the latents go to the same name with .safetensors")
     g.add_argument("--cache", choices=list(METHODS), default="flowcache", help="cache method (default flowcache; "
                                                                               "off: every step computed)")
-    g.add_argument("--preset", choices=["slow", "fast"], default="slow",
-                   help="the method's preset for this model: slow (closer to uncached) or fast (default slow)")
+    g.add_argument("--preset", choices=list(NAMED_PRESETS), default="slow",
+                   help="the method's preset for this model: slow (closer to uncached), fast or turbo (the most "
+                        "reuse; only a model calibrated for it has it) (default slow)")
     g.add_argument("--dtype", default="auto", help="compute dtype: auto (default: the file's own, fp8 files in "
                                                    "bf16), fp32, bf16 or fp16")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
@@ -385,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--threads", type=int, nargs="+", help="torch threads per run, e.g. 1 2 (a table for each)")
     b.add_argument("--sweep", action="store_true", help="the speed-quality frontier: every method over a range of "
                                                         "thresholds (FLOPs x and wall x against PSNR)")
+    b.add_argument("--grid", choices=["default", "turbo"], default="default",
+                   help="with --sweep: default (the thresholds the slow and fast presets were picked from, every "
+                        "attention, hold and extrapolate) or turbo (past 6x fewer FLOPs: higher thresholds and "
+                        "skips, every reuse, CFG-aware reuse; window_refresh attention, EasyCache also window)")
     b.add_argument("--calibration-prompts", action="store_true",
                    help="the demo's calibration prompts instead of the benchmark's (to pick presets from data)")
     b.add_argument("--long-child", nargs=2, help=argparse.SUPPRESS)

@@ -4,8 +4,17 @@ A preset table maps a model key (``wan-1.3B``, ``magi-4.5B``, ``demo``, or a cal
 an entry::
 
     {"coefficients": [...],                       # model-level values any method's config may take
-     "flowcache": {"slow": {"threshold": 0.1, "warmup": 5, "kv_budget": 0}, "fast": {...}},
+     "flowcache": {"slow": {"threshold": 0.1, "warmup": 5, "kv_budget": 0}, "fast": {...}, "turbo": {...}},
      "teacache":  {"slow": {...}, "fast": {...}}}
+
+Named presets are rows of data, never code branches: ``slow``, ``fast`` and ``turbo`` (``NAMED_PRESETS``); a
+method or model may lack a row, and asking for it is an ``InputError`` that says which rows exist. How a row is
+picked, where it is picked from data (the demo model's rows; the released models' slow/fast rows are the published
+thresholds, see ``presets.json``): ``bench --sweep`` on the model's calibration prompts, never its benchmark
+prompts, and per method the setting with the highest PSNR at >= ``PRESET_FLOPS_TARGETS[preset]`` times fewer
+FLOPs than the uncached loop (slow 3x, fast 4x, turbo 6x); where no setting of the sweep reaches it, the fastest.
+``turbo`` exists only where that sweep was run (``bench --sweep --grid turbo --calibration-prompts``): no
+released model has one, since their calibration runs are not part of the pack.
 
 Sources, later ones winning: ``flowcache/presets.json``, the checkpoint's ``flowcache.presets`` metadata
 (``calibrate --embed``), and ``<checkpoint>.presets.json`` beside it (``calibrate``'s default output).
@@ -29,8 +38,12 @@ from .errors import CheckpointError, InputError
 
 log = logging.getLogger("FlowCache")
 
-PRESET_NAMES = ("slow", "fast", "custom")
-NAMED_PRESETS = ("slow", "fast")
+PRESET_NAMES = ("slow", "fast", "turbo", "custom")
+NAMED_PRESETS = ("slow", "fast", "turbo")
+# The rule a named preset is picked by from ``bench --sweep`` on a model's calibration prompts (never its benchmark
+# prompts): per method, the setting with the highest PSNR at >= this many times fewer FLOPs than the uncached loop;
+# where no setting of the sweep reaches it, the fastest one. ``bench.pick_presets`` applies it.
+PRESET_FLOPS_TARGETS: dict[str, float] = {"slow": 3.0, "fast": 4.0, "turbo": 6.0}
 BUILTIN_PRESETS = Path(__file__).resolve().parent / "presets.json"
 METADATA_KEY = "flowcache.presets"
 # A calibrated model's entry starts from its family's released row: the paper's thresholds, refitted rescale.
@@ -174,7 +187,18 @@ def calibrated_entry(base_key: str, fitted: dict[str, Any], calibration: dict) -
 CALIBRATE_HINT = "`python -m flowcache calibrate CHECKPOINT`"
 
 
-def _no_presets(model_key: str, method_name: str, preset: str) -> InputError:
+def _no_presets(model_key: str, method_name: str, preset: str, entry: dict | None = None) -> InputError:
+    """The error for a named preset the model lacks: the rows it has instead, when it has any (else how to get
+    presets at all); a missing turbo row says that turbo needs a calibration sweep of its own."""
+    have = [p for p in NAMED_PRESETS if isinstance((entry or {}).get(method_name, {}).get(p), dict)]
+    if have:
+        why = f"its {method_name} presets are {', '.join(have)}"
+        if preset == "turbo":
+            why += (f"; turbo needs calibration of its own, which this model has not had for {method_name}: a "
+                    f"row picked from `python -m flowcache bench --sweep --grid turbo` run on it (the highest PSNR "
+                    f"at >= {PRESET_FLOPS_TARGETS['turbo']:g}x fewer FLOPs, on calibration prompts)")
+        return InputError(f"preset={preset!r}: model {model_key!r} has no {method_name} {preset} preset; {why}. "
+                          f"Pick one of those, or preset = custom with your own values.")
     return InputError(
         f"preset={preset!r}: model {model_key!r} has no {method_name} {preset} preset; expected preset = custom, "
         f"or a model with presets: {CALIBRATE_HINT} makes them (a preset file beside the checkpoint). "
@@ -211,7 +235,7 @@ def resolve_cache(model_key: str, method_name: str, preset: str, extra: dict | N
         section = entry.get(method_name, {})
         named = section.get("slow" if preset == "custom" else preset)
         if named is None and preset != "custom":
-            raise _no_presets(model_key, method_name, preset)
+            raise _no_presets(model_key, method_name, preset, entry)
         for shared in SHARED_VALUES:
             if shared in names and shared in entry:
                 values[shared] = json.loads(json.dumps(entry[shared]))  # a copy
@@ -254,7 +278,8 @@ def preset_rows(model_key: str, extra: dict | None = None) -> dict:
     return {"key": model_key, "known": True, "rows": rows}
 
 
-__all__ = ["PRESET_NAMES", "CacheRequest", "DEFAULT_REQUEST", "NO_PRESETS_METHOD", "default_request", "has_presets",
+__all__ = ["PRESET_NAMES", "NAMED_PRESETS", "PRESET_FLOPS_TARGETS", "CacheRequest", "DEFAULT_REQUEST",
+           "NO_PRESETS_METHOD", "default_request", "has_presets",
            "resolve_cache", "preset_rows", "builtin_presets", "embedded_presets", "model_presets",
            "read_preset_file", "write_preset_file", "embed_presets", "preset_sidecar", "calibrated_entry",
            "check_table"]

@@ -16,24 +16,27 @@ CUSTOM_WIDGETS: dict[str, tuple[str, Any]] = {
     "threshold": ("threshold", io.Float.Input(
         "threshold", default=0.1, min=0.0, max=10.0, step=0.005, round=0.0005,
         tooltip="custom preset: accumulated change below which a chunk (or, for teacache, the window) reuses its "
-                "cached result; higher = faster. Locked to the preset's value for slow/fast.")),
+                "cached result; higher = faster. Locked to the preset's value for slow/fast/turbo.")),
     "warmup_steps": ("warmup", io.Int.Input(
         "warmup_steps", default=5, min=0, max=1000, step=1,
-        tooltip="custom preset: first steps of each chunk that are always computed. Locked for slow/fast.")),
+        tooltip="custom preset: first steps of each chunk that are always computed. Locked for slow/fast/turbo.")),
     "kv_budget": ("kv_budget", io.Int.Input(
         "kv_budget", default=0, min=0, max=1000, step=1,
         tooltip="custom preset: chunks of clean history kept in the KV cache on the chunk path (0 = keep all, no "
-                "compression; 1-2 bound memory for long videos). Locked for slow/fast.")),
+                "compression; 1-2 bound memory for long videos). Locked for slow/fast/turbo.")),
     "mix_lambda": ("mix_lambda", io.Float.Input(
         "mix_lambda", default=0.07, min=0.0, max=1.0, step=0.01, round=0.001,
         tooltip="custom preset: weight of attention importance against redundancy when the KV cache is "
-                "compressed. Locked for slow/fast.")),
+                "compressed. Locked for slow/fast/turbo.")),
     "max_skips": ("max_skips", io.Int.Input(
         "max_skips", default=3, min=0, max=1000, step=1,
-        tooltip="custom preset, magcache only: most steps in a row a chunk may reuse. Locked for slow/fast.")),
+        tooltip="custom preset, magcache only: most steps in a row a chunk may reuse. Locked for slow/fast/turbo.")),
 }
 ATTENTION_CHOICES = ["auto", "window", "window_refresh", "block_causal"]
-REUSE_CHOICES = ["auto", *REUSE]
+# forecast2 stays in the core and in the sweep (``bench --sweep --grid turbo`` measures it) but not on the node: on
+# the demo's calibration sweep it was below hold or extrapolate at every setting (docs/nodes.md)
+NODE_REUSES = ("hold", "extrapolate")
+REUSE_CHOICES = ["auto", *NODE_REUSES]
 CFG_REUSE_CHOICES = ["auto", *CFG_REUSE]
 KV_PLACEMENT_CHOICES = list(KV_PLACEMENTS)
 KV_DTYPE_CHOICES = list(KV_DTYPES)
@@ -44,8 +47,10 @@ def _method_inputs() -> list:
     return [
         io.Combo.Input("method", options=list(METHODS), default="flowcache", tooltip=methods + "."),
         io.Combo.Input("preset", options=list(PRESET_NAMES), default="slow",
-                       tooltip="slow: best quality; fast: more reuse (values from the model's presets, shown locked "
-                               "below). custom: use the widgets below."),
+                       tooltip="slow: best quality; fast: more reuse; turbo: the most reuse (about 6x fewer FLOPs, "
+                               "at a visible quality cost; only models calibrated for it have it, such as the demo "
+                               "model: others say so when run). Values from the model's presets, shown locked "
+                               "below. custom: use the widgets below."),
     ]
 
 
@@ -65,8 +70,8 @@ def _reuse_inputs() -> list:
             tooltip="What a chunk that skips its step applies: hold = its last computed result as it is (the "
                     "reference codes); extrapolate = the line through its last two computed results, continued to "
                     "this step (no extra compute, one more cached result per chunk; on the demo closer to off with "
-                    "window_refresh attention, not always with window); forecast2 = the parabola through its last "
-                    "three computed results (two more cached results per chunk). auto: the model's presets."),
+                    "window_refresh attention at moderate reuse; past 6x fewer FLOPs FlowCache and MagCache were "
+                    "closer with hold). auto: the model's presets."),
     ]
 
 

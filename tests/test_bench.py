@@ -189,7 +189,7 @@ def test_bench_on_a_retrained_demo_file_uses_its_own_text_embedding(tmp_path):
     # the demo's presets: every method, FlowCache with its preset's attention and the two others, every chunk-path
     # method with its preset's reuse and the other
     demo_rows = ["off"] + [f"{m}-{p}" + tag for m in ("teacache", "flowcache", "magcache", "easycache")
-                           for p in ("slow", "fast")
+                           for p in ("slow", "fast", "turbo") if (m, p) != ("teacache", "turbo")  # no such row
                            for tag in ([""] + (["/a", "/b"] if m == "flowcache" else [])
                                        + (["/r"] if m != "teacache" else []))] + ["flowcache-fast+kv", "flowcache-fast+fp8kv", "flowcache-fast+offload"]
     got = [r["mode"] for r in table["rows"]]
@@ -299,3 +299,73 @@ def test_round_trip_codec_is_exact():
     assert pixels.shape == (9, 16, 24, 3)
     assert torch.equal(codec.encode(pixels[-1:]), z[:, :, -1:])
     assert torch.equal(codec.encode(pixels), z)
+
+
+def sweep_row(method: str, flops: float, db: float) -> dict:
+    """A row as ``run_sweep`` makes them, with these figures."""
+    return {"method": method, "attention": "window_refresh", "reuse": "hold", "threshold": 0.1,
+            "custom": {"threshold": 0.1}, "flops_speedup": flops, "wall_speedup": flops, "psnr_db": db}
+
+
+def test_preset_rule_picks_the_best_psnr_at_each_target_else_the_fastest():
+    """``pick_presets``, the rule written in presets.py, on hand-made rows: per method, the highest PSNR among
+    rows at >= the target FLOPs speedup (slow 3x, fast 4x, turbo 6x); a method none of whose rows reaches a target
+    gets its fastest row (the higher PSNR of two equally fast)."""
+    from flowcache.bench import format_sweep, mark_frontier, pick_presets
+    from flowcache.presets import NAMED_PRESETS, PRESET_FLOPS_TARGETS
+
+    assert PRESET_FLOPS_TARGETS == {"slow": 3.0, "fast": 4.0, "turbo": 6.0}
+    assert tuple(PRESET_FLOPS_TARGETS) == NAMED_PRESETS
+    a = [sweep_row("flowcache", 2.9, 40.0), sweep_row("flowcache", 3.0, 33.0), sweep_row("flowcache", 3.5, 34.0),
+         sweep_row("flowcache", 4.2, 30.0), sweep_row("flowcache", 5.99, 29.0), sweep_row("flowcache", 6.0, 20.0),
+         sweep_row("flowcache", 7.5, 22.0), sweep_row("flowcache", 9.0, 12.0)]
+    b = [sweep_row("magcache", 3.2, 31.0), sweep_row("magcache", 5.1, 25.0), sweep_row("magcache", 5.1, 26.0)]
+    picks = pick_presets(a + b)
+    assert picks["flowcache"]["slow"] is a[2] and picks["flowcache"]["fast"] is a[3]
+    assert picks["flowcache"]["turbo"] is a[6]  # 6.0x at 20 dB and 9x at 12 dB reach 6x too, with less PSNR
+    assert picks["magcache"]["slow"] is b[0]
+    assert picks["magcache"]["fast"] is b[2] and picks["magcache"]["turbo"] is b[2]  # none reaches 6x: the fastest
+    text = format_sweep(mark_frontier(a + b))
+    assert "flowcache turbo: threshold=0.1 window_refresh hold: 7.50x FLOPs, 22.00 dB" in text
+    assert "magcache turbo: threshold=0.1 window_refresh hold: 5.10x FLOPs, 26.00 dB (none reaches the target" in text
+
+
+def test_turbo_grid_reaches_past_6x_settings_with_every_reuse_and_each_setting_once():
+    """The grid ``bench --sweep --grid turbo`` runs (``SWEEP_TURBO``): every reuse (hold, extrapolate, forecast2),
+    CFG-aware reuse off / own / delta at intervals 2 and 3, and no setting twice."""
+    from flowcache.bench import SWEEP_TURBO, block_points
+    from flowcache.presets import resolve_cache
+
+    class Kit:  # the released 1.3B's presets: every method has a slow row
+        cache = staticmethod(lambda method, preset, **custom: resolve_cache("wan-1.3B", method, preset, **custom))
+
+    points = block_points(Kit(), SWEEP_TURBO)
+    keys = [(m, a, r, tuple(sorted(c.items())), cfg) for m, a, r, c, cfg in points]
+    assert len(keys) == len(set(keys)) and sum(len(b.grid.get("flowcache", ())) for b in SWEEP_TURBO) > 1
+    assert {m for m, *_ in points} == {"flowcache", "magcache", "easycache"}
+    assert {r for _, _, r, _, _ in points} == {"hold", "extrapolate", "forecast2"}
+    assert {cfg for *_, cfg in points} == {("off", 2), ("own", 2), ("own", 3), ("delta", 2), ("delta", 3)}
+    magcache = [dict(c) for m, _, _, c, _ in keys if m == "magcache"]
+    assert max(c["max_skips"] for c in magcache) >= 6 and max(c["threshold"] for c in magcache) >= 0.5
+
+
+@pytest.mark.parametrize("cfg", [("off", 2), ("delta", 3)])
+def test_a_picked_sweep_row_as_a_preset_row_resolves_to_the_settings_the_sweep_ran(cfg):
+    """``preset_row`` (how a pick becomes a turbo row in a model's presets): the preset resolves to exactly the
+    settings the sweep ran for that row (custom values on the slow row, then its attention, reuse and CFG-aware
+    reuse)."""
+    from dataclasses import replace
+
+    from flowcache.bench import preset_row
+    from flowcache.presets import builtin_presets, resolve_cache
+
+    custom = {"threshold": 0.45, "max_skips": 6, "warmup": 1}
+    r = {"method": "magcache", "attention": "window", "reuse": "forecast2", "custom": custom, "threshold": 0.45,
+         **({"cfg_reuse": cfg[0], "cfg_interval": cfg[1]} if cfg[0] != "off" else {})}
+    entry = builtin_presets()["wan-1.3B"]
+    table = {"m": {**entry, "magcache": {**entry["magcache"], "turbo": preset_row(r)}}}
+    swept = replace(resolve_cache("m", "magcache", "custom", table, **custom), attention="window", reuse="forecast2",
+                    cfg_reuse=cfg[0], cfg_interval=cfg[1])
+    turbo = resolve_cache("m", "magcache", "turbo", table)
+    assert replace(turbo, preset="custom") == swept
+    assert turbo.to_dict().get("cfg_reuse", "off") == cfg[0]

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from flowcache.presets import NAMED_PRESETS
+
 from comfy_helpers import (TINY_KEY, TINY_PRESETS, ComfyServer, demo_available, http_json, import_pack,
                            write_tiny_wan)
 
@@ -188,10 +190,10 @@ def test_extension_and_workflows_in_the_editor(server, tools):
             if node["type"] != "FlowCacheCache":
                 continue
             fc = node["fc"] or {}
-            named = node["preset"] in ("slow", "fast") or node["method"] == "off"
+            named = node["preset"] in NAMED_PRESETS or node["method"] == "off"
             if set(node["locked"].values()) != {named}:
                 problems.append(f"{name}: {node['method']}/{node['preset']} but locked={node['locked']}")
-            if node["method"] == "off" or node["preset"] not in ("slow", "fast"):
+            if node["method"] == "off" or node["preset"] not in NAMED_PRESETS:
                 continue
             if name in NEEDS_MODEL_FILES:
                 # the file is not in this server's models folder: locked, no numbers, the model decides at run time

@@ -51,7 +51,7 @@ def test_generate_input_errors(tmp_path, capsys):
     ([], "the following arguments are required: cmd"),
     (["bogus"], "invalid choice: 'bogus'"),
     (["generate", "x"], "the following arguments are required: --cond"),
-    (["demo", "--preset", "turbo"], "argument --preset: invalid choice: 'turbo'"),
+    (["demo", "--preset", "ludicrous"], "argument --preset: invalid choice: 'ludicrous'"),
     (["bench", "--seeds", "two"], "argument --seeds: invalid int value: 'two'"),
     (["inspect", "a", "b"], "unrecognized arguments: b"),
     (["calibrate"], "the following arguments are required: CHECKPOINT"),  # calibrate's own parser
@@ -60,6 +60,42 @@ def test_generate_input_errors(tmp_path, capsys):
 def test_argument_errors(capsys, argv, needle):
     err = one_line_error(capsys, argv)
     assert needle in err and "--help" in err
+
+
+def test_turbo_is_a_preset_choice_and_a_model_without_it_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """``--preset turbo`` parses everywhere a preset is chosen; a model whose presets have slow and fast but no
+    turbo row (every released model) is refused before sampling: one line naming the model, the presets it has,
+    and that turbo needs calibration of its own."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import flowcache.jobs as jobs
+
+    for command in (["demo", "--preset", "turbo", "--help"], ["generate", "x", "--cond", "y", "--preset", "turbo",
+                                                              "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(command)
+        assert e.value.code == 0
+    capsys.readouterr()
+    model = tiny_wan()
+    ckpt = save_wan(model, tmp_path / "m.safetensors")
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta, sd = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    row = {"threshold": 0.1, "warmup": 2, "kv_budget": 0}
+    meta.update({"flowcache.model_key": "tiny-no-turbo", "flowcache.presets": json.dumps(
+        {"tiny-no-turbo": {"coefficients": [1.0, 0.0], "flowcache": {"slow": row, "fast": row}}})})
+    save_file(sd, str(ckpt), metadata=meta)
+    cond = tmp_path / "cond.safetensors"
+    save_file({"context": torch.randn(1, 5, model.cfg.text_dim)}, str(cond))
+    ran = []
+    monkeypatch.setattr(jobs.DiffusionForcingPipeline, "__call__", lambda *a, **k: ran.append(1))
+    err = one_line_error(capsys, ["generate", str(ckpt), "--cond", str(cond), "--out", str(tmp_path / "o.mp4"),
+                                  "--preset", "turbo"])
+    assert err.startswith("error: preset='turbo': model 'tiny-no-turbo' has no flowcache turbo preset; its flowcache "
+                          "presets are slow, fast; turbo needs calibration of its own"), err
+    assert "bench --sweep --grid turbo" in err and not ran
 
 
 def test_missing_and_damaged_files(tmp_path, capsys):

@@ -5,7 +5,7 @@ import pytest
 from safetensors.torch import save_file
 
 from comfy_helpers import TINY_PRESETS, demo_available, pack_submodule, write_tiny_wan
-from flowcache.errors import CheckpointError
+from flowcache.errors import CheckpointError, InputError
 from flowcache.models import header_facts, load_model
 from flowcache.presets import preset_rows, resolve_cache, write_preset_file
 from tiny_models import tiny_wan
@@ -123,3 +123,24 @@ def test_attention_from_the_entry_and_from_a_preset_row():
     bad = {"m": {**table["m"], "flowcache": {"slow": {**row, "attention": "windowed"}}}}
     with pytest.raises(CheckpointError, match=r"flowcache\.slow\.attention"):
         check_table(bad, "t.json")
+
+
+def test_turbo_rows_are_read_where_a_model_has_them_and_refused_where_not():
+    """turbo is a named preset: ``preset_rows`` (what the node's lock shows) lists a method's turbo row when the
+    model has one and leaves it out otherwise; asking a released model (none has one) for it names the model,
+    the presets it has, and that turbo needs calibration."""
+    row = {"threshold": 0.07, "warmup": 3, "kv_budget": 0}
+    table = {"m": {"coefficients": [1.0, 0.0],
+                   "flowcache": {"slow": row, "fast": row, "turbo": {**row, "threshold": 0.5, "reuse": "hold"}},
+                   "teacache": {"slow": row, "fast": row}}}
+    rows = preset_rows("m", table)["rows"]
+    assert rows["flowcache"]["turbo"]["threshold"] == 0.5 and rows["flowcache"]["turbo"]["reuse"] == "hold"
+    assert set(rows["teacache"]) == {"slow", "fast"}
+    assert resolve_cache("m", "flowcache", "turbo", table).config.threshold == 0.5
+    for key in ("wan-1.3B", "wan-14B", "magi-4.5B", "wan-1.3B-causal"):
+        assert "turbo" not in preset_rows(key)["rows"]["flowcache"]
+        for method in ("flowcache", "teacache", "magcache", "easycache"):
+            with pytest.raises(InputError) as e:
+                resolve_cache(key, method, "turbo")
+            assert str(e.value).startswith(f"preset='turbo': model {key!r} has no {method} turbo preset; its "
+                                           f"{method} presets are slow, fast; turbo needs calibration"), str(e.value)

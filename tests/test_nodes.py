@@ -158,7 +158,8 @@ def test_sampler_and_other_widget_orders(pack):
     assert combo_options(cache["method"]) == ["off", "teacache", "flowcache", "magcache", "easycache"]
     assert cache["method"][1]["default"] == "flowcache"
     assert combo_options(cache["attention"]) == ["auto", "window", "window_refresh", "block_causal"]
-    assert combo_options(cache["preset"]) == ["slow", "fast", "custom"] and cache["preset"][1]["default"] == "slow"
+    assert combo_options(cache["preset"]) == ["slow", "fast", "turbo", "custom"]
+    assert cache["preset"][1]["default"] == "slow" and "turbo" in cache["preset"][1]["tooltip"]
     assert {k: widget_defaults(nodes(pack)["FlowCacheCache"])[k] for k in CACHE_ORDER[2:]} == dict(
         threshold=0.1, warmup_steps=5, kv_budget=0, mix_lambda=0.07, max_skips=3, attention="auto")
     assert cache["threshold"][1]["step"] == 0.005
@@ -199,7 +200,7 @@ def test_combo_values_are_checked_as_v1_combos_were(pack):
                                  kv_placement="offload", kv_dtype="fp8") is True
     assert cache.validate_inputs(method="sideways", preset="slow", reuse="back") == (
         "method: 'sideways' is not one of off, teacache, flowcache, magcache, easycache; "
-        "reuse: 'back' is not one of auto, hold, extrapolate, forecast2")
+        "reuse: 'back' is not one of auto, hold, extrapolate")
     demo = pack_submodule(pack, "nodes.demo").DEMO_ENTRY
     assert loader.validate_inputs(model_name=demo) is True
     assert "model_name: 'missing.safetensors' is not one of" in loader.validate_inputs(model_name="missing.safetensors")
@@ -313,6 +314,30 @@ def test_a_model_without_presets_runs_easycache_when_no_cache_node_is_connected(
         assert msg.startswith(f"preset='{preset}': model 'tiny-uncalibrated' has no {method} {preset} preset"), msg
         assert "custom" in msg[:120] and "python -m flowcache calibrate" in msg
     assert comfy.loads == []
+
+
+def test_turbo_runs_its_row_and_a_model_without_one_is_refused_before_it_moves(pack, comfy, tiny):
+    """turbo is a named preset like slow and fast: a model whose presets have a turbo row runs it (its values, as
+    the row says); the tiny model's presets have slow and fast only, so turbo is refused with an error that names
+    the model and the rows it has, before the model is loaded onto the device."""
+    cls = nodes(pack)["FlowCacheSampler"]
+    errors = pack_submodule(pack, "flowcache.errors")
+    comfy.loads.clear()
+    with pytest.raises(errors.InputError) as e:
+        run_node(cls, **sampler_inputs(pack, tiny, method="flowcache", preset="turbo"))
+    msg = str(e.value)
+    assert msg.startswith(f"preset='turbo': model '{TINY_KEY}' has no flowcache turbo preset; its flowcache presets "
+                          "are slow, fast; turbo needs calibration of its own"), msg
+    assert comfy.loads == []
+    turbo_row = {"threshold": 0.4, "warmup": 1, "kv_budget": 0, "reuse": "hold"}
+    presets = {TINY_KEY: {**TINY_PRESETS[TINY_KEY],
+                          "flowcache": {**TINY_PRESETS[TINY_KEY]["flowcache"], "turbo": turbo_row}}}
+    write_tiny_wan(comfy.models_dir / "tiny_turbo.safetensors", pack, presets=presets)
+    (model,) = run_node(nodes(pack)["FlowCacheModelLoader"], model_name="tiny_turbo.safetensors",
+                        dtype="fp32")["result"]
+    stats = run_node(cls, **sampler_inputs(pack, model, method="flowcache", preset="turbo"))["ui"]["flowcache_stats"][0]
+    assert stats["settings"]["preset"] == "turbo" and stats["settings"]["threshold"] == 0.4
+    assert stats["settings"]["warmup"] == 1 and stats["settings"]["reuse"] == "hold"
 
 
 def test_cancel_stops_and_next_run_equals_fresh_run(pack, comfy, tiny):

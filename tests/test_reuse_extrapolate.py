@@ -121,7 +121,10 @@ def test_cache_node_reuse_widget(pack):
     node = pack.NODE_CLASSES["FlowCacheCache"]
     errors = pack_submodule(pack, "flowcache.errors")
     spec = node.INPUT_TYPES()
-    assert combo_options(spec["optional"]["reuse"]) == ["auto", "hold", "extrapolate", "forecast2"]  # optional: old API prompts validate
+    # optional: old API prompts validate; forecast2 is the core's and the sweep's only (it lost everywhere measured)
+    assert combo_options(spec["optional"]["reuse"]) == ["auto", "hold", "extrapolate"]
+    assert node.validate_inputs(method="flowcache", preset="slow", reuse="forecast2") == (
+        "reuse: 'forecast2' is not one of auto, hold, extrapolate")
     assert "tooltip" in spec["optional"]["reuse"][1]
     defaults = widget_defaults(node)
     assert defaults["reuse"] == "auto"
@@ -224,7 +227,7 @@ def test_forecast2_keeps_three_payloads_and_bf16_stays_in_its_dtype():
     assert r.dtype == torch.bfloat16 and r[0].item() == 25.0
 
 
-def test_forecast2_through_settings_and_node():
+def test_forecast2_through_settings():
     from flowcache.cache import residuals_kept
     assert make_policy(CacheSettings.of("flowcache", reuse="forecast2")).order == 2
     assert residuals_kept(CacheSettings.of("flowcache", threshold=0.1, reuse="forecast2")) == 3

@@ -35,6 +35,18 @@ def test_web_extension_static_checks():
                 and p.name != ".gitkeep"]
 
 
+def test_web_named_presets_are_the_cores():
+    """The presets the frontend locks are the named presets of the core (the node's preset list less custom):
+    a preset added to one and not the other would be shown unlocked, or locked with nothing to show."""
+    from flowcache.presets import NAMED_PRESETS, PRESET_NAMES
+
+    js = (WEB / "flowcache_presets.js").read_text(encoding="utf-8")
+    found = re.search(r"export const NAMED_PRESETS = (\[[^\]]*\]);", js)
+    assert found, "flowcache_presets.js: NAMED_PRESETS not found"
+    assert json.loads(found.group(1)) == list(NAMED_PRESETS) == [p for p in PRESET_NAMES if p != "custom"]
+    assert "turbo" in NAMED_PRESETS
+
+
 def _node_or_skip() -> str:
     node = shutil.which("node")
     if node is None:
@@ -131,11 +143,18 @@ p = plan('flowcache', 'fast', 'pending');
 check(p.source === 'pending' && Object.values(p.widgets).every((e) => e.locked && e.shown === 'pending' && e.value === undefined), 'pending', p);
 p = plan('teacache', 'fast', {{ known: true, key: 'k', rows: {{ flowcache: ANSWER.rows.flowcache }} }});
 check(p.source === 'missing' && locked(p).every(Boolean) && /custom/.test(p.text), 'no such preset for the model', p);
+// turbo is a named preset: locked to its row where the model has one; where it has not, the rows it has are named
+p = plan('flowcache', 'turbo', {{ ...ANSWER, rows: {{ ...ANSWER.rows, flowcache: {{ ...ANSWER.rows.flowcache, turbo: ROW(0.45, 2, 0) }} }} }});
+check(p.source === 'server' && locked(p).every(Boolean) && p.widgets.threshold.value === 0.45
+  && p.widgets.warmup_steps.value === 2 && /^turbo preset of my-key/.test(p.text), 'turbo row locked', p);
+p = plan('flowcache', 'turbo', ANSWER);
+check(p.source === 'missing' && locked(p).every(Boolean) && Object.values(p.widgets).every((e) => e.value === undefined)
+  && p.text === 'my-key has no flowcache turbo preset: pick slow, fast or custom', 'no turbo row', p);
 
 // custom unlocks, off locks everything (nothing reads them), whatever the answer
 p = plan('flowcache', 'custom', ANSWER);
 check(p.source === 'custom' && locked(p).every((l) => !l) && Object.values(p.widgets).every((e) => e.value === undefined), 'custom', p);
-for (const preset of ['slow', 'fast', 'custom']) {{
+for (const preset of ['slow', 'fast', 'turbo', 'custom']) {{
   p = plan('off', preset, ANSWER);
   check(p.source === 'off' && locked(p).every(Boolean) && Object.values(p.widgets).every((e) => e.shown === 'unused'), 'off ' + preset, p);
 }}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from flowcache.presets import NAMED_PRESETS
+
 from comfy_helpers import combo_options, run_node
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -472,7 +474,7 @@ def test_sampler_settings_are_valid_for_the_model(path, node_defs, pack):
         assert df.plan_windows(dfs, df.LatentGeometry(**geometry))
     answer = model_rows(pack, key)
     assert answer["known"] or c["method"] == "off", answer  # a model without presets runs with method off
-    if c["method"] != "off" and c["preset"] in ("slow", "fast"):
+    if c["method"] != "off" and c["preset"] in NAMED_PRESETS:
         # what the cache node shows locked: each row field that has a widget (a row may carry more, e.g. strings)
         row = answer["rows"][c["method"]][c["preset"]]
         shown = {FIELD_WIDGETS.get(k, k): v for k, v in row.items()

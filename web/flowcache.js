@@ -1,7 +1,7 @@
 // FlowCache for ComfyUI: frontend extension.
 //
-// * FlowCache Cache: when `preset` is slow/fast its number widgets (threshold, warmup_steps, kv_budget, mix_lambda,
-//   and any knob a later method adds) are locked and show the values the run will use. They come from the server
+// * FlowCache Cache: when `preset` is named (slow/fast/turbo) its number widgets (threshold, warmup_steps, kv_budget,
+//   mix_lambda, and any knob a later method adds) are locked and show the values the run will use. They come from the server
 //   (GET /flowcache/model_presets?model_name=…, read from the chosen file's headers and a calibrated .presets.json
 //   beside it) for the model of the sampler(s) the node's output feeds (FlowCacheSampler.model <- FlowCache Load
 //   Model.model_name). Without such a chain, with samplers of different models, or when the server does not know the

@@ -2,7 +2,8 @@
 // flowcache.js walks the graph, asks the server (GET /flowcache/model_presets) and applies the plan computed here;
 // tests/test_web.py runs these functions under node. No side effects on import (ComfyUI loads every .js here).
 //
-// A route answer is {"model_name", "family", "key", "known": true, "rows": {method: {slow: {...}, fast: {...}}}}
+// A route answer is {"model_name", "family", "key", "known": true, "rows": {method: {slow: {...}, fast: {...},
+// turbo: {...}}}} (a model may lack a method's row, turbo most often)
 // (each row: threshold, warmup, kv_budget, mix_lambda, and any field a future method adds), or
 // {"known": false, "rows": {}, "error" | "hint": ...}.
 
@@ -11,7 +12,9 @@
  * cfg_reuse: all stay free). */
 export const CONTROL_WIDGETS = ["method", "preset", "attention", "reuse", "kv_placement", "kv_dtype", "cfg_reuse",
   "cfg_interval"];
-export const NAMED_PRESETS = ["slow", "fast"];
+/** The presets whose knobs come from the model (locked); the node's preset list (flowcache/presets.py PRESET_NAMES)
+ * less custom. */
+export const NAMED_PRESETS = ["slow", "fast", "turbo"];
 /** Preset row field -> widget name, where the two differ; any other field is shown on the widget of its own name. */
 export const FIELD_WIDGETS = { threshold: "threshold", warmup: "warmup_steps", kv_budget: "kv_budget", mix_lambda: "mix_lambda" };
 
@@ -100,8 +103,12 @@ export function lockPlan({ method, preset, knobs, model, answer } = {}) {
       return { ...base, source: "server", known: true, key, widgets,
         text: `${preset} preset of ${key || shortName(m.name)}, read from the model file${autoChoices(row)}` };
     }
+    // the rows it has instead (a model calibrated for slow/fast but not turbo has two)
+    const mine = (ans.rows && ans.rows[method]) || {};
+    const have = NAMED_PRESETS.filter((n) => mine[n] && typeof mine[n] === "object");
+    const pick = have.length ? `pick ${have.join(", ")} or custom` : "pick custom";
     return { ...base, source: "missing", key, widgets: all({ locked: true, shown: "model" }),
-      text: `${key || shortName(m.name)} has no ${method} ${preset} preset: pick custom` };
+      text: `${key || shortName(m.name)} has no ${method} ${preset} preset: ${pick}` };
   }
   let why = REASONS[m.reason] || "no model";
   if (m.name) {
